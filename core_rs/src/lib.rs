@@ -1,0 +1,20 @@
+//! recstream's core, built by maturin into the Python module `engine._core`.
+//!
+//! # Layout
+//! - [`ids`]: external ids (str or int) to dense `u32` ids and back.
+//! - [`mf`]: online eALS matrix factorization.
+//! - [`trending`]: decayed popularity, the cold-start fallback.
+//! - [`hnsw`]: the HNSW index for maximum inner product; [`scan`]: the exact scan.
+//! - [`decode`]: Fluent Forward Protocol v1 frames into records.
+//! - [`rng`]: the seeded generator everything random draws from.
+//!
+//! Only `py` touches pyo3; every other module is plain Rust with its own tests.
+
+pub mod decode;
+pub mod hnsw;
+pub mod ids;
+pub mod mf;
+pub mod py;
+pub mod rng;
+pub mod scan;
+pub mod trending;
