@@ -18,6 +18,7 @@ pub enum ExtId {
 
 impl ExtId {
     /// Validates a string id: non-empty, at most [`MAX_ID_BYTES`].
+    #[allow(clippy::should_implement_trait)] // fallible with a String reason, used everywhere
     pub fn from_str(s: &str) -> Result<ExtId, String> {
         if s.is_empty() {
             return Err("id is an empty string".into());

@@ -6,15 +6,22 @@
 //! - [`trending`]: decayed popularity, the cold-start fallback.
 //! - [`hnsw`]: the HNSW index for maximum inner product; [`scan`]: the exact scan.
 //! - [`decode`]: Fluent Forward Protocol v1 frames into records.
+//! - [`model`]: the composition the engine serves (locks, filters, explanations);
+//!   [`snapshot`]: its checksummed, atomically written file; [`codec`]: binary helpers.
+//! - [`dedup`]: the redelivery window of applied event ids.
 //! - [`rng`]: the seeded generator everything random draws from.
 //!
 //! Only `py` touches pyo3; every other module is plain Rust with its own tests.
 
+pub mod codec;
 pub mod decode;
+pub mod dedup;
 pub mod hnsw;
 pub mod ids;
 pub mod mf;
+pub mod model;
 pub mod py;
 pub mod rng;
 pub mod scan;
+pub mod snapshot;
 pub mod trending;

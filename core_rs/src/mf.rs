@@ -75,3 +75,5 @@ impl Mf {
         todo!()
     }
 }
+impl Default for MfConfig { fn default() -> Self { todo!() } }
+impl Mf { pub fn ensure_item(&mut self, i: u32) { todo!() } }

@@ -1,9 +1,523 @@
 //! The Python bindings: argument extraction, GIL release, error mapping. No algorithms here.
+//!
+//! Every method that does real work copies its arguments out of Python objects first, then
+//! runs under `py.detach` so other Python threads (the trio event loop) keep running.
 
+use std::path::PathBuf;
+
+use numpy::{PyArray1, PyReadonlyArray1};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyKeyError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
+
+use crate::decode::{self, DecodeError, Limits, Record};
+use crate::hnsw::HnswConfig;
+use crate::ids::ExtId;
+use crate::mf::MfConfig;
+use crate::model::{self, ApplyReport, ModelError, Query};
+
+create_exception!(
+    _core,
+    InvalidEvent,
+    PyValueError,
+    "An event was refused (bad id, weight, type or time). Raised by `Model.ingest`, which then applies none of the batch."
+);
+create_exception!(
+    _core,
+    InvalidFrame,
+    PyValueError,
+    "Bytes that can never become a valid Fluent Forward frame; the connection that sent them should be closed."
+);
+create_exception!(
+    _core,
+    IncompleteFrame,
+    PyValueError,
+    "A Forward frame was cut short: more bytes are needed. Raised by `Model.ingest_forward` given a partial frame."
+);
+create_exception!(_core, UnknownItem, PyKeyError, "The item id has never been seen by the model.");
+create_exception!(
+    _core,
+    CorruptSnapshot,
+    PyValueError,
+    "A snapshot file is damaged, truncated or of another format version."
+);
+
+fn ext_from_py(obj: &Bound<'_, PyAny>) -> PyResult<ExtId> {
+    if let Ok(s) = obj.cast::<PyString>() {
+        return ExtId::from_str(s.to_str()?).map_err(InvalidEvent::new_err);
+    }
+    if obj.is_instance_of::<PyBool>() {
+        return Err(PyTypeError::new_err("an id must be a str or an int, not a bool"));
+    }
+    match obj.extract::<i64>() {
+        Ok(i) => Ok(ExtId::Int(i)),
+        Err(_) if obj.hasattr("__index__")? => Err(InvalidEvent::new_err("integer id does not fit in 64 bits")),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "an id must be a str or an int, not {}",
+            obj.get_type().name()?
+        ))),
+    }
+}
+
+fn ext_to_py(py: Python<'_>, e: &ExtId) -> PyResult<Py<PyAny>> {
+    Ok(match e {
+        ExtId::Int(i) => i.into_pyobject(py)?.into_any().unbind(),
+        ExtId::Str(s) => PyString::new(py, s).into_any().unbind(),
+    })
+}
+
+fn model_err(e: ModelError) -> PyErr {
+    match e {
+        ModelError::InvalidEvent { index, reason } => InvalidEvent::new_err(format!("event {index}: {reason}")),
+        ModelError::UnknownItem(i) => UnknownItem::new_err(format!("unknown item {i}")),
+        ModelError::Frame(f) => frame_err(f),
+    }
+}
+
+fn frame_err(e: DecodeError) -> PyErr {
+    match e {
+        DecodeError::Incomplete => IncompleteFrame::new_err("the frame is incomplete"),
+        DecodeError::Invalid(reason) => InvalidFrame::new_err(reason),
+    }
+}
+
+fn snapshot_err(e: std::io::Error) -> PyErr {
+    match e.kind() {
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => CorruptSnapshot::new_err(e.to_string()),
+        _ => PyOSError::new_err(e.to_string()),
+    }
+}
+
+/// Reads `key` from the config dict, or `default` when absent or None.
+fn opt<'py, T: for<'a> FromPyObjectOwned<'py>>(cfg: &Bound<'py, PyDict>, key: &str, default: T) -> PyResult<T> {
+    match cfg.get_item(key)? {
+        Some(v) if !v.is_none() => {
+            v.extract().map_err(|e| PyTypeError::new_err(format!("config {key}: {}", Into::<PyErr>::into(e))))
+        }
+        _ => Ok(default),
+    }
+}
+
+const KNOWN_KEYS: &[&str] = &[
+    "dim",
+    "c0",
+    "alpha",
+    "reg",
+    "w_new",
+    "online_iters",
+    "user_history_cap",
+    "item_history_cap",
+    "decay_half_life",
+    "init_std",
+    "seed",
+    "hnsw_m",
+    "ef_construction",
+    "ef_search",
+    "event_weights",
+    "default_weight",
+    "trending_half_life",
+    "exact_below",
+    "dedup_window",
+    "auto_reindex",
+    "max_frame_bytes",
+];
+
+fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
+    for k in cfg.keys() {
+        let k: String = k.extract()?;
+        if !KNOWN_KEYS.contains(&k.as_str()) {
+            return Err(PyValueError::new_err(format!("unknown config key {k:?}")));
+        }
+    }
+    let d = MfConfig::default();
+    let seed: u64 = opt(cfg, "seed", d.seed)?;
+    let mf = MfConfig {
+        dim: opt(cfg, "dim", d.dim)?,
+        c0: opt(cfg, "c0", d.c0)?,
+        alpha: opt(cfg, "alpha", d.alpha)?,
+        reg: opt(cfg, "reg", d.reg)?,
+        w_new: opt(cfg, "w_new", d.w_new)?,
+        online_iters: opt(cfg, "online_iters", d.online_iters)?,
+        user_history_cap: opt(cfg, "user_history_cap", d.user_history_cap)?,
+        item_history_cap: opt(cfg, "item_history_cap", d.item_history_cap)?,
+        decay_half_life: match cfg.get_item("decay_half_life")? {
+            Some(v) if !v.is_none() => Some(v.extract()?),
+            _ => d.decay_half_life,
+        },
+        init_std: opt(cfg, "init_std", d.init_std)?,
+        seed,
+    };
+    if mf.dim == 0 || mf.dim > 1024 {
+        return Err(PyValueError::new_err("dim must be in 1..=1024"));
+    }
+    let h = HnswConfig::default();
+    let hnsw = HnswConfig {
+        m: opt(cfg, "hnsw_m", h.m)?,
+        ef_construction: opt(cfg, "ef_construction", h.ef_construction)?,
+        ef_search: opt(cfg, "ef_search", h.ef_search)?,
+        seed,
+    };
+    if hnsw.m < 2 || hnsw.m > 256 {
+        return Err(PyValueError::new_err("hnsw_m must be in 2..=256"));
+    }
+    let event_weights: Vec<(String, f32)> = match cfg.get_item("event_weights")? {
+        Some(v) if !v.is_none() => {
+            let d = v.cast::<PyDict>().map_err(|_| PyTypeError::new_err("event_weights must be a dict"))?;
+            let mut out = Vec::new();
+            for (k, w) in d.iter() {
+                out.push((k.extract()?, w.extract()?));
+            }
+            out
+        }
+        _ => default_event_weights(),
+    };
+    for (name, w) in &event_weights {
+        if !w.is_finite() || *w <= 0.0 || *w > model::MAX_WEIGHT {
+            return Err(PyValueError::new_err(format!("event_weights[{name:?}] must be in (0, 1e6]")));
+        }
+    }
+    let mut limits = Limits::default();
+    limits.max_frame_bytes = opt(cfg, "max_frame_bytes", limits.max_frame_bytes)?;
+    Ok(model::Config {
+        mf,
+        hnsw,
+        event_weights,
+        default_weight: opt(cfg, "default_weight", 1.0f32)?,
+        trending_half_life: opt(cfg, "trending_half_life", 86_400.0)?,
+        exact_below: opt(cfg, "exact_below", model::DEFAULT_EXACT_BELOW)?,
+        dedup_window: opt(cfg, "dedup_window", 1_000_000usize)?,
+        auto_reindex: opt(cfg, "auto_reindex", true)?,
+        limits,
+    })
+}
+
+/// Weights of the common event types; a purchase says more than a view.
+fn default_event_weights() -> Vec<(String, f32)> {
+    [("view", 1.0), ("click", 2.0), ("like", 3.0), ("cart", 4.0), ("purchase", 8.0)]
+        .into_iter()
+        .map(|(n, w)| (n.to_string(), w))
+        .collect()
+}
+
+/// A sequence argument as a list of items (numpy int64 arrays take the fast path).
+fn ids_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Vec<ExtId>> {
+    if let Ok(arr) = obj.extract::<PyReadonlyArray1<'_, i64>>() {
+        return Ok(arr.as_array().iter().map(|&i| ExtId::Int(i)).collect());
+    }
+    obj.try_iter()?.map(|x| ext_from_py(&x?)).collect()
+}
+
+fn opt_f64s(obj: Option<&Bound<'_, PyAny>>, n: usize, what: &str) -> PyResult<Option<Vec<f64>>> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else { return Ok(None) };
+    let v: Vec<f64> = match obj.extract::<PyReadonlyArray1<'_, f64>>() {
+        Ok(a) => a.as_array().to_vec(),
+        Err(_) => obj.try_iter()?.map(|x| x?.extract::<f64>()).collect::<PyResult<_>>()?,
+    };
+    if v.len() != n {
+        return Err(PyValueError::new_err(format!("{what} has {} entries, users has {n}", v.len())));
+    }
+    Ok(Some(v))
+}
+
+fn report_to_py<'py>(py: Python<'py>, r: &ApplyReport) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("applied", r.applied)?;
+    d.set_item("duplicates", r.duplicates)?;
+    d.set_item("rejected", r.rejected.clone())?;
+    let users = PyList::empty(py);
+    for u in &r.touched_users {
+        users.append(ext_to_py(py, u)?)?;
+    }
+    d.set_item("users", users)?;
+    Ok(d)
+}
+
+fn query(
+    k: usize,
+    exclude_seen: bool,
+    exclude: Option<&Bound<'_, PyAny>>,
+    category: Option<String>,
+    exact: bool,
+    explain: bool,
+    ef: Option<usize>,
+) -> PyResult<Query> {
+    if k == 0 || k > 10_000 {
+        return Err(PyValueError::new_err("k must be in 1..=10000"));
+    }
+    let exclude = match exclude {
+        Some(e) if !e.is_none() => ids_from_py(e)?,
+        _ => Vec::new(),
+    };
+    Ok(Query { k, exclude_seen, exclude, category, exact, explain, ef })
+}
+
+fn recs_to_py(py: Python<'_>, recs: &[model::Rec], explain: bool) -> PyResult<Py<PyList>> {
+    let out = PyList::empty(py);
+    for r in recs {
+        let item = ext_to_py(py, &r.item)?;
+        if explain {
+            let because = PyList::empty(py);
+            for b in &r.because {
+                because.append(ext_to_py(py, b)?)?;
+            }
+            out.append(PyTuple::new(py, [item, r.score.into_pyobject(py)?.into_any().unbind(), because.into_any().unbind()])?)?;
+        } else {
+            out.append((item, r.score))?;
+        }
+    }
+    Ok(out.unbind())
+}
+
+/// The model: see `engine.Model` for the documented Python face.
+#[pyclass(frozen, module = "engine._core", name = "Model")]
+pub struct PyModel {
+    inner: model::Model,
+    /// The journal position the model was loaded at (0 for a new model).
+    #[pyo3(get)]
+    loaded_wal_seq: u64,
+}
+
+#[pymethods]
+impl PyModel {
+    #[new]
+    /// `config`: an `engine.ModelConfig` (any attrs instance), a dict of its fields, or None.
+    #[pyo3(signature = (config=None))]
+    fn new(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        let dict = match config {
+            None => PyDict::new(py),
+            Some(c) if c.is_none() => PyDict::new(py),
+            Some(c) => match c.cast::<PyDict>() {
+                Ok(d) => d.clone(),
+                Err(_) => py.import("attrs")?.call_method1("asdict", (c,))?.cast_into::<PyDict>()?,
+            },
+        };
+        let cfg = config_from_dict(&dict)?;
+        Ok(PyModel { inner: model::Model::new(cfg), loaded_wal_seq: 0 })
+    }
+
+    /// Applies interactions; validates the whole batch first and applies none on a refusal.
+    #[pyo3(signature = (users, items, weights=None, types=None, ts=None, ids=None, producer=""))]
+    fn ingest<'py>(
+        &self,
+        py: Python<'py>,
+        users: &Bound<'py, PyAny>,
+        items: &Bound<'py, PyAny>,
+        weights: Option<&Bound<'py, PyAny>>,
+        types: Option<&Bound<'py, PyAny>>,
+        ts: Option<&Bound<'py, PyAny>>,
+        ids: Option<&Bound<'py, PyAny>>,
+        producer: &str,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let users = ids_from_py(users)?;
+        let items = ids_from_py(items)?;
+        let n = users.len();
+        if items.len() != n {
+            return Err(PyValueError::new_err(format!("items has {} entries, users has {n}", items.len())));
+        }
+        let weights = opt_f64s(weights, n, "weights")?;
+        let ts = opt_f64s(ts, n, "ts")?;
+        let types: Option<Vec<Option<String>>> = match types.filter(|t| !t.is_none()) {
+            Some(t) => Some(t.try_iter()?.map(|x| x?.extract::<Option<String>>()).collect::<PyResult<_>>()?),
+            None => None,
+        };
+        if types.as_ref().is_some_and(|t| t.len() != n) {
+            return Err(PyValueError::new_err("types and users differ in length"));
+        }
+        let ids: Option<Vec<ExtId>> = match ids.filter(|t| !t.is_none()) {
+            Some(t) => Some(ids_from_py(t)?),
+            None => None,
+        };
+        if ids.as_ref().is_some_and(|t| t.len() != n) {
+            return Err(PyValueError::new_err("ids and users differ in length"));
+        }
+        let now = model::Model::default_ts();
+        let records: Vec<Record> = users
+            .into_iter()
+            .zip(items)
+            .enumerate()
+            .map(|(j, (user, item))| Record::Interaction {
+                user,
+                item,
+                kind: types.as_ref().and_then(|t| t[j].clone()),
+                weight: weights.as_ref().map(|w| w[j] as f32),
+                id: ids.as_ref().map(|v| v[j].clone()),
+                ts: ts.as_ref().map_or(now, |t| t[j]),
+            })
+            .collect();
+        let producer = producer.to_owned();
+        let report = py.detach(|| {
+            self.inner.validate(&records)?;
+            Ok::<_, ModelError>(self.inner.apply(&records, &producer))
+        });
+        report_to_py(py, &report.map_err(model_err)?)
+    }
+
+    /// Decodes one complete Forward frame and applies its records (bad records are refused
+    /// one by one and listed under "rejected"). Adds "chunk" and "consumed" to the report.
+    #[pyo3(signature = (frame, producer=""))]
+    fn ingest_forward<'py>(&self, py: Python<'py>, frame: &[u8], producer: &str) -> PyResult<Bound<'py, PyDict>> {
+        let frame = frame.to_vec();
+        let producer = producer.to_owned();
+        let (report, chunk, used) = py.detach(|| self.inner.apply_frame(&frame, &producer)).map_err(frame_err)?;
+        let d = report_to_py(py, &report)?;
+        d.set_item("chunk", chunk)?;
+        d.set_item("consumed", used)?;
+        Ok(d)
+    }
+
+    /// Length of the first complete frame in `buf`, or None when more bytes are needed.
+    /// Raises InvalidFrame when the bytes can never be a frame.
+    fn frame_len(&self, py: Python<'_>, buf: &[u8]) -> PyResult<Option<usize>> {
+        let limits = &self.inner.config().limits;
+        match py.detach(|| decode::frame_len(buf, limits)) {
+            Ok(n) => Ok(Some(n)),
+            Err(DecodeError::Incomplete) => Ok(None),
+            Err(e) => Err(frame_err(e)),
+        }
+    }
+
+    #[pyo3(signature = (user, k=10, exclude_seen=true, exclude=None, category=None, exact=false, explain=false, ef=None))]
+    fn recommend(
+        &self,
+        py: Python<'_>,
+        user: &Bound<'_, PyAny>,
+        k: usize,
+        exclude_seen: bool,
+        exclude: Option<&Bound<'_, PyAny>>,
+        category: Option<String>,
+        exact: bool,
+        explain: bool,
+        ef: Option<usize>,
+    ) -> PyResult<Py<PyList>> {
+        let user = ext_from_py(user)?;
+        let q = query(k, exclude_seen, exclude, category, exact, explain, ef)?;
+        let recs = py.detach(|| self.inner.recommend(&user, &q));
+        recs_to_py(py, &recs, explain)
+    }
+
+    #[pyo3(signature = (users, k=10, exclude_seen=true, exclude=None, category=None, exact=false, explain=false, ef=None))]
+    fn recommend_batch(
+        &self,
+        py: Python<'_>,
+        users: &Bound<'_, PyAny>,
+        k: usize,
+        exclude_seen: bool,
+        exclude: Option<&Bound<'_, PyAny>>,
+        category: Option<String>,
+        exact: bool,
+        explain: bool,
+        ef: Option<usize>,
+    ) -> PyResult<Py<PyList>> {
+        let users = ids_from_py(users)?;
+        let q = query(k, exclude_seen, exclude, category, exact, explain, ef)?;
+        let all: Vec<Vec<model::Rec>> = py.detach(|| users.iter().map(|u| self.inner.recommend(u, &q)).collect());
+        let out = PyList::empty(py);
+        for recs in &all {
+            out.append(recs_to_py(py, recs, explain)?)?;
+        }
+        Ok(out.unbind())
+    }
+
+    #[pyo3(signature = (item, k=10))]
+    fn similar(&self, py: Python<'_>, item: &Bound<'_, PyAny>, k: usize) -> PyResult<Py<PyList>> {
+        let item = ext_from_py(item)?;
+        if k == 0 || k > 10_000 {
+            return Err(PyValueError::new_err("k must be in 1..=10000"));
+        }
+        let hits = py.detach(|| self.inner.similar(&item, k)).map_err(model_err)?;
+        let out = PyList::empty(py);
+        for (i, s) in &hits {
+            out.append((ext_to_py(py, i)?, *s))?;
+        }
+        Ok(out.unbind())
+    }
+
+    fn erase_user(&self, py: Python<'_>, user: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let user = ext_from_py(user)?;
+        Ok(py.detach(|| self.inner.erase_user(&user)))
+    }
+
+    #[pyo3(signature = (item, tags=None, category=None, available=None))]
+    fn upsert_item(
+        &self,
+        py: Python<'_>,
+        item: &Bound<'_, PyAny>,
+        tags: Option<Vec<String>>,
+        category: Option<String>,
+        available: Option<bool>,
+    ) -> PyResult<()> {
+        let item = ext_from_py(item)?;
+        let tags = tags.unwrap_or_default();
+        py.detach(|| self.inner.upsert_item(&item, &tags, category.as_deref(), available));
+        Ok(())
+    }
+
+    fn fit(&self, py: Python<'_>, iterations: usize) {
+        py.detach(|| self.inner.fit(iterations));
+    }
+
+    /// Re-links up to `budget` moved items in the index (all when None); returns how many wait.
+    #[pyo3(signature = (budget=None))]
+    fn reindex(&self, py: Python<'_>, budget: Option<usize>) -> usize {
+        py.detach(|| self.inner.reindex(budget.unwrap_or(usize::MAX)))
+    }
+
+    fn user_vector<'py>(&self, py: Python<'py>, user: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
+        let user = ext_from_py(user)?;
+        Ok(self.inner.user_vector(&user).map(|v| PyArray1::from_vec(py, v)))
+    }
+
+    fn item_vector<'py>(&self, py: Python<'py>, item: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
+        let item = ext_from_py(item)?;
+        Ok(self.inner.item_vector(&item).map(|v| PyArray1::from_vec(py, v)))
+    }
+
+    fn seen(&self, py: Python<'_>, user: &Bound<'_, PyAny>) -> PyResult<Py<PyList>> {
+        let user = ext_from_py(user)?;
+        let out = PyList::empty(py);
+        for i in self.inner.seen(&user) {
+            out.append(ext_to_py(py, &i)?)?;
+        }
+        Ok(out.unbind())
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = py.detach(|| self.inner.stats());
+        let d = PyDict::new(py);
+        d.set_item("events_applied", s.events_applied)?;
+        d.set_item("duplicates", s.duplicates)?;
+        d.set_item("rejected", s.rejected)?;
+        d.set_item("users", s.users)?;
+        d.set_item("items", s.items)?;
+        d.set_item("index_size", s.index_size)?;
+        d.set_item("index_stale", s.index_stale)?;
+        d.set_item("newest_ts", s.newest_ts)?;
+        Ok(d)
+    }
+
+    /// Writes a snapshot atomically; `wal_seq` is the last journal record it reflects.
+    #[pyo3(signature = (path, wal_seq=0))]
+    fn save(&self, py: Python<'_>, path: PathBuf, wal_seq: u64) -> PyResult<()> {
+        py.detach(|| self.inner.save(&path, wal_seq)).map_err(snapshot_err)
+    }
+
+    #[staticmethod]
+    fn load(py: Python<'_>, path: PathBuf) -> PyResult<PyModel> {
+        let (inner, loaded_wal_seq) = py.detach(|| model::Model::load(&path)).map_err(snapshot_err)?;
+        Ok(PyModel { inner, loaded_wal_seq })
+    }
+}
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
     m.add("BUILD_PROFILE", if cfg!(debug_assertions) { "debug" } else { "release" })?;
+    m.add_class::<PyModel>()?;
+    m.add("InvalidEvent", py.get_type::<InvalidEvent>())?;
+    m.add("InvalidFrame", py.get_type::<InvalidFrame>())?;
+    m.add("IncompleteFrame", py.get_type::<IncompleteFrame>())?;
+    m.add("UnknownItem", py.get_type::<UnknownItem>())?;
+    m.add("CorruptSnapshot", py.get_type::<CorruptSnapshot>())?;
     Ok(())
 }

@@ -1,0 +1,300 @@
+//! Snapshots of the whole model: one file, written atomically.
+//!
+//! # Format (little-endian)
+//! ```text
+//! magic  b"RSSNAP\0\0"        8 bytes
+//! version u32                 FORMAT_VERSION
+//! wal_seq u64                 the last journal record the snapshot reflects
+//! body                        config, ids, factorization, trending, item attributes,
+//!                             seen sets, redelivery window, counters, index
+//! crc32  u32                  over every byte before it
+//! ```
+//! The model is serialised to memory under its read locks (a memory-speed pause for writers),
+//! then written without holding any lock: temp file, fsync, rename over the target, fsync the
+//! directory. A reader therefore sees the old snapshot or the new one, never a torn file.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::Path;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::codec::*;
+use crate::decode::Limits;
+use crate::dedup::Dedup;
+use crate::hnsw::{Hnsw, HnswConfig};
+use crate::ids::{ExtId, IdMap};
+use crate::mf::Mf;
+use crate::model::{Config, Dirty, ItemMeta, Model, State};
+use crate::trending::Trending;
+
+pub const MAGIC: &[u8; 8] = b"RSSNAP\0\0";
+pub const FORMAT_VERSION: u32 = 1;
+
+fn put_ext(w: &mut dyn Write, e: Option<&ExtId>) -> io::Result<()> {
+    match e {
+        None => put_u8(w, 0),
+        Some(ExtId::Int(i)) => {
+            put_u8(w, 1)?;
+            put_i64(w, *i)
+        }
+        Some(ExtId::Str(s)) => {
+            put_u8(w, 2)?;
+            put_str(w, s)
+        }
+    }
+}
+
+fn get_ext(r: &mut dyn Read) -> io::Result<Option<ExtId>> {
+    match get_u8(r)? {
+        0 => Ok(None),
+        1 => Ok(Some(ExtId::Int(get_i64(r)?))),
+        2 => Ok(Some(ExtId::from_str(&get_str(r, crate::ids::MAX_ID_BYTES as u64)?).map_err(invalid)?)),
+        t => Err(invalid(format!("unknown id tag {t}"))),
+    }
+}
+
+fn put_idmap(w: &mut dyn Write, m: &IdMap) -> io::Result<()> {
+    put_len(w, m.slots().len())?;
+    for s in m.slots() {
+        put_ext(w, s.as_ref())?;
+    }
+    Ok(())
+}
+
+fn get_idmap(r: &mut dyn Read) -> io::Result<IdMap> {
+    let n = get_len(r, u32::MAX as u64)?;
+    let mut slots = Vec::with_capacity(n.min(1 << 20));
+    for _ in 0..n {
+        slots.push(get_ext(r)?);
+    }
+    Ok(IdMap::from_slots(slots))
+}
+
+fn put_u32s(w: &mut dyn Write, v: &[u32]) -> io::Result<()> {
+    put_len(w, v.len())?;
+    v.iter().try_for_each(|x| put_u32(w, *x))
+}
+
+fn get_u32s(r: &mut dyn Read) -> io::Result<Vec<u32>> {
+    let n = get_len(r, u32::MAX as u64)?;
+    let mut v = Vec::with_capacity(n.min(1 << 20));
+    for _ in 0..n {
+        v.push(get_u32(r)?);
+    }
+    Ok(v)
+}
+
+fn put_config(w: &mut dyn Write, c: &Config) -> io::Result<()> {
+    put_len(w, c.event_weights.len())?;
+    for (name, weight) in &c.event_weights {
+        put_str(w, name)?;
+        put_f32(w, *weight)?;
+    }
+    put_f32(w, c.default_weight)?;
+    put_f64(w, c.trending_half_life)?;
+    put_len(w, c.exact_below)?;
+    put_len(w, c.dedup_window)?;
+    put_u8(w, c.auto_reindex as u8)?;
+    let l = &c.limits;
+    for n in [l.max_frame_bytes, l.max_entries, l.max_array, l.max_map, l.max_str, l.max_decompressed_bytes] {
+        put_len(w, n)?;
+    }
+    let h = &c.hnsw;
+    for n in [h.m, h.ef_construction, h.ef_search] {
+        put_len(w, n)?;
+    }
+    put_u64(w, h.seed)
+}
+
+fn get_config(r: &mut dyn Read, mf: crate::mf::MfConfig) -> io::Result<Config> {
+    let n = get_len(r, 1 << 16)?;
+    let mut event_weights = Vec::with_capacity(n);
+    for _ in 0..n {
+        event_weights.push((get_str(r, 1 << 10)?, get_f32(r)?));
+    }
+    let default_weight = get_f32(r)?;
+    let trending_half_life = get_f64(r)?;
+    let exact_below = get_len(r, u64::MAX)?;
+    let dedup_window = get_len(r, 1 << 32)?;
+    let auto_reindex = get_u8(r)? != 0;
+    let mut l = [0usize; 6];
+    for x in &mut l {
+        *x = get_len(r, u64::MAX)?;
+    }
+    let limits = Limits {
+        max_frame_bytes: l[0],
+        max_entries: l[1],
+        max_array: l[2],
+        max_map: l[3],
+        max_str: l[4],
+        max_decompressed_bytes: l[5],
+    };
+    let (m, ef_construction, ef_search) = (get_len(r, 1 << 12)?, get_len(r, 1 << 20)?, get_len(r, 1 << 20)?);
+    let hnsw = HnswConfig { m, ef_construction, ef_search, seed: get_u64(r)? };
+    Ok(Config {
+        mf,
+        hnsw,
+        event_weights,
+        default_weight,
+        trending_half_life,
+        exact_below,
+        dedup_window,
+        auto_reindex,
+        limits,
+    })
+}
+
+impl Model {
+    /// Serialises the model, with `wal_seq` (the last journal record it reflects), to bytes.
+    pub fn snapshot_bytes(&self, wal_seq: u64) -> io::Result<Vec<u8>> {
+        let mut w = CrcWriter::new(Vec::new());
+        w.write_all(MAGIC)?;
+        put_u32(&mut w, FORMAT_VERSION)?;
+        put_u64(&mut w, wal_seq)?;
+        {
+            let st = self.state.read();
+            st.mf.save(&mut w)?;
+            put_config(&mut w, &self.cfg)?;
+            put_idmap(&mut w, &st.users)?;
+            put_idmap(&mut w, &st.items)?;
+            put_idmap(&mut w, &st.categories)?;
+            put_idmap(&mut w, &st.tags)?;
+            st.trending.save(&mut w)?;
+            put_len(&mut w, st.meta.len())?;
+            for m in &st.meta {
+                put_u32(&mut w, m.category.unwrap_or(u32::MAX))?;
+                put_u32s(&mut w, &m.tags)?;
+                put_u8(&mut w, m.available as u8)?;
+            }
+            put_len(&mut w, st.seen.len())?;
+            for s in &st.seen {
+                put_u32s(&mut w, s)?;
+            }
+            put_len(&mut w, st.dedup.capacity())?;
+            put_len(&mut w, st.dedup.len())?;
+            for (producer, id) in st.dedup.entries() {
+                put_str(&mut w, producer)?;
+                put_ext(&mut w, Some(id))?;
+            }
+            for c in [st.events_applied, st.duplicates, st.rejected] {
+                put_u64(&mut w, c)?;
+            }
+            put_f64(&mut w, st.newest_ts)?;
+            // Items still waiting for the index are re-linked after load: the index is
+            // written as it is and the dirty list with it.
+            let dirty = self.dirty.lock();
+            put_u32s(&mut w, &dirty.pending())?;
+            self.index.read().save(&mut w)?;
+        }
+        let crc = w.hasher.clone().finalize();
+        let mut bytes = w.inner;
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        Ok(bytes)
+    }
+
+    /// Writes a snapshot to `path` atomically (temp file, fsync, rename, fsync directory).
+    pub fn save(&self, path: &Path, wal_seq: u64) -> io::Result<()> {
+        let bytes = self.snapshot_bytes(wal_seq)?;
+        write_atomically(path, &bytes)
+    }
+
+    /// Restores a model from snapshot bytes; returns it and the journal position it reflects.
+    pub fn from_snapshot_bytes(bytes: &[u8]) -> io::Result<(Model, u64)> {
+        if bytes.len() < MAGIC.len() + 4 + 8 + 4 {
+            return Err(invalid("snapshot is truncated"));
+        }
+        if &bytes[..8] != MAGIC {
+            return Err(invalid("not a recstream snapshot (bad magic)"));
+        }
+        let (body, tail) = bytes.split_at(bytes.len() - 4);
+        let stored = u32::from_le_bytes(tail.try_into().expect("4 bytes"));
+        if crc32fast::hash(body) != stored {
+            return Err(invalid("snapshot checksum mismatch (file damaged)"));
+        }
+        let r = &mut &body[8..];
+        let version = get_u32(r)?;
+        if version != FORMAT_VERSION {
+            return Err(invalid(format!("snapshot format version {version}, this build reads {FORMAT_VERSION}")));
+        }
+        let wal_seq = get_u64(r)?;
+        let mf = Mf::load(r)?;
+        let cfg = get_config(r, mf.config().clone())?;
+        let users = get_idmap(r)?;
+        let items = get_idmap(r)?;
+        let categories = get_idmap(r)?;
+        let tags = get_idmap(r)?;
+        let trending = Trending::load(r)?;
+        let n = get_len(r, u32::MAX as u64)?;
+        let mut meta = Vec::with_capacity(n.min(1 << 20));
+        for _ in 0..n {
+            let c = get_u32(r)?;
+            let tags = get_u32s(r)?;
+            let available = get_u8(r)? != 0;
+            meta.push(ItemMeta { category: (c != u32::MAX).then_some(c), tags, available });
+        }
+        let n = get_len(r, u32::MAX as u64)?;
+        let mut seen = Vec::with_capacity(n.min(1 << 20));
+        for _ in 0..n {
+            seen.push(get_u32s(r)?);
+        }
+        let mut dedup = Dedup::new(get_len(r, 1 << 32)?);
+        for _ in 0..get_len(r, 1 << 32)? {
+            let producer = get_str(r, 1 << 10)?;
+            let id = get_ext(r)?.ok_or_else(|| invalid("empty id in redelivery window"))?;
+            dedup.first_time(&producer, &id);
+        }
+        let (events_applied, duplicates, rejected) = (get_u64(r)?, get_u64(r)?, get_u64(r)?);
+        let newest_ts = get_f64(r)?;
+        let pending = get_u32s(r)?;
+        let index = Hnsw::load(r)?;
+        if !r.is_empty() {
+            return Err(invalid(format!("{} unexpected bytes after the index", r.len())));
+        }
+        if meta.len() != items.capacity() || seen.len() != users.capacity() {
+            return Err(invalid("snapshot sections disagree on the number of users or items"));
+        }
+        let mut dirty = Dirty::default();
+        for i in pending {
+            dirty.mark(i);
+        }
+        let state = State {
+            users,
+            items,
+            mf,
+            trending,
+            meta,
+            categories,
+            tags,
+            seen,
+            dedup,
+            events_applied,
+            duplicates,
+            rejected,
+            newest_ts,
+        };
+        let model = Model { cfg, state: RwLock::new(state), index: RwLock::new(index), dirty: Mutex::new(dirty) };
+        Ok((model, wal_seq))
+    }
+
+    pub fn load(path: &Path) -> io::Result<(Model, u64)> {
+        let mut bytes = Vec::new();
+        File::open(path)?.read_to_end(&mut bytes)?;
+        Self::from_snapshot_bytes(&bytes)
+    }
+}
+
+/// Replaces `path` with `bytes` so that a crash at any moment leaves the old file or the new.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp_name = path.file_name().ok_or_else(|| invalid("snapshot path has no file name"))?.to_owned();
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}
