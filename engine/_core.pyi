@@ -30,7 +30,7 @@ class Report(TypedDict):
     applied: int
     duplicates: int
     rejected: list[tuple[int, str]]
-    users: list[Id]
+    users: list[tuple[Id, Id | None]]
 
 class FrameReport(Report):
     chunk: str | None

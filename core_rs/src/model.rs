@@ -8,7 +8,7 @@
 //! the items in `dirty` (bounded staleness); queries re-score the index's candidates with the
 //! current vectors, so a stale index can only miss an item, never misreport a score.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use parking_lot::{Mutex, RwLock};
 
@@ -61,8 +61,9 @@ pub struct ApplyReport {
     pub duplicates: usize,
     /// (record index, reason) for every record refused.
     pub rejected: Vec<(usize, String)>,
-    /// Users whose vectors or histories changed (dense ids), for the publisher.
-    pub touched_users: Vec<ExtId>,
+    /// Users whose vectors or histories changed, each with the id of its newest applied
+    /// event (when the producer gave ids), for the publisher's `cause`.
+    pub touched_users: Vec<(ExtId, Option<ExtId>)>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -289,7 +290,7 @@ impl Model {
     /// counted as duplicates and skipped.
     pub fn apply(&self, records: &[Record], producer: &str) -> ApplyReport {
         let mut report = ApplyReport::default();
-        let mut touched = HashSet::new();
+        let mut touched = HashMap::new();
         for (chunk_no, chunk) in records.chunks(APPLY_CHUNK).enumerate() {
             let mut moved = Vec::with_capacity(chunk.len());
             {
@@ -328,7 +329,7 @@ impl Model {
         rec: &Record,
         producer: &str,
         moved: &mut Vec<u32>,
-        touched: &mut HashSet<ExtId>,
+        touched: &mut HashMap<ExtId, Option<ExtId>>,
     ) -> Result<bool, String> {
         match rec {
             Record::Interaction { user, item, kind, weight, id, ts } => {
@@ -351,7 +352,7 @@ impl Model {
                     seen.insert(pos, i);
                 }
                 moved.push(i);
-                touched.insert(user.clone());
+                touched.insert(user.clone(), id.clone());
                 Ok(true)
             }
             Record::ItemUpsert { item, tags, category, available, .. } => {
@@ -360,7 +361,7 @@ impl Model {
             }
             Record::EraseUser { user, .. } => {
                 Self::erase_user_locked(st, user);
-                touched.insert(user.clone());
+                touched.insert(user.clone(), None);
                 Ok(true)
             }
         }

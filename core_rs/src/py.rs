@@ -226,8 +226,12 @@ fn report_to_py<'py>(py: Python<'py>, r: &ApplyReport) -> PyResult<Bound<'py, Py
     d.set_item("duplicates", r.duplicates)?;
     d.set_item("rejected", r.rejected.clone())?;
     let users = PyList::empty(py);
-    for u in &r.touched_users {
-        users.append(ext_to_py(py, u)?)?;
+    for (u, id) in &r.touched_users {
+        let id = match id {
+            Some(id) => ext_to_py(py, id)?,
+            None => py.None(),
+        };
+        users.append((ext_to_py(py, u)?, id))?;
     }
     d.set_item("users", users)?;
     Ok(d)

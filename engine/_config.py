@@ -1,0 +1,172 @@
+"""The server's configuration: defaults that run with zero set-up, a TOML file, environment.
+
+Precedence: command-line flags > environment (``RECSTREAM_*``) > config file > defaults.
+Secrets (keys, the token secret) are best given by the environment or a file readable only by
+the service account.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from ._exceptions import ConfigError
+from ._model import ModelConfig
+
+__all__ = ["ServerConfig", "load_config", "parse_hostport"]
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` (or ``"[v6]:PORT"``) to a pair; raises ConfigError on anything else."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@attrs.frozen(kw_only=True)
+class ServerConfig:
+    """Everything ``recstream serve`` needs; every field has a working default.
+
+    Attributes:
+        data_dir: Journal, snapshots and the token secret live here.
+        http_host, http_port: HTTP and websocket listener.
+        forward_host, forward_port: Fluent Forward listener.
+        producer_keys: Keys allowed to send events; the Forward shared key is any of them.
+        admin_key: Key for erasing users and writing item attributes.
+        token_secret: Signs subscription tokens; generated and kept in ``data_dir`` if unset.
+        insecure: Serve without any key. Allowed implicitly only when no key is configured
+            and every listener is on loopback (a warning is logged); a non-loopback listener
+            without keys refuses to start unless this is set explicitly.
+        sync: Journal durability: "batch" (fsync every group commit, the default),
+            "interval" (at most every ``sync_interval_ms``), "off".
+        snapshot_interval: Seconds between snapshots (journal segments before one are deleted).
+        push_k: Default list length for subscribers.
+        refresh_interval: Seconds between budgeted re-computations of subscribed users'
+            lists, which catch drift caused by other users' events.
+        refresh_budget: Subscribed users re-computed per refresh (round robin).
+        max_subscribers: Websocket subscriptions accepted at once.
+        send_timeout: Seconds a push may take before the subscriber is dropped as stuck.
+        tcp_user_timeout_ms: Set on the listening sockets so the kernel drops peers that stop
+            acknowledging data (a stuck reader cannot hold a connection forever).
+        max_body_bytes: Largest HTTP body and websocket message accepted.
+        max_events_per_request: Events in one HTTP request or websocket message.
+        model: The model's settings.
+    """
+
+    data_dir: Path = Path("recstream-data")
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    forward_host: str = "127.0.0.1"
+    forward_port: int = 24224
+    producer_keys: tuple[str, ...] = ()
+    admin_key: str | None = None
+    token_secret: bytes | None = None
+    insecure: bool = False
+    sync: str = attrs.field(default="batch", validator=attrs.validators.in_(("batch", "interval", "off")))
+    sync_interval_ms: float = 5.0
+    wal_segment_bytes: int = 64 * 1024 * 1024
+    snapshot_interval: float = 300.0
+    push_k: int = 10
+    refresh_interval: float = 1.0
+    refresh_budget: int = 1000
+    max_subscribers: int = 10_000
+    send_timeout: float = 10.0
+    tcp_user_timeout_ms: int = 10_000
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_events_per_request: int = 10_000
+    model: ModelConfig = attrs.field(factory=lambda: ModelConfig(auto_reindex=False))
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether requests must present keys or tokens."""
+        return not self.insecure
+
+    def check(self) -> ServerConfig:
+        """Applies the protected-mode rule; returns the config to run with.
+
+        Raises:
+            ConfigError: a listener is reachable from other hosts but no key is configured.
+        """
+        has_keys = bool(self.producer_keys or self.admin_key)
+        if has_keys or self.insecure:
+            return self
+        public = [h for h in (self.http_host, self.forward_host) if not _is_loopback(h)]
+        if public:
+            raise ConfigError(
+                f"listening on {', '.join(public)} without any key: set RECSTREAM_PRODUCER_KEYS "
+                "and RECSTREAM_ADMIN_KEY, or pass --insecure to serve anyone who connects"
+            )
+        return attrs.evolve(self, insecure=True)
+
+    def with_token_secret(self) -> ServerConfig:
+        """Fills ``token_secret`` from ``data_dir/token_secret``, creating it (mode 0600)."""
+        if self.token_secret:
+            return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        path = self.data_dir / "token_secret"
+        try:
+            secret = path.read_bytes().strip()
+        except FileNotFoundError:
+            secret = secrets.token_hex(32).encode()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secret)
+        return attrs.evolve(self, token_secret=secret)
+
+
+_ENV: dict[str, tuple[str, Any]] = {
+    "RECSTREAM_DATA_DIR": ("data_dir", Path),
+    "RECSTREAM_PRODUCER_KEYS": ("producer_keys", lambda s: tuple(k for k in s.split(",") if k)),
+    "RECSTREAM_ADMIN_KEY": ("admin_key", str),
+    "RECSTREAM_TOKEN_SECRET": ("token_secret", str.encode),
+    "RECSTREAM_SYNC": ("sync", str),
+}
+
+
+def load_config(
+    path: Path | None = None,
+    env: dict[str, str] | None = None,
+    **overrides: Any,
+) -> ServerConfig:
+    """Builds a ServerConfig from a TOML file, the environment and explicit overrides.
+
+    The TOML file holds the field names of :class:`ServerConfig` at the top level and the
+    model's under ``[model]``.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        model = data.pop("model", None)
+        if model is not None:
+            values["model"] = ModelConfig(**{"auto_reindex": False, **model})
+        values.update(data)
+    for name, (field, conv) in _ENV.items():
+        raw = (os.environ if env is None else env).get(name)
+        if raw:
+            values[field] = conv(raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "data_dir" in values:
+        values["data_dir"] = Path(values["data_dir"])
+    if "producer_keys" in values:
+        values["producer_keys"] = tuple(values["producer_keys"])
+    try:
+        return ServerConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad configuration: {e}") from e

@@ -1,0 +1,243 @@
+"""The publisher actor: recomputes subscribed users' lists and hands changes to their slots.
+
+Two things make a subscribed user's list change: that user's own events (the model actor
+reports them through :meth:`Publisher.notify`; recomputed at once, coalesced with whatever else
+is pending) and drift from other users' events moving item vectors (caught by a budgeted
+round-robin refresh every ``refresh_interval`` seconds). A list is pushed only when its items or
+their order changed.
+
+Each subscription owns one :class:`Slot`, a latest-wins mailbox: the publisher never waits for
+a subscriber, and a slow subscriber receives the newest list rather than a backlog.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+import trio
+
+from ._exceptions import TooManySubscribers
+from ._model import Model
+
+__all__ = ["Publisher", "Slot", "Subscription", "Cause"]
+
+log = logging.getLogger("recstream.publisher")
+
+Id = str | int
+
+
+@attrs.frozen
+class Cause:
+    """The newest event reflected in a list: journal sequence, producer's event id, and the
+    time the engine accepted it (for latency tracing)."""
+
+    seq: int
+    event_id: Id | None
+    accepted_at: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {"seq": self.seq, "id": self.event_id, "accepted_at": self.accepted_at}
+
+
+class Slot:
+    """A mailbox holding at most one message; ``put`` replaces what is unread.
+
+    Sending never blocks and memory per subscriber is one message, whatever the reader does.
+    """
+
+    def __init__(self) -> None:
+        self._value: dict[str, Any] | None = None
+        self._ready = trio.Event()
+        self.replaced = 0  # messages overwritten before they were read (coalesced pushes)
+
+    def put(self, value: dict[str, Any]) -> None:
+        if self._value is not None:
+            self.replaced += 1
+        self._value = value
+        self._ready.set()
+
+    async def get(self) -> dict[str, Any]:
+        """Waits for a message and takes it."""
+        await self._ready.wait()
+        value = self._value
+        assert value is not None
+        self._value = None
+        self._ready = trio.Event()
+        return value
+
+
+@attrs.define(eq=False)
+class Subscription:
+    """One websocket's interest in one user's list."""
+
+    user: Id
+    k: int
+    category: str | None = None
+    exclude: tuple[Id, ...] = ()
+    explain: bool = False
+    slot: Slot = attrs.field(factory=Slot)
+    last_items: list[Id] | None = None
+    version: int = 0
+
+    def query(self) -> dict[str, Any]:
+        return {
+            "k": self.k,
+            "category": self.category,
+            "exclude": list(self.exclude) or None,
+            "explain": self.explain,
+        }
+
+
+def _message(sub: Subscription, recs: list[Any], cause: Cause | None) -> dict[str, Any]:
+    if sub.explain:
+        items = [{"item": r[0], "score": r[1], "because": r[2]} for r in recs]
+    else:
+        items = [{"item": r[0], "score": r[1]} for r in recs]
+    return {
+        "user": sub.user,
+        "items": items,
+        "version": sub.version,
+        "cause": cause.as_json() if cause is not None else None,
+    }
+
+
+class Publisher:
+    """Owns the subscription registry and the recompute loop.
+
+    Args:
+        model: The model to query (read-only here).
+        max_subscribers: Subscriptions accepted at once; more raise TooManySubscribers.
+        refresh_interval: Seconds between drift refreshes.
+        refresh_budget: Users re-computed per refresh.
+        on_push: Called with (subscription, message) for every list handed to a slot
+            (metrics hook).
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        max_subscribers: int = 10_000,
+        refresh_interval: float = 1.0,
+        refresh_budget: int = 1000,
+        on_push: Callable[[Subscription, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self._model = model
+        self._max = max_subscribers
+        self._refresh_interval = refresh_interval
+        self._refresh_budget = refresh_budget
+        self._on_push = on_push
+        self._subs: dict[Id, set[Subscription]] = {}
+        self._count = 0
+        # Users waiting for a recompute, with the newest cause; bounded by the subscribed
+        # users, since notify() keeps only those.
+        self._pending: dict[Id, Cause | None] = {}
+        self._wake = trio.Event()
+        self._round_robin: Iterable[Id] = iter(())
+        self.pushes = 0
+
+    @property
+    def subscribers(self) -> int:
+        return self._count
+
+    def subscribe(self, sub: Subscription) -> None:
+        """Registers ``sub``; its first list is sent by the caller (see :meth:`current`).
+
+        Raises:
+            TooManySubscribers: ``max_subscribers`` are already connected.
+        """
+        if self._count >= self._max:
+            raise TooManySubscribers(f"{self._max} subscribers already connected")
+        self._subs.setdefault(sub.user, set()).add(sub)
+        self._count += 1
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.user)
+        if subs is not None and sub in subs:
+            subs.discard(sub)
+            self._count -= 1
+            if not subs:
+                del self._subs[sub.user]
+                self._pending.pop(sub.user, None)
+
+    def notify(self, users: Iterable[tuple[Id, Id | None]], seq: int, accepted_at: float) -> None:
+        """Marks users whose own events were applied (called by the model actor; never blocks)."""
+        woke = False
+        for user, event_id in users:
+            if user in self._subs:
+                self._pending[user] = Cause(seq, event_id, accepted_at)
+                woke = True
+        if woke:
+            self._wake.set()
+
+    def forget(self, user: Id) -> None:
+        """Drops pending pushes of an erased user."""
+        self._pending.pop(user, None)
+
+    async def current(self, sub: Subscription) -> dict[str, Any]:
+        """The list as it is now, recorded as the last one pushed to ``sub``."""
+        recs = await trio.to_thread.run_sync(self._recommend, sub)
+        return self._record(sub, recs, None)
+
+    def _recommend(self, sub: Subscription) -> list[Any]:
+        return self._model.recommend(sub.user, **sub.query())
+
+    def _record(self, sub: Subscription, recs: list[Any], cause: Cause | None) -> dict[str, Any]:
+        sub.last_items = [r[0] for r in recs]
+        sub.version += 1
+        return _message(sub, recs, cause)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._refresh_loop)
+            task_status.started()
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                await self.flush()
+
+    async def flush(self) -> None:
+        """Recomputes every pending user now and pushes the lists that changed."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        jobs = [(sub, cause) for user, cause in pending.items() for sub in self._subs.get(user, ())]
+        if not jobs:
+            return
+        results = await trio.to_thread.run_sync(lambda: [self._recommend(s) for s, _ in jobs])
+        for (sub, cause), recs in zip(jobs, results, strict=True):
+            if self._subs.get(sub.user) is None or sub not in self._subs[sub.user]:
+                continue  # unsubscribed while we computed
+            if [r[0] for r in recs] == sub.last_items:
+                continue
+            msg = self._record(sub, recs, cause)
+            sub.slot.put(msg)
+            self.pushes += 1
+            if self._on_push is not None:
+                self._on_push(sub, msg)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await trio.sleep(self._refresh_interval)
+            users = self._next_refresh_batch()
+            for user in users:
+                self._pending.setdefault(user, None)
+            if users:
+                self._wake.set()
+
+    def _next_refresh_batch(self) -> list[Id]:
+        """Up to ``refresh_budget`` subscribed users, continuing round robin across calls."""
+        out: list[Id] = []
+        if not self._subs:
+            return out
+        for _ in range(2):  # at most one restart of the cycle per call
+            for user in self._round_robin:
+                if user in self._subs:
+                    out.append(user)
+                    if len(out) >= min(self._refresh_budget, len(self._subs)):
+                        return out
+            self._round_robin = iter(list(self._subs))
+        return out
