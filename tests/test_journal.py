@@ -490,12 +490,14 @@ async def test_slow_consumer_blocks_producers_until_it_reads(tmp_path: Path) -> 
         assert await actor.append([payload(1)]) == 1  # fills the output buffer
         assert await actor.append([payload(2)]) == 2  # acked; the actor now waits to forward
         await wait_until(lambda: send.statistics().tasks_waiting_send == 1)
-        nursery.start_soon(producer, 3)  # sits in the inbox
-        nursery.start_soon(producer, 4)  # the inbox is full: waits to enter it
+        inbox = actor._send.statistics
+        nursery.start_soon(producer, 3)
+        await wait_until(lambda: inbox().current_buffer_used == 1)  # 3 sits in the inbox
+        nursery.start_soon(producer, 4)
+        await wait_until(lambda: inbox().tasks_waiting_send == 1)  # 4 cannot even enter it
         await trio.sleep(0.2)
         assert done == []
-        assert journal.last_seq == 2
-        assert actor._send.statistics().tasks_waiting_send == 1
+        assert journal.last_seq == 2  # nothing more was written while the consumer slept
 
         got = [await receive.receive(), await receive.receive()]
         assert [(m.first_seq, m.payloads) for m in got] == [(1, (payload(1),)), (2, (payload(2),))]
