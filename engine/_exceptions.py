@@ -47,8 +47,8 @@ class JournalCorrupt(JournalError):
     record and says so in the ``RecoveryReport``, because that is what a crash leaves behind.
     This exception is for states a crash cannot produce and that cutting would make worse,
     such as a missing segment between two intact ones (someone deleted or moved a file) or a
-    segment written by an unknown format version. Nothing on disk is changed before it is
-    raised, so an operator can inspect or restore the directory.
+    segment written by an unknown format version. No segment is cut or deleted before it is
+    raised, so an operator can inspect or restore the directory and open it again.
     """
 
 

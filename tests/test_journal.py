@@ -640,7 +640,7 @@ async def main(directory):
 
     async with trio.open_nursery() as nursery:
         await nursery.start(actor.run)
-        for _ in range(4):
+        for _ in range(8):
             nursery.start_soon(producer)
 
 trio.run(main, sys.argv[1])
