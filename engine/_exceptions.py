@@ -1,0 +1,81 @@
+"""The exceptions recstream raises on purpose.
+
+Every class derives from :class:`RecstreamError`, so a caller can catch the whole family at an
+API boundary. Each docstring says when the exception is raised and how it differs from its
+siblings, because choosing the right ``except`` clause is the reader's real question.
+
+Bad arguments are *not* in this file: they raise the built-in :class:`ValueError` or
+:class:`TypeError`, since they are the caller's mistake rather than a state of the engine.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "JournalClosed",
+    "JournalCorrupt",
+    "JournalError",
+    "JournalFailed",
+    "JournalLocked",
+    "RecstreamError",
+]
+
+
+class RecstreamError(Exception):
+    """Base class of every error the engine raises deliberately.
+
+    Catch this at an API boundary (an HTTP handler, a connector) to turn engine failures into
+    a response. It never wraps programming errors: those stay ``TypeError``/``ValueError``.
+    """
+
+
+# --- write-ahead log ------------------------------------------------------------------------
+
+
+class JournalError(RecstreamError):
+    """Base class of the write-ahead log's errors.
+
+    Catch this to handle "the journal cannot take this request" without caring why; catch a
+    subclass when the reaction differs (retry later, alert an operator, restart the process).
+    """
+
+
+class JournalCorrupt(JournalError):
+    """Raised by ``Journal.open`` (or a later replay) when the log is damaged in a way that
+    cannot be cut off safely.
+
+    A torn or garbled *tail* is never reported this way: recovery cuts it at the last valid
+    record and says so in the ``RecoveryReport``, because that is what a crash leaves behind.
+    This exception is for states a crash cannot produce and that cutting would make worse,
+    such as a missing segment between two intact ones (someone deleted or moved a file) or a
+    segment written by an unknown format version. No segment is cut or deleted before it is
+    raised, so an operator can inspect or restore the directory and open it again.
+    """
+
+
+class JournalClosed(JournalError):
+    """Raised when a journal (or its actor) is asked to do something after an orderly close.
+
+    Unlike :class:`JournalFailed`, nothing went wrong: the owner closed it, typically during
+    shutdown. A producer that sees this should stop sending; its request was not written.
+    """
+
+
+class JournalFailed(JournalError):
+    """Raised when an I/O error made the journal's on-disk state unknown.
+
+    After a failed ``write`` or ``fdatasync`` the kernel may have dropped the dirty pages and
+    a retry could report success without the data being on disk, so the journal refuses all
+    further writes instead of guessing. Requests waiting for durability at that moment get
+    this exception with the original :class:`OSError` as ``__cause__``: their events may or
+    may not be on disk and were *not* acknowledged. Recovery is a restart (``Journal.open``),
+    which re-validates the log. Differs from :class:`JournalClosed` in that it is a fault.
+    """
+
+
+class JournalLocked(JournalError):
+    """Raised by ``Journal.open`` when another open journal already holds the directory.
+
+    Two writers on one log would interleave sequence numbers and corrupt it, so the directory
+    is guarded by an advisory lock that the kernel releases when its holder exits, even by
+    ``kill -9``. Seeing this means another process (or a second ``open`` in this one) is live.
+    """

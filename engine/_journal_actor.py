@@ -1,0 +1,264 @@
+"""The journal actor: the one task that writes the write-ahead log, with group commit.
+
+Producers (the Forward server, HTTP and websocket handlers) call :meth:`JournalActor.append`,
+which queues the payloads in a bounded inbox and waits until they are durable. The actor takes
+everything waiting in the inbox at once, writes it in one go and syncs once, so N concurrent
+producers cost one ``fdatasync`` instead of N ("group commit"). Disk calls run in a worker
+thread (``trio.to_thread.run_sync``) so the event loop never blocks on the disk.
+
+Once a group is durable the actor acknowledges its producers and forwards it, in sequence
+order, to the model actor's bounded channel. When the model actor falls behind, that send
+blocks, the actor stops draining its inbox, the inbox fills and producers wait in ``append``:
+backpressure reaches the network instead of piling up in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from ._exceptions import JournalClosed, JournalFailed
+from ._journal import Journal
+
+__all__ = ["Appended", "JournalActor"]
+
+
+@attrs.frozen
+class Appended:
+    """A run of durable records, forwarded to the next actor in seq order.
+
+    Attributes:
+        first_seq: The seq of ``payloads[0]``; the others follow consecutively.
+        payloads: The records' payloads as appended.
+    """
+
+    first_seq: int
+    payloads: tuple[bytes, ...]
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last payload."""
+        return self.first_seq + len(self.payloads) - 1
+
+
+class _Request:
+    """One producer's append, waiting for durability. Mutated only by the actor."""
+
+    __slots__ = ("done", "error", "last_seq", "payloads")
+
+    def __init__(self, payloads: list[bytes]) -> None:
+        self.payloads = payloads
+        self.done = trio.Event()
+        self.last_seq = 0
+        self.error: Exception | None = None
+
+
+class JournalActor:
+    """Owns a :class:`Journal` and serializes every write to it.
+
+    Start it with ``await nursery.start(actor.run)``. Stop it with :meth:`aclose` (or
+    :meth:`close` and let ``run`` finish): what is already queued is written, synced and
+    forwarded, then the journal and the output channel are closed.
+
+    The sync policy is the journal's (``Journal.open(sync=...)``):
+
+    * ``"batch"``: every group is synced before its producers are acknowledged.
+    * ``"interval"``: a group is written at once but synced at most every ``interval_ms``;
+      producers are acknowledged after the sync that covers them. Trades latency for fewer
+      syncs under light, steady load.
+    * ``"off"``: acknowledged after the write. Survives a process crash (the data is in the
+      page cache), not an OS crash or power loss.
+
+    Args:
+        journal: The open journal; the actor closes it when ``run`` returns.
+        output: Where durable records go (the model actor's inbox), or None. It must be
+            bounded: its capacity is how far the model may lag before producers wait. The
+            actor closes it when ``run`` returns, so the consumer sees the end of the stream.
+        max_pending: Capacity of the inbox, in append requests. It bounds memory and the
+            size of one group; a few hundred is plenty, because groups form while a sync is
+            in flight.
+    """
+
+    def __init__(
+        self,
+        journal: Journal,
+        *,
+        output: trio.MemorySendChannel[Appended] | None = None,
+        max_pending: int = 256,
+    ) -> None:
+        if max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
+        self.journal = journal
+        self.groups = 0
+        self._output = output
+        self._send, self._receive = trio.open_memory_channel[_Request](max_pending)
+        self._unacked: list[_Request] = []  # written, waiting for a sync (interval policy)
+        self._in_flight: list[_Request] = []  # taken from the inbox, not yet written
+        self._last_sync = -math.inf
+        self._error: BaseException | None = None
+        self._started = False
+        self._stopped = trio.Event()
+
+    async def append(self, payloads: Sequence[bytes]) -> int:
+        """Appends payloads and returns once they are durable under the sync policy.
+
+        Cancelling the call does not take the payloads back if they were already queued:
+        they may still be written. Producers that must not duplicate give events ids.
+
+        Args:
+            payloads: Opaque, non-empty byte strings, written as consecutive records.
+
+        Returns:
+            The seq of the last payload; the first is ``returned - len(payloads) + 1``.
+
+        Raises:
+            ValueError, TypeError: A payload is invalid (see ``Journal.check_payloads``);
+                nothing was queued.
+            JournalClosed: The actor was closed before the request was queued.
+            JournalFailed: An I/O error stopped the actor; the payloads were not
+                acknowledged and may or may not be on disk.
+        """
+        request = _Request(self.journal.check_payloads(payloads))
+        try:
+            await self._send.send(request)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise self._stopped_error() from None
+        await request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.last_seq
+
+    def close(self) -> None:
+        """Stops taking requests; ``run`` writes what is queued and then returns.
+
+        Producers blocked on a full inbox get :class:`JournalClosed`.
+        """
+        self._send.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, then wait until ``run`` has synced and closed the journal."""
+        self.close()
+        if self._started:
+            await self._stopped.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The actor's loop: take a group, write it, sync per policy, ack, forward.
+
+        Raises:
+            OSError: Writing or syncing failed. Waiting producers got
+                :class:`JournalFailed` first; the error is re-raised so the supervisor sees
+                the engine can no longer accept events.
+        """
+        if self._started:
+            raise RuntimeError("JournalActor.run can only be called once")
+        self._started = True
+        try:
+            task_status.started()
+            await self._loop()
+            # Clean shutdown: whatever was written is synced (even with "off") and acked.
+            await self._sync_and_ack()
+        except Exception as exc:
+            self._error = exc
+            raise
+        finally:
+            self._shut_down()
+
+    async def _loop(self) -> None:
+        interval = self.journal.interval_ms / 1000
+        while True:
+            deadline = self._last_sync + interval if self._unacked else math.inf
+            first: _Request | None = None
+            with trio.move_on_at(deadline):
+                try:
+                    first = await self._receive.receive()
+                except trio.EndOfChannel:
+                    return
+            if first is None:  # the interval elapsed with records waiting for a sync
+                await self._sync_and_ack()
+                continue
+            group = [first]
+            while True:
+                try:
+                    group.append(self._receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            await self._write(group)
+
+    async def _write(self, group: list[_Request]) -> None:
+        policy = self.journal.sync_policy
+        interval = self.journal.interval_ms / 1000
+        sync_now = policy == "batch" or (
+            policy == "interval" and trio.current_time() >= self._last_sync + interval
+        )
+        payloads = [p for request in group for p in request.payloads]
+        self._in_flight = group
+        last = await trio.to_thread.run_sync(self._write_in_thread, payloads, sync_now)
+        self._in_flight = []
+        self.groups += 1
+        seq = last - len(payloads)
+        for request in group:
+            seq += len(request.payloads)
+            request.last_seq = seq
+        self._unacked.extend(group)
+        if sync_now:
+            self._last_sync = trio.current_time()
+        if sync_now or policy == "off":
+            await self._ack()
+
+    def _write_in_thread(self, payloads: list[bytes], sync_now: bool) -> int:
+        last = self.journal.append(payloads)
+        if sync_now:
+            self.journal.sync()
+        return last
+
+    async def _sync_and_ack(self) -> None:
+        await trio.to_thread.run_sync(self.journal.sync)
+        self._last_sync = trio.current_time()
+        await self._ack()
+
+    async def _ack(self) -> None:
+        """Wakes the producers of every written request, then forwards their records."""
+        if not self._unacked:
+            return
+        done, self._unacked = self._unacked, []
+        for request in done:
+            request.done.set()
+        if self._output is not None:
+            first_seq = done[0].last_seq - len(done[0].payloads) + 1
+            payloads = tuple(p for request in done for p in request.payloads)
+            await self._output.send(Appended(first_seq, payloads))
+
+    def _stopped_error(self) -> Exception:
+        if self._error is not None:
+            err = JournalFailed("the journal actor stopped after an I/O error")
+            err.__cause__ = self._error
+            return err
+        return JournalClosed("the journal actor is closed")
+
+    def _shut_down(self) -> None:
+        """Fails every request still waiting, closes the channels and the journal.
+
+        Runs however ``run`` ends. Without it, a producer whose request sat in the inbox when
+        the actor died would wait forever. No checkpoint happens here, so no request can
+        slip into the inbox between draining and closing it.
+        """
+        waiting = self._in_flight + self._unacked
+        self._in_flight, self._unacked = [], []
+        while True:
+            try:
+                waiting.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        self._receive.close()
+        for request in waiting:
+            request.error = self._stopped_error()
+            request.done.set()
+        # Unsynced records were never acknowledged, so there is no promise to keep by
+        # waiting for the disk here; the clean path synced already.
+        self.journal.close(sync=False)
+        if self._output is not None:
+            self._output.close()
+        self._stopped.set()
