@@ -11,12 +11,16 @@ Bad arguments are *not* in this file: they raise the built-in :class:`ValueError
 from __future__ import annotations
 
 __all__ = [
+    "AuthError",
+    "BadRequest",
+    "ConfigError",
     "JournalClosed",
     "JournalCorrupt",
     "JournalError",
     "JournalFailed",
     "JournalLocked",
     "RecstreamError",
+    "TooManySubscribers",
 ]
 
 
@@ -78,4 +82,40 @@ class JournalLocked(JournalError):
     Two writers on one log would interleave sequence numbers and corrupt it, so the directory
     is guarded by an advisory lock that the kernel releases when its holder exits, even by
     ``kill -9``. Seeing this means another process (or a second ``open`` in this one) is live.
+    """
+
+
+# --- serving ----------------------------------------------------------------------------------
+
+
+class ConfigError(RecstreamError):
+    """Raised at start-up when the configuration is inconsistent or unsafe.
+
+    The server does not start; the message says which setting to change. The most common case
+    is protected mode: a listener reachable from other hosts with no key configured.
+    """
+
+
+class AuthError(RecstreamError):
+    """Raised when a request's key or subscription token is missing, wrong or expired.
+
+    HTTP answers 401 (403 for a valid token for another user); websockets close with 1008.
+    Differs from :class:`BadRequest` in that the request itself may be fine.
+    """
+
+
+class BadRequest(RecstreamError):
+    """Raised when a request's body or parameters are malformed (not JSON, wrong shape,
+    unknown fields, too many events).
+
+    HTTP answers 400 (413 for bodies over the limit); nothing of the request was accepted.
+    Events that are well-formed but carry bad values (a NaN weight, an unknown event type)
+    are refused by the model's validation instead, with 422.
+    """
+
+
+class TooManySubscribers(RecstreamError):
+    """Raised when a subscription would exceed ``max_subscribers``.
+
+    The websocket is closed with 1013 (try again later); existing subscribers are unaffected.
     """

@@ -15,7 +15,8 @@ backpressure reaches the network instead of piling up in memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import attrs
 import trio
@@ -24,6 +25,8 @@ from ._exceptions import JournalClosed, JournalFailed
 from ._journal import Journal
 
 __all__ = ["Appended", "JournalActor"]
+
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -101,6 +104,9 @@ class JournalActor:
         self._error: BaseException | None = None
         self._started = False
         self._stopped = trio.Event()
+        # Held around every worker-thread call that touches the journal, so maintenance
+        # (drop_before, rewrite) never runs while a group is being written.
+        self._io = trio.Lock()
 
     async def append(self, payloads: Sequence[bytes]) -> int:
         """Appends payloads and returns once they are durable under the sync policy.
@@ -130,6 +136,15 @@ class JournalActor:
         if request.error is not None:
             raise request.error
         return request.last_seq
+
+    async def maintain(self, fn: Callable[[Journal], T]) -> T:
+        """Runs ``fn(journal)`` in a worker thread between groups.
+
+        For maintenance that must not interleave with writes: ``drop_before`` after a
+        snapshot, ``rewrite`` to erase a user's records.
+        """
+        async with self._io:
+            return await trio.to_thread.run_sync(fn, self.journal)
 
     def close(self) -> None:
         """Stops taking requests; ``run`` writes what is queued and then returns.
@@ -195,7 +210,8 @@ class JournalActor:
         )
         payloads = [p for request in group for p in request.payloads]
         self._in_flight = group
-        last = await trio.to_thread.run_sync(self._write_in_thread, payloads, sync_now)
+        async with self._io:
+            last = await trio.to_thread.run_sync(self._write_in_thread, payloads, sync_now)
         self._in_flight = []
         self.groups += 1
         seq = last - len(payloads)
@@ -215,7 +231,8 @@ class JournalActor:
         return last
 
     async def _sync_and_ack(self) -> None:
-        await trio.to_thread.run_sync(self.journal.sync)
+        async with self._io:
+            await trio.to_thread.run_sync(self.journal.sync)
         self._last_sync = trio.current_time()
         await self._ack()
 

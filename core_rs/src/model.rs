@@ -163,6 +163,13 @@ pub struct Model {
     pub(crate) dirty: Mutex<Dirty>,
 }
 
+/// For each decoded record, the index of the frame entry it came from (the decoder drops
+/// refused entries from `records`).
+fn entry_indices(frame: &decode::Frame) -> Vec<usize> {
+    let refused: HashSet<usize> = frame.rejected.iter().map(|r| r.0).collect();
+    (0..frame.records.len() + frame.rejected.len()).filter(|e| !refused.contains(e)).collect()
+}
+
 fn now_secs() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -367,6 +374,21 @@ impl Model {
         }
     }
 
+    /// Decodes a frame and checks every record as `apply` would, changing nothing.
+    /// Returns the number of records and the refusals (entry index, reason).
+    pub fn check_frame(&self, buf: &[u8]) -> Result<(usize, Vec<(usize, String)>), DecodeError> {
+        let (frame, _) = decode::decode_frame(buf, &self.cfg.limits)?;
+        let mut rejected = frame.rejected.clone();
+        let entries = entry_indices(&frame);
+        for (n, r) in frame.records.iter().enumerate() {
+            if let Err(ModelError::InvalidEvent { reason, .. }) = self.validate(std::slice::from_ref(r)) {
+                rejected.push((entries[n], reason));
+            }
+        }
+        rejected.sort();
+        Ok((frame.records.len() + frame.rejected.len(), rejected))
+    }
+
     /// Decodes one Forward frame (see [`decode::decode_frame`]) and applies its records.
     /// Returns the report, the frame's `chunk` option and the bytes consumed.
     pub fn apply_frame(
@@ -376,10 +398,11 @@ impl Model {
     ) -> Result<(ApplyReport, Option<String>, usize), DecodeError> {
         let (frame, used) = decode::decode_frame(buf, &self.cfg.limits)?;
         let mut report = self.apply(&frame.records, producer);
-        // Decoder refusals index entries of the frame; apply's index the decoded records.
-        // Both are reported; the decoder's come first.
+        // apply() numbers records; report entries of the frame, as the decoder does.
+        let entries = entry_indices(&frame);
         let mut rejected = frame.rejected;
-        rejected.append(&mut report.rejected);
+        rejected.extend(report.rejected.drain(..).map(|(n, reason)| (entries[n], reason)));
+        rejected.sort();
         report.rejected = rejected;
         Ok((report, frame.chunk, used))
     }

@@ -370,6 +370,12 @@ impl PyModel {
         Ok(d)
     }
 
+    /// Checks one complete frame as `ingest_forward` would, changing nothing.
+    /// Returns (entries, [(entry index, reason), ...]); raises InvalidFrame/IncompleteFrame.
+    fn check_frame(&self, py: Python<'_>, frame: &[u8]) -> PyResult<(usize, Vec<(usize, String)>)> {
+        py.detach(|| self.inner.check_frame(frame)).map_err(frame_err)
+    }
+
     /// Length of the first complete frame in `buf`, or None when more bytes are needed.
     /// Raises InvalidFrame when the bytes can never be a frame.
     fn frame_len(&self, py: Python<'_>, buf: &[u8]) -> PyResult<Option<usize>> {

@@ -1,0 +1,115 @@
+"""The model actor: applies durable journal records to the model, in journal order.
+
+It is the only writer of the model. Each group of records from the journal actor is applied in
+one worker-thread call (the extension releases the GIL), then the users those records touched
+are reported to the publisher and the index actor is told that vectors moved. Snapshots are
+taken between groups, so a snapshot reflects exactly the records up to its sequence number.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from ._events import parse_journal_record
+from ._journal_actor import Appended
+from ._model import Model
+
+__all__ = ["Applied", "ModelActor", "apply_records"]
+
+log = logging.getLogger("recstream.model")
+
+
+@attrs.frozen
+class Applied:
+    """What one journal record did to the model."""
+
+    seq: int
+    accepted_at: float
+    applied: int
+    duplicates: int
+    rejected: tuple[tuple[int, str], ...]
+    users: tuple[tuple[Any, Any], ...]
+
+
+def apply_records(model: Model, first_seq: int, payloads: Sequence[bytes]) -> list[Applied]:
+    """Applies journal payloads in order (blocking; call it in a worker thread).
+
+    A record that cannot be decoded is logged and skipped: it was validated before it was
+    journaled, so this means a bug or a changed limit, and one bad record must not stop
+    recovery or the live stream.
+    """
+    out = []
+    for seq, payload in enumerate(payloads, first_seq):
+        try:
+            producer, accepted_at, frame = parse_journal_record(payload)
+            report = model.ingest_forward(frame, producer)
+        except Exception as e:  # noqa: BLE001 - logged and counted, the stream goes on
+            log.error("journal record %d could not be applied: %s", seq, e)
+            out.append(Applied(seq, time.time(), 0, 0, ((0, f"unreadable record: {e}"),), ()))
+            continue
+        out.append(
+            Applied(
+                seq,
+                accepted_at,
+                report["applied"],
+                report["duplicates"],
+                tuple(report["rejected"]),
+                tuple(report["users"]),
+            )
+        )
+    return out
+
+
+class ModelActor:
+    """Applies what the journal actor forwards.
+
+    Args:
+        model: The model; this actor is its only writer.
+        inbox: The journal actor's output channel.
+        applied_seq: The journal position the model already reflects (after recovery).
+        on_applied: Called in the event loop with each group's results (publisher, metrics,
+            index wake-up). Must not block.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        inbox: trio.MemoryReceiveChannel[Appended],
+        *,
+        applied_seq: int = 0,
+        on_applied: Callable[[list[Applied]], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.applied_seq = applied_seq
+        self._inbox = inbox
+        self._on_applied = on_applied
+        self._lock = trio.Lock()  # held while a group applies; snapshots take it in between
+        self.drained = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Applies groups until the journal actor closes the channel."""
+        task_status.started()
+        async with self._inbox:
+            async for group in self._inbox:
+                async with self._lock:
+                    results = await trio.to_thread.run_sync(
+                        apply_records, self.model, group.first_seq, group.payloads
+                    )
+                    self.applied_seq = group.last_seq
+                if self._on_applied is not None:
+                    self._on_applied(results)
+        self.drained.set()
+
+    async def snapshot(self, path: Path) -> int:
+        """Writes a snapshot between groups; returns the journal sequence it reflects."""
+        async with self._lock:
+            seq = self.applied_seq
+            await trio.to_thread.run_sync(self.model.save, path, seq)
+        return seq
