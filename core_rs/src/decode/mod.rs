@@ -443,11 +443,16 @@ fn decode_entries(
     frame.records.reserve(count);
     let mut r = Reader::whole(bytes);
     for index in 0..count {
-        let start = r.pos();
-        r.skip(limits)?;
-        match parse_entry(&r.buf()[start..r.pos()], limits) {
+        // A record that parses has consumed exactly its entry; one that is rejected may
+        // stop anywhere inside it, so the entry is then skipped again from its start.
+        let start = r.clone();
+        match parse_entry(&mut r, limits) {
             Ok(rec) => frame.records.push(rec),
-            Err(why) => frame.rejected.push((index, why)),
+            Err(why) => {
+                frame.rejected.push((index, why));
+                r = start;
+                r.skip(limits)?;
+            }
         }
     }
     Ok(())
@@ -464,10 +469,9 @@ fn internal(e: DecodeError) -> String {
 }
 
 /// One Forward/PackedForward entry: `[time, record]`.
-fn parse_entry(bytes: &[u8], limits: &Limits) -> Result<Record, String> {
-    let mut r = Reader::whole(bytes);
+fn parse_entry(r: &mut Reader<'_>, limits: &Limits) -> Result<Record, String> {
     match r.head().map_err(internal)? {
-        Head::Array(2) => parse_pair(&mut r, limits),
+        Head::Array(2) => parse_pair(r, limits),
         Head::Array(n) => Err(format!(
             "an entry must be a [time, record] array, found an array of {n}"
         )),

@@ -71,11 +71,6 @@ impl<'a> Reader<'a> {
         self.pos
     }
 
-    /// The bytes this reader was built over.
-    pub(crate) fn buf(&self) -> &'a [u8] {
-        self.buf
-    }
-
     pub(crate) fn at_end(&self) -> bool {
         self.pos >= self.buf.len()
     }
