@@ -110,12 +110,17 @@ pub enum Record {
     EraseUser { user: ExtId, ts: f64 },
 }
 
+/// One decoded frame. Entries are numbered from 0 in frame order across `records` and
+/// `rejected`, so a caller can tell which of a producer's events were refused.
 #[derive(Clone, Debug, Default)]
 pub struct Frame {
+    /// The producer's routing tag; recorded, not interpreted.
     pub tag: String,
     pub records: Vec<Record>,
     /// Per-entry rejections: (entry index, reason). The frame itself stays valid.
     pub rejected: Vec<(usize, String)>,
+    /// The `chunk` option: when present the producer waits for `{"ack": chunk}`, to be sent
+    /// only once the frame's events are durable.
     pub chunk: Option<String>,
 }
 
@@ -185,6 +190,13 @@ enum Entries<'a> {
     Packed { bytes: Cow<'a, [u8]>, count: usize },
 }
 
+/// The check pass's view of the second element: entries located in the input, or a packed
+/// payload still to be (gunzipped and) validated once the option is known.
+enum Body<'a> {
+    Ready(Entries<'a>),
+    Packed(&'a [u8]),
+}
+
 fn invalid(why: impl Into<String>) -> DecodeError {
     DecodeError::Invalid(why.into())
 }
@@ -237,7 +249,7 @@ fn check_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<Layout<'a>, DecodeE
 
     // The second element decides the mode (peeked, so Message mode can skip the time whole).
     let mut peek = r.clone();
-    let (entries, has_option, packed) = match peek.head()? {
+    let (body, has_option) = match peek.head()? {
         Head::Uint(_) | Head::Int(_) | Head::F32(_) | Head::F64(_) | Head::Ext(..) => {
             if arity < 3 {
                 return Err(invalid(
@@ -247,14 +259,8 @@ fn check_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<Layout<'a>, DecodeE
             let start = r.pos();
             r.skip(limits)?; // time
             r.skip(limits)?; // record
-            (
-                Entries::Message {
-                    start,
-                    end: r.pos(),
-                },
-                arity == 4,
-                None,
-            )
+            let end = r.pos();
+            (Body::Ready(Entries::Message { start, end }), arity == 4)
         }
         Head::Array(count) => {
             if arity > 3 {
@@ -274,7 +280,7 @@ fn check_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<Layout<'a>, DecodeE
             for _ in 0..count {
                 r.skip(limits)?;
             }
-            (Entries::Forward { start, count }, arity == 3, None)
+            (Body::Ready(Entries::Forward { start, count }), arity == 3)
         }
         Head::Str(n) | Head::Bin(n) => {
             if arity > 3 {
@@ -284,9 +290,7 @@ fn check_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<Layout<'a>, DecodeE
             }
             r = peek;
             // The payload is bounded by the frame limit, not by `max_str`.
-            let bytes = r.take(n)?;
-            let placeholder = Entries::Forward { start: 0, count: 0 };
-            (placeholder, arity == 3, Some(bytes))
+            (Body::Packed(r.take(n)?), arity == 3)
         }
         other => {
             return Err(invalid(format!(
@@ -305,9 +309,9 @@ fn check_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<Layout<'a>, DecodeE
     let len = r.pos();
 
     // Only a complete frame gets here, so from now on nothing can be Incomplete.
-    let entries = match packed {
-        None => entries,
-        Some(raw) => {
+    let entries = match body {
+        Body::Ready(entries) => entries,
+        Body::Packed(raw) => {
             let bytes = if gzip {
                 Cow::Owned(gunzip(raw, limits.max_decompressed_bytes)?)
             } else {

@@ -76,6 +76,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Checks that `n` more bytes can be read from the current position.
+    #[inline]
     fn need(&self, n: usize) -> Result<(), DecodeError> {
         // `pos <= bound` always holds: the reader only moves after this check passed.
         if n > self.bound - self.pos {
@@ -98,6 +99,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Consumes `n` bytes and returns them.
+    #[inline]
     pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         self.need(n)?;
         let s = &self.buf[self.pos..self.pos + n];
@@ -105,30 +107,36 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
+    #[inline]
     fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take(1)?[0])
     }
 
+    #[inline]
     fn be<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
         let mut out = [0u8; N];
         out.copy_from_slice(self.take(N)?);
         Ok(out)
     }
 
+    #[inline]
     fn len8(&mut self) -> Result<usize, DecodeError> {
         Ok(self.u8()? as usize)
     }
 
+    #[inline]
     fn len16(&mut self) -> Result<usize, DecodeError> {
         Ok(u16::from_be_bytes(self.be()?) as usize)
     }
 
+    #[inline]
     fn len32(&mut self) -> Result<usize, DecodeError> {
         Ok(u32::from_be_bytes(self.be()?) as usize)
     }
 
     /// Reads one marker and its length fields, leaving the payload (string bytes, elements,
     /// ext data) unread. The one byte msgpack reserves (0xc1) is Invalid.
+    #[inline]
     pub(crate) fn head(&mut self) -> Result<Head, DecodeError> {
         let m = self.u8()?;
         Ok(match m {
@@ -184,6 +192,7 @@ impl<'a> Reader<'a> {
     /// Checks that `pending` more values (each at least one byte) can still fit; a container
     /// header that claims more elements than could ever arrive is rejected before anything
     /// is sized from it.
+    #[inline]
     fn room_for(&self, pending: usize) -> Result<(), DecodeError> {
         if pending > self.bound - self.pos {
             return Err(DecodeError::Invalid(if self.whole {
