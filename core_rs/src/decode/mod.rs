@@ -29,6 +29,10 @@
 //! in [`Frame::rejected`] and its neighbours still decode, because one bad producer-side value
 //! should not cost the good events sent with it.
 //!
+//! Not handled here: the shared-key handshake (`["PING", ...]` has six elements, so it is
+//! Invalid as an event frame; the server reads it before any event frame), and bare non-array
+//! values, which this decoder treats as Invalid rather than silently skipping.
+//!
 //! # Layout
 //! - `msgpack`: the bounds-checked, allocation-free msgpack reader both passes use.
 
