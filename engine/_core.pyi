@@ -36,6 +36,13 @@ class FrameReport(Report):
     chunk: str | None
     consumed: int
 
+class FrameCheck(TypedDict):
+    used: int
+    entries: int
+    rejected: list[tuple[int, str]]
+    chunk: str | None
+    tag: str
+
 class Stats(TypedDict):
     events_applied: int
     duplicates: int
@@ -59,9 +66,8 @@ class Model:
         ids: Sequence[Id] | None = None,
         producer: str = "",
     ) -> Report: ...
-    def ingest_forward(self, frame: bytes, producer: str = "") -> FrameReport: ...
-    def frame_len(self, buf: bytes) -> int | None: ...
-    def check_frame(self, frame: bytes) -> tuple[int, list[tuple[int, str]]]: ...
+    def ingest_forward(self, frame: bytes) -> FrameReport: ...
+    def check_frame(self, buf: bytes) -> FrameCheck | None: ...
     def recommend(
         self,
         user: Id,
@@ -84,6 +90,7 @@ class Model:
         explain: bool = False,
         ef: int | None = None,
     ) -> list[list[Any]]: ...
+    def trending(self, k: int = 10, category: str | None = None) -> list[tuple[Id, float]]: ...
     def similar(self, item: Id, k: int = 10) -> list[tuple[Id, float]]: ...
     def erase_user(self, user: Id) -> bool: ...
     def upsert_item(

@@ -3,10 +3,10 @@
 Every source ends up as a Fluent Forward frame, so the journal holds one kind of record and
 recovery replays it through the same decoder as live traffic:
 
-    journal record = msgpack [producer: str, accepted_at: float, frame: bin]
+    journal record = msgpack [accepted_at: float, frame: bin]
 
-``producer`` scopes event-id de-duplication; ``accepted_at`` is when the engine took the event
-(for latency tracing in pushes).
+``accepted_at`` is when the engine took the events (for latency tracing in pushes). Event ids
+are de-duplicated per frame tag, so a producer that resends keeps its tag.
 """
 
 from __future__ import annotations
@@ -62,12 +62,12 @@ def json_to_frame(payload: Any, tag: str, max_events: int) -> tuple[bytes, int]:
     return msgpack.packb([tag, entries], use_bin_type=True), len(entries)
 
 
-def journal_record(producer: str, frame: bytes, accepted_at: float | None = None) -> bytes:
+def journal_record(frame: bytes, accepted_at: float | None = None) -> bytes:
     """The journal payload for one accepted frame."""
     at = time.time() if accepted_at is None else accepted_at
-    return msgpack.packb([producer, at, frame], use_bin_type=True)
+    return msgpack.packb([at, frame], use_bin_type=True)
 
 
-def parse_journal_record(payload: bytes) -> tuple[str, float, bytes]:
-    producer, accepted_at, frame = msgpack.unpackb(payload, raw=False)
-    return producer, accepted_at, frame
+def parse_journal_record(payload: bytes) -> tuple[float, bytes]:
+    accepted_at, frame = msgpack.unpackb(payload, raw=False)
+    return accepted_at, frame

@@ -14,6 +14,7 @@ __all__ = [
     "AuthError",
     "BadRequest",
     "ConfigError",
+    "InvalidEvents",
     "JournalClosed",
     "JournalCorrupt",
     "JournalError",
@@ -112,6 +113,19 @@ class BadRequest(RecstreamError):
     Events that are well-formed but carry bad values (a NaN weight, an unknown event type)
     are refused by the model's validation instead, with 422.
     """
+
+
+class InvalidEvents(BadRequest):
+    """Raised when well-formed events carry bad values (a NaN weight, an unknown type, an id
+    over the length limit).
+
+    ``rejected`` lists every refusal as (event index, reason). Nothing of the request was
+    accepted; HTTP answers 422. Differs from its parent in that the shape was fine.
+    """
+
+    def __init__(self, rejected: list[tuple[int, str]]) -> None:
+        super().__init__(f"{len(rejected)} event(s) refused; event {rejected[0][0]}: {rejected[0][1]}")
+        self.rejected = rejected
 
 
 class TooManySubscribers(RecstreamError):

@@ -51,22 +51,30 @@ class Slot:
     def __init__(self) -> None:
         self._value: dict[str, Any] | None = None
         self._ready = trio.Event()
+        self.closed = False
         self.replaced = 0  # messages overwritten before they were read (coalesced pushes)
 
     def put(self, value: dict[str, Any]) -> None:
+        if self.closed:
+            return
         if self._value is not None:
             self.replaced += 1
         self._value = value
         self._ready.set()
 
-    async def get(self) -> dict[str, Any]:
-        """Waits for a message and takes it."""
+    def close(self) -> None:
+        """Wakes the reader with None: no more messages will come."""
+        self.closed = True
+        self._ready.set()
+
+    async def get(self) -> dict[str, Any] | None:
+        """Waits for a message and takes it; None once the slot is closed."""
         await self._ready.wait()
         value = self._value
-        assert value is not None
         self._value = None
-        self._ready = trio.Event()
-        return value
+        if not self.closed:
+            self._ready = trio.Event()
+        return value if not self.closed else None
 
 
 @attrs.define(eq=False)
@@ -173,9 +181,11 @@ class Publisher:
         if woke:
             self._wake.set()
 
-    def forget(self, user: Id) -> None:
-        """Drops pending pushes of an erased user."""
-        self._pending.pop(user, None)
+    def close_all(self) -> None:
+        """Closes every slot (server shutdown): sessions close their sockets with 1001."""
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.slot.close()
 
     async def current(self, sub: Subscription) -> dict[str, Any]:
         """The list as it is now, recorded as the last one pushed to ``sub``."""

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
@@ -28,9 +27,9 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from ._config import ServerConfig
-from ._core import CorruptSnapshot
+from ._core import CorruptSnapshot, InvalidFrame
 from ._events import journal_record
-from ._exceptions import BadRequest, JournalClosed, JournalFailed
+from ._exceptions import InvalidEvents, JournalClosed, JournalFailed
 from ._forward import ForwardServer
 from ._index_actor import IndexActor
 from ._journal import Journal, RecoveryReport
@@ -40,7 +39,7 @@ from ._model import Model
 from ._model_actor import Applied, ModelActor, apply_records
 from ._publisher import Publisher, Subscription
 
-__all__ = ["Server", "InvalidEvents", "serve"]
+__all__ = ["Server", "serve"]
 
 log = logging.getLogger("recstream.server")
 
@@ -50,18 +49,6 @@ PREVIOUS_SNAPSHOT = "snapshot.prev.rsnap"
 # that, producers wait (backpressure).
 MODEL_INBOX = 64
 REPLAY_CHUNK = 1024
-
-
-class InvalidEvents(BadRequest):
-    """Well-formed events with bad values (a NaN weight, an unknown type, a too-long id).
-
-    Carries every refusal as ``rejected``: a list of (event index, reason). Nothing of the
-    request was accepted. HTTP answers 422.
-    """
-
-    def __init__(self, rejected: list[tuple[int, str]]) -> None:
-        super().__init__(f"{len(rejected)} event(s) refused: {rejected[0][1]}")
-        self.rejected = rejected
 
 
 def _listening_socket(host: str, port: int, user_timeout_ms: int) -> socket.socket:
@@ -103,7 +90,7 @@ class Server:
         self.ready = False
         self.accepting = False
         self._shutdown = trio.Event()
-        self._applied = trio.Condition()
+        self._applied = trio.Event()  # set and replaced after every applied group
 
     # --- paths ------------------------------------------------------------------------------
 
@@ -255,22 +242,12 @@ class Server:
         for r in results:
             self.publisher.notify(r.users, r.seq, r.accepted_at)
             rejected += len(r.rejected)
-            for user, event_id in r.users:
-                if event_id is None and not self.model.seen(user):
-                    self.publisher.forget(user)
         if rejected:
             self.metrics.rejects.labels("invalid_record").inc(rejected)
         self.index_actor.wake()
         self.metrics.index_stale.set(self.index_actor.stale)
-        self._notify_applied()
-
-    def _notify_applied(self) -> None:
-        async def wake() -> None:
-            async with self._applied:
-                self._applied.notify_all()
-
-        if self.model_actor is not None:
-            trio.lowlevel.spawn_system_task(wake)
+        self._applied.set()
+        self._applied = trio.Event()
 
     def _on_push(self, sub: Subscription, msg: dict[str, Any]) -> None:
         self.metrics.pushes.inc()
@@ -280,7 +257,7 @@ class Server:
 
     # --- used by the listeners --------------------------------------------------------------
 
-    async def submit(self, producer: str, frame: bytes, source: str) -> int:
+    async def submit(self, frame: bytes, source: str) -> int:
         """Validates a frame, journals it, returns its sequence once durable.
 
         Raises:
@@ -291,18 +268,21 @@ class Server:
         """
         if not self.accepting or self.journal_actor is None:
             raise JournalClosed("the server is shutting down")
-        entries, rejected = await trio.to_thread.run_sync(self.model.check_frame, frame)
-        if rejected:
-            self.metrics.events.labels(source, "rejected").inc(entries)
-            raise InvalidEvents(rejected)
-        return await self.append(producer, frame, source, entries)
+        checked = await trio.to_thread.run_sync(self.model.check_frame, frame)
+        if checked is None or checked["used"] != len(frame):
+            raise InvalidFrame("the body is not exactly one frame")
+        if checked["rejected"]:
+            self.metrics.events.labels(source, "rejected").inc(checked["entries"])
+            raise InvalidEvents(checked["rejected"])
+        return await self.append([frame], source, checked["entries"])
 
-    async def append(self, producer: str, frame: bytes, source: str, entries: int) -> int:
-        """Journals an already-checked frame; returns its sequence once durable."""
+    async def append(self, frames: list[bytes], source: str, entries: int) -> int:
+        """Journals already-checked frames; returns the last sequence once durable."""
         assert self.journal_actor is not None
         started = time.perf_counter()
+        now = time.time()
         try:
-            seq = await self.journal_actor.append([journal_record(producer, frame)])
+            seq = await self.journal_actor.append([journal_record(f, now) for f in frames])
         except (JournalClosed, JournalFailed):
             self.metrics.events.labels(source, "unavailable").inc(entries)
             raise
@@ -312,9 +292,8 @@ class Server:
 
     async def wait_applied(self, seq: int) -> None:
         """Returns once the model reflects journal record ``seq``."""
-        async with self._applied:
-            while self.model_actor is not None and self.model_actor.applied_seq < seq:
-                await self._applied.wait()
+        while self.model_actor is not None and self.model_actor.applied_seq < seq:
+            await self._applied.wait()
 
     async def take_snapshot(self) -> int:
         """Writes a snapshot and deletes the journal segments the older one covers."""
@@ -370,5 +349,3 @@ async def serve(config: ServerConfig) -> None:
                 server.shutdown()
                 break
 
-
-_ = attrs

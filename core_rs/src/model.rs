@@ -66,6 +66,17 @@ pub struct ApplyReport {
     pub touched_users: Vec<(ExtId, Option<ExtId>)>,
 }
 
+/// What [`Model::check_frame`] found in a frame.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FrameCheck {
+    /// Bytes the frame occupies at the start of the buffer.
+    pub used: usize,
+    pub entries: usize,
+    pub rejected: Vec<(usize, String)>,
+    pub chunk: Option<String>,
+    pub tag: String,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Query {
     pub k: usize,
@@ -374,10 +385,10 @@ impl Model {
         }
     }
 
-    /// Decodes a frame and checks every record as `apply` would, changing nothing.
-    /// Returns the number of records and the refusals (entry index, reason).
-    pub fn check_frame(&self, buf: &[u8]) -> Result<(usize, Vec<(usize, String)>), DecodeError> {
-        let (frame, _) = decode::decode_frame(buf, &self.cfg.limits)?;
+    /// Decodes the first frame in `buf` and checks every record as `apply` would, changing
+    /// nothing. Refusals are (entry index, reason).
+    pub fn check_frame(&self, buf: &[u8]) -> Result<FrameCheck, DecodeError> {
+        let (frame, used) = decode::decode_frame(buf, &self.cfg.limits)?;
         let mut rejected = frame.rejected.clone();
         let entries = entry_indices(&frame);
         for (n, r) in frame.records.iter().enumerate() {
@@ -386,18 +397,21 @@ impl Model {
             }
         }
         rejected.sort();
-        Ok((frame.records.len() + frame.rejected.len(), rejected))
+        Ok(FrameCheck {
+            used,
+            entries: frame.records.len() + frame.rejected.len(),
+            rejected,
+            chunk: frame.chunk,
+            tag: frame.tag,
+        })
     }
 
     /// Decodes one Forward frame (see [`decode::decode_frame`]) and applies its records.
-    /// Returns the report, the frame's `chunk` option and the bytes consumed.
-    pub fn apply_frame(
-        &self,
-        buf: &[u8],
-        producer: &str,
-    ) -> Result<(ApplyReport, Option<String>, usize), DecodeError> {
+    /// Event ids are de-duplicated per frame tag. Returns the report, the frame's `chunk`
+    /// option and the bytes consumed.
+    pub fn apply_frame(&self, buf: &[u8]) -> Result<(ApplyReport, Option<String>, usize), DecodeError> {
         let (frame, used) = decode::decode_frame(buf, &self.cfg.limits)?;
-        let mut report = self.apply(&frame.records, producer);
+        let mut report = self.apply(&frame.records, &frame.tag);
         // apply() numbers records; report entries of the frame, as the decoder does.
         let entries = entry_indices(&frame);
         let mut rejected = frame.rejected;
@@ -522,17 +536,27 @@ impl Model {
         Some((exclude, cat))
     }
 
-    /// Top-k for `user`. Unknown users (and users without vectors yet) get the trending list
+    /// Top-k for `user`. Unknown users (and users without events yet) get the trending list
     /// under the same filters.
     pub fn recommend(&self, user: &ExtId, q: &Query) -> Vec<Rec> {
         let st = self.state.read();
-        let Some((exclude, cat)) = Self::resolve_filters(&st, q) else { return Vec::new() };
         let u = st.users.get(user);
+        self.recommend_locked(&st, u, q)
+    }
+
+    /// The trending list (decayed popularity) under the query's filters.
+    pub fn trending(&self, q: &Query) -> Vec<Rec> {
+        let st = self.state.read();
+        self.recommend_locked(&st, None, q)
+    }
+
+    fn recommend_locked(&self, st: &State, u: Option<u32>, q: &Query) -> Vec<Rec> {
+        let Some((exclude, cat)) = Self::resolve_filters(st, q) else { return Vec::new() };
         let keep = |i: u32| st.admissible(i, u, q, &exclude, cat);
         let hits = match u {
             Some(u) if !st.seen[u as usize].is_empty() => {
                 let pu = st.mf.user_vector(u).to_vec();
-                self.top_k(&st, &pu, q, &keep)
+                self.top_k(st, &pu, q, &keep)
             }
             _ => st.trending.top(q.k, st.newest_ts, &keep),
         };

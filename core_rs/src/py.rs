@@ -11,7 +11,7 @@ use pyo3::exceptions::{PyKeyError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
 
-use crate::decode::{self, DecodeError, Limits, Record};
+use crate::decode::{DecodeError, Limits, Record};
 use crate::hnsw::HnswConfig;
 use crate::ids::ExtId;
 use crate::mf::MfConfig;
@@ -358,33 +358,34 @@ impl PyModel {
     }
 
     /// Decodes one complete Forward frame and applies its records (bad records are refused
-    /// one by one and listed under "rejected"). Adds "chunk" and "consumed" to the report.
-    #[pyo3(signature = (frame, producer=""))]
-    fn ingest_forward<'py>(&self, py: Python<'py>, frame: &[u8], producer: &str) -> PyResult<Bound<'py, PyDict>> {
-        let frame = frame.to_vec();
-        let producer = producer.to_owned();
-        let (report, chunk, used) = py.detach(|| self.inner.apply_frame(&frame, &producer)).map_err(frame_err)?;
+    /// one by one and listed under "rejected"); event ids are de-duplicated per frame tag.
+    /// Adds "chunk" and "consumed" to the report.
+    fn ingest_forward<'py>(&self, py: Python<'py>, frame: &[u8]) -> PyResult<Bound<'py, PyDict>> {
+        let (report, chunk, used) = py.detach(|| self.inner.apply_frame(frame)).map_err(frame_err)?;
         let d = report_to_py(py, &report)?;
         d.set_item("chunk", chunk)?;
         d.set_item("consumed", used)?;
         Ok(d)
     }
 
-    /// Checks one complete frame as `ingest_forward` would, changing nothing.
-    /// Returns (entries, [(entry index, reason), ...]); raises InvalidFrame/IncompleteFrame.
-    fn check_frame(&self, py: Python<'_>, frame: &[u8]) -> PyResult<(usize, Vec<(usize, String)>)> {
-        py.detach(|| self.inner.check_frame(frame)).map_err(frame_err)
-    }
-
-    /// Length of the first complete frame in `buf`, or None when more bytes are needed.
-    /// Raises InvalidFrame when the bytes can never be a frame.
-    fn frame_len(&self, py: Python<'_>, buf: &[u8]) -> PyResult<Option<usize>> {
-        let limits = &self.inner.config().limits;
-        match py.detach(|| decode::frame_len(buf, limits)) {
-            Ok(n) => Ok(Some(n)),
-            Err(DecodeError::Incomplete) => Ok(None),
-            Err(e) => Err(frame_err(e)),
-        }
+    /// Checks the first frame in `buf` as `ingest_forward` would, changing nothing.
+    ///
+    /// Returns None when `buf` holds only part of a frame, else a dict with "used" (bytes of
+    /// the frame), "entries", "rejected" ([(entry index, reason)]), "chunk" and "tag".
+    /// Raises InvalidFrame when the bytes can never become a frame.
+    fn check_frame<'py>(&self, py: Python<'py>, buf: &[u8]) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let checked = match py.detach(|| self.inner.check_frame(buf)) {
+            Ok(c) => c,
+            Err(DecodeError::Incomplete) => return Ok(None),
+            Err(e) => return Err(frame_err(e)),
+        };
+        let d = PyDict::new(py);
+        d.set_item("used", checked.used)?;
+        d.set_item("entries", checked.entries)?;
+        d.set_item("rejected", checked.rejected)?;
+        d.set_item("chunk", checked.chunk)?;
+        d.set_item("tag", checked.tag)?;
+        Ok(Some(d))
     }
 
     #[pyo3(signature = (user, k=10, exclude_seen=true, exclude=None, category=None, exact=false, explain=false, ef=None))]
@@ -404,6 +405,14 @@ impl PyModel {
         let q = query(k, exclude_seen, exclude, category, exact, explain, ef)?;
         let recs = py.detach(|| self.inner.recommend(&user, &q));
         recs_to_py(py, &recs, explain)
+    }
+
+    /// The trending list (decayed popularity), optionally within a category.
+    #[pyo3(signature = (k=10, category=None))]
+    fn trending(&self, py: Python<'_>, k: usize, category: Option<String>) -> PyResult<Py<PyList>> {
+        let q = query(k, false, None, category, false, false, None)?;
+        let recs = py.detach(|| self.inner.trending(&q));
+        recs_to_py(py, &recs, false)
     }
 
     #[pyo3(signature = (users, k=10, exclude_seen=true, exclude=None, category=None, exact=false, explain=false, ef=None))]

@@ -1,0 +1,400 @@
+"""HTTP and websocket endpoints (Starlette, served by Hypercorn's trio worker).
+
+Routes (see the README for examples):
+
+    POST   /v1/events                         events in (202 once durable)
+    GET    /v1/users/{user}/recommendations   top-k now
+    GET    /v1/items/{item}/similar           similar items
+    PUT    /v1/items/{item}                   item attributes (admin)
+    DELETE /v1/users/{user}                   erase a user (admin)
+    WS     /v1/ws/events                      events in, one ack per message
+    WS     /v1/ws/recommendations             the user's list, pushed whenever it changes
+    GET    /v1/trending                       decayed popularity
+    POST   /v1/admin/snapshot                 snapshot now (admin)
+    GET    /v1/stats, /metrics, /healthz, /readyz, /   (dashboard)
+
+Ids in URLs are strings; an all-digit id also matches a user or item that producers sent as
+an integer, whichever the model knows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import trio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from ._auth import key_matches, verify_token
+from ._core import InvalidFrame
+from ._events import json_to_frame
+from ._exceptions import (
+    AuthError,
+    BadRequest,
+    InvalidEvents,
+    JournalClosed,
+    JournalFailed,
+    TooManySubscribers,
+)
+from ._publisher import Subscription
+
+if TYPE_CHECKING:
+    from ._server import Server
+
+__all__ = ["build_app"]
+
+log = logging.getLogger("recstream.web")
+
+Id = str | int
+_INT = re.compile(r"-?\d{1,18}")
+DEFAULT_TAG = "recstream"
+# Websocket close codes (RFC 6455 §7.4.1).
+GOING_AWAY = 1001
+POLICY_VIOLATION = 1008
+MESSAGE_TOO_BIG = 1009
+TRY_AGAIN_LATER = 1013
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def build_app(server: Server) -> Starlette:
+    """The Starlette application for ``server``."""
+    cfg = server.config
+    model = server.model
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def resolve_user(text: str) -> Id:
+        if _INT.fullmatch(text) and model.user_vector(text) is None and model.user_vector(int(text)) is not None:
+            return int(text)
+        return text
+
+    def resolve_item(text: str) -> Id:
+        if _INT.fullmatch(text) and model.item_vector(text) is None and model.item_vector(int(text)) is not None:
+            return int(text)
+        return text
+
+    def presented_key(conn: Request | WebSocket) -> str | None:
+        key = conn.headers.get("x-recstream-key") or conn.query_params.get("key")
+        auth = conn.headers.get("authorization", "")
+        if key is None and auth.lower().startswith("bearer "):
+            key = auth[7:].strip()
+        return key
+
+    def require_producer(conn: Request | WebSocket) -> None:
+        if cfg.auth_enabled and not key_matches(presented_key(conn), cfg.producer_keys):
+            raise AuthError("a producer key is required (X-Recstream-Key)")
+
+    def require_admin(conn: Request | WebSocket) -> None:
+        if cfg.auth_enabled and not key_matches(presented_key(conn), (cfg.admin_key,) if cfg.admin_key else ()):
+            raise AuthError("the admin key is required (X-Recstream-Key)")
+
+    def require_reader(conn: Request | WebSocket, user: Id | None) -> None:
+        """Reading a user's list: that user's token, or any producer or admin key."""
+        if not cfg.auth_enabled:
+            return
+        keys = cfg.producer_keys + ((cfg.admin_key,) if cfg.admin_key else ())
+        if key_matches(presented_key(conn), keys):
+            return
+        token = conn.query_params.get("token")
+        if token is None or user is None:
+            raise AuthError("a subscription token (?token=) or a key is required")
+        assert cfg.token_secret is not None
+        verify_token(cfg.token_secret, token, user)
+
+    def int_param(conn: Request | WebSocket, name: str, default: int, lo: int, hi: int) -> int:
+        raw = conn.query_params.get(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise BadRequest(f"{name} must be an integer") from None
+        if not lo <= value <= hi:
+            raise BadRequest(f"{name} must be in {lo}..{hi}")
+        return value
+
+    def list_param(conn: Request | WebSocket, name: str) -> list[Id]:
+        raw = conn.query_params.get(name)
+        return [resolve_item(x) for x in raw.split(",") if x] if raw else []
+
+    def flag(conn: Request | WebSocket, name: str) -> bool:
+        return conn.query_params.get(name, "0").lower() in ("1", "true", "yes")
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cfg.max_body_bytes:
+            raise _TooLarge()
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > cfg.max_body_bytes:
+                raise _TooLarge()
+        return bytes(body)
+
+    def endpoint(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        """Maps the engine's exceptions to HTTP answers."""
+
+        async def wrapped(request: Request) -> Response:
+            try:
+                return await fn(request)
+            except _TooLarge:
+                return _error(413, f"body over {cfg.max_body_bytes} bytes")
+            except AuthError as e:
+                return _error(403 if "another user" in str(e) else 401, str(e))
+            except InvalidEvents as e:
+                return _error(422, str(e), rejected=[{"index": i, "reason": r} for i, r in e.rejected])
+            except (BadRequest, InvalidFrame) as e:
+                return _error(400, str(e))
+            except (JournalClosed, JournalFailed) as e:
+                return _error(503, str(e))
+
+        return wrapped
+
+    # --- events in ------------------------------------------------------------------------
+
+    async def ingest(payload: Any, tag: str, source: str) -> tuple[int, int]:
+        frame, n = json_to_frame(payload, tag, cfg.max_events_per_request)
+        seq = await server.submit(frame, source)
+        return n, seq
+
+    @endpoint
+    async def post_events(request: Request) -> Response:
+        require_producer(request)
+        body = await read_body(request)
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest(f"body is not JSON: {e}") from None
+        n, seq = await ingest(payload, request.query_params.get("tag", DEFAULT_TAG), "http")
+        return JSONResponse({"accepted": n, "seq": seq}, status_code=202)
+
+    async def ws_events(ws: WebSocket) -> None:
+        try:
+            require_producer(ws)
+        except AuthError as e:
+            await ws.close(POLICY_VIOLATION, str(e))
+            return
+        await ws.accept()
+        tag = ws.query_params.get("tag", DEFAULT_TAG)
+        while True:
+            try:
+                message = await ws.receive()
+            except WebSocketDisconnect:
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            text, data = message.get("text"), message.get("bytes")
+            size = len(text.encode()) if text is not None else len(data or b"")
+            if size > cfg.max_body_bytes:
+                await ws.close(MESSAGE_TOO_BIG, "message too big")
+                return
+            try:
+                if text is not None:
+                    payload = json.loads(text)
+                else:
+                    payload = msgpack.unpackb(data or b"", raw=False, max_buffer_size=cfg.max_body_bytes)
+                n, seq = await ingest(payload, tag, "ws")
+                reply: dict[str, Any] = {"ack": n, "seq": seq}
+            except InvalidEvents as e:
+                reply = {"error": str(e), "rejected": [{"index": i, "reason": r} for i, r in e.rejected]}
+            except (BadRequest, InvalidFrame, ValueError, msgpack.UnpackException) as e:
+                reply = {"error": str(e)}
+            except (JournalClosed, JournalFailed) as e:
+                await ws.close(TRY_AGAIN_LATER, str(e)[:120])
+                return
+            await ws.send_json(reply)
+
+    # --- recommendations out --------------------------------------------------------------
+
+    @endpoint
+    async def get_recommendations(request: Request) -> Response:
+        user = resolve_user(request.path_params["user"])
+        require_reader(request, user)
+        k = int_param(request, "k", cfg.push_k, 1, 1000)
+        explain = flag(request, "explain")
+        recs = await trio.to_thread.run_sync(
+            lambda: model.recommend(
+                user,
+                k=k,
+                exclude=list_param(request, "exclude") or None,
+                category=request.query_params.get("category"),
+                explain=explain,
+            )
+        )
+        items = [
+            {"item": r[0], "score": r[1], **({"because": r[2]} if explain else {})} for r in recs
+        ]
+        version = server.model_actor.applied_seq if server.model_actor else 0
+        return JSONResponse({"user": user, "items": items, "variant": "default", "version": version})
+
+    @endpoint
+    async def get_similar(request: Request) -> Response:
+        require_reader(request, None)
+        item = resolve_item(request.path_params["item"])
+        k = int_param(request, "k", 10, 1, 1000)
+        try:
+            hits = await trio.to_thread.run_sync(lambda: model.similar(item, k))
+        except KeyError:
+            return _error(404, f"unknown item {item!r}")
+        return JSONResponse({"item": item, "items": [{"item": i, "score": s} for i, s in hits]})
+
+    async def ws_recommendations(ws: WebSocket) -> None:
+        publisher = server.publisher
+        assert publisher is not None
+        raw_user = ws.query_params.get("user")
+        try:
+            if not raw_user:
+                raise BadRequest("?user= is required")
+            user = resolve_user(raw_user)
+            require_reader(ws, user)
+            sub = Subscription(
+                user=user,
+                k=int_param(ws, "k", cfg.push_k, 1, 1000),
+                category=ws.query_params.get("category"),
+                exclude=tuple(list_param(ws, "exclude")),
+                explain=flag(ws, "explain"),
+            )
+            publisher.subscribe(sub)
+        except AuthError as e:
+            await ws.close(POLICY_VIOLATION, str(e)[:120])
+            return
+        except BadRequest as e:
+            await ws.close(POLICY_VIOLATION, str(e)[:120])
+            return
+        except TooManySubscribers as e:
+            await ws.close(TRY_AGAIN_LATER, str(e)[:120])
+            return
+        server.metrics.subscribers.set(publisher.subscribers)
+        try:
+            await ws.accept()
+            await _push_loop(server, ws, sub)
+        finally:
+            publisher.unsubscribe(sub)
+            server.metrics.subscribers.set(publisher.subscribers)
+            server.metrics.coalesced.inc(sub.slot.replaced)
+
+    @endpoint
+    async def get_trending(request: Request) -> Response:
+        k = int_param(request, "k", 10, 1, 1000)
+        category = request.query_params.get("category")
+        hits = await trio.to_thread.run_sync(lambda: model.trending(k, category))
+        return JSONResponse({"items": [{"item": i, "score": s} for i, s in hits]})
+
+    # --- admin ----------------------------------------------------------------------------
+
+    @endpoint
+    async def post_snapshot(request: Request) -> Response:
+        require_admin(request)
+        seq = await server.take_snapshot()
+        return JSONResponse({"snapshot_seq": seq})
+
+    @endpoint
+    async def put_item(request: Request) -> Response:
+        require_admin(request)
+        item = resolve_item(request.path_params["item"])
+        try:
+            attrs = json.loads(await read_body(request))
+        except ValueError as e:
+            raise BadRequest(f"body is not JSON: {e}") from None
+        if not isinstance(attrs, dict) or set(attrs) - {"tags", "category", "available"}:
+            raise BadRequest("expected an object with tags, category and/or available")
+        seq = (await ingest({"item": item, **attrs}, DEFAULT_TAG, "http"))[1]
+        await server.wait_applied(seq)
+        return JSONResponse({"item": item, "seq": seq})
+
+    @endpoint
+    async def delete_user(request: Request) -> Response:
+        require_admin(request)
+        user = resolve_user(request.path_params["user"])
+        seq = (await ingest({"erase_user": user}, DEFAULT_TAG, "http"))[1]
+        await server.wait_applied(seq)
+        return JSONResponse({"user": user, "erased": True, "seq": seq})
+
+    # --- operations -----------------------------------------------------------------------
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(server.stats())
+
+    async def metrics(request: Request) -> Response:
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def readyz(request: Request) -> Response:
+        return PlainTextResponse("ready" if server.ready else "starting", status_code=200 if server.ready else 503)
+
+    dashboard_html = (Path(__file__).parent / "dashboard.html").read_text()
+
+    async def dashboard(request: Request) -> Response:
+        return HTMLResponse(dashboard_html)
+
+    routes = [
+        Route("/v1/events", post_events, methods=["POST"]),
+        Route("/v1/users/{user}/recommendations", get_recommendations, methods=["GET"]),
+        Route("/v1/users/{user}", delete_user, methods=["DELETE"]),
+        Route("/v1/items/{item}/similar", get_similar, methods=["GET"]),
+        Route("/v1/items/{item}", put_item, methods=["PUT"]),
+        Route("/v1/trending", get_trending, methods=["GET"]),
+        Route("/v1/admin/snapshot", post_snapshot, methods=["POST"]),
+        Route("/v1/stats", stats, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/", dashboard, methods=["GET"]),
+        WebSocketRoute("/v1/ws/events", ws_events),
+        WebSocketRoute("/v1/ws/recommendations", ws_recommendations),
+    ]
+    return Starlette(routes=routes)
+
+
+async def _push_loop(server: Server, ws: WebSocket, sub: Subscription) -> None:
+    """Sends the current list, then every change, until the client leaves or is too slow.
+
+    A send that does not finish within ``send_timeout`` closes the connection: the client
+    stopped reading, and holding its socket would hold its buffers forever.
+    """
+    timeout = server.config.send_timeout
+    publisher = server.publisher
+    assert publisher is not None
+
+    async def watch_disconnect(cancel: trio.CancelScope) -> None:
+        try:
+            while (await ws.receive())["type"] != "websocket.disconnect":
+                pass
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        cancel.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_disconnect, nursery.cancel_scope)
+        first = await publisher.current(sub)
+        message: dict[str, Any] | None = first
+        while message is not None:
+            with trio.move_on_after(timeout) as scope:
+                await ws.send_json(message)
+            if scope.cancelled_caught:
+                log.info("subscriber for %r stopped reading; closing", sub.user)
+                server.metrics.dropped.inc()
+                nursery.cancel_scope.cancel()
+                return
+            message = await sub.slot.get()
+        with trio.move_on_after(1):
+            await ws.close(GOING_AWAY, "server shutting down")
+        nursery.cancel_scope.cancel()
+
+
+class _TooLarge(Exception):
+    pass
