@@ -16,12 +16,7 @@ pub struct HnswConfig {
 
 impl Default for HnswConfig {
     fn default() -> Self {
-        HnswConfig {
-            m: 16,
-            ef_construction: 200,
-            ef_search: 64,
-            seed: 42,
-        }
+        HnswConfig { m: 16, ef_construction: 200, ef_search: 64, seed: 42 }
     }
 }
 
@@ -53,13 +48,7 @@ impl Hnsw {
     }
     /// Top `k` by inner product with `q`, best first; `keep(id)` false excludes an id from
     /// the results (the graph is still traversed through it). `ef` is clamped to at least `k`.
-    pub fn search(
-        &self,
-        q: &[f32],
-        k: usize,
-        ef: usize,
-        keep: &dyn Fn(u32) -> bool,
-    ) -> Vec<(u32, f32)> {
+    pub fn search(&self, q: &[f32], k: usize, ef: usize, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
         todo!()
     }
     pub fn vector(&self, id: u32) -> Option<&[f32]> {
