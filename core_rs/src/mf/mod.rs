@@ -128,6 +128,9 @@ pub struct Mf {
     item_hist: Vec<VecDeque<Entry>>,
     /// `f_i`: events per item (f64 so that f^α is computed from an exact value).
     counts: Vec<f64>,
+    /// Events per user, held or evicted (the user-side analogue of `counts`, used to
+    /// compensate for truncated histories).
+    user_counts: Vec<f64>,
     /// `S^p = Σ_u p_u p_u^T`.
     sp: Vec<f64>,
     /// `S~ = Σ_i f_i^α q_i q_i^T`; `S^q = (c0 / z) S~`.
@@ -156,6 +159,7 @@ impl Mf {
             user_hist: Vec::new(),
             item_hist: Vec::new(),
             counts: Vec::new(),
+            user_counts: Vec::new(),
             sp: vec![0.0; d * d],
             st: vec![0.0; d * d],
             z: 0.0,
@@ -311,6 +315,7 @@ impl Mf {
         }
         let d = self.cfg.dim;
         let hist = std::mem::take(&mut self.user_hist[uu]);
+        self.user_counts[uu] = 0.0;
         for e in &hist {
             let i = e.id as usize;
             remove_id(&mut self.item_hist[i], u);
@@ -384,6 +389,7 @@ impl Mf {
             add_outer(&mut self.sp, d, 1.0, &row, &mut tmp);
             self.p.extend_from_slice(&row);
             self.user_hist.push(VecDeque::new());
+            self.user_counts.push(0.0);
             self.n_users += 1;
         }
     }
@@ -467,6 +473,7 @@ impl Mf {
         if ih.len() > self.cfg.item_history_cap {
             ih.pop_front();
         }
+        self.user_counts[uu] += 1.0;
         let f = self.counts[ii] + 1.0;
         self.set_count(ii, f);
     }
@@ -484,10 +491,11 @@ impl Mf {
         let hist = &self.user_hist[u];
         let n = hist.len();
         sc.reset(n, d);
+        let s = truncation_scale(self.user_counts[u], hist);
         for (j, e) in hist.iter().enumerate() {
             let i = e.id as usize;
             let c = (g * self.pop(self.counts[i])) as f32;
-            let w = self.decayed(e);
+            let w = s * self.decayed(e);
             sc.w.push(w);
             sc.wc.push(w - c);
             sc.put(j, n, &self.q[i * d..(i + 1) * d]);
@@ -514,9 +522,10 @@ impl Mf {
         let hist = &self.item_hist[i];
         let n = hist.len();
         sc.reset(n, d);
+        let s = truncation_scale(self.counts[i], hist);
         for (j, e) in hist.iter().enumerate() {
             let u = e.id as usize;
-            let w = self.decayed(e);
+            let w = s * self.decayed(e);
             sc.w.push(w);
             sc.wc.push(w - c as f32);
             sc.put(j, n, &self.p[u * d..(u + 1) * d]);
@@ -553,6 +562,17 @@ impl Mf {
         }
         self.st = s;
         self.z = z;
+    }
+}
+
+/// `total events / held events` (≥ 1): the factor on held observation weights that keeps the
+/// positive mass of a truncated history. Exactly 1 while nothing was evicted.
+fn truncation_scale(total: f64, hist: &VecDeque<Entry>) -> f32 {
+    let held: f64 = hist.iter().map(|e| e.n as f64).sum();
+    if held > 0.0 && total > held {
+        (total / held) as f32
+    } else {
+        1.0
     }
 }
 

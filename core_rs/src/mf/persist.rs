@@ -192,6 +192,7 @@ impl Mf {
         o.f32s(&self.p)?;
         o.f32s(&self.q)?;
         o.f64s(&self.counts)?;
+        o.f64s(&self.user_counts)?;
         o.f64s(&self.sp)?;
         o.f64s(&self.st)?;
         for h in &self.user_hist {
@@ -264,6 +265,10 @@ impl Mf {
         if counts.iter().any(|c| !c.is_finite() || *c < 0.0) {
             return Err(invalid("bad item count"));
         }
+        let user_counts = i.f64s(n_users)?;
+        if user_counts.iter().any(|c| !c.is_finite() || *c < 0.0) {
+            return Err(invalid("bad user count"));
+        }
         let sp = i.f64s(dim * dim)?;
         let st = i.f64s(dim * dim)?;
         let mut user_hist = Vec::with_capacity(n_users.min(CHUNK));
@@ -283,6 +288,7 @@ impl Mf {
             user_hist,
             item_hist,
             counts,
+            user_counts,
             sp,
             st,
             z,
