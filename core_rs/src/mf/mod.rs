@@ -53,7 +53,7 @@ mod tests;
 use std::collections::VecDeque;
 
 use crate::rng::Rng;
-use kernels::{add_outer, coord_sweep, dot, replace_outer, Scratch};
+use kernels::{add_outer, coord_sweep, dot, replace_outer, Rank1, Scratch};
 
 /// Exact Gramian recomputation period, in online updates (at least `n_users + n_items`).
 pub const EXACT_RECOMPUTE_EVERY: u64 = 1 << 16;
@@ -185,7 +185,7 @@ impl Mf {
     /// Non-finite or negative `w` and non-finite `ts` are ignored.
     pub fn add(&mut self, u: u32, i: u32, w: f32, ts: f64) {
         if valid_event(w, ts) {
-            self.record(u, i, w, ts);
+            self.record(u, i, w, ts, false);
         }
     }
 
@@ -196,10 +196,25 @@ impl Mf {
         if !valid_event(w, ts) {
             return;
         }
-        self.record(u, i, self.cfg.w_new * w, ts);
+        // `held`: the popularity weight with which q_i currently sits in S~. The count bump is
+        // not folded in yet; the user sweep sees it as a rank-one correction and the item
+        // update swaps q_i's term in S~ in one pass.
+        let mut held = self.record(u, i, self.cfg.w_new * w, ts, true);
+        let (uu, ii) = (u as usize, i as usize);
         for _ in 0..self.cfg.online_iters {
-            self.solve_user(u as usize, true);
-            self.solve_item(i as usize, true);
+            let a = self.pop(self.counts[ii]);
+            self.solve_user(uu, true, Some((a - held, ii)));
+            self.solve_item(ii, Some(held));
+            held = a;
+        }
+        let a = self.pop(self.counts[ii]);
+        if held != a {
+            let d = self.cfg.dim;
+            let q: Vec<f64> = self.q[ii * d..(ii + 1) * d]
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
+            replace_outer(&mut self.st, d, a, &q, held, &q);
         }
         self.updates_since_exact += 1;
         let period = EXACT_RECOMPUTE_EVERY.max((self.n_users + self.n_items) as u64);
@@ -215,11 +230,11 @@ impl Mf {
         for _ in 0..iterations {
             self.recompute_st();
             for u in 0..self.n_users {
-                self.solve_user(u, false);
+                self.solve_user(u, false, None);
             }
             self.recompute_sp();
             for i in 0..self.n_items {
-                self.solve_item(i, false);
+                self.solve_item(i, None);
             }
         }
         self.recompute_st();
@@ -321,7 +336,7 @@ impl Mf {
             remove_id(&mut self.item_hist[i], u);
             let f_old = self.counts[i];
             let f_new = (f_old - e.n as f64).max(0.0);
-            self.set_count(i, f_new);
+            self.set_count(i, f_new, false);
         }
         let old: Vec<f64> = self.user_vector(u).iter().map(|&x| x as f64).collect();
         self.p[uu * d..(uu + 1) * d].fill(0.0);
@@ -412,13 +427,15 @@ impl Mf {
         }
     }
 
-    /// Sets `f_i`, moving `q_i`'s share of `S~` and `Z` to the new popularity.
-    fn set_count(&mut self, i: usize, f_new: f64) {
+    /// Sets `f_i`, moving `Z` and (unless `defer`) `q_i`'s share of `S~` to the new
+    /// popularity. Returns the old popularity weight `f_i^α`.
+    fn set_count(&mut self, i: usize, f_new: f64, defer: bool) -> f64 {
         let d = self.cfg.dim;
         let a_old = self.pop(self.counts[i]);
         let a_new = self.pop(f_new);
         self.counts[i] = f_new;
-        if a_new != a_old {
+        self.z = (self.z + (a_new - a_old)).max(0.0);
+        if a_new != a_old && !defer {
             let x = &mut self.scratch.x64;
             x.resize(d, 0.0);
             for (t, &v) in x.iter_mut().zip(&self.q[i * d..(i + 1) * d]) {
@@ -427,15 +444,14 @@ impl Mf {
             let x = std::mem::take(&mut self.scratch.x64);
             replace_outer(&mut self.st, d, a_new - a_old, &x, 0.0, &x);
             self.scratch.x64 = x;
-            self.z += a_new - a_old;
-            if self.z < 0.0 {
-                self.z = 0.0;
-            }
         }
+        a_old
     }
 
-    /// Stores the event in both histories (accumulating a repeat) and bumps `f_i`.
-    fn record(&mut self, u: u32, i: u32, w: f32, ts: f64) {
+    /// Stores the event in both histories (accumulating a repeat) and bumps `f_i`; with
+    /// `defer_pop` the caller takes over moving `q_i`'s term in `S~` to the new popularity.
+    /// Returns the popularity weight `f_i^α` before the event.
+    fn record(&mut self, u: u32, i: u32, w: f32, ts: f64, defer_pop: bool) -> f64 {
         self.grow_users(u as usize + 1);
         self.grow_items(i as usize + 1);
         if ts > self.now {
@@ -475,12 +491,14 @@ impl Mf {
         }
         self.user_counts[uu] += 1.0;
         let f = self.counts[ii] + 1.0;
-        self.set_count(ii, f);
+        self.set_count(ii, f, defer_pop)
     }
 
     /// Solves `p_u` by one coordinate sweep against `S^q`; with `keep_sp`, swaps its outer
-    /// product in `S^p` (online path; the batch path recomputes `S^p` instead).
-    fn solve_user(&mut self, u: usize, keep_sp: bool) {
+    /// product in `S^p` (online path; the batch path recomputes `S^p` instead). `pending =
+    /// (Δ, i)` adds `Δ q_i q_i^T` to `S~` for this sweep only (a popularity change not yet
+    /// folded in).
+    fn solve_user(&mut self, u: usize, keep_sp: bool, pending: Option<(f64, usize)>) {
         let d = self.cfg.dim;
         let g = if self.z > 0.0 {
             self.cfg.c0 as f64 / self.z
@@ -500,17 +518,27 @@ impl Mf {
             sc.wc.push(w - c);
             sc.put(j, n, &self.q[i * d..(i + 1) * d]);
         }
+        let mut v = std::mem::take(&mut sc.v64);
+        let extra = match pending {
+            Some((coef, i)) if coef != 0.0 => {
+                v.clear();
+                v.extend(self.q[i * d..(i + 1) * d].iter().map(|&x| x as f64));
+                Some(Rank1 { coef, v: &v })
+            }
+            _ => None,
+        };
         let row = &mut self.p[u * d..(u + 1) * d];
-        coord_sweep(row, n, &mut sc, &self.st, g, self.cfg.reg as f64);
+        coord_sweep(row, n, &mut sc, &self.st, extra, g, self.cfg.reg as f64);
         if keep_sp {
             replace_outer(&mut self.sp, d, 1.0, &sc.x64, 1.0, &sc.old64);
         }
+        sc.v64 = v;
         self.scratch = sc;
     }
 
-    /// Solves `q_i` by one coordinate sweep against `c_i S^p`; with `keep_st`, swaps its
-    /// outer product in `S~`.
-    fn solve_item(&mut self, i: usize, keep_st: bool) {
+    /// Solves `q_i` by one coordinate sweep against `c_i S^p`; with `Some(held)`, replaces
+    /// `held · q_old q_old^T` by `f_i^α · q_new q_new^T` in `S~`.
+    fn solve_item(&mut self, i: usize, keep_st: Option<f64>) {
         let d = self.cfg.dim;
         let a = self.pop(self.counts[i]);
         let c = if self.z > 0.0 {
@@ -531,9 +559,9 @@ impl Mf {
             sc.put(j, n, &self.p[u * d..(u + 1) * d]);
         }
         let row = &mut self.q[i * d..(i + 1) * d];
-        coord_sweep(row, n, &mut sc, &self.sp, c, self.cfg.reg as f64);
-        if keep_st {
-            replace_outer(&mut self.st, d, a, &sc.x64, a, &sc.old64);
+        coord_sweep(row, n, &mut sc, &self.sp, None, c, self.cfg.reg as f64);
+        if let Some(held) = keep_st {
+            replace_outer(&mut self.st, d, a, &sc.x64, held, &sc.old64);
         }
         self.scratch = sc;
     }
