@@ -31,6 +31,23 @@ fn has_avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
+/// Asks the CPU to start loading `v` into cache: the rows of a history are scattered over the
+/// matrix, and issuing all their loads before the gather overlaps the misses.
+#[inline(always)]
+pub(crate) fn prefetch(v: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for k in (0..v.len()).step_by(16) {
+        // SAFETY: a prefetch is only a hint and never faults; the address lies within `v`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                v.as_ptr().add(k) as *const i8
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
 /// Inner product of two `f32` slices (the shorter length wins).
 #[inline]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -53,7 +53,7 @@ mod tests;
 use std::collections::VecDeque;
 
 use crate::rng::Rng;
-use kernels::{add_outer, coord_sweep, dot, replace_outer, Rank1, Scratch};
+use kernels::{add_outer, coord_sweep, dot, prefetch, replace_outer, Rank1, Scratch};
 
 /// Exact Gramian recomputation period, in online updates (at least `n_users + n_items`).
 pub const EXACT_RECOMPUTE_EVERY: u64 = 1 << 16;
@@ -128,6 +128,9 @@ pub struct Mf {
     item_hist: Vec<VecDeque<Entry>>,
     /// `f_i`: events per item (f64 so that f^α is computed from an exact value).
     counts: Vec<f64>,
+    /// `f_i^α`, cached beside `counts` (a `powf` per history entry would dominate short
+    /// updates). Derived state: rebuilt on load.
+    pop_w: Vec<f64>,
     /// Events per user, held or evicted (the user-side analogue of `counts`, used to
     /// compensate for truncated histories).
     user_counts: Vec<f64>,
@@ -159,6 +162,7 @@ impl Mf {
             user_hist: Vec::new(),
             item_hist: Vec::new(),
             counts: Vec::new(),
+            pop_w: Vec::new(),
             user_counts: Vec::new(),
             sp: vec![0.0; d * d],
             st: vec![0.0; d * d],
@@ -202,12 +206,12 @@ impl Mf {
         let mut held = self.record(u, i, self.cfg.w_new * w, ts, true);
         let (uu, ii) = (u as usize, i as usize);
         for _ in 0..self.cfg.online_iters {
-            let a = self.pop(self.counts[ii]);
+            let a = self.pop_w[ii];
             self.solve_user(uu, true, Some((a - held, ii)));
             self.solve_item(ii, Some(held));
             held = a;
         }
-        let a = self.pop(self.counts[ii]);
+        let a = self.pop_w[ii];
         if held != a {
             let d = self.cfg.dim;
             let q: Vec<f64> = self.q[ii * d..(ii + 1) * d]
@@ -309,7 +313,7 @@ impl Mf {
     pub fn set_item_vector(&mut self, i: u32, v: &[f32]) {
         self.grow_items(i as usize + 1);
         let d = self.cfg.dim;
-        let a = self.pop(self.counts[i as usize]);
+        let a = self.pop_w[i as usize];
         let old: Vec<f64> = self.item_vector(i).iter().map(|&x| x as f64).collect();
         let row = &mut self.q[i as usize * d..(i as usize + 1) * d];
         for (f, x) in row.iter_mut().enumerate() {
@@ -370,8 +374,13 @@ impl Mf {
 
     #[inline]
     fn pop(&self, f: f64) -> f64 {
+        Mf::pop_of(f, self.cfg.alpha)
+    }
+
+    /// Popularity weight `f^α` (0 for an item without events).
+    fn pop_of(f: f64, alpha: f32) -> f64 {
         if f > 0.0 {
-            f.powf(self.cfg.alpha as f64)
+            f.powf(alpha as f64)
         } else {
             0.0
         }
@@ -423,6 +432,7 @@ impl Mf {
             self.q.extend_from_slice(&row);
             self.item_hist.push(VecDeque::new());
             self.counts.push(0.0);
+            self.pop_w.push(0.0);
             self.n_items += 1;
         }
     }
@@ -431,9 +441,10 @@ impl Mf {
     /// popularity. Returns the old popularity weight `f_i^α`.
     fn set_count(&mut self, i: usize, f_new: f64, defer: bool) -> f64 {
         let d = self.cfg.dim;
-        let a_old = self.pop(self.counts[i]);
+        let a_old = self.pop_w[i];
         let a_new = self.pop(f_new);
         self.counts[i] = f_new;
+        self.pop_w[i] = a_new;
         self.z = (self.z + (a_new - a_old)).max(0.0);
         if a_new != a_old && !defer {
             let x = &mut self.scratch.x64;
@@ -510,9 +521,12 @@ impl Mf {
         let n = hist.len();
         sc.reset(n, d);
         let s = truncation_scale(self.user_counts[u], hist);
+        for e in hist {
+            prefetch(&self.q[e.id as usize * d..(e.id as usize + 1) * d]);
+        }
         for (j, e) in hist.iter().enumerate() {
             let i = e.id as usize;
-            let c = (g * self.pop(self.counts[i])) as f32;
+            let c = (g * self.pop_w[i]) as f32;
             let w = s * self.decayed(e);
             sc.w.push(w);
             sc.wc.push(w - c);
@@ -540,7 +554,7 @@ impl Mf {
     /// `held · q_old q_old^T` by `f_i^α · q_new q_new^T` in `S~`.
     fn solve_item(&mut self, i: usize, keep_st: Option<f64>) {
         let d = self.cfg.dim;
-        let a = self.pop(self.counts[i]);
+        let a = self.pop_w[i];
         let c = if self.z > 0.0 {
             self.cfg.c0 as f64 * a / self.z
         } else {
@@ -551,6 +565,9 @@ impl Mf {
         let n = hist.len();
         sc.reset(n, d);
         let s = truncation_scale(self.counts[i], hist);
+        for e in hist {
+            prefetch(&self.p[e.id as usize * d..(e.id as usize + 1) * d]);
+        }
         for (j, e) in hist.iter().enumerate() {
             let u = e.id as usize;
             let w = s * self.decayed(e);
@@ -582,7 +599,7 @@ impl Mf {
         let mut tmp = vec![0.0; d];
         let mut z = 0.0;
         for (i, row) in self.q.chunks_exact(d).enumerate() {
-            let a = self.pop(self.counts[i]);
+            let a = self.pop_w[i];
             if a > 0.0 {
                 add_outer(&mut s, d, a, row, &mut tmp);
                 z += a;

@@ -287,6 +287,7 @@ impl Mf {
             q,
             user_hist,
             item_hist,
+            pop_w: counts.iter().map(|&f| Mf::pop_of(f, alpha)).collect(),
             counts,
             user_counts,
             sp,

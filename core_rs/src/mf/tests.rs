@@ -462,12 +462,27 @@ fn load_rejects_corrupt_lengths_without_panicking() {
     );
 }
 
-/// Online throughput at dim 64 with short histories. Run with
+/// Online throughput at dim 64. Run with
 /// `cargo test --release -p core_rs mf::tests::bench_online_updates -- --ignored --nocapture`.
+/// Scenarios: short histories on a cache-resident model; then 100k users x 20k items with
+/// skewed item popularity, where hot items fill their history caps and every item update
+/// gathers `cap_i` scattered user rows.
 #[test]
 #[ignore]
 fn bench_online_updates() {
-    for (cap_u, cap_i) in [(16, 32), (256, 512)] {
+    let scenarios = [
+        (
+            "short histories",
+            20_000u64,
+            5_000u64,
+            8usize,
+            8usize,
+            false,
+        ),
+        ("skewed, caps 16/32", 100_000, 20_000, 16, 32, true),
+        ("skewed, caps 256/512", 100_000, 20_000, 256, 512, true),
+    ];
+    for (name, n_users, n_items, cap_u, cap_i, skew) in scenarios {
         let c = MfConfig {
             user_history_cap: cap_u,
             item_history_cap: cap_i,
@@ -475,34 +490,43 @@ fn bench_online_updates() {
         };
         let mut m = Mf::new(c);
         let mut r = Rng::new(10);
-        let (n_users, n_items) = (100_000u64, 20_000u64);
+        let mut draw = |r: &mut Rng| {
+            let u = r.below(n_users) as u32;
+            let i = if skew {
+                (r.below(n_items) as f64 * r.next_f64()) as u32
+            } else {
+                r.below(n_items) as u32
+            };
+            (u, i)
+        };
         // Warm up: every user and item exists with a little history.
-        for k in 0..200_000u64 {
-            m.add(
-                r.below(n_users) as u32,
-                r.below(n_items) as u32,
-                1.0,
-                k as f64,
-            );
+        for k in 0..2 * n_users {
+            let (u, i) = draw(&mut r);
+            m.add(u, i, 1.0, k as f64);
         }
         m.fit(1);
-        let n = 300_000u64;
-        let events: Vec<(u32, u32)> = (0..n)
-            .map(|_| {
-                (
-                    r.below(n_users) as u32,
-                    (r.below(n_items) as f64 * r.next_f64()) as u32,
-                )
-            })
-            .collect();
+        let n = 300_000usize;
+        let events: Vec<(u32, u32)> = (0..n).map(|_| draw(&mut r)).collect();
         let t0 = std::time::Instant::now();
         for (k, &(u, i)) in events.iter().enumerate() {
             m.update(u, i, 1.0, 1e6 + k as f64);
         }
         let dt = t0.elapsed().as_secs_f64();
-        let mean_u = (0..1000u32).map(|u| m.user_items(u).len()).sum::<usize>() as f64 / 1000.0;
+        let mean = |v: Vec<usize>| v.iter().sum::<usize>() as f64 / v.len() as f64;
+        let hu = mean(
+            events[..1000]
+                .iter()
+                .map(|e| m.user_items(e.0).len())
+                .collect(),
+        );
+        let hi = mean(
+            events[..1000]
+                .iter()
+                .map(|e| m.item_users(e.1).len())
+                .collect(),
+        );
         println!(
-            "dim 64, caps {cap_u}/{cap_i}: {:.0} updates/s (mean user history {mean_u:.1})",
+            "dim 64, {name}: {:.0} updates/s (mean history per event: user {hu:.1}, item {hi:.1})",
             n as f64 / dt
         );
     }
