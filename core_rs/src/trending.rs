@@ -1,24 +1,384 @@
 //! Exponentially decayed interaction counts per item: the cold-start fallback.
+//!
+//! An item's score at time `now` is `Σ w · 0.5^((now - ts) / half_life)` over its events.
+//! Decaying every count on every event would cost O(items); instead each event is stored
+//! *inflated* to a reference time, `w · 2^((ts - t_ref) / half_life)`, so adding is O(1) and
+//! all items share the same deflation factor `2^((t_ref - now) / half_life)` at query time
+//! (which is also why ranking needs no decay at all). When the exponent grows past
+//! [`RENORM_EXPONENT`] the stored values are rescaled to a new `t_ref` before they can
+//! overflow — O(items), but only once every `RENORM_EXPONENT` half-lives.
 
-pub struct Trending {}
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+use std::io::{self, Read, Write};
+
+/// Largest inflation exponent (in half-lives) before renormalising: 2^64 leaves f64 ample
+/// headroom for sums of many events and keeps old values well above subnormals.
+pub const RENORM_EXPONENT: f64 = 64.0;
+
+const MAGIC: &[u8; 4] = b"RSTR";
+const VERSION: u32 = 1;
+const MAX_ITEMS: u64 = 1 << 32;
+const CHUNK: usize = 1 << 14;
+
+pub struct Trending {
+    half_life: f64,
+    /// Reference time of the inflated values; `None` until the first event.
+    t_ref: Option<f64>,
+    /// Per item `Σ w · 2^((ts - t_ref) / half_life)`.
+    values: Vec<f64>,
+}
 
 impl Trending {
+    /// `half_life_secs` must be positive and finite; anything else is treated as one day.
     pub fn new(half_life_secs: f64) -> Self {
-        todo!()
+        let half_life = if half_life_secs.is_finite() && half_life_secs > 0.0 {
+            half_life_secs
+        } else {
+            86_400.0
+        };
+        Trending {
+            half_life,
+            t_ref: None,
+            values: Vec::new(),
+        }
     }
+
+    pub fn half_life(&self) -> f64 {
+        self.half_life
+    }
+
+    /// Number of item slots (the largest item id seen + 1).
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Counts an event of weight `w` on `item` at `ts`. Non-finite or negative `w` and
+    /// non-finite `ts` are ignored. Out-of-order events are fine.
     pub fn add(&mut self, item: u32, w: f32, ts: f64) {
-        todo!()
+        if !(w.is_finite() && w >= 0.0 && ts.is_finite()) {
+            return;
+        }
+        let t_ref = *self.t_ref.get_or_insert(ts);
+        let mut e = (ts - t_ref) / self.half_life;
+        if e > RENORM_EXPONENT {
+            self.renormalise(ts);
+            e = 0.0;
+        }
+        let i = item as usize;
+        if i >= self.values.len() {
+            self.values.resize(i + 1, 0.0);
+        }
+        self.values[i] += w as f64 * e.exp2();
     }
+
+    /// Decayed count of `item` at `now`.
     pub fn score(&self, item: u32, now: f64) -> f64 {
-        todo!()
+        match self.values.get(item as usize) {
+            Some(&v) => v * self.deflation(now),
+            None => 0.0,
+        }
     }
+
+    /// The `k` items with the highest decayed count at `now`, best first (ties: lower id first),
+    /// among those with a positive count for which `keep(item)` holds. O(items · log k).
     pub fn top(&self, k: usize, now: f64, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
-        todo!()
+        if k == 0 {
+            return Vec::new();
+        }
+        // Min-heap on (value, reverse id) of the best k so far.
+        let mut heap: BinaryHeap<Cand> = BinaryHeap::with_capacity(k + 1);
+        for (i, &v) in self.values.iter().enumerate() {
+            if v <= 0.0 {
+                continue;
+            }
+            let c = Cand { v, id: i as u32 };
+            if heap.len() == k {
+                let worst = heap.peek().expect("heap holds k > 0 items");
+                if c.cmp(worst) != Ordering::Less {
+                    continue;
+                }
+            }
+            if !keep(i as u32) {
+                continue;
+            }
+            heap.push(c);
+            if heap.len() > k {
+                heap.pop();
+            }
+        }
+        let d = self.deflation(now);
+        let mut out: Vec<Cand> = heap.into_vec();
+        out.sort();
+        out.into_iter().map(|c| (c.id, (c.v * d) as f32)).collect()
     }
-    pub fn save(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
-        todo!()
+
+    pub fn save(&self, w: &mut dyn Write) -> io::Result<()> {
+        w.write_all(MAGIC)?;
+        w.write_all(&VERSION.to_le_bytes())?;
+        w.write_all(&self.half_life.to_le_bytes())?;
+        match self.t_ref {
+            Some(t) => {
+                w.write_all(&[1])?;
+                w.write_all(&t.to_le_bytes())?;
+            }
+            None => {
+                w.write_all(&[0])?;
+                w.write_all(&0f64.to_le_bytes())?;
+            }
+        }
+        w.write_all(&(self.values.len() as u64).to_le_bytes())?;
+        let mut buf = Vec::with_capacity(CHUNK * 8);
+        for c in self.values.chunks(CHUNK) {
+            buf.clear();
+            c.iter()
+                .for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+            w.write_all(&buf)?;
+        }
+        Ok(())
     }
-    pub fn load(r: &mut dyn std::io::Read) -> std::io::Result<Trending> {
-        todo!()
+
+    /// Reads what [`Trending::save`] wrote. Truncated input gives `UnexpectedEof`, bad values
+    /// `InvalidData`; the item count is read in chunks so a corrupt length cannot allocate more
+    /// than the bytes present.
+    pub fn load(r: &mut dyn Read) -> io::Result<Trending> {
+        let bad = |m: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("trending snapshot: {m}"),
+            )
+        };
+        let mut b4 = [0u8; 4];
+        let mut b8 = [0u8; 8];
+        r.read_exact(&mut b4)?;
+        if &b4 != MAGIC {
+            return Err(bad("bad magic"));
+        }
+        r.read_exact(&mut b4)?;
+        if u32::from_le_bytes(b4) != VERSION {
+            return Err(bad("unsupported version"));
+        }
+        r.read_exact(&mut b8)?;
+        let half_life = f64::from_le_bytes(b8);
+        if !(half_life.is_finite() && half_life > 0.0) {
+            return Err(bad("bad half-life"));
+        }
+        let mut flag = [0u8; 1];
+        r.read_exact(&mut flag)?;
+        r.read_exact(&mut b8)?;
+        let t = f64::from_le_bytes(b8);
+        let t_ref = match flag[0] {
+            0 => None,
+            1 if t.is_finite() => Some(t),
+            _ => return Err(bad("bad reference time")),
+        };
+        r.read_exact(&mut b8)?;
+        let n = u64::from_le_bytes(b8);
+        if n > MAX_ITEMS {
+            return Err(bad("too many items"));
+        }
+        let n = n as usize;
+        let mut values = Vec::with_capacity(n.min(CHUNK));
+        let mut buf = vec![0u8; CHUNK * 8];
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(CHUNK);
+            r.read_exact(&mut buf[..k * 8])?;
+            for c in buf[..k * 8].chunks_exact(8) {
+                let v = f64::from_le_bytes(c.try_into().expect("8 bytes"));
+                if !(v.is_finite() && v >= 0.0) {
+                    return Err(bad("bad value"));
+                }
+                values.push(v);
+            }
+            left -= k;
+        }
+        Ok(Trending {
+            half_life,
+            t_ref,
+            values,
+        })
+    }
+
+    /// `2^((t_ref - now) / half_life)`: turns stored values into decayed counts at `now`.
+    fn deflation(&self, now: f64) -> f64 {
+        match self.t_ref {
+            Some(t) => ((t - now) / self.half_life).exp2(),
+            None => 0.0,
+        }
+    }
+
+    /// Moves the reference time to `t`, rescaling every stored value.
+    fn renormalise(&mut self, t: f64) {
+        if let Some(old) = self.t_ref {
+            let s = ((old - t) / self.half_life).exp2();
+            for v in &mut self.values {
+                *v *= s;
+            }
+        }
+        self.t_ref = Some(t);
+    }
+}
+
+/// A top-k candidate ordered best-first: higher value, then lower id. `BinaryHeap` is a
+/// max-heap, so under this order its top is the *worst* kept candidate.
+#[derive(Clone, Copy, Debug)]
+struct Cand {
+    v: f64,
+    id: u32,
+}
+
+impl Ord for Cand {
+    fn cmp(&self, o: &Self) -> Ordering {
+        o.v.total_cmp(&self.v).then(self.id.cmp(&o.id))
+    }
+}
+impl PartialOrd for Cand {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl PartialEq for Cand {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Cand {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: f64 = 3600.0;
+
+    #[test]
+    fn score_halves_after_one_half_life() {
+        let mut t = Trending::new(H);
+        t.add(3, 2.0, 1000.0);
+        let s0 = t.score(3, 1000.0);
+        assert!((s0 - 2.0).abs() < 1e-12);
+        let s1 = t.score(3, 1000.0 + H);
+        assert!((s1 - 1.0).abs() < 1e-12, "{s1}");
+        let s2 = t.score(3, 1000.0 + 2.0 * H);
+        assert!((s2 - 0.5).abs() < 1e-12);
+        assert_eq!(t.score(99, 1000.0), 0.0);
+    }
+
+    #[test]
+    fn add_is_the_decayed_sum_of_events() {
+        let mut t = Trending::new(H);
+        t.add(0, 1.0, 0.0);
+        t.add(0, 1.0, H);
+        t.add(0, 4.0, 3.0 * H);
+        // At 3H: 1/8 + 1/4 + 4.
+        let s = t.score(0, 3.0 * H);
+        assert!((s - 4.375).abs() < 1e-12, "{s}");
+    }
+
+    #[test]
+    fn top_k_orders_by_decayed_count_and_filters() {
+        let mut t = Trending::new(H);
+        // Item 1: many old events; item 2: few fresh ones; item 0: middling.
+        for _ in 0..8 {
+            t.add(1, 1.0, 0.0);
+        }
+        t.add(2, 3.0, 4.0 * H);
+        t.add(0, 1.0, 3.0 * H);
+        t.add(0, 1.0, 3.0 * H);
+        t.add(4, 1.0, 4.0 * H);
+        let now = 4.0 * H;
+        // Scores at 4H: item1 8/16 = 0.5, item2 3, item0 1, item4 1 (tie broken by id).
+        let top = t.top(3, now, &|_| true);
+        let ids: Vec<u32> = top.iter().map(|x| x.0).collect();
+        assert_eq!(ids, vec![2, 0, 4]);
+        assert!((top[0].1 - 3.0).abs() < 1e-6 && (top[1].1 - 1.0).abs() < 1e-6);
+        let all = t.top(10, now, &|_| true);
+        assert_eq!(
+            all.iter().map(|x| x.0).collect::<Vec<_>>(),
+            vec![2, 0, 4, 1]
+        );
+        let filtered = t.top(2, now, &|i| i != 2);
+        assert_eq!(filtered.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 4]);
+        assert!(t.top(0, now, &|_| true).is_empty());
+    }
+
+    #[test]
+    fn renormalisation_keeps_scores_and_ranking() {
+        // Half-life 1 s over 500 s: the reference time moves several times.
+        let mut t = Trending::new(1.0);
+        let mut events = Vec::new();
+        for step in 0..1000u32 {
+            let (item, w, ts) = (step % 7, 1.0 + (step % 3) as f32, step as f64 * 0.5);
+            t.add(item, w, ts);
+            events.push((item, w, ts));
+        }
+        assert!(
+            t.t_ref.unwrap() > 400.0,
+            "renormalised: t_ref = {:?}",
+            t.t_ref
+        );
+        let now = 499.5;
+        // Brute-force decayed sums.
+        let mut exact = [0.0f64; 7];
+        for &(i, w, ts) in &events {
+            exact[i as usize] += w as f64 * ((ts - now) / 1.0).exp2();
+        }
+        for i in 0..7u32 {
+            let s = t.score(i, now);
+            assert!(
+                (s - exact[i as usize]).abs() <= 1e-9 * exact[i as usize],
+                "item {i}: {s}"
+            );
+        }
+        let mut want: Vec<u32> = (0..7).collect();
+        want.sort_by(|&a, &b| {
+            exact[b as usize]
+                .total_cmp(&exact[a as usize])
+                .then(a.cmp(&b))
+        });
+        let got: Vec<u32> = t.top(7, now, &|_| true).iter().map(|x| x.0).collect();
+        assert_eq!(got, want);
+        // Far-future jump: no overflow, the fresh event ranks first.
+        t.add(3, 1.0, 1e9);
+        assert!(t.score(3, 1e9).is_finite() && (t.score(3, 1e9) - 1.0).abs() < 1e-12);
+        assert_eq!(t.top(1, 1e9, &|_| true)[0].0, 3);
+    }
+
+    #[test]
+    fn save_load_round_trip_and_truncation() {
+        let mut t = Trending::new(H);
+        for i in 0..50u32 {
+            t.add(i % 13, (i % 5) as f32, i as f64 * 60.0);
+        }
+        let mut buf = Vec::new();
+        t.save(&mut buf).unwrap();
+        let u = Trending::load(&mut buf.as_slice()).unwrap();
+        assert_eq!(u.values, t.values);
+        assert_eq!(u.t_ref, t.t_ref);
+        assert_eq!(u.top(5, 5000.0, &|_| true), t.top(5, 5000.0, &|_| true));
+        for cut in [0, 3, 10, 20, 24, 32, buf.len() - 1] {
+            let e = Trending::load(&mut &buf[..cut])
+                .err()
+                .expect("truncated input must fail");
+            assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "cut at {cut}");
+        }
+        // A huge declared length with no data behind it fails without allocating it.
+        let mut bad = buf[..25].to_vec();
+        bad.extend_from_slice(&(1u64 << 31).to_le_bytes());
+        assert!(Trending::load(&mut bad.as_slice()).is_err());
+    }
+
+    #[test]
+    fn ignores_invalid_events() {
+        let mut t = Trending::new(H);
+        t.add(1, f32::NAN, 0.0);
+        t.add(1, -1.0, 0.0);
+        t.add(1, 1.0, f64::INFINITY);
+        assert_eq!(t.score(1, 0.0), 0.0);
+        assert!(t.top(3, 0.0, &|_| true).is_empty());
     }
 }

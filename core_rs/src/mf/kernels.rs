@@ -1,0 +1,346 @@
+//! The numeric inner loops of eALS. Written as fixed-width chunks with independent
+//! accumulators so that the compiler vectorises them without target-specific code; on x86-64
+//! the hot kernels are compiled a second time with AVX2 + FMA and picked at run time (results
+//! then differ from the portable path in the last bits, so bit-for-bit reproducibility holds on
+//! one kind of CPU, not across them).
+
+/// `a * b + c`, fused when the caller was compiled with FMA (`mul_add` without hardware FMA
+/// is a slow library call, hence the switch).
+#[inline(always)]
+fn fma64<const FMA: bool>(a: f64, b: f64, c: f64) -> f64 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+#[inline(always)]
+fn fma32<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn has_avx2_fma() -> bool {
+    // Both macros cache their answer; this is two relaxed loads.
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Asks the CPU to start loading `v` into cache: the rows of a history are scattered over the
+/// matrix, and issuing all their loads before the gather overlaps the misses.
+#[inline(always)]
+pub(crate) fn prefetch(v: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for k in (0..v.len()).step_by(16) {
+        // SAFETY: a prefetch is only a hint and never faults; the address lies within `v`.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                v.as_ptr().add(k) as *const i8
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
+/// Inner product of two `f32` slices (the shorter length wins).
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// Inner product of two `f64` slices (the shorter length wins).
+#[inline(always)]
+fn dot64<const FMA: bool>(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f64; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] = fma64::<FMA>(x[k], y[k], acc[k]);
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        s = fma64::<FMA>(*x, *y, s);
+    }
+    s
+}
+
+/// `s += a_new * x x^T - a_old * y y^T` over a full `dim x dim` row-major matrix: the O(dim^2)
+/// replacement of one row's contribution to a Gramian in a single pass.
+pub(crate) fn replace_outer(
+    s: &mut [f64],
+    dim: usize,
+    a_new: f64,
+    x: &[f64],
+    a_old: f64,
+    y: &[f64],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        unsafe { replace_outer_avx2(s, dim, a_new, x, a_old, y) };
+        return;
+    }
+    replace_outer_impl::<false>(s, dim, a_new, x, a_old, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn replace_outer_avx2(
+    s: &mut [f64],
+    dim: usize,
+    a_new: f64,
+    x: &[f64],
+    a_old: f64,
+    y: &[f64],
+) {
+    replace_outer_impl::<true>(s, dim, a_new, x, a_old, y)
+}
+
+#[inline(always)]
+fn replace_outer_impl<const FMA: bool>(
+    s: &mut [f64],
+    dim: usize,
+    a_new: f64,
+    x: &[f64],
+    a_old: f64,
+    y: &[f64],
+) {
+    debug_assert!(s.len() == dim * dim && x.len() == dim && y.len() == dim);
+    for (r, row) in s.chunks_exact_mut(dim).enumerate() {
+        let xr = a_new * x[r];
+        let yr = -a_old * y[r];
+        for ((v, &xc), &yc) in row.iter_mut().zip(x).zip(y) {
+            *v = fma64::<FMA>(xr, xc, fma64::<FMA>(yr, yc, *v));
+        }
+    }
+}
+
+/// `s += a * x x^T` with `x` in `f32` (exact Gramian accumulation).
+pub(crate) fn add_outer(s: &mut [f64], dim: usize, a: f64, x: &[f32], tmp: &mut [f64]) {
+    for (t, &v) in tmp.iter_mut().zip(x) {
+        *t = v as f64;
+    }
+    replace_outer(s, dim, a, tmp, 0.0, tmp);
+}
+
+/// A rank-one term added to the Gramian for one sweep: `S + coef · v v^T`. It lets a user
+/// update see an item's new popularity before the item's own update folds it into `S~`, which
+/// saves one O(dim²) pass per event.
+#[derive(Clone, Copy)]
+pub(crate) struct Rank1<'a> {
+    pub coef: f64,
+    pub v: &'a [f64],
+}
+
+/// Scratch space for one coordinate sweep, kept in the model so the per-event path does not
+/// allocate.
+#[derive(Default, Clone)]
+pub(crate) struct Scratch {
+    /// The opposite side's vectors of the held history, transposed: `ot[f * n + j]`, so the
+    /// per-coordinate loops over the history read contiguous memory.
+    pub ot: Vec<f32>,
+    /// Observation weight `w_j` of each history entry (decay applied).
+    pub w: Vec<f32>,
+    /// `w_j - c_j`: the observed weight minus the missing-data confidence it replaces.
+    pub wc: Vec<f32>,
+    /// Prediction cache `r̂_j`.
+    pub rhat: Vec<f32>,
+    /// The row being solved, in `f64`, for the Gramian products.
+    pub x64: Vec<f64>,
+    /// The row before the sweep, in `f64`, to replace its outer product.
+    pub old64: Vec<f64>,
+    /// The vector of a pending rank-one Gramian term.
+    pub v64: Vec<f64>,
+}
+
+impl Scratch {
+    /// Sizes the buffers for a history of `n` entries at `dim` dimensions.
+    pub fn reset(&mut self, n: usize, dim: usize) {
+        self.ot.clear();
+        self.ot.resize(n * dim, 0.0);
+        self.w.clear();
+        self.wc.clear();
+        self.rhat.clear();
+        self.rhat.resize(n, 0.0);
+        self.x64.resize(dim, 0.0);
+        self.old64.resize(dim, 0.0);
+    }
+
+    /// Stores the `j`-th gathered vector in the transposed buffer.
+    #[inline]
+    pub fn put(&mut self, j: usize, n: usize, v: &[f32]) {
+        for (f, &x) in v.iter().enumerate() {
+            self.ot[f * n + j] = x;
+        }
+    }
+}
+
+/// One eALS coordinate sweep over the row `x` (He et al. 2016, eqs. 12 and 13 — the user and
+/// item forms are the same once the Gramian is scaled):
+///
+/// ```text
+/// x_f = [ Σ_j (w_j - (w_j - c_j) r̂^f_j) o_jf  -  g Σ_{k≠f} x_k S_kf ]
+///       / [ Σ_j (w_j - c_j) o_jf^2  +  g S_ff  +  λ ]
+/// ```
+///
+/// where `o_j` are the gathered opposite-side vectors, `r̂^f_j = r̂_j - x_f o_jf` and the
+/// cache `r̂_j` is updated after every coordinate. `g S` is the missing-data Gramian: for a user
+/// `S = S~` with `g = c0 / Z`; for an item `S = S^p` with `g = c_i`. `extra` adds a rank-one
+/// term to `S` (see [`Rank1`]).
+///
+/// `sc` must hold the gathered history (`ot`, `w`, `wc`) with `n` entries; `rhat` is computed
+/// here. On return `sc.old64` holds the row before the sweep and `sc.x64` the row after it.
+pub(crate) fn coord_sweep(
+    x: &mut [f32],
+    n: usize,
+    sc: &mut Scratch,
+    gram: &[f64],
+    extra: Option<Rank1<'_>>,
+    g: f64,
+    reg: f64,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        unsafe { coord_sweep_avx2(x, n, sc, gram, extra, g, reg) };
+        return;
+    }
+    coord_sweep_impl::<false>(x, n, sc, gram, extra, g, reg)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn coord_sweep_avx2(
+    x: &mut [f32],
+    n: usize,
+    sc: &mut Scratch,
+    gram: &[f64],
+    extra: Option<Rank1<'_>>,
+    g: f64,
+    reg: f64,
+) {
+    coord_sweep_impl::<true>(x, n, sc, gram, extra, g, reg)
+}
+
+#[inline(always)]
+fn coord_sweep_impl<const FMA: bool>(
+    x: &mut [f32],
+    n: usize,
+    sc: &mut Scratch,
+    gram: &[f64],
+    extra: Option<Rank1<'_>>,
+    g: f64,
+    reg: f64,
+) {
+    let dim = x.len();
+    for (f, &v) in x.iter().enumerate() {
+        sc.x64[f] = v as f64;
+        sc.old64[f] = v as f64;
+    }
+    // v · x for the rank-one term, kept current as coordinates change.
+    let mut vx = match extra {
+        Some(e) => dot64::<FMA>(e.v, &sc.x64),
+        None => 0.0,
+    };
+    // r̂_j = x · o_j, accumulated coordinate by coordinate over the transposed buffer.
+    for r in sc.rhat.iter_mut() {
+        *r = 0.0;
+    }
+    for f in 0..dim {
+        let row = &sc.ot[f * n..(f + 1) * n];
+        let xf = x[f];
+        for (r, &o) in sc.rhat.iter_mut().zip(row) {
+            *r = fma32::<FMA>(xf, o, *r);
+        }
+    }
+    for f in 0..dim {
+        let row = &sc.ot[f * n..(f + 1) * n];
+        let xf = x[f];
+        let (num, den) = num_den::<FMA>(row, &sc.rhat[..n], &sc.w[..n], &sc.wc[..n], xf);
+        let srow = &gram[f * dim..(f + 1) * dim];
+        let xf64 = sc.x64[f];
+        let mut sff = srow[f];
+        let mut sx = dot64::<FMA>(srow, &sc.x64);
+        if let Some(e) = extra {
+            sff += e.coef * e.v[f] * e.v[f];
+            sx += e.coef * e.v[f] * vx;
+        }
+        let cross = sx - xf64 * sff;
+        let num = num as f64 - g * cross;
+        // The denominator is ≥ λ in exact arithmetic (g S_ff covers Σ_j c_j o_jf^2); the
+        // floor only guards against float drift when λ is tiny.
+        let den = (den as f64 + g * sff + reg).max(1e-12);
+        let new = (num / den) as f32;
+        let delta = new - xf;
+        if delta != 0.0 {
+            for (r, &o) in sc.rhat.iter_mut().zip(row) {
+                *r = fma32::<FMA>(delta, o, *r);
+            }
+        }
+        x[f] = new;
+        sc.x64[f] = new as f64;
+        if let Some(e) = extra {
+            vx += e.v[f] * (new as f64 - xf64);
+        }
+    }
+}
+
+/// The history sums of one coordinate update: `(Σ_j (w_j - wc_j r̂^f_j) o_j, Σ_j wc_j o_j^2)`,
+/// eight lanes at a time (float addition is not associative, so the compiler only vectorises a
+/// reduction written with separate accumulators).
+#[inline(always)]
+fn num_den<const FMA: bool>(o: &[f32], rhat: &[f32], w: &[f32], wc: &[f32], xf: f32) -> (f32, f32) {
+    let mut na = [0.0f32; 8];
+    let mut da = [0.0f32; 8];
+    let co = o.chunks_exact(8);
+    let cr = rhat.chunks_exact(8);
+    let cw = w.chunks_exact(8);
+    let cc = wc.chunks_exact(8);
+    let (ro, rr, rw, rc) = (
+        co.remainder(),
+        cr.remainder(),
+        cw.remainder(),
+        cc.remainder(),
+    );
+    for (((o, r), w), c) in co.zip(cr).zip(cw).zip(cc) {
+        for k in 0..8 {
+            let rf = fma32::<FMA>(-xf, o[k], r[k]);
+            na[k] = fma32::<FMA>(fma32::<FMA>(-c[k], rf, w[k]), o[k], na[k]);
+            da[k] = fma32::<FMA>(c[k] * o[k], o[k], da[k]);
+        }
+    }
+    let mut num: f32 = na.iter().sum();
+    let mut den: f32 = da.iter().sum();
+    for j in 0..ro.len() {
+        let rf = fma32::<FMA>(-xf, ro[j], rr[j]);
+        num = fma32::<FMA>(fma32::<FMA>(-rc[j], rf, rw[j]), ro[j], num);
+        den = fma32::<FMA>(rc[j] * ro[j], ro[j], den);
+    }
+    (num, den)
+}

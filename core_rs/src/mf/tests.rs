@@ -1,0 +1,533 @@
+use std::collections::HashSet;
+use std::io;
+
+use super::*;
+use crate::rng::Rng;
+
+/// A planted low-rank world: true user and item factors (dim 8), Zipf-like item popularity,
+/// and each user's items sampled without replacement by softmax of true scores.
+struct Planted {
+    n_items: usize,
+    /// Per user, items in time order.
+    seqs: Vec<Vec<u32>>,
+}
+
+fn planted(n_users: usize, n_items: usize, len: impl Fn(&mut Rng) -> usize, seed: u64) -> Planted {
+    const K: usize = 8;
+    let mut rng = Rng::new(seed);
+    let users: Vec<f64> = (0..n_users * K).map(|_| rng.normal()).collect();
+    let items: Vec<f64> = (0..n_items * K).map(|_| rng.normal()).collect();
+    let mut seqs = Vec::with_capacity(n_users);
+    let mut wts = vec![0.0f64; n_items];
+    for u in 0..n_users {
+        let x = &users[u * K..(u + 1) * K];
+        for i in 0..n_items {
+            let y = &items[i * K..(i + 1) * K];
+            let s: f64 = x.iter().zip(y).map(|(a, b)| a * b).sum();
+            // Zipf-like popularity bias on top of the planted preference.
+            let bias = -0.7 * ((i + 1) as f64).ln();
+            wts[i] = (0.9 * s + bias).exp();
+        }
+        let n = len(&mut rng).min(n_items);
+        let mut seq = Vec::with_capacity(n);
+        let mut total: f64 = wts.iter().sum();
+        for _ in 0..n {
+            let mut t = rng.next_f64() * total;
+            let mut pick = n_items - 1;
+            for (i, &w) in wts.iter().enumerate() {
+                if w > 0.0 && t < w {
+                    pick = i;
+                    break;
+                }
+                t -= w;
+            }
+            while wts[pick] == 0.0 {
+                pick -= 1;
+            }
+            total -= wts[pick];
+            wts[pick] = 0.0;
+            seq.push(pick as u32);
+        }
+        seqs.push(seq);
+    }
+    Planted { n_items, seqs }
+}
+
+/// Whether `target` ranks in the top `k` of `scores`, skipping `seen` items. Ties count
+/// against the target, so a model that scores everything alike earns no hits.
+fn hit_at(scores: &[f32], target: u32, seen: &HashSet<u32>, k: usize) -> bool {
+    let s = scores[target as usize];
+    let better = scores
+        .iter()
+        .enumerate()
+        .filter(|&(j, &v)| v >= s && j as u32 != target && !seen.contains(&(j as u32)))
+        .count();
+    better < k
+}
+
+fn model_scores(m: &Mf, u: u32) -> Vec<f32> {
+    (0..m.n_items() as u32).map(|i| m.score(u, i)).collect()
+}
+
+fn cfg() -> MfConfig {
+    MfConfig {
+        seed: 42,
+        ..MfConfig::default()
+    }
+}
+
+/// Trains on all but the last item of each user (time = position in the sequence), returns
+/// (model HR@10, popularity HR@10) on the held-out last items.
+fn holdout_hr(p: &Planted, cfg: MfConfig, iters: usize) -> (f64, f64, Mf) {
+    let mut m = Mf::new(cfg);
+    let mut pop = vec![0.0f32; p.n_items];
+    for (u, seq) in p.seqs.iter().enumerate() {
+        for (t, &i) in seq[..seq.len() - 1].iter().enumerate() {
+            m.add(u as u32, i, 1.0, t as f64);
+            pop[i as usize] += 1.0;
+        }
+    }
+    m.fit(iters);
+    let (mut hm, mut hp, mut n) = (0usize, 0usize, 0usize);
+    for (u, seq) in p.seqs.iter().enumerate() {
+        let seen: HashSet<u32> = seq[..seq.len() - 1].iter().copied().collect();
+        let target = *seq.last().unwrap();
+        hm += hit_at(&model_scores(&m, u as u32), target, &seen, 10) as usize;
+        hp += hit_at(&pop, target, &seen, 10) as usize;
+        n += 1;
+    }
+    (hm as f64 / n as f64, hp as f64 / n as f64, m)
+}
+
+#[test]
+fn planted_fit_beats_popularity() {
+    let p = planted(2000, 1000, |r| 10 + r.below(21) as usize, 1);
+    let (hr, pop, _) = holdout_hr(&p, cfg(), 10);
+    println!("planted HR@10: model {hr:.4}, popularity {pop:.4}");
+    assert!(hr >= 1.5 * pop, "model {hr} vs popularity {pop}");
+}
+
+#[test]
+fn history_caps_bound_lengths_and_cost_little_quality() {
+    // Heavy users (up to 300 events) and Zipf items make both caps bind.
+    let p = planted(
+        1500,
+        800,
+        |r| {
+            if r.below(5) == 0 {
+                100 + r.below(201) as usize
+            } else {
+                10 + r.below(21) as usize
+            }
+        },
+        2,
+    );
+    let unbounded = MfConfig {
+        user_history_cap: 1 << 30,
+        item_history_cap: 1 << 30,
+        ..cfg()
+    };
+    let (hr_full, pop, _) = holdout_hr(&p, unbounded, 10);
+    let capped = MfConfig {
+        user_history_cap: 50,
+        item_history_cap: 50,
+        ..cfg()
+    };
+    let (hr_cap, _, m) = holdout_hr(&p, capped, 10);
+    println!("caps HR@10: unbounded {hr_full:.4}, caps 50/50 {hr_cap:.4}, popularity {pop:.4}");
+    for u in 0..m.n_users() as u32 {
+        assert!(m.user_items(u).len() <= 50);
+    }
+    for i in 0..m.n_items() as u32 {
+        assert!(m.item_users(i).len() <= 50);
+    }
+    assert!(
+        p.seqs.iter().any(|s| s.len() > 60),
+        "caps must bind for the test to mean anything"
+    );
+    assert!(hr_cap > pop, "capped model {hr_cap} vs popularity {pop}");
+    assert!(
+        hr_cap >= 0.6 * hr_full,
+        "caps cost too much: {hr_cap} vs {hr_full}"
+    );
+}
+
+#[test]
+fn online_updates_help_streamed_users() {
+    // Users 0..1600 are known at fit time except for their last 3 events; users 1600..2000
+    // arrive only in the stream. Test-then-train: each streamed event is first scored by the
+    // updated model and by the frozen one, then fed to the updated model.
+    let p = planted(2000, 1000, |r| 12 + r.below(19) as usize, 3);
+    let n_old = 1600;
+    let mut m = Mf::new(cfg());
+    let mut seen: Vec<HashSet<u32>> = vec![HashSet::new(); p.seqs.len()];
+    let mut stream = Vec::new();
+    for (u, seq) in p.seqs.iter().enumerate() {
+        let split = if u < n_old { seq.len() - 3 } else { 0 };
+        for (t, &i) in seq.iter().enumerate() {
+            if t < split {
+                m.add(u as u32, i, 1.0, t as f64);
+                seen[u].insert(i);
+            } else {
+                stream.push((t, u as u32, i));
+            }
+        }
+    }
+    m.fit(10);
+    let frozen_p = m.user_matrix().to_vec();
+    let frozen_q = m.item_matrix().to_vec();
+    let d = m.dim();
+    stream.sort_by_key(|&(t, u, _)| (t, u));
+    let mut hits = [[0usize; 2]; 2]; // [old/new][updated/frozen]
+    let mut counts = [0usize; 2];
+    for &(t, u, i) in &stream {
+        let group = (u as usize >= n_old) as usize;
+        if t > 0 {
+            counts[group] += 1;
+            hits[group][0] += hit_at(&model_scores(&m, u), i, &seen[u as usize], 10) as usize;
+            let pu = frozen_p
+                .get(u as usize * d..(u as usize + 1) * d)
+                .unwrap_or(&[]);
+            let fs: Vec<f32> = frozen_q
+                .chunks_exact(d)
+                .map(|q| kernels::dot(pu, q))
+                .collect();
+            hits[group][1] += hit_at(&fs, i, &seen[u as usize], 10) as usize;
+        }
+        m.update(u, i, 1.0, 1000.0 + t as f64);
+        seen[u as usize].insert(i);
+    }
+    let hr = |g: usize, k: usize| hits[g][k] as f64 / counts[g] as f64;
+    println!(
+        "stream HR@10: known users updated {:.4} frozen {:.4}; new users updated {:.4} frozen {:.4}",
+        hr(0, 0),
+        hr(0, 1),
+        hr(1, 0),
+        hr(1, 1)
+    );
+    assert!(
+        hr(1, 0) > 2.0 * hr(1, 1) + 0.02,
+        "new users must gain from updates"
+    );
+    assert!(hr(0, 0) >= 0.9 * hr(0, 1), "known users must not degrade");
+}
+
+#[test]
+fn update_raises_the_users_score_for_the_item() {
+    let p = planted(300, 200, |r| 10 + r.below(11) as usize, 4);
+    let mut m = Mf::new(cfg());
+    for (u, seq) in p.seqs.iter().enumerate() {
+        for &i in seq {
+            m.add(u as u32, i, 1.0, 0.0);
+        }
+    }
+    m.fit(5);
+    let mut raised = 0;
+    for u in 0..50u32 {
+        // An item the user has not touched (held pairs may already score above the target 1,
+        // where more weight rightly pulls the score down).
+        let i = (0..200u32)
+            .filter(|i| !p.seqs[u as usize].contains(i))
+            .nth(u as usize % 7)
+            .unwrap();
+        let before = m.score(u, i);
+        m.update(u, i, 1.0, 1.0);
+        let after = m.score(u, i);
+        assert!(after > before, "user {u} item {i}: {before} -> {after}");
+        raised += 1;
+    }
+    assert_eq!(raised, 50);
+    // A brand-new user and item get rows and a positive affinity after one event.
+    let (nu, ni) = (m.n_users() as u32 + 3, m.n_items() as u32 + 2);
+    m.update(nu, ni, 1.0, 2.0);
+    assert_eq!(m.n_users(), nu as usize + 1);
+    assert_eq!(m.n_items(), ni as usize + 1);
+    assert!(m.score(nu, ni) > 0.0);
+}
+
+fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f64>()
+        .sqrt();
+    let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    num / den.max(1e-300)
+}
+
+fn check_gramians(m: &mut Mf) -> (f64, f64) {
+    let (sp, sq) = (m.gramian_p().to_vec(), m.gramian_q());
+    m.recompute_gramians();
+    (rel_err(&sp, m.gramian_p()), rel_err(&sq, &m.gramian_q()))
+}
+
+fn streamed_model(cfg: MfConfig, n: usize, seed: u64) -> Mf {
+    let mut m = Mf::new(cfg);
+    let mut r = Rng::new(seed);
+    for k in 0..2000 {
+        m.add(r.below(100) as u32, r.below(50) as u32, 1.0, k as f64);
+    }
+    m.fit(3);
+    for k in 0..n {
+        // New users and items keep arriving; popular items get most events.
+        let u = r.below(100 + k as u64 / 5) as u32;
+        let i = (r.below(50 + k as u64 / 10) as f64 * r.next_f64()) as u32;
+        m.update(u, i, 1.0 + (k % 3) as f32, 2000.0 + k as f64);
+    }
+    m
+}
+
+#[test]
+fn incremental_gramians_match_exact_recomputation() {
+    let c = MfConfig {
+        dim: 16,
+        decay_half_life: Some(500.0),
+        user_history_cap: 8,
+        item_history_cap: 16,
+        ..cfg()
+    };
+    let mut m = streamed_model(c, 1000, 5);
+    assert!(m.n_users() > 100 && m.n_items() > 50, "new rows arrived");
+    let (ep, eq) = check_gramians(&mut m);
+    println!("Gramian relative error after 1000 updates: S^p {ep:.2e}, S^q {eq:.2e}");
+    assert!(ep < 1e-6 && eq < 1e-6, "S^p {ep}, S^q {eq}");
+}
+
+#[test]
+fn erase_user_removes_every_trace() {
+    let c = MfConfig {
+        dim: 16,
+        user_history_cap: 10,
+        item_history_cap: 20,
+        ..cfg()
+    };
+    let mut m = streamed_model(c, 1500, 6);
+    for u in 0..m.n_users() as u32 {
+        assert!(m.user_items(u).len() <= 10);
+    }
+    for i in 0..m.n_items() as u32 {
+        assert!(m.item_users(i).len() <= 20);
+        // Invariant: every item-history entry is also in its user's history.
+        for (u, _) in m.item_users(i) {
+            assert!(m.user_items(u).iter().any(|&(j, _)| j == i));
+        }
+    }
+    let victim = (0..m.n_users() as u32)
+        .max_by_key(|&u| m.user_items(u).len())
+        .unwrap();
+    let held = m.user_items(victim);
+    assert!(!held.is_empty());
+    let counts_before: Vec<f64> = held.iter().map(|&(i, _)| m.item_count(i)).collect();
+    m.erase_user(victim);
+    assert!(m.user_items(victim).is_empty());
+    assert!(m.user_vector(victim).iter().all(|&x| x == 0.0));
+    for i in 0..m.n_items() as u32 {
+        assert!(m.item_users(i).iter().all(|&(u, _)| u != victim));
+    }
+    for (k, &(i, _)) in held.iter().enumerate() {
+        assert!(
+            m.item_count(i) < counts_before[k],
+            "count of item {i} must drop"
+        );
+    }
+    let (ep, eq) = check_gramians(&mut m);
+    assert!(ep < 1e-6 && eq < 1e-6, "S^p {ep}, S^q {eq}");
+    // Later updates never bring the erased user back into item histories.
+    let other = if victim == 0 { 1 } else { 0 };
+    let item = held[0].0;
+    m.update(other, item, 1.0, 1e6);
+    assert!(m.item_users(item).iter().all(|&(u, _)| u != victim));
+    assert!(m.user_vector(victim).iter().all(|&x| x == 0.0));
+}
+
+#[test]
+fn repeated_interactions_accumulate_with_decay() {
+    let c = MfConfig {
+        dim: 4,
+        decay_half_life: Some(10.0),
+        w_new: 2.0,
+        ..cfg()
+    };
+    let mut m = Mf::new(c);
+    m.add(0, 1, 1.0, 0.0);
+    m.add(0, 1, 1.0, 10.0);
+    // 1 decayed by one half-life + 1.
+    assert_eq!(m.user_items(0), vec![(1, 1.5)]);
+    m.update(0, 1, 1.0, 20.0);
+    // 1.5 / 2 + w_new * 1.
+    assert_eq!(m.user_items(0), vec![(1, 2.75)]);
+    assert_eq!(m.item_users(1), vec![(0, 2.75)]);
+    assert_eq!(m.item_count(1), 3.0);
+    // Decay applies lazily as the clock advances.
+    m.add(5, 2, 1.0, 30.0);
+    assert_eq!(m.user_items(0), vec![(1, 1.375)]);
+    // Invalid events change nothing.
+    m.update(0, 1, f32::NAN, 40.0);
+    m.update(0, 1, -1.0, 40.0);
+    m.add(0, 1, 1.0, f64::NAN);
+    assert_eq!(m.item_count(1), 3.0);
+    assert_eq!(m.now(), 30.0);
+}
+
+#[test]
+fn deterministic_under_the_seed() {
+    let c = MfConfig { dim: 16, ..cfg() };
+    let a = streamed_model(c.clone(), 500, 7);
+    let b = streamed_model(c.clone(), 500, 7);
+    assert_eq!(a.user_matrix(), b.user_matrix());
+    assert_eq!(a.item_matrix(), b.item_matrix());
+    let other = streamed_model(MfConfig { seed: 43, ..c }, 500, 7);
+    assert_ne!(a.item_matrix(), other.item_matrix());
+}
+
+#[test]
+fn save_load_round_trip_continues_identically() {
+    let c = MfConfig {
+        dim: 16,
+        decay_half_life: Some(300.0),
+        user_history_cap: 12,
+        ..cfg()
+    };
+    let mut a = streamed_model(c, 600, 8);
+    let mut buf = Vec::new();
+    a.save(&mut buf).unwrap();
+    let mut b = Mf::load(&mut buf.as_slice()).unwrap();
+    assert_eq!(a.config(), b.config());
+    assert_eq!(a.user_matrix(), b.user_matrix());
+    assert_eq!(a.item_matrix(), b.item_matrix());
+    for u in 0..a.n_users() as u32 {
+        assert_eq!(a.user_items(u), b.user_items(u));
+    }
+    let mut r = Rng::new(9);
+    for k in 0..300 {
+        let (u, i) = (r.below(150) as u32, r.below(80) as u32);
+        a.update(u, i, 1.0, 5000.0 + k as f64);
+        b.update(u, i, 1.0, 5000.0 + k as f64);
+    }
+    assert_eq!(a.user_matrix(), b.user_matrix());
+    assert_eq!(a.item_matrix(), b.item_matrix());
+    assert_eq!(a.gramian_p(), b.gramian_p());
+
+    // Every truncation fails cleanly.
+    for cut in (0..buf.len()).step_by(97).chain([buf.len() - 1]) {
+        let e = Mf::load(&mut &buf[..cut])
+            .err()
+            .expect("truncated input must fail");
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData
+            ),
+            "cut {cut}: {e}"
+        );
+    }
+}
+
+#[test]
+fn load_rejects_corrupt_lengths_without_panicking() {
+    let mut a = Mf::new(MfConfig { dim: 4, ..cfg() });
+    a.update(1, 2, 1.0, 0.0);
+    let mut buf = Vec::new();
+    a.save(&mut buf).unwrap();
+    // Header: magic 4, version 4, dim 8, four f32 16, iters 8, caps 16, decay 9, init_std 4,
+    // seed 8 = 77; then n_users at 77, n_items at 85.
+    let at = |off: usize, v: u64| {
+        let mut b = buf.clone();
+        b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+        Mf::load(&mut b.as_slice())
+            .err()
+            .expect("corrupt input must fail")
+            .kind()
+    };
+    assert_eq!(at(8, 0), io::ErrorKind::InvalidData); // dim 0
+    assert_eq!(at(8, 1 << 40), io::ErrorKind::InvalidData); // absurd dim
+    assert_eq!(at(77, u64::MAX), io::ErrorKind::InvalidData); // absurd n_users
+    assert_eq!(at(77, 1 << 31), io::ErrorKind::UnexpectedEof); // plausible but absent
+    assert_eq!(at(85, 1 << 31), io::ErrorKind::UnexpectedEof);
+    // An item id in a history beyond the item count.
+    let mut b = buf.clone();
+    let n = b.len();
+    // The last item history holds one entry: (id u32, n u32, w f32, ts f64) = 20 bytes.
+    b[n - 20..n - 16].copy_from_slice(&999u32.to_le_bytes());
+    assert_eq!(
+        Mf::load(&mut b.as_slice()).err().unwrap().kind(),
+        io::ErrorKind::InvalidData
+    );
+    let mut bad_magic = buf.clone();
+    bad_magic[0] = b'X';
+    assert_eq!(
+        Mf::load(&mut bad_magic.as_slice()).err().unwrap().kind(),
+        io::ErrorKind::InvalidData
+    );
+}
+
+/// Online throughput at dim 64. Run with
+/// `cargo test --release -p core_rs mf::tests::bench_online_updates -- --ignored --nocapture`.
+/// Scenarios: short histories on a cache-resident model; then 100k users x 20k items with
+/// skewed item popularity, where hot items fill their history caps and every item update
+/// gathers `cap_i` scattered user rows.
+#[test]
+#[ignore]
+fn bench_online_updates() {
+    let scenarios = [
+        (
+            "short histories",
+            20_000u64,
+            5_000u64,
+            8usize,
+            8usize,
+            false,
+        ),
+        ("skewed, caps 16/32", 100_000, 20_000, 16, 32, true),
+        ("skewed, caps 256/512", 100_000, 20_000, 256, 512, true),
+    ];
+    for (name, n_users, n_items, cap_u, cap_i, skew) in scenarios {
+        let c = MfConfig {
+            user_history_cap: cap_u,
+            item_history_cap: cap_i,
+            ..cfg()
+        };
+        let mut m = Mf::new(c);
+        let mut r = Rng::new(10);
+        let mut draw = |r: &mut Rng| {
+            let u = r.below(n_users) as u32;
+            let i = if skew {
+                (r.below(n_items) as f64 * r.next_f64()) as u32
+            } else {
+                r.below(n_items) as u32
+            };
+            (u, i)
+        };
+        // Warm up: every user and item exists with a little history.
+        for k in 0..2 * n_users {
+            let (u, i) = draw(&mut r);
+            m.add(u, i, 1.0, k as f64);
+        }
+        m.fit(1);
+        let n = 300_000usize;
+        let events: Vec<(u32, u32)> = (0..n).map(|_| draw(&mut r)).collect();
+        let t0 = std::time::Instant::now();
+        for (k, &(u, i)) in events.iter().enumerate() {
+            m.update(u, i, 1.0, 1e6 + k as f64);
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        let mean = |v: Vec<usize>| v.iter().sum::<usize>() as f64 / v.len() as f64;
+        let hu = mean(
+            events[..1000]
+                .iter()
+                .map(|e| m.user_items(e.0).len())
+                .collect(),
+        );
+        let hi = mean(
+            events[..1000]
+                .iter()
+                .map(|e| m.item_users(e.1).len())
+                .collect(),
+        );
+        println!(
+            "dim 64, {name}: {:.0} updates/s (mean history per event: user {hu:.1}, item {hi:.1})",
+            n as f64 / dt
+        );
+    }
+}
