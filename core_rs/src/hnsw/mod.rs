@@ -2,6 +2,28 @@
 //! (Malkov & Yashunin, "Efficient and robust approximate nearest neighbor search using
 //! Hierarchical Navigable Small World graphs", TPAMI 2018), with native inner product as the
 //! similarity, in-place updates of moved vectors and deletion.
+//!
+//! # Layout
+//! - this file: storage, INSERT, the in-place re-link of a moved vector, delete, search and
+//!   `check_invariants`;
+//! - `search`: SEARCH-LAYER, SELECT-NEIGHBORS-HEURISTIC and the thread-local visited set;
+//! - `save`: the checksummed binary format.
+//!
+//! # Why native inner product
+//! The classic reduction of MIPS to L2 (append `sqrt(M² - |x|²)`) squeezes all item vectors
+//! onto a sphere shell where matrix-factorisation vectors with spread-out norms become nearly
+//! equidistant; the graph then navigates poorly. Searching with `<q, x>` directly, and
+//! building with it as the similarity, is what the recall tests here are measured with.
+
+mod save;
+mod search;
+#[cfg(test)]
+mod tests;
+
+use search::{with_visited, Cand};
+
+use crate::rng::Rng;
+use crate::scan::dot;
 
 /// Construction and search parameters.
 #[derive(Clone, Debug)]
@@ -16,51 +38,541 @@ pub struct HnswConfig {
 
 impl Default for HnswConfig {
     fn default() -> Self {
-        HnswConfig { m: 16, ef_construction: 200, ef_search: 64, seed: 42 }
+        HnswConfig {
+            m: 16,
+            ef_construction: 200,
+            ef_search: 64,
+            seed: 42,
+        }
     }
 }
 
-pub struct Hnsw {}
+/// Marks an id slot with no node in `levels`.
+const ABSENT: u8 = u8::MAX;
+/// Levels are capped well below `ABSENT`; with `m >= 2` a level above 30 has probability
+/// below 2^-30 per node.
+const MAX_LEVEL: usize = 30;
+/// `parent0` of a node with no parent.
+const NO_PARENT: u32 = u32::MAX;
+/// Beam width of the re-link search after a vector moved. A moved vector's old neighbours
+/// are already close to its new position, so a narrow beam started from them finds the new
+/// neighbourhood; measured against wider beams in the `relink_*` tests and the ANN bench.
+const UPDATE_EF: usize = 32;
+
+pub struct Hnsw {
+    dim: usize,
+    cfg: HnswConfig,
+    /// Layer-0 capacity, `2 * m`.
+    m0: usize,
+    /// Level multiplier `1 / ln(m)`.
+    ml: f64,
+    /// Row `id` is `vectors[id * dim..(id + 1) * dim]`; slots without a node are zeros.
+    vectors: Vec<f32>,
+    /// Top layer of each slot, `ABSENT` for an unused id.
+    levels: Vec<u8>,
+    /// Deleted nodes stay in the graph as routing nodes but are never returned.
+    deleted: Vec<bool>,
+    /// Layer-0 lists, `m0 + 1` words per slot: the count, then the ids. Flat so the hot loop
+    /// touches one cache line per node and no pointer is chased.
+    links0: Vec<u32>,
+    /// Upper layers of each slot, `m + 1` words per layer 1..=level (count, then ids).
+    upper: Vec<Vec<u32>>,
+    /// A spanning tree of layer 0: `parent0[x]` links to `x`, and neighbour selection never
+    /// drops that link. A new node's first in-link becomes its parent; a new entry point
+    /// links to the previous one. So every node stays reachable from the entry point however
+    /// lists are pruned — plain pruning strands low-norm nodes in inner-product graphs,
+    /// where large-norm hubs crowd them out of every list. `NO_PARENT` for the tree's root.
+    parent0: Vec<u32>,
+    entry: Option<u32>,
+    max_level: usize,
+    /// Nodes present, deleted or not.
+    nodes: usize,
+    /// Nodes present and not deleted.
+    live: usize,
+}
 
 impl Hnsw {
     pub fn new(dim: usize, cfg: HnswConfig) -> Self {
-        todo!()
+        assert!(dim > 0, "dimension must be positive");
+        assert!(cfg.m >= 2, "m must be at least 2");
+        let m0 = 2 * cfg.m;
+        let ml = 1.0 / (cfg.m as f64).ln();
+        Hnsw {
+            dim,
+            cfg,
+            m0,
+            ml,
+            vectors: Vec::new(),
+            levels: Vec::new(),
+            deleted: Vec::new(),
+            links0: Vec::new(),
+            upper: Vec::new(),
+            parent0: Vec::new(),
+            entry: None,
+            max_level: 0,
+            nodes: 0,
+            live: 0,
+        }
     }
     pub fn dim(&self) -> usize {
-        todo!()
+        self.dim
+    }
+    pub fn config(&self) -> &HnswConfig {
+        &self.cfg
     }
     /// Live (not deleted) nodes.
     pub fn len(&self) -> usize {
-        todo!()
+        self.live
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
     pub fn contains(&self, id: u32) -> bool {
-        todo!()
+        self.present(id) && !self.deleted[id as usize]
     }
     /// Inserts `id` (dense, gaps allowed), or updates it in place if present; undeletes a deleted id.
     pub fn upsert(&mut self, id: u32, v: &[f32]) {
-        todo!()
+        assert_eq!(
+            v.len(),
+            self.dim,
+            "vector length differs from the index dimension"
+        );
+        assert!(id != u32::MAX, "id u32::MAX is reserved");
+        if self.present(id) {
+            if self.deleted[id as usize] {
+                self.deleted[id as usize] = false;
+                self.live += 1;
+            }
+            self.relink(id, v);
+        } else {
+            self.insert(id, v);
+        }
     }
     pub fn delete(&mut self, id: u32) -> bool {
-        todo!()
+        if !self.contains(id) {
+            return false;
+        }
+        self.deleted[id as usize] = true;
+        self.live -= 1;
+        if self.entry == Some(id) {
+            // Keep the entry on the top layer (searches must start there); prefer a live node.
+            let top = self.max_level as u8;
+            if let Some(alt) =
+                (0..self.levels.len()).find(|&i| self.levels[i] == top && !self.deleted[i])
+            {
+                // The new entry must reach the old one, and through it the whole tree.
+                self.entry = Some(alt as u32);
+                if !self.force_link0(alt as u32, id) {
+                    self.entry = Some(id);
+                }
+            }
+        }
+        true
     }
     /// Top `k` by inner product with `q`, best first; `keep(id)` false excludes an id from
     /// the results (the graph is still traversed through it). `ef` is clamped to at least `k`.
-    pub fn search(&self, q: &[f32], k: usize, ef: usize, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
-        todo!()
+    pub fn search(
+        &self,
+        q: &[f32],
+        k: usize,
+        ef: usize,
+        keep: &dyn Fn(u32) -> bool,
+    ) -> Vec<(u32, f32)> {
+        assert_eq!(
+            q.len(),
+            self.dim,
+            "query length differs from the index dimension"
+        );
+        let Some(entry) = self.entry else {
+            return Vec::new();
+        };
+        if k == 0 || self.live == 0 {
+            return Vec::new();
+        }
+        let ef = ef.max(k);
+        let accept = |id: u32| !self.deleted[id as usize] && keep(id);
+        with_visited(|vis| {
+            let mut cur = [Cand {
+                s: dot(q, self.vec(entry)),
+                id: entry,
+            }];
+            cur[0] = self.descend(q, cur[0], 0, vis);
+            vis.reset(self.levels.len());
+            let mut res = self.search_layer(q, &cur, ef, 0, Some(&accept), vis);
+            res.truncate(k);
+            res.into_iter().map(|c| (c.id, c.s)).collect()
+        })
     }
+    /// The stored vector of a live node.
     pub fn vector(&self, id: u32) -> Option<&[f32]> {
-        todo!()
+        self.contains(id).then(|| self.vec(id))
     }
     pub fn check_invariants(&self) -> Result<(), String> {
-        todo!()
+        let slots = self.levels.len();
+        if self.vectors.len() != slots * self.dim
+            || self.deleted.len() != slots
+            || self.links0.len() != slots * (self.m0 + 1)
+            || self.upper.len() != slots
+            || self.parent0.len() != slots
+        {
+            return Err(format!("storage sizes disagree with {slots} slots"));
+        }
+        let mut nodes = 0;
+        let mut live = 0;
+        let mut top = 0usize;
+        for id in 0..slots as u32 {
+            let lvl = self.levels[id as usize];
+            if lvl == ABSENT {
+                if self.links0[id as usize * (self.m0 + 1)] != 0
+                    || !self.upper[id as usize].is_empty()
+                {
+                    return Err(format!("unused slot {id} has links"));
+                }
+                continue;
+            }
+            let lvl = lvl as usize;
+            if lvl > MAX_LEVEL {
+                return Err(format!("node {id} has level {lvl} > {MAX_LEVEL}"));
+            }
+            nodes += 1;
+            live += usize::from(!self.deleted[id as usize]);
+            top = top.max(lvl);
+            if self.upper[id as usize].len() != lvl * (self.cfg.m + 1) {
+                return Err(format!(
+                    "node {id}: upper link storage does not match level {lvl}"
+                ));
+            }
+            for l in 0..=lvl {
+                let cap = self.cap(l);
+                let count = self.link_count(id, l);
+                if count > cap {
+                    return Err(format!("node {id} layer {l}: {count} links > {cap}"));
+                }
+                let list = self.links(id, l);
+                for (i, &n) in list.iter().enumerate() {
+                    if n == id {
+                        return Err(format!("node {id} layer {l}: self-link"));
+                    }
+                    if !self.present(n) || (self.levels[n as usize] as usize) < l {
+                        return Err(format!(
+                            "node {id} layer {l}: link to {n} not on that layer"
+                        ));
+                    }
+                    if list[..i].contains(&n) {
+                        return Err(format!("node {id} layer {l}: duplicate link to {n}"));
+                    }
+                }
+            }
+        }
+        if nodes != self.nodes || live != self.live {
+            return Err(format!(
+                "counts: {} nodes / {} live recorded, {nodes} / {live} found",
+                self.nodes, self.live
+            ));
+        }
+        for id in 0..slots as u32 {
+            let p = self.parent0[id as usize];
+            if p != NO_PARENT && (!self.present(p) || !self.links(p, 0).contains(&id)) {
+                return Err(format!("tree edge {p} -> {id} is missing on layer 0"));
+            }
+        }
+        let Some(entry) = self.entry else {
+            return if nodes == 0 {
+                Ok(())
+            } else {
+                Err("nodes but no entry point".into())
+            };
+        };
+        if !self.present(entry) {
+            return Err(format!("entry point {entry} is not a node"));
+        }
+        if self.levels[entry as usize] as usize != self.max_level || top != self.max_level {
+            return Err(format!(
+                "entry point level {} / recorded max {} / actual max {top}",
+                self.levels[entry as usize], self.max_level
+            ));
+        }
+        let mut seen = vec![false; slots];
+        let mut stack = vec![entry];
+        seen[entry as usize] = true;
+        while let Some(x) = stack.pop() {
+            for &n in self.links(x, 0) {
+                if !seen[n as usize] {
+                    seen[n as usize] = true;
+                    stack.push(n);
+                }
+            }
+        }
+        if let Some(lost) =
+            (0..slots).find(|&i| self.levels[i] != ABSENT && !self.deleted[i] && !seen[i])
+        {
+            return Err(format!(
+                "live node {lost} unreachable from the entry point on layer 0"
+            ));
+        }
+        Ok(())
     }
     pub fn save(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
-        todo!()
+        save::save(self, w)
     }
     pub fn load(r: &mut dyn std::io::Read) -> std::io::Result<Hnsw> {
-        todo!()
+        save::load(r)
+    }
+
+    // ---- storage helpers ----
+
+    #[inline]
+    fn present(&self, id: u32) -> bool {
+        (id as usize) < self.levels.len() && self.levels[id as usize] != ABSENT
+    }
+
+    #[inline]
+    fn vec(&self, id: u32) -> &[f32] {
+        let i = id as usize * self.dim;
+        &self.vectors[i..i + self.dim]
+    }
+
+    #[inline]
+    fn cap(&self, layer: usize) -> usize {
+        if layer == 0 {
+            self.m0
+        } else {
+            self.cfg.m
+        }
+    }
+
+    #[inline]
+    fn link_count(&self, id: u32, layer: usize) -> usize {
+        if layer == 0 {
+            self.links0[id as usize * (self.m0 + 1)] as usize
+        } else {
+            self.upper[id as usize][(layer - 1) * (self.cfg.m + 1)] as usize
+        }
+    }
+
+    /// The out-links of `id` on `layer` (which `id` must be on).
+    #[inline]
+    fn links(&self, id: u32, layer: usize) -> &[u32] {
+        if layer == 0 {
+            let base = id as usize * (self.m0 + 1);
+            let n = self.links0[base] as usize;
+            &self.links0[base + 1..base + 1 + n]
+        } else {
+            let base = (layer - 1) * (self.cfg.m + 1);
+            let u = &self.upper[id as usize];
+            let n = u[base] as usize;
+            &u[base + 1..base + 1 + n]
+        }
+    }
+
+    /// Replaces the out-links of `id` on `layer`, keeping the in-degree counts current.
+    fn set_links(&mut self, id: u32, layer: usize, list: &[u32]) {
+        debug_assert!(list.len() <= self.cap(layer));
+        if layer == 0 {
+            let base = id as usize * (self.m0 + 1);
+            debug_assert!(
+                self.links(id, 0)
+                    .iter()
+                    .all(|&c| self.parent0[c as usize] != id || list.contains(&c)),
+                "tree edge from {id} dropped"
+            );
+            for &x in list {
+                if self.parent0[x as usize] == NO_PARENT && self.entry != Some(x) {
+                    self.parent0[x as usize] = id;
+                }
+            }
+            self.links0[base] = list.len() as u32;
+            self.links0[base + 1..base + 1 + list.len()].copy_from_slice(list);
+        } else {
+            let base = (layer - 1) * (self.cfg.m + 1);
+            let u = &mut self.upper[id as usize];
+            u[base] = list.len() as u32;
+            u[base + 1..base + 1 + list.len()].copy_from_slice(list);
+        }
+    }
+
+    fn grow(&mut self, slots: usize) {
+        if slots <= self.levels.len() {
+            return;
+        }
+        self.vectors.resize(slots * self.dim, 0.0);
+        self.levels.resize(slots, ABSENT);
+        self.deleted.resize(slots, false);
+        self.links0.resize(slots * (self.m0 + 1), 0);
+        self.upper.resize_with(slots, Vec::new);
+        self.parent0.resize(slots, NO_PARENT);
+    }
+
+    /// The level of `id`: `floor(-ln(U) * mL)` with `U` drawn from a generator seeded by
+    /// the index seed and the id, so the graph does not depend on how many ids came before
+    /// and a saved index needs no generator state.
+    fn random_level(&self, id: u32) -> usize {
+        let mut r =
+            Rng::new(self.cfg.seed ^ (u64::from(id) + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+        let u = 1.0 - r.next_f64(); // (0, 1]
+        ((-u.ln() * self.ml).floor() as usize).min(MAX_LEVEL)
+    }
+
+    /// Greedy descent (SEARCH-LAYER with `ef = 1`) from the top layer down to `stop + 1`.
+    fn descend(&self, q: &[f32], mut cur: Cand, stop: usize, vis: &mut search::Visited) -> Cand {
+        for l in (stop + 1..=self.max_level).rev() {
+            vis.reset(self.levels.len());
+            cur = self.search_layer(q, &[cur], 1, l, None, vis)[0];
+        }
+        cur
+    }
+
+    /// INSERT (algorithm 1) of a new node.
+    fn insert(&mut self, id: u32, v: &[f32]) {
+        self.grow(id as usize + 1);
+        let i = id as usize;
+        self.vectors[i * self.dim..(i + 1) * self.dim].copy_from_slice(v);
+        let level = self.random_level(id);
+        self.levels[i] = level as u8;
+        self.deleted[i] = false;
+        self.upper[i] = vec![0; level * (self.cfg.m + 1)];
+        self.nodes += 1;
+        self.live += 1;
+        let Some(entry) = self.entry else {
+            self.entry = Some(id);
+            self.max_level = level;
+            return;
+        };
+        let start = Cand {
+            s: dot(v, self.vec(entry)),
+            id: entry,
+        };
+        let mut eps = with_visited(|vis| vec![self.descend(v, start, level, vis)]);
+        for l in (0..=level.min(self.max_level)).rev() {
+            let w = with_visited(|vis| {
+                vis.reset(self.levels.len());
+                vis.insert(id);
+                self.search_layer(v, &eps, self.cfg.ef_construction, l, None, vis)
+            });
+            let sel = self.select_protected(&w, self.cap(l), l, id, &[]);
+            self.set_links(id, l, &sel);
+            for &n in &sel {
+                self.add_link(n, id, l);
+            }
+            if l == 0 && self.parent0[i] == NO_PARENT {
+                // Every neighbour's shrink rejected the new node: attach it to the best
+                // neighbour with a free (non-tree) slot.
+                for &n in &sel {
+                    if self.force_link0(n, id) {
+                        break;
+                    }
+                }
+            }
+            eps = w;
+        }
+        if level > self.max_level {
+            self.force_link0(id, entry);
+            self.entry = Some(id);
+            self.max_level = level;
+        }
+    }
+
+    /// Whether the layer-0 list of `owner` must keep (or take) `id`: `owner` is its tree
+    /// parent, or `id` is a node nobody has linked to yet.
+    #[inline]
+    fn must_link(&self, owner: u32, id: u32) -> bool {
+        let p = self.parent0[id as usize];
+        p == owner || (p == NO_PARENT && self.entry != Some(id))
+    }
+
+    /// Makes `owner -> target` a layer-0 tree edge, evicting the lowest-ranked unprotected
+    /// link if the list is full. Used when the entry point changes, so the new entry reaches
+    /// the old one and through it the whole tree.
+    fn force_link0(&mut self, owner: u32, target: u32) -> bool {
+        let mut list = self.links(owner, 0).to_vec();
+        if !list.contains(&target) {
+            if list.len() < self.m0 {
+                list.push(target);
+            } else if let Some(j) = (0..list.len())
+                .rev()
+                .find(|&j| !self.must_link(owner, list[j]))
+            {
+                list[j] = target;
+            } else {
+                return false; // every link is a tree edge
+            }
+            self.set_links(owner, 0, &list);
+        }
+        self.parent0[target as usize] = owner;
+        true
+    }
+
+    /// Adds the link `owner -> new` on `layer`; a full list is re-selected with the heuristic
+    /// over its links plus `new` (the paper's shrink step).
+    fn add_link(&mut self, owner: u32, new: u32, layer: usize) {
+        let old = self.links(owner, layer);
+        if old.contains(&new) {
+            return;
+        }
+        let cap = self.cap(layer);
+        if old.len() < cap {
+            let mut list = old.to_vec();
+            list.push(new);
+            self.set_links(owner, layer, &list);
+            return;
+        }
+        let old = old.to_vec();
+        let vo = self.vec(owner);
+        let mut cands: Vec<Cand> = old
+            .iter()
+            .chain(std::iter::once(&new))
+            .map(|&c| Cand {
+                s: dot(vo, self.vec(c)),
+                id: c,
+            })
+            .collect();
+        cands.sort_unstable_by(|a, b| b.cmp(a));
+        let sel = self.select_protected(&cands, cap, layer, owner, &old);
+        self.set_links(owner, layer, &sel);
+    }
+
+    /// Re-links a node whose vector moved: overwrite the vector, then on each of its layers
+    /// re-search its neighbourhood with a narrow beam started from its old neighbours,
+    /// re-select with the heuristic, and add itself to the lists of its new neighbours.
+    /// In-links from nodes that no longer are its neighbours are kept: they still point to a
+    /// valid, nearby node, and dropping them would need a reverse index.
+    fn relink(&mut self, id: u32, v: &[f32]) {
+        let i = id as usize;
+        self.vectors[i * self.dim..(i + 1) * self.dim].copy_from_slice(v);
+        let level = self.levels[i] as usize;
+        for l in (0..=level).rev() {
+            let old = self.links(id, l).to_vec();
+            let eps: Vec<Cand> = if old.is_empty() {
+                // A lone node on this layer, or one whose links were all pruned away.
+                match self.entry {
+                    Some(e) if e != id && self.levels[e as usize] as usize >= l => {
+                        vec![Cand {
+                            s: dot(v, self.vec(e)),
+                            id: e,
+                        }]
+                    }
+                    _ => continue,
+                }
+            } else {
+                old.iter()
+                    .map(|&n| Cand {
+                        s: dot(v, self.vec(n)),
+                        id: n,
+                    })
+                    .collect()
+            };
+            let w = with_visited(|vis| {
+                vis.reset(self.levels.len());
+                vis.insert(id);
+                self.search_layer(v, &eps, UPDATE_EF, l, None, vis)
+            });
+            let sel = self.select_protected(&w, self.cap(l), l, id, &old);
+            self.set_links(id, l, &sel);
+            for &n in &sel {
+                if !old.contains(&n) {
+                    self.add_link(n, id, l);
+                }
+            }
+        }
     }
 }
