@@ -1,9 +1,9 @@
 """The ``recstream`` command line.
 
-    recstream serve [--data-dir DIR] [--http HOST:PORT] [--forward HOST:PORT] [--demo]
-    recstream replay FILE [--format tsv|movielens|csv] [--rate N] [--forward HOST:PORT]
-    recstream token USER [--ttl SECONDS]
-    recstream snapshot [--http HOST:PORT]
+recstream serve [--data-dir DIR] [--http HOST:PORT] [--forward HOST:PORT] [--demo]
+recstream replay FILE [--format tsv|movielens|csv] [--rate N] [--forward HOST:PORT]
+recstream token USER [--ttl SECONDS]
+recstream snapshot [--http HOST:PORT]
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recstream", description="real-time recommendation engine")
+    parser = argparse.ArgumentParser(
+        prog="recstream", description="real-time recommendation engine"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the server (zero configuration on loopback)")
@@ -40,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--http", type=parse_hostport, help="HOST:PORT (default 127.0.0.1:8000)")
     serve.add_argument("--forward", type=parse_hostport, help="HOST:PORT (default 127.0.0.1:24224)")
     serve.add_argument("--insecure", action="store_true", help="serve without keys on any address")
-    serve.add_argument("--demo", action="store_true", help="feed a synthetic stream to watch lists change")
+    serve.add_argument(
+        "--demo", action="store_true", help="feed a synthetic stream to watch lists change"
+    )
     serve.add_argument("--demo-rate", type=float, default=200.0, help="events/s of the demo stream")
     serve.add_argument("-v", "--verbose", action="store_true")
 

@@ -78,7 +78,9 @@ class ServerConfig:
     admin_key: str | None = None
     token_secret: bytes | None = None
     insecure: bool = False
-    sync: str = attrs.field(default="batch", validator=attrs.validators.in_(("batch", "interval", "off")))
+    sync: str = attrs.field(
+        default="batch", validator=attrs.validators.in_(("batch", "interval", "off"))
+    )
     sync_interval_ms: float = 5.0
     wal_segment_bytes: int = 64 * 1024 * 1024
     snapshot_interval: float = 300.0

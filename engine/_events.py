@@ -21,7 +21,17 @@ from ._exceptions import BadRequest
 
 __all__ = ["json_to_frame", "journal_record", "parse_journal_record"]
 
-_RECORD_KEYS = {"user", "item", "type", "weight", "id", "tags", "category", "available", "erase_user"}
+_RECORD_KEYS = {
+    "user",
+    "item",
+    "type",
+    "weight",
+    "id",
+    "tags",
+    "category",
+    "available",
+    "erase_user",
+}
 
 
 def _event_time(event: dict[str, Any], now: float) -> float | int:

@@ -124,7 +124,9 @@ class InvalidEvents(BadRequest):
     """
 
     def __init__(self, rejected: list[tuple[int, str]]) -> None:
-        super().__init__(f"{len(rejected)} event(s) refused; event {rejected[0][0]}: {rejected[0][1]}")
+        super().__init__(
+            f"{len(rejected)} event(s) refused; event {rejected[0][0]}: {rejected[0][1]}"
+        )
         self.rejected = rejected
 
 

@@ -70,7 +70,10 @@ class ForwardServer:
         self.connections = 0
 
     async def serve(
-        self, sock: socket.socket, *, task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED
+        self,
+        sock: socket.socket,
+        *,
+        task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accepts connections on the bound, listening ``sock`` until cancelled."""
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
@@ -113,14 +116,20 @@ class ForwardServer:
         if not isinstance(salt, bytes | str):
             raise ProtocolError("malformed PING salt")
         key = next(
-            (k for k in self._keys if hmac.compare_digest(digest, shared_key_digest(salt, hostname, nonce, k))),
+            (
+                k
+                for k in self._keys
+                if hmac.compare_digest(digest, shared_key_digest(salt, hostname, nonce, k))
+            ),
             None,
         )
         if key is not None:
             proof = shared_key_digest(salt, self._hostname, nonce, key)
             await stream.send_all(msgpack.packb(["PONG", True, "", self._hostname, proof]))
             return
-        await stream.send_all(msgpack.packb(["PONG", False, "shared key mismatch", self._hostname, ""]))
+        await stream.send_all(
+            msgpack.packb(["PONG", False, "shared key mismatch", self._hostname, ""])
+        )
         raise ProtocolError("shared key mismatch")
 
     async def _serve_frames(self, stream: trio.SocketStream, peer: str) -> None:

@@ -29,10 +29,16 @@ class Metrics:
             "recstream_rejects", "Refused events and frames by reason", ["reason"], registry=r
         )
         self.wal_sync = Histogram(
-            "recstream_wal_append_seconds", "Time from append to durable", buckets=_LATENCY, registry=r
+            "recstream_wal_append_seconds",
+            "Time from append to durable",
+            buckets=_LATENCY,
+            registry=r,
         )
         self.model_update = Histogram(
-            "recstream_model_apply_seconds", "Time to apply one journal group", buckets=_LATENCY, registry=r
+            "recstream_model_apply_seconds",
+            "Time to apply one journal group",
+            buckets=_LATENCY,
+            registry=r,
         )
         self.index_stale = Gauge(
             "recstream_index_stale_items", "Moved items not yet re-linked in the index", registry=r
@@ -43,10 +49,14 @@ class Metrics:
             buckets=_LATENCY,
             registry=r,
         )
-        self.subscribers = Gauge("recstream_subscribers", "Live websocket subscriptions", registry=r)
+        self.subscribers = Gauge(
+            "recstream_subscribers", "Live websocket subscriptions", registry=r
+        )
         self.pushes = Counter("recstream_pushes", "Lists handed to subscribers", registry=r)
         self.coalesced = Counter(
-            "recstream_pushes_coalesced", "Lists replaced before a slow subscriber read them", registry=r
+            "recstream_pushes_coalesced",
+            "Lists replaced before a slow subscriber read them",
+            registry=r,
         )
         self.dropped = Counter(
             "recstream_subscribers_dropped", "Subscribers closed for being stuck", registry=r

@@ -28,7 +28,7 @@ from hypercorn.utils import wrap_app
 
 from ._config import ServerConfig
 from ._core import CorruptSnapshot, InvalidFrame
-from ._events import journal_record
+from ._events import journal_record, json_to_frame
 from ._exceptions import InvalidEvents, JournalClosed, JournalFailed
 from ._forward import ForwardServer
 from ._index_actor import IndexActor
@@ -137,7 +137,9 @@ class Server:
             log.info("loaded %s at journal seq %d", path, seq)
             break
         if seq and seq < journal.first_seq - 1:
-            log.error("journal starts at %d, after the snapshot's %d: events lost", journal.first_seq, seq)
+            log.error(
+                "journal starts at %d, after the snapshot's %d: events lost", journal.first_seq, seq
+            )
         replayed = 0
         chunk: list[bytes] = []
         first = seq + 1
@@ -319,6 +321,25 @@ class Server:
             if self.model_actor.applied_seq > self.snapshot_seq:
                 await self.take_snapshot()
 
+    async def feed_demo(self, rate: float) -> None:
+        """Feeds a synthetic stream at ``rate`` events/s until shutdown (``--demo``)."""
+        from ._synthetic import SyntheticConfig, iter_events
+
+        per_tick = max(1, int(rate / 20))
+        stream = iter_events(
+            SyntheticConfig(n_users=200, n_items=500, n_events=None, seed=7), batch=per_tick
+        )
+        for batch in stream:
+            events = [
+                {"user": int(u), "item": int(i), "weight": float(w)}
+                for u, i, w in zip(batch.users, batch.items, batch.weights, strict=True)
+            ]
+            try:
+                await self.submit(json_to_frame(events, "demo", len(events))[0], "demo")
+            except (JournalClosed, JournalFailed):
+                return
+            await trio.sleep(per_tick / rate)
+
     def stats(self) -> dict[str, Any]:
         s = self.model.stats()
         return {
@@ -335,11 +356,16 @@ class Server:
         }
 
 
-async def serve(config: ServerConfig) -> None:
-    """Runs a server until SIGINT or SIGTERM, then shuts it down in order."""
+async def serve(config: ServerConfig, demo_rate: float = 0.0) -> None:
+    """Runs a server until SIGINT or SIGTERM, then shuts it down in order.
+
+    With ``demo_rate`` > 0 a synthetic stream is fed at that many events per second.
+    """
     server = Server(config)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
+        if demo_rate > 0:
+            nursery.start_soon(server.feed_demo, demo_rate)
         print(f"recstream serving\n  dashboard and API: {server.http_url}/")
         print(f"  Fluent Forward:    {server.forward_address[0]}:{server.forward_address[1]}")
         if server.config.insecure:
@@ -348,4 +374,3 @@ async def serve(config: ServerConfig) -> None:
             async for _ in signals:
                 server.shutdown()
                 break
-

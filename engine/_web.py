@@ -76,12 +76,20 @@ def build_app(server: Server) -> Starlette:
     # --- helpers --------------------------------------------------------------------------
 
     def resolve_user(text: str) -> Id:
-        if _INT.fullmatch(text) and model.user_vector(text) is None and model.user_vector(int(text)) is not None:
+        if (
+            _INT.fullmatch(text)
+            and model.user_vector(text) is None
+            and model.user_vector(int(text)) is not None
+        ):
             return int(text)
         return text
 
     def resolve_item(text: str) -> Id:
-        if _INT.fullmatch(text) and model.item_vector(text) is None and model.item_vector(int(text)) is not None:
+        if (
+            _INT.fullmatch(text)
+            and model.item_vector(text) is None
+            and model.item_vector(int(text)) is not None
+        ):
             return int(text)
         return text
 
@@ -97,7 +105,9 @@ def build_app(server: Server) -> Starlette:
             raise AuthError("a producer key is required (X-Recstream-Key)")
 
     def require_admin(conn: Request | WebSocket) -> None:
-        if cfg.auth_enabled and not key_matches(presented_key(conn), (cfg.admin_key,) if cfg.admin_key else ()):
+        if cfg.auth_enabled and not key_matches(
+            presented_key(conn), (cfg.admin_key,) if cfg.admin_key else ()
+        ):
             raise AuthError("the admin key is required (X-Recstream-Key)")
 
     def require_reader(conn: Request | WebSocket, user: Id | None) -> None:
@@ -143,7 +153,9 @@ def build_app(server: Server) -> Starlette:
                 raise _TooLarge()
         return bytes(body)
 
-    def endpoint(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    def endpoint(
+        fn: Callable[[Request], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
         """Maps the engine's exceptions to HTTP answers."""
 
         async def wrapped(request: Request) -> Response:
@@ -154,7 +166,9 @@ def build_app(server: Server) -> Starlette:
             except AuthError as e:
                 return _error(403 if "another user" in str(e) else 401, str(e))
             except InvalidEvents as e:
-                return _error(422, str(e), rejected=[{"index": i, "reason": r} for i, r in e.rejected])
+                return _error(
+                    422, str(e), rejected=[{"index": i, "reason": r} for i, r in e.rejected]
+                )
             except (BadRequest, InvalidFrame) as e:
                 return _error(400, str(e))
             except (JournalClosed, JournalFailed) as e:
@@ -181,12 +195,12 @@ def build_app(server: Server) -> Starlette:
         return JSONResponse({"accepted": n, "seq": seq}, status_code=202)
 
     async def ws_events(ws: WebSocket) -> None:
+        await ws.accept()  # accepted first, so a refusal carries a close code and reason
         try:
             require_producer(ws)
         except AuthError as e:
-            await ws.close(POLICY_VIOLATION, str(e))
+            await ws.close(POLICY_VIOLATION, str(e)[:120])
             return
-        await ws.accept()
         tag = ws.query_params.get("tag", DEFAULT_TAG)
         while True:
             try:
@@ -204,11 +218,14 @@ def build_app(server: Server) -> Starlette:
                 if text is not None:
                     payload = json.loads(text)
                 else:
-                    payload = msgpack.unpackb(data or b"", raw=False, max_buffer_size=cfg.max_body_bytes)
+                    payload = msgpack.unpackb(data or b"", raw=False)
                 n, seq = await ingest(payload, tag, "ws")
                 reply: dict[str, Any] = {"ack": n, "seq": seq}
             except InvalidEvents as e:
-                reply = {"error": str(e), "rejected": [{"index": i, "reason": r} for i, r in e.rejected]}
+                reply = {
+                    "error": str(e),
+                    "rejected": [{"index": i, "reason": r} for i, r in e.rejected],
+                }
             except (BadRequest, InvalidFrame, ValueError, msgpack.UnpackException) as e:
                 reply = {"error": str(e)}
             except (JournalClosed, JournalFailed) as e:
@@ -237,7 +254,9 @@ def build_app(server: Server) -> Starlette:
             {"item": r[0], "score": r[1], **({"because": r[2]} if explain else {})} for r in recs
         ]
         version = server.model_actor.applied_seq if server.model_actor else 0
-        return JSONResponse({"user": user, "items": items, "variant": "default", "version": version})
+        return JSONResponse(
+            {"user": user, "items": items, "variant": "default", "version": version}
+        )
 
     @endpoint
     async def get_similar(request: Request) -> Response:
@@ -254,6 +273,7 @@ def build_app(server: Server) -> Starlette:
         publisher = server.publisher
         assert publisher is not None
         raw_user = ws.query_params.get("user")
+        await ws.accept()  # accepted first, so a refusal carries a close code and reason
         try:
             if not raw_user:
                 raise BadRequest("?user= is required")
@@ -278,7 +298,6 @@ def build_app(server: Server) -> Starlette:
             return
         server.metrics.subscribers.set(publisher.subscribers)
         try:
-            await ws.accept()
             await _push_loop(server, ws, sub)
         finally:
             publisher.unsubscribe(sub)
@@ -334,7 +353,9 @@ def build_app(server: Server) -> Starlette:
         return PlainTextResponse("ok")
 
     async def readyz(request: Request) -> Response:
-        return PlainTextResponse("ready" if server.ready else "starting", status_code=200 if server.ready else 503)
+        return PlainTextResponse(
+            "ready" if server.ready else "starting", status_code=200 if server.ready else 503
+        )
 
     dashboard_html = (Path(__file__).parent / "dashboard.html").read_text()
 

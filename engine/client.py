@@ -118,7 +118,9 @@ class ForwardProducer:
         assert self._key is not None
         digest = hashlib.sha512(salt + host.encode() + nonce_b + self._key.encode()).hexdigest()
         assert self._stream is not None
-        await self._stream.send_all(msgpack.packb(["PING", host, salt, digest, "", ""], use_bin_type=True))
+        await self._stream.send_all(
+            msgpack.packb(["PING", host, salt, digest, "", ""], use_bin_type=True)
+        )
         pong = await self._read()
         if not (isinstance(pong, list) and len(pong) == 5 and pong[0] == "PONG" and pong[1]):
             raise PermissionError(f"handshake refused: {pong!r}")
