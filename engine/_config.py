@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from ._exceptions import ConfigError
+from ._journal import SyncPolicy
 from ._model import ModelConfig
 
 __all__ = ["ServerConfig", "load_config", "parse_hostport"]
@@ -78,7 +79,7 @@ class ServerConfig:
     admin_key: str | None = None
     token_secret: bytes | None = None
     insecure: bool = False
-    sync: str = attrs.field(
+    sync: SyncPolicy = attrs.field(
         default="batch", validator=attrs.validators.in_(("batch", "interval", "off"))
     )
     sync_interval_ms: float = 5.0

@@ -205,7 +205,7 @@ class Server:
                 forward_scope = await services.start(forward.serve, fwd_sock)
                 binds = await nursery.start(
                     lambda task_status: worker_serve(
-                        wrap_app(app, hc.wsgi_max_body_size, None),
+                        wrap_app(app, hc.wsgi_max_body_size, None),  # type: ignore[arg-type]
                         hc,
                         sockets=Sockets([], [http_sock], []),
                         shutdown_trigger=http_stop.wait,

@@ -113,7 +113,7 @@ def test_explanations_name_past_items() -> None:
     m.fit(5)
     recs = m.recommend(4, k=5, explain=True)
     seen = set(m.seen(4))
-    for item, score, because in recs:
+    for item, _score, because in recs:
         assert 1 <= len(because) <= 3
         assert set(because) <= seen
         assert item not in because
