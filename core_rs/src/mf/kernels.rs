@@ -320,19 +320,25 @@ fn coord_sweep_impl<const FMA: bool>(
             0.0
         });
     }
-    let mut pending = 0.0f32;
+    // The scalar chain runs in f64 end to end (no conversions on it); the row is rounded to
+    // f32 as each coordinate is stored, and `x64` keeps exactly that rounded row for the
+    // Gramian swap.
+    let mut pending = 0.0f64;
     for f in 0..dim {
         let row = &sc.ot[f * n..(f + 1) * n];
-        let xf = x[f];
         let (a_f, d_f, c_f) = (sc.consts[3 * f], sc.consts[3 * f + 1], sc.consts[3 * f + 2]);
-        let b_f = fma32::<FMA>(pending, c_f, dot3::<FMA>(wcv, &sc.rhat[..n], row));
+        let b_f = fma64::<FMA>(
+            pending,
+            c_f as f64,
+            dot3::<FMA>(wcv, &sc.rhat[..n], row) as f64,
+        );
         if pending != 0.0 {
+            let p32 = pending as f32;
             let prev = &sc.ot[(f - 1) * n..f * n];
             for (r, &o) in sc.rhat.iter_mut().zip(prev) {
-                *r = fma32::<FMA>(pending, o, *r);
+                *r = fma32::<FMA>(p32, o, *r);
             }
         }
-        let num = fma32::<FMA>(xf, d_f, a_f - b_f);
         let srow = &gram[f * dim..(f + 1) * dim];
         let xf64 = sc.x64[f];
         let mut sff = srow[f];
@@ -342,20 +348,20 @@ fn coord_sweep_impl<const FMA: bool>(
             sx += e.coef * e.v[f] * vx;
         }
         let cross = sx - xf64 * sff;
-        let num = num as f64 - g * cross;
+        let num = fma64::<FMA>(xf64, d_f as f64, a_f as f64 - b_f) - g * cross;
         // The denominator is ≥ λ in exact arithmetic (g S_ff covers Σ_j c_j o_jf^2); the
         // floor only guards against float drift when λ is tiny.
         let den = (d_f as f64 + g * sff + reg).max(1e-12);
-        let new = (num / den) as f32;
-        pending = new - xf;
-        x[f] = new;
-        sc.x64[f] = new as f64;
-        let d64 = new as f64 - xf64;
-        if d64 != 0.0 {
-            axpy::<FMA>(&mut sc.t64[f + 1..], d64, &srow[f + 1..]);
+        let new = num / den;
+        pending = new - xf64;
+        let new32 = new as f32;
+        x[f] = new32;
+        sc.x64[f] = new32 as f64;
+        if pending != 0.0 {
+            axpy::<FMA>(&mut sc.t64[f + 1..], pending, &srow[f + 1..]);
         }
         if let Some(e) = extra {
-            vx += e.v[f] * d64;
+            vx += e.v[f] * pending;
         }
     }
 }
