@@ -64,7 +64,9 @@ use std::collections::VecDeque;
 use crate::rng::Rng;
 use kernels::{add_outer, coord_sweep, dot, prefetch, replace_outer, Rank1, Scratch};
 
-/// Exact Gramian recomputation period, in online updates (at least `n_users + n_items`).
+/// Exact Gramian recomputation period, in online updates (at least `n_users + n_items`, so the
+/// O((n_users + n_items)·dim²) recomputation amortises to O(dim²) per event; it is still one
+/// longer pause every period, which callers that bound latency should know about).
 pub const EXACT_RECOMPUTE_EVERY: u64 = 1 << 16;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -90,6 +92,37 @@ pub struct MfConfig {
     /// Standard deviation of new rows.
     pub init_std: f32,
     pub seed: u64,
+}
+
+impl MfConfig {
+    /// Checks the values a model cannot work with; the bindings call this before
+    /// [`Mf::new`] so a bad configuration is reported instead of producing NaN vectors.
+    pub fn validate(&self) -> Result<(), String> {
+        let finite_nonneg = |name: &str, v: f32| {
+            if v.is_finite() && v >= 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{name} must be finite and ≥ 0, got {v}"))
+            }
+        };
+        if self.dim == 0 || self.dim > 4096 {
+            return Err(format!("dim must be in 1..=4096, got {}", self.dim));
+        }
+        finite_nonneg("c0", self.c0)?;
+        finite_nonneg("alpha", self.alpha)?;
+        finite_nonneg("reg", self.reg)?;
+        finite_nonneg("w_new", self.w_new)?;
+        finite_nonneg("init_std", self.init_std)?;
+        if self.user_history_cap == 0 || self.item_history_cap == 0 {
+            return Err("history caps must be ≥ 1".into());
+        }
+        if let Some(h) = self.decay_half_life {
+            if !(h.is_finite() && h > 0.0) {
+                return Err(format!("decay_half_life must be finite and > 0, got {h}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for MfConfig {
@@ -218,7 +251,11 @@ impl Mf {
         // `held`: the popularity weight with which q_i currently sits in S~. The count bump is
         // not folded in yet; the user sweep sees it as a rank-one correction and the item
         // update swaps q_i's term in S~ in one pass.
-        let mut held = self.record(u, i, self.cfg.w_new * w, ts, true);
+        let w = self.cfg.w_new * w;
+        if !w.is_finite() {
+            return;
+        }
+        let mut held = self.record(u, i, w, ts, true);
         let (uu, ii) = (u as usize, i as usize);
         for _ in 0..self.cfg.online_iters {
             let a = self.pop_w[ii];

@@ -389,6 +389,31 @@ fn repeated_interactions_accumulate_with_decay() {
 }
 
 #[test]
+fn config_validation() {
+    assert_eq!(MfConfig::default().validate(), Ok(()));
+    assert!(MfConfig { dim: 0, ..cfg() }.validate().is_err());
+    assert!(MfConfig {
+        c0: f32::NAN,
+        ..cfg()
+    }
+    .validate()
+    .is_err());
+    assert!(MfConfig { reg: -1.0, ..cfg() }.validate().is_err());
+    assert!(MfConfig {
+        item_history_cap: 0,
+        ..cfg()
+    }
+    .validate()
+    .is_err());
+    assert!(MfConfig {
+        decay_half_life: Some(0.0),
+        ..cfg()
+    }
+    .validate()
+    .is_err());
+}
+
+#[test]
 fn deterministic_under_the_seed() {
     let c = MfConfig { dim: 16, ..cfg() };
     let a = streamed_model(c.clone(), 500, 7);
