@@ -177,6 +177,10 @@ pub(crate) struct Scratch {
     pub old64: Vec<f64>,
     /// The vector of a pending rank-one Gramian term.
     pub v64: Vec<f64>,
+    /// `S x` for the coordinates not yet updated in a sweep.
+    pub t64: Vec<f64>,
+    /// Per-coordinate history sums fixed for a sweep: `(A_f, D_f, C_f)` interleaved.
+    pub consts: Vec<f32>,
 }
 
 impl Scratch {
@@ -190,6 +194,7 @@ impl Scratch {
         self.rhat.resize(n, 0.0);
         self.x64.resize(dim, 0.0);
         self.old64.resize(dim, 0.0);
+        self.t64.resize(dim, 0.0);
     }
 
     /// Stores the `j`-th gathered vector in the transposed buffer.
@@ -263,6 +268,19 @@ fn coord_sweep_impl<const FMA: bool>(
         sc.x64[f] = v as f64;
         sc.old64[f] = v as f64;
     }
+    // t = S x, written as Σ_k x_k S_k· (S is symmetric) so that it is a run of axpys, which
+    // vectorise without reductions. During the sweep only t_f for coordinates still ahead is
+    // kept current: a change δ of x_f adds δ S_fk to t_k for k > f. That is 1.5·dim² fused
+    // multiply-adds per sweep, and the sequential chain from one coordinate to the next holds
+    // one division instead of a dim-long reduction.
+    let t = &mut sc.t64;
+    t.fill(0.0);
+    for (k, srow) in gram.chunks_exact(dim).enumerate() {
+        let xk = sc.x64[k];
+        if xk != 0.0 {
+            axpy::<FMA>(t, xk, srow);
+        }
+    }
     // v · x for the rank-one term, kept current as coordinates change.
     let mut vx = match extra {
         Some(e) => dot64::<FMA>(e.v, &sc.x64),
@@ -279,68 +297,123 @@ fn coord_sweep_impl<const FMA: bool>(
             *r = fma32::<FMA>(xf, o, *r);
         }
     }
+    // Split the history sums so that little of them sits on the sequential chain:
+    //   Σ_j (w_j - wc_j r̂^f_j) o_jf = A_f - B_f + x_f D_f,   den = D_f + ...
+    // with A_f = Σ w_j o_jf and D_f = Σ wc_j o_jf² fixed for the sweep, and
+    // B_f = Σ wc_j r̂_j o_jf. B_f is summed over a cache that lags one coordinate behind and
+    // corrected by δ_{f-1} C_f, C_f = Σ wc_j o_j,f-1 o_jf (also fixed), so the long
+    // reduction for coordinate f overlaps the division of coordinate f-1.
+    let (wv, wcv) = (&sc.w[..n], &sc.wc[..n]);
+    sc.consts.clear();
     for f in 0..dim {
         let row = &sc.ot[f * n..(f + 1) * n];
-        let xf = x[f];
-        let (num, den) = num_den::<FMA>(row, &sc.rhat[..n], &sc.w[..n], &sc.wc[..n], xf);
+        let prev = if f > 0 {
+            &sc.ot[(f - 1) * n..f * n]
+        } else {
+            row
+        };
+        sc.consts.push(dot2::<FMA>(wv, row));
+        sc.consts.push(dot3::<FMA>(wcv, row, row));
+        sc.consts.push(if f > 0 {
+            dot3::<FMA>(wcv, prev, row)
+        } else {
+            0.0
+        });
+    }
+    // The scalar chain runs in f64 end to end (no conversions on it); the row is rounded to
+    // f32 as each coordinate is stored, and `x64` keeps exactly that rounded row for the
+    // Gramian swap.
+    let mut pending = 0.0f64;
+    for f in 0..dim {
+        let row = &sc.ot[f * n..(f + 1) * n];
+        let (a_f, d_f, c_f) = (sc.consts[3 * f], sc.consts[3 * f + 1], sc.consts[3 * f + 2]);
+        let b_f = fma64::<FMA>(
+            pending,
+            c_f as f64,
+            dot3::<FMA>(wcv, &sc.rhat[..n], row) as f64,
+        );
+        if pending != 0.0 {
+            let p32 = pending as f32;
+            let prev = &sc.ot[(f - 1) * n..f * n];
+            for (r, &o) in sc.rhat.iter_mut().zip(prev) {
+                *r = fma32::<FMA>(p32, o, *r);
+            }
+        }
         let srow = &gram[f * dim..(f + 1) * dim];
         let xf64 = sc.x64[f];
         let mut sff = srow[f];
-        let mut sx = dot64::<FMA>(srow, &sc.x64);
+        let mut sx = sc.t64[f];
         if let Some(e) = extra {
             sff += e.coef * e.v[f] * e.v[f];
             sx += e.coef * e.v[f] * vx;
         }
         let cross = sx - xf64 * sff;
-        let num = num as f64 - g * cross;
+        let num = fma64::<FMA>(xf64, d_f as f64, a_f as f64 - b_f) - g * cross;
         // The denominator is ≥ λ in exact arithmetic (g S_ff covers Σ_j c_j o_jf^2); the
         // floor only guards against float drift when λ is tiny.
-        let den = (den as f64 + g * sff + reg).max(1e-12);
-        let new = (num / den) as f32;
-        let delta = new - xf;
-        if delta != 0.0 {
-            for (r, &o) in sc.rhat.iter_mut().zip(row) {
-                *r = fma32::<FMA>(delta, o, *r);
-            }
+        let den = (d_f as f64 + g * sff + reg).max(1e-12);
+        let new = num / den;
+        pending = new - xf64;
+        let new32 = new as f32;
+        x[f] = new32;
+        sc.x64[f] = new32 as f64;
+        if pending != 0.0 {
+            axpy::<FMA>(&mut sc.t64[f + 1..], pending, &srow[f + 1..]);
         }
-        x[f] = new;
-        sc.x64[f] = new as f64;
         if let Some(e) = extra {
-            vx += e.v[f] * (new as f64 - xf64);
+            vx += e.v[f] * pending;
         }
     }
 }
 
-/// The history sums of one coordinate update: `(Σ_j (w_j - wc_j r̂^f_j) o_j, Σ_j wc_j o_j^2)`,
-/// eight lanes at a time (float addition is not associative, so the compiler only vectorises a
-/// reduction written with separate accumulators).
+/// `Σ a_j b_j`, eight lanes at a time (float addition is not associative, so the compiler
+/// only vectorises a reduction written with separate accumulators).
 #[inline(always)]
-fn num_den<const FMA: bool>(o: &[f32], rhat: &[f32], w: &[f32], wc: &[f32], xf: f32) -> (f32, f32) {
-    let mut na = [0.0f32; 8];
-    let mut da = [0.0f32; 8];
-    let co = o.chunks_exact(8);
-    let cr = rhat.chunks_exact(8);
-    let cw = w.chunks_exact(8);
-    let cc = wc.chunks_exact(8);
-    let (ro, rr, rw, rc) = (
-        co.remainder(),
-        cr.remainder(),
-        cw.remainder(),
-        cc.remainder(),
-    );
-    for (((o, r), w), c) in co.zip(cr).zip(cw).zip(cc) {
+fn dot2<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (a, b) in ca.zip(cb) {
         for k in 0..8 {
-            let rf = fma32::<FMA>(-xf, o[k], r[k]);
-            na[k] = fma32::<FMA>(fma32::<FMA>(-c[k], rf, w[k]), o[k], na[k]);
-            da[k] = fma32::<FMA>(c[k] * o[k], o[k], da[k]);
+            acc[k] = fma32::<FMA>(a[k], b[k], acc[k]);
         }
     }
-    let mut num: f32 = na.iter().sum();
-    let mut den: f32 = da.iter().sum();
-    for j in 0..ro.len() {
-        let rf = fma32::<FMA>(-xf, ro[j], rr[j]);
-        num = fma32::<FMA>(fma32::<FMA>(-rc[j], rf, rw[j]), ro[j], num);
-        den = fma32::<FMA>(rc[j] * ro[j], ro[j], den);
+    let mut s = hsum8(&acc);
+    for (a, b) in ra.iter().zip(rb) {
+        s = fma32::<FMA>(*a, *b, s);
     }
-    (num, den)
+    s
+}
+
+/// `Σ a_j b_j c_j`, eight lanes at a time.
+#[inline(always)]
+fn dot3<const FMA: bool>(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb, cc) = (a.chunks_exact(8), b.chunks_exact(8), c.chunks_exact(8));
+    let (ra, rb, rc) = (ca.remainder(), cb.remainder(), cc.remainder());
+    for ((a, b), c) in ca.zip(cb).zip(cc) {
+        for k in 0..8 {
+            acc[k] = fma32::<FMA>(a[k] * b[k], c[k], acc[k]);
+        }
+    }
+    let mut s = hsum8(&acc);
+    for ((a, b), c) in ra.iter().zip(rb).zip(rc) {
+        s = fma32::<FMA>(a * b, *c, s);
+    }
+    s
+}
+
+/// Tree sum of eight lanes: three dependent adds instead of seven (this sits on the sweep's
+/// sequential chain).
+#[inline(always)]
+fn hsum8(a: &[f32; 8]) -> f32 {
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
+
+/// `y += a x`.
+#[inline(always)]
+fn axpy<const FMA: bool>(y: &mut [f64], a: f64, x: &[f64]) {
+    for (yv, &xv) in y.iter_mut().zip(x) {
+        *yv = fma64::<FMA>(a, xv, *yv);
+    }
 }
