@@ -148,8 +148,9 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
         init_std: opt(cfg, "init_std", d.init_std)?,
         seed,
     };
-    if mf.dim == 0 || mf.dim > 1024 {
-        return Err(PyValueError::new_err("dim must be in 1..=1024"));
+    mf.validate().map_err(PyValueError::new_err)?;
+    if mf.dim > 1024 {
+        return Err(PyValueError::new_err("dim must be at most 1024"));
     }
     let h = HnswConfig::default();
     let hnsw = HnswConfig {
