@@ -636,10 +636,14 @@ def generate(config: SyntheticConfig) -> Stream:
 
 
 class _Events(Protocol):
-    users: npt.NDArray[Any]
-    items: npt.NDArray[Any]
-    weights: npt.NDArray[np.float32]
-    ts: FloatArray
+    @property
+    def users(self) -> npt.NDArray[Any]: ...
+    @property
+    def items(self) -> npt.NDArray[Any]: ...
+    @property
+    def weights(self) -> npt.NDArray[np.float32]: ...
+    @property
+    def ts(self) -> FloatArray: ...
 
 
 def write_tsv(stream: _Events, path: str | Path, *, comment: str | None = None) -> int:
@@ -659,6 +663,9 @@ def write_tsv(stream: _Events, path: str | Path, *, comment: str | None = None) 
         The number of events written.
     """
     n = len(stream.users)
+    # A loaded dataset with string ids holds codes; write the ids they stand for.
+    user_ids = getattr(stream, "user_ids", None)
+    item_ids = getattr(stream, "item_ids", None)
     with open(path, "w", encoding="utf-8", newline="\n") as out:
         out.write("# user\titem\tweight\tunix_ts\n")
         if comment:
@@ -666,8 +673,10 @@ def write_tsv(stream: _Events, path: str | Path, *, comment: str | None = None) 
         step = 100_000
         for lo in range(0, n, step):
             hi = min(n, lo + step)
-            users = stream.users[lo:hi].tolist()
-            items = stream.items[lo:hi].tolist()
+            users = stream.users[lo:hi]
+            items = stream.items[lo:hi]
+            users = (user_ids[users] if user_ids is not None else users).tolist()
+            items = (item_ids[items] if item_ids is not None else items).tolist()
             weights = np.asarray(stream.weights[lo:hi], dtype=np.float32).tolist()
             ts = np.asarray(stream.ts[lo:hi], dtype=np.float64).tolist()
             out.write(
