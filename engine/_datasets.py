@@ -22,7 +22,7 @@ import io
 import math
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 import numpy as np
@@ -196,7 +196,9 @@ def _parse(path: Path, layout: _Layout, skip_lines: int) -> Dataset:
         users.add(table[:, layout.user])
         items.add(table[:, layout.item])
         weights.append(weight)
-        times.append(time if time is not None else np.arange(rows, rows + len(table), dtype=float))
+        times.append(
+            time if time is not None else np.arange(rows, rows + len(table), dtype=np.float64)
+        )
         rows += len(table)
     user_codes, user_ids = users.finish()
     item_codes, item_ids = items.finish()
@@ -259,7 +261,7 @@ def _numeric_columns(
     return weight, time
 
 
-def _raise_bad_line(path: Path, layout: _Layout, first_line: int, text: str) -> Any:
+def _raise_bad_line(path: Path, layout: _Layout, first_line: int, text: str) -> NoReturn:
     """Walk the block line by line and raise a ValueError naming the first bad line."""
     for offset, line in enumerate(text.splitlines()):
         number = first_line + offset

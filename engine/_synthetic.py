@@ -33,7 +33,8 @@ Time inside the generator is the *progress* ``p = event index / horizon`` (``hor
 event costs O(n_items); instead each event samples a candidate pool and resamples from it
 (sampling-importance-resampling, Rubin 1988). The pool is ``candidates_popular`` items drawn
 by popularity (from a reservoir of popularity draws refreshed 256 times per horizon) plus
-``candidates_uniform`` items drawn uniformly from the released catalog, and the winner is drawn
+``candidates_uniform`` items drawn uniformly from the released catalog (16 of them from the
+items released within the last three ``fresh_window``), and the winner is drawn
 from ``softmax(affinity / temperature + log popularity - log q)`` over the pool, where ``q`` is
 the probability that the pool's proposal mixture draws the item. The ``- log q`` term corrects
 for the proposal, so as the pool grows the choice tends to the full-catalog softmax; the
@@ -454,15 +455,24 @@ class _World:
         # Candidate pools, one per GROUP events, and the SIR resampling within each.
         n_groups = -(-n // GROUP)
         n_uniform = c.candidates_uniform + (-(c.candidates_popular + c.candidates_uniform)) % _BLOCK
+        # Items released within the last three freshness windows: a third, small candidate
+        # class, so the boost of a new item is not lost before the reservoir sees it.
+        fresh_lo = int(np.searchsorted(self.item_release_p, p - 3.0 * c.fresh_window, "right"))
+        n_fresh = min(_BLOCK, n_uniform) if n_items - fresh_lo > 0 else 0
         pool = np.concatenate(
             [
                 self.reservoir[rng.integers(0, RESERVOIR, (n_groups, c.candidates_popular))],
-                rng.integers(0, n_items, (n_groups, n_uniform)),
+                rng.integers(0, n_items, (n_groups, n_uniform - n_fresh)),
+                rng.integers(fresh_lo, n_items, (n_groups, n_fresh)),
             ],
             axis=1,
         )
-        share = c.candidates_popular / pool.shape[1]
-        proposal = share * self.reservoir_count[pool] / RESERVOIR + (1.0 - share) / n_items
+        size = pool.shape[1]
+        proposal = (
+            c.candidates_popular * self.reservoir_count[pool] / RESERVOIR
+            + (n_uniform - n_fresh) / n_items
+            + n_fresh * (pool >= fresh_lo) / max(n_items - fresh_lo, 1)
+        ) / size
         correction = self.log_popularity(pool, p) - np.log(proposal)
         correction = (correction - correction.max(axis=1, keepdims=True)).astype(np.float32)
         scaled = np.zeros((n_groups * GROUP, c.true_dim), dtype=np.float32)
@@ -481,11 +491,7 @@ class _World:
         expected = np.einsum("gkc,gkc->gk", mass, affinity) / np.einsum("gkc->gk", mass)
         expected = expected.reshape(-1)[:n] * np.float32(c.temperature)
 
-        # Repeat consumption of a recent item (history as of the chunk's start).
-        known = self.history_len[users]
-        repeat = (rng.random(n) < c.repeat_prob) & (known > 0)
-        slot = (rng.random(n) * np.minimum(known, HISTORY)).astype(np.int64)
-        items = np.where(repeat, self.history[users, slot], items)
+        items = self.repeat(users, items, rng.random(n) < c.repeat_prob)
 
         # Funnel: stage-by-stage conversion, likelier for relatively loved items.
         true_affinity = np.einsum("nd,nd->n", taste, self.item_factors[items])
@@ -503,6 +509,38 @@ class _World:
             users=users, items=items, types=types, weights=TYPE_WEIGHTS[types], ts=ts
         )
         return batch, true_affinity.astype(np.float32)
+
+    def repeat(self, users: IntArray, items: IntArray, repeat: npt.NDArray[np.bool_]) -> IntArray:
+        """Replace the item of each ``repeat`` event by one of its user's last HISTORY items.
+
+        The earlier item is counted back over the user's events before the chunk (the ring)
+        and within it, so even a user with many events per chunk repeats at the configured
+        rate. A repeat of a repeat resolves to the original item.
+        """
+        order = np.argsort(users, kind="stable")
+        sorted_users = users[order]
+        starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
+        counts = np.diff(np.r_[starts, len(users)])
+        rank = np.empty(len(users), dtype=np.int64)
+        rank[order] = np.arange(len(users)) - np.repeat(starts, counts)
+        before = self.history_len[users]
+        prior = np.minimum(before + rank, HISTORY)
+        repeat = repeat & (prior > 0)
+        lag = 1 + (self.rng.random(len(users)) * prior).astype(np.int64)  # 1 = the last one
+        in_chunk = repeat & (lag <= rank)
+        from_ring = repeat & ~in_chunk
+        out = items.copy()
+        ring_slot = (before - (lag - rank)) % HISTORY
+        out[from_ring] = self.history[users[from_ring], ring_slot[from_ring]]
+        position = np.empty(len(users), dtype=np.int64)
+        position[order] = np.arange(len(users))
+        source = order[np.where(in_chunk, position - lag, 0)]
+        # Sources come earlier among the user's events; settle chains of repeats.
+        while True:
+            resolved = np.where(in_chunk, out[source], out)
+            if np.array_equal(resolved, out):
+                return out
+            out = resolved
 
     def remember(self, users: IntArray, items: IntArray) -> None:
         """Append the chunk's items to their users' rings of recent items, in event order."""
