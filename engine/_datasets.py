@@ -20,6 +20,7 @@ import argparse
 import csv
 import io
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -92,7 +93,8 @@ class _Ids:
             # A non-integer id: from now on every id is a string with a dense code.
             self.index = {}
             self.blocks = [self._codes(block.astype(str)) for block in self.blocks]
-        self.blocks.append(self._codes(values.astype(str)))
+        ints = _as_ints(values) if values.dtype.kind == "f" else None
+        self.blocks.append(self._codes((ints if ints is not None else values).astype(str)))
 
     def _codes(self, values: npt.NDArray[np.str_]) -> npt.NDArray[np.int64]:
         assert self.index is not None
@@ -225,6 +227,20 @@ def _fast_table(text: str, layout: _Layout, as_text: bool = False) -> npt.NDArra
     if layout.quote is not None:
         options["quotechar"] = layout.quote
     table: npt.NDArray[Any]
+    with warnings.catch_warnings():
+        # numpy notes that blank lines do not count towards max_rows; we do not use it.
+        warnings.filterwarnings("ignore", "Input line", UserWarning)
+        table = _loadtxt(text, as_text, options)
+    if table is None:
+        return None
+    if table.shape[0] and table.shape[1] != layout.n_columns:
+        return None
+    return table
+
+
+def _loadtxt(text: str, as_text: bool, options: dict[str, Any]) -> npt.NDArray[Any] | None:
+    """numpy's C reader over ``text``: as float64 if it can, else as strings."""
+    table: npt.NDArray[Any]
     try:
         if as_text:
             raise ValueError
@@ -234,8 +250,6 @@ def _fast_table(text: str, layout: _Layout, as_text: bool = False) -> npt.NDArra
             table = np.loadtxt(io.StringIO(text), dtype=str, **options)
         except ValueError:
             return None
-    if table.shape[0] and table.shape[1] != layout.n_columns:
-        return None
     return table
 
 
