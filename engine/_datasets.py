@@ -226,7 +226,6 @@ def _fast_table(text: str, layout: _Layout, as_text: bool = False) -> npt.NDArra
     }
     if layout.quote is not None:
         options["quotechar"] = layout.quote
-    table: npt.NDArray[Any]
     with warnings.catch_warnings():
         # numpy notes that blank lines do not count towards max_rows; we do not use it.
         warnings.filterwarnings("ignore", "Input line", UserWarning)
