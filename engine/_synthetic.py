@@ -336,6 +336,10 @@ class _World:
             n_old_users, n_new_users = 1, n_new_users - 1
         self.user_join_p = np.concatenate([np.zeros(n_old_users), np.sort(rng.random(n_new_users))])
         self.user_seen_p[:] = np.maximum(self.user_join_p, 0.0)
+        # Largest item norm: bounds the logits, see ``chunk``.
+        self.max_norm = float(
+            np.sqrt(np.max(np.einsum("nd,nd->n", self.item_factors, self.item_factors)))
+        )
         # Spread of affinities between random users and items: the funnel's unit.
         pairs = rng.integers(0, [c.n_users, c.n_items], size=(4096, 2))
         self.affinity_sd = float(
@@ -373,18 +377,23 @@ class _World:
         return log_pop
 
     def refresh_reservoir(self, p: float, n_released: int) -> None:
-        """Redraw the popularity reservoir from the popularity at progress ``p``."""
-        released = np.arange(n_released)
-        log_pop = self.log_popularity(released, p)
-        weights = np.exp(log_pop - log_pop.max())
-        cdf = np.cumsum(weights)
-        # Sorted keys make the binary searches walk forward (much faster); the order of the
-        # reservoir does not matter since candidates are drawn from it at random.
-        draws = np.sort(self.rng.random(RESERVOIR)) * cdf[-1]
-        self.reservoir = np.minimum(np.searchsorted(cdf, draws, side="right"), n_released - 1)
-        self.reservoir_count = np.bincount(self.reservoir, minlength=self.config.n_items).astype(
-            np.float64
-        )
+        """Redraw the popularity reservoir from the popularity at progress ``p``.
+
+        Systematic resampling (Kitagawa 1996): item ``i`` gets ``floor(R * F_i + u) -
+        floor(R * F_(i-1) + u)`` copies, ``F`` the cumulative popularity share and ``u`` one
+        uniform draw: the expected count is exact, the spread minimal, and it costs one pass
+        over the catalog instead of a binary search per copy. The reservoir's order does not
+        matter since candidates are drawn from it at random positions.
+        """
+        log_pop = self.log_popularity(np.arange(n_released), p)
+        cdf = np.cumsum(np.exp(log_pop - log_pop.max()))
+        marks = np.floor(cdf * (RESERVOIR / cdf[-1]) + self.rng.random()).astype(np.int64)
+        marks = np.minimum(marks, RESERVOIR)
+        marks[-1] = RESERVOIR  # exact whatever the rounding of the last partial sum
+        counts = np.diff(marks, prepend=0)
+        self.reservoir = np.repeat(np.arange(n_released), counts)
+        self.reservoir_count = np.zeros(self.config.n_items)
+        self.reservoir_count[:n_released] = counts
 
     def drift_users(self, users: IntArray, p: float) -> None:
         """Advance the tastes of ``users`` to progress ``p`` (exact lazy OU update)."""
@@ -449,7 +458,8 @@ class _World:
         total = self.cum_activity[n_users - 1]
         users = np.searchsorted(self.cum_activity, rng.random(n) * total, side="right")
         users = np.minimum(users, n_users - 1).astype(np.int64)
-        self.drift_users(np.unique(users), p)
+        runs = _runs(users)
+        self.drift_users(users[runs[0][runs[1]]], p)
         taste = self.user_now[users]
 
         # Candidate pools, one per GROUP events, and the SIR resampling within each.
@@ -483,15 +493,19 @@ class _World:
             np.take(self.item_factors, pool, axis=0).transpose(0, 2, 1),
         )
         logits = affinity + correction[:, None, :]
-        logits -= logits.max(axis=2, keepdims=True)
+        # The correction is <= 0 and at least one entry per pool is 0, so unless the
+        # affinities could overflow exp, no per-row maximum needs subtracting.
+        bound = float(np.sqrt(np.max(np.einsum("nd,nd->n", scaled, scaled)))) * self.max_norm
+        if bound > 60.0:
+            logits -= logits.max(axis=2, keepdims=True)
         mass = np.exp(logits, out=logits)
-        pick = _sample_rows(mass, rng)
-        items = np.take_along_axis(pool, pick, axis=1).reshape(-1)[:n]
+        pick = _sample_rows(mass.reshape(n_groups * GROUP, -1), rng)
+        items = pool[np.arange(n_groups * GROUP) // GROUP, pick][:n]
         # The affinity the user's choice has on average: the funnel compares the pick with it.
         expected = np.einsum("gkc,gkc->gk", mass, affinity) / np.einsum("gkc->gk", mass)
         expected = expected.reshape(-1)[:n] * np.float32(c.temperature)
 
-        items = self.repeat(users, items, rng.random(n) < c.repeat_prob)
+        items = self.repeat(users, items, rng.random(n) < c.repeat_prob, runs)
 
         # Funnel: stage-by-stage conversion, likelier for relatively loved items.
         true_affinity = np.einsum("nd,nd->n", taste, self.item_factors[items])
@@ -502,7 +516,7 @@ class _World:
         )
         types = np.cumprod(convert, axis=1).sum(axis=1).astype(np.uint8)
 
-        self.remember(users, items)
+        self.remember(users, items, runs)
         ts = c.start + self.timestamps(n)
         self.position += n
         batch = EventBatch(
@@ -510,19 +524,20 @@ class _World:
         )
         return batch, true_affinity.astype(np.float32)
 
-    def repeat(self, users: IntArray, items: IntArray, repeat: npt.NDArray[np.bool_]) -> IntArray:
+    def repeat(
+        self,
+        users: IntArray,
+        items: IntArray,
+        repeat: npt.NDArray[np.bool_],
+        runs: tuple[IntArray, IntArray, IntArray, IntArray],
+    ) -> IntArray:
         """Replace the item of each ``repeat`` event by one of its user's last HISTORY items.
 
         The earlier item is counted back over the user's events before the chunk (the ring)
         and within it, so even a user with many events per chunk repeats at the configured
         rate. A repeat of a repeat resolves to the original item.
         """
-        order = np.argsort(users, kind="stable")
-        sorted_users = users[order]
-        starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
-        counts = np.diff(np.r_[starts, len(users)])
-        rank = np.empty(len(users), dtype=np.int64)
-        rank[order] = np.arange(len(users)) - np.repeat(starts, counts)
+        order, _, _, rank = runs
         before = self.history_len[users]
         prior = np.minimum(before + rank, HISTORY)
         repeat = repeat & (prior > 0)
@@ -542,41 +557,58 @@ class _World:
                 return out
             out = resolved
 
-    def remember(self, users: IntArray, items: IntArray) -> None:
+    def remember(
+        self, users: IntArray, items: IntArray, runs: tuple[IntArray, IntArray, IntArray, IntArray]
+    ) -> None:
         """Append the chunk's items to their users' rings of recent items, in event order."""
-        order = np.argsort(users, kind="stable")
+        order, starts, counts, rank = runs
         sorted_users = users[order]
-        starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
-        counts = np.diff(np.r_[starts, len(users)])
-        rank = np.arange(len(users)) - np.repeat(starts, counts)
+        sorted_rank = rank[order]
         occurrences = np.repeat(counts, counts)
-        keep = rank >= occurrences - HISTORY  # only the last HISTORY of a user survive
+        keep = sorted_rank >= occurrences - HISTORY  # only a user's last HISTORY survive
         u = sorted_users[keep]
-        slot = (self.history_len[u] + rank[keep]) % HISTORY
+        slot = (self.history_len[u] + sorted_rank[keep]) % HISTORY
         self.history[u, slot] = items[order][keep]
         self.history_len[sorted_users[starts]] += counts
 
 
 def _sample_rows(mass: npt.NDArray[np.float32], rng: np.random.Generator) -> IntArray:
-    """Draw one index per row of ``mass`` (groups, rows, pool) in proportion to its entries.
+    """Draw one column per row of ``mass`` (rows, pool) in proportion to its entries.
 
-    Inverse-CDF sampling in two levels, because a running sum along short rows is slow in
-    numpy: first pick a residue class ``k`` of the pool (entries ``k, k + 16, ...``, whose sums
-    are one vectorised reduction), then an entry within it.
+    Inverse-CDF sampling in two levels, because a running sum along every whole row is slow
+    in numpy: first pick a block of :data:`_BLOCK` adjacent entries by the blocks' sums (one
+    vectorised reduction), then an entry within the chosen block.
     """
-    groups, rows, size = mass.shape
-    blocks = mass.reshape(groups, rows, size // _BLOCK, _BLOCK)
-    # einsum reduces over a middle axis several times faster than ndarray.sum does.
-    class_mass = np.einsum("grmb->grb", blocks)  # (groups, rows, _BLOCK)
-    class_cdf = np.cumsum(class_mass, axis=2)
-    target = rng.random((groups, rows, 1), dtype=np.float32) * class_cdf[:, :, -1:]
-    k = np.minimum((class_cdf < target).sum(axis=2), _BLOCK - 1)  # (groups, rows)
-    below = np.take_along_axis(class_cdf - class_mass, k[..., None], axis=2)
-    members = np.take_along_axis(blocks, k[..., None, None], axis=3)[..., 0]
-    within = np.cumsum(members, axis=2)
-    m = np.minimum((within < target - below).sum(axis=2), size // _BLOCK - 1)
-    picked: IntArray = m * _BLOCK + k
+    rows, size = mass.shape
+    n_blocks = size // _BLOCK
+    blocks = mass.reshape(rows, n_blocks, _BLOCK)
+    block_mass = np.einsum("rkb->rk", blocks)  # faster than ndarray.sum on short axes
+    block_cdf = np.cumsum(block_mass, axis=1)
+    target = rng.random(rows, dtype=np.float32) * block_cdf[:, -1]
+    k = np.minimum((block_cdf < target[:, None]).sum(axis=1), n_blocks - 1)
+    row = np.arange(rows)
+    rest = target - (block_cdf[row, k] - block_mass[row, k])
+    within = np.cumsum(blocks[row, k], axis=1)
+    m = np.minimum((within < rest[:, None]).sum(axis=1), _BLOCK - 1)
+    picked: IntArray = k * _BLOCK + m
     return picked
+
+
+def _runs(users: IntArray) -> tuple[IntArray, IntArray, IntArray, IntArray]:
+    """Group a chunk's events by user, keeping event order within a user.
+
+    Returns:
+        ``order`` (event indices sorted by user, stably), ``starts`` and ``counts`` of each
+        user's run in that order, and ``rank``: how many earlier events of the same user the
+        chunk holds, per event (in event order).
+    """
+    order = np.argsort(users, kind="stable")
+    sorted_users = users[order]
+    starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
+    counts = np.diff(np.r_[starts, len(users)])
+    rank = np.empty(len(users), dtype=np.int64)
+    rank[order] = np.arange(len(users)) - np.repeat(starts, counts)
+    return order, starts, counts, rank
 
 
 def _chunks(world: _World) -> Iterator[tuple[EventBatch, npt.NDArray[np.float32]]]:
