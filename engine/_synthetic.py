@@ -141,8 +141,10 @@ class SyntheticConfig:
         temperature: Divides the affinity in the choice softmax: lower makes users pickier,
             higher makes popularity dominate.
         repeat_prob: Chance that an event re-interacts with one of the user's recent items.
-        drift: Typical distance, relative to the size of a taste vector, that a user's taste
-            wanders from where it started (mean-reverting over about one horizon). 0: fixed.
+        drift: How far a user's taste wanders from where it started, in the units of the
+            tastes (whose norm is about 1): after ``t`` horizons the deviation has norm about
+            ``drift * sqrt(1 - exp(-2 t))`` (a mean-reverting Ornstein-Uhlenbeck walk, updated
+            exactly at each of the user's events). 0 keeps tastes fixed.
         new_user_fraction: Share of the users that join during the stream rather than before.
         new_item_fraction: Share of the catalog released during the stream rather than before.
         fresh_boost: Extra popularity multiplier of a just-released item (it gets
@@ -182,7 +184,7 @@ class SyntheticConfig:
     age_decay: float = attrs.field(default=1.0, validator=_non_negative)
     activity_sigma: float = attrs.field(default=1.2, validator=_non_negative)
     funnel: tuple[float, float, float] = attrs.field(
-        default=(0.2, 0.3, 0.4), converter=tuple, validator=_funnel
+        default=(0.2, 0.3, 0.3), converter=tuple, validator=_funnel
     )
     funnel_affinity: float = attrs.field(default=0.8, validator=_non_negative)
     rate: float = attrs.field(default=10.0, validator=_positive)

@@ -218,6 +218,27 @@ def test_catalog_has_categories_and_tags(default_stream: Stream) -> None:
     assert np.mean(distances.argmin(axis=1) == s.item_category) > 0.8
 
 
+def test_tastes_drift_away_from_where_they_started() -> None:
+    base = dict(n_users=500, n_items=400, n_events=30_000, seed=9)
+    still = generate(SyntheticConfig(drift=0.0, **base))
+    moving = generate(SyntheticConfig(drift=0.8, **base))
+    # Same seed, same planted world: without drift a user's taste stays where it started.
+    np.testing.assert_array_equal(still.item_factors, moving.item_factors)
+    last = np.full(500, -1)
+    last[moving.users] = np.arange(len(moving))
+    active = np.flatnonzero(last >= 0)
+    moved = np.linalg.norm(moving.user_factors - still.user_factors, axis=1)
+    assert np.all(moved[last < 0] == 0)  # no events, no update
+    # The walk goes further the longer a user has been around.
+    elapsed = (last[active] - moving.user_join[active]) / len(moving)
+    late, early = moved[active][elapsed > 0.5], moved[active][elapsed < 0.1]
+    assert late.mean() > 1.5 * early.mean() > 0
+    # Mean-reverting walk: after a time t (in horizons) the deviation has spread
+    # drift * sqrt(1 - exp(-2 t)) (as a vector norm, tastes having norm about 1).
+    predicted = 0.8 * np.sqrt(1 - np.exp(-2 * elapsed))
+    assert moved[active].mean() == pytest.approx(predicted.mean(), rel=0.15)
+
+
 def test_invalid_configs_are_refused() -> None:
     with pytest.raises(ValueError, match="repeat_prob"):
         SyntheticConfig(repeat_prob=1.0)
