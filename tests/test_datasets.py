@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,30 @@ def test_bad_options_are_refused(tmp_path: Path) -> None:
     odd.write_text("1 2 3\n")
     with pytest.raises(ValueError, match="cannot tell the format"):
         load(odd)
+
+
+def test_windows_line_endings_and_byte_order_mark(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeffuser,item,rating\r\n1,2,3\r\n4,5,1.5\r\n".encode())
+    data = load(path, user_col="user", item_col="item", weight_col="rating")
+    np.testing.assert_array_equal(data.users, [1, 4])
+    np.testing.assert_array_equal(data.weights, np.float32([3, 1.5]))
+    tsv = tmp_path / "crlf.tsv"
+    tsv.write_bytes(b"1\t2\t3\t5\r\n4\t5\t1\t6\r\n")
+    np.testing.assert_array_equal(load_tsv(tsv).ts, [5, 6])
+
+
+def test_command_line_options(tmp_path: Path) -> None:
+    path = tmp_path / "events.csv"
+    path.write_text("t|u|i|w\n20|a|x|2\n10|b|y|1\n")
+    parser = argparse.ArgumentParser()
+    _datasets.add_load_arguments(parser)
+    args = parser.parse_args(
+        ["--user-col", "u", "--item-col", "i", "--weight-col", "w", "--time-col", "t"]
+    )
+    data = _datasets.load_from_args(path, args)
+    assert data.user_ids is not None
+    assert [data.user_ids[u] for u in data.users] == ["b", "a"]
+    np.testing.assert_array_equal(data.weights, np.float32([1, 2]))
+    with pytest.raises(ValueError, match="--user-col"):
+        _datasets.load_from_args(path, parser.parse_args([]))
