@@ -41,9 +41,11 @@ for the proposal, so as the pool grows the choice tends to the full-catalog soft
 uniform part lets a long-tail item the user loves be found at all. To vectorise, the
 :data:`GROUP` consecutive events of a chunk share one pool (one small matrix product).
 
-Generation runs in fixed chunks of :data:`CHUNK` events regardless of the batch size asked
-of :func:`iter_events`, so ``generate(config)`` equals the concatenation of
-``iter_events(config, batch=b)`` for every ``b``.
+Generation runs in chunks whose size depends only on the config (``horizon / 256``, clamped
+to 256..:data:`CHUNK` events: small enough that arrivals and drift, updated once per chunk,
+stay smooth in a short test stream), never on the batch size asked of :func:`iter_events`;
+so ``generate(config)`` equals the concatenation of ``iter_events(config, batch=b)`` for
+every ``b``.
 """
 
 from __future__ import annotations
@@ -80,8 +82,10 @@ TYPE_WEIGHTS: npt.NDArray[np.float32] = np.array(
     [DEFAULT_EVENT_WEIGHTS[t] for t in EVENT_TYPES], dtype=np.float32
 )
 
-#: Events generated per internal step; fixed so that output does not depend on batch sizes.
+#: Most events generated per internal step; the step never depends on batch sizes.
 CHUNK = 2048
+#: Fewest events per internal step (short streams use smaller steps than :data:`CHUNK`).
+MIN_CHUNK = 256
 #: Consecutive events sharing one candidate pool.
 GROUP = 16
 #: Recent items remembered per user for repeat consumption.
@@ -367,7 +371,8 @@ class _World:
         )
         self.reservoir_step = -1
         # Refresh often enough to follow popularity, rarely enough to cost little.
-        self.refresh_every = max(self.horizon // REFRESHES, 4 * CHUNK)
+        self.chunk_size = min(CHUNK, max(MIN_CHUNK, self.horizon // REFRESHES))
+        self.refresh_every = max(self.horizon // REFRESHES, 4 * self.chunk_size)
 
         # Clock: events so far, Poisson operational time and last timestamp offset.
         self.position = 0
@@ -636,7 +641,8 @@ def _runs(users: IntArray) -> tuple[IntArray, IntArray, IntArray, IntArray]:
 def _chunks(world: _World) -> Iterator[tuple[EventBatch, npt.NDArray[np.float32]]]:
     remaining = world.config.n_events
     while remaining is None or remaining > 0:
-        n = CHUNK if remaining is None else min(CHUNK, remaining)
+        size = world.chunk_size
+        n = size if remaining is None else min(size, remaining)
         batch, affinity = world.chunk(n)
         if remaining is not None:
             remaining -= n

@@ -11,6 +11,7 @@ import pytest
 
 from engine._datasets import load_tsv
 from engine._synthetic import (
+    CHUNK,
     EVENT_TYPES,
     HISTORY,
     TYPE_WEIGHTS,
@@ -139,8 +140,8 @@ def test_items_and_users_arrive_during_the_stream(default_stream: Stream) -> Non
     seen = first < n
     assert np.mean(first[seen] > n // 2) > 0.05  # some items appear only in the second half
     # Nothing happens before its item is released or its user joins.
-    assert np.all(s.item_release[s.items] <= np.arange(n) + 2048)
-    assert np.all(s.user_join[s.users] <= np.arange(n) + 2048)
+    assert np.all(s.item_release[s.items] <= np.arange(n) + CHUNK)
+    assert np.all(s.user_join[s.users] <= np.arange(n) + CHUNK)
     assert np.sum(s.item_release > 0) == round(s.config.n_items * s.config.new_item_fraction)
 
 
