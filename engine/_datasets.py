@@ -140,6 +140,7 @@ class _Layout:
     time: int | None
     comments: str | None
     quote: str | None
+    alias: str | None = None  # a multi-character separator, replaced by ``delimiter``
 
 
 def _blocks(path: Path, skip_lines: int) -> Iterator[tuple[int, str]]:
@@ -181,6 +182,8 @@ def _parse(path: Path, layout: _Layout, skip_lines: int) -> Dataset:
     times: list[npt.NDArray[np.float64]] = []
     rows = 0
     for first_line, text in _blocks(path, skip_lines):
+        if layout.alias is not None and layout.delimiter is not None:
+            text = text.replace(layout.alias, layout.delimiter)
         table = _fast_table(text, layout)
         if table is None:
             _raise_bad_line(path, layout, first_line, text)
@@ -330,8 +333,9 @@ def load_tsv(path: str | Path) -> Dataset:
 def load_movielens(path: str | Path, *, min_rating: float | None = None) -> Dataset:
     """Load MovieLens ratings as implicit interactions, the rating being the weight.
 
-    Understands both ``u.data`` (MovieLens 100k: ``user item rating timestamp`` separated by
-    tabs or spaces, no header) and ``ratings.csv`` (MovieLens 20M/25M/latest: header
+    Understands ``u.data`` (MovieLens 100k: ``user item rating timestamp`` separated by tabs
+    or spaces, no header), ``ratings.dat`` (MovieLens 1M/10M: the same fields separated by
+    ``::``) and ``ratings.csv`` (MovieLens 20M/25M/latest: header
     ``userId,movieId,rating,timestamp``); the first line tells which.
 
     Args:
@@ -355,7 +359,15 @@ def load_movielens(path: str | Path, *, min_rating: float | None = None) -> Data
         )
     else:
         layout = _Layout(
-            delimiter=None, n_columns=4, user=0, item=1, weight=2, time=3, comments=None, quote=None
+            delimiter="\t" if "::" in header else None,
+            n_columns=4,
+            user=0,
+            item=1,
+            weight=2,
+            time=3,
+            comments=None,
+            quote=None,
+            alias="::" if "::" in header else None,
         )
         data = _parse(path, layout, skip_lines=0)
     if min_rating is None:
@@ -380,6 +392,9 @@ def load_csv(
     delimiter: str | None = None,
 ) -> Dataset:
     """Load a delimited file whose first line names its columns.
+
+    Fields may be quoted with ``"`` (to hold the delimiter), but a record must fit on one
+    line.
 
     Args:
         path: The file.
@@ -434,7 +449,7 @@ def _guess_format(path: Path) -> str:
     first = _first_line(path)
     if name.endswith(".tsv") or first.startswith("#"):
         return "tsv"
-    if name == "u.data" or name.endswith(".data"):
+    if name == "u.data" or name.endswith((".data", ".dat")):
         return "movielens"
     if "userid" in first.lower().replace('"', "") and "movieid" in first.lower():
         return "movielens"
@@ -447,7 +462,8 @@ def load(path: str | Path, format: str = "auto", **options: Any) -> Dataset:
     """Load ``path`` in ``format`` (one of :data:`FORMATS`, or "auto" to guess).
 
     "auto" picks "tsv" for ``*.tsv`` or a first line starting with ``#``, "movielens" for
-    ``u.data``/``*.data`` or a ``userId,movieId,...`` header, and "csv" for other ``*.csv``.
+    ``u.data``/``*.data``/``*.dat`` or a ``userId,movieId,...`` header, and "csv" for other
+    ``*.csv``.
     ``options`` go to the loader (``min_rating`` for MovieLens; ``user_col``, ``item_col``,
     ``weight_col``, ``time_col``, ``delimiter`` for CSV).
 

@@ -56,6 +56,18 @@ def test_movielens_u_data(tmp_path: Path) -> None:
     np.testing.assert_array_equal(liked.users, [196, 186])
 
 
+def test_movielens_ratings_dat(tmp_path: Path) -> None:
+    path = tmp_path / "ratings.dat"
+    path.write_text("1::1193::5::978300760\n1::661::3::978302109\n2::1357::5::978298709\n")
+    data = load(path)
+    np.testing.assert_array_equal(data.users, [2, 1, 1])
+    np.testing.assert_array_equal(data.items, [1357, 1193, 661])
+    np.testing.assert_array_equal(data.weights, np.float32([5, 5, 3]))
+    path.write_text("1::1193::5::978300760\n1::661::3\n")
+    with pytest.raises(ValueError, match="line 2: expected 4 fields"):
+        load(path)
+
+
 def test_movielens_ratings_csv(tmp_path: Path) -> None:
     path = tmp_path / "ratings.csv"
     path.write_text(RATINGS_CSV)
