@@ -21,6 +21,7 @@ import trio
 
 from ._auth import issue_token
 from ._config import load_config, parse_hostport
+from ._datasets import add_load_arguments, load_from_args
 from ._exceptions import ConfigError
 
 __all__ = ["main"]
@@ -50,15 +51,11 @@ def _parser() -> argparse.ArgumentParser:
 
     replay = sub.add_parser("replay", help="stream a dataset into a running server over Forward")
     replay.add_argument("file", type=Path)
-    replay.add_argument("--format", default="auto", choices=["auto", "tsv", "movielens", "csv"])
+    add_load_arguments(replay)
     replay.add_argument("--rate", type=float, default=0.0, help="events/s (0: as fast as acked)")
     replay.add_argument("--forward", type=parse_hostport, default=("127.0.0.1", 24224))
     replay.add_argument("--key", help="producer key (shared key) if the server requires one")
     replay.add_argument("--batch", type=int, default=1000, help="events per frame")
-    replay.add_argument("--user-col", default="user")
-    replay.add_argument("--item-col", default="item")
-    replay.add_argument("--weight-col")
-    replay.add_argument("--time-col")
 
     token = sub.add_parser("token", help="print a subscription token for USER")
     _add_common(token)
@@ -78,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         if args.command == "replay":
-            return trio.run(_replay, args)
+            try:
+                return trio.run(_replay, args)
+            except ValueError as e:  # unreadable dataset: the message names file and line
+                print(f"recstream replay: {e}", file=sys.stderr)
+                return 2
         if args.command == "token":
             cfg = load_config(args.config, data_dir=args.data_dir).with_token_secret()
             assert cfg.token_secret is not None
@@ -123,17 +124,9 @@ def _snapshot(args: argparse.Namespace) -> int:
 
 
 async def _replay(args: argparse.Namespace) -> int:
-    from ._datasets import load
     from .client import ForwardProducer
 
-    stream = load(
-        args.file,
-        args.format,
-        user_col=args.user_col,
-        item_col=args.item_col,
-        weight_col=args.weight_col,
-        time_col=args.time_col,
-    )
+    stream = load_from_args(args.file, args)
     n = len(stream.users)
     host, port = args.forward
     started = time.monotonic()
@@ -143,8 +136,8 @@ async def _replay(args: argparse.Namespace) -> int:
             hi = min(n, lo + args.batch)
             events = [
                 {
-                    "user": stream.users[j].item(),
-                    "item": stream.items[j].item(),
+                    "user": _external(stream.users[j], stream.user_ids),
+                    "item": _external(stream.items[j], stream.item_ids),
                     "weight": float(stream.weights[j]),
                     "time": float(stream.ts[j]),
                 }
@@ -161,6 +154,11 @@ async def _replay(args: argparse.Namespace) -> int:
     _progress(n, n, started)
     print(file=sys.stderr)
     return 0
+
+
+def _external(code: Any, table: Any) -> str | int:
+    """A loaded id as the producer would send it: the file's integer, or its string."""
+    return str(table[int(code)]) if table is not None else int(code)
 
 
 def _progress(done: int, total: int, started: float) -> None:
