@@ -219,4 +219,4 @@ impl Hnsw {
 }
 
 /// See `select_neighbors_heuristic`.
-const KEEP_PRUNED: bool = true;
+const KEEP_PRUNED: bool = false;
