@@ -7,14 +7,16 @@
 //! - [`hnsw`]: the HNSW index for maximum inner product; [`scan`]: the exact scan.
 //! - [`decode`]: Fluent Forward Protocol v1 frames into records.
 //! - [`rng`]: the seeded generator everything random draws from.
+//! - [`py`], [`py_index`]: the Python bindings.
 //!
-//! Only `py` touches pyo3; every other module is plain Rust with its own tests.
+//! Only `py*` touches pyo3; every other module is plain Rust with its own tests.
 
 pub mod decode;
 pub mod hnsw;
 pub mod ids;
 pub mod mf;
 pub mod py;
+pub mod py_index;
 pub mod rng;
 pub mod scan;
 pub mod trending;
