@@ -7,7 +7,7 @@
 
 use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadonlyArray2};
-use parking_lot::RwLock;
+use parking_lot::{RwLock, RwLockWriteGuard};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -143,7 +143,11 @@ impl Index {
         check_finite(&flat, "vectors")?;
         py.detach(|| {
             for (i, &id) in ids.iter().enumerate() {
-                self.inner.write().upsert(id, &flat[i * d..(i + 1) * d]);
+                let mut w = self.inner.write();
+                w.upsert(id, &flat[i * d..(i + 1) * d]);
+                // Hand the lock to waiting readers: a plain unlock lets this loop re-take it
+                // at once and starve queries until parking_lot's fairness timeout.
+                RwLockWriteGuard::unlock_fair(w);
             }
         });
         Ok(())
