@@ -10,8 +10,9 @@
 //!   [`snapshot`]: its checksummed, atomically written file; [`codec`]: binary helpers.
 //! - [`dedup`]: the redelivery window of applied event ids.
 //! - [`rng`]: the seeded generator everything random draws from.
+//! - [`py`], [`py_index`]: the Python bindings.
 //!
-//! Only `py` touches pyo3; every other module is plain Rust with its own tests.
+//! Only `py*` touches pyo3; every other module is plain Rust with its own tests.
 
 pub mod codec;
 pub mod decode;
@@ -21,6 +22,7 @@ pub mod ids;
 pub mod mf;
 pub mod model;
 pub mod py;
+pub mod py_index;
 pub mod rng;
 pub mod scan;
 pub mod snapshot;

@@ -539,5 +539,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("IncompleteFrame", py.get_type::<IncompleteFrame>())?;
     m.add("UnknownItem", py.get_type::<UnknownItem>())?;
     m.add("CorruptSnapshot", py.get_type::<CorruptSnapshot>())?;
+    m.add_class::<crate::py_index::Index>()?;
     Ok(())
 }

@@ -7,7 +7,7 @@
 //! body      dim u32, m u32, ef_construction u32, ef_search u32, seed u64,
 //!           slots u32, entry u32 (u32::MAX = none), max_level u32,
 //!           per slot: level u8 (255 = unused); for a node: deleted u8,
-//!           tree parent u32 (u32::MAX = none), dim × f32,
+//!           tree parent u32 (u32::MAX = none), drift f32, anchor norm f32, dim × f32,
 //!           then for each layer 0..=level: count u32, count × u32 ids
 //! crc32     u32      over the body
 //! ```
@@ -45,6 +45,8 @@ pub(super) fn save(h: &Hnsw, w: &mut dyn Write) -> io::Result<()> {
         }
         b.push(u8::from(h.deleted[id as usize]));
         put32(&mut b, h.parent0[id as usize]);
+        b.extend_from_slice(&h.drift[id as usize].to_le_bytes());
+        b.extend_from_slice(&h.anchor_norm[id as usize].to_le_bytes());
         for &x in h.vec(id) {
             b.extend_from_slice(&x.to_le_bytes());
         }
@@ -170,6 +172,8 @@ pub(super) fn load(r: &mut dyn Read) -> io::Result<Hnsw> {
                 parents[i]
             )));
         }
+        h.drift[i] = f32::from_bits(c.u32()?);
+        h.anchor_norm[i] = f32::from_bits(c.u32()?);
         h.nodes += 1;
         h.live += usize::from(!h.deleted[i]);
         let raw = c.take(dim * 4)?;

@@ -155,7 +155,7 @@ fn filtered_search_excludes_and_still_fills_k_when_90_percent_rejected() {
         h.delete(id);
     }
     let keep = |id: u32| id % 10 == 3; // 90% excluded by the filter
-    let alive = |id: u32| keep(id) && id % 7 != 0;
+    let alive = |id: u32| keep(id) && !id.is_multiple_of(7);
     let queries = mf_vectors(50, dim, 7);
     let mut hit = 0;
     for q in queries.chunks_exact(dim) {
@@ -336,4 +336,68 @@ fn concurrent_searches_match_sequential_ones() {
             });
         }
     });
+}
+
+#[test]
+fn a_large_move_relinks_the_node_at_its_new_place() {
+    let dim = 16;
+    let mut data = mf_vectors(3_000, dim, 16);
+    let mut h = build(
+        &data,
+        dim,
+        HnswConfig {
+            ef_construction: 60,
+            ..HnswConfig::default()
+        },
+    );
+    let mut r = Rng::new(17);
+    // Queries around `target`; both the moved node and its new twin must be found.
+    let mut check = |h: &Hnsw, moved: u32, target: &[f32], twin: u32| {
+        for _ in 0..50 {
+            let q: Vec<f32> = target.iter().map(|x| x + 0.2 * r.normal() as f32).collect();
+            let truth: Vec<u32> = {
+                let d: Vec<f32> = (0..3_000u32).flat_map(|i| h.vec(i).to_vec()).collect();
+                exact_top_k(&d, dim, &q, 10, &|_| true)
+                    .iter()
+                    .map(|x| x.0)
+                    .collect()
+            };
+            let ids: Vec<u32> = h
+                .search(&q, 10, 40, &|_| true)
+                .iter()
+                .map(|x| x.0)
+                .collect();
+            for id in [moved, twin] {
+                assert_eq!(
+                    truth.contains(&id),
+                    ids.contains(&id),
+                    "{id}: {ids:?} vs {truth:?}"
+                );
+            }
+        }
+    };
+    // One jump: 5 lands (a hair above) on 77.
+    let target: Vec<f32> = data[77 * dim..78 * dim].iter().map(|x| x * 1.001).collect();
+    h.upsert(5, &target);
+    h.check_invariants().unwrap();
+    assert_eq!(h.vector(5).unwrap(), &target[..]);
+    data[5 * dim..6 * dim].copy_from_slice(&target);
+    check(&h, 5, &target, 77);
+    // Many small moves in one direction add up to a re-link too: 6 walks onto 900.
+    let far: Vec<f32> = data[900 * dim..901 * dim]
+        .iter()
+        .map(|x| x * 1.001)
+        .collect();
+    let start: Vec<f32> = data[6 * dim..7 * dim].to_vec();
+    for t in 1..=40 {
+        let a = t as f32 / 40.0;
+        let v: Vec<f32> = start
+            .iter()
+            .zip(&far)
+            .map(|(s, f)| s * (1.0 - a) + f * a)
+            .collect();
+        h.upsert(6, &v);
+    }
+    h.check_invariants().unwrap();
+    check(&h, 6, &far, 900);
 }

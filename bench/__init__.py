@@ -1,0 +1,1 @@
+"""recstream's benchmark suite: ``python -m bench SUBCOMMAND``; results go to bench/results/."""
