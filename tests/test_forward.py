@@ -392,6 +392,35 @@ async def test_handshake_with_a_wrong_key_closes_and_journals_nothing(tmp_path: 
         assert server.stats()["events_applied"] == 0
 
 
+async def test_malformed_handshakes_close_only_their_connection(tmp_path: Path) -> None:
+    pong_false = [["PONG", False]]
+    bad_pings = [  # (bytes sent as the PING, what the server answers before closing)
+        (b"\xc1", []),  # not msgpack
+        (b"\x81\x91\x01\x02", []),  # a map keyed by an array
+        (b"\x91" * 2000 + b"\x01", []),  # nested deeper than any decoder allows
+        (pack(5), []),  # not an array
+        (pack(["PING", "h", b"salt"]), []),  # too short
+        (pack(["PING", 1, b"salt", "digest", "", ""]), []),  # a hostname that is not a string
+        (pack(["PING", "h", b"salt", "\u00e9" * 128, "", ""]), pong_false),  # a non-hex digest
+        (b"\x96\xa4PING\xa1h\xa4salt\xa2\xff\xfe\xa0\xa0", []),  # a digest that is not UTF-8
+        (pack("x" * 5000), []),  # larger than any handshake message
+    ]
+    async with running_server(tmp_path / "data", producer_keys=("secret",)) as server:
+        for ping, expected in bad_pings:
+            async with connect(server) as peer:
+                assert (await peer.recv())[0] == "HELO"
+                await peer.send(ping)
+                replies = await peer.expect_closed()
+                assert [r[:2] for r in replies] == expected, ping
+        assert rejected_frames(server) == len(bad_pings)
+        async with connect(server) as peer:
+            pong, _, _ = await handshake(peer, "secret")
+            assert pong[1] is True
+            await peer.send(message({"user": "after", "item": "a"}, chunk="ok"))
+            assert await peer.recv() == {"ack": "ok"}
+        assert server.stats()["wal_seq"] == 1
+
+
 # --- item upserts, erasure, duplicates ----------------------------------------------------
 
 
