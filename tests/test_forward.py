@@ -238,12 +238,15 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
 # --- every mode ---------------------------------------------------------------------------
 
 
+# Each mode builds frames carrying the chunks "c0", "c1", ... (Message mode: one per record).
+
+
 def _message_int(recs: list[dict[str, Any]]) -> list[bytes]:
-    return [message(r, NOW, chunk=f"m{n}") for n, r in enumerate(recs)]
+    return [message(r, NOW, chunk=f"c{n}") for n, r in enumerate(recs)]
 
 
 def _message_event_time(recs: list[dict[str, Any]]) -> list[bytes]:
-    return [message(r, EventTime(NOW, 5 + n), chunk=f"m{n}") for n, r in enumerate(recs)]
+    return [message(r, EventTime(NOW, 5 + n), chunk=f"c{n}") for n, r in enumerate(recs)]
 
 
 MODES: dict[str, Callable[[list[dict[str, Any]]], list[bytes]]] = {
@@ -264,7 +267,7 @@ async def test_every_mode_is_acked_durable_and_applied(server: Server, mode: str
     assert set(liked) <= set(before), "the popular items are recommended to a new user"
 
     frames = MODES[mode](clicks(user, liked))
-    chunks = [msgpack.unpackb(f)[-1]["chunk"] for f in frames]
+    chunks = [f"c{n}" for n in range(len(frames))]
     async with connect(server) as peer:
         for frame in frames:
             await peer.send(frame)
