@@ -87,10 +87,11 @@ class ForwardServer:
         peer = _peer(stream)
         try:
             async with stream:
+                pending = b""
                 if self._keys:
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
-                        await self._handshake(stream)
-                await self._serve_frames(stream, peer)
+                        pending = await self._handshake(stream)
+                await self._serve_frames(stream, peer, pending)
         except ProtocolError as e:
             log.warning("forward %s: closing: %s", peer, e)
             self._server.metrics.rejects.labels("forward_protocol").inc()
@@ -100,14 +101,20 @@ class ForwardServer:
             pass  # the peer went away
         except (JournalClosed, JournalFailed) as e:
             log.warning("forward %s: closing: %s", peer, e)
+        except Exception:
+            # A bug met by one connection must not take the listener, and with it every
+            # other producer, down: log it and close this connection only.
+            log.exception("forward %s: closing after an unexpected error", peer)
+            self._server.metrics.rejects.labels("forward_protocol").inc()
         finally:
             self.connections -= 1
 
-    async def _handshake(self, stream: trio.SocketStream) -> None:
+    async def _handshake(self, stream: trio.SocketStream) -> bytes:
+        """Authenticates the peer; returns the bytes it sent after its PING."""
         nonce = os.urandom(16)
         helo = ["HELO", {"nonce": nonce, "auth": b"", "keepalive": True}]
         await stream.send_all(msgpack.packb(helo, use_bin_type=True))
-        ping = await _read_message(stream)
+        ping, pending = await _read_message(stream)
         if not (isinstance(ping, list) and len(ping) == 6 and ping[0] == "PING"):
             raise ProtocolError("expected PING")
         _, hostname, salt, digest, _user, _password = ping
@@ -119,24 +126,40 @@ class ForwardServer:
             (
                 k
                 for k in self._keys
-                if hmac.compare_digest(digest, shared_key_digest(salt, hostname, nonce, k))
+                # As bytes: compare_digest refuses str with non-ASCII characters.
+                if hmac.compare_digest(
+                    digest.encode(), shared_key_digest(salt, hostname, nonce, k).encode()
+                )
             ),
             None,
         )
         if key is not None:
             proof = shared_key_digest(salt, self._hostname, nonce, key)
             await stream.send_all(msgpack.packb(["PONG", True, "", self._hostname, proof]))
-            return
+            return pending
         await stream.send_all(
             msgpack.packb(["PONG", False, "shared key mismatch", self._hostname, ""])
         )
         raise ProtocolError("shared key mismatch")
 
-    async def _serve_frames(self, stream: trio.SocketStream, peer: str) -> None:
+    async def _serve_frames(self, stream: trio.SocketStream, peer: str, pending: bytes) -> None:
+        """Journals and acks frames until the peer closes; ``pending`` was read already."""
         server = self._server
         limit = server.config.model.max_frame_bytes
-        buf = bytearray()
+        buf = bytearray(pending)
         while True:
+            if buf:
+                frames, chunks, entries, error = await self._split(buf, peer)
+                # Complete frames stand and are acked even when what follows them is bad:
+                # they are durable, and an unacked chunk would be sent again.
+                if frames:
+                    await server.append(frames, "forward", entries)
+                    for chunk in chunks:
+                        await stream.send_all(msgpack.packb({"ack": chunk}))
+                if error is not None:
+                    raise ProtocolError(f"invalid frame: {error}")
+                if len(buf) > limit:
+                    raise ProtocolError(f"frame over the {limit}-byte limit")
             # Reading at least as much as is buffered makes re-checking a growing partial frame
             # cost O(frame) overall rather than O(frame^2) when the data is there to read.
             data = await stream.receive_some(max(READ_SIZE, len(buf)))
@@ -145,17 +168,15 @@ class ForwardServer:
                     raise ProtocolError(f"connection closed inside a frame ({len(buf)} bytes)")
                 return
             buf += data
-            frames, chunks, entries = await self._split(buf, peer)
-            if len(buf) > limit:
-                raise ProtocolError(f"frame over the {limit}-byte limit")
-            if not frames:
-                continue
-            await server.append(frames, "forward", entries)
-            for chunk in chunks:
-                await stream.send_all(msgpack.packb({"ack": chunk}))
 
-    async def _split(self, buf: bytearray, peer: str) -> tuple[list[bytes], list[str], int]:
-        """Takes every complete frame off the front of ``buf``."""
+    async def _split(
+        self, buf: bytearray, peer: str
+    ) -> tuple[list[bytes], list[str], int, str | None]:
+        """Takes every complete frame off the front of ``buf``.
+
+        Returns the frames, their chunk options, their entry count, and the reason the bytes
+        after them can never be a frame (None when they are a frame still arriving).
+        """
         model = self._server.model
         frames: list[bytes] = []
         chunks: list[str] = []
@@ -168,9 +189,7 @@ class ForwardServer:
                 else:
                     checked = await trio.to_thread.run_sync(model.check_frame, view)
             except InvalidFrame as e:
-                if frames:  # journal what came before the bad frame, then close
-                    await self._server.append(frames, "forward", entries)
-                raise ProtocolError(f"invalid frame: {e}") from None
+                return frames, chunks, entries, str(e)
             if checked is None:
                 break
             used = checked["used"]
@@ -180,7 +199,7 @@ class ForwardServer:
             if checked["chunk"] is not None:
                 chunks.append(checked["chunk"])
             if checked["rejected"]:
-                self._server.metrics.rejects.labels("invalid_record").inc(len(checked["rejected"]))
+                # Counted in the rejects metric once the model has applied the frame.
                 idx, reason = checked["rejected"][0]
                 log.info(
                     "forward %s: %d event(s) refused, first #%d: %s",
@@ -189,22 +208,29 @@ class ForwardServer:
                     idx,
                     reason,
                 )
-        return frames, chunks, entries
+        return frames, chunks, entries, None
 
 
-async def _read_message(stream: trio.SocketStream) -> Any:
-    """One small msgpack message (the handshake's PING)."""
+async def _read_message(stream: trio.SocketStream) -> tuple[Any, bytes]:
+    """One small msgpack message (the handshake's PING) and any bytes received after it.
+
+    A producer may send its first frame right behind the PING; those bytes belong to the
+    frame stream. Reading no more than ``MAX_HANDSHAKE_BYTES`` in all bounds the message.
+    """
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_HANDSHAKE_BYTES)
-    while True:
-        data = await stream.receive_some(MAX_HANDSHAKE_BYTES)
+    received = bytearray()
+    while len(received) < MAX_HANDSHAKE_BYTES:
+        data = await stream.receive_some(MAX_HANDSHAKE_BYTES - len(received))
         if not data:
             raise ProtocolError("connection closed during the handshake")
+        received += data
+        unpacker.feed(data)
         try:
-            unpacker.feed(data)
-        except msgpack.BufferFull:
-            raise ProtocolError("handshake message too large") from None
-        for msg in unpacker:
-            return msg
+            for msg in unpacker:
+                return msg, bytes(received[unpacker.tell() :])
+        except ValueError as e:  # damaged msgpack, bad UTF-8, nesting too deep
+            raise ProtocolError(f"malformed handshake message: {e}") from None
+    raise ProtocolError("handshake message too large")
 
 
 def _peer(stream: trio.SocketStream) -> str:
