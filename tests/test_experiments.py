@@ -30,7 +30,7 @@ def test_wilson_interval_matches_the_formula() -> None:
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
     assert wilson_interval(0, 0) == (0.0, 1.0)
     lo, hi = wilson_interval(10, 10)
-    assert hi == 1.0 and lo == pytest.approx(0.7225, abs=1e-4)
+    assert hi == pytest.approx(1.0) and lo == pytest.approx(0.7225, abs=1e-4)
 
 
 def test_assignment_is_stable_and_follows_the_shares() -> None:

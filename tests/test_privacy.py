@@ -22,7 +22,7 @@ async def test_raw_user_ids_never_reach_the_disk(tmp_path: Path) -> None:
     async with running_server(data_dir, pseudonymize_key=KEY) as server:
         async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
             events = [{"user": RAW, "item": f"i{n}", "type": "click"} for n in range(4)]
-            events += [{"user": f"other{n}", "item": f"i{n % 6}"} for n in range(30)]
+            events += [{"user": f"other{n}", "item": f"i{n % 15}"} for n in range(45)]
             r = await http.post("/v1/events", json=events)
             assert r.status_code == 202
             # Over Forward too, plain and gzip-compressed, with acks.
