@@ -70,8 +70,9 @@ class Frame:
             return _pack([self.tag, self.entries, *tail])
         stream = b"".join(_pack(e) for e in self.entries)
         if self.mode == "compressed":
-            # mtime=0: the same entries always give the same bytes (idempotent rewrites).
-            stream = gzip.compress(stream, mtime=0)
+            # mtime=0: the same entries always give the same bytes (idempotent rewrites);
+            # level 1: these frames go to the local journal, where speed matters more.
+            stream = gzip.compress(stream, compresslevel=1, mtime=0)
         return _pack([self.tag, stream, *tail])
 
 

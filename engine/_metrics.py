@@ -14,7 +14,7 @@
 ``recstream_pushes_total``          lists handed to subscribers
 ``recstream_pushes_coalesced_total`` lists replaced before a slow subscriber read them
 ``recstream_pushes_dropped_total``  lists discarded unread (erasure, stuck subscribers)
-``recstream_subscribers_dropped``   subscribers closed for being stuck
+``recstream_subscribers_dropped_total`` subscribers closed for being stuck
 ``recstream_snapshots_total``       snapshots written
 ==================================  =========================================================
 

@@ -37,6 +37,7 @@ event, so it happens only when a key is configured.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -80,6 +81,7 @@ MODEL_INBOX = 64
 REPLAY_CHUNK = 1024
 # Frames up to this size are re-encoded or decoded on the event loop, larger ones in a worker.
 INLINE_FRAME_BYTES = 64 * 1024
+PSEUDONYM_CACHE = 65_536
 
 Id = str | int
 
@@ -141,6 +143,13 @@ class Server:
         self._erased = trio.Event()  # set and replaced after every completed batch
         self._snapshot_lock = trio.Lock()
         self._coalesced_reported = 0
+        key = cfg.pseudonymize_key
+        # Active users recur: caching their pseudonyms (bounded) saves an HMAC per event.
+        self._pseudonym = (
+            functools.lru_cache(maxsize=PSEUDONYM_CACHE)(functools.partial(pseudonym, key))
+            if key is not None
+            else None
+        )
         self.metrics.index_stale.set_function(lambda: self.model.stats()["index_stale"])
         self.metrics.subscribers.set_function(
             lambda: self.publisher.subscribers if self.publisher is not None else 0
@@ -445,8 +454,7 @@ class Server:
 
     def map_user(self, user: Id) -> Id:
         """The id the engine stores for ``user``: its pseudonym when pseudonymisation is on."""
-        key = self.config.pseudonymize_key
-        return pseudonym(key, user) if key is not None else user
+        return self._pseudonym(user) if self._pseudonym is not None else user
 
     async def _off_loop(self, fn: Any, frames: list[bytes]) -> Any:
         if sum(len(f) for f in frames) <= INLINE_FRAME_BYTES:
@@ -460,11 +468,9 @@ class Server:
         running, interactions are attributed to the variants once durable.
         """
         assert self.journal_actor is not None
-        key = self.config.pseudonymize_key
-        if key is not None:
-            frames = await self._off_loop(
-                lambda fs: [map_users(f, lambda u: pseudonym(key, u)) for f in fs], frames
-            )
+        if self._pseudonym is not None:
+            fn = self._pseudonym
+            frames = await self._off_loop(lambda fs: [map_users(f, fn) for f in fs], frames)
         started = time.perf_counter()
         now = time.time()
         try:
