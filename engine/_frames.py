@@ -25,7 +25,15 @@ from typing import Any
 
 import msgpack
 
-__all__ = ["Frame", "decode_frame", "drop_users", "interactions", "map_users", "pseudonym"]
+__all__ = [
+    "Frame",
+    "decode_frame",
+    "drop_users",
+    "erased_users",
+    "interactions",
+    "map_users",
+    "pseudonym",
+]
 
 Id = str | int
 Entry = list[Any]  # [time, record]
@@ -117,6 +125,15 @@ def interactions(frame: bytes) -> list[tuple[Id, Id]]:
         if user is not None and item is not None:
             out.append((user, item))
     return out
+
+
+def erased_users(frame: bytes) -> list[Id]:
+    """The ids named by ``erase_user`` records in ``frame``."""
+    return [
+        r["erase_user"]
+        for r in _records(decode_frame(frame))
+        if isinstance(r.get("erase_user"), str | int) and not isinstance(r["erase_user"], bool)
+    ]
 
 
 def map_users(frame: bytes, fn: Callable[[Id], Id]) -> bytes:

@@ -29,6 +29,14 @@ are done, every snapshot is at or after E and the log has no event of the user u
 no recovery path can bring the user back; events for the same id after E are new data.
 Journal segments older than the new snapshot are dropped as after any snapshot.
 
+A crash between steps 1 and 3 leaves the model state right (replay erases again) but the
+bytes on disk: recovery therefore reads the whole log, not only the part after the snapshot,
+for erase records, and completes steps 2 and 3 for each one it finds once serving. A
+completed erasure leaves no erase record, so this never repeats. An erasure is detected live
+as a user reported without an event id who has no vector after the group (an erase and a
+later interaction of the same user within one journal record hides it from the live check,
+not from the one at the next start).
+
 Pseudonymisation (``pseudonymize_key``): user ids in every incoming frame are replaced by
 HMAC-SHA256(key, id) before the frame is journaled (see ``engine._frames``). Frames are
 decoded and re-encoded in Python for that, which costs several times the Rust check per
@@ -48,6 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
@@ -60,7 +69,7 @@ from ._events import journal_record, json_to_frame, parse_journal_record
 from ._exceptions import InvalidEvents, JournalClosed, JournalFailed
 from ._experiments import Experiments, Variant
 from ._forward import ForwardServer
-from ._frames import drop_users, interactions, map_users, pseudonym
+from ._frames import drop_users, erased_users, interactions, map_users, pseudonym
 from ._index_actor import IndexActor
 from ._journal import Journal, RecoveryReport
 from ._journal_actor import Appended, JournalActor
@@ -206,7 +215,14 @@ class Server:
         replayed = 0
         chunk: list[bytes] = []
         first = seq + 1
-        for s, payload in journal.replay(after_seq=seq):
+        # The whole log is read, not only what follows the snapshot: an erase record still
+        # in it means a crash interrupted that erasure, which is completed once serving.
+        for s, payload in journal.replay(after_seq=0):
+            if b"erase_user" in payload or b"gzip" in payload:
+                for user in _erase_requests(payload):
+                    self._erase_pending[user] = s
+            if s <= seq:
+                continue
             if not chunk:
                 first = s
             chunk.append(payload)
@@ -227,6 +243,9 @@ class Server:
     async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Recovers, serves until :meth:`shutdown`, then stops in order."""
         journal, applied_seq = await trio.to_thread.run_sync(self._recover)
+        if self._erase_pending:
+            log.info("completing %d interrupted erasure(s)", len(self._erase_pending))
+            self._erase_wake.set()
         send, receive = trio.open_memory_channel[Appended](MODEL_INBOX)
         self.journal_actor = JournalActor(journal, output=send)
         self.index_actor = IndexActor(self.model)
@@ -565,6 +584,15 @@ class Server:
             "rejected": s["rejected"],
             "index_stale": s["index_stale"],
         }
+
+
+def _erase_requests(payload: bytes) -> list[Id]:
+    """Users named by erase records in one journal payload (an unreadable one: none)."""
+    try:
+        return erased_users(parse_journal_record(payload)[1])
+    except (ValueError, TypeError, OSError, EOFError, msgpack.UnpackException) as e:
+        log.warning("journal record unreadable while looking for erasures: %s", e)
+        return []
 
 
 def _copy_durably(src: Path, dst: Path) -> None:
