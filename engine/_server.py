@@ -144,10 +144,13 @@ class Server:
             max_users=cfg.experiment_max_users,
         )
         self._recommend_params = self._supported_recommend_params()
+        self._variant_params: dict[str, dict[str, Any]] = {}
         # Erasures applied by the model, waiting for the snapshot and journal rewrite: user
         # -> seq of its newest erase record. Bounded by the erase requests in flight.
         self._erase_pending: dict[Id, int] = {}
         self._erase_wake = trio.Event()
+        self._erasing: dict[Id, int] = {}  # the batch being completed
+        self._erase_stopped = False
         self.erased_through = 0  # every erasure with seq <= this is complete on disk
         self._erased = trio.Event()  # set and replaced after every completed batch
         self._snapshot_lock = trio.Lock()
@@ -331,7 +334,7 @@ class Server:
                 # An erase record reports its user without an event id; an interaction
                 # leaves the user with a vector, an erase without one.
                 if event_id is None and self.model.user_vector(user) is None:
-                    self._erase_applied(user, r.seq)
+                    self.erase_applied(user, r.seq)
             self.publisher.notify(r.users, r.seq, r.accepted_at)
             rejected += len(r.rejected)
         if rejected:
@@ -340,13 +343,20 @@ class Server:
         self._applied.set()
         self._applied = trio.Event()
 
-    def _erase_applied(self, user: Id, seq: int) -> None:
+    def erase_applied(self, user: Id, seq: int) -> None:
+        """Step 1's in-memory part and the start of steps 2-3 for an erase applied at ``seq``.
+
+        Called when an erasure is seen live, and by the erase endpoint once its record is
+        applied (so an erasure the live check missed still completes). Idempotent.
+        """
         assert self.publisher is not None
         dropped = self.publisher.erase(user)
         if dropped:
             self.metrics.dropped_pushes.inc(dropped)
         self.experiments.forget(user)
-        self._erase_pending[user] = max(seq, self._erase_pending.get(user, 0))
+        if seq <= max(self._erase_pending.get(user, 0), self._erasing.get(user, 0)):
+            return  # already queued or being completed
+        self._erase_pending[user] = seq
         self._erase_wake.set()
 
     def _on_push(self, sub: Subscription, msg: dict[str, Any]) -> None:
@@ -379,46 +389,75 @@ class Server:
         """The variant's extra ``recommend`` arguments that the installed model accepts.
 
         A parameter the model does not know (an older extension) is left out rather than
-        failing the request, so a variant can be configured ahead of the model supporting it.
+        failing the request, so a variant can be configured ahead of the model supporting
+        it. Decided once per variant: by the signature, or by one probing call per parameter
+        (a TypeError means the name is unknown) where there is no signature.
         """
         if variant is None or not variant.params:
             return {}
-        params = dict(variant.params)
+        cached = self._variant_params.get(variant.name)
+        if cached is not None:
+            return cached
         if self._recommend_params is not None:
-            return {k: v for k, v in params.items() if k in self._recommend_params}
-        kept = {}
-        for name, value in params.items():
-            try:
-                self.model.recommend("", k=1, **{name: value})
-            except TypeError:
-                continue
-            except Exception:  # noqa: BLE001 - any other refusal: the name itself is accepted
-                pass
-            kept[name] = value
+            kept = {k: v for k, v in variant.params.items() if k in self._recommend_params}
+        else:
+            kept = {}
+            for name, value in variant.params.items():
+                try:
+                    self.model.recommend("", k=1, **{name: value})
+                except TypeError:
+                    continue
+                except Exception:  # noqa: BLE001 - refused for another reason: the name is known
+                    pass
+                kept[name] = value
+        dropped = set(variant.params) - set(kept)
+        if dropped:
+            log.warning(
+                "variant %r: the model does not accept %s; left out",
+                variant.name,
+                ", ".join(sorted(dropped)),
+            )
+        self._variant_params[variant.name] = kept
         return kept
 
     # --- erasure ----------------------------------------------------------------------------
 
-    async def wait_erased(self, seq: int) -> None:
-        """Returns once every erasure journaled at or before ``seq`` is complete on disk."""
-        while self.erased_through < seq:
+    async def wait_erased(self, user: Id) -> None:
+        """Returns once the queued erasure of ``user`` is complete on disk.
+
+        Raises:
+            JournalClosed: the erasure could not finish (shutdown or a disk failure); its
+                erase record stays in the journal and the next start completes it.
+        """
+        while user in self._erase_pending or user in self._erasing:
             await self._erased.wait()
+        if self._erase_stopped:
+            raise JournalClosed("the erasure completes when the server next starts")
 
     async def _erase_loop(self) -> None:
-        while True:
-            await self._erase_wake.wait()
-            self._erase_wake = trio.Event()
-            if not self._erase_pending:
-                continue
-            pending, self._erase_pending = self._erase_pending, {}
-            try:
-                await self._complete_erasure(pending)
-            except (JournalClosed, JournalFailed) as e:
-                log.error("erasure of %d user(s) left incomplete: %s", len(pending), e)
-                return
-            self.erased_through = max(self.erased_through, max(pending.values()))
+        try:
+            while True:
+                await self._erase_wake.wait()
+                self._erase_wake = trio.Event()
+                if not self._erase_pending:
+                    continue
+                pending, self._erase_pending = self._erase_pending, {}
+                self._erasing = pending
+                try:
+                    await self._complete_erasure(pending)
+                except (JournalClosed, JournalFailed) as e:
+                    # The erase records stay in the journal: the next start completes them.
+                    log.error("erasure of %d user(s) left incomplete: %s", len(pending), e)
+                    return
+                finally:
+                    self._erasing = {}
+                self.erased_through = max(self.erased_through, max(pending.values()))
+                self._erased.set()
+                self._erased = trio.Event()
+        finally:
+            self._erase_stopped = True
+            self._erase_pending.clear()
             self._erased.set()
-            self._erased = trio.Event()
 
     async def _complete_erasure(self, pending: dict[Id, int]) -> None:
         """Steps 2 and 3 of an erasure (see the module docstring)."""

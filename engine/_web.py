@@ -367,7 +367,8 @@ def build_app(server: Server) -> Starlette:
         raw: Id = text if cfg.pseudonymize_key is not None else user
         seq = (await ingest({"erase_user": raw}, DEFAULT_TAG, "http"))[1]
         await server.wait_applied(seq)
-        await server.wait_erased(seq)
+        server.erase_applied(user, seq)
+        await server.wait_erased(user)
         return JSONResponse({"user": raw, "erased": True, "seq": seq})
 
     # --- operations -----------------------------------------------------------------------

@@ -90,8 +90,9 @@ async def test_forward_erase_record_is_completed_on_disk(tmp_path: Path) -> None
         await server.wait_applied(seq)
         await server.take_snapshot()
         seq = await send_acked(server, [forward([{"erase_user": ERASED}], chunk="b")], ["b"])
+        await server.wait_applied(seq)
         with trio.fail_after(10):
-            await server.wait_erased(seq)
+            await server.wait_erased(ERASED)
         assert server.model.seen(ERASED) == []
         assert [p for p, b in _bytes_on_disk(data_dir) if ERASED.encode() in b] == []
         assert set(server.model.seen(KEPT)) == {f"i{n}" for n in range(3, 8)}

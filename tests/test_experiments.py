@@ -142,3 +142,24 @@ async def test_without_variants_everyone_is_default(tmp_path: Path) -> None:
             body = (await http.get("/v1/users/anyone/recommendations")).json()
             assert body["variant"] == "default"
             assert (await http.get("/v1/experiments")).json()["variants"] == []
+
+
+async def test_overrides_reach_recommend_only_when_the_model_accepts_them(
+    tmp_path: Path,
+) -> None:
+    async with running_server(tmp_path / "data", variants=VARIANTS) as server:
+        short = VARIANTS[1]
+        accepted = server._recommend_params
+        assert accepted is not None and "k" in accepted and "no_such_param" not in accepted
+        expected = {k: v for k, v in short.params.items() if k in accepted}
+        assert server.recommend_params(short) == expected
+        assert "no_such_param" not in server.recommend_params(short)
+        # A model that accepts the override gets it.
+        server._recommend_params = accepted | {"diversity"}
+        server._variant_params.clear()
+        assert server.recommend_params(short) == {"diversity": 0.3}
+        # Without a signature, one probing call per parameter decides.
+        server._recommend_params = None
+        server._variant_params.clear()
+        assert server.recommend_params(short) == expected
+        assert server.recommend_params(VARIANTS[0]) == {}
