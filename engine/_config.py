@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from ._exceptions import ConfigError
+from ._experiments import Variant, check_variants
 from ._journal import SyncPolicy
 from ._model import ModelConfig
 
@@ -67,6 +68,16 @@ class ServerConfig:
             acknowledging data (a stuck reader cannot hold a connection forever).
         max_body_bytes: Largest HTTP body and websocket message accepted.
         max_events_per_request: Events in one HTTP request or websocket message.
+        variants: A/B variants (``[[variants]]`` tables with ``name``, ``share`` and overrides
+            such as ``k``, ``diversity``, ``exploration``); empty: no experiment.
+        experiment_salt: Mixed into the stable hash that assigns users to variants.
+        attribution_window: Seconds after an impression in which an interaction with a shown
+            item is credited to its variant.
+        impressions_per_user: Impressions remembered per user for attribution.
+        experiment_max_users: Users whose impressions are remembered (least recent go first).
+        pseudonymize_key: When set, every user id is replaced by HMAC-SHA256(key, id) (hex,
+            32 characters) before anything is journaled, and ids in requests are mapped the
+            same way, so raw user ids never reach the disk.
         model: The model's settings.
     """
 
@@ -93,6 +104,12 @@ class ServerConfig:
     tcp_user_timeout_ms: int = 10_000
     max_body_bytes: int = 4 * 1024 * 1024
     max_events_per_request: int = 10_000
+    variants: tuple[Variant, ...] = attrs.field(default=(), converter=check_variants)
+    experiment_salt: str = "recstream"
+    attribution_window: float = 1800.0
+    impressions_per_user: int = 8
+    experiment_max_users: int = 100_000
+    pseudonymize_key: bytes | None = None
     model: ModelConfig = attrs.field(factory=lambda: ModelConfig(auto_reindex=False))
 
     @property
@@ -139,6 +156,7 @@ _ENV: dict[str, tuple[str, Any]] = {
     "RECSTREAM_ADMIN_KEY": ("admin_key", str),
     "RECSTREAM_TOKEN_SECRET": ("token_secret", str.encode),
     "RECSTREAM_SYNC": ("sync", str),
+    "RECSTREAM_PSEUDONYMIZE_KEY": ("pseudonymize_key", str.encode),
 }
 
 
@@ -159,6 +177,9 @@ def load_config(
         model = data.pop("model", None)
         if model is not None:
             values["model"] = ModelConfig(**{"auto_reindex": False, **model})
+        variants = data.pop("variants", None)
+        if variants is not None:
+            values["variants"] = tuple(Variant.from_dict(v) for v in variants)
         values.update(data)
     for name, (field, conv) in _ENV.items():
         raw = (os.environ if env is None else env).get(name)
@@ -167,6 +188,8 @@ def load_config(
     values.update({k: v for k, v in overrides.items() if v is not None})
     if "data_dir" in values:
         values["data_dir"] = Path(values["data_dir"])
+    if isinstance(values.get("pseudonymize_key"), str):
+        values["pseudonymize_key"] = values["pseudonymize_key"].encode()
     if "producer_keys" in values:
         values["producer_keys"] = tuple(values["producer_keys"])
     try:

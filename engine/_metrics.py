@@ -1,5 +1,23 @@
 """Prometheus metrics, served at ``/metrics`` and read by the dashboard.
 
+==================================  =========================================================
+``recstream_events_total``          events by ``source`` (http, ws, forward, demo) and
+                                    ``result`` (accepted, rejected, unavailable)
+``recstream_rejects_total``         refusals by ``reason`` (invalid_event, invalid_record,
+                                    invalid_frame, bad_request, too_large, auth,
+                                    forward_protocol)
+``recstream_wal_append_seconds``    append to durable (group commit and fsync)
+``recstream_model_apply_seconds``   the model actor's apply time per journal group
+``recstream_index_stale_items``     moved items not yet re-linked (read at scrape time)
+``recstream_push_latency_seconds``  event accepted to changed list handed to a subscriber
+``recstream_subscribers``           live subscriptions (read at scrape time)
+``recstream_pushes_total``          lists handed to subscribers
+``recstream_pushes_coalesced_total`` lists replaced before a slow subscriber read them
+``recstream_pushes_dropped_total``  lists discarded unread (erasure, stuck subscribers)
+``recstream_subscribers_dropped_total`` subscribers closed for being stuck
+``recstream_snapshots_total``       snapshots written
+==================================  =========================================================
+
 One registry per server (not the process-global one), so tests can run several servers in one
 process without their counters mixing.
 """
@@ -60,6 +78,11 @@ class Metrics:
         )
         self.dropped = Counter(
             "recstream_subscribers_dropped", "Subscribers closed for being stuck", registry=r
+        )
+        self.dropped_pushes = Counter(
+            "recstream_pushes_dropped",
+            "Lists discarded unread: erased users, stuck subscribers",
+            registry=r,
         )
         self.snapshots = Counter("recstream_snapshots", "Snapshots written", registry=r)
 

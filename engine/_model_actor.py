@@ -91,6 +91,7 @@ class ModelActor:
         self._inbox = inbox
         self._on_applied = on_applied
         self._lock = trio.Lock()  # held while a group applies; snapshots take it in between
+        self.last_apply_seconds = 0.0  # wall time of the newest group's apply (metrics)
         self.drained = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -99,9 +100,11 @@ class ModelActor:
         async with self._inbox:
             async for group in self._inbox:
                 async with self._lock:
+                    started = time.perf_counter()
                     results = await trio.to_thread.run_sync(
                         apply_records, self.model, group.first_seq, group.payloads
                     )
+                    self.last_apply_seconds = time.perf_counter() - started
                     self.applied_seq = group.last_seq
                 if self._on_applied is not None:
                     self._on_applied(results)

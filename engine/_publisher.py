@@ -54,13 +54,24 @@ class Slot:
         self.closed = False
         self.replaced = 0  # messages overwritten before they were read (coalesced pushes)
 
-    def put(self, value: dict[str, Any]) -> None:
+    def put(self, value: dict[str, Any]) -> bool:
+        """Stores ``value``; True if it replaced an unread message (a coalesced push)."""
         if self.closed:
-            return
-        if self._value is not None:
+            return False
+        replaced = self._value is not None
+        if replaced:
             self.replaced += 1
         self._value = value
         self._ready.set()
+        return replaced
+
+    def discard(self) -> bool:
+        """Drops the unread message, if any (erasure); True if there was one."""
+        had = self._value is not None
+        self._value = None
+        if had and not self.closed:
+            self._ready = trio.Event()
+        return had
 
     def close(self) -> None:
         """Wakes the reader with None: no more messages will come."""
@@ -89,9 +100,13 @@ class Subscription:
     slot: Slot = attrs.field(factory=Slot)
     last_items: list[Id] | None = None
     version: int = 0
+    # The user's A/B variant (named in every message) and its extra recommend() arguments.
+    variant: str | None = None
+    params: dict[str, Any] = attrs.field(factory=dict)
 
     def query(self) -> dict[str, Any]:
         return {
+            **self.params,
             "k": self.k,
             "category": self.category,
             "exclude": list(self.exclude) or None,
@@ -104,12 +119,15 @@ def _message(sub: Subscription, recs: list[Any], cause: Cause | None) -> dict[st
         items = [{"item": r[0], "score": r[1], "because": r[2]} for r in recs]
     else:
         items = [{"item": r[0], "score": r[1]} for r in recs]
-    return {
+    msg = {
         "user": sub.user,
         "items": items,
         "version": sub.version,
         "cause": cause.as_json() if cause is not None else None,
     }
+    if sub.variant is not None:
+        msg["variant"] = sub.variant
+    return msg
 
 
 class Publisher:
@@ -146,6 +164,8 @@ class Publisher:
         self._wake = trio.Event()
         self._round_robin: Iterable[Id] = iter(())
         self.pushes = 0
+        self.coalesced = 0  # pushes that replaced an unread one
+        self.dropped = 0  # pushes discarded unread (erasure)
 
     @property
     def subscribers(self) -> int:
@@ -180,6 +200,18 @@ class Publisher:
                 woke = True
         if woke:
             self._wake.set()
+
+    def erase(self, user: Id) -> int:
+        """Forgets pending work and unread lists of ``user`` (erasure); returns the number of
+        unread lists dropped. The subscriptions stay: their next list is computed from what
+        the model holds now."""
+        self._pending.pop(user, None)
+        dropped = 0
+        for sub in self._subs.get(user, ()):
+            dropped += sub.slot.discard()
+            sub.last_items = None
+        self.dropped += dropped
+        return dropped
 
     def close_all(self) -> None:
         """Closes every slot (server shutdown): sessions close their sockets with 1001."""
@@ -224,7 +256,7 @@ class Publisher:
             if [r[0] for r in recs] == sub.last_items:
                 continue
             msg = self._record(sub, recs, cause)
-            sub.slot.put(msg)
+            self.coalesced += sub.slot.put(msg)
             self.pushes += 1
             if self._on_push is not None:
                 self._on_push(sub, msg)

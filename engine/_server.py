@@ -8,18 +8,55 @@ subscribers with 1001, stop the HTTP server.
 Snapshots: ``snapshot.rsnap`` is the newest, ``snapshot.prev.rsnap`` the one before. Journal
 segments are deleted only once the *older* snapshot covers them, so a damaged newest snapshot
 still leaves a complete recovery path.
+
+Erasure (``DELETE /v1/users/{user}`` or a Forward ``{"erase_user": id}`` record) must leave
+nothing on disk from which the user could come back. It runs in this order:
+
+1. The erase record is journaled at seq E and applied: the model forgets the user's vector,
+   history and seen set. The publisher drops unread lists and pending recomputes for the
+   user's subscriptions; experiment bookkeeping forgets the user's impressions.
+2. A snapshot is taken (at seq S >= E, so without the user), and copied over the previous
+   snapshot, so both snapshot files are free of the user. A crash before this point leaves
+   the old snapshots *and* the whole log, erase record included: replay erases again.
+3. The journal is rewritten (``Journal.rewrite``, atomic) without any record of the user
+   with seq <= E -- interactions and the erase record itself. A crash before the rewrite
+   commits leaves step 2's snapshots, which start after E, so the records still in the log
+   are never replayed; after it, the log holds nothing of the user at all.
+
+Step 2 must precede step 3: rewriting first and crashing before the snapshot would load an
+old snapshot that still has the user and replay a log that no longer erases them. Once both
+are done, every snapshot is at or after E and the log has no event of the user up to E, so
+no recovery path can bring the user back; events for the same id after E are new data.
+Journal segments older than the new snapshot are dropped as after any snapshot.
+
+A crash between steps 1 and 3 leaves the model state right (replay erases again) but the
+bytes on disk: recovery therefore reads the whole log, not only the part after the snapshot,
+for erase records, and completes steps 2 and 3 for each one it finds once serving. A
+completed erasure leaves no erase record, so this never repeats. An erasure is detected live
+as a user reported without an event id who has no vector after the group (an erase and a
+later interaction of the same user within one journal record hides it from the live check,
+not from the one at the next start).
+
+Pseudonymisation (``pseudonymize_key``): user ids in every incoming frame are replaced by
+HMAC-SHA256(key, id) before the frame is journaled (see ``engine._frames``). Frames are
+decoded and re-encoded in Python for that, which costs several times the Rust check per
+event, so it happens only when a key is configured.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
@@ -28,9 +65,11 @@ from hypercorn.utils import wrap_app
 
 from ._config import ServerConfig
 from ._core import CorruptSnapshot, InvalidFrame
-from ._events import journal_record, json_to_frame
+from ._events import journal_record, json_to_frame, parse_journal_record
 from ._exceptions import InvalidEvents, JournalClosed, JournalFailed
+from ._experiments import Experiments, Variant
 from ._forward import ForwardServer
+from ._frames import drop_users, erased_users, interactions, map_users, pseudonym
 from ._index_actor import IndexActor
 from ._journal import Journal, RecoveryReport
 from ._journal_actor import Appended, JournalActor
@@ -49,6 +88,11 @@ PREVIOUS_SNAPSHOT = "snapshot.prev.rsnap"
 # that, producers wait (backpressure).
 MODEL_INBOX = 64
 REPLAY_CHUNK = 1024
+# Frames up to this size are re-encoded or decoded on the event loop, larger ones in a worker.
+INLINE_FRAME_BYTES = 64 * 1024
+PSEUDONYM_CACHE = 65_536
+
+Id = str | int
 
 
 def _listening_socket(host: str, port: int, user_timeout_ms: int) -> socket.socket:
@@ -91,6 +135,37 @@ class Server:
         self.accepting = False
         self._shutdown = trio.Event()
         self._applied = trio.Event()  # set and replaced after every applied group
+        cfg = self.config
+        self.experiments = Experiments(
+            cfg.variants,
+            salt=cfg.experiment_salt,
+            window=cfg.attribution_window,
+            per_user=cfg.impressions_per_user,
+            max_users=cfg.experiment_max_users,
+        )
+        self._recommend_params = self._supported_recommend_params()
+        self._variant_params: dict[str, dict[str, Any]] = {}
+        # Erasures applied by the model, waiting for the snapshot and journal rewrite: user
+        # -> seq of its newest erase record. Bounded by the erase requests in flight.
+        self._erase_pending: dict[Id, int] = {}
+        self._erase_wake = trio.Event()
+        self._erasing: dict[Id, int] = {}  # the batch being completed
+        self._erase_stopped = False
+        self.erased_through = 0  # every erasure with seq <= this is complete on disk
+        self._erased = trio.Event()  # set and replaced after every completed batch
+        self._snapshot_lock = trio.Lock()
+        self._coalesced_reported = 0
+        key = cfg.pseudonymize_key
+        # Active users recur: caching their pseudonyms (bounded) saves an HMAC per event.
+        self._pseudonym = (
+            functools.lru_cache(maxsize=PSEUDONYM_CACHE)(functools.partial(pseudonym, key))
+            if key is not None
+            else None
+        )
+        self.metrics.index_stale.set_function(lambda: self.model.stats()["index_stale"])
+        self.metrics.subscribers.set_function(
+            lambda: self.publisher.subscribers if self.publisher is not None else 0
+        )
 
     # --- paths ------------------------------------------------------------------------------
 
@@ -143,7 +218,14 @@ class Server:
         replayed = 0
         chunk: list[bytes] = []
         first = seq + 1
-        for s, payload in journal.replay(after_seq=seq):
+        # The whole log is read, not only what follows the snapshot: an erase record still
+        # in it means a crash interrupted that erasure, which is completed once serving.
+        for s, payload in journal.replay(after_seq=0):
+            if b"erase_user" in payload or b"gzip" in payload:
+                for user in _erase_requests(payload):
+                    self._erase_pending[user] = s
+            if s <= seq:
+                continue
             if not chunk:
                 first = s
             chunk.append(payload)
@@ -164,6 +246,9 @@ class Server:
     async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
         """Recovers, serves until :meth:`shutdown`, then stops in order."""
         journal, applied_seq = await trio.to_thread.run_sync(self._recover)
+        if self._erase_pending:
+            log.info("completing %d interrupted erasure(s)", len(self._erase_pending))
+            self._erase_wake.set()
         send, receive = trio.open_memory_channel[Appended](MODEL_INBOX)
         self.journal_actor = JournalActor(journal, output=send)
         self.index_actor = IndexActor(self.model)
@@ -202,6 +287,7 @@ class Server:
                 await services.start(self.index_actor.run)
                 await services.start(self.publisher.run)
                 services.start_soon(self._snapshot_loop)
+                services.start_soon(self._erase_loop)
                 forward_scope = await services.start(forward.serve, fwd_sock)
                 binds = await nursery.start(
                     lambda task_status: worker_serve(
@@ -240,22 +326,166 @@ class Server:
 
     def _on_applied(self, results: list[Applied]) -> None:
         assert self.publisher is not None and self.index_actor is not None
+        assert self.model_actor is not None
+        self.metrics.model_update.observe(self.model_actor.last_apply_seconds)
         rejected = 0
         for r in results:
+            for user, event_id in r.users:
+                # An erase record reports its user without an event id; an interaction
+                # leaves the user with a vector, an erase without one.
+                if event_id is None and self.model.user_vector(user) is None:
+                    self.erase_applied(user, r.seq)
             self.publisher.notify(r.users, r.seq, r.accepted_at)
             rejected += len(r.rejected)
         if rejected:
             self.metrics.rejects.labels("invalid_record").inc(rejected)
         self.index_actor.wake()
-        self.metrics.index_stale.set(self.index_actor.stale)
         self._applied.set()
         self._applied = trio.Event()
 
+    def erase_applied(self, user: Id, seq: int) -> None:
+        """Step 1's in-memory part and the start of steps 2-3 for an erase applied at ``seq``.
+
+        Called when an erasure is seen live, and by the erase endpoint once its record is
+        applied (so an erasure the live check missed still completes). Idempotent.
+        """
+        assert self.publisher is not None
+        dropped = self.publisher.erase(user)
+        if dropped:
+            self.metrics.dropped_pushes.inc(dropped)
+        self.experiments.forget(user)
+        if seq <= max(self._erase_pending.get(user, 0), self._erasing.get(user, 0)):
+            return  # already queued or being completed
+        self._erase_pending[user] = seq
+        self._erase_wake.set()
+
     def _on_push(self, sub: Subscription, msg: dict[str, Any]) -> None:
+        assert self.publisher is not None
         self.metrics.pushes.inc()
+        coalesced = self.publisher.coalesced - self._coalesced_reported
+        if coalesced:
+            self.metrics.coalesced.inc(coalesced)
+            self._coalesced_reported = self.publisher.coalesced
+        self.experiments.impression(sub.user, [i["item"] for i in msg["items"]], time.time())
         cause = msg.get("cause")
         if cause is not None:
             self.metrics.push_latency.observe(max(0.0, time.time() - cause["accepted_at"]))
+
+    # --- experiments ------------------------------------------------------------------------
+
+    def _supported_recommend_params(self) -> frozenset[str] | None:
+        """Keyword arguments ``Model.recommend`` accepts (None: unknown, probe per call)."""
+        try:
+            return frozenset(inspect.signature(self.model.recommend).parameters)
+        except (TypeError, ValueError):
+            return None
+
+    def variant_for(self, user: Id) -> tuple[str, Variant | None]:
+        """The user's variant name and settings (None: the default)."""
+        v = self.experiments.variant_of(user)
+        return (v.name if v is not None else "default"), v
+
+    def recommend_params(self, variant: Variant | None) -> dict[str, Any]:
+        """The variant's extra ``recommend`` arguments that the installed model accepts.
+
+        A parameter the model does not know (an older extension) is left out rather than
+        failing the request, so a variant can be configured ahead of the model supporting
+        it. Decided once per variant: by the signature, or by one probing call per parameter
+        (a TypeError means the name is unknown) where there is no signature.
+        """
+        if variant is None or not variant.params:
+            return {}
+        cached = self._variant_params.get(variant.name)
+        if cached is not None:
+            return cached
+        if self._recommend_params is not None:
+            kept = {k: v for k, v in variant.params.items() if k in self._recommend_params}
+        else:
+            kept = {}
+            for name, value in variant.params.items():
+                try:
+                    self.model.recommend("", k=1, **{name: value})
+                except TypeError:
+                    continue
+                except Exception:  # noqa: BLE001 - refused for another reason: the name is known
+                    pass
+                kept[name] = value
+        dropped = set(variant.params) - set(kept)
+        if dropped:
+            log.warning(
+                "variant %r: the model does not accept %s; left out",
+                variant.name,
+                ", ".join(sorted(dropped)),
+            )
+        self._variant_params[variant.name] = kept
+        return kept
+
+    # --- erasure ----------------------------------------------------------------------------
+
+    async def wait_erased(self, user: Id) -> None:
+        """Returns once the queued erasure of ``user`` is complete on disk.
+
+        Raises:
+            JournalClosed: the erasure could not finish (shutdown or a disk failure); its
+                erase record stays in the journal and the next start completes it.
+        """
+        while user in self._erase_pending or user in self._erasing:
+            await self._erased.wait()
+        if self._erase_stopped:
+            raise JournalClosed("the erasure completes when the server next starts")
+
+    async def _erase_loop(self) -> None:
+        try:
+            while True:
+                await self._erase_wake.wait()
+                self._erase_wake = trio.Event()
+                if not self._erase_pending:
+                    continue
+                pending, self._erase_pending = self._erase_pending, {}
+                self._erasing = pending
+                try:
+                    await self._complete_erasure(pending)
+                except (JournalClosed, JournalFailed) as e:
+                    # The erase records stay in the journal: the next start completes them.
+                    log.error("erasure of %d user(s) left incomplete: %s", len(pending), e)
+                    return
+                finally:
+                    self._erasing = {}
+                self.erased_through = max(self.erased_through, max(pending.values()))
+                self._erased.set()
+                self._erased = trio.Event()
+        finally:
+            self._erase_stopped = True
+            self._erase_pending.clear()
+            self._erased.set()
+
+    async def _complete_erasure(self, pending: dict[Id, int]) -> None:
+        """Steps 2 and 3 of an erasure (see the module docstring)."""
+        assert self.journal_actor is not None
+        await self.take_snapshot(replace_previous=True)
+        through = max(pending.values())
+        # A raw id that does not occur in a record's bytes cannot be in it (unless the frame
+        # is compressed); this skips decoding almost every record.
+        needles = [u.encode("utf-8", "surrogateescape") for u in pending if isinstance(u, str)]
+        all_text = len(needles) == len(pending)
+
+        def keep(seq: int, payload: bytes) -> bytes | None:
+            if seq > through:
+                return payload
+            if all_text and b"gzip" not in payload and not any(n in payload for n in needles):
+                return payload
+            accepted_at, frame = parse_journal_record(payload)
+            new = drop_users(frame, {u for u, s in pending.items() if seq <= s})
+            if new is frame:
+                return payload
+            return None if new is None else journal_record(new, accepted_at)
+
+        changed = await self.journal_actor.maintain(lambda j: j.rewrite(keep))
+        log.info(
+            "erased %d user(s): snapshots replaced, %d journal record(s) rewritten",
+            len(pending),
+            changed,
+        )
 
     # --- used by the listeners --------------------------------------------------------------
 
@@ -272,15 +502,33 @@ class Server:
             raise JournalClosed("the server is shutting down")
         checked = await trio.to_thread.run_sync(self.model.check_frame, frame)
         if checked is None or checked["used"] != len(frame):
+            self.metrics.rejects.labels("invalid_frame").inc()
             raise InvalidFrame("the body is not exactly one frame")
         if checked["rejected"]:
             self.metrics.events.labels(source, "rejected").inc(checked["entries"])
+            self.metrics.rejects.labels("invalid_event").inc(len(checked["rejected"]))
             raise InvalidEvents(checked["rejected"])
         return await self.append([frame], source, checked["entries"])
 
+    def map_user(self, user: Id) -> Id:
+        """The id the engine stores for ``user``: its pseudonym when pseudonymisation is on."""
+        return self._pseudonym(user) if self._pseudonym is not None else user
+
+    async def _off_loop(self, fn: Any, frames: list[bytes]) -> Any:
+        if sum(len(f) for f in frames) <= INLINE_FRAME_BYTES:
+            return fn(frames)
+        return await trio.to_thread.run_sync(fn, frames)
+
     async def append(self, frames: list[bytes], source: str, entries: int) -> int:
-        """Journals already-checked frames; returns the last sequence once durable."""
+        """Journals already-checked frames; returns the last sequence once durable.
+
+        With ``pseudonymize_key`` set, user ids are replaced first; with experiments
+        running, interactions are attributed to the variants once durable.
+        """
         assert self.journal_actor is not None
+        if self._pseudonym is not None:
+            fn = self._pseudonym
+            frames = await self._off_loop(lambda fs: [map_users(f, fn) for f in fs], frames)
         started = time.perf_counter()
         now = time.time()
         try:
@@ -290,6 +538,13 @@ class Server:
             raise
         self.metrics.wal_sync.observe(time.perf_counter() - started)
         self.metrics.events.labels(source, "accepted").inc(entries)
+        if self.experiments.tracking:
+            pairs = await self._off_loop(
+                lambda fs: [p for f in fs for p in interactions(f)], frames
+            )
+            now = time.time()
+            for user, item in pairs:
+                self.experiments.interaction(user, item, now)
         return seq
 
     async def wait_applied(self, seq: int) -> None:
@@ -297,15 +552,29 @@ class Server:
         while self.model_actor is not None and self.model_actor.applied_seq < seq:
             await self._applied.wait()
 
-    async def take_snapshot(self) -> int:
-        """Writes a snapshot and deletes the journal segments the older one covers."""
+    async def take_snapshot(self, *, replace_previous: bool = False) -> int:
+        """Writes a snapshot and deletes the journal segments the older one covers.
+
+        Args:
+            replace_previous: Also make the previous snapshot a copy of the new one (erasure:
+                no snapshot may keep what was erased). Both files stay, so a damaged newest
+                file still has a twin to recover from.
+        """
+        async with self._snapshot_lock:
+            return await self._take_snapshot(replace_previous)
+
+    async def _take_snapshot(self, replace_previous: bool) -> int:
         assert self.model_actor is not None and self.journal_actor is not None
         newest = self._snapshot_path()
+        previous = self._snapshot_path(PREVIOUS_SNAPSHOT)
         if newest.exists():
-            os.replace(newest, self._snapshot_path(PREVIOUS_SNAPSHOT))
+            os.replace(newest, previous)
             self._previous_snapshot_seq = self.snapshot_seq
         seq = await self.model_actor.snapshot(newest)
         self.snapshot_seq = seq
+        if replace_previous:
+            await trio.to_thread.run_sync(_copy_durably, newest, previous)
+            self._previous_snapshot_seq = seq
         self.metrics.snapshots.inc()
         keep_from = self._previous_snapshot_seq + 1
         try:
@@ -354,6 +623,29 @@ class Server:
             "rejected": s["rejected"],
             "index_stale": s["index_stale"],
         }
+
+
+def _erase_requests(payload: bytes) -> list[Id]:
+    """Users named by erase records in one journal payload (an unreadable one: none)."""
+    try:
+        return erased_users(parse_journal_record(payload)[1])
+    except (ValueError, TypeError, OSError, EOFError, msgpack.UnpackException) as e:
+        log.warning("journal record unreadable while looking for erasures: %s", e)
+        return []
+
+
+def _copy_durably(src: Path, dst: Path) -> None:
+    """Replaces ``dst`` with a copy of ``src`` atomically (temp file, fsync, rename)."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    fd = os.open(dst.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 async def serve(config: ServerConfig, demo_rate: float = 0.0) -> None:

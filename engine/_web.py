@@ -10,6 +10,7 @@ Routes (see the README for examples):
     WS     /v1/ws/events                      events in, one ack per message
     WS     /v1/ws/recommendations             the user's list, pushed whenever it changes
     GET    /v1/trending                       decayed popularity
+    GET    /v1/experiments                    A/B variants: impressions, interactions, rate
     POST   /v1/admin/snapshot                 snapshot now (admin)
     GET    /v1/stats, /metrics, /healthz, /readyz, /   (dashboard)
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,6 +78,8 @@ def build_app(server: Server) -> Starlette:
     # --- helpers --------------------------------------------------------------------------
 
     def resolve_user(text: str) -> Id:
+        if cfg.pseudonymize_key is not None:
+            return server.map_user(text)  # the model only ever saw pseudonyms
         if (
             _INT.fullmatch(text)
             and model.user_vector(text) is None
@@ -162,14 +166,19 @@ def build_app(server: Server) -> Starlette:
             try:
                 return await fn(request)
             except _TooLarge:
+                server.metrics.rejects.labels("too_large").inc()
                 return _error(413, f"body over {cfg.max_body_bytes} bytes")
             except AuthError as e:
+                server.metrics.rejects.labels("auth").inc()
                 return _error(403 if "another user" in str(e) else 401, str(e))
             except InvalidEvents as e:
                 return _error(
                     422, str(e), rejected=[{"index": i, "reason": r} for i, r in e.rejected]
                 )
-            except (BadRequest, InvalidFrame) as e:
+            except InvalidFrame as e:
+                return _error(400, str(e))
+            except BadRequest as e:
+                server.metrics.rejects.labels("bad_request").inc()
                 return _error(400, str(e))
             except (JournalClosed, JournalFailed) as e:
                 return _error(503, str(e))
@@ -227,6 +236,8 @@ def build_app(server: Server) -> Starlette:
                     "rejected": [{"index": i, "reason": r} for i, r in e.rejected],
                 }
             except (BadRequest, InvalidFrame, ValueError, msgpack.UnpackException) as e:
+                if not isinstance(e, InvalidFrame):
+                    server.metrics.rejects.labels("bad_request").inc()
                 reply = {"error": str(e)}
             except (JournalClosed, JournalFailed) as e:
                 await ws.close(TRY_AGAIN_LATER, str(e)[:120])
@@ -235,12 +246,19 @@ def build_app(server: Server) -> Starlette:
 
     # --- recommendations out --------------------------------------------------------------
 
+    def reader_id(text: str, user: Id) -> Id:
+        """The id a subscription token names: the raw one when ids are pseudonymised."""
+        return text if cfg.pseudonymize_key is not None else user
+
     @endpoint
     async def get_recommendations(request: Request) -> Response:
-        user = resolve_user(request.path_params["user"])
-        require_reader(request, user)
-        k = int_param(request, "k", cfg.push_k, 1, 1000)
+        text = request.path_params["user"]
+        user = resolve_user(text)
+        require_reader(request, reader_id(text, user))
+        variant_name, variant = server.variant_for(user)
+        k = int_param(request, "k", (variant and variant.k) or cfg.push_k, 1, 1000)
         explain = flag(request, "explain")
+        params = server.recommend_params(variant)
         recs = await trio.to_thread.run_sync(
             lambda: model.recommend(
                 user,
@@ -248,15 +266,21 @@ def build_app(server: Server) -> Starlette:
                 exclude=list_param(request, "exclude") or None,
                 category=request.query_params.get("category"),
                 explain=explain,
+                **params,
             )
         )
         items = [
             {"item": r[0], "score": r[1], **({"because": r[2]} if explain else {})} for r in recs
         ]
+        server.experiments.impression(user, [r[0] for r in recs], time.time())
         version = server.model_actor.applied_seq if server.model_actor else 0
+        shown = text if cfg.pseudonymize_key is not None else user
         return JSONResponse(
-            {"user": user, "items": items, "variant": "default", "version": version}
+            {"user": shown, "items": items, "variant": variant_name, "version": version}
         )
+
+    async def get_experiments(request: Request) -> Response:
+        return JSONResponse(server.experiments.report())
 
     @endpoint
     async def get_similar(request: Request) -> Response:
@@ -278,13 +302,16 @@ def build_app(server: Server) -> Starlette:
             if not raw_user:
                 raise BadRequest("?user= is required")
             user = resolve_user(raw_user)
-            require_reader(ws, user)
+            require_reader(ws, reader_id(raw_user, user))
+            variant_name, variant = server.variant_for(user)
             sub = Subscription(
                 user=user,
-                k=int_param(ws, "k", cfg.push_k, 1, 1000),
+                k=int_param(ws, "k", (variant and variant.k) or cfg.push_k, 1, 1000),
                 category=ws.query_params.get("category"),
                 exclude=tuple(list_param(ws, "exclude")),
                 explain=flag(ws, "explain"),
+                variant=variant_name,
+                params=server.recommend_params(variant),
             )
             publisher.subscribe(sub)
         except AuthError as e:
@@ -296,13 +323,10 @@ def build_app(server: Server) -> Starlette:
         except TooManySubscribers as e:
             await ws.close(TRY_AGAIN_LATER, str(e)[:120])
             return
-        server.metrics.subscribers.set(publisher.subscribers)
         try:
             await _push_loop(server, ws, sub)
         finally:
             publisher.unsubscribe(sub)
-            server.metrics.subscribers.set(publisher.subscribers)
-            server.metrics.coalesced.inc(sub.slot.replaced)
 
     @endpoint
     async def get_trending(request: Request) -> Response:
@@ -335,11 +359,17 @@ def build_app(server: Server) -> Starlette:
 
     @endpoint
     async def delete_user(request: Request) -> Response:
+        """Answers once the user is gone from the model, the snapshots and the journal."""
         require_admin(request)
-        user = resolve_user(request.path_params["user"])
-        seq = (await ingest({"erase_user": user}, DEFAULT_TAG, "http"))[1]
+        text = request.path_params["user"]
+        user = resolve_user(text)
+        # The raw id goes in: append() pseudonymises it like any other record.
+        raw: Id = text if cfg.pseudonymize_key is not None else user
+        seq = (await ingest({"erase_user": raw}, DEFAULT_TAG, "http"))[1]
         await server.wait_applied(seq)
-        return JSONResponse({"user": user, "erased": True, "seq": seq})
+        server.erase_applied(user, seq)
+        await server.wait_erased(user)
+        return JSONResponse({"user": raw, "erased": True, "seq": seq})
 
     # --- operations -----------------------------------------------------------------------
 
@@ -369,6 +399,7 @@ def build_app(server: Server) -> Starlette:
         Route("/v1/items/{item}/similar", get_similar, methods=["GET"]),
         Route("/v1/items/{item}", put_item, methods=["PUT"]),
         Route("/v1/trending", get_trending, methods=["GET"]),
+        Route("/v1/experiments", get_experiments, methods=["GET"]),
         Route("/v1/admin/snapshot", post_snapshot, methods=["POST"]),
         Route("/v1/stats", stats, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
@@ -402,6 +433,7 @@ async def _push_loop(server: Server, ws: WebSocket, sub: Subscription) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_disconnect, nursery.cancel_scope)
         first = await publisher.current(sub)
+        server.experiments.impression(sub.user, [i["item"] for i in first["items"]], time.time())
         message: dict[str, Any] | None = first
         while message is not None:
             started = trio.current_time()
@@ -412,6 +444,7 @@ async def _push_loop(server: Server, ws: WebSocket, sub: Subscription) -> None:
             if trio.current_time() - started >= timeout:
                 log.info("subscriber for %r stopped reading; closing", sub.user)
                 server.metrics.dropped.inc()
+                server.metrics.dropped_pushes.inc()
                 nursery.cancel_scope.cancel()
                 return
             message = await sub.slot.get()

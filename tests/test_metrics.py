@@ -1,0 +1,102 @@
+"""Every Prometheus metric the dashboard and operators rely on moves after its action."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import trio
+
+from engine._publisher import Subscription
+from engine._server import Server
+
+from .conftest import running_server, websocket, ws_url
+
+
+def sample(server: Server, name: str, **labels: str) -> float:
+    value = server.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+async def _until(predicate: object, seconds: float = 5.0) -> None:
+    assert callable(predicate)
+    with trio.fail_after(seconds):
+        while not predicate():  # noqa: ASYNC110 - polling a metric, no event to wait on
+            await trio.sleep(0.01)
+
+
+async def test_each_metric_moves_after_its_action(tmp_path: Path) -> None:
+    async with running_server(tmp_path / "data", max_body_bytes=4096) as server:
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+            # Events by source and result; WAL sync and model apply latency.
+            r = await http.post(
+                "/v1/events", json=[{"user": f"u{n}", "item": f"i{n % 7}"} for n in range(30)]
+            )
+            await server.wait_applied(r.json()["seq"])
+            assert sample(server, "recstream_events_total", source="http", result="accepted") == 30
+            assert sample(server, "recstream_wal_append_seconds_count") == 1
+            assert sample(server, "recstream_model_apply_seconds_count") >= 1
+            assert sample(server, "recstream_model_apply_seconds_sum") > 0
+
+            # Rejects by reason.
+            bad = await http.post("/v1/events", json={"user": "u", "item": "i", "weight": -1})
+            assert bad.status_code == 422
+            assert sample(server, "recstream_events_total", source="http", result="rejected") == 1
+            assert sample(server, "recstream_rejects_total", reason="invalid_event") == 1
+            assert (await http.post("/v1/events", content=b"{nope")).status_code == 400
+            assert sample(server, "recstream_rejects_total", reason="bad_request") == 1
+            assert (
+                await http.post("/v1/events", content=b"[" + b" " * 5000 + b"]")
+            ).status_code == 413
+            assert sample(server, "recstream_rejects_total", reason="too_large") == 1
+
+            # Index staleness is read at scrape time: items moved and not yet re-linked.
+            server.model.ingest(["x1", "x2"], ["fresh1", "fresh2"])
+            assert sample(server, "recstream_index_stale_items") >= 2
+            await _until(lambda: sample(server, "recstream_index_stale_items") == 0)
+
+            # Subscribers and push latency.
+            url = ws_url(server, "/v1/ws/recommendations?user=u1&k=3")
+            async with websocket(url) as ws:
+                await ws.get_message()
+                assert sample(server, "recstream_subscribers") == 1
+                await http.post("/v1/events", json={"user": "u1", "item": "i1", "type": "purchase"})
+                with trio.fail_after(5):
+                    json.loads(await ws.get_message())
+                assert sample(server, "recstream_push_latency_seconds_count") >= 1
+                assert sample(server, "recstream_pushes_total") >= 1
+            await _until(lambda: sample(server, "recstream_subscribers") == 0)
+
+            # Coalesced: a subscriber that does not read gets its unread list replaced.
+            assert server.publisher is not None
+            sub = Subscription(user="slow", k=3)
+            server.publisher.subscribe(sub)
+            for n, item in enumerate(["i1", "i2", "i3"]):
+                r = await http.post("/v1/events", json={"user": "slow", "item": item})
+                await server.wait_applied(r.json()["seq"])
+                await _until(
+                    lambda n=n: server.publisher is not None and server.publisher.pushes >= 2 + n
+                )
+            assert sample(server, "recstream_pushes_coalesced_total") >= 1
+
+            # Dropped: erasing the user discards the list it never read.
+            assert (await http.delete("/v1/users/slow")).status_code == 200
+            assert sample(server, "recstream_pushes_dropped_total") == 1
+            server.publisher.unsubscribe(sub)
+            assert sample(server, "recstream_snapshots_total") >= 1  # the erasure's snapshot
+
+            # The text exposition names every one of them.
+            text = (await http.get("/metrics")).text
+            for name in (
+                "recstream_events_total",
+                "recstream_rejects_total",
+                "recstream_wal_append_seconds_bucket",
+                "recstream_model_apply_seconds_bucket",
+                "recstream_index_stale_items",
+                "recstream_push_latency_seconds_bucket",
+                "recstream_subscribers",
+                "recstream_pushes_coalesced_total",
+                "recstream_pushes_dropped_total",
+            ):
+                assert name in text
