@@ -319,7 +319,12 @@ impl Hnsw {
         }
         for id in 0..slots as u32 {
             let p = self.parent0[id as usize];
-            if p != NO_PARENT && (!self.present(p) || !self.links(p, 0).contains(&id)) {
+            // The entry needs no in-link (searches start there), so its tree edge is not
+            // kept while it is the entry; a new entry re-links it (`force_link0`).
+            if p != NO_PARENT
+                && self.entry != Some(id)
+                && (!self.present(p) || !self.links(p, 0).contains(&id))
+            {
                 return Err(format!("tree edge {p} -> {id} is missing on layer 0"));
             }
         }
