@@ -425,7 +425,7 @@ impl Hnsw {
             debug_assert!(
                 self.links(id, 0)
                     .iter()
-                    .all(|&c| self.parent0[c as usize] != id || list.contains(&c)),
+                    .all(|&c| !self.must_link(id, c) || list.contains(&c)),
                 "tree edge from {id} dropped"
             );
             self.links0[base] = list.len() as u32;
