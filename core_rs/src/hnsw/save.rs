@@ -201,7 +201,13 @@ pub(super) fn load(r: &mut dyn Read) -> io::Result<Hnsw> {
             h.set_links(id, l, &list);
         }
     }
-    // `set_links` adopted orphans on the way; the saved tree is the authority.
+    // The saved tree is the authority; child counts are derived from it.
+    h.nchild = vec![0; slots];
+    for &p in &parents {
+        if p != super::NO_PARENT {
+            h.nchild[p as usize] += 1;
+        }
+    }
     h.parent0 = parents;
     if c.at != body.len() {
         return Err(invalid("HNSW file has trailing bytes in its body"));

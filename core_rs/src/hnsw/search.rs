@@ -199,8 +199,8 @@ impl Hnsw {
 
     /// The heuristic, with the layer-0 spanning tree (see `Hnsw::parent0`) kept intact:
     /// `owner`'s tree children (all in its current list `old`, so they always fit) are kept
-    /// even when the new search did not return them, the heuristic fills the other slots,
-    /// and a candidate nobody links to yet displaces the lowest-ranked of those.
+    /// even when the new search did not return them, and the heuristic fills the other
+    /// slots.
     pub(super) fn select_protected(
         &self,
         cands: &[Cand],
@@ -224,17 +224,6 @@ impl Hnsw {
             .filter(|c| !sel.contains(&c.id))
             .collect();
         sel.extend(self.select_neighbors_heuristic(&rest, cap - fixed));
-        let orphan = |id: u32| self.must_link(owner, id);
-        for c in &rest {
-            if !orphan(c.id) || sel.contains(&c.id) {
-                continue;
-            }
-            if sel.len() < cap {
-                sel.push(c.id);
-            } else if let Some(j) = (fixed..sel.len()).rev().find(|&j| !orphan(sel[j])) {
-                sel[j] = c.id;
-            }
-        }
         sel
     }
 }
