@@ -75,7 +75,7 @@ class ModelConfig:
     event_weights: dict[str, float] = attrs.field(factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
     default_weight: float = 1.0
     trending_half_life: float = 86_400.0
-    exact_below: int = 20_000
+    exact_below: int = 2_000
     dedup_window: int = 1_000_000
     auto_reindex: bool = True
     max_frame_bytes: int = 16 * 1024 * 1024

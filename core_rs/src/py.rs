@@ -540,5 +540,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("UnknownItem", py.get_type::<UnknownItem>())?;
     m.add("CorruptSnapshot", py.get_type::<CorruptSnapshot>())?;
     m.add_class::<crate::py_index::Index>()?;
+    m.add_function(wrap_pyfunction!(crate::py_index::exact_search_batch, m)?)?;
     Ok(())
 }

@@ -285,3 +285,36 @@ impl Index {
         )
     }
 }
+
+/// Exact top-`k` by inner product of each query against every row of `matrix` (the scan that
+/// serves small catalogs): the oracle for recall and the other side of the crossover.
+#[pyfunction]
+pub fn exact_search_batch<'py>(
+    py: Python<'py>,
+    matrix: PyReadonlyArray2<'py, f32>,
+    queries: PyReadonlyArray2<'py, f32>,
+    k: usize,
+) -> PyResult<Hits2<'py>> {
+    let (_, dim) = matrix.as_array().dim();
+    let (n, d) = queries.as_array().dim();
+    if d != dim {
+        return Err(value_error(format!("queries have {d} columns, the matrix has {dim}")));
+    }
+    let rows: Vec<f32> = matrix.as_array().iter().copied().collect();
+    let flat: Vec<f32> = queries.as_array().iter().copied().collect();
+    let (ids, scores) = py.detach(|| {
+        let mut ids = vec![PAD_ID; n * k];
+        let mut scores = vec![f32::NEG_INFINITY; n * k];
+        for r in 0..n {
+            let res = crate::scan::exact_top_k(&rows, dim, &flat[r * d..(r + 1) * d], k, &|_| true);
+            for (j, (id, s)) in res.into_iter().enumerate() {
+                ids[r * k + j] = id;
+                scores[r * k + j] = s;
+            }
+        }
+        (ids, scores)
+    });
+    let ids = Array2::from_shape_vec((n, k), ids).expect("n*k elements");
+    let scores = Array2::from_shape_vec((n, k), scores).expect("n*k elements");
+    Ok((ids.into_pyarray(py), scores.into_pyarray(py)))
+}
