@@ -704,6 +704,13 @@ def summarise(results: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]],
                             "peers": {m: figs[m]["all"] for m in peers},
                             "known_users": {m: figs[m]["known"] for m in results},
                             "new_users": {m: figs[m]["new"] for m in results},
+                            "ours_minus_peer": paired_difference(
+                                results["recstream"]["scores"],
+                                results[best]["scores"] if best else None,
+                                variant,
+                                metric,
+                                k,
+                            ),
                         },
                     )
                 )
@@ -720,6 +727,20 @@ def summarise(results: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]],
         )
     )
     return rows, breakdown
+
+
+def paired_difference(
+    ours: Scores, peer: Scores | None, variant: str, metric: str, k: int
+) -> dict[str, float] | None:
+    """Mean and standard error of ours minus the peer over the same evaluated events.
+
+    Both methods are scored on the same events, so the paired difference has a much smaller
+    error than the two means apart; ``|mean| > 2 se`` is a difference the sample supports.
+    """
+    if peer is None or ours.n != peer.n or ours.n < 2:
+        return None
+    d = ours.per_event(variant, metric, k) - peer.per_event(variant, metric, k)
+    return {"mean": float(d.mean()), "se": float(d.std(ddof=1) / math.sqrt(len(d)))}
 
 
 def print_table(

@@ -198,6 +198,9 @@ def test_quick_run_reports_every_headline_for_ours_and_each_installed_peer(
         assert r["peer"] == max(v for v in peers.values() if v is not None)
         assert r["params"]["peer_name"] in peers
         assert r["ratio"] == pytest.approx(r["ours"] / r["peer"])
+        # The paired difference is over the same events, so its mean is the difference of means.
+        paired = r["params"]["ours_minus_peer"]
+        assert paired["mean"] == pytest.approx(r["ours"] - r["peer"]) and paired["se"] >= 0
         for group in ("known_users", "new_users"):
             assert r["params"][group]["recstream"] is not None
     # A hit inside the top 10 is a hit inside the top 100; NDCG never exceeds HR.
