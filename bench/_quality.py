@@ -100,7 +100,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tune", action="store_true", help="search ModelConfig on a validation split")
     p.add_argument("--tune-passes", type=int, default=1, help="coordinate passes over the grid (1)")
     p.add_argument(
-        "--quick", action="store_true", help="small run: 20000 events, 2000 users, 1000 items"
+        "--quick", action="store_true", help="small run: 10000 events, 1000 users, 500 items"
     )
     p.add_argument(
         "--results-dir",
@@ -601,8 +601,8 @@ def _single_blas_thread() -> Any:
 def run(args: argparse.Namespace) -> int:
     require_release()
     if args.quick:
-        args.events, args.users, args.items = 20_000, 2_000, 1_000
-        args.eval_sample = min(args.eval_sample, 1_000) if args.eval_sample else 1_000
+        args.events, args.users, args.items = 10_000, 1_000, 500
+        args.eval_sample = min(args.eval_sample, 500) if args.eval_sample else 500
         args.fit_iterations = min(args.fit_iterations, 5)
     overrides = json.loads(args.config)
     if args.tune:
