@@ -1,0 +1,223 @@
+"""The quality benchmark, the README table and ``bench all``'s discovery of benchmarks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import _quality, _report
+from bench._all import benchmarks
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADLINES = [
+    f"{m}@{k}/{v}" for k in (100, 10) for v in ("exclude-seen", "seen-kept") for m in ("hr", "ndcg")
+]
+PEER_MODULES = {
+    "popularity": None,
+    "river-funkmf": "river",
+    "river-biasedmf": "river",
+    "implicit-als": "implicit",
+}
+
+
+# ------------------------------------------------------------------------------- metrics
+
+
+def test_hit_and_ndcg_of_a_hand_computed_ranking() -> None:
+    ranked = [7, 3, 9, 1, 4]
+    # Item 9 sits third: inside the top 3, outside the top 2; DCG 1 / log2(4) = 0.5.
+    assert _quality.rank_of(ranked, 9) == 2
+    assert _quality.hit_and_ndcg(2, 3) == (1.0, 0.5)
+    assert _quality.hit_and_ndcg(2, 2) == (0.0, 0.0)
+    # First place is a full hit; absent items score nothing at any K.
+    assert _quality.hit_and_ndcg(_quality.rank_of(ranked, 7), 1) == (1.0, 1.0)
+    assert _quality.rank_of(ranked, 5) is None
+    assert _quality.hit_and_ndcg(None, 100) == (0.0, 0.0)
+    hr, ndcg = _quality.hit_and_ndcg(_quality.rank_of(ranked, 4), 10)
+    assert hr == 1.0 and ndcg == pytest.approx(1 / math.log2(6))
+
+
+def test_scores_average_per_variant_k_and_user_group() -> None:
+    s = _quality.Scores(3)
+    s.add({"exclude-seen": 0, "seen-kept": None}, known=True)  # NDCG 1
+    s.add({"exclude-seen": 2, "seen-kept": 1}, known=True)  # NDCG 0.5; kept 1/log2(3)
+    s.add({"exclude-seen": 20, "seen-kept": 0}, known=False)  # only inside @100
+    assert s.mean("exclude-seen", "hr", 10) == pytest.approx(2 / 3)
+    assert s.mean("exclude-seen", "hr", 100) == pytest.approx(1.0)
+    assert s.mean("exclude-seen", "ndcg", 10) == pytest.approx((1 + 0.5) / 3)
+    assert s.mean("exclude-seen", "ndcg", 100) == pytest.approx((1 + 0.5 + 1 / math.log2(22)) / 3)
+    assert s.mean("exclude-seen", "hr", 10, "known") == pytest.approx(1.0)
+    assert s.mean("exclude-seen", "hr", 10, "new") == pytest.approx(0.0)
+    assert s.mean("seen-kept", "ndcg", 10, "known") == pytest.approx((0 + 1 / math.log2(3)) / 2)
+    assert s.mean("seen-kept", "hr", 10, "new") == pytest.approx(1.0)
+
+
+def test_top_k_ranks_best_first_without_seen_or_unknown_items() -> None:
+    scores = np.array([0.5, 0.9, 0.1, 0.9, 0.7, 0.3])
+    known = np.array([True, True, True, True, True, False])
+    # Ties (items 1 and 3) go by id; item 5 is unknown, item 4 is excluded as seen.
+    assert _quality.top_k(scores, 4, {4}, known) == [1, 3, 0, 2]
+    assert _quality.top_k(scores, 10, None, known) == [1, 3, 4, 0, 2]
+
+
+def test_split_orders_by_time_and_marks_users_known_at_the_cut() -> None:
+    users = np.array([50, 10, 50, 70, 10, 90, 90, 70, 30, 30])
+    items = np.array([5, 6, 7, 5, 6, 8, 5, 9, 6, 5])
+    ts = np.array([9.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
+    split = _quality.Split(users, items, np.ones(10), ts, fraction=0.7)
+    assert split.cut == 7
+    assert np.all(np.diff(split.ts) >= 0)
+    # Dense ids preserve identity: the same external user maps to the same dense id.
+    pairs = set(
+        zip(users[np.argsort(ts, kind="stable")].tolist(), split.users.tolist(), strict=True)
+    )
+    dense = dict(pairs)
+    assert len(pairs) == len(set(dense.values())) == len(dense) == 5
+    # 10, 50, 70, 90 have events before the cut; 30 appears only after it; 50's later
+    # event is in the stream but the user was known at the split.
+    assert split.known_user[dense[10]] and split.known_user[dense[50]]
+    assert not split.known_user[dense[30]]
+
+
+def test_eval_positions_are_a_deterministic_sorted_sample() -> None:
+    a = _quality.eval_positions(10_000, 500, seed=3)
+    assert len(a) == len(set(a.tolist())) == 500 and np.all(np.diff(a) > 0)
+    assert np.array_equal(a, _quality.eval_positions(10_000, 500, seed=3))
+    assert np.array_equal(_quality.eval_positions(40, 0, seed=3), np.arange(40))
+
+
+# ------------------------------------------------------------------------- report and all
+
+
+def test_report_rewrites_only_between_the_markers(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    doc = {
+        "name": "ann",
+        "peer": "hnswlib",
+        "rows": [{"name": "qps", "ours": 12345.6, "peer": 1000.0, "ratio": 12.3456, "unit": "q/s"}],
+    }
+    (results / "ann.json").write_text(json.dumps(doc))
+    readme = tmp_path / "README.md"
+    before, after = "# t\n\nintro\n", "\n## next\ntext\n"
+    readme.write_text(before + f"{_report.START}\nold table\n{_report.END}" + after)
+    args = ["report", "--readme", str(readme), "--results-dir", str(results)]
+    from bench.__main__ import main
+
+    assert main(args) == 0
+    text = readme.read_text()
+    assert text.startswith(before + _report.START) and text.endswith(_report.END + after)
+    assert "old table" not in text
+    assert "| ann | qps | 12,346 | 1000 (hnswlib) | 12.3× | q/s | `python -m bench ann` |" in text
+    assert main(args) == 0
+    assert readme.read_text() == text  # deterministic
+
+
+def test_report_refuses_a_readme_without_markers(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    from bench.__main__ import main
+
+    assert main(["report", "--readme", str(readme), "--results-dir", str(tmp_path)]) == 1
+    assert readme.read_text() == "no markers here\n"
+
+
+def test_all_discovers_every_registered_benchmark() -> None:
+    from bench.__main__ import _MODULES
+
+    found = benchmarks()
+    assert "quality" in found and "ann" in found
+    assert "all" not in found and "report" not in found
+    assert len(found) == len(_MODULES) - 2  # every module but report and all is a benchmark
+    assert "--quick" in found["quality"]._option_string_actions
+
+
+# ------------------------------------------------------------------------- the real run
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    """``python -m bench quality --quick`` and ``report`` into temporary copies."""
+    out = tmp_path_factory.mktemp("quality")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RECSTREAM_BENCH_RESULTS", None)
+    subprocess.run(
+        [sys.executable, "-m", "bench", "quality", "--quick", "--results-dir", str(out)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    readme = out / "README.md"
+    readme.write_text((ROOT / "README.md").read_text())
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "report",
+            "--readme",
+            str(readme),
+            "--results-dir",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=60,
+    )
+    assert (out / "quality.png").stat().st_size > 0
+    doc = json.loads((out / "quality.json").read_text())
+    return doc, readme.read_text()
+
+
+def test_quick_run_reports_every_headline_for_ours_and_each_installed_peer(
+    quick_run: tuple[dict, str],
+) -> None:
+    doc, _ = quick_run
+    assert doc["name"] == "quality" and doc["command"] == "python -m bench quality --quick"
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert set(HEADLINES) | {"updates/s"} <= set(rows)
+    for name in HEADLINES:
+        r = rows[name]
+        assert 0.0 <= r["ours"] <= 1.0
+        peers = r["params"]["peers"]
+        for peer, module in PEER_MODULES.items():
+            if module is None or importlib.util.find_spec(module) is not None:
+                assert peers[peer] is not None and 0.0 <= peers[peer] <= 1.0, (name, peer)
+            else:
+                assert peer in doc["skipped_peers"]
+        assert r["peer"] == max(v for v in peers.values() if v is not None)
+        assert r["params"]["peer_name"] in peers
+        assert r["ratio"] == pytest.approx(r["ours"] / r["peer"])
+        # The paired difference is over the same events, so its mean is the difference of means.
+        paired = r["params"]["ours_minus_peer"]
+        assert paired["mean"] == pytest.approx(r["ours"] - r["peer"]) and paired["se"] >= 0
+        for group in ("known_users", "new_users"):
+            assert r["params"][group]["recstream"] is not None
+    # A hit inside the top 10 is a hit inside the top 100; NDCG never exceeds HR.
+    for v in ("exclude-seen", "seen-kept"):
+        assert rows[f"hr@10/{v}"]["ours"] <= rows[f"hr@100/{v}"]["ours"]
+        assert rows[f"ndcg@100/{v}"]["ours"] <= rows[f"hr@100/{v}"]["ours"]
+    # Keeping seen items can only add hits.
+    assert rows["hr@100/seen-kept"]["ours"] >= rows["hr@100/exclude-seen"]["ours"]
+    rates = rows["updates/s"]["params"]["per_method"]
+    assert rates["recstream"] > 0 and all(r is None or r > 0 for r in rates.values())
+    assert not [p for p in doc["skipped_peers"] if PEER_MODULES[p] is None]
+
+
+def test_quick_run_lands_in_the_readme_table(quick_run: tuple[dict, str]) -> None:
+    doc, text = quick_run
+    table = text[text.index(_report.START) : text.index(_report.END)]
+    for r in doc["rows"]:
+        assert f"| quality | {r['name']} | " in table
+    assert "`python -m bench quality --quick`" in table
+    assert text.count(_report.START) == 1
