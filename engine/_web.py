@@ -45,7 +45,7 @@ from ._exceptions import (
     JournalFailed,
     TooManySubscribers,
 )
-from ._publisher import Subscription
+from ._publisher import Subscription, rec_json
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -134,6 +134,22 @@ def build_app(server: Server) -> Starlette:
         if not lo <= value <= hi:
             raise BadRequest(f"{name} must be in {lo}..{hi}")
         return value
+
+    def float_param(conn: Request | WebSocket, name: str, lo: float, hi: float) -> float | None:
+        raw = conn.query_params.get(name)
+        if raw is None:
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            raise BadRequest(f"{name} must be a number") from None
+        if not lo <= value <= hi:  # also refuses NaN
+            raise BadRequest(f"{name} must be in {lo}..{hi}")
+        return value
+
+    def names_param(conn: Request | WebSocket, name: str) -> list[str]:
+        raw = conn.query_params.get(name)
+        return [x for x in raw.split(",") if x] if raw else []
 
     def list_param(conn: Request | WebSocket, name: str) -> list[Id]:
         raw = conn.query_params.get(name)
@@ -241,6 +257,9 @@ def build_app(server: Server) -> Starlette:
         require_reader(request, user)
         k = int_param(request, "k", cfg.push_k, 1, 1000)
         explain = flag(request, "explain")
+        exclude_category = names_param(request, "exclude_category") or None
+        diversity = float_param(request, "diversity", 0.0, 1.0)
+        exploration = float_param(request, "exploration", 0.0, 1.0)
         recs = await trio.to_thread.run_sync(
             lambda: model.recommend(
                 user,
@@ -248,11 +267,13 @@ def build_app(server: Server) -> Starlette:
                 exclude=list_param(request, "exclude") or None,
                 category=request.query_params.get("category"),
                 explain=explain,
+                exclude_category=exclude_category,
+                diversity=diversity,
+                exploration=exploration,
+                detail=True,
             )
         )
-        items = [
-            {"item": r[0], "score": r[1], **({"because": r[2]} if explain else {})} for r in recs
-        ]
+        items = [rec_json(r) for r in recs]
         version = server.model_actor.applied_seq if server.model_actor else 0
         return JSONResponse(
             {"user": user, "items": items, "variant": "default", "version": version}
@@ -285,6 +306,10 @@ def build_app(server: Server) -> Starlette:
                 category=ws.query_params.get("category"),
                 exclude=tuple(list_param(ws, "exclude")),
                 explain=flag(ws, "explain"),
+                exclude_category=tuple(names_param(ws, "exclude_category")),
+                diversity=float_param(ws, "diversity", 0.0, 1.0),
+                exploration=float_param(ws, "exploration", 0.0, 1.0),
+                repush_after=float_param(ws, "repush_after", 0.0, 86_400.0),
             )
             publisher.subscribe(sub)
         except AuthError as e:

@@ -101,7 +101,10 @@ pub struct CrcWriter<W: Write> {
 
 impl<W: Write> CrcWriter<W> {
     pub fn new(inner: W) -> Self {
-        CrcWriter { inner, hasher: crc32fast::Hasher::new() }
+        CrcWriter {
+            inner,
+            hasher: crc32fast::Hasher::new(),
+        }
     }
 }
 

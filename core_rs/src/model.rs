@@ -7,16 +7,34 @@
 //! whole batch, so a query waits at most for one chunk. The index trails the factorization by
 //! the items in `dirty` (bounded staleness); queries re-score the index's candidates with the
 //! current vectors, so a stale index can only miss an item, never misreport a score.
+//!
+//! # From candidates to a list
+//! [`Model::recommend`] retrieves a candidate pool (the index or the exact scan for the
+//! user's vector, the trending list for users without one), then:
+//! 1. **cold-start blend** for users with few events: personal and trending scores, each
+//!    min-max normalised over a pool of both, mixed as `(1 − β)·personal + β·trending` with
+//!    `β = n0 / (n0 + events)` (`n0` = [`Config::cold_start_events`]), so a list moves
+//!    smoothly from popular to personal as the user acts;
+//! 2. **diversity** by maximal marginal relevance ([`rerank::mmr`]) when `λ < 1`;
+//! 3. **exploration**: a share of the slots goes to items with little feedback, sampled per
+//!    (user, hour of model time) with weights from their (attribute-based) score and flagged
+//!    [`Rec::explore`].
+//!
+//! Filters (seen, exclude list, category include/exclude, availability) hold for every step.
+//! New items get a vector from their attributes ([`crate::coldstart`]).
 
 use std::collections::{HashMap, HashSet};
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::coldstart::{AttrVectors, SortedIds};
 use crate::decode::{self, DecodeError, Limits, Record};
 use crate::dedup::Dedup;
 use crate::hnsw::{Hnsw, HnswConfig};
 use crate::ids::{ExtId, IdMap};
 use crate::mf::{Mf, MfConfig};
+use crate::rerank;
+use crate::rng::Rng;
 use crate::scan;
 use crate::trending::Trending;
 
@@ -28,6 +46,25 @@ const APPLY_CHUNK: usize = 256;
 pub const DEFAULT_EXACT_BELOW: usize = 20_000;
 /// How many of a user's past items an explanation names.
 const MAX_BECAUSE: usize = 3;
+/// Candidate pool per list slot for the re-ranking steps (blend, MMR): enough for MMR to
+/// find items unlike the top ones without scoring far down the list.
+pub const POOL_FACTOR: usize = 4;
+/// Below this β the cold-start blend is skipped: it could move an item by at most 1 % of the
+/// score range, not worth a pass over the trending counts.
+const MIN_BLEND: f32 = 0.01;
+/// Fresh items scored per exploration draw: bounds the cost when most of a catalog is fresh.
+const EXPLORE_SAMPLE: usize = 256;
+/// Every fresh item keeps this much sampling weight over its normalised score, so an item the
+/// user's vector rates lowest can still be explored.
+const EXPLORE_FLOOR: f64 = 0.1;
+/// Exploration picks stay the same for a user within one period of model time (seconds), so
+/// a list does not reshuffle on every request, and change as time moves on.
+pub const EXPLORE_PERIOD: f64 = 3600.0;
+/// Cold items re-derived from their attributes per `reindex` call (bounds its write lock).
+const COLD_REFRESH_BUDGET: usize = 256;
+/// A cold item's vector is replaced only when its attribute mean moved by more than this
+/// fraction of its length: re-linking in the index costs far more than the move.
+const COLD_REFRESH_TOLERANCE: f32 = 0.01;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -45,6 +82,35 @@ pub struct Config {
     /// default); the engine turns it off and runs `reindex` from its index actor.
     pub auto_reindex: bool,
     pub limits: Limits,
+    /// `n0` of the cold-start blend `β = n0 / (n0 + events)`; 0 turns it off.
+    pub cold_start_events: f32,
+    /// Default MMR `λ` in [0, 1]: 1 ranks by relevance alone (off), lower trades relevance
+    /// for variety.
+    pub diversity: f32,
+    /// Default share of list slots in [0, 1] given to exploration.
+    pub exploration: f32,
+    /// Items with fewer events than this are fresh: candidates for exploration slots.
+    pub explore_max_events: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mf: MfConfig::default(),
+            hnsw: HnswConfig::default(),
+            event_weights: Vec::new(),
+            default_weight: 1.0,
+            trending_half_life: 86_400.0,
+            exact_below: DEFAULT_EXACT_BELOW,
+            dedup_window: 1_000_000,
+            auto_reindex: true,
+            limits: Limits::default(),
+            cold_start_events: 5.0,
+            diversity: 1.0,
+            exploration: 0.0,
+            explore_max_events: 5,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -86,6 +152,12 @@ pub struct Query {
     pub exact: bool,
     pub explain: bool,
     pub ef: Option<usize>,
+    /// Categories whose items are never shown.
+    pub exclude_category: Vec<String>,
+    /// MMR `λ` for this request; None: [`Config::diversity`].
+    pub diversity: Option<f32>,
+    /// Exploration share for this request; None: [`Config::exploration`].
+    pub exploration: Option<f32>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -93,6 +165,8 @@ pub struct Rec {
     pub item: ExtId,
     pub score: f32,
     pub because: Vec<ExtId>,
+    /// The item fills an exploration slot (little feedback yet), not a relevance slot.
+    pub explore: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -111,7 +185,10 @@ pub struct Stats {
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModelError {
     /// A record was refused; nothing of the batch was applied.
-    InvalidEvent { index: usize, reason: String },
+    InvalidEvent {
+        index: usize,
+        reason: String,
+    },
     UnknownItem(ExtId),
     Frame(DecodeError),
 }
@@ -127,6 +204,15 @@ pub(crate) struct State {
     /// Per user, every item ever interacted with, sorted: exclusion must not depend on the
     /// capped history the factorization keeps.
     pub(crate) seen: Vec<Vec<u32>>,
+    /// Attribute vectors for cold items; derived state, rebuilt on load.
+    pub(crate) attrs: AttrVectors,
+    /// Items with attributes and no feedback: their vectors come from `attrs`. Derived.
+    pub(crate) cold: SortedIds,
+    /// Round-robin position of the cold-item refresh, and the `attrs` version its pass started at.
+    pub(crate) cold_cursor: usize,
+    pub(crate) cold_pass_version: u64,
+    /// Items with fewer than `explore_max_events` events: exploration candidates. Derived.
+    pub(crate) fresh: SortedIds,
     pub(crate) dedup: Dedup,
     pub(crate) events_applied: u64,
     pub(crate) duplicates: u64,
@@ -167,6 +253,36 @@ impl Dirty {
     }
 }
 
+/// A query's filters in dense ids.
+struct Filters {
+    exclude: HashSet<u32>,
+    category: Option<u32>,
+    exclude_categories: Vec<u32>,
+}
+
+/// FNV-1a of an external id: a salt for per-user sampling that is stable across runs,
+/// platforms and dense-id assignment (unlike `std`'s hasher, whose algorithm may change).
+fn id_salt(id: &ExtId) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    match id {
+        ExtId::Int(i) => {
+            eat(b"i");
+            eat(&i.to_le_bytes());
+        }
+        ExtId::Str(s) => {
+            eat(b"s");
+            eat(s.as_bytes());
+        }
+    }
+    h
+}
+
 pub struct Model {
     pub(crate) cfg: Config,
     pub(crate) state: RwLock<State>,
@@ -178,7 +294,9 @@ pub struct Model {
 /// refused entries from `records`).
 fn entry_indices(frame: &decode::Frame) -> Vec<usize> {
     let refused: HashSet<usize> = frame.rejected.iter().map(|r| r.0).collect();
-    (0..frame.records.len() + frame.rejected.len()).filter(|e| !refused.contains(e)).collect()
+    (0..frame.records.len() + frame.rejected.len())
+        .filter(|e| !refused.contains(e))
+        .collect()
 }
 
 fn now_secs() -> f64 {
@@ -199,6 +317,11 @@ impl State {
             categories: IdMap::new(),
             tags: IdMap::new(),
             seen: Vec::new(),
+            attrs: AttrVectors::new(cfg.mf.dim),
+            cold: SortedIds::default(),
+            cold_cursor: 0,
+            cold_pass_version: 0,
+            fresh: SortedIds::default(),
             dedup: Dedup::new(cfg.dedup_window),
             events_applied: 0,
             duplicates: 0,
@@ -207,12 +330,139 @@ impl State {
         }
     }
 
-    fn item_dense(&mut self, item: &ExtId) -> u32 {
+    fn item_dense(&mut self, item: &ExtId, fresh_below: u32) -> u32 {
         let (i, new) = self.items.get_or_insert(item);
         if new {
-            self.meta.push(ItemMeta { available: true, ..ItemMeta::default() });
+            self.meta.push(ItemMeta {
+                available: true,
+                ..ItemMeta::default()
+            });
+            if fresh_below > 0 {
+                self.fresh.insert(i);
+            }
         }
         i
+    }
+
+    /// Puts item `i` in or out of the fresh set after its event count changed.
+    fn update_fresh(&mut self, i: u32, fresh_below: u32) {
+        if self.mf.item_count(i) < fresh_below as f64 {
+            self.fresh.insert(i);
+        } else {
+            self.fresh.remove(i);
+        }
+    }
+
+    /// Re-derives the cold-start state of item `i` after its feedback or attributes changed:
+    /// with feedback it is counted in its attributes' vectors; without, it is cold and (when
+    /// its attributes have members) takes their mean as its vector. `old_meta` is what the
+    /// item was counted with, if its attributes just changed. Returns whether `q_i` moved.
+    fn settle_item(&mut self, i: u32, old_meta: Option<&ItemMeta>) -> bool {
+        let meta = self.meta[i as usize].clone();
+        let has_attrs = meta.category.is_some() || !meta.tags.is_empty();
+        if self.mf.item_count(i) > 0.0 {
+            self.cold.remove(i);
+            let v = self.mf.item_vector(i).to_vec();
+            if let Some(old) = old_meta {
+                self.attrs.leave(i, old, &v);
+            }
+            self.attrs.join(i, &meta, &v);
+            return false;
+        }
+        if self.attrs.is_member(i) {
+            let v = self.mf.item_vector(i).to_vec();
+            self.attrs.leave(i, old_meta.unwrap_or(&meta), &v);
+        }
+        if !has_attrs {
+            self.cold.remove(i);
+            return false;
+        }
+        self.cold.insert(i);
+        match self.attrs.vector_for(&meta) {
+            Some(v) => {
+                self.mf.set_item_vector(i, &v);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Recomputes the derived cold-start and exploration state from the factorization and the
+    /// item attributes (after load and after a batch fit, which move every vector).
+    pub(crate) fn rebuild_derived(&mut self, cfg: &Config) -> Vec<u32> {
+        let n = self.meta.len() as u32;
+        let mut attrs = AttrVectors::new(cfg.mf.dim);
+        attrs.rebuild(
+            (0..n)
+                .filter(|&i| self.mf.item_count(i) > 0.0)
+                .map(|i| (i, &self.meta[i as usize], self.mf.item_vector(i), true)),
+        );
+        self.attrs = attrs;
+        self.cold = SortedIds::default();
+        self.fresh = SortedIds::default();
+        self.cold_cursor = 0;
+        self.cold_pass_version = self.attrs.version();
+        let mut moved = Vec::new();
+        for i in 0..n {
+            if self.items.ext(i).is_none() {
+                continue;
+            }
+            self.update_fresh(i, cfg.explore_max_events);
+            let m = &self.meta[i as usize];
+            if self.mf.item_count(i) == 0.0 && (m.category.is_some() || !m.tags.is_empty()) {
+                self.cold.insert(i);
+            }
+        }
+        moved.extend(
+            self.cold
+                .as_slice()
+                .to_vec()
+                .into_iter()
+                .filter(|&i| self.refresh_cold_item(i, COLD_REFRESH_TOLERANCE)),
+        );
+        moved
+    }
+
+    /// Sets cold item `i` to its attributes' mean if that moved by more than `tolerance` of
+    /// its length; returns whether it did.
+    fn refresh_cold_item(&mut self, i: u32, tolerance: f32) -> bool {
+        let Some(v) = self.attrs.vector_for(&self.meta[i as usize]) else {
+            return false;
+        };
+        let cur = self.mf.item_vector(i);
+        let diff: f32 = v
+            .iter()
+            .zip(cur)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f32>()
+            .sqrt();
+        let len = scan::dot(&v, &v).sqrt();
+        if cur.len() == v.len() && diff <= tolerance * len {
+            return false;
+        }
+        self.mf.set_item_vector(i, &v);
+        true
+    }
+
+    /// Moves up to `budget` cold items to their attributes' current mean, round robin; a
+    /// pass starts only when the attribute vectors changed since the last one.
+    fn refresh_cold(&mut self, budget: usize) -> Vec<u32> {
+        let mut moved = Vec::new();
+        if self.cold_cursor == 0 {
+            if self.attrs.version() == self.cold_pass_version {
+                return moved;
+            }
+            self.cold_pass_version = self.attrs.version();
+        }
+        let end = (self.cold_cursor + budget).min(self.cold.len());
+        let ids: Vec<u32> = self.cold.as_slice()[self.cold_cursor.min(end)..end].to_vec();
+        for i in ids {
+            if self.refresh_cold_item(i, COLD_REFRESH_TOLERANCE) {
+                moved.push(i);
+            }
+        }
+        self.cold_cursor = if end >= self.cold.len() { 0 } else { end };
+        moved
     }
 
     fn user_dense(&mut self, user: &ExtId) -> u32 {
@@ -224,19 +474,28 @@ impl State {
     }
 
     fn has_seen(&self, u: u32, i: u32) -> bool {
-        self.seen.get(u as usize).is_some_and(|s| s.binary_search(&i).is_ok())
+        self.seen
+            .get(u as usize)
+            .is_some_and(|s| s.binary_search(&i).is_ok())
     }
 
     /// Whether item `i` may be shown under `q` to user `u` (if known).
-    fn admissible(&self, i: u32, u: Option<u32>, q: &Query, exclude: &HashSet<u32>, cat: Option<u32>) -> bool {
-        let Some(m) = self.meta.get(i as usize) else { return false };
-        if !m.available || exclude.contains(&i) {
+    fn admissible(&self, i: u32, u: Option<u32>, q: &Query, f: &Filters) -> bool {
+        let Some(m) = self.meta.get(i as usize) else {
+            return false;
+        };
+        if !m.available || f.exclude.contains(&i) {
             return false;
         }
-        if let Some(c) = cat {
+        if let Some(c) = f.category {
             if m.category != Some(c) {
                 return false;
             }
+        }
+        if m.category
+            .is_some_and(|c| f.exclude_categories.contains(&c))
+        {
+            return false;
         }
         match u {
             Some(u) if q.exclude_seen => !self.has_seen(u, i),
@@ -267,7 +526,12 @@ impl Model {
     pub fn new(cfg: Config) -> Self {
         let state = State::new(&cfg);
         let index = Hnsw::new(cfg.mf.dim, cfg.hnsw.clone());
-        Model { cfg, state: RwLock::new(state), index: RwLock::new(index), dirty: Mutex::new(Dirty::default()) }
+        Model {
+            cfg,
+            state: RwLock::new(state),
+            index: RwLock::new(index),
+            dirty: Mutex::new(Dirty::default()),
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -284,7 +548,9 @@ impl Model {
             (None, None) => self.cfg.default_weight,
         };
         if !w.is_finite() || w <= 0.0 || w > MAX_WEIGHT {
-            return Err(format!("weight {w} is not a finite number in (0, {MAX_WEIGHT}]"));
+            return Err(format!(
+                "weight {w} is not a finite number in (0, {MAX_WEIGHT}]"
+            ));
         }
         Ok(w)
     }
@@ -292,11 +558,17 @@ impl Model {
     /// Checks every record without changing anything; the first refusal is returned.
     pub fn validate(&self, records: &[Record]) -> Result<(), ModelError> {
         for (index, r) in records.iter().enumerate() {
-            if let Record::Interaction { kind, weight, ts, .. } = r {
+            if let Record::Interaction {
+                kind, weight, ts, ..
+            } = r
+            {
                 self.weight_of(kind.as_deref(), *weight)
                     .map_err(|reason| ModelError::InvalidEvent { index, reason })?;
                 if !ts.is_finite() {
-                    return Err(ModelError::InvalidEvent { index, reason: "time is not finite".into() });
+                    return Err(ModelError::InvalidEvent {
+                        index,
+                        reason: "time is not finite".into(),
+                    });
                 }
             }
         }
@@ -350,7 +622,14 @@ impl Model {
         touched: &mut HashMap<ExtId, Option<ExtId>>,
     ) -> Result<bool, String> {
         match rec {
-            Record::Interaction { user, item, kind, weight, id, ts } => {
+            Record::Interaction {
+                user,
+                item,
+                kind,
+                weight,
+                id,
+                ts,
+            } => {
                 let w = self.weight_of(kind.as_deref(), *weight)?;
                 if !ts.is_finite() {
                     return Err("time is not finite".into());
@@ -361,10 +640,24 @@ impl Model {
                     }
                 }
                 let u = st.user_dense(user);
-                let i = st.item_dense(item);
+                let i = st.item_dense(item, self.cfg.explore_max_events);
                 st.newest_ts = st.newest_ts.max(*ts);
+                let was_member = st.attrs.is_member(i);
+                let old = if was_member {
+                    st.mf.item_vector(i).to_vec()
+                } else {
+                    Vec::new()
+                };
                 st.mf.update(u, i, w, *ts);
                 st.trending.add(i, w, *ts);
+                if was_member {
+                    let new = st.mf.item_vector(i).to_vec();
+                    let State { attrs, meta, .. } = &mut *st;
+                    attrs.moved(i, &meta[i as usize], &old, &new);
+                } else {
+                    st.settle_item(i, None);
+                }
+                st.update_fresh(i, self.cfg.explore_max_events);
                 let seen = &mut st.seen[u as usize];
                 if let Err(pos) = seen.binary_search(&i) {
                     seen.insert(pos, i);
@@ -373,12 +666,18 @@ impl Model {
                 touched.insert(user.clone(), id.clone());
                 Ok(true)
             }
-            Record::ItemUpsert { item, tags, category, available, .. } => {
+            Record::ItemUpsert {
+                item,
+                tags,
+                category,
+                available,
+                ..
+            } => {
                 self.upsert_item_locked(st, item, tags, category.as_deref(), *available, moved);
                 Ok(true)
             }
             Record::EraseUser { user, .. } => {
-                Self::erase_user_locked(st, user);
+                moved.extend(self.erase_user_locked(st, user).unwrap_or_default());
                 touched.insert(user.clone(), None);
                 Ok(true)
             }
@@ -392,7 +691,9 @@ impl Model {
         let mut rejected = frame.rejected.clone();
         let entries = entry_indices(&frame);
         for (n, r) in frame.records.iter().enumerate() {
-            if let Err(ModelError::InvalidEvent { reason, .. }) = self.validate(std::slice::from_ref(r)) {
+            if let Err(ModelError::InvalidEvent { reason, .. }) =
+                self.validate(std::slice::from_ref(r))
+            {
                 rejected.push((entries[n], reason));
             }
         }
@@ -409,13 +710,21 @@ impl Model {
     /// Decodes one Forward frame (see [`decode::decode_frame`]) and applies its records.
     /// Event ids are de-duplicated per frame tag. Returns the report, the frame's `chunk`
     /// option and the bytes consumed.
-    pub fn apply_frame(&self, buf: &[u8]) -> Result<(ApplyReport, Option<String>, usize), DecodeError> {
+    pub fn apply_frame(
+        &self,
+        buf: &[u8],
+    ) -> Result<(ApplyReport, Option<String>, usize), DecodeError> {
         let (frame, used) = decode::decode_frame(buf, &self.cfg.limits)?;
         let mut report = self.apply(&frame.records, &frame.tag);
         // apply() numbers records; report entries of the frame, as the decoder does.
         let entries = entry_indices(&frame);
         let mut rejected = frame.rejected;
-        rejected.extend(report.rejected.drain(..).map(|(n, reason)| (entries[n], reason)));
+        rejected.extend(
+            report
+                .rejected
+                .drain(..)
+                .map(|(n, reason)| (entries[n], reason)),
+        );
         rejected.sort();
         report.rejected = rejected;
         Ok((report, frame.chunk, used))
@@ -430,8 +739,10 @@ impl Model {
         available: Option<bool>,
         moved: &mut Vec<u32>,
     ) {
-        let i = st.item_dense(item);
-        let cat = category.and_then(|c| ExtId::from_str(c).ok()).map(|c| st.categories.get_or_insert(&c).0);
+        let i = st.item_dense(item, self.cfg.explore_max_events);
+        let cat = category
+            .and_then(|c| ExtId::from_str(c).ok())
+            .map(|c| st.categories.get_or_insert(&c).0);
         let tag_ids: Vec<u32> = tags
             .iter()
             .filter_map(|t| ExtId::from_str(t).ok())
@@ -439,6 +750,7 @@ impl Model {
             .collect();
         // Make sure the factorization has a row for the item even before any interaction.
         st.mf.ensure_item(i);
+        let old_meta = st.meta[i as usize].clone();
         let m = &mut st.meta[i as usize];
         if category.is_some() {
             m.category = cat;
@@ -449,10 +761,17 @@ impl Model {
         if let Some(a) = available {
             m.available = a;
         }
+        st.settle_item(i, Some(&old_meta));
         moved.push(i);
     }
 
-    pub fn upsert_item(&self, item: &ExtId, tags: &[String], category: Option<&str>, available: Option<bool>) {
+    pub fn upsert_item(
+        &self,
+        item: &ExtId,
+        tags: &[String],
+        category: Option<&str>,
+        available: Option<bool>,
+    ) {
         let mut moved = Vec::new();
         {
             let mut st = self.state.write();
@@ -468,16 +787,32 @@ impl Model {
         }
     }
 
-    fn erase_user_locked(st: &mut State, user: &ExtId) -> bool {
-        let Some(u) = st.users.erase(user) else { return false };
+    /// Items left without feedback by the erasure lose their learned vectors (they were
+    /// learned from the erased user) and fall back to their attributes: those are returned.
+    fn erase_user_locked(&self, st: &mut State, user: &ExtId) -> Option<Vec<u32>> {
+        let u = st.users.erase(user)?;
         st.mf.erase_user(u);
-        st.seen[u as usize] = Vec::new();
-        true
+        let seen = std::mem::take(&mut st.seen[u as usize]);
+        let mut moved = Vec::new();
+        for i in seen {
+            st.update_fresh(i, self.cfg.explore_max_events);
+            if st.mf.item_count(i) == 0.0 && st.settle_item(i, None) {
+                moved.push(i);
+            }
+        }
+        Some(moved)
     }
 
     /// Removes the user's vector, history and seen set. The dense slot stays a tombstone.
     pub fn erase_user(&self, user: &ExtId) -> bool {
-        Self::erase_user_locked(&mut self.state.write(), user)
+        let Some(moved) = self.erase_user_locked(&mut self.state.write(), user) else {
+            return false;
+        };
+        let mut dirty = self.dirty.lock();
+        for i in moved {
+            dirty.mark(i);
+        }
+        true
     }
 
     /// Batch eALS sweeps over the held interactions, then re-links every item.
@@ -486,6 +821,8 @@ impl Model {
         {
             let mut st = self.state.write();
             st.mf.fit(iterations);
+            // The sweeps moved every vector (and solved cold items towards zero).
+            st.rebuild_derived(&self.cfg);
             n_items = st.items.capacity();
         }
         let mut dirty = self.dirty.lock();
@@ -499,6 +836,13 @@ impl Model {
     /// Brings up to `budget` moved items up to date in the index (oldest moves first).
     /// Returns how many are still waiting. Each item takes the index write lock on its own.
     pub fn reindex(&self, budget: usize) -> usize {
+        let refreshed = self.state.write().refresh_cold(COLD_REFRESH_BUDGET);
+        if !refreshed.is_empty() {
+            let mut dirty = self.dirty.lock();
+            for i in refreshed {
+                dirty.mark(i);
+            }
+        }
         let taken = self.dirty.lock().take(budget);
         let dim = self.cfg.mf.dim;
         let mut vecs = Vec::with_capacity(taken.len() * dim);
@@ -525,56 +869,253 @@ impl Model {
         self.dirty.lock().queue.len()
     }
 
-    /// The exclude list and category in dense ids; None when the category is one no item has
-    /// (nothing can match).
-    fn resolve_filters(st: &State, q: &Query) -> Option<(HashSet<u32>, Option<u32>)> {
+    /// The query's filters in dense ids; None when the category is one no item has (nothing
+    /// can match). Excluded categories no item has are ignored.
+    fn resolve_filters(st: &State, q: &Query) -> Option<Filters> {
         let exclude = q.exclude.iter().filter_map(|e| st.items.get(e)).collect();
-        let cat = match &q.category {
+        let category = match &q.category {
             None => None,
-            Some(c) => Some(ExtId::from_str(c).ok().and_then(|c| st.categories.get(&c))?),
+            Some(c) => Some(
+                ExtId::from_str(c)
+                    .ok()
+                    .and_then(|c| st.categories.get(&c))?,
+            ),
         };
-        Some((exclude, cat))
+        let exclude_categories = q
+            .exclude_category
+            .iter()
+            .filter_map(|c| ExtId::from_str(c).ok().and_then(|c| st.categories.get(&c)))
+            .collect();
+        Some(Filters {
+            exclude,
+            category,
+            exclude_categories,
+        })
     }
 
-    /// Top-k for `user`. Unknown users (and users without events yet) get the trending list
-    /// under the same filters.
+    /// Top-k for `user`: see the module docs for the steps. Unknown users (and users without
+    /// events yet) get the trending list under the same filters.
     pub fn recommend(&self, user: &ExtId, q: &Query) -> Vec<Rec> {
         let st = self.state.read();
         let u = st.users.get(user);
-        self.recommend_locked(&st, u, q)
+        self.recommend_locked(&st, u, id_salt(user), q)
     }
 
-    /// The trending list (decayed popularity) under the query's filters.
+    /// The trending list (decayed popularity) under the query's filters, without re-ranking
+    /// or exploration.
     pub fn trending(&self, q: &Query) -> Vec<Rec> {
         let st = self.state.read();
-        self.recommend_locked(&st, None, q)
+        let plain = Query {
+            k: q.k,
+            exclude_seen: q.exclude_seen,
+            exclude: q.exclude.clone(),
+            category: q.category.clone(),
+            exclude_category: q.exclude_category.clone(),
+            diversity: Some(1.0),
+            exploration: Some(0.0),
+            ..Query::default()
+        };
+        self.recommend_locked(&st, None, 0, &plain)
     }
 
-    fn recommend_locked(&self, st: &State, u: Option<u32>, q: &Query) -> Vec<Rec> {
-        let Some((exclude, cat)) = Self::resolve_filters(st, q) else { return Vec::new() };
-        let keep = |i: u32| st.admissible(i, u, q, &exclude, cat);
-        let hits = match u {
-            Some(u) if !st.seen[u as usize].is_empty() => {
-                let pu = st.mf.user_vector(u).to_vec();
-                self.top_k(st, &pu, q, &keep)
-            }
-            _ => st.trending.top(q.k, st.newest_ts, &keep),
+    /// The cold-start weight `β = n0 / (n0 + events)` of trending in user `u`'s list.
+    pub fn cold_start_beta(&self, events: f64) -> f32 {
+        let n0 = self.cfg.cold_start_events.max(0.0) as f64;
+        if n0 == 0.0 {
+            return 0.0;
+        }
+        (n0 / (n0 + events.max(0.0))) as f32
+    }
+
+    fn recommend_locked(&self, st: &State, u: Option<u32>, salt: u64, q: &Query) -> Vec<Rec> {
+        let Some(filters) = Self::resolve_filters(st, q) else {
+            return Vec::new();
         };
-        hits.into_iter()
-            .filter_map(|(i, score)| {
+        let keep = |i: u32| st.admissible(i, u, q, &filters);
+        let lambda = q.diversity.unwrap_or(self.cfg.diversity).clamp(0.0, 1.0);
+        let share = q
+            .exploration
+            .unwrap_or(self.cfg.exploration)
+            .clamp(0.0, 1.0);
+        let n_explore = ((share * q.k as f32).round() as usize).min(q.k);
+        // A user with events has a personal vector; others are served from trending alone.
+        let pu: Option<&[f32]> = u
+            .filter(|&u| !st.seen[u as usize].is_empty())
+            .map(|u| st.mf.user_vector(u));
+
+        let explore = if n_explore > 0 {
+            self.explore_picks(st, pu, salt, n_explore, &keep)
+        } else {
+            Vec::new()
+        };
+        let picked: HashSet<u32> = explore.iter().map(|e| e.0).collect();
+        let keep_main = |i: u32| !picked.contains(&i) && keep(i);
+        let k_main = q.k - explore.len();
+        let rerank = lambda < 1.0;
+        let pool = if rerank { k_main * POOL_FACTOR } else { k_main };
+        let now = st.newest_ts;
+
+        let mut cands = match (u, pu) {
+            (Some(u), Some(pu)) => {
+                let beta = self.cold_start_beta(st.mf.user_count(u));
+                if beta >= MIN_BLEND && k_main > 0 {
+                    // Candidates from both sides, each scored on both.
+                    let m = k_main * POOL_FACTOR;
+                    let sub = Query {
+                        k: m,
+                        exact: q.exact,
+                        ef: q.ef,
+                        ..Query::default()
+                    };
+                    let mut ids: Vec<u32> = self
+                        .top_k(st, pu, &sub, &keep_main)
+                        .into_iter()
+                        .map(|h| h.0)
+                        .collect();
+                    let known: HashSet<u32> = ids.iter().copied().collect();
+                    ids.extend(
+                        st.trending
+                            .top(m, now, &keep_main)
+                            .into_iter()
+                            .map(|h| h.0)
+                            .filter(|i| !known.contains(i)),
+                    );
+                    let personal: Vec<f32> = ids
+                        .iter()
+                        .map(|&i| scan::dot(pu, st.mf.item_vector(i)))
+                        .collect();
+                    let trend: Vec<f32> = ids
+                        .iter()
+                        .map(|&i| st.trending.score(i, now) as f32)
+                        .collect();
+                    let mut hits: Vec<(u32, f32)> = ids
+                        .into_iter()
+                        .zip(rerank::blend(&personal, &trend, beta))
+                        .collect();
+                    rerank::sort_desc(&mut hits);
+                    hits.truncate(pool);
+                    hits
+                } else {
+                    let sub = Query {
+                        k: pool,
+                        exact: q.exact,
+                        ef: q.ef,
+                        ..Query::default()
+                    };
+                    self.top_k(st, pu, &sub, &keep_main)
+                }
+            }
+            _ => st.trending.top(pool, now, &keep_main),
+        };
+        if rerank {
+            cands = rerank::mmr(&cands, |i| st.mf.item_vector(i), k_main, lambda);
+        } else {
+            cands.truncate(k_main);
+        }
+
+        // Exploration slots spread over the list; the main list fills the rest in order.
+        let slots = rerank::explore_positions(q.k, explore.len());
+        let mut main = cands.into_iter();
+        let mut extra = explore.into_iter();
+        let mut out: Vec<(u32, f32, bool)> = Vec::with_capacity(q.k);
+        for pos in 0..q.k {
+            let next = if slots.contains(&pos) {
+                extra.next().map(|(i, s)| (i, s, true))
+            } else {
+                main.next().map(|(i, s)| (i, s, false))
+            };
+            match next {
+                Some(x) => out.push(x),
+                None => break,
+            }
+        }
+        out.extend(extra.map(|(i, s)| (i, s, true)));
+        out.into_iter()
+            .filter_map(|(i, score, explore)| {
                 let item = st.items.ext(i)?.clone();
                 let because = match u {
                     Some(u) if q.explain => st.explain(u, i),
                     _ => Vec::new(),
                 };
-                Some(Rec { item, score, because })
+                Some(Rec {
+                    item,
+                    score,
+                    because,
+                    explore,
+                })
             })
+            .collect()
+    }
+
+    /// Up to `n` fresh items (fewer than `explore_max_events` events) for exploration slots:
+    /// a weighted sample without replacement, the weight being the item's score for the user
+    /// (attribute-based for items without feedback) min-max normalised plus a floor. The draw
+    /// is seeded by (model seed, user, period of model time), so it is reproducible and
+    /// stable within a period. When the fresh set is large, a uniform subset of
+    /// `EXPLORE_SAMPLE` is scored. Returned as (item, score) in draw order.
+    fn explore_picks(
+        &self,
+        st: &State,
+        pu: Option<&[f32]>,
+        salt: u64,
+        n: usize,
+        keep: &dyn Fn(u32) -> bool,
+    ) -> Vec<(u32, f32)> {
+        let fresh = st.fresh.as_slice();
+        if fresh.is_empty() {
+            return Vec::new();
+        }
+        let bucket = if st.newest_ts.is_finite() {
+            (st.newest_ts / EXPLORE_PERIOD).floor() as i64
+        } else {
+            0
+        };
+        let mut rng = Rng::new(
+            self.cfg.mf.seed
+                ^ salt.rotate_left(29)
+                ^ (bucket as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        let mut pool: Vec<u32> = if fresh.len() <= EXPLORE_SAMPLE {
+            fresh.to_vec()
+        } else {
+            let mut p: Vec<u32> = (0..EXPLORE_SAMPLE)
+                .map(|_| fresh[rng.below(fresh.len() as u64) as usize])
+                .collect();
+            p.sort_unstable();
+            p.dedup();
+            p
+        };
+        pool.retain(|&i| keep(i));
+        let now = st.newest_ts;
+        let scores: Vec<f32> = pool
+            .iter()
+            .map(|&i| match pu {
+                Some(pu) => scan::dot(pu, st.mf.item_vector(i)),
+                None => st.trending.score(i, now) as f32,
+            })
+            .collect();
+        let weights = rerank::minmax(&scores);
+        let cands: Vec<(u32, f64)> = pool
+            .iter()
+            .zip(&weights)
+            .map(|(&i, &w)| (i, w as f64 + EXPLORE_FLOOR))
+            .collect();
+        let score_of: HashMap<u32, f32> = pool.iter().copied().zip(scores).collect();
+        rerank::weighted_sample(&cands, n, &mut rng)
+            .into_iter()
+            .map(|i| (i, score_of[&i]))
             .collect()
     }
 
     /// Top-k by inner product with `v`: exact scan for small catalogs or when asked, the index
     /// otherwise, its candidates re-scored with the current vectors.
-    fn top_k(&self, st: &State, v: &[f32], q: &Query, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
+    fn top_k(
+        &self,
+        st: &State,
+        v: &[f32],
+        q: &Query,
+        keep: &dyn Fn(u32) -> bool,
+    ) -> Vec<(u32, f32)> {
         let n_items = st.items.capacity();
         if q.exact || n_items < self.cfg.exact_below {
             return scan::exact_top_k(st.mf.item_matrix(), self.cfg.mf.dim, v, q.k, keep);
@@ -591,12 +1132,18 @@ impl Model {
     /// Items most similar to `item` by cosine of their vectors (candidates from the index).
     pub fn similar(&self, item: &ExtId, k: usize) -> Result<Vec<(ExtId, f32)>, ModelError> {
         let st = self.state.read();
-        let i = st.items.get(item).ok_or_else(|| ModelError::UnknownItem(item.clone()))?;
+        let i = st
+            .items
+            .get(item)
+            .ok_or_else(|| ModelError::UnknownItem(item.clone()))?;
         let v = st.mf.item_vector(i).to_vec();
         let norm = scan::dot(&v, &v).sqrt().max(f32::MIN_POSITIVE);
         let keep = |j: u32| j != i && st.meta.get(j as usize).is_some_and(|m| m.available);
         // Inner product favours long (popular) vectors; take a wider pool, rank by cosine.
-        let pool = Query { k: (4 * k).max(50), ..Query::default() };
+        let pool = Query {
+            k: (4 * k).max(50),
+            ..Query::default()
+        };
         let mut hits = self.top_k(&st, &v, &pool, &keep);
         for h in &mut hits {
             let w = st.mf.item_vector(h.0);
@@ -604,7 +1151,10 @@ impl Model {
         }
         hits.sort_by(|a, b| b.1.total_cmp(&a.1));
         hits.truncate(k);
-        Ok(hits.into_iter().filter_map(|(j, s)| Some((st.items.ext(j)?.clone(), s))).collect())
+        Ok(hits
+            .into_iter()
+            .filter_map(|(j, s)| Some((st.items.ext(j)?.clone(), s)))
+            .collect())
     }
 
     /// The user's vector, or None for unknown users.
@@ -621,8 +1171,13 @@ impl Model {
     /// The user's seen items (all ever interacted with).
     pub fn seen(&self, user: &ExtId) -> Vec<ExtId> {
         let st = self.state.read();
-        let Some(u) = st.users.get(user) else { return Vec::new() };
-        st.seen[u as usize].iter().filter_map(|&i| st.items.ext(i).cloned()).collect()
+        let Some(u) = st.users.get(user) else {
+            return Vec::new();
+        };
+        st.seen[u as usize]
+            .iter()
+            .filter_map(|&i| st.items.ext(i).cloned())
+            .collect()
     }
 
     pub fn stats(&self) -> Stats {

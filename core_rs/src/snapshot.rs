@@ -7,6 +7,7 @@
 //! wal_seq u64                 the last journal record the snapshot reflects
 //! body                        config, ids, factorization, trending, item attributes,
 //!                             seen sets, redelivery window, counters, index
+//!                             (attribute vectors, cold and fresh sets are derived on load)
 //! crc32  u32                  over every byte before it
 //! ```
 //! The model is serialised to memory under its read locks (a memory-speed pause for writers),
@@ -29,7 +30,7 @@ use crate::model::{Config, Dirty, ItemMeta, Model, State};
 use crate::trending::Trending;
 
 pub const MAGIC: &[u8; 8] = b"RSSNAP\0\0";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 fn put_ext(w: &mut dyn Write, e: Option<&ExtId>) -> io::Result<()> {
     match e {
@@ -49,7 +50,9 @@ fn get_ext(r: &mut dyn Read) -> io::Result<Option<ExtId>> {
     match get_u8(r)? {
         0 => Ok(None),
         1 => Ok(Some(ExtId::Int(get_i64(r)?))),
-        2 => Ok(Some(ExtId::from_str(&get_str(r, crate::ids::MAX_ID_BYTES as u64)?).map_err(invalid)?)),
+        2 => Ok(Some(
+            ExtId::from_str(&get_str(r, crate::ids::MAX_ID_BYTES as u64)?).map_err(invalid)?,
+        )),
         t => Err(invalid(format!("unknown id tag {t}"))),
     }
 }
@@ -97,14 +100,25 @@ fn put_config(w: &mut dyn Write, c: &Config) -> io::Result<()> {
     put_len(w, c.dedup_window)?;
     put_u8(w, c.auto_reindex as u8)?;
     let l = &c.limits;
-    for n in [l.max_frame_bytes, l.max_entries, l.max_array, l.max_map, l.max_str, l.max_decompressed_bytes] {
+    for n in [
+        l.max_frame_bytes,
+        l.max_entries,
+        l.max_array,
+        l.max_map,
+        l.max_str,
+        l.max_decompressed_bytes,
+    ] {
         put_len(w, n)?;
     }
     let h = &c.hnsw;
     for n in [h.m, h.ef_construction, h.ef_search] {
         put_len(w, n)?;
     }
-    put_u64(w, h.seed)
+    put_u64(w, h.seed)?;
+    put_f32(w, c.cold_start_events)?;
+    put_f32(w, c.diversity)?;
+    put_f32(w, c.exploration)?;
+    put_u32(w, c.explore_max_events)
 }
 
 fn get_config(r: &mut dyn Read, mf: crate::mf::MfConfig) -> io::Result<Config> {
@@ -130,8 +144,31 @@ fn get_config(r: &mut dyn Read, mf: crate::mf::MfConfig) -> io::Result<Config> {
         max_str: l[4],
         max_decompressed_bytes: l[5],
     };
-    let (m, ef_construction, ef_search) = (get_len(r, 1 << 12)?, get_len(r, 1 << 20)?, get_len(r, 1 << 20)?);
-    let hnsw = HnswConfig { m, ef_construction, ef_search, seed: get_u64(r)? };
+    let (m, ef_construction, ef_search) = (
+        get_len(r, 1 << 12)?,
+        get_len(r, 1 << 20)?,
+        get_len(r, 1 << 20)?,
+    );
+    let hnsw = HnswConfig {
+        m,
+        ef_construction,
+        ef_search,
+        seed: get_u64(r)?,
+    };
+    let unit = |x: f32, what: &str| {
+        if (0.0..=1.0).contains(&x) {
+            Ok(x)
+        } else {
+            Err(invalid(format!("{what} {x} is outside [0, 1]")))
+        }
+    };
+    let cold_start_events = get_f32(r)?;
+    if !(cold_start_events.is_finite() && cold_start_events >= 0.0) {
+        return Err(invalid("cold_start_events is not a finite number ≥ 0"));
+    }
+    let diversity = unit(get_f32(r)?, "diversity")?;
+    let exploration = unit(get_f32(r)?, "exploration")?;
+    let explore_max_events = get_u32(r)?;
     Ok(Config {
         mf,
         hnsw,
@@ -142,6 +179,10 @@ fn get_config(r: &mut dyn Read, mf: crate::mf::MfConfig) -> io::Result<Config> {
         dedup_window,
         auto_reindex,
         limits,
+        cold_start_events,
+        diversity,
+        exploration,
+        explore_max_events,
     })
 }
 
@@ -215,7 +256,9 @@ impl Model {
         let r = &mut &body[8..];
         let version = get_u32(r)?;
         if version != FORMAT_VERSION {
-            return Err(invalid(format!("snapshot format version {version}, this build reads {FORMAT_VERSION}")));
+            return Err(invalid(format!(
+                "snapshot format version {version}, this build reads {FORMAT_VERSION}"
+            )));
         }
         let wal_seq = get_u64(r)?;
         let mf = Mf::load(r)?;
@@ -231,7 +274,11 @@ impl Model {
             let c = get_u32(r)?;
             let tags = get_u32s(r)?;
             let available = get_u8(r)? != 0;
-            meta.push(ItemMeta { category: (c != u32::MAX).then_some(c), tags, available });
+            meta.push(ItemMeta {
+                category: (c != u32::MAX).then_some(c),
+                tags,
+                available,
+            });
         }
         let n = get_len(r, u32::MAX as u64)?;
         let mut seen = Vec::with_capacity(n.min(1 << 20));
@@ -249,16 +296,21 @@ impl Model {
         let pending = get_u32s(r)?;
         let index = Hnsw::load(r)?;
         if !r.is_empty() {
-            return Err(invalid(format!("{} unexpected bytes after the index", r.len())));
+            return Err(invalid(format!(
+                "{} unexpected bytes after the index",
+                r.len()
+            )));
         }
         if meta.len() != items.capacity() || seen.len() != users.capacity() {
-            return Err(invalid("snapshot sections disagree on the number of users or items"));
+            return Err(invalid(
+                "snapshot sections disagree on the number of users or items",
+            ));
         }
         let mut dirty = Dirty::default();
         for i in pending {
             dirty.mark(i);
         }
-        let state = State {
+        let mut state = State {
             users,
             items,
             mf,
@@ -267,13 +319,27 @@ impl Model {
             categories,
             tags,
             seen,
+            attrs: crate::coldstart::AttrVectors::new(cfg.mf.dim),
+            cold: Default::default(),
+            cold_cursor: 0,
+            cold_pass_version: 0,
+            fresh: Default::default(),
             dedup,
             events_applied,
             duplicates,
             rejected,
             newest_ts,
         };
-        let model = Model { cfg, state: RwLock::new(state), index: RwLock::new(index), dirty: Mutex::new(dirty) };
+        // Attribute sums, cold and fresh sets are derived from what was loaded.
+        for i in state.rebuild_derived(&cfg) {
+            dirty.mark(i);
+        }
+        let model = Model {
+            cfg,
+            state: RwLock::new(state),
+            index: RwLock::new(index),
+            dirty: Mutex::new(dirty),
+        };
         Ok((model, wal_seq))
     }
 
@@ -286,8 +352,14 @@ impl Model {
 
 /// Replaces `path` with `bytes` so that a crash at any moment leaves the old file or the new.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp_name = path.file_name().ok_or_else(|| invalid("snapshot path has no file name"))?.to_owned();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp_name = path
+        .file_name()
+        .ok_or_else(|| invalid("snapshot path has no file name"))?
+        .to_owned();
     tmp_name.push(".tmp");
     let tmp = dir.join(tmp_name);
     {
