@@ -276,9 +276,7 @@ async def test_filters_over_http(server: Server, http: httpx.AsyncClient) -> Non
         assert r.status_code == 400, bad
 
 
-async def test_diversity_and_exploration_over_http(
-    server: Server, http: httpx.AsyncClient
-) -> None:
+async def test_diversity_and_exploration_over_http(server: Server, http: httpx.AsyncClient) -> None:
     await _catalog(server, http)
     url = "/v1/users/me/recommendations"
     plain = (await http.get(url, params={"k": 10})).json()["items"]

@@ -1200,3 +1200,197 @@ impl Model {
         now_secs()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: f64 = 1_700_000_000.0;
+
+    fn cfg() -> Config {
+        let mut c = Config::default();
+        c.mf.dim = 8;
+        c.mf.seed = 7;
+        c.hnsw.seed = 7;
+        c
+    }
+
+    fn ev(user: i64, item: i64, ts: f64) -> Record {
+        Record::Interaction {
+            user: ExtId::Int(user),
+            item: ExtId::Int(item),
+            kind: None,
+            weight: Some(1.0),
+            id: None,
+            ts,
+        }
+    }
+
+    /// Two planted groups over 40 items, categories "even"/"odd", tag "all" on every item.
+    fn planted(c: Config) -> Model {
+        let m = Model::new(c);
+        for i in 0..40i64 {
+            let cat = if i % 2 == 0 { "even" } else { "odd" };
+            m.upsert_item(&ExtId::Int(i), &["all".to_string()], Some(cat), None);
+        }
+        let mut recs = Vec::new();
+        for u in 0..60i64 {
+            for j in 0..8i64 {
+                recs.push(ev(u, (u % 2 + 2 * ((u * 7 + j * 3) % 20)) % 40, T0));
+            }
+        }
+        m.apply(&recs, "");
+        m
+    }
+
+    fn close(a: &[f32], b: &[f32], tol: f32) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| (x - y).abs() <= tol * (1.0 + x.abs()))
+    }
+
+    #[test]
+    fn beta_follows_n0_over_n0_plus_events() {
+        let m = Model::new(cfg());
+        assert_eq!(m.cold_start_beta(0.0), 1.0);
+        assert!((m.cold_start_beta(5.0) - 0.5).abs() < 1e-6);
+        assert!((m.cold_start_beta(95.0) - 0.05).abs() < 1e-6);
+        let off = Model::new(Config {
+            cold_start_events: 0.0,
+            ..cfg()
+        });
+        assert_eq!(off.cold_start_beta(1.0), 0.0);
+    }
+
+    /// The running attribute sums follow every online move of member vectors: they agree with
+    /// sums rebuilt from scratch after a stream of events.
+    #[test]
+    fn attribute_sums_track_online_updates() {
+        let m = planted(cfg());
+        m.apply(
+            &(0..200)
+                .map(|n| ev(n % 60, (n * 13) % 40, T0 + 1.0))
+                .collect::<Vec<_>>(),
+            "",
+        );
+        let st = m.state.read();
+        let mut rebuilt = AttrVectors::new(8);
+        rebuilt.rebuild((0..40u32).map(|i| {
+            (
+                i,
+                &st.meta[i as usize],
+                st.mf.item_vector(i),
+                st.mf.item_count(i) > 0.0,
+            )
+        }));
+        for i in 0..40u32 {
+            let meta = &st.meta[i as usize];
+            let (a, b) = (
+                st.attrs.vector_for(meta).unwrap(),
+                rebuilt.vector_for(meta).unwrap(),
+            );
+            assert!(close(&a, &b, 1e-4), "{a:?} vs {b:?}");
+        }
+    }
+
+    /// A cold item takes its attributes' mean; erasing the only user who touched an item
+    /// returns it to that mean (its learned vector came from the erased user).
+    #[test]
+    fn cold_items_take_attribute_vectors_and_return_to_them_on_erasure() {
+        let m = planted(cfg());
+        m.upsert_item(&ExtId::Int(100), &[], Some("even"), None);
+        let expect = {
+            let st = m.state.read();
+            st.attrs
+                .vector_for(&st.meta[st.items.get(&ExtId::Int(100)).unwrap() as usize])
+                .unwrap()
+        };
+        assert!(close(
+            &m.item_vector(&ExtId::Int(100)).unwrap(),
+            &expect,
+            1e-6
+        ));
+        m.apply(&[ev(999, 100, T0 + 1.0)], "");
+        let learned = m.item_vector(&ExtId::Int(100)).unwrap();
+        assert!(!close(&learned, &expect, 1e-3));
+        assert!(m.erase_user(&ExtId::Int(999)));
+        let st = m.state.read();
+        let i = st.items.get(&ExtId::Int(100)).unwrap();
+        assert!(st.cold.contains(i) && !st.attrs.is_member(i));
+        let now = st.attrs.vector_for(&st.meta[i as usize]).unwrap();
+        assert!(close(st.mf.item_vector(i), &now, 1e-6));
+    }
+
+    /// `reindex` re-derives cold items whose attribute mean moved, and marks them for the index.
+    #[test]
+    fn reindex_refreshes_cold_items() {
+        let m = planted(Config {
+            auto_reindex: false,
+            ..cfg()
+        });
+        m.upsert_item(&ExtId::Int(100), &[], Some("odd"), None);
+        m.reindex(usize::MAX);
+        let before = m.item_vector(&ExtId::Int(100)).unwrap();
+        // Odd items move a lot: a new user buys them all, many times.
+        let recs: Vec<Record> = (0..400)
+            .map(|n| ev(500 + n % 5, 1 + 2 * (n % 20), T0 + 2.0))
+            .collect();
+        m.apply(&recs, "");
+        m.reindex(usize::MAX);
+        let after = m.item_vector(&ExtId::Int(100)).unwrap();
+        let st = m.state.read();
+        let mean = st
+            .attrs
+            .vector_for(&st.meta[st.items.get(&ExtId::Int(100)).unwrap() as usize])
+            .unwrap();
+        assert!(!close(&before, &after, 1e-3));
+        assert!(close(&after, &mean, 0.02), "{after:?} vs {mean:?}");
+        assert_eq!(m.stale(), 0);
+    }
+
+    /// A snapshot keeps the new settings and rebuilds the derived sets, so lists (with
+    /// exploration, diversity and the blend) are the same after loading.
+    #[test]
+    fn snapshot_keeps_settings_and_lists() {
+        let c = Config {
+            diversity: 0.6,
+            exploration: 0.3,
+            explore_max_events: 3,
+            cold_start_events: 4.0,
+            ..cfg()
+        };
+        let m = planted(c);
+        m.apply(
+            &(0..10)
+                .map(|n| ev(700 + n, 200 + n, T0 + 5.0))
+                .collect::<Vec<_>>(),
+            "",
+        );
+        let (loaded, _) = Model::from_snapshot_bytes(&m.snapshot_bytes(0).unwrap()).unwrap();
+        let lc = loaded.config();
+        assert_eq!(
+            (
+                lc.diversity,
+                lc.exploration,
+                lc.explore_max_events,
+                lc.cold_start_events
+            ),
+            (0.6, 0.3, 3, 4.0)
+        );
+        let q = Query {
+            k: 10,
+            exclude_seen: true,
+            ..Query::default()
+        };
+        for u in [0i64, 1, 7, 700, 12345] {
+            let a = m.recommend(&ExtId::Int(u), &q);
+            assert_eq!(a, loaded.recommend(&ExtId::Int(u), &q));
+            assert_eq!(a.iter().filter(|r| r.explore).count(), 3, "{a:?}");
+        }
+        assert_eq!(
+            m.state.read().fresh.as_slice(),
+            loaded.state.read().fresh.as_slice()
+        );
+    }
+}
