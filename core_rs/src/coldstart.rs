@@ -69,6 +69,9 @@ impl AttrVectors {
 
     /// Adds `sign · v` to every attribute of `meta`, and `sign` to its counts.
     fn add(&mut self, meta: &ItemMeta, v: &[f32], sign: f64) {
+        if meta.category.is_none() && meta.tags.is_empty() {
+            return;
+        }
         let dim = self.dim;
         let delta = if sign > 0.0 { 1i64 } else { -1 };
         let accs = meta

@@ -643,18 +643,21 @@ impl Model {
                 let i = st.item_dense(item, self.cfg.explore_max_events);
                 st.newest_ts = st.newest_ts.max(*ts);
                 let was_member = st.attrs.is_member(i);
-                let old = if was_member {
+                // Only items with attributes feed attribute vectors: skip the copy otherwise.
+                let m = &st.meta[i as usize];
+                let tracked = was_member && (m.category.is_some() || !m.tags.is_empty());
+                let old = if tracked {
                     st.mf.item_vector(i).to_vec()
                 } else {
                     Vec::new()
                 };
                 st.mf.update(u, i, w, *ts);
                 st.trending.add(i, w, *ts);
-                if was_member {
+                if tracked {
                     let new = st.mf.item_vector(i).to_vec();
                     let State { attrs, meta, .. } = &mut *st;
                     attrs.moved(i, &meta[i as usize], &old, &new);
-                } else {
+                } else if !was_member {
                     st.settle_item(i, None);
                 }
                 st.update_fresh(i, self.cfg.explore_max_events);
@@ -836,7 +839,17 @@ impl Model {
     /// Brings up to `budget` moved items up to date in the index (oldest moves first).
     /// Returns how many are still waiting. Each item takes the index write lock on its own.
     pub fn reindex(&self, budget: usize) -> usize {
-        let refreshed = self.state.write().refresh_cold(COLD_REFRESH_BUDGET);
+        // Checked under the read lock first: most calls have nothing to refresh.
+        let quiet = {
+            let st = self.state.read();
+            st.cold.is_empty()
+                || (st.cold_cursor == 0 && st.attrs.version() == st.cold_pass_version)
+        };
+        let refreshed = if quiet {
+            Vec::new()
+        } else {
+            self.state.write().refresh_cold(COLD_REFRESH_BUDGET)
+        };
         if !refreshed.is_empty() {
             let mut dirty = self.dirty.lock();
             for i in refreshed {
