@@ -101,10 +101,7 @@ pub struct CrcWriter<W: Write> {
 
 impl<W: Write> CrcWriter<W> {
     pub fn new(inner: W) -> Self {
-        CrcWriter {
-            inner,
-            hasher: crc32fast::Hasher::new(),
-        }
+        CrcWriter { inner, hasher: crc32fast::Hasher::new() }
     }
 }
 

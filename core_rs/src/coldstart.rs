@@ -50,13 +50,7 @@ fn acc_at(v: &mut Vec<Acc>, a: u32, dim: usize) -> &mut Acc {
 
 impl AttrVectors {
     pub fn new(dim: usize) -> Self {
-        AttrVectors {
-            dim,
-            cats: Vec::new(),
-            tags: Vec::new(),
-            member: Vec::new(),
-            version: 0,
-        }
+        AttrVectors { dim, cats: Vec::new(), tags: Vec::new(), member: Vec::new(), version: 0 }
     }
 
     pub fn version(&self) -> u64 {
@@ -74,21 +68,9 @@ impl AttrVectors {
         }
         let dim = self.dim;
         let delta = if sign > 0.0 { 1i64 } else { -1 };
-        let accs = meta
-            .category
-            .iter()
-            .map(|&c| (true, c))
-            .chain(meta.tags.iter().map(|&t| (false, t)));
+        let accs = meta.category.iter().map(|&c| (true, c)).chain(meta.tags.iter().map(|&t| (false, t)));
         for (is_cat, a) in accs {
-            let acc = acc_at(
-                if is_cat {
-                    &mut self.cats
-                } else {
-                    &mut self.tags
-                },
-                a,
-                dim,
-            );
+            let acc = acc_at(if is_cat { &mut self.cats } else { &mut self.tags }, a, dim);
             for (s, &x) in acc.sum.iter_mut().zip(v) {
                 *s += sign * x as f64;
             }
@@ -123,21 +105,9 @@ impl AttrVectors {
             return;
         }
         let dim = self.dim;
-        let accs = meta
-            .category
-            .iter()
-            .map(|&c| (true, c))
-            .chain(meta.tags.iter().map(|&t| (false, t)));
+        let accs = meta.category.iter().map(|&c| (true, c)).chain(meta.tags.iter().map(|&t| (false, t)));
         for (is_cat, a) in accs {
-            let acc = acc_at(
-                if is_cat {
-                    &mut self.cats
-                } else {
-                    &mut self.tags
-                },
-                a,
-                dim,
-            );
+            let acc = acc_at(if is_cat { &mut self.cats } else { &mut self.tags }, a, dim);
             for ((s, &x), &y) in acc.sum.iter_mut().zip(new).zip(old) {
                 *s += x as f64 - y as f64;
             }
@@ -146,10 +116,7 @@ impl AttrVectors {
     }
 
     /// Recomputes every sum from scratch: `items` yields (item, meta, vector, has feedback).
-    pub fn rebuild<'a>(
-        &mut self,
-        items: impl Iterator<Item = (u32, &'a ItemMeta, &'a [f32], bool)>,
-    ) {
+    pub fn rebuild<'a>(&mut self, items: impl Iterator<Item = (u32, &'a ItemMeta, &'a [f32], bool)>) {
         self.cats.clear();
         self.tags.clear();
         self.member.clear();
@@ -166,10 +133,7 @@ impl AttrVectors {
     pub fn vector_for(&self, meta: &ItemMeta) -> Option<Vec<f32>> {
         let mut out = vec![0.0f64; self.dim];
         let mut parts = 0usize;
-        let cats = meta
-            .category
-            .iter()
-            .filter_map(|&c| self.cats.get(c as usize));
+        let cats = meta.category.iter().filter_map(|&c| self.cats.get(c as usize));
         let tags = meta.tags.iter().filter_map(|&t| self.tags.get(t as usize));
         for acc in cats.chain(tags) {
             if acc.n == 0 {
@@ -232,11 +196,7 @@ mod tests {
     use super::*;
 
     fn meta(cat: Option<u32>, tags: &[u32]) -> ItemMeta {
-        ItemMeta {
-            category: cat,
-            tags: tags.to_vec(),
-            available: true,
-        }
+        ItemMeta { category: cat, tags: tags.to_vec(), available: true }
     }
 
     #[test]
@@ -247,10 +207,7 @@ mod tests {
         a.join(1, &m, &[4.0, 2.0]);
         // Sum (6, 2) over 2 members + prior 1.
         let v = a.vector_for(&m).unwrap();
-        assert!(
-            (v[0] - 2.0).abs() < 1e-6 && (v[1] - 2.0 / 3.0).abs() < 1e-6,
-            "{v:?}"
-        );
+        assert!((v[0] - 2.0).abs() < 1e-6 && (v[1] - 2.0 / 3.0).abs() < 1e-6, "{v:?}");
         // Joining twice counts once.
         a.join(1, &m, &[4.0, 2.0]);
         assert_eq!(a.vector_for(&m).unwrap(), v);
@@ -270,12 +227,7 @@ mod tests {
         let v0 = [1.0f32, 1.0, 1.0];
         let v1 = [0.0f32, 1.0, 0.0];
         b.rebuild([(0, &m0, &v0[..], true), (1, &m1, &v1[..], true)].into_iter());
-        for probe in [
-            meta(Some(1), &[]),
-            meta(None, &[0]),
-            meta(None, &[2]),
-            meta(Some(1), &[0, 2]),
-        ] {
+        for probe in [meta(Some(1), &[]), meta(None, &[0]), meta(None, &[2]), meta(Some(1), &[0, 2])] {
             let (x, y) = (a.vector_for(&probe).unwrap(), b.vector_for(&probe).unwrap());
             for (p, q) in x.iter().zip(&y) {
                 assert!((p - q).abs() < 1e-6, "{x:?} vs {y:?}");

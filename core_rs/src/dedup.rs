@@ -19,11 +19,7 @@ pub struct Dedup {
 
 impl Dedup {
     pub fn new(capacity: usize) -> Self {
-        Dedup {
-            capacity,
-            set: HashSet::new(),
-            order: VecDeque::new(),
-        }
+        Dedup { capacity, set: HashSet::new(), order: VecDeque::new() }
     }
 
     pub fn capacity(&self) -> usize {
@@ -75,18 +71,12 @@ mod tests {
         let c = ExtId::Int(3);
         assert!(d.first_time("p", &a));
         assert!(!d.first_time("p", &a));
-        assert!(
-            d.first_time("q", &a),
-            "another producer's id 1 is a different event"
-        );
+        assert!(d.first_time("q", &a), "another producer's id 1 is a different event");
         assert!(d.first_time("p", &b)); // evicts (p, 1)
         assert!(d.first_time("p", &c)); // evicts (q, 1)
         assert_eq!(d.len(), 2);
         assert!(!d.first_time("p", &c));
-        assert!(
-            d.first_time("p", &a),
-            "an id older than the window is applied again"
-        );
+        assert!(d.first_time("p", &a), "an id older than the window is applied again");
         assert!(!d.first_time("p", &a));
     }
 }

@@ -24,10 +24,7 @@ impl ExtId {
             return Err("id is an empty string".into());
         }
         if s.len() > MAX_ID_BYTES {
-            return Err(format!(
-                "id is {} bytes, the limit is {MAX_ID_BYTES}",
-                s.len()
-            ));
+            return Err(format!("id is {} bytes, the limit is {MAX_ID_BYTES}", s.len()));
         }
         Ok(ExtId::Str(s.into()))
     }
@@ -108,10 +105,7 @@ impl IdMap {
                 to_dense.insert(e.clone(), d as u32);
             }
         }
-        IdMap {
-            to_dense,
-            to_ext: slots,
-        }
+        IdMap { to_dense, to_ext: slots }
     }
 }
 

@@ -185,10 +185,7 @@ pub struct Stats {
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModelError {
     /// A record was refused; nothing of the batch was applied.
-    InvalidEvent {
-        index: usize,
-        reason: String,
-    },
+    InvalidEvent { index: usize, reason: String },
     UnknownItem(ExtId),
     Frame(DecodeError),
 }
@@ -294,9 +291,7 @@ pub struct Model {
 /// refused entries from `records`).
 fn entry_indices(frame: &decode::Frame) -> Vec<usize> {
     let refused: HashSet<usize> = frame.rejected.iter().map(|r| r.0).collect();
-    (0..frame.records.len() + frame.rejected.len())
-        .filter(|e| !refused.contains(e))
-        .collect()
+    (0..frame.records.len() + frame.rejected.len()).filter(|e| !refused.contains(e)).collect()
 }
 
 fn now_secs() -> f64 {
@@ -333,10 +328,7 @@ impl State {
     fn item_dense(&mut self, item: &ExtId, fresh_below: u32) -> u32 {
         let (i, new) = self.items.get_or_insert(item);
         if new {
-            self.meta.push(ItemMeta {
-                available: true,
-                ..ItemMeta::default()
-            });
+            self.meta.push(ItemMeta { available: true, ..ItemMeta::default() });
             if fresh_below > 0 {
                 self.fresh.insert(i);
             }
@@ -414,11 +406,7 @@ impl State {
             }
         }
         moved.extend(
-            self.cold
-                .as_slice()
-                .to_vec()
-                .into_iter()
-                .filter(|&i| self.refresh_cold_item(i, COLD_REFRESH_TOLERANCE)),
+            self.cold.as_slice().to_vec().into_iter().filter(|&i| self.refresh_cold_item(i, COLD_REFRESH_TOLERANCE)),
         );
         moved
     }
@@ -426,16 +414,9 @@ impl State {
     /// Sets cold item `i` to its attributes' mean if that moved by more than `tolerance` of
     /// its length; returns whether it did.
     fn refresh_cold_item(&mut self, i: u32, tolerance: f32) -> bool {
-        let Some(v) = self.attrs.vector_for(&self.meta[i as usize]) else {
-            return false;
-        };
+        let Some(v) = self.attrs.vector_for(&self.meta[i as usize]) else { return false };
         let cur = self.mf.item_vector(i);
-        let diff: f32 = v
-            .iter()
-            .zip(cur)
-            .map(|(a, b)| (a - b) * (a - b))
-            .sum::<f32>()
-            .sqrt();
+        let diff: f32 = v.iter().zip(cur).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
         let len = scan::dot(&v, &v).sqrt();
         if cur.len() == v.len() && diff <= tolerance * len {
             return false;
@@ -474,16 +455,12 @@ impl State {
     }
 
     fn has_seen(&self, u: u32, i: u32) -> bool {
-        self.seen
-            .get(u as usize)
-            .is_some_and(|s| s.binary_search(&i).is_ok())
+        self.seen.get(u as usize).is_some_and(|s| s.binary_search(&i).is_ok())
     }
 
     /// Whether item `i` may be shown under `q` to user `u` (if known).
     fn admissible(&self, i: u32, u: Option<u32>, q: &Query, f: &Filters) -> bool {
-        let Some(m) = self.meta.get(i as usize) else {
-            return false;
-        };
+        let Some(m) = self.meta.get(i as usize) else { return false };
         if !m.available || f.exclude.contains(&i) {
             return false;
         }
@@ -492,9 +469,7 @@ impl State {
                 return false;
             }
         }
-        if m.category
-            .is_some_and(|c| f.exclude_categories.contains(&c))
-        {
+        if m.category.is_some_and(|c| f.exclude_categories.contains(&c)) {
             return false;
         }
         match u {
@@ -526,12 +501,7 @@ impl Model {
     pub fn new(cfg: Config) -> Self {
         let state = State::new(&cfg);
         let index = Hnsw::new(cfg.mf.dim, cfg.hnsw.clone());
-        Model {
-            cfg,
-            state: RwLock::new(state),
-            index: RwLock::new(index),
-            dirty: Mutex::new(Dirty::default()),
-        }
+        Model { cfg, state: RwLock::new(state), index: RwLock::new(index), dirty: Mutex::new(Dirty::default()) }
     }
 
     pub fn config(&self) -> &Config {
@@ -548,9 +518,7 @@ impl Model {
             (None, None) => self.cfg.default_weight,
         };
         if !w.is_finite() || w <= 0.0 || w > MAX_WEIGHT {
-            return Err(format!(
-                "weight {w} is not a finite number in (0, {MAX_WEIGHT}]"
-            ));
+            return Err(format!("weight {w} is not a finite number in (0, {MAX_WEIGHT}]"));
         }
         Ok(w)
     }
@@ -558,17 +526,11 @@ impl Model {
     /// Checks every record without changing anything; the first refusal is returned.
     pub fn validate(&self, records: &[Record]) -> Result<(), ModelError> {
         for (index, r) in records.iter().enumerate() {
-            if let Record::Interaction {
-                kind, weight, ts, ..
-            } = r
-            {
+            if let Record::Interaction { kind, weight, ts, .. } = r {
                 self.weight_of(kind.as_deref(), *weight)
                     .map_err(|reason| ModelError::InvalidEvent { index, reason })?;
                 if !ts.is_finite() {
-                    return Err(ModelError::InvalidEvent {
-                        index,
-                        reason: "time is not finite".into(),
-                    });
+                    return Err(ModelError::InvalidEvent { index, reason: "time is not finite".into() });
                 }
             }
         }
@@ -622,14 +584,7 @@ impl Model {
         touched: &mut HashMap<ExtId, Option<ExtId>>,
     ) -> Result<bool, String> {
         match rec {
-            Record::Interaction {
-                user,
-                item,
-                kind,
-                weight,
-                id,
-                ts,
-            } => {
+            Record::Interaction { user, item, kind, weight, id, ts } => {
                 let w = self.weight_of(kind.as_deref(), *weight)?;
                 if !ts.is_finite() {
                     return Err("time is not finite".into());
@@ -646,11 +601,7 @@ impl Model {
                 // Only items with attributes feed attribute vectors: skip the copy otherwise.
                 let m = &st.meta[i as usize];
                 let tracked = was_member && (m.category.is_some() || !m.tags.is_empty());
-                let old = if tracked {
-                    st.mf.item_vector(i).to_vec()
-                } else {
-                    Vec::new()
-                };
+                let old = if tracked { st.mf.item_vector(i).to_vec() } else { Vec::new() };
                 st.mf.update(u, i, w, *ts);
                 st.trending.add(i, w, *ts);
                 if tracked {
@@ -669,13 +620,7 @@ impl Model {
                 touched.insert(user.clone(), id.clone());
                 Ok(true)
             }
-            Record::ItemUpsert {
-                item,
-                tags,
-                category,
-                available,
-                ..
-            } => {
+            Record::ItemUpsert { item, tags, category, available, .. } => {
                 self.upsert_item_locked(st, item, tags, category.as_deref(), *available, moved);
                 Ok(true)
             }
@@ -694,9 +639,7 @@ impl Model {
         let mut rejected = frame.rejected.clone();
         let entries = entry_indices(&frame);
         for (n, r) in frame.records.iter().enumerate() {
-            if let Err(ModelError::InvalidEvent { reason, .. }) =
-                self.validate(std::slice::from_ref(r))
-            {
+            if let Err(ModelError::InvalidEvent { reason, .. }) = self.validate(std::slice::from_ref(r)) {
                 rejected.push((entries[n], reason));
             }
         }
@@ -713,21 +656,13 @@ impl Model {
     /// Decodes one Forward frame (see [`decode::decode_frame`]) and applies its records.
     /// Event ids are de-duplicated per frame tag. Returns the report, the frame's `chunk`
     /// option and the bytes consumed.
-    pub fn apply_frame(
-        &self,
-        buf: &[u8],
-    ) -> Result<(ApplyReport, Option<String>, usize), DecodeError> {
+    pub fn apply_frame(&self, buf: &[u8]) -> Result<(ApplyReport, Option<String>, usize), DecodeError> {
         let (frame, used) = decode::decode_frame(buf, &self.cfg.limits)?;
         let mut report = self.apply(&frame.records, &frame.tag);
         // apply() numbers records; report entries of the frame, as the decoder does.
         let entries = entry_indices(&frame);
         let mut rejected = frame.rejected;
-        rejected.extend(
-            report
-                .rejected
-                .drain(..)
-                .map(|(n, reason)| (entries[n], reason)),
-        );
+        rejected.extend(report.rejected.drain(..).map(|(n, reason)| (entries[n], reason)));
         rejected.sort();
         report.rejected = rejected;
         Ok((report, frame.chunk, used))
@@ -743,9 +678,7 @@ impl Model {
         moved: &mut Vec<u32>,
     ) {
         let i = st.item_dense(item, self.cfg.explore_max_events);
-        let cat = category
-            .and_then(|c| ExtId::from_str(c).ok())
-            .map(|c| st.categories.get_or_insert(&c).0);
+        let cat = category.and_then(|c| ExtId::from_str(c).ok()).map(|c| st.categories.get_or_insert(&c).0);
         let tag_ids: Vec<u32> = tags
             .iter()
             .filter_map(|t| ExtId::from_str(t).ok())
@@ -768,13 +701,7 @@ impl Model {
         moved.push(i);
     }
 
-    pub fn upsert_item(
-        &self,
-        item: &ExtId,
-        tags: &[String],
-        category: Option<&str>,
-        available: Option<bool>,
-    ) {
+    pub fn upsert_item(&self, item: &ExtId, tags: &[String], category: Option<&str>, available: Option<bool>) {
         let mut moved = Vec::new();
         {
             let mut st = self.state.write();
@@ -808,9 +735,7 @@ impl Model {
 
     /// Removes the user's vector, history and seen set. The dense slot stays a tombstone.
     pub fn erase_user(&self, user: &ExtId) -> bool {
-        let Some(moved) = self.erase_user_locked(&mut self.state.write(), user) else {
-            return false;
-        };
+        let Some(moved) = self.erase_user_locked(&mut self.state.write(), user) else { return false };
         let mut dirty = self.dirty.lock();
         for i in moved {
             dirty.mark(i);
@@ -842,14 +767,9 @@ impl Model {
         // Checked under the read lock first: most calls have nothing to refresh.
         let quiet = {
             let st = self.state.read();
-            st.cold.is_empty()
-                || (st.cold_cursor == 0 && st.attrs.version() == st.cold_pass_version)
+            st.cold.is_empty() || (st.cold_cursor == 0 && st.attrs.version() == st.cold_pass_version)
         };
-        let refreshed = if quiet {
-            Vec::new()
-        } else {
-            self.state.write().refresh_cold(COLD_REFRESH_BUDGET)
-        };
+        let refreshed = if quiet { Vec::new() } else { self.state.write().refresh_cold(COLD_REFRESH_BUDGET) };
         if !refreshed.is_empty() {
             let mut dirty = self.dirty.lock();
             for i in refreshed {
@@ -888,22 +808,14 @@ impl Model {
         let exclude = q.exclude.iter().filter_map(|e| st.items.get(e)).collect();
         let category = match &q.category {
             None => None,
-            Some(c) => Some(
-                ExtId::from_str(c)
-                    .ok()
-                    .and_then(|c| st.categories.get(&c))?,
-            ),
+            Some(c) => Some(ExtId::from_str(c).ok().and_then(|c| st.categories.get(&c))?),
         };
         let exclude_categories = q
             .exclude_category
             .iter()
             .filter_map(|c| ExtId::from_str(c).ok().and_then(|c| st.categories.get(&c)))
             .collect();
-        Some(Filters {
-            exclude,
-            category,
-            exclude_categories,
-        })
+        Some(Filters { exclude, category, exclude_categories })
     }
 
     /// Top-k for `user`: see the module docs for the steps. Unknown users (and users without
@@ -941,26 +853,15 @@ impl Model {
     }
 
     fn recommend_locked(&self, st: &State, u: Option<u32>, salt: u64, q: &Query) -> Vec<Rec> {
-        let Some(filters) = Self::resolve_filters(st, q) else {
-            return Vec::new();
-        };
+        let Some(filters) = Self::resolve_filters(st, q) else { return Vec::new() };
         let keep = |i: u32| st.admissible(i, u, q, &filters);
         let lambda = q.diversity.unwrap_or(self.cfg.diversity).clamp(0.0, 1.0);
-        let share = q
-            .exploration
-            .unwrap_or(self.cfg.exploration)
-            .clamp(0.0, 1.0);
+        let share = q.exploration.unwrap_or(self.cfg.exploration).clamp(0.0, 1.0);
         let n_explore = ((share * q.k as f32).round() as usize).min(q.k);
         // A user with events has a personal vector; others are served from trending alone.
-        let pu: Option<&[f32]> = u
-            .filter(|&u| !st.seen[u as usize].is_empty())
-            .map(|u| st.mf.user_vector(u));
+        let pu: Option<&[f32]> = u.filter(|&u| !st.seen[u as usize].is_empty()).map(|u| st.mf.user_vector(u));
 
-        let explore = if n_explore > 0 {
-            self.explore_picks(st, pu, salt, n_explore, &keep)
-        } else {
-            Vec::new()
-        };
+        let explore = if n_explore > 0 { self.explore_picks(st, pu, salt, n_explore, &keep) } else { Vec::new() };
         let picked: HashSet<u32> = explore.iter().map(|e| e.0).collect();
         let keep_main = |i: u32| !picked.contains(&i) && keep(i);
         let k_main = q.k - explore.len();
@@ -974,47 +875,21 @@ impl Model {
                 if beta >= MIN_BLEND && k_main > 0 {
                     // Candidates from both sides, each scored on both.
                     let m = k_main * POOL_FACTOR;
-                    let sub = Query {
-                        k: m,
-                        exact: q.exact,
-                        ef: q.ef,
-                        ..Query::default()
-                    };
-                    let mut ids: Vec<u32> = self
-                        .top_k(st, pu, &sub, &keep_main)
-                        .into_iter()
-                        .map(|h| h.0)
-                        .collect();
+                    let sub = Query { k: m, exact: q.exact, ef: q.ef, ..Query::default() };
+                    let mut ids: Vec<u32> = self.top_k(st, pu, &sub, &keep_main).into_iter().map(|h| h.0).collect();
                     let known: HashSet<u32> = ids.iter().copied().collect();
                     ids.extend(
-                        st.trending
-                            .top(m, now, &keep_main)
-                            .into_iter()
-                            .map(|h| h.0)
-                            .filter(|i| !known.contains(i)),
+                        st.trending.top(m, now, &keep_main).into_iter().map(|h| h.0).filter(|i| !known.contains(i)),
                     );
-                    let personal: Vec<f32> = ids
-                        .iter()
-                        .map(|&i| scan::dot(pu, st.mf.item_vector(i)))
-                        .collect();
-                    let trend: Vec<f32> = ids
-                        .iter()
-                        .map(|&i| st.trending.score(i, now) as f32)
-                        .collect();
-                    let mut hits: Vec<(u32, f32)> = ids
-                        .into_iter()
-                        .zip(rerank::blend(&personal, &trend, beta))
-                        .collect();
+                    let personal: Vec<f32> = ids.iter().map(|&i| scan::dot(pu, st.mf.item_vector(i))).collect();
+                    let trend: Vec<f32> = ids.iter().map(|&i| st.trending.score(i, now) as f32).collect();
+                    let mut hits: Vec<(u32, f32)> =
+                        ids.into_iter().zip(rerank::blend(&personal, &trend, beta)).collect();
                     rerank::sort_desc(&mut hits);
                     hits.truncate(pool);
                     hits
                 } else {
-                    let sub = Query {
-                        k: pool,
-                        exact: q.exact,
-                        ef: q.ef,
-                        ..Query::default()
-                    };
+                    let sub = Query { k: pool, exact: q.exact, ef: q.ef, ..Query::default() };
                     self.top_k(st, pu, &sub, &keep_main)
                 }
             }
@@ -1050,12 +925,7 @@ impl Model {
                     Some(u) if q.explain => st.explain(u, i),
                     _ => Vec::new(),
                 };
-                Some(Rec {
-                    item,
-                    score,
-                    because,
-                    explore,
-                })
+                Some(Rec { item, score, because, explore })
             })
             .collect()
     }
@@ -1078,22 +948,13 @@ impl Model {
         if fresh.is_empty() {
             return Vec::new();
         }
-        let bucket = if st.newest_ts.is_finite() {
-            (st.newest_ts / EXPLORE_PERIOD).floor() as i64
-        } else {
-            0
-        };
-        let mut rng = Rng::new(
-            self.cfg.mf.seed
-                ^ salt.rotate_left(29)
-                ^ (bucket as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
+        let bucket = if st.newest_ts.is_finite() { (st.newest_ts / EXPLORE_PERIOD).floor() as i64 } else { 0 };
+        let mut rng =
+            Rng::new(self.cfg.mf.seed ^ salt.rotate_left(29) ^ (bucket as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut pool: Vec<u32> = if fresh.len() <= EXPLORE_SAMPLE {
             fresh.to_vec()
         } else {
-            let mut p: Vec<u32> = (0..EXPLORE_SAMPLE)
-                .map(|_| fresh[rng.below(fresh.len() as u64) as usize])
-                .collect();
+            let mut p: Vec<u32> = (0..EXPLORE_SAMPLE).map(|_| fresh[rng.below(fresh.len() as u64) as usize]).collect();
             p.sort_unstable();
             p.dedup();
             p
@@ -1108,27 +969,14 @@ impl Model {
             })
             .collect();
         let weights = rerank::minmax(&scores);
-        let cands: Vec<(u32, f64)> = pool
-            .iter()
-            .zip(&weights)
-            .map(|(&i, &w)| (i, w as f64 + EXPLORE_FLOOR))
-            .collect();
+        let cands: Vec<(u32, f64)> = pool.iter().zip(&weights).map(|(&i, &w)| (i, w as f64 + EXPLORE_FLOOR)).collect();
         let score_of: HashMap<u32, f32> = pool.iter().copied().zip(scores).collect();
-        rerank::weighted_sample(&cands, n, &mut rng)
-            .into_iter()
-            .map(|i| (i, score_of[&i]))
-            .collect()
+        rerank::weighted_sample(&cands, n, &mut rng).into_iter().map(|i| (i, score_of[&i])).collect()
     }
 
     /// Top-k by inner product with `v`: exact scan for small catalogs or when asked, the index
     /// otherwise, its candidates re-scored with the current vectors.
-    fn top_k(
-        &self,
-        st: &State,
-        v: &[f32],
-        q: &Query,
-        keep: &dyn Fn(u32) -> bool,
-    ) -> Vec<(u32, f32)> {
+    fn top_k(&self, st: &State, v: &[f32], q: &Query, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
         let n_items = st.items.capacity();
         if q.exact || n_items < self.cfg.exact_below {
             return scan::exact_top_k(st.mf.item_matrix(), self.cfg.mf.dim, v, q.k, keep);
@@ -1145,18 +993,12 @@ impl Model {
     /// Items most similar to `item` by cosine of their vectors (candidates from the index).
     pub fn similar(&self, item: &ExtId, k: usize) -> Result<Vec<(ExtId, f32)>, ModelError> {
         let st = self.state.read();
-        let i = st
-            .items
-            .get(item)
-            .ok_or_else(|| ModelError::UnknownItem(item.clone()))?;
+        let i = st.items.get(item).ok_or_else(|| ModelError::UnknownItem(item.clone()))?;
         let v = st.mf.item_vector(i).to_vec();
         let norm = scan::dot(&v, &v).sqrt().max(f32::MIN_POSITIVE);
         let keep = |j: u32| j != i && st.meta.get(j as usize).is_some_and(|m| m.available);
         // Inner product favours long (popular) vectors; take a wider pool, rank by cosine.
-        let pool = Query {
-            k: (4 * k).max(50),
-            ..Query::default()
-        };
+        let pool = Query { k: (4 * k).max(50), ..Query::default() };
         let mut hits = self.top_k(&st, &v, &pool, &keep);
         for h in &mut hits {
             let w = st.mf.item_vector(h.0);
@@ -1164,10 +1006,7 @@ impl Model {
         }
         hits.sort_by(|a, b| b.1.total_cmp(&a.1));
         hits.truncate(k);
-        Ok(hits
-            .into_iter()
-            .filter_map(|(j, s)| Some((st.items.ext(j)?.clone(), s)))
-            .collect())
+        Ok(hits.into_iter().filter_map(|(j, s)| Some((st.items.ext(j)?.clone(), s))).collect())
     }
 
     /// The user's vector, or None for unknown users.
@@ -1184,13 +1023,8 @@ impl Model {
     /// The user's seen items (all ever interacted with).
     pub fn seen(&self, user: &ExtId) -> Vec<ExtId> {
         let st = self.state.read();
-        let Some(u) = st.users.get(user) else {
-            return Vec::new();
-        };
-        st.seen[u as usize]
-            .iter()
-            .filter_map(|&i| st.items.ext(i).cloned())
-            .collect()
+        let Some(u) = st.users.get(user) else { return Vec::new() };
+        st.seen[u as usize].iter().filter_map(|&i| st.items.ext(i).cloned()).collect()
     }
 
     pub fn stats(&self) -> Stats {
@@ -1257,10 +1091,7 @@ mod tests {
     }
 
     fn close(a: &[f32], b: &[f32], tol: f32) -> bool {
-        a.len() == b.len()
-            && a.iter()
-                .zip(b)
-                .all(|(x, y)| (x - y).abs() <= tol * (1.0 + x.abs()))
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol * (1.0 + x.abs()))
     }
 
     #[test]
@@ -1269,10 +1100,7 @@ mod tests {
         assert_eq!(m.cold_start_beta(0.0), 1.0);
         assert!((m.cold_start_beta(5.0) - 0.5).abs() < 1e-6);
         assert!((m.cold_start_beta(95.0) - 0.05).abs() < 1e-6);
-        let off = Model::new(Config {
-            cold_start_events: 0.0,
-            ..cfg()
-        });
+        let off = Model::new(Config { cold_start_events: 0.0, ..cfg() });
         assert_eq!(off.cold_start_beta(1.0), 0.0);
     }
 
@@ -1281,28 +1109,13 @@ mod tests {
     #[test]
     fn attribute_sums_track_online_updates() {
         let m = planted(cfg());
-        m.apply(
-            &(0..200)
-                .map(|n| ev(n % 60, (n * 13) % 40, T0 + 1.0))
-                .collect::<Vec<_>>(),
-            "",
-        );
+        m.apply(&(0..200).map(|n| ev(n % 60, (n * 13) % 40, T0 + 1.0)).collect::<Vec<_>>(), "");
         let st = m.state.read();
         let mut rebuilt = AttrVectors::new(8);
-        rebuilt.rebuild((0..40u32).map(|i| {
-            (
-                i,
-                &st.meta[i as usize],
-                st.mf.item_vector(i),
-                st.mf.item_count(i) > 0.0,
-            )
-        }));
+        rebuilt.rebuild((0..40u32).map(|i| (i, &st.meta[i as usize], st.mf.item_vector(i), st.mf.item_count(i) > 0.0)));
         for i in 0..40u32 {
             let meta = &st.meta[i as usize];
-            let (a, b) = (
-                st.attrs.vector_for(meta).unwrap(),
-                rebuilt.vector_for(meta).unwrap(),
-            );
+            let (a, b) = (st.attrs.vector_for(meta).unwrap(), rebuilt.vector_for(meta).unwrap());
             assert!(close(&a, &b, 1e-4), "{a:?} vs {b:?}");
         }
     }
@@ -1315,15 +1128,9 @@ mod tests {
         m.upsert_item(&ExtId::Int(100), &[], Some("even"), None);
         let expect = {
             let st = m.state.read();
-            st.attrs
-                .vector_for(&st.meta[st.items.get(&ExtId::Int(100)).unwrap() as usize])
-                .unwrap()
+            st.attrs.vector_for(&st.meta[st.items.get(&ExtId::Int(100)).unwrap() as usize]).unwrap()
         };
-        assert!(close(
-            &m.item_vector(&ExtId::Int(100)).unwrap(),
-            &expect,
-            1e-6
-        ));
+        assert!(close(&m.item_vector(&ExtId::Int(100)).unwrap(), &expect, 1e-6));
         m.apply(&[ev(999, 100, T0 + 1.0)], "");
         let learned = m.item_vector(&ExtId::Int(100)).unwrap();
         assert!(!close(&learned, &expect, 1e-3));
@@ -1338,25 +1145,17 @@ mod tests {
     /// `reindex` re-derives cold items whose attribute mean moved, and marks them for the index.
     #[test]
     fn reindex_refreshes_cold_items() {
-        let m = planted(Config {
-            auto_reindex: false,
-            ..cfg()
-        });
+        let m = planted(Config { auto_reindex: false, ..cfg() });
         m.upsert_item(&ExtId::Int(100), &[], Some("odd"), None);
         m.reindex(usize::MAX);
         let before = m.item_vector(&ExtId::Int(100)).unwrap();
         // Odd items move a lot: a new user buys them all, many times.
-        let recs: Vec<Record> = (0..400)
-            .map(|n| ev(500 + n % 5, 1 + 2 * (n % 20), T0 + 2.0))
-            .collect();
+        let recs: Vec<Record> = (0..400).map(|n| ev(500 + n % 5, 1 + 2 * (n % 20), T0 + 2.0)).collect();
         m.apply(&recs, "");
         m.reindex(usize::MAX);
         let after = m.item_vector(&ExtId::Int(100)).unwrap();
         let st = m.state.read();
-        let mean = st
-            .attrs
-            .vector_for(&st.meta[st.items.get(&ExtId::Int(100)).unwrap() as usize])
-            .unwrap();
+        let mean = st.attrs.vector_for(&st.meta[st.items.get(&ExtId::Int(100)).unwrap() as usize]).unwrap();
         assert!(!close(&before, &after, 1e-3));
         assert!(close(&after, &mean, 0.02), "{after:?} vs {mean:?}");
         assert_eq!(m.stale(), 0);
@@ -1366,44 +1165,18 @@ mod tests {
     /// exploration, diversity and the blend) are the same after loading.
     #[test]
     fn snapshot_keeps_settings_and_lists() {
-        let c = Config {
-            diversity: 0.6,
-            exploration: 0.3,
-            explore_max_events: 3,
-            cold_start_events: 4.0,
-            ..cfg()
-        };
+        let c = Config { diversity: 0.6, exploration: 0.3, explore_max_events: 3, cold_start_events: 4.0, ..cfg() };
         let m = planted(c);
-        m.apply(
-            &(0..10)
-                .map(|n| ev(700 + n, 200 + n, T0 + 5.0))
-                .collect::<Vec<_>>(),
-            "",
-        );
+        m.apply(&(0..10).map(|n| ev(700 + n, 200 + n, T0 + 5.0)).collect::<Vec<_>>(), "");
         let (loaded, _) = Model::from_snapshot_bytes(&m.snapshot_bytes(0).unwrap()).unwrap();
         let lc = loaded.config();
-        assert_eq!(
-            (
-                lc.diversity,
-                lc.exploration,
-                lc.explore_max_events,
-                lc.cold_start_events
-            ),
-            (0.6, 0.3, 3, 4.0)
-        );
-        let q = Query {
-            k: 10,
-            exclude_seen: true,
-            ..Query::default()
-        };
+        assert_eq!((lc.diversity, lc.exploration, lc.explore_max_events, lc.cold_start_events), (0.6, 0.3, 3, 4.0));
+        let q = Query { k: 10, exclude_seen: true, ..Query::default() };
         for u in [0i64, 1, 7, 700, 12345] {
             let a = m.recommend(&ExtId::Int(u), &q);
             assert_eq!(a, loaded.recommend(&ExtId::Int(u), &q));
             assert_eq!(a.iter().filter(|r| r.explore).count(), 3, "{a:?}");
         }
-        assert_eq!(
-            m.state.read().fresh.as_slice(),
-            loaded.state.read().fresh.as_slice()
-        );
+        assert_eq!(m.state.read().fresh.as_slice(), loaded.state.read().fresh.as_slice());
     }
 }

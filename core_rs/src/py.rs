@@ -35,12 +35,7 @@ create_exception!(
     PyValueError,
     "A Forward frame was cut short: more bytes are needed. Raised by `Model.ingest_forward` given a partial frame."
 );
-create_exception!(
-    _core,
-    UnknownItem,
-    PyKeyError,
-    "The item id has never been seen by the model."
-);
+create_exception!(_core, UnknownItem, PyKeyError, "The item id has never been seen by the model.");
 create_exception!(
     _core,
     CorruptSnapshot,
@@ -53,15 +48,11 @@ fn ext_from_py(obj: &Bound<'_, PyAny>) -> PyResult<ExtId> {
         return ExtId::from_str(s.to_str()?).map_err(InvalidEvent::new_err);
     }
     if obj.is_instance_of::<PyBool>() {
-        return Err(PyTypeError::new_err(
-            "an id must be a str or an int, not a bool",
-        ));
+        return Err(PyTypeError::new_err("an id must be a str or an int, not a bool"));
     }
     match obj.extract::<i64>() {
         Ok(i) => Ok(ExtId::Int(i)),
-        Err(_) if obj.hasattr("__index__")? => {
-            Err(InvalidEvent::new_err("integer id does not fit in 64 bits"))
-        }
+        Err(_) if obj.hasattr("__index__")? => Err(InvalidEvent::new_err("integer id does not fit in 64 bits")),
         Err(_) => Err(PyTypeError::new_err(format!(
             "an id must be a str or an int, not {}",
             obj.get_type().name()?
@@ -78,9 +69,7 @@ fn ext_to_py(py: Python<'_>, e: &ExtId) -> PyResult<Py<PyAny>> {
 
 fn model_err(e: ModelError) -> PyErr {
     match e {
-        ModelError::InvalidEvent { index, reason } => {
-            InvalidEvent::new_err(format!("event {index}: {reason}"))
-        }
+        ModelError::InvalidEvent { index, reason } => InvalidEvent::new_err(format!("event {index}: {reason}")),
         ModelError::UnknownItem(i) => UnknownItem::new_err(format!("unknown item {i}")),
         ModelError::Frame(f) => frame_err(f),
     }
@@ -95,23 +84,17 @@ fn frame_err(e: DecodeError) -> PyErr {
 
 fn snapshot_err(e: std::io::Error) -> PyErr {
     match e.kind() {
-        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
-            CorruptSnapshot::new_err(e.to_string())
-        }
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => CorruptSnapshot::new_err(e.to_string()),
         _ => PyOSError::new_err(e.to_string()),
     }
 }
 
 /// Reads `key` from the config dict, or `default` when absent or None.
-fn opt<'py, T: for<'a> FromPyObjectOwned<'py>>(
-    cfg: &Bound<'py, PyDict>,
-    key: &str,
-    default: T,
-) -> PyResult<T> {
+fn opt<'py, T: for<'a> FromPyObjectOwned<'py>>(cfg: &Bound<'py, PyDict>, key: &str, default: T) -> PyResult<T> {
     match cfg.get_item(key)? {
-        Some(v) if !v.is_none() => v
-            .extract()
-            .map_err(|e| PyTypeError::new_err(format!("config {key}: {}", Into::<PyErr>::into(e)))),
+        Some(v) if !v.is_none() => {
+            v.extract().map_err(|e| PyTypeError::new_err(format!("config {key}: {}", Into::<PyErr>::into(e))))
+        }
         _ => Ok(default),
     }
 }
@@ -149,9 +132,7 @@ fn unit_interval(name: &str, v: f32) -> PyResult<f32> {
     if (0.0..=1.0).contains(&v) {
         Ok(v)
     } else {
-        Err(PyValueError::new_err(format!(
-            "{name} must be in [0, 1], got {v}"
-        )))
+        Err(PyValueError::new_err(format!("{name} must be in [0, 1], got {v}")))
     }
 }
 
@@ -196,9 +177,7 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
     }
     let event_weights: Vec<(String, f32)> = match cfg.get_item("event_weights")? {
         Some(v) if !v.is_none() => {
-            let d = v
-                .cast::<PyDict>()
-                .map_err(|_| PyTypeError::new_err("event_weights must be a dict"))?;
+            let d = v.cast::<PyDict>().map_err(|_| PyTypeError::new_err("event_weights must be a dict"))?;
             let mut out = Vec::new();
             for (k, w) in d.iter() {
                 out.push((k.extract()?, w.extract()?));
@@ -209,9 +188,7 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
     };
     for (name, w) in &event_weights {
         if !w.is_finite() || *w <= 0.0 || *w > model::MAX_WEIGHT {
-            return Err(PyValueError::new_err(format!(
-                "event_weights[{name:?}] must be in (0, 1e6]"
-            )));
+            return Err(PyValueError::new_err(format!("event_weights[{name:?}] must be in (0, 1e6]")));
         }
     }
     let mut limits = Limits::default();
@@ -219,9 +196,7 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
     let d = model::Config::default();
     let cold_start_events: f32 = opt(cfg, "cold_start_events", d.cold_start_events)?;
     if !(cold_start_events.is_finite() && cold_start_events >= 0.0) {
-        return Err(PyValueError::new_err(
-            "cold_start_events must be a finite number ≥ 0",
-        ));
+        return Err(PyValueError::new_err("cold_start_events must be a finite number ≥ 0"));
     }
     Ok(model::Config {
         mf,
@@ -242,16 +217,10 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
 
 /// Weights of the common event types; a purchase says more than a view.
 fn default_event_weights() -> Vec<(String, f32)> {
-    [
-        ("view", 1.0),
-        ("click", 2.0),
-        ("like", 3.0),
-        ("cart", 4.0),
-        ("purchase", 8.0),
-    ]
-    .into_iter()
-    .map(|(n, w)| (n.to_string(), w))
-    .collect()
+    [("view", 1.0), ("click", 2.0), ("like", 3.0), ("cart", 4.0), ("purchase", 8.0)]
+        .into_iter()
+        .map(|(n, w)| (n.to_string(), w))
+        .collect()
 }
 
 /// A sequence argument as a list of items (numpy int64 arrays take the fast path).
@@ -263,21 +232,13 @@ fn ids_from_py(obj: &Bound<'_, PyAny>) -> PyResult<Vec<ExtId>> {
 }
 
 fn opt_f64s(obj: Option<&Bound<'_, PyAny>>, n: usize, what: &str) -> PyResult<Option<Vec<f64>>> {
-    let Some(obj) = obj.filter(|o| !o.is_none()) else {
-        return Ok(None);
-    };
+    let Some(obj) = obj.filter(|o| !o.is_none()) else { return Ok(None) };
     let v: Vec<f64> = match obj.extract::<PyReadonlyArray1<'_, f64>>() {
         Ok(a) => a.as_array().to_vec(),
-        Err(_) => obj
-            .try_iter()?
-            .map(|x| x?.extract::<f64>())
-            .collect::<PyResult<_>>()?,
+        Err(_) => obj.try_iter()?.map(|x| x?.extract::<f64>()).collect::<PyResult<_>>()?,
     };
     if v.len() != n {
-        return Err(PyValueError::new_err(format!(
-            "{what} has {} entries, users has {n}",
-            v.len()
-        )));
+        return Err(PyValueError::new_err(format!("{what} has {} entries, users has {n}", v.len())));
     }
     Ok(Some(v))
 }
@@ -315,16 +276,7 @@ fn query(
         Some(e) if !e.is_none() => ids_from_py(e)?,
         _ => Vec::new(),
     };
-    Ok(Query {
-        k,
-        exclude_seen,
-        exclude,
-        category,
-        exact,
-        explain,
-        ef,
-        ..Query::default()
-    })
+    Ok(Query { k, exclude_seen, exclude, category, exact, explain, ef, ..Query::default() })
 }
 
 /// The re-ranking options of a recommendation query (see `Model.recommend`).
@@ -335,23 +287,14 @@ fn with_options(
     exploration: Option<f32>,
 ) -> PyResult<Query> {
     q.exclude_category = exclude_category.unwrap_or_default();
-    q.diversity = diversity
-        .map(|d| unit_interval("diversity", d))
-        .transpose()?;
-    q.exploration = exploration
-        .map(|e| unit_interval("exploration", e))
-        .transpose()?;
+    q.diversity = diversity.map(|d| unit_interval("diversity", d)).transpose()?;
+    q.exploration = exploration.map(|e| unit_interval("exploration", e)).transpose()?;
     Ok(q)
 }
 
 /// Tuples `(item, score)` / `(item, score, because)`, or with `detail` dicts
 /// `{"item", "score", "explore"}` plus `"because"` when explaining.
-fn recs_to_py(
-    py: Python<'_>,
-    recs: &[model::Rec],
-    explain: bool,
-    detail: bool,
-) -> PyResult<Py<PyList>> {
+fn recs_to_py(py: Python<'_>, recs: &[model::Rec], explain: bool, detail: bool) -> PyResult<Py<PyList>> {
     let out = PyList::empty(py);
     for r in recs {
         let item = ext_to_py(py, &r.item)?;
@@ -373,14 +316,7 @@ fn recs_to_py(
             for b in &r.because {
                 because.append(ext_to_py(py, b)?)?;
             }
-            out.append(PyTuple::new(
-                py,
-                [
-                    item,
-                    r.score.into_pyobject(py)?.into_any().unbind(),
-                    because.into_any().unbind(),
-                ],
-            )?)?;
+            out.append(PyTuple::new(py, [item, r.score.into_pyobject(py)?.into_any().unbind(), because.into_any().unbind()])?)?;
         } else {
             out.append((item, r.score))?;
         }
@@ -408,17 +344,11 @@ impl PyModel {
             Some(c) if c.is_none() => PyDict::new(py),
             Some(c) => match c.cast::<PyDict>() {
                 Ok(d) => d.clone(),
-                Err(_) => py
-                    .import("attrs")?
-                    .call_method1("asdict", (c,))?
-                    .cast_into::<PyDict>()?,
+                Err(_) => py.import("attrs")?.call_method1("asdict", (c,))?.cast_into::<PyDict>()?,
             },
         };
         let cfg = config_from_dict(&dict)?;
-        Ok(PyModel {
-            inner: model::Model::new(cfg),
-            loaded_wal_seq: 0,
-        })
+        Ok(PyModel { inner: model::Model::new(cfg), loaded_wal_seq: 0 })
     }
 
     /// Applies interactions; validates the whole batch first and applies none on a refusal.
@@ -438,19 +368,12 @@ impl PyModel {
         let items = ids_from_py(items)?;
         let n = users.len();
         if items.len() != n {
-            return Err(PyValueError::new_err(format!(
-                "items has {} entries, users has {n}",
-                items.len()
-            )));
+            return Err(PyValueError::new_err(format!("items has {} entries, users has {n}", items.len())));
         }
         let weights = opt_f64s(weights, n, "weights")?;
         let ts = opt_f64s(ts, n, "ts")?;
         let types: Option<Vec<Option<String>>> = match types.filter(|t| !t.is_none()) {
-            Some(t) => Some(
-                t.try_iter()?
-                    .map(|x| x?.extract::<Option<String>>())
-                    .collect::<PyResult<_>>()?,
-            ),
+            Some(t) => Some(t.try_iter()?.map(|x| x?.extract::<Option<String>>()).collect::<PyResult<_>>()?),
             None => None,
         };
         if types.as_ref().is_some_and(|t| t.len() != n) {
@@ -489,9 +412,7 @@ impl PyModel {
     /// one by one and listed under "rejected"); event ids are de-duplicated per frame tag.
     /// Adds "chunk" and "consumed" to the report.
     fn ingest_forward<'py>(&self, py: Python<'py>, frame: &[u8]) -> PyResult<Bound<'py, PyDict>> {
-        let (report, chunk, used) = py
-            .detach(|| self.inner.apply_frame(frame))
-            .map_err(frame_err)?;
+        let (report, chunk, used) = py.detach(|| self.inner.apply_frame(frame)).map_err(frame_err)?;
         let d = report_to_py(py, &report)?;
         d.set_item("chunk", chunk)?;
         d.set_item("consumed", used)?;
@@ -503,11 +424,7 @@ impl PyModel {
     /// Returns None when `buf` holds only part of a frame, else a dict with "used" (bytes of
     /// the frame), "entries", "rejected" ([(entry index, reason)]), "chunk" and "tag".
     /// Raises InvalidFrame when the bytes can never become a frame.
-    fn check_frame<'py>(
-        &self,
-        py: Python<'py>,
-        buf: &[u8],
-    ) -> PyResult<Option<Bound<'py, PyDict>>> {
+    fn check_frame<'py>(&self, py: Python<'py>, buf: &[u8]) -> PyResult<Option<Bound<'py, PyDict>>> {
         let checked = match py.detach(|| self.inner.check_frame(buf)) {
             Ok(c) => c,
             Err(DecodeError::Incomplete) => return Ok(None),
@@ -574,8 +491,7 @@ impl PyModel {
         let users = ids_from_py(users)?;
         let q = query(k, exclude_seen, exclude, category, exact, explain, ef)?;
         let q = with_options(q, exclude_category, diversity, exploration)?;
-        let all: Vec<Vec<model::Rec>> =
-            py.detach(|| users.iter().map(|u| self.inner.recommend(u, &q)).collect());
+        let all: Vec<Vec<model::Rec>> = py.detach(|| users.iter().map(|u| self.inner.recommend(u, &q)).collect());
         let out = PyList::empty(py);
         for recs in &all {
             out.append(recs_to_py(py, recs, explain, detail)?)?;
@@ -589,9 +505,7 @@ impl PyModel {
         if k == 0 || k > 10_000 {
             return Err(PyValueError::new_err("k must be in 1..=10000"));
         }
-        let hits = py
-            .detach(|| self.inner.similar(&item, k))
-            .map_err(model_err)?;
+        let hits = py.detach(|| self.inner.similar(&item, k)).map_err(model_err)?;
         let out = PyList::empty(py);
         for (i, s) in &hits {
             out.append((ext_to_py(py, i)?, *s))?;
@@ -615,10 +529,7 @@ impl PyModel {
     ) -> PyResult<()> {
         let item = ext_from_py(item)?;
         let tags = tags.unwrap_or_default();
-        py.detach(|| {
-            self.inner
-                .upsert_item(&item, &tags, category.as_deref(), available)
-        });
+        py.detach(|| self.inner.upsert_item(&item, &tags, category.as_deref(), available));
         Ok(())
     }
 
@@ -632,28 +543,14 @@ impl PyModel {
         py.detach(|| self.inner.reindex(budget.unwrap_or(usize::MAX)))
     }
 
-    fn user_vector<'py>(
-        &self,
-        py: Python<'py>,
-        user: &Bound<'py, PyAny>,
-    ) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
+    fn user_vector<'py>(&self, py: Python<'py>, user: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
         let user = ext_from_py(user)?;
-        Ok(self
-            .inner
-            .user_vector(&user)
-            .map(|v| PyArray1::from_vec(py, v)))
+        Ok(self.inner.user_vector(&user).map(|v| PyArray1::from_vec(py, v)))
     }
 
-    fn item_vector<'py>(
-        &self,
-        py: Python<'py>,
-        item: &Bound<'py, PyAny>,
-    ) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
+    fn item_vector<'py>(&self, py: Python<'py>, item: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
         let item = ext_from_py(item)?;
-        Ok(self
-            .inner
-            .item_vector(&item)
-            .map(|v| PyArray1::from_vec(py, v)))
+        Ok(self.inner.item_vector(&item).map(|v| PyArray1::from_vec(py, v)))
     }
 
     fn seen(&self, py: Python<'_>, user: &Bound<'_, PyAny>) -> PyResult<Py<PyList>> {
@@ -682,33 +579,20 @@ impl PyModel {
     /// Writes a snapshot atomically; `wal_seq` is the last journal record it reflects.
     #[pyo3(signature = (path, wal_seq=0))]
     fn save(&self, py: Python<'_>, path: PathBuf, wal_seq: u64) -> PyResult<()> {
-        py.detach(|| self.inner.save(&path, wal_seq))
-            .map_err(snapshot_err)
+        py.detach(|| self.inner.save(&path, wal_seq)).map_err(snapshot_err)
     }
 
     #[staticmethod]
     fn load(py: Python<'_>, path: PathBuf) -> PyResult<PyModel> {
-        let (inner, loaded_wal_seq) = py
-            .detach(|| model::Model::load(&path))
-            .map_err(snapshot_err)?;
-        Ok(PyModel {
-            inner,
-            loaded_wal_seq,
-        })
+        let (inner, loaded_wal_seq) = py.detach(|| model::Model::load(&path)).map_err(snapshot_err)?;
+        Ok(PyModel { inner, loaded_wal_seq })
     }
 }
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
-    m.add(
-        "BUILD_PROFILE",
-        if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        },
-    )?;
+    m.add("BUILD_PROFILE", if cfg!(debug_assertions) { "debug" } else { "release" })?;
     m.add_class::<PyModel>()?;
     m.add("InvalidEvent", py.get_type::<InvalidEvent>())?;
     m.add("InvalidFrame", py.get_type::<InvalidFrame>())?;

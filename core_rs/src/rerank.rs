@@ -11,11 +11,7 @@ use crate::scan::dot;
 /// Min-max normalisation to [0, 1]. A constant list maps to zeros: it carries no ranking
 /// signal, and zeros add nothing to a blend.
 pub fn minmax(scores: &[f32]) -> Vec<f32> {
-    let (lo, hi) = scores
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &s| {
-            (lo.min(s), hi.max(s))
-        });
+    let (lo, hi) = scores.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &s| (lo.min(s), hi.max(s)));
     let range = hi - lo;
     if !(range > 0.0 && range.is_finite()) {
         return vec![0.0; scores.len()];
@@ -26,10 +22,7 @@ pub fn minmax(scores: &[f32]) -> Vec<f32> {
 /// `(1 − β)·personal + β·trending`, each min-max normalised over the candidate pool.
 pub fn blend(personal: &[f32], trending: &[f32], beta: f32) -> Vec<f32> {
     let (p, t) = (minmax(personal), minmax(trending));
-    p.iter()
-        .zip(&t)
-        .map(|(&p, &t)| (1.0 - beta) * p + beta * t)
-        .collect()
+    p.iter().zip(&t).map(|(&p, &t)| (1.0 - beta) * p + beta * t).collect()
 }
 
 /// Best first; equal scores by ascending id, so results never depend on hash or heap order.
@@ -45,21 +38,13 @@ pub fn sort_desc(hits: &mut [(u32, f32)]) {
 /// cosine of item vectors (`vector(id)`). The first pick is always the top candidate, whatever
 /// `λ` is. Each returned item keeps its original score. O(k · |cands| · dim): the running
 /// maximum similarity of each candidate is updated once per pick.
-pub fn mmr<'a>(
-    cands: &[(u32, f32)],
-    vector: impl Fn(u32) -> &'a [f32],
-    k: usize,
-    lambda: f32,
-) -> Vec<(u32, f32)> {
+pub fn mmr<'a>(cands: &[(u32, f32)], vector: impl Fn(u32) -> &'a [f32], k: usize, lambda: f32) -> Vec<(u32, f32)> {
     let n = cands.len();
     if n == 0 || k == 0 {
         return Vec::new();
     }
     let rel = minmax(&cands.iter().map(|c| c.1).collect::<Vec<_>>());
-    let norms: Vec<f32> = cands
-        .iter()
-        .map(|c| dot(vector(c.0), vector(c.0)).sqrt().max(f32::MIN_POSITIVE))
-        .collect();
+    let norms: Vec<f32> = cands.iter().map(|c| dot(vector(c.0), vector(c.0)).sqrt().max(f32::MIN_POSITIVE)).collect();
     let mut max_sim = vec![f32::NEG_INFINITY; n];
     let mut taken = vec![false; n];
     let mut out = Vec::with_capacity(k.min(n));
@@ -98,11 +83,7 @@ pub fn weighted_sample(cands: &[(u32, f64)], n: usize, rng: &mut Rng) -> Vec<u32
         .filter(|c| c.1 > 0.0 && c.1.is_finite())
         .map(|&(i, w)| (rng.next_f64().max(f64::MIN_POSITIVE).ln() / w, i))
         .collect();
-    keyed.sort_by(|a, b| {
-        b.0.partial_cmp(&a.0)
-            .unwrap_or(Ordering::Equal)
-            .then(a.1.cmp(&b.1))
-    });
+    keyed.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(Ordering::Equal).then(a.1.cmp(&b.1)));
     keyed.into_iter().take(n).map(|(_, i)| i).collect()
 }
 
@@ -129,13 +110,7 @@ mod tests {
     /// bring the second cluster in while keeping the top item first; λ = 1 is plain ranking.
     #[test]
     fn mmr_diversifies_and_keeps_the_first_item() {
-        let vecs: Vec<[f32; 2]> = vec![
-            [1.0, 0.0],
-            [0.99, 0.05],
-            [0.98, 0.1],
-            [0.0, 1.0],
-            [0.05, 0.99],
-        ];
+        let vecs: Vec<[f32; 2]> = vec![[1.0, 0.0], [0.99, 0.05], [0.98, 0.1], [0.0, 1.0], [0.05, 0.99]];
         let cands = vec![(0, 1.0), (1, 0.95), (2, 0.9), (3, 0.6), (4, 0.55)];
         let v = |i: u32| &vecs[i as usize][..];
         assert_eq!(mmr(&cands, v, 3, 1.0), cands[..3].to_vec());
@@ -147,9 +122,7 @@ mod tests {
 
     #[test]
     fn weighted_sample_is_deterministic_and_weight_biased() {
-        let cands: Vec<(u32, f64)> = (0..10)
-            .map(|i| (i, if i == 7 { 50.0 } else { 1.0 }))
-            .collect();
+        let cands: Vec<(u32, f64)> = (0..10).map(|i| (i, if i == 7 { 50.0 } else { 1.0 })).collect();
         let a = weighted_sample(&cands, 3, &mut Rng::new(9));
         assert_eq!(a, weighted_sample(&cands, 3, &mut Rng::new(9)));
         assert_eq!(a.len(), 3);

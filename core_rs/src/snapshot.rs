@@ -50,9 +50,7 @@ fn get_ext(r: &mut dyn Read) -> io::Result<Option<ExtId>> {
     match get_u8(r)? {
         0 => Ok(None),
         1 => Ok(Some(ExtId::Int(get_i64(r)?))),
-        2 => Ok(Some(
-            ExtId::from_str(&get_str(r, crate::ids::MAX_ID_BYTES as u64)?).map_err(invalid)?,
-        )),
+        2 => Ok(Some(ExtId::from_str(&get_str(r, crate::ids::MAX_ID_BYTES as u64)?).map_err(invalid)?)),
         t => Err(invalid(format!("unknown id tag {t}"))),
     }
 }
@@ -100,14 +98,7 @@ fn put_config(w: &mut dyn Write, c: &Config) -> io::Result<()> {
     put_len(w, c.dedup_window)?;
     put_u8(w, c.auto_reindex as u8)?;
     let l = &c.limits;
-    for n in [
-        l.max_frame_bytes,
-        l.max_entries,
-        l.max_array,
-        l.max_map,
-        l.max_str,
-        l.max_decompressed_bytes,
-    ] {
+    for n in [l.max_frame_bytes, l.max_entries, l.max_array, l.max_map, l.max_str, l.max_decompressed_bytes] {
         put_len(w, n)?;
     }
     let h = &c.hnsw;
@@ -144,17 +135,8 @@ fn get_config(r: &mut dyn Read, mf: crate::mf::MfConfig) -> io::Result<Config> {
         max_str: l[4],
         max_decompressed_bytes: l[5],
     };
-    let (m, ef_construction, ef_search) = (
-        get_len(r, 1 << 12)?,
-        get_len(r, 1 << 20)?,
-        get_len(r, 1 << 20)?,
-    );
-    let hnsw = HnswConfig {
-        m,
-        ef_construction,
-        ef_search,
-        seed: get_u64(r)?,
-    };
+    let (m, ef_construction, ef_search) = (get_len(r, 1 << 12)?, get_len(r, 1 << 20)?, get_len(r, 1 << 20)?);
+    let hnsw = HnswConfig { m, ef_construction, ef_search, seed: get_u64(r)? };
     let unit = |x: f32, what: &str| {
         if (0.0..=1.0).contains(&x) {
             Ok(x)
@@ -256,9 +238,7 @@ impl Model {
         let r = &mut &body[8..];
         let version = get_u32(r)?;
         if version != FORMAT_VERSION {
-            return Err(invalid(format!(
-                "snapshot format version {version}, this build reads {FORMAT_VERSION}"
-            )));
+            return Err(invalid(format!("snapshot format version {version}, this build reads {FORMAT_VERSION}")));
         }
         let wal_seq = get_u64(r)?;
         let mf = Mf::load(r)?;
@@ -274,11 +254,7 @@ impl Model {
             let c = get_u32(r)?;
             let tags = get_u32s(r)?;
             let available = get_u8(r)? != 0;
-            meta.push(ItemMeta {
-                category: (c != u32::MAX).then_some(c),
-                tags,
-                available,
-            });
+            meta.push(ItemMeta { category: (c != u32::MAX).then_some(c), tags, available });
         }
         let n = get_len(r, u32::MAX as u64)?;
         let mut seen = Vec::with_capacity(n.min(1 << 20));
@@ -296,15 +272,10 @@ impl Model {
         let pending = get_u32s(r)?;
         let index = Hnsw::load(r)?;
         if !r.is_empty() {
-            return Err(invalid(format!(
-                "{} unexpected bytes after the index",
-                r.len()
-            )));
+            return Err(invalid(format!("{} unexpected bytes after the index", r.len())));
         }
         if meta.len() != items.capacity() || seen.len() != users.capacity() {
-            return Err(invalid(
-                "snapshot sections disagree on the number of users or items",
-            ));
+            return Err(invalid("snapshot sections disagree on the number of users or items"));
         }
         let mut dirty = Dirty::default();
         for i in pending {
@@ -334,12 +305,7 @@ impl Model {
         for i in state.rebuild_derived(&cfg) {
             dirty.mark(i);
         }
-        let model = Model {
-            cfg,
-            state: RwLock::new(state),
-            index: RwLock::new(index),
-            dirty: Mutex::new(dirty),
-        };
+        let model = Model { cfg, state: RwLock::new(state), index: RwLock::new(index), dirty: Mutex::new(dirty) };
         Ok((model, wal_seq))
     }
 
@@ -352,14 +318,8 @@ impl Model {
 
 /// Replaces `path` with `bytes` so that a crash at any moment leaves the old file or the new.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp_name = path
-        .file_name()
-        .ok_or_else(|| invalid("snapshot path has no file name"))?
-        .to_owned();
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp_name = path.file_name().ok_or_else(|| invalid("snapshot path has no file name"))?.to_owned();
     tmp_name.push(".tmp");
     let tmp = dir.join(tmp_name);
     {
