@@ -8,18 +8,18 @@ RUST_SRC := $(shell find core_rs/src -name '*.rs') core_rs/Cargo.toml Cargo.toml
 STAMP := $(VENV)/.built
 
 .DEFAULT_GOAL := help
-.PHONY: help dev serve test test-rust test-py lint fmt bench bench-peers clean
+.PHONY: help dev serve test test-rust test-py lint fmt bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml $(RUST_SRC)
+$(STAMP): pyproject.toml Makefile $(RUST_SRC)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check 'maturin>=1.7,<2'
-	maturin develop --release --quiet --extras dev
+	maturin develop --release --quiet --extras dev,bench,bench-peers
 	touch $@
 
-dev: $(STAMP)  ## create .venv, install with the dev extras, build the extension (release)
+dev: $(STAMP)  ## create .venv with the dev and benchmark extras (peers too), build the extension (release)
 
 serve: dev  ## run the server on embedded defaults
 	recstream serve
@@ -43,12 +43,8 @@ fmt:  ## format Python and Rust
 	$(PY) -m ruff format engine bench tests
 	cargo fmt --all
 
-bench-peers: dev  ## install the peers the benchmarks compare against (hnswlib, river, implicit)
-	maturin develop --release --quiet --extras dev,bench,bench-peers
-
-bench: bench-peers  ## run the whole benchmark suite (release build) and rewrite the README table
+bench: dev  ## run the whole benchmark suite against its peers and rewrite the README table
 	$(PY) -m bench all
-	$(PY) -m bench report
 
 clean:  ## remove build products and the virtualenv
 	rm -rf target $(VENV) engine/_core*.so

@@ -43,6 +43,14 @@ class FrameCheck(TypedDict):
     chunk: str | None
     tag: str
 
+class Rec(TypedDict, total=False):
+    """An entry of ``recommend(..., detail=True)``; ``because`` only with ``explain=True``."""
+
+    item: Id
+    score: float
+    explore: bool
+    because: list[Id]
+
 class Stats(TypedDict):
     events_applied: int
     duplicates: int
@@ -78,6 +86,11 @@ class Model:
         exact: bool = False,
         explain: bool = False,
         ef: int | None = None,
+        *,
+        exclude_category: Sequence[str] | None = None,
+        diversity: float | None = None,
+        exploration: float | None = None,
+        detail: bool = False,
     ) -> list[Any]: ...
     def recommend_batch(
         self,
@@ -89,6 +102,11 @@ class Model:
         exact: bool = False,
         explain: bool = False,
         ef: int | None = None,
+        *,
+        exclude_category: Sequence[str] | None = None,
+        diversity: float | None = None,
+        exploration: float | None = None,
+        detail: bool = False,
     ) -> list[list[Any]]: ...
     def trending(self, k: int = 10, category: str | None = None) -> list[tuple[Id, float]]: ...
     def similar(self, item: Id, k: int = 10) -> list[tuple[Id, float]]: ...

@@ -59,6 +59,17 @@ class ModelConfig:
         auto_reindex: Re-link moved items in the index after every call that moves them; the
             server turns this off and re-links from its index actor instead.
         max_frame_bytes: Largest Forward frame accepted.
+        cold_start_events: ``n0`` of the cold-start blend: a user with ``n`` events gets
+            ``(1 - b)·personal + b·trending`` (each min-max normalised over a candidate pool)
+            with ``b = n0 / (n0 + n)``, so lists move smoothly from popular to personal. 0 turns
+            the blend off. Users without events always get the trending list.
+        diversity: Default ``λ`` of maximal-marginal-relevance re-ranking in [0, 1]: 1 ranks by
+            relevance alone (off); lower values trade relevance for items unlike those
+            already chosen. Requests may override it.
+        exploration: Default share of list slots in [0, 1] given to fresh items (see
+            ``explore_max_events``), flagged ``explore``. Requests may override it.
+        explore_max_events: Items with fewer events than this are fresh: candidates for
+            exploration slots.
     """
 
     dim: int = 32
@@ -82,3 +93,7 @@ class ModelConfig:
     dedup_window: int = 1_000_000
     auto_reindex: bool = True
     max_frame_bytes: int = 16 * 1024 * 1024
+    cold_start_events: float = 5.0
+    diversity: float = 1.0
+    exploration: float = 0.0
+    explore_max_events: int = 5

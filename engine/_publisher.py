@@ -13,6 +13,7 @@ a subscriber, and a slow subscriber receives the newest list rather than a backl
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,7 +23,7 @@ import trio
 from ._exceptions import TooManySubscribers
 from ._model import Model
 
-__all__ = ["Publisher", "Slot", "Subscription", "Cause"]
+__all__ = ["Publisher", "Slot", "Subscription", "Cause", "rec_json"]
 
 log = logging.getLogger("recstream.publisher")
 
@@ -88,37 +89,74 @@ class Slot:
         return value if not self.closed else None
 
 
+def rec_json(rec: dict[str, Any]) -> dict[str, Any]:
+    """One entry of a list as sent to clients: ``"explore": true`` only on exploration slots."""
+    out = {"item": rec["item"], "score": rec["score"]}
+    if "because" in rec:
+        out["because"] = rec["because"]
+    if rec["explore"]:
+        out["explore"] = True
+    return out
+
+
 @attrs.define(eq=False)
 class Subscription:
-    """One websocket's interest in one user's list."""
+    """One websocket's interest in one user's list.
+
+    ``repush_after`` (seconds): an item pushed to this subscription is left out of its pushes
+    for that long (a feed of new items rather than a re-sent list). The list still counts as
+    changed only when the user's top-k itself changes; the message then carries the top-k
+    items not pushed within the window. ``pushed_at`` remembers, oldest first, when each
+    item was last pushed, and forgets items as their window expires, so it holds at most the
+    items pushed within ``repush_after``.
+    """
 
     user: Id
     k: int
     category: str | None = None
     exclude: tuple[Id, ...] = ()
     explain: bool = False
+    exclude_category: tuple[str, ...] = ()
+    diversity: float | None = None
+    exploration: float | None = None
+    repush_after: float | None = None
     slot: Slot = attrs.field(factory=Slot)
     last_items: list[Id] | None = None
     version: int = 0
+    pushed_at: dict[Id, float] = attrs.field(factory=dict)
     # The user's A/B variant (named in every message) and its extra recommend() arguments.
     variant: str | None = None
     params: dict[str, Any] = attrs.field(factory=dict)
 
     def query(self) -> dict[str, Any]:
-        return {
-            **self.params,
+        """recommend() arguments: the subscription's own, else its variant's."""
+        own = {
             "k": self.k,
             "category": self.category,
             "exclude": list(self.exclude) or None,
             "explain": self.explain,
+            "exclude_category": list(self.exclude_category) or None,
+            "diversity": self.diversity,
+            "exploration": self.exploration,
+            "detail": True,
         }
+        return {**self.params, **{k: v for k, v in own.items() if v is not None}}
+
+    def recently_pushed(self, now: float) -> list[Id]:
+        """Items pushed within ``repush_after`` of ``now``; forgets older ones."""
+        if self.repush_after is None:
+            return []
+        horizon = now - self.repush_after
+        while self.pushed_at:
+            item, at = next(iter(self.pushed_at.items()))
+            if at > horizon:
+                break
+            del self.pushed_at[item]
+        return list(self.pushed_at)
 
 
 def _message(sub: Subscription, recs: list[Any], cause: Cause | None) -> dict[str, Any]:
-    if sub.explain:
-        items = [{"item": r[0], "score": r[1], "because": r[2]} for r in recs]
-    else:
-        items = [{"item": r[0], "score": r[1]} for r in recs]
+    items = [rec_json(r) for r in recs]
     msg = {
         "user": sub.user,
         "items": items,
@@ -221,15 +259,28 @@ class Publisher:
 
     async def current(self, sub: Subscription) -> dict[str, Any]:
         """The list as it is now, recorded as the last one pushed to ``sub``."""
-        recs = await trio.to_thread.run_sync(self._recommend, sub)
-        return self._record(sub, recs, None)
+        recent = sub.recently_pushed(time.monotonic())
+        recs = await trio.to_thread.run_sync(self._recommend, sub, recent)
+        return self._record(sub, recs, None, recent)
 
-    def _recommend(self, sub: Subscription) -> list[Any]:
-        return self._model.recommend(sub.user, **sub.query())
+    def _recommend(self, sub: Subscription, recent: list[Id]) -> list[Any]:
+        query = sub.query()
+        if recent:  # enough candidates to fill k after leaving out the recent pushes
+            query["k"] = min(sub.k + len(recent), 10_000)
+        return self._model.recommend(sub.user, **query)
 
-    def _record(self, sub: Subscription, recs: list[Any], cause: Cause | None) -> dict[str, Any]:
-        sub.last_items = [r[0] for r in recs]
+    def _record(
+        self, sub: Subscription, recs: list[Any], cause: Cause | None, recent: list[Id]
+    ) -> dict[str, Any]:
+        sub.last_items = [r["item"] for r in recs[: sub.k]]
         sub.version += 1
+        if sub.repush_after is not None:
+            skip = set(recent)
+            recs = [r for r in recs if r["item"] not in skip][: sub.k]
+            now = time.monotonic()
+            for r in recs:
+                sub.pushed_at.pop(r["item"], None)  # re-insert: the dict stays oldest first
+                sub.pushed_at[r["item"]] = now
         return _message(sub, recs, cause)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -246,16 +297,23 @@ class Publisher:
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
-        jobs = [(sub, cause) for user, cause in pending.items() for sub in self._subs.get(user, ())]
+        now = time.monotonic()
+        jobs = [
+            (sub, cause, sub.recently_pushed(now))
+            for user, cause in pending.items()
+            for sub in self._subs.get(user, ())
+        ]
         if not jobs:
             return
-        results = await trio.to_thread.run_sync(lambda: [self._recommend(s) for s, _ in jobs])
-        for (sub, cause), recs in zip(jobs, results, strict=True):
+        results = await trio.to_thread.run_sync(
+            lambda: [self._recommend(s, recent) for s, _, recent in jobs]
+        )
+        for (sub, cause, recent), recs in zip(jobs, results, strict=True):
             if self._subs.get(sub.user) is None or sub not in self._subs[sub.user]:
                 continue  # unsubscribed while we computed
-            if [r[0] for r in recs] == sub.last_items:
+            if [r["item"] for r in recs[: sub.k]] == sub.last_items:
                 continue
-            msg = self._record(sub, recs, cause)
+            msg = self._record(sub, recs, cause, recent)
             self.coalesced += sub.slot.put(msg)
             self.pushes += 1
             if self._on_push is not None:

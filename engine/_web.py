@@ -47,7 +47,7 @@ from ._exceptions import (
     JournalFailed,
     TooManySubscribers,
 )
-from ._publisher import Subscription
+from ._publisher import Subscription, rec_json
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -138,6 +138,22 @@ def build_app(server: Server) -> Starlette:
         if not lo <= value <= hi:
             raise BadRequest(f"{name} must be in {lo}..{hi}")
         return value
+
+    def float_param(conn: Request | WebSocket, name: str, lo: float, hi: float) -> float | None:
+        raw = conn.query_params.get(name)
+        if raw is None:
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            raise BadRequest(f"{name} must be a number") from None
+        if not lo <= value <= hi:  # also refuses NaN
+            raise BadRequest(f"{name} must be in {lo}..{hi}")
+        return value
+
+    def names_param(conn: Request | WebSocket, name: str) -> list[str]:
+        raw = conn.query_params.get(name)
+        return [x for x in raw.split(",") if x] if raw else []
 
     def list_param(conn: Request | WebSocket, name: str) -> list[Id]:
         raw = conn.query_params.get(name)
@@ -258,7 +274,13 @@ def build_app(server: Server) -> Starlette:
         variant_name, variant = server.variant_for(user)
         k = int_param(request, "k", (variant and variant.k) or cfg.push_k, 1, 1000)
         explain = flag(request, "explain")
-        params = server.recommend_params(variant)
+        own = {
+            "exclude_category": names_param(request, "exclude_category") or None,
+            "diversity": float_param(request, "diversity", 0.0, 1.0),
+            "exploration": float_param(request, "exploration", 0.0, 1.0),
+        }
+        # The request's own parameters win over its variant's.
+        params = {**server.recommend_params(variant), **{k: v for k, v in own.items() if v is not None}}
         recs = await trio.to_thread.run_sync(
             lambda: model.recommend(
                 user,
@@ -266,13 +288,12 @@ def build_app(server: Server) -> Starlette:
                 exclude=list_param(request, "exclude") or None,
                 category=request.query_params.get("category"),
                 explain=explain,
+                detail=True,
                 **params,
             )
         )
-        items = [
-            {"item": r[0], "score": r[1], **({"because": r[2]} if explain else {})} for r in recs
-        ]
-        server.experiments.impression(user, [r[0] for r in recs], time.time())
+        items = [rec_json(r) for r in recs]
+        server.experiments.impression(user, [r["item"] for r in recs], time.time())
         version = server.model_actor.applied_seq if server.model_actor else 0
         shown = text if cfg.pseudonymize_key is not None else user
         return JSONResponse(
@@ -310,6 +331,10 @@ def build_app(server: Server) -> Starlette:
                 category=ws.query_params.get("category"),
                 exclude=tuple(list_param(ws, "exclude")),
                 explain=flag(ws, "explain"),
+                exclude_category=tuple(names_param(ws, "exclude_category")),
+                diversity=float_param(ws, "diversity", 0.0, 1.0),
+                exploration=float_param(ws, "exploration", 0.0, 1.0),
+                repush_after=float_param(ws, "repush_after", 0.0, 86_400.0),
                 variant=variant_name,
                 params=server.recommend_params(variant),
             )

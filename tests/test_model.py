@@ -310,3 +310,158 @@ async def test_long_call_in_a_thread_keeps_trio_ticking() -> None:
     assert elapsed > 0.05, "the call should be long enough to observe"
     # A blocked loop would tick once or twice; a free one about once per millisecond.
     assert ticks > elapsed * 1000 * 0.2
+
+
+# --- recommendation features -------------------------------------------------------------
+
+
+def _groups_with_hits(**kw: object) -> Model:
+    """Planted taste groups plus ten hit items (180..189) a crowd of 150 users interacted with
+    more recently, so the trending list and the personal lists disagree."""
+    users, items = planted()
+    m = small_model(**kw)
+    m.ingest(users, items, ts=np.full(len(users), T0))
+    crowd = [f"c{n}" for n in range(150) for _ in range(10)]
+    hits = [180 + j for _ in range(150) for j in range(10)]
+    m.ingest(crowd, hits, ts=np.full(len(crowd), T0 + 10))
+    m.fit(5)
+    return m
+
+
+def test_cold_start_blends_trending_and_moves_to_personal() -> None:
+    blended = _groups_with_hits()  # cold_start_events = 5
+    personal = _groups_with_hits(cold_start_events=0)  # the same vectors, no blend
+    trending = [i for i, _ in blended.trending(k=10)]
+    assert set(trending) == set(range(180, 190))
+
+    def top(m: Model) -> list:
+        return [i for i, _ in m.recommend("newbie", k=10)]
+
+    def overlap(a: list, b: list) -> int:
+        return len(set(a) & set(b))
+
+    # One event (beta = 5/6): mostly trending.
+    for m in (blended, personal):
+        m.ingest(["newbie"], [2], ts=[T0 + 20])
+    first = top(blended)
+    assert overlap(first, trending) >= 7, first
+    assert overlap(top(personal), trending) <= 3, top(personal)
+    # Many events (beta = 5/125): mostly personal.
+    acted = [int(i) for i in range(0, 120, 2)] * 2
+    for m in (blended, personal):
+        m.ingest(["newbie"] * len(acted), acted, ts=np.full(len(acted), T0 + 30))
+    later = top(blended)
+    assert overlap(later, top(personal)) >= 8, (later, top(personal))
+    assert overlap(later, trending) < overlap(first, trending)
+    # Unknown users: pure trending.
+    assert [i for i, _ in blended.recommend("stranger", k=10)] == trending
+
+
+def _categorised(**kw: object) -> Model:
+    users, items = planted(n_users=200, n_items=40, per_user=10)
+    m = small_model(**kw)
+    for i in range(40):
+        m.upsert_item(i, category="even" if i % 2 == 0 else "odd")
+    m.ingest(users, items, ts=np.full(len(users), T0))
+    m.fit(10)
+    return m
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_new_item_gets_a_vector_from_its_category() -> None:
+    m = _categorised(cold_start_events=0)  # rank by the vectors alone
+    m.upsert_item("new", category="even")
+    even = np.mean([m.item_vector(i) for i in range(0, 40, 2)], axis=0)
+    odd = np.mean([m.item_vector(i) for i in range(1, 40, 2)], axis=0)
+    assert _cosine(m.item_vector("new"), even) > 0.95
+    # 10 even items are unseen by each even user; the new one joins them, above every odd
+    # item. Odd users' lists (their 10 unseen odd items) never hold it.
+    for u in range(0, 200, 2):
+        assert "new" in [i for i, _ in m.recommend(u, k=11)], u
+    for u in range(1, 200, 2):
+        assert "new" not in [i for i, _ in m.recommend(u, k=10)], u
+    # Feedback takes over: odd users interacting with it pull it to the odd cluster.
+    fans = list(range(1, 61, 2))
+    m.ingest(fans * 3, ["new"] * 90, types=["purchase"] * 90, ts=np.full(90, T0 + 1))
+    v = m.item_vector("new")
+    assert _cosine(v, odd) > _cosine(v, even)
+
+
+def test_category_exclusion() -> None:
+    m = _categorised()
+    got = [i for i, _ in m.recommend(2, k=15, exclude_category=["odd"])]
+    assert len(got) == 10 and all(i % 2 == 0 for i in got)  # only the unseen even items
+    assert m.recommend(2, k=5, exclude_category=["odd", "even"]) == []
+    # An unknown category excludes nothing; exclusion applies to trending users too.
+    assert len(m.recommend(2, k=15, exclude_category=["films"])) == 15
+    assert all(i % 2 == 1 for i, _ in m.recommend("nobody", k=10, exclude_category=["even"]))
+    with pytest.raises(TypeError):
+        m.recommend(2, exclude_category="odd")
+
+
+def _mean_pairwise_cosine(m: Model, items: list) -> float:
+    vs = [m.item_vector(i) for i in items]
+    sims = [_cosine(vs[a], vs[b]) for a in range(len(vs)) for b in range(a + 1, len(vs))]
+    return float(np.mean(sims))
+
+
+def test_diversity_spreads_the_list_and_keeps_the_first_item() -> None:
+    users, items = planted()
+    m = small_model(cold_start_events=0)
+    m.ingest(users, items, ts=np.full(len(users), T0))
+    m.fit(10)
+    drops = []
+    for u in range(0, 40, 3):
+        plain = m.recommend(u, k=10)
+        diverse = m.recommend(u, k=10, diversity=0.3)
+        assert len(diverse) == 10 and diverse[0] == plain[0]
+        assert diverse != plain
+        drops.append(
+            _mean_pairwise_cosine(m, [i for i, _ in plain])
+            - _mean_pairwise_cosine(m, [i for i, _ in diverse])
+        )
+    assert min(drops) > 0, drops
+    # The global default applies when the request names none; 1.0 is plain ranking.
+    m2 = small_model(cold_start_events=0, diversity=0.3)
+    m2.ingest(users, items, ts=np.full(len(users), T0))
+    m2.fit(10)
+    assert m2.recommend(3, k=10) == m.recommend(3, k=10, diversity=0.3)
+    assert m2.recommend(3, k=10, diversity=1.0) == m.recommend(3, k=10)
+    with pytest.raises(ValueError):
+        m.recommend(3, diversity=1.5)
+    with pytest.raises(ValueError):
+        small_model(diversity=-0.1)
+
+
+def test_exploration_slots_hold_fresh_items_and_are_flagged() -> None:
+    users, items = planted()
+    m = small_model(explore_max_events=3)
+    m.ingest(users, items, ts=np.full(len(users), T0))
+    # Twenty fresh items with one or two events each.
+    fresh = [f"f{n}" for n in range(20)]
+    m.ingest([f"x{n}" for n in range(20)], fresh, ts=np.full(20, T0 + 1))
+    m.ingest(["y"] * 5, fresh[:5], ts=np.full(5, T0 + 2))
+    m.fit(5)
+    for u in range(0, 300, 37):
+        recs = m.recommend(u, k=10, exploration=0.2, detail=True)
+        assert len(recs) == 10
+        flagged = [r["item"] for r in recs if r["explore"]]
+        assert len(flagged) == 2 and set(flagged) <= set(fresh), recs
+        assert [r["explore"] for r in recs].index(True) > 0  # not in the top slot
+        assert recs == m.recommend(u, k=10, exploration=0.2, detail=True)  # deterministic
+        plain = m.recommend(u, k=10, detail=True)
+        assert not any(r["explore"] for r in plain)
+        assert not set(fresh) & {r["item"] for r in plain}
+    # Explored items are also sampled per user, not one fixed pair for everyone.
+    picks = {
+        tuple(r["item"] for r in m.recommend(u, k=10, exploration=0.2, detail=True) if r["explore"])
+        for u in range(0, 300, 37)
+    }
+    assert len(picks) > 1
+    # Items with three events or more are no longer fresh.
+    m.ingest(["z"] * 20, fresh * 1, ts=np.full(20, T0 + 3))
+    recs = m.recommend(4, k=10, exploration=0.2, detail=True)
+    assert not {r["item"] for r in recs if r["explore"]} & set(fresh[:5])

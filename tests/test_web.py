@@ -224,3 +224,117 @@ def test_non_loopback_listener_without_keys_refuses_to_start(tmp_path: Path) -> 
     assert Server(
         server_config(tmp_path, http_host="0.0.0.0", producer_keys=("k",))
     ).config.auth_enabled
+
+
+# --- recommendation features -------------------------------------------------------------
+
+
+async def _catalog(server: Server, http: httpx.AsyncClient) -> None:
+    """Books b0..b9 and films f0..f9, each with ten crowd events; fresh items n0..n9 with one
+    event each; user "me" has read b0."""
+    for i in range(10):
+        for kind in ("b", "f"):
+            r = await http.put(
+                f"/v1/items/{kind}{i}", content=json.dumps({"category": f"{kind}-cat"})
+            )
+            assert r.status_code == 200
+    events = [
+        {"user": f"crowd{c}", "item": f"{kind}{i}"}
+        for c in range(10)
+        for i in range(10)
+        for kind in ("b", "f")
+    ]
+    events += [{"user": f"lone{i}", "item": f"n{i}"} for i in range(10)]
+    events += [{"user": "me", "item": "b0", "type": "purchase"}]
+    r = await post(http, events)
+    await server.wait_applied(r.json()["seq"])
+
+
+async def test_filters_over_http(server: Server, http: httpx.AsyncClient) -> None:
+    await _catalog(server, http)
+
+    async def items(user: str, **params: object) -> list:
+        r = await http.get(f"/v1/users/{user}/recommendations", params=params)  # type: ignore[arg-type]
+        assert r.status_code == 200, r.text
+        return [it["item"] for it in r.json()["items"]]
+
+    got = await items("me", k=30, exclude_category="f-cat")
+    assert got and all(not i.startswith("f") for i in got) and "b0" not in got
+    neither = await items("me", k=30, exclude_category="f-cat,b-cat")
+    assert sorted(neither) == [f"n{i}" for i in range(10)]  # only the uncategorised items
+    # An unavailable item is never shown: known or unknown user, any filter, trending too.
+    assert "b1" in await items("stranger", k=30)
+    r = await http.put("/v1/items/b1", content=json.dumps({"available": False}))
+    await server.wait_applied(r.json()["seq"])
+    for user in ("me", "stranger"):
+        for params in ({}, {"category": "b-cat"}, {"diversity": 0.5}, {"exploration": 0.5}):
+            assert "b1" not in await items(user, k=30, **params), (user, params)
+    trending = (await http.get("/v1/trending", params={"k": 30})).json()["items"]
+    assert "b1" not in [it["item"] for it in trending]
+    for bad in ({"diversity": "2"}, {"diversity": "x"}, {"exploration": "-0.1"}):
+        r = await http.get("/v1/users/me/recommendations", params=bad)
+        assert r.status_code == 400, bad
+
+
+async def test_diversity_and_exploration_over_http(server: Server, http: httpx.AsyncClient) -> None:
+    await _catalog(server, http)
+    url = "/v1/users/me/recommendations"
+    plain = (await http.get(url, params={"k": 10})).json()["items"]
+    assert not any("explore" in it for it in plain)
+    explored = (await http.get(url, params={"k": 10, "exploration": 0.2})).json()["items"]
+    flagged = [it["item"] for it in explored if it.get("explore")]
+    assert len(flagged) == 2 and all(i.startswith("n") for i in flagged), explored
+    assert all(it["explore"] is True for it in explored if "explore" in it)
+    diverse = (await http.get(url, params={"k": 10, "diversity": 0.3})).json()["items"]
+    assert diverse[0]["item"] == plain[0]["item"] and len(diverse) == 10
+
+
+async def test_push_carries_explanations(server: Server, http: httpx.AsyncClient) -> None:
+    await _catalog(server, http)
+    async with websocket(ws_url(server, "/v1/ws/recommendations?user=me&k=5&explain=1")) as ws:
+        first = json.loads(await ws.get_message())
+        assert all(it["because"] == ["b0"] for it in first["items"]), first
+        r = await post(http, {"user": "me", "item": "f3", "type": "purchase"})
+        with trio.fail_after(5):
+            while True:
+                push = json.loads(await ws.get_message())
+                if push["cause"] is not None and push["cause"]["seq"] == r.json()["seq"]:
+                    break
+        assert all(it["because"] and set(it["because"]) <= {"b0", "f3"} for it in push["items"])
+        assert any("f3" in it["because"] for it in push["items"])
+    async with websocket(ws_url(server, "/v1/ws/recommendations?user=me&k=5")) as ws:
+        assert all("because" not in it for it in json.loads(await ws.get_message())["items"])
+
+
+async def test_push_does_not_repeat_items_within_repush_after(
+    server: Server, http: httpx.AsyncClient
+) -> None:
+    await _catalog(server, http)
+    pushed: list[set] = []
+
+    def check(msg: dict) -> list:
+        items = [it["item"] for it in msg["items"]]
+        assert len(items) == 3
+        for earlier in pushed:
+            assert not earlier & set(items), (pushed, items)
+        pushed.append(set(items))
+        return items
+
+    async with websocket(
+        ws_url(server, "/v1/ws/recommendations?user=me&k=3&repush_after=60")
+    ) as ws:
+        items = check(json.loads(await ws.get_message()))
+        for _ in range(4):
+            # Acting on the top of the user's unfiltered list always changes it (the item
+            # becomes seen), which is what triggers a push.
+            top = (await http.get("/v1/users/me/recommendations", params={"k": 1})).json()
+            r = await post(
+                http, {"user": "me", "item": top["items"][0]["item"], "type": "purchase"}
+            )
+            with trio.fail_after(5):
+                while True:  # drift refreshes may push in between: each is checked
+                    msg = json.loads(await ws.get_message())
+                    items = check(msg)
+                    if msg["cause"] is not None and msg["cause"]["seq"] >= r.json()["seq"]:
+                        break
+    assert len(pushed) >= 5

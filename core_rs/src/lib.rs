@@ -4,6 +4,8 @@
 //! - [`ids`]: external ids (str or int) to dense `u32` ids and back.
 //! - [`mf`]: online eALS matrix factorization.
 //! - [`trending`]: decayed popularity, the cold-start fallback.
+//! - [`coldstart`]: attribute vectors that give new items a vector before any feedback.
+//! - [`rerank`]: cold-start blend, MMR diversity and the exploration sample over candidates.
 //! - [`hnsw`]: the HNSW index for maximum inner product; [`scan`]: the exact scan.
 //! - [`decode`]: Fluent Forward Protocol v1 frames into records.
 //! - [`model`]: the composition the engine serves (locks, filters, explanations);
@@ -15,6 +17,7 @@
 //! Only `py*` touches pyo3; every other module is plain Rust with its own tests.
 
 pub mod codec;
+pub mod coldstart;
 pub mod decode;
 pub mod dedup;
 pub mod hnsw;
@@ -23,6 +26,7 @@ pub mod mf;
 pub mod model;
 pub mod py;
 pub mod py_index;
+pub mod rerank;
 pub mod rng;
 pub mod scan;
 pub mod snapshot;

@@ -121,7 +121,20 @@ const KNOWN_KEYS: &[&str] = &[
     "dedup_window",
     "auto_reindex",
     "max_frame_bytes",
+    "cold_start_events",
+    "diversity",
+    "exploration",
+    "explore_max_events",
 ];
+
+/// A share or weight that must lie in [0, 1].
+fn unit_interval(name: &str, v: f32) -> PyResult<f32> {
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(PyValueError::new_err(format!("{name} must be in [0, 1], got {v}")))
+    }
+}
 
 fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
     for k in cfg.keys() {
@@ -180,6 +193,11 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
     }
     let mut limits = Limits::default();
     limits.max_frame_bytes = opt(cfg, "max_frame_bytes", limits.max_frame_bytes)?;
+    let d = model::Config::default();
+    let cold_start_events: f32 = opt(cfg, "cold_start_events", d.cold_start_events)?;
+    if !(cold_start_events.is_finite() && cold_start_events >= 0.0) {
+        return Err(PyValueError::new_err("cold_start_events must be a finite number ≥ 0"));
+    }
     Ok(model::Config {
         mf,
         hnsw,
@@ -190,6 +208,10 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
         dedup_window: opt(cfg, "dedup_window", 1_000_000usize)?,
         auto_reindex: opt(cfg, "auto_reindex", true)?,
         limits,
+        cold_start_events,
+        diversity: unit_interval("diversity", opt(cfg, "diversity", d.diversity)?)?,
+        exploration: unit_interval("exploration", opt(cfg, "exploration", d.exploration)?)?,
+        explore_max_events: opt(cfg, "explore_max_events", d.explore_max_events)?,
     })
 }
 
@@ -254,14 +276,42 @@ fn query(
         Some(e) if !e.is_none() => ids_from_py(e)?,
         _ => Vec::new(),
     };
-    Ok(Query { k, exclude_seen, exclude, category, exact, explain, ef })
+    Ok(Query { k, exclude_seen, exclude, category, exact, explain, ef, ..Query::default() })
 }
 
-fn recs_to_py(py: Python<'_>, recs: &[model::Rec], explain: bool) -> PyResult<Py<PyList>> {
+/// The re-ranking options of a recommendation query (see `Model.recommend`).
+fn with_options(
+    mut q: Query,
+    exclude_category: Option<Vec<String>>,
+    diversity: Option<f32>,
+    exploration: Option<f32>,
+) -> PyResult<Query> {
+    q.exclude_category = exclude_category.unwrap_or_default();
+    q.diversity = diversity.map(|d| unit_interval("diversity", d)).transpose()?;
+    q.exploration = exploration.map(|e| unit_interval("exploration", e)).transpose()?;
+    Ok(q)
+}
+
+/// Tuples `(item, score)` / `(item, score, because)`, or with `detail` dicts
+/// `{"item", "score", "explore"}` plus `"because"` when explaining.
+fn recs_to_py(py: Python<'_>, recs: &[model::Rec], explain: bool, detail: bool) -> PyResult<Py<PyList>> {
     let out = PyList::empty(py);
     for r in recs {
         let item = ext_to_py(py, &r.item)?;
-        if explain {
+        if detail {
+            let d = PyDict::new(py);
+            d.set_item("item", item)?;
+            d.set_item("score", r.score)?;
+            if explain {
+                let because = PyList::empty(py);
+                for b in &r.because {
+                    because.append(ext_to_py(py, b)?)?;
+                }
+                d.set_item("because", because)?;
+            }
+            d.set_item("explore", r.explore)?;
+            out.append(d)?;
+        } else if explain {
             let because = PyList::empty(py);
             for b in &r.because {
                 because.append(ext_to_py(py, b)?)?;
@@ -389,7 +439,7 @@ impl PyModel {
         Ok(Some(d))
     }
 
-    #[pyo3(signature = (user, k=10, exclude_seen=true, exclude=None, category=None, exact=false, explain=false, ef=None))]
+    #[pyo3(signature = (user, k=10, exclude_seen=true, exclude=None, category=None, exact=false, explain=false, ef=None, *, exclude_category=None, diversity=None, exploration=None, detail=false))]
     fn recommend(
         &self,
         py: Python<'_>,
@@ -401,11 +451,16 @@ impl PyModel {
         exact: bool,
         explain: bool,
         ef: Option<usize>,
+        exclude_category: Option<Vec<String>>,
+        diversity: Option<f32>,
+        exploration: Option<f32>,
+        detail: bool,
     ) -> PyResult<Py<PyList>> {
         let user = ext_from_py(user)?;
         let q = query(k, exclude_seen, exclude, category, exact, explain, ef)?;
+        let q = with_options(q, exclude_category, diversity, exploration)?;
         let recs = py.detach(|| self.inner.recommend(&user, &q));
-        recs_to_py(py, &recs, explain)
+        recs_to_py(py, &recs, explain, detail)
     }
 
     /// The trending list (decayed popularity), optionally within a category.
@@ -413,10 +468,10 @@ impl PyModel {
     fn trending(&self, py: Python<'_>, k: usize, category: Option<String>) -> PyResult<Py<PyList>> {
         let q = query(k, false, None, category, false, false, None)?;
         let recs = py.detach(|| self.inner.trending(&q));
-        recs_to_py(py, &recs, false)
+        recs_to_py(py, &recs, false, false)
     }
 
-    #[pyo3(signature = (users, k=10, exclude_seen=true, exclude=None, category=None, exact=false, explain=false, ef=None))]
+    #[pyo3(signature = (users, k=10, exclude_seen=true, exclude=None, category=None, exact=false, explain=false, ef=None, *, exclude_category=None, diversity=None, exploration=None, detail=false))]
     fn recommend_batch(
         &self,
         py: Python<'_>,
@@ -428,13 +483,18 @@ impl PyModel {
         exact: bool,
         explain: bool,
         ef: Option<usize>,
+        exclude_category: Option<Vec<String>>,
+        diversity: Option<f32>,
+        exploration: Option<f32>,
+        detail: bool,
     ) -> PyResult<Py<PyList>> {
         let users = ids_from_py(users)?;
         let q = query(k, exclude_seen, exclude, category, exact, explain, ef)?;
+        let q = with_options(q, exclude_category, diversity, exploration)?;
         let all: Vec<Vec<model::Rec>> = py.detach(|| users.iter().map(|u| self.inner.recommend(u, &q)).collect());
         let out = PyList::empty(py);
         for recs in &all {
-            out.append(recs_to_py(py, recs, explain)?)?;
+            out.append(recs_to_py(py, recs, explain, detail)?)?;
         }
         Ok(out.unbind())
     }

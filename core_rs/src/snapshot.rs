@@ -7,6 +7,7 @@
 //! wal_seq u64                 the last journal record the snapshot reflects
 //! body                        config, ids, factorization, trending, item attributes,
 //!                             seen sets, redelivery window, counters, index
+//!                             (attribute vectors, cold and fresh sets are derived on load)
 //! crc32  u32                  over every byte before it
 //! ```
 //! The model is serialised to memory under its read locks (a memory-speed pause for writers),
@@ -29,7 +30,7 @@ use crate::model::{Config, Dirty, ItemMeta, Model, State};
 use crate::trending::Trending;
 
 pub const MAGIC: &[u8; 8] = b"RSSNAP\0\0";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 fn put_ext(w: &mut dyn Write, e: Option<&ExtId>) -> io::Result<()> {
     match e {
@@ -104,7 +105,11 @@ fn put_config(w: &mut dyn Write, c: &Config) -> io::Result<()> {
     for n in [h.m, h.ef_construction, h.ef_search] {
         put_len(w, n)?;
     }
-    put_u64(w, h.seed)
+    put_u64(w, h.seed)?;
+    put_f32(w, c.cold_start_events)?;
+    put_f32(w, c.diversity)?;
+    put_f32(w, c.exploration)?;
+    put_u32(w, c.explore_max_events)
 }
 
 fn get_config(r: &mut dyn Read, mf: crate::mf::MfConfig) -> io::Result<Config> {
@@ -132,6 +137,20 @@ fn get_config(r: &mut dyn Read, mf: crate::mf::MfConfig) -> io::Result<Config> {
     };
     let (m, ef_construction, ef_search) = (get_len(r, 1 << 12)?, get_len(r, 1 << 20)?, get_len(r, 1 << 20)?);
     let hnsw = HnswConfig { m, ef_construction, ef_search, seed: get_u64(r)? };
+    let unit = |x: f32, what: &str| {
+        if (0.0..=1.0).contains(&x) {
+            Ok(x)
+        } else {
+            Err(invalid(format!("{what} {x} is outside [0, 1]")))
+        }
+    };
+    let cold_start_events = get_f32(r)?;
+    if !(cold_start_events.is_finite() && cold_start_events >= 0.0) {
+        return Err(invalid("cold_start_events is not a finite number ≥ 0"));
+    }
+    let diversity = unit(get_f32(r)?, "diversity")?;
+    let exploration = unit(get_f32(r)?, "exploration")?;
+    let explore_max_events = get_u32(r)?;
     Ok(Config {
         mf,
         hnsw,
@@ -142,6 +161,10 @@ fn get_config(r: &mut dyn Read, mf: crate::mf::MfConfig) -> io::Result<Config> {
         dedup_window,
         auto_reindex,
         limits,
+        cold_start_events,
+        diversity,
+        exploration,
+        explore_max_events,
     })
 }
 
@@ -258,7 +281,7 @@ impl Model {
         for i in pending {
             dirty.mark(i);
         }
-        let state = State {
+        let mut state = State {
             users,
             items,
             mf,
@@ -267,12 +290,21 @@ impl Model {
             categories,
             tags,
             seen,
+            attrs: crate::coldstart::AttrVectors::new(cfg.mf.dim),
+            cold: Default::default(),
+            cold_cursor: 0,
+            cold_pass_version: 0,
+            fresh: Default::default(),
             dedup,
             events_applied,
             duplicates,
             rejected,
             newest_ts,
         };
+        // Attribute sums, cold and fresh sets are derived from what was loaded.
+        for i in state.rebuild_derived(&cfg) {
+            dirty.mark(i);
+        }
         let model = Model { cfg, state: RwLock::new(state), index: RwLock::new(index), dirty: Mutex::new(dirty) };
         Ok((model, wal_seq))
     }

@@ -335,6 +335,11 @@ impl Mf {
         self.counts.get(i as usize).copied().unwrap_or(0.0)
     }
 
+    /// Events recorded for user `u`, held or evicted; 0 for unknown or erased users.
+    pub fn user_count(&self, u: u32) -> f64 {
+        self.user_counts.get(u as usize).copied().unwrap_or(0.0)
+    }
+
     /// Missing-data confidence `c_i` as it currently enters the loss.
     pub fn confidence(&self, i: u32) -> f64 {
         if self.z > 0.0 {

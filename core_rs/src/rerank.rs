@@ -1,0 +1,144 @@
+//! List-level steps after candidate retrieval: the cold-start blend of personal and trending
+//! scores, maximal-marginal-relevance diversification and the weighted sample that fills
+//! exploration slots. Plain functions over (dense id, score) lists, so the model decides where
+//! the candidates come from.
+
+use std::cmp::Ordering;
+
+use crate::rng::Rng;
+use crate::scan::dot;
+
+/// Min-max normalisation to [0, 1]. A constant list maps to zeros: it carries no ranking
+/// signal, and zeros add nothing to a blend.
+pub fn minmax(scores: &[f32]) -> Vec<f32> {
+    let (lo, hi) = scores.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &s| (lo.min(s), hi.max(s)));
+    let range = hi - lo;
+    if !(range > 0.0 && range.is_finite()) {
+        return vec![0.0; scores.len()];
+    }
+    scores.iter().map(|&s| (s - lo) / range).collect()
+}
+
+/// `(1 − β)·personal + β·trending`, each min-max normalised over the candidate pool.
+pub fn blend(personal: &[f32], trending: &[f32], beta: f32) -> Vec<f32> {
+    let (p, t) = (minmax(personal), minmax(trending));
+    p.iter().zip(&t).map(|(&p, &t)| (1.0 - beta) * p + beta * t).collect()
+}
+
+/// Best first; equal scores by ascending id, so results never depend on hash or heap order.
+pub fn sort_desc(hits: &mut [(u32, f32)]) {
+    hits.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+}
+
+/// Maximal marginal relevance (Carbonell & Goldstein, "The use of MMR, diversity-based
+/// reranking for reordering documents and producing summaries", SIGIR 1998): greedily picks
+/// `argmax λ·rel(i) − (1 − λ)·max_{j selected} sim(i, j)` until `k` items are chosen.
+///
+/// `cands` must be sorted best first; `rel` is their min-max normalised score and `sim` the
+/// cosine of item vectors (`vector(id)`). The first pick is always the top candidate, whatever
+/// `λ` is. Each returned item keeps its original score. O(k · |cands| · dim): the running
+/// maximum similarity of each candidate is updated once per pick.
+pub fn mmr<'a>(cands: &[(u32, f32)], vector: impl Fn(u32) -> &'a [f32], k: usize, lambda: f32) -> Vec<(u32, f32)> {
+    let n = cands.len();
+    if n == 0 || k == 0 {
+        return Vec::new();
+    }
+    let rel = minmax(&cands.iter().map(|c| c.1).collect::<Vec<_>>());
+    let norms: Vec<f32> = cands.iter().map(|c| dot(vector(c.0), vector(c.0)).sqrt().max(f32::MIN_POSITIVE)).collect();
+    let mut max_sim = vec![f32::NEG_INFINITY; n];
+    let mut taken = vec![false; n];
+    let mut out = Vec::with_capacity(k.min(n));
+    let mut pick = 0usize; // the top candidate first
+    loop {
+        taken[pick] = true;
+        out.push(cands[pick]);
+        if out.len() == k.min(n) {
+            return out;
+        }
+        let vp = vector(cands[pick].0);
+        let mut best: Option<(f32, usize)> = None;
+        for j in 0..n {
+            if taken[j] {
+                continue;
+            }
+            let sim = dot(vector(cands[j].0), vp) / (norms[j] * norms[pick]);
+            max_sim[j] = max_sim[j].max(sim);
+            let gain = lambda * rel[j] - (1.0 - lambda) * max_sim[j];
+            // Strictly greater: ties go to the better-ranked candidate.
+            if best.is_none_or(|(g, _)| gain > g) {
+                best = Some((gain, j));
+            }
+        }
+        pick = best.expect("an untaken candidate remains").1;
+    }
+}
+
+/// `n` distinct entries of `cands` sampled without replacement with probability proportional
+/// to their weight (Efraimidis & Spirakis, "Weighted random sampling with a reservoir", IPL
+/// 2006, algorithm A: keep the `n` largest keys `u^(1/w)`, compared here as `ln(u)/w`).
+/// Returned in key order, i.e. the order of a sequential draw. Non-positive weights never win.
+pub fn weighted_sample(cands: &[(u32, f64)], n: usize, rng: &mut Rng) -> Vec<u32> {
+    let mut keyed: Vec<(f64, u32)> = cands
+        .iter()
+        .filter(|c| c.1 > 0.0 && c.1.is_finite())
+        .map(|&(i, w)| (rng.next_f64().max(f64::MIN_POSITIVE).ln() / w, i))
+        .collect();
+    keyed.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(Ordering::Equal).then(a.1.cmp(&b.1)));
+    keyed.into_iter().take(n).map(|(_, i)| i).collect()
+}
+
+/// Positions of `n` exploration slots spread evenly over a list of `k`: slot j at
+/// `⌊(j + 1)·k / (n + 1)⌋`, so they are neither all at the top (costly) nor all at the bottom
+/// (never seen).
+pub fn explore_positions(k: usize, n: usize) -> Vec<usize> {
+    (0..n).map(|j| (j + 1) * k / (n + 1)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minmax_and_blend() {
+        assert_eq!(minmax(&[1.0, 3.0, 2.0]), vec![0.0, 1.0, 0.5]);
+        assert_eq!(minmax(&[2.0, 2.0]), vec![0.0, 0.0]);
+        let b = blend(&[0.0, 10.0], &[5.0, 0.0], 0.25);
+        assert_eq!(b, vec![0.25, 0.75]);
+    }
+
+    /// Two tight clusters; the top candidates all come from the first. MMR with λ < 1 must
+    /// bring the second cluster in while keeping the top item first; λ = 1 is plain ranking.
+    #[test]
+    fn mmr_diversifies_and_keeps_the_first_item() {
+        let vecs: Vec<[f32; 2]> = vec![[1.0, 0.0], [0.99, 0.05], [0.98, 0.1], [0.0, 1.0], [0.05, 0.99]];
+        let cands = vec![(0, 1.0), (1, 0.95), (2, 0.9), (3, 0.6), (4, 0.55)];
+        let v = |i: u32| &vecs[i as usize][..];
+        assert_eq!(mmr(&cands, v, 3, 1.0), cands[..3].to_vec());
+        let d = mmr(&cands, v, 3, 0.5);
+        assert_eq!(d[0], cands[0]);
+        assert!(d.iter().any(|c| c.0 >= 3), "{d:?}");
+        assert_eq!(mmr(&cands, v, 10, 0.5).len(), 5);
+    }
+
+    #[test]
+    fn weighted_sample_is_deterministic_and_weight_biased() {
+        let cands: Vec<(u32, f64)> = (0..10).map(|i| (i, if i == 7 { 50.0 } else { 1.0 })).collect();
+        let a = weighted_sample(&cands, 3, &mut Rng::new(9));
+        assert_eq!(a, weighted_sample(&cands, 3, &mut Rng::new(9)));
+        assert_eq!(a.len(), 3);
+        let mut wins = 0;
+        for s in 0..200 {
+            wins += weighted_sample(&cands, 1, &mut Rng::new(s)).contains(&7) as u32;
+        }
+        // P(7 first) = 50 / 59 ≈ 0.85.
+        assert!(wins > 150, "{wins}");
+        assert!(weighted_sample(&[(1, 0.0)], 1, &mut Rng::new(1)).is_empty());
+    }
+
+    #[test]
+    fn explore_positions_spread() {
+        assert_eq!(explore_positions(10, 2), vec![3, 6]);
+        assert_eq!(explore_positions(10, 1), vec![5]);
+        assert_eq!(explore_positions(3, 3), vec![0, 1, 2]);
+    }
+}
