@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-_MODULES = ("_ann",)
+_MODULES = ("_ann", "_latency", "_ingest", "_mf")
 
 
 def main(argv: list[str] | None = None) -> int:
