@@ -302,9 +302,9 @@ def histogram_quantiles(
     count = total = 0.0
     for line in exposition.splitlines():
         if line.startswith(f"{metric}_bucket{{"):
-            le = re.search(r'le="([^"]+)"', line)
-            assert le is not None
-            buckets.append((float(le.group(1)), float(line.rsplit(" ", 1)[1])))
+            bound = re.search(r'le="([^"]+)"', line)
+            assert bound is not None
+            buckets.append((float(bound.group(1)), float(line.rsplit(" ", 1)[1])))
         elif line.startswith(f"{metric}_count"):
             count = float(line.rsplit(" ", 1)[1])
         elif line.startswith(f"{metric}_sum"):

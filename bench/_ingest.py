@@ -245,7 +245,7 @@ def run_redis(
                 while time.perf_counter() < clock.deadline:
                     pipe = r.pipeline(transaction=False)
                     for e in batches[k % len(batches)]:
-                        pipe.xadd("events", e)
+                        pipe.xadd("events", e)  # type: ignore[arg-type]
                     pipe.execute()
                     with lock:
                         clock.count(len(batches[k % len(batches)]), time.perf_counter())

@@ -103,6 +103,7 @@ def measure_river(stream: Any, n: int, *, kind: str, dim: int) -> dict[str, floa
     """River's MF (``FunkMF`` or ``BiasedMF``) learning the first ``n`` events one by one."""
     from river import optim, reco
 
+    model: Any
     if kind == "FunkMF":
         model = reco.FunkMF(n_factors=dim, optimizer=optim.SGD(0.05), l2=0.01, seed=0)
     else:
@@ -213,6 +214,9 @@ def run(args: argparse.Namespace) -> int:
     def per_core(run: dict[str, float] | None) -> float | None:
         return run["per_core"] if run is not None else None
 
+    def wall_rate(run: dict[str, float] | None) -> float | None:
+        return run["wall_rate"] if run is not None else None
+
     common = {
         "batch": args.batch,
         "stream_events": args.events,
@@ -288,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
                     "peer_is": f"river.reco.{kind} learn_one (SGD lr 0.05, l2 0.01)"
                     if peer_version
                     else None,
-                    "peer_wall_rate": river_runs[key]["wall_rate"] if river_runs[key] else None,
+                    "peer_wall_rate": wall_rate(river_runs[key]),
                 },
             )
         )
