@@ -296,7 +296,9 @@ def histogram_quantiles(
     """Quantiles of a Prometheus histogram from its cumulative buckets.
 
     Interpolates linearly inside the bucket holding the quantile, as PromQL's
-    ``histogram_quantile`` does, so the figures are estimates bounded by the bucket edges.
+    ``histogram_quantile`` does, so the figures are estimates bounded by the bucket edges. A
+    quantile beyond the highest finite bucket is reported as that bucket's bound with
+    ``pQ_above_top_bucket`` set: the true value is larger.
     """
     buckets: list[tuple[float, float]] = []
     count = total = 0.0
@@ -319,6 +321,7 @@ def histogram_quantiles(
                 if cum >= rank:
                     if le == float("inf"):
                         value = lo
+                        out[f"p{q * 100:g}_above_top_bucket"] = True
                     else:
                         inside = cum - below
                         value = lo + (le - lo) * ((rank - below) / inside if inside else 1.0)

@@ -86,11 +86,11 @@ def test_latency_quick(results: Path) -> None:
     doc = load(results, "latency")
     rows = rows_by_name(doc)
     for sync in ("batch", "off"):
-        run = doc["runs"][sync]
+        run = doc["runs"][f"sync_{sync}"]
         # Every subscriber connected, pushes came back and some were timed by their cause id.
         assert run["subscribers"] == doc["params"]["subscribers"]
         assert run["samples"] > 0 and run["pushes"] >= run["samples"]
-        assert run["events_sent"] == rows[f"sync_{sync}_events_sent"]["peer"]
+        assert 0 < run["events_sent"] <= rows[f"sync_{sync}_events_sent"]["peer"]
         assert run["server_push_latency_ms"]["count"] > 0
         assert run["p50_ms"] <= run["p99_ms"] <= run["p999_ms"] <= run["max_ms"]
         for q in ("p50", "p99"):
@@ -119,6 +119,9 @@ def test_ingest_quick(results: Path) -> None:
             assert vs_redis["peer"] is None and vs_redis["ratio"] is None
             assert "SKIPPED peer Redis Streams" in proc.stdout
     assert (doc["peer_skipped"] is None) == peer_installed
+    # The cheap-model run that shows how much of the bound is the model's.
+    assert_ratio(rows["ingest_sync_batch_dim8_vs_goal"])
+    assert doc["runs"]["ours_light_model"]["acked_events"] > 0
 
 
 @needs_release
@@ -131,6 +134,7 @@ def test_mf_quick(results: Path) -> None:
         "updates_dim64_vs_goal",
         "updates_dim32_vs_goal",
         "updates_dim64_auto_reindex_vs_goal",
+        "updates_dim64_small_caps_vs_goal",
     ):
         assert_ratio(rows[name])
     # CPU time was measured (not wall time passed off as per-core figures).
