@@ -1,0 +1,512 @@
+"""Push-latency benchmark: from a producer's send to a websocket subscriber's receipt.
+
+One process tree on loopback: the server is a subprocess (``python -m engine serve`` with a
+temporary data directory and a TOML config); the producer and every subscriber are trio tasks
+of this process, so send and receipt times come from one clock (``time.perf_counter``).
+
+Method:
+
+1. Warm-up: a synthetic stream (``--warmup`` events over ``--catalog`` items) is sent over
+   Forward and waited for in ``/v1/stats``, so users have histories and non-trivial lists.
+2. ``--subscribers`` websockets subscribe to distinct warmed-up users (top 10 each).
+3. The producer sends ``--rate`` events/s for ``--seconds`` over Forward (PackedForward frames
+   of whatever events fell due since the previous frame), each for a random subscribed user,
+   each with a unique ``"id"``. Half the events (``--list-fraction``) target an item in the
+   user's current list, which makes it seen and so drops it from the list: a change, hence a
+   push; the others target a random catalog item, which may or may not change the list.
+4. A push names the newest event reflected in the list (``cause.id``); its latency is the
+   receipt time minus that event's send time. Events folded into a later push of the same
+   user have no sample of their own.
+
+Both journal durabilities are measured: ``sync = "batch"`` (fdatasync per group commit before
+the event is applied) and ``sync = "off"``. The server's own
+``recstream_push_latency_seconds`` (from accepting the event to handing the list to the
+subscriber's mailbox, without the network either side) is reported beside ours.
+
+With the server's defaults the drift refresh recomputes every subscribed list (up to
+``refresh_budget``) each ``refresh_interval``, in the same batch as the lists of users whose
+own events just arrived, so those pushes wait for the whole batch; ``--refresh-interval 3600``
+(with ``--name``, to keep the results apart) measures the event-caused path alone.
+
+Goals: p50 <= 1 ms and p99 <= 5 ms; in the rows ``peer`` is the goal and ``ratio`` is
+goal / ours, so a ratio of at least 1 means the goal is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from typing import Any
+
+import attrs
+import trio
+
+from bench._common import (
+    ServerProcess,
+    histogram_quantiles,
+    print_rows,
+    pyplot,
+    require_release,
+    results_dir,
+    row,
+    write_results,
+)
+
+GOALS_MS = {"p50": 1.0, "p99": 5.0}
+MAX_FRAME_EVENTS = 500
+CONNECT_AT_ONCE = 64  # websocket handshakes in flight while subscribing
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "latency", help="event-to-push latency p50/p99/p999 with websocket subscribers"
+    )
+    p.add_argument("--rate", type=float, default=10_000, help="events/s (default 10000)")
+    p.add_argument(
+        "--low-rate",
+        type=float,
+        default=1000,
+        help="a second, sustainable rate measured the same way (default 1000; 0: skip)",
+    )
+    p.add_argument("--subscribers", type=int, default=1000, help="websockets (default 1000)")
+    p.add_argument("--seconds", type=float, default=30.0, help="per durability (default 30)")
+    p.add_argument("--catalog", type=int, default=5000, help="items (default 5000)")
+    p.add_argument("--warmup", type=int, default=20_000, help="warm-up events (default 20000)")
+    p.add_argument(
+        "--list-fraction",
+        type=float,
+        default=0.5,
+        help="share of events on an item of the user's current list (default 0.5)",
+    )
+    p.add_argument("--dim", type=int, default=64, help="the server model's dim (default 64)")
+    p.add_argument(
+        "--refresh-interval",
+        type=float,
+        default=None,
+        help="the server's drift-refresh interval in seconds (default: the server's own); "
+        "a large value isolates the event-caused pushes",
+    )
+    p.add_argument(
+        "--name",
+        default="latency",
+        help="results are NAME.json and NAME.png (default latency), to keep variants apart",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small run: 50 subscribers, 500 events/s, 2 s, 1000 items, 3000 warm-up events",
+    )
+    p.set_defaults(func=run)
+
+
+@attrs.define
+class Recorder:
+    """What the producer and the subscribers share: send times, lists, and the samples."""
+
+    sent_at: dict[int, float] = attrs.field(factory=dict)
+    lists: dict[int, list[Any]] = attrs.field(factory=dict)
+    samples: list[float] = attrs.field(factory=list)  # seconds
+    pushes: int = 0
+    pushes_with_cause: int = 0
+    subscribed: int = 0
+    ended: int = 0
+    all_subscribed: trio.Event = attrs.field(factory=trio.Event)
+    all_ended: trio.Event = attrs.field(factory=trio.Event)
+
+    def on_message(self, user: int, message: dict[str, Any], received: float) -> None:
+        self.lists[user] = [x["item"] for x in message["items"]]
+        if message.get("version", 0) <= 1:
+            return  # the list sent on subscribing, not a push
+        self.pushes += 1
+        cause = message.get("cause")
+        if cause is None or cause.get("id") is None:
+            return  # a drift refresh: other users' events moved this list
+        self.pushes_with_cause += 1
+        sent = self.sent_at.pop(cause["id"], None)
+        if sent is not None:
+            self.samples.append(received - sent)
+
+
+async def subscriber(
+    url: str, user: int, rec: Recorder, gate: trio.Semaphore, expected: int
+) -> None:
+    """Subscribes to ``user``'s list and records every push until the server closes."""
+    from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+    released = False
+    await gate.acquire()
+    try:
+        async with open_websocket_url(
+            f"{url.replace('http', 'ws', 1)}/v1/ws/recommendations?user={user}&k=10"
+        ) as ws:
+            try:
+                rec.on_message(user, json.loads(await ws.get_message()), time.perf_counter())
+                gate.release()
+                released = True
+                rec.subscribed += 1
+                if rec.subscribed == expected:
+                    rec.all_subscribed.set()
+                while True:
+                    text = await ws.get_message()
+                    rec.on_message(user, json.loads(text), time.perf_counter())
+            except ConnectionClosed:
+                pass
+            finally:
+                await ws._stream.aclose()  # trio-websocket leaves it to the GC otherwise
+    except (HandshakeError, OSError, trio.BrokenResourceError):
+        pass
+    finally:
+        if not released:
+            gate.release()
+        rec.ended += 1
+        if rec.ended == expected:
+            rec.all_ended.set()
+
+
+async def produce(
+    address: tuple[str, int],
+    rec: Recorder,
+    users: list[int],
+    items: list[int],
+    rate: float,
+    args: argparse.Namespace,
+    rng: random.Random,
+) -> tuple[int, float]:
+    """Sends ``rate`` events/s for ``seconds``; returns (events sent, seconds taken).
+
+    When the server pushes back (acks wait while its model catches up) sends fall behind the
+    schedule; each event's time is still taken when its frame is sent, so the latency counts
+    the queueing inside the server but not the producer's own delay.
+    """
+    from engine.client import ForwardProducer
+
+    total = int(rate * args.seconds)
+    sent = 0
+    async with ForwardProducer(*address, tag="bench.latency", window=512) as producer:
+        start = time.perf_counter()
+        next_report = start + 1.0
+        while sent < total and time.perf_counter() - start < args.seconds:
+            now = time.perf_counter()
+            due = min(total, int((now - start) * rate) + 1) - sent
+            if due <= 0:
+                await trio.sleep(sent / rate - (now - start))
+                continue
+            events = []
+            for _ in range(min(due, MAX_FRAME_EVENTS)):
+                user = users[rng.randrange(len(users))]
+                current = rec.lists.get(user)
+                if current and rng.random() < args.list_fraction:
+                    item = current[rng.randrange(len(current))]
+                else:
+                    item = items[rng.randrange(len(items))]
+                events.append({"user": user, "item": item, "type": "click", "id": sent})
+                sent += 1
+            t = time.perf_counter()
+            for e in events:
+                rec.sent_at[e["id"]] = t
+            await producer.send(events)
+            if t > next_report:
+                next_report = t + 1.0
+                print(
+                    f"    {sent:,}/{total:,} events, {rec.pushes:,} pushes, "
+                    f"{len(rec.samples):,} timed",
+                    flush=True,
+                )
+        elapsed = time.perf_counter() - start
+        await producer.flush()
+    return sent, elapsed
+
+
+async def warm_up(address: tuple[str, int], stream: Any) -> None:
+    from engine.client import ForwardProducer
+
+    async with ForwardProducer(*address, tag="bench.warmup") as producer:
+        for s in range(0, len(stream.users), 1000):
+            await producer.send(
+                {"user": int(u), "item": int(i), "weight": float(w)}
+                for u, i, w in zip(
+                    stream.users[s : s + 1000],
+                    stream.items[s : s + 1000],
+                    stream.weights[s : s + 1000],
+                    strict=True,
+                )
+            )
+        await producer.flush()
+
+
+async def measure(
+    server: ServerProcess,
+    users: list[int],
+    items: list[int],
+    rate: float,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    rec = Recorder()
+    rng = random.Random(args.seed)
+    gate = trio.Semaphore(CONNECT_AT_ONCE)
+    async with trio.open_nursery() as nursery:
+        t0 = time.perf_counter()
+        for u in users:
+            nursery.start_soon(subscriber, server.http_url, u, rec, gate, len(users))
+        with trio.move_on_after(120):
+            await rec.all_subscribed.wait()
+        print(
+            f"    {rec.subscribed} subscribers connected in {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
+        await trio.sleep(0.5)
+        sent, elapsed = await produce(server.forward_address, rec, users, items, rate, args, rng)
+        await trio.sleep(1.0)  # the last pushes
+        exposition = await trio.to_thread.run_sync(server.metrics)
+        stats = await trio.to_thread.run_sync(server.stats)
+        server.terminate()  # the orderly shutdown closes every subscriber with 1001
+        with trio.move_on_after(20):
+            await rec.all_ended.wait()
+        nursery.cancel_scope.cancel()
+    return {
+        "rec": rec,
+        "sent": sent,
+        "elapsed": elapsed,
+        "server_push": histogram_quantiles(
+            exposition, "recstream_push_latency_seconds", (0.5, 0.99, 0.999)
+        ),
+        "subscribers_seen_by_server": stats["subscribers"],
+        "events_applied": stats["events_applied"],
+    }
+
+
+def run_once(
+    sync: str,
+    rate: float,
+    args: argparse.Namespace,
+    warm: Any,
+    users: list[int],
+    items: list[int],
+) -> dict[str, Any]:
+    """One server with ``sync``, warmed up, subscribed to, fed ``rate`` events/s."""
+    from hdrh.histogram import HdrHistogram
+
+    print(
+        f"  sync={sync}, {rate:g} events/s: starting the server, {len(warm.users):,} warm-up "
+        "events",
+        flush=True,
+    )
+    config = {
+        "sync": sync,
+        "snapshot_interval": 3600.0,
+        "max_subscribers": max(10_000, 2 * args.subscribers),
+        "model": {"dim": args.dim, "seed": args.seed},
+    }
+    if args.refresh_interval is not None:
+        config["refresh_interval"] = args.refresh_interval
+    with ServerProcess(config) as server:
+        trio.run(warm_up, server.forward_address, warm)
+        server.wait_applied(len(warm.users))
+        out = trio.run(measure, server, users, items, rate, args)
+    rec: Recorder = out["rec"]
+    hist = HdrHistogram(1, 120_000_000, 3)  # microseconds, 3 significant digits
+    for s in rec.samples:
+        hist.record_value(max(1, round(s * 1e6)))
+    pct = {
+        f"p{q:g}": hist.get_value_at_percentile(q) / 1e3 if rec.samples else None
+        for q in (50, 99, 99.9)
+    }
+    result = {
+        "sync": sync,
+        "rate": rate,
+        "p50_ms": pct["p50"],
+        "p99_ms": pct["p99"],
+        "p999_ms": pct["p99.9"],
+        "max_ms": hist.get_max_value() / 1e3 if rec.samples else None,
+        "samples": len(rec.samples),
+        "pushes": rec.pushes,
+        "pushes_with_cause": rec.pushes_with_cause,
+        "events_sent": out["sent"],
+        "achieved_rate": out["sent"] / out["elapsed"],
+        "subscribers": rec.subscribed,
+        "subscribers_seen_by_server": out["subscribers_seen_by_server"],
+        "server_push_latency_ms": {
+            k: (v * 1e3 if isinstance(v, float) and k != "count" else v)
+            for k, v in out["server_push"].items()
+        },
+        "latencies_s": sorted(rec.samples),
+    }
+    server_ms = result["server_push_latency_ms"]
+    print(
+        f"  sync={sync}, {rate:g}/s: p50 {_ms(result['p50_ms'])}  p99 {_ms(result['p99_ms'])}  "
+        f"p999 {_ms(result['p999_ms'])}  ({result['samples']:,} timed of {rec.pushes:,} pushes, "
+        f"{out['sent']:,} events at {result['achieved_rate']:,.0f}/s); server-side p50 "
+        f"{_ms(server_ms['p50'])} p99 {_ms(server_ms['p99'])}",
+        flush=True,
+    )
+    return result
+
+
+def _ms(v: float | None) -> str:
+    return f"{v:.2f} ms" if v is not None else "n/a"
+
+
+def plot(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> str | None:
+    """A latency CDF per durability, log-scaled time axis, with the goals marked."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs.values():
+        xs = [1e3 * s for s in r["latencies_s"]]
+        if xs:
+            ys = [(i + 1) / len(xs) for i in range(len(xs))]
+            label = (
+                f'sync="{r["sync"]}", {r["achieved_rate"]:,.0f} of {r["rate"]:,.0f} ev/s '
+                f"(p50 {_ms(r['p50_ms'])}, p99 {_ms(r['p99_ms'])})"
+            )
+            ax.plot(xs, ys, label=label)
+    for name, ms in GOALS_MS.items():
+        ax.axvline(ms, color="grey", linestyle=":", linewidth=1)
+        ax.text(ms, 0.02, f" {name} goal", color="grey", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("event send to push receipt (ms)")
+    ax.set_ylabel("fraction of pushes")
+    ax.set_title(f"event to push: {args.subscribers} websocket subscribers, model dim {args.dim}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=7)
+    path = results_dir() / f"{args.name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    require_release()
+    import engine
+
+    if args.quick:
+        args.subscribers, args.rate, args.low_rate, args.seconds = 50, 500.0, 0.0, 2.0
+        args.catalog, args.warmup = 1000, 3000
+    warm = engine.generate_stream(
+        engine.SyntheticConfig(
+            n_events=args.warmup,
+            n_users=2 * args.subscribers,
+            n_items=args.catalog,
+            new_user_fraction=0.0,
+            new_item_fraction=0.0,
+            seed=args.seed,
+        )
+    )
+    rng = random.Random(args.seed)
+    active = sorted({int(u) for u in warm.users})
+    users = sorted(rng.sample(active, min(args.subscribers, len(active))))
+    items = sorted({int(i) for i in warm.items})
+    args.subscribers = len(users)
+    print(
+        f"latency: {len(users)} subscribers, {args.rate:g} events/s "
+        + (f"(and {args.low_rate:g}) " if args.low_rate else "")
+        + f"for {args.seconds:g} s, "
+        f"{len(items)} items, dim {args.dim}",
+        flush=True,
+    )
+    rates = [args.rate] + ([args.low_rate] if args.low_rate else [])
+    runs = {
+        # Rows of the headline rate are named by durability alone.
+        (f"sync_{sync}" if rate == args.rate else f"sync_{sync}_rate{rate:g}"): run_once(
+            sync, rate, args, warm, users, items
+        )
+        for rate in rates
+        for sync in ("batch", "off")
+    }
+    png = plot(runs, args)
+
+    rows = []
+    for label, r in runs.items():
+        sync, rate = r["sync"], r["rate"]
+        params = {
+            "sync": sync,
+            "subscribers": r["subscribers"],
+            "rate": rate,
+            "seconds": args.seconds,
+            "samples": r["samples"],
+            "server_push_latency_ms": r["server_push_latency_ms"],
+        }
+        for q in ("p50", "p99", "p999"):
+            goal = GOALS_MS.get(q)
+            rows.append(
+                row(
+                    f"{label}_{q}",
+                    r[f"{q}_ms"],
+                    goal,
+                    "ms",
+                    {**params, "peer_is": "goal" if goal else None},
+                    lower_is_better=True,
+                )
+            )
+        rows.append(
+            row(
+                f"{label}_pushes",
+                r["pushes"],
+                None,
+                "pushes",
+                {**params, "with_cause": r["pushes_with_cause"]},
+            )
+        )
+        rows.append(
+            row(
+                f"{label}_events_sent",
+                r["events_sent"],
+                int(rate * args.seconds),
+                "events",
+                {**params, "peer_is": "planned"},
+            )
+        )
+        rows.append(
+            row(
+                f"{label}_achieved_rate",
+                r["achieved_rate"],
+                rate,
+                "events/s",
+                {**params, "peer_is": "requested rate"},
+            )
+        )
+    summary = {
+        label: {k: v for k, v in r.items() if k != "latencies_s"} for label, r in runs.items()
+    }
+    path = write_results(
+        args.name,
+        rows,
+        {
+            "params": {
+                k: getattr(args, k)
+                for k in (
+                    "rate",
+                    "low_rate",
+                    "subscribers",
+                    "seconds",
+                    "catalog",
+                    "warmup",
+                    "list_fraction",
+                    "dim",
+                    "refresh_interval",
+                    "seed",
+                    "quick",
+                )
+            },
+            "peer": "goals (p50 <= 1 ms, p99 <= 5 ms)",
+            "runs": summary,
+            "plot": png,
+            "note": (
+                "server, producer and subscribers share the machine's cores; the producer and "
+                "all subscribers are tasks of one Python process. When the server cannot keep "
+                "up, acks slow the producer (achieved_rate < rate) and the latency is the "
+                "queue inside the server. The server's drift refresh recomputes up to "
+                "refresh_budget subscribed lists every refresh_interval in the same batch as "
+                "the event-caused recomputes; --refresh-interval 3600 isolates the latter."
+            ),
+        },
+    )
+    print_rows(rows)
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
+    return 0

@@ -1,0 +1,153 @@
+"""The latency, ingest and mf benchmarks, run end to end in their ``--quick`` mode.
+
+Each runs as a subprocess (the way anyone runs it) writing to a temporary results directory.
+The checks are about the benchmark doing its job: well-formed JSON, every figure of ours
+measured and positive, each installed peer measured too, ratios consistent with the figures.
+Never a timing threshold: the machine may be loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine import _core
+
+ROOT = Path(__file__).resolve().parent.parent
+RELEASE = getattr(_core, "BUILD_PROFILE", None) == "release"
+
+
+def run_bench(name: str, results: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RECSTREAM_BENCH_RESULTS": str(results)}
+    return subprocess.run(
+        [sys.executable, "-m", "bench", name, "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def load(results: Path, name: str) -> dict[str, Any]:
+    doc = json.loads((results / f"{name}.json").read_text())
+    assert doc["name"] == name
+    assert doc["machine"]["logical_cpus"] >= 1
+    assert doc["params"]["quick"] is True
+    assert doc["rows"], "no result rows"
+    for r in doc["rows"]:
+        assert set(r) == {"name", "ours", "peer", "ratio", "unit", "params"}
+        assert isinstance(r["ours"], int | float) and math.isfinite(r["ours"]) and r["ours"] > 0, r
+    return doc
+
+
+def rows_by_name(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    names = [r["name"] for r in doc["rows"]]
+    assert len(names) == len(set(names)), "duplicate row names"
+    return {r["name"]: r for r in doc["rows"]}
+
+
+def assert_ratio(r: dict[str, Any], *, lower_is_better: bool = False) -> None:
+    """The peer was measured, and the ratio is the one its figures give."""
+    assert isinstance(r["peer"], int | float) and r["peer"] > 0, r
+    expected = r["peer"] / r["ours"] if lower_is_better else r["ours"] / r["peer"]
+    assert r["ratio"] == pytest.approx(expected)
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    return tmp_path / "results"
+
+
+@pytest.mark.skipif(RELEASE, reason="the refusal only shows on a debug build")
+def test_benchmarks_refuse_a_debug_build(results: Path) -> None:
+    proc = run_bench("mf", results)
+    assert proc.returncode != 0
+    assert "refusing to benchmark a debug build" in proc.stderr
+    assert not (results / "mf.json").exists()
+
+
+needs_release = pytest.mark.skipif(not RELEASE, reason="benchmarks refuse a debug build")
+
+
+@needs_release
+def test_latency_quick(results: Path) -> None:
+    proc = run_bench("latency", results)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = load(results, "latency")
+    rows = rows_by_name(doc)
+    for sync in ("batch", "off"):
+        run = doc["runs"][f"sync_{sync}"]
+        # Every subscriber connected, pushes came back and some were timed by their cause id.
+        assert run["subscribers"] == doc["params"]["subscribers"]
+        assert run["samples"] > 0 and run["pushes"] >= run["samples"]
+        assert 0 < run["events_sent"] <= rows[f"sync_{sync}_events_sent"]["peer"]
+        assert run["server_push_latency_ms"]["count"] > 0
+        assert run["p50_ms"] <= run["p99_ms"] <= run["p999_ms"] <= run["max_ms"]
+        for q in ("p50", "p99"):
+            assert_ratio(rows[f"sync_{sync}_{q}"], lower_is_better=True)
+        assert rows[f"sync_{sync}_p999"]["peer"] is None
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (results / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_release
+def test_ingest_quick(results: Path) -> None:
+    proc = run_bench("ingest", results)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = load(results, "ingest")
+    rows = rows_by_name(doc)
+    peer_installed = (
+        shutil.which("redis-server") is not None and importlib.util.find_spec("redis") is not None
+    )
+    for sync in ("batch", "off"):
+        assert doc["runs"]["ours"][sync]["acked_events"] > 0
+        assert_ratio(rows[f"ingest_sync_{sync}_vs_goal"])
+        vs_redis = rows[f"ingest_sync_{sync}_vs_redis"]
+        if peer_installed:
+            assert_ratio(vs_redis)
+        else:
+            assert vs_redis["peer"] is None and vs_redis["ratio"] is None
+            assert "SKIPPED peer Redis Streams" in proc.stdout
+    assert (doc["peer_skipped"] is None) == peer_installed
+    # The cheap-model run that shows how much of the bound is the model's.
+    assert_ratio(rows["ingest_sync_batch_dim8_vs_goal"])
+    assert doc["runs"]["ours_light_model"]["acked_events"] > 0
+
+
+@needs_release
+def test_mf_quick(results: Path) -> None:
+    proc = run_bench("mf", results)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = load(results, "mf")
+    rows = rows_by_name(doc)
+    for name in (
+        "updates_dim64_vs_goal",
+        "updates_dim32_vs_goal",
+        "updates_dim64_auto_reindex_vs_goal",
+        "updates_dim64_small_caps_vs_goal",
+    ):
+        assert_ratio(rows[name])
+    # CPU time was measured (not wall time passed off as per-core figures).
+    assert doc["runs"]["dim64"]["cpu_s"] > 0
+    assert doc["runs"]["dim64"]["events"] == doc["params"]["stream_events"]
+    river = importlib.util.find_spec("river") is not None
+    for name in (
+        "updates_dim64_vs_river_FunkMF",
+        "updates_dim64_vs_river_BiasedMF",
+        "updates_dim32_vs_river_FunkMF",
+    ):
+        if river:
+            assert_ratio(rows[name])
+        else:
+            assert rows[name]["peer"] is None
+    assert (doc["peer"] is not None) == river
