@@ -12,6 +12,7 @@ a subscriber, and a slow subscriber receives the newest list rather than a backl
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -26,6 +27,9 @@ from ._model import Model
 __all__ = ["Publisher", "Slot", "Subscription", "Cause", "rec_json"]
 
 log = logging.getLogger("recstream.publisher")
+
+# Drift refreshes computed per worker-thread call; events that arrive meanwhile go next.
+REFRESH_CHUNK = 32
 
 Id = str | int
 
@@ -199,6 +203,9 @@ class Publisher:
         # Users waiting for a recompute, with the newest cause; bounded by the subscribed
         # users, since notify() keeps only those.
         self._pending: dict[Id, Cause | None] = {}
+        # Users due a drift refresh, oldest first; bounded like _pending.
+        self._stale: dict[Id, None] = {}
+        self._seq = 0  # newest journal sequence applied, from notify()
         self._wake = trio.Event()
         self._round_robin: Iterable[Id] = iter(())
         self.pushes = 0
@@ -228,13 +235,16 @@ class Publisher:
             if not subs:
                 del self._subs[sub.user]
                 self._pending.pop(sub.user, None)
+                self._stale.pop(sub.user, None)
 
     def notify(self, users: Iterable[tuple[Id, Id | None]], seq: int, accepted_at: float) -> None:
         """Marks users whose own events were applied (called by the model actor; never blocks)."""
+        self._seq = max(self._seq, seq)
         woke = False
         for user, event_id in users:
             if user in self._subs:
                 self._pending[user] = Cause(seq, event_id, accepted_at)
+                self._stale.pop(user, None)
                 woke = True
         if woke:
             self._wake.set()
@@ -244,6 +254,7 @@ class Publisher:
         unread lists dropped. The subscriptions stay: their next list is computed from what
         the model holds now."""
         self._pending.pop(user, None)
+        self._stale.pop(user, None)
         dropped = 0
         for sub in self._subs.get(user, ()):
             dropped += sub.slot.discard()
@@ -293,10 +304,21 @@ class Publisher:
                 await self.flush()
 
     async def flush(self) -> None:
-        """Recomputes every pending user now and pushes the lists that changed."""
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, {}
+        """Recomputes pending users and pushes the lists that changed, until none is left.
+
+        Users whose own events arrived go first, all of them at once; drift refreshes go in
+        chunks of ``REFRESH_CHUNK``, and fresh events jump ahead of the remaining chunks, so
+        a refresh of every subscriber never delays a push caused by an event.
+        """
+        while self._pending or self._stale:
+            if self._pending:
+                batch, self._pending = self._pending, {}
+            else:
+                users = list(itertools.islice(self._stale, REFRESH_CHUNK))
+                batch = {user: self._stale.pop(user) for user in users}
+            await self._compute(batch)
+
+    async def _compute(self, pending: dict[Id, Cause | None]) -> None:
         now = time.monotonic()
         jobs = [
             (sub, cause, sub.recently_pushed(now))
@@ -320,11 +342,15 @@ class Publisher:
                 self._on_push(sub, msg)
 
     async def _refresh_loop(self) -> None:
+        refreshed_at = -1
         while True:
             await trio.sleep(self._refresh_interval)
-            users = self._next_refresh_batch()
+            if self._seq == refreshed_at:
+                continue  # nothing was applied since the last refresh: no list can differ
+            refreshed_at = self._seq
+            users = [u for u in self._next_refresh_batch() if u not in self._pending]
             for user in users:
-                self._pending.setdefault(user, None)
+                self._stale.setdefault(user, None)
             if users:
                 self._wake.set()
 
