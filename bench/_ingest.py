@@ -44,6 +44,7 @@ from bench._common import (
     skip_peer,
     write_results,
 )
+from engine import ModelConfig
 
 GOAL = 300_000.0  # acknowledged events/s
 TAG = "bench.ingest"
@@ -58,7 +59,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--connections", type=int, default=4, help="producer connections (default 4)")
     p.add_argument("--batch", type=int, default=1000, help="events per frame (default 1000)")
     p.add_argument("--window", type=int, default=8, help="frames in flight per connection (8)")
-    p.add_argument("--dim", type=int, default=64, help="the server model's dim (default 64)")
+    p.add_argument(
+        "--dim",
+        type=int,
+        default=ModelConfig().dim,
+        help="the server model's dim (default: the engine's)",
+    )
     p.add_argument(
         "--light-dim",
         type=int,

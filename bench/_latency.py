@@ -53,6 +53,7 @@ from bench._common import (
     row,
     write_results,
 )
+from engine import ModelConfig
 
 GOALS_MS = {"p50": 1.0, "p99": 5.0}
 MAX_FRAME_EVENTS = 500
@@ -80,7 +81,12 @@ def register(subparsers: Any) -> None:
         default=0.5,
         help="share of events on an item of the user's current list (default 0.5)",
     )
-    p.add_argument("--dim", type=int, default=64, help="the server model's dim (default 64)")
+    p.add_argument(
+        "--dim",
+        type=int,
+        default=ModelConfig().dim,
+        help="the server model's dim (default: the engine's)",
+    )
     p.add_argument(
         "--refresh-interval",
         type=float,

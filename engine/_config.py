@@ -98,7 +98,7 @@ class ServerConfig:
     snapshot_interval: float = 300.0
     push_k: int = 10
     refresh_interval: float = 1.0
-    refresh_budget: int = 1000
+    refresh_budget: int = 200
     max_subscribers: int = 10_000
     send_timeout: float = 10.0
     tcp_user_timeout_ms: int = 10_000

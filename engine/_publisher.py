@@ -29,7 +29,7 @@ __all__ = ["Publisher", "Slot", "Subscription", "Cause", "rec_json"]
 log = logging.getLogger("recstream.publisher")
 
 # Drift refreshes computed per worker-thread call; events that arrive meanwhile go next.
-REFRESH_CHUNK = 32
+REFRESH_CHUNK = 8
 
 Id = str | int
 
@@ -190,7 +190,7 @@ class Publisher:
         *,
         max_subscribers: int = 10_000,
         refresh_interval: float = 1.0,
-        refresh_budget: int = 1000,
+        refresh_budget: int = 200,
         on_push: Callable[[Subscription, dict[str, Any]], None] | None = None,
     ) -> None:
         self._model = model

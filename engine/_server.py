@@ -86,7 +86,7 @@ SNAPSHOT = "snapshot.rsnap"
 PREVIOUS_SNAPSHOT = "snapshot.prev.rsnap"
 # Groups of journal records that may wait between the journal and the model actor; beyond
 # that, producers wait (backpressure).
-MODEL_INBOX = 64
+MODEL_INBOX = 4
 REPLAY_CHUNK = 1024
 # Frames up to this size are re-encoded or decoded on the event loop, larger ones in a worker.
 INLINE_FRAME_BYTES = 64 * 1024
