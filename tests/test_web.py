@@ -334,7 +334,7 @@ async def test_push_does_not_repeat_items_within_repush_after(
             with trio.fail_after(5):
                 while True:  # drift refreshes may push in between: each is checked
                     msg = json.loads(await ws.get_message())
-                    items = check(msg)
+                    check(msg)
                     if msg["cause"] is not None and msg["cause"]["seq"] >= r.json()["seq"]:
                         break
     assert len(pushed) >= 5
