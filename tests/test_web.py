@@ -323,7 +323,7 @@ async def test_push_does_not_repeat_items_within_repush_after(
     async with websocket(
         ws_url(server, "/v1/ws/recommendations?user=me&k=3&repush_after=60")
     ) as ws:
-        items = check(json.loads(await ws.get_message()))
+        check(json.loads(await ws.get_message()))
         for _ in range(4):
             # Acting on the top of the user's unfiltered list always changes it (the item
             # becomes seen), which is what triggers a push.
