@@ -6,7 +6,7 @@ use std::collections::BinaryHeap;
 #[cfg(target_arch = "x86_64")]
 use std::sync::atomic::{AtomicU8, Ordering as AtomicOrdering};
 
-/// 0 = not probed yet, 1 = portable, 2 = AVX2+FMA. Probing once keeps the per-call cost of the
+/// 0 = not probed yet, 1 = portable, 2 = AVX2+FMA, 3 = AVX-512F. Probing once keeps the per-call cost of the
 /// dispatch to one relaxed load, which matters because `dot` is the HNSW inner loop.
 #[cfg(target_arch = "x86_64")]
 static KERNEL: AtomicU8 = AtomicU8::new(0);
@@ -26,7 +26,9 @@ fn kernel() -> u8 {
 
 #[cfg(target_arch = "x86_64")]
 fn detect() -> u8 {
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+    if is_x86_feature_detected!("avx512f") {
+        3
+    } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         2
     } else {
         1
@@ -38,11 +40,111 @@ fn detect() -> u8 {
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot of vectors of different lengths");
     #[cfg(target_arch = "x86_64")]
-    if kernel() == 2 {
+    match kernel() {
+        // SAFETY: `kernel()` returns 3 only after the CPU reported AVX-512F.
+        3 => return unsafe { dot_avx512(a, b) },
         // SAFETY: `kernel()` returns 2 only after the CPU reported AVX2 and FMA.
-        return unsafe { dot_avx2(a, b) };
+        2 => return unsafe { dot_avx2(a, b) },
+        _ => {}
     }
     dot_portable(a, b)
+}
+
+/// An inner-product kernel over the first `n` floats of two pointers.
+///
+/// # Safety
+/// Both pointers must be valid for reads of `n` floats.
+pub type DotKernel = unsafe fn(*const f32, *const f32, usize) -> f32;
+
+/// The best inner-product kernel for this CPU, for loops that score many vectors: chosen
+/// once, it spares each call the dispatch and the length check of `dot`.
+pub fn dot_kernel() -> DotKernel {
+    #[cfg(target_arch = "x86_64")]
+    match kernel() {
+        3 => return dot_avx512_raw,
+        2 => return dot_avx2_raw,
+        _ => {}
+    }
+    dot_portable_raw
+}
+
+/// # Safety
+/// Both pointers valid for reads of `n` floats.
+unsafe fn dot_portable_raw(a: *const f32, b: *const f32, n: usize) -> f32 {
+    // SAFETY: the caller guarantees `n` readable floats behind each pointer.
+    unsafe {
+        dot_portable(
+            std::slice::from_raw_parts(a, n),
+            std::slice::from_raw_parts(b, n),
+        )
+    }
+}
+
+/// # Safety
+/// The CPU has AVX2 and FMA; both pointers valid for reads of `n` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2_raw(a: *const f32, b: *const f32, n: usize) -> f32 {
+    // SAFETY: the caller guarantees `n` readable floats behind each pointer.
+    unsafe {
+        dot_avx2(
+            std::slice::from_raw_parts(a, n),
+            std::slice::from_raw_parts(b, n),
+        )
+    }
+}
+
+/// # Safety
+/// The CPU has AVX-512F; both pointers valid for reads of `n` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512_raw(a: *const f32, b: *const f32, n: usize) -> f32 {
+    // SAFETY: the caller guarantees `n` readable floats behind each pointer.
+    unsafe {
+        dot_avx512(
+            std::slice::from_raw_parts(a, n),
+            std::slice::from_raw_parts(b, n),
+        )
+    }
+}
+
+/// Two 16-lane FMA accumulators (32 floats per iteration); a masked load handles the tail,
+/// so no scalar loop is needed for lengths that are not multiples of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut i = 0;
+    // SAFETY: full loads read 16 floats at offsets < n; the masked load reads only the
+    // `n - i < 16` lanes that are in bounds (masked-off lanes are not accessed).
+    unsafe {
+        let mut s0 = _mm512_setzero_ps();
+        let mut s1 = _mm512_setzero_ps();
+        while i + 32 <= n {
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+            s1 = _mm512_fmadd_ps(
+                _mm512_loadu_ps(pa.add(i + 16)),
+                _mm512_loadu_ps(pb.add(i + 16)),
+                s1,
+            );
+            i += 32;
+        }
+        if i + 16 <= n {
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
+            i += 16;
+        }
+        if i < n {
+            let m: __mmask16 = (1u16 << (n - i)) - 1;
+            s1 = _mm512_fmadd_ps(
+                _mm512_maskz_loadu_ps(m, pa.add(i)),
+                _mm512_maskz_loadu_ps(m, pb.add(i)),
+                s1,
+            );
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
+    }
 }
 
 /// Eight independent accumulators so the compiler can keep them in one SIMD register (any
@@ -205,7 +307,21 @@ mod tests {
             let a = randv(&mut r, n);
             let b = randv(&mut r, n);
             let want = naive_dot(&a, &b);
-            for got in [dot(&a, &b), dot_portable(&a, &b)] {
+            let mut got_all = vec![dot(&a, &b), dot_portable(&a, &b)];
+            // SAFETY: both slices hold `n` floats.
+            got_all.push(unsafe { dot_kernel()(a.as_ptr(), b.as_ptr(), n) });
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU reported AVX2 and FMA.
+                    got_all.push(unsafe { dot_avx2(&a, &b) });
+                }
+                if is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU reported AVX-512F.
+                    got_all.push(unsafe { dot_avx512(&a, &b) });
+                }
+            }
+            for got in got_all {
                 assert!(
                     (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
                     "n={n}: {got} vs {want}"

@@ -234,9 +234,9 @@ impl Hnsw {
                 s: dot(q, self.vec(entry)),
                 id: entry,
             }];
-            cur[0] = self.descend(q, cur[0], 0, vis);
+            cur[0] = self.descend(q, cur[0], 0);
             vis.reset(self.levels.len());
-            let mut res = self.search_layer(q, &cur, ef, 0, Some(&accept), vis);
+            let mut res = self.search_layer(q, &cur, ef, 0, accept, vis);
             res.truncate(k);
             res.into_iter().map(|c| (c.id, c.s)).collect()
         })
@@ -403,7 +403,7 @@ impl Hnsw {
     }
 
     /// The out-links of `id` on `layer` (which `id` must be on).
-    #[inline]
+    #[inline(always)]
     fn links(&self, id: u32, layer: usize) -> &[u32] {
         if layer == 0 {
             let base = id as usize * (self.m0 + 1);
@@ -442,9 +442,11 @@ impl Hnsw {
         if slots <= self.levels.len() {
             return;
         }
+        reserve_huge(&mut self.vectors, slots * self.dim);
         self.vectors.resize(slots * self.dim, 0.0);
         self.levels.resize(slots, ABSENT);
         self.deleted.resize(slots, false);
+        reserve_huge(&mut self.links0, slots * (self.m0 + 1));
         self.links0.resize(slots * (self.m0 + 1), 0);
         self.upper.resize_with(slots, Vec::new);
         self.parent0.resize(slots, NO_PARENT);
@@ -464,10 +466,9 @@ impl Hnsw {
     }
 
     /// Greedy descent (SEARCH-LAYER with `ef = 1`) from the top layer down to `stop + 1`.
-    fn descend(&self, q: &[f32], mut cur: Cand, stop: usize, vis: &mut search::Visited) -> Cand {
+    fn descend(&self, q: &[f32], mut cur: Cand, stop: usize) -> Cand {
         for l in (stop + 1..=self.max_level).rev() {
-            vis.reset(self.levels.len());
-            cur = self.search_layer(q, &[cur], 1, l, None, vis)[0];
+            cur = self.greedy(q, cur, l);
         }
         cur
     }
@@ -494,12 +495,12 @@ impl Hnsw {
             s: dot(v, self.vec(entry)),
             id: entry,
         };
-        let mut eps = with_visited(|vis| vec![self.descend(v, start, level, vis)]);
+        let mut eps = vec![self.descend(v, start, level)];
         for l in (0..=level.min(self.max_level)).rev() {
             let w = with_visited(|vis| {
                 vis.reset(self.levels.len());
                 vis.insert(id);
-                self.search_layer(v, &eps, self.cfg.ef_construction, l, None, vis)
+                self.search_layer(v, &eps, self.cfg.ef_construction, l, |_| true, vis)
             });
             let sel = self.select_protected(&w, self.cap(l), l, id, &[]);
             self.set_links(id, l, &sel);
@@ -662,7 +663,7 @@ impl Hnsw {
             let w = with_visited(|vis| {
                 vis.reset(self.levels.len());
                 vis.insert(id);
-                self.search_layer(v, &eps, UPDATE_EF, l, None, vis)
+                self.search_layer(v, &eps, UPDATE_EF, l, |_| true, vis)
             });
             let sel = self.select_protected(&w, self.cap(l), l, id, &old);
             self.set_links(id, l, &sel);
@@ -674,3 +675,50 @@ impl Hnsw {
         }
     }
 }
+
+/// Arrays from this size on are backed by transparent huge pages where the kernel offers
+/// them on request (`madvise` mode, a common default).
+const HUGE_FROM_BYTES: usize = 4 << 20;
+
+/// Grows the capacity of `v` to hold `len` elements (at least doubling it, like `Vec`), and
+/// asks the kernel to back large arrays with 2 MB pages. A search touches a few thousand
+/// random rows of the vector and link arrays; with 4 KB pages nearly every one of them is
+/// a TLB miss, and a page walk (two-dimensional under virtualisation) costs more than the
+/// inner product itself. The advice is given before the new buffer is first written, so the
+/// pages are huge from their first fault.
+fn reserve_huge<T: Copy>(v: &mut Vec<T>, len: usize) {
+    if len <= v.capacity() {
+        return;
+    }
+    let cap = len.max(2 * v.capacity());
+    let bytes = cap * std::mem::size_of::<T>();
+    if bytes < HUGE_FROM_BYTES {
+        v.reserve_exact(cap - v.len());
+        return;
+    }
+    let mut fresh: Vec<T> = Vec::with_capacity(cap);
+    advise_huge(fresh.as_mut_ptr().cast(), bytes);
+    fresh.extend_from_slice(v);
+    *v = fresh;
+}
+
+#[cfg(target_os = "linux")]
+fn advise_huge(ptr: *mut u8, bytes: usize) {
+    const MADV_HUGEPAGE: i32 = 14;
+    const PAGE: usize = 4096;
+    unsafe extern "C" {
+        fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
+    }
+    // madvise wants a page-aligned start; the few bytes before it stay on normal pages.
+    let start = (ptr as usize).next_multiple_of(PAGE);
+    let end = (ptr as usize + bytes) / PAGE * PAGE;
+    if end > start {
+        // SAFETY: the range lies inside an allocation this process owns; MADV_HUGEPAGE only
+        // changes how the kernel backs it, never its contents, and a failure (an old kernel,
+        // huge pages disabled) merely leaves normal pages.
+        unsafe { madvise(start as *mut std::ffi::c_void, end - start, MADV_HUGEPAGE) };
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn advise_huge(_ptr: *mut u8, _bytes: usize) {}

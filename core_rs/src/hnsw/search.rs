@@ -6,7 +6,7 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 
 use super::Hnsw;
-use crate::scan::dot;
+use crate::scan::{dot, dot_kernel};
 
 /// A node with its similarity to the current query. Ordered by similarity, ties broken by the
 /// smaller id ranking higher, so that every heap and sort in the index is deterministic.
@@ -29,10 +29,14 @@ impl Ord for Cand {
 }
 
 /// Generation-stamped visited set: `reset` is O(1) (bump the generation) instead of clearing
-/// a bitmap per search, and nothing is allocated per visited node.
+/// a bitmap per search, and nothing is allocated per visited node. Stamps are 16-bit: half
+/// the cache footprint of 32-bit stamps (200 KB for 100k nodes, which stays in L2), for one
+/// full clear every 65535 searches.
 pub(super) struct Visited {
-    marks: Vec<u32>,
-    gen: u32,
+    marks: Vec<u16>,
+    gen: u16,
+    /// Scratch for the unvisited neighbours of the node being expanded.
+    fresh: Vec<u32>,
 }
 
 impl Visited {
@@ -40,6 +44,7 @@ impl Visited {
         Visited {
             marks: Vec::new(),
             gen: 0,
+            fresh: Vec::new(),
         }
     }
 
@@ -82,79 +87,155 @@ pub(super) fn with_visited<R>(f: impl FnOnce(&mut Visited) -> R) -> R {
     })
 }
 
+/// How many neighbours ahead of the one being scored the vector loads are started: far
+/// enough to overlap the memory latency with a few inner products, near enough not to
+/// exhaust the CPU's outstanding-miss slots (a prefetch that finds them all busy stalls like
+/// a load). Measured on 100k×64 MF-like vectors at ef=80: 1 → 0.87, 2 → 0.95, 4 → 0.98 of
+/// hnswlib's QPS; all unvisited neighbours at once → 0.94.
+const PREFETCH_AHEAD: usize = 4;
+/// Cache lines of each vector to prefetch. The CPU's adjacent-line prefetcher completes each
+/// 128-byte pair by itself; asking for the whole 256-byte row of a 64-d vector measured
+/// slower (0.92 against 0.98 at 4 ahead) because the extra requests hold miss slots.
+const PREFETCH_LINES: usize = 2;
+
 impl Hnsw {
     /// SEARCH-LAYER: beam search on `layer` from the entry points `eps` (already scored
     /// against `q`), keeping the `ef` best nodes for which `accept` holds. The caller resets
-    /// `vis` (and may pre-mark nodes to skip). The upper-layer descent calls it with `ef = 1`.
+    /// `vis` (and may pre-mark nodes to skip). Generic over `accept` so that the unfiltered
+    /// searches of construction compile without any per-candidate call.
     ///
     /// Rejected nodes are still expanded, and the stopping bound only counts accepted nodes,
     /// so a filter that rejects most nodes widens the beam by itself until `ef` accepted nodes
     /// are found or the reachable graph is exhausted.
     ///
     /// Returns the accepted nodes, best first.
-    pub(super) fn search_layer(
+    pub(super) fn search_layer<F: Fn(u32) -> bool>(
         &self,
         q: &[f32],
         eps: &[Cand],
         ef: usize,
         layer: usize,
-        accept: Option<&dyn Fn(u32) -> bool>,
+        accept: F,
         vis: &mut Visited,
     ) -> Vec<Cand> {
-        let ok = |id: u32| accept.is_none_or(|f| f(id));
+        assert_eq!(
+            q.len(),
+            self.dim,
+            "query length differs from the index dimension"
+        );
+        let kernel = dot_kernel();
         let mut cands: BinaryHeap<Cand> = BinaryHeap::with_capacity(ef * 2);
         let mut res: BinaryHeap<Reverse<Cand>> = BinaryHeap::with_capacity(ef + 1);
+        // Similarity of the worst kept result once `ef` are kept; -inf before.
+        let mut bound = f32::NEG_INFINITY;
+        let mut fresh = std::mem::take(&mut vis.fresh);
         for &e in eps {
             if !vis.insert(e.id) {
                 continue;
             }
             cands.push(e);
-            if ok(e.id) {
+            if accept(e.id) {
                 res.push(Reverse(e));
                 if res.len() > ef {
                     res.pop();
                 }
+                if res.len() >= ef {
+                    bound = res.peek().expect("non-empty").0.s;
+                }
             }
         }
         while let Some(c) = cands.pop() {
-            if res.len() >= ef && c.s < res.peek().expect("non-empty").0.s {
+            if c.s < bound {
                 break;
             }
-            let nbs = self.links(c.id, layer);
-            for (j, &nb) in nbs.iter().enumerate() {
-                if let Some(&next) = nbs.get(j + 1) {
-                    self.prefetch(next);
+            // The next node to expand is most likely the next best candidate: start loading
+            // its link list while this one is expanded.
+            if let Some(n) = cands.peek() {
+                self.prefetch_links(n.id, layer);
+            }
+            // Mark first, score after: the vectors of visited neighbours are never touched,
+            // and the loads of the unvisited ones are started ahead of their inner products.
+            fresh.clear();
+            for &nb in self.links(c.id, layer) {
+                if vis.insert(nb) {
+                    fresh.push(nb);
                 }
-                if !vis.insert(nb) {
-                    continue;
+            }
+            for &nb in fresh.iter().take(PREFETCH_AHEAD) {
+                self.prefetch(nb);
+            }
+            for (j, &nb) in fresh.iter().enumerate() {
+                if let Some(&ahead) = fresh.get(j + PREFETCH_AHEAD) {
+                    self.prefetch(ahead);
                 }
-                let s = dot(q, self.vec(nb));
-                if res.len() < ef || s > res.peek().expect("non-empty").0.s {
+                // SAFETY: `q` and every stored row hold `self.dim` floats (asserted above).
+                let s = unsafe { kernel(q.as_ptr(), self.vec(nb).as_ptr(), self.dim) };
+                if s > bound || res.len() < ef {
                     let cand = Cand { s, id: nb };
                     cands.push(cand);
-                    if ok(nb) {
+                    if accept(nb) {
                         res.push(Reverse(cand));
                         if res.len() > ef {
                             res.pop();
+                        }
+                        if res.len() >= ef {
+                            bound = res.peek().expect("non-empty").0.s;
                         }
                     }
                 }
             }
         }
+        vis.fresh = fresh;
         let mut out: Vec<Cand> = res.into_iter().map(|r| r.0).collect();
         out.sort_unstable_by(|a, b| b.cmp(a));
         out
     }
 
-    /// Asks the CPU to start loading the vector of `id`, overlapping the memory latency of
-    /// the next neighbour with the inner product of the current one.
+    /// Greedy descent on one upper layer (SEARCH-LAYER with `ef = 1`): move to the best
+    /// neighbour while it beats the current node. Needs no visited set, since the current
+    /// node strictly improves (in the total order of `Cand`) at every step.
+    pub(super) fn greedy(&self, q: &[f32], mut cur: Cand, layer: usize) -> Cand {
+        loop {
+            let mut best = cur;
+            for &nb in self.links(cur.id, layer) {
+                let c = Cand {
+                    s: dot(q, self.vec(nb)),
+                    id: nb,
+                };
+                if c > best {
+                    best = c;
+                }
+            }
+            if best == cur {
+                return cur;
+            }
+            cur = best;
+        }
+    }
+
+    /// Asks the CPU to start loading the start of the layer-0 link list of `id` (the count
+    /// and the first links share its first cache line).
+    #[inline(always)]
+    fn prefetch_links(&self, id: u32, layer: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if layer == 0 {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let p: *const u32 = &self.links0[id as usize * (self.m0 + 1)];
+            // SAFETY: a prefetch is only a hint and never faults; the address is in bounds.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (id, layer);
+    }
+
+    /// Asks the CPU to start loading the vector of `id` (its first `PREFETCH_LINES` lines).
     #[inline(always)]
     fn prefetch(&self, id: u32) {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
             let row = &self.vectors[id as usize * self.dim..(id as usize + 1) * self.dim];
-            for line in row.chunks(16) {
+            for line in row.chunks(16).take(PREFETCH_LINES) {
                 // SAFETY: a prefetch is only a hint and never faults; the address is in bounds.
                 unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
             }

@@ -401,3 +401,49 @@ fn a_large_move_relinks_the_node_at_its_new_place() {
     h.check_invariants().unwrap();
     check(&h, 6, &far, 900);
 }
+
+#[test]
+fn reserve_huge_keeps_contents_and_grows_geometrically() {
+    // 8 MB: above the huge-page threshold, so the copying path is taken.
+    let mut v: Vec<u32> = (0..2_000_000).collect();
+    let before = v.capacity();
+    reserve_huge(&mut v, 2_000_001);
+    assert!(v.capacity() >= 2 * before, "capacity {}", v.capacity());
+    assert_eq!(v.len(), 2_000_000);
+    assert!(v.iter().enumerate().all(|(i, &x)| x as usize == i));
+    // Within capacity: nothing moves.
+    let ptr = v.as_ptr();
+    reserve_huge(&mut v, 3_000_000);
+    assert_eq!(v.as_ptr(), ptr);
+    // Small arrays take the plain path.
+    let mut s: Vec<f32> = vec![1.5; 10];
+    reserve_huge(&mut s, 1000);
+    assert!(s.capacity() >= 1000 && s == vec![1.5; 10]);
+}
+
+#[test]
+fn greedy_descent_stops_at_a_local_maximum_of_its_layer() {
+    let dim = 16;
+    let data = mf_vectors(3000, dim, 11);
+    let h = build(&data, dim, HnswConfig::default());
+    assert!(h.max_level >= 1, "graph too small to have an upper layer");
+    let queries = mf_vectors(50, dim, 12);
+    let entry = h.entry.expect("entry");
+    for q in queries.chunks(dim) {
+        let start = Cand {
+            s: dot(q, h.vec(entry)),
+            id: entry,
+        };
+        let mut cur = start;
+        for l in (1..=h.max_level).rev() {
+            let next = h.greedy(q, cur, l);
+            // Never worse than where it started, and no neighbour on the layer beats it.
+            assert!(next >= cur);
+            for &n in h.links(next.id, l) {
+                assert!(dot(q, h.vec(n)) <= next.s, "neighbour {n} beats {next:?}");
+            }
+            cur = next;
+        }
+        assert_eq!(cur, h.descend(q, start, 0));
+    }
+}
