@@ -280,7 +280,10 @@ def build_app(server: Server) -> Starlette:
             "exploration": float_param(request, "exploration", 0.0, 1.0),
         }
         # The request's own parameters win over its variant's.
-        params = {**server.recommend_params(variant), **{k: v for k, v in own.items() if v is not None}}
+        params = {
+            **server.recommend_params(variant),
+            **{k: v for k, v in own.items() if v is not None},
+        }
         recs = await trio.to_thread.run_sync(
             lambda: model.recommend(
                 user,

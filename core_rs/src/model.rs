@@ -187,7 +187,10 @@ pub struct Stats {
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModelError {
     /// A record was refused; nothing of the batch was applied.
-    InvalidEvent { index: usize, reason: String },
+    InvalidEvent {
+        index: usize,
+        reason: String,
+    },
     UnknownItem(ExtId),
     Frame(DecodeError),
 }
@@ -297,10 +300,7 @@ fn entry_indices(frame: &decode::Frame) -> Vec<usize> {
 }
 
 fn now_secs() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 impl State {
@@ -408,7 +408,11 @@ impl State {
             }
         }
         moved.extend(
-            self.cold.as_slice().to_vec().into_iter().filter(|&i| self.refresh_cold_item(i, COLD_REFRESH_TOLERANCE)),
+            self.cold
+                .as_slice()
+                .to_vec()
+                .into_iter()
+                .filter(|&i| self.refresh_cold_item(i, COLD_REFRESH_TOLERANCE)),
         );
         moved
     }
@@ -491,11 +495,7 @@ impl State {
             .filter(|&(c, _)| c > 0.0)
             .collect();
         contrib.sort_by(|a, b| b.0.total_cmp(&a.0));
-        contrib
-            .into_iter()
-            .take(MAX_BECAUSE)
-            .filter_map(|(_, h)| self.items.ext(h).cloned())
-            .collect()
+        contrib.into_iter().take(MAX_BECAUSE).filter_map(|(_, h)| self.items.ext(h).cloned()).collect()
     }
 }
 
@@ -503,7 +503,12 @@ impl Model {
     pub fn new(cfg: Config) -> Self {
         let state = State::new(&cfg);
         let index = Hnsw::new(cfg.mf.dim, cfg.hnsw.clone());
-        Model { cfg, state: RwLock::new(state), index: RwLock::new(index), dirty: Mutex::new(Dirty::default()) }
+        Model {
+            cfg,
+            state: RwLock::new(state),
+            index: RwLock::new(index),
+            dirty: Mutex::new(Dirty::default()),
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -703,7 +708,13 @@ impl Model {
         moved.push(i);
     }
 
-    pub fn upsert_item(&self, item: &ExtId, tags: &[String], category: Option<&str>, available: Option<bool>) {
+    pub fn upsert_item(
+        &self,
+        item: &ExtId,
+        tags: &[String],
+        category: Option<&str>,
+        available: Option<bool>,
+    ) {
         let mut moved = Vec::new();
         {
             let mut st = self.state.write();
@@ -863,7 +874,8 @@ impl Model {
         // A user with events has a personal vector; others are served from trending alone.
         let pu: Option<&[f32]> = u.filter(|&u| !st.seen[u as usize].is_empty()).map(|u| st.mf.user_vector(u));
 
-        let explore = if n_explore > 0 { self.explore_picks(st, pu, salt, n_explore, &keep) } else { Vec::new() };
+        let explore =
+            if n_explore > 0 { self.explore_picks(st, pu, salt, n_explore, &keep) } else { Vec::new() };
         let picked: HashSet<u32> = explore.iter().map(|e| e.0).collect();
         let keep_main = |i: u32| !picked.contains(&i) && keep(i);
         let k_main = q.k - explore.len();
@@ -878,12 +890,18 @@ impl Model {
                     // Candidates from both sides, each scored on both.
                     let m = k_main * POOL_FACTOR;
                     let sub = Query { k: m, exact: q.exact, ef: q.ef, ..Query::default() };
-                    let mut ids: Vec<u32> = self.top_k(st, pu, &sub, &keep_main).into_iter().map(|h| h.0).collect();
+                    let mut ids: Vec<u32> =
+                        self.top_k(st, pu, &sub, &keep_main).into_iter().map(|h| h.0).collect();
                     let known: HashSet<u32> = ids.iter().copied().collect();
                     ids.extend(
-                        st.trending.top(m, now, &keep_main).into_iter().map(|h| h.0).filter(|i| !known.contains(i)),
+                        st.trending
+                            .top(m, now, &keep_main)
+                            .into_iter()
+                            .map(|h| h.0)
+                            .filter(|i| !known.contains(i)),
                     );
-                    let personal: Vec<f32> = ids.iter().map(|&i| scan::dot(pu, st.mf.item_vector(i))).collect();
+                    let personal: Vec<f32> =
+                        ids.iter().map(|&i| scan::dot(pu, st.mf.item_vector(i))).collect();
                     let trend: Vec<f32> = ids.iter().map(|&i| st.trending.score(i, now) as f32).collect();
                     let mut hits: Vec<(u32, f32)> =
                         ids.into_iter().zip(rerank::blend(&personal, &trend, beta)).collect();
@@ -950,13 +968,16 @@ impl Model {
         if fresh.is_empty() {
             return Vec::new();
         }
-        let bucket = if st.newest_ts.is_finite() { (st.newest_ts / EXPLORE_PERIOD).floor() as i64 } else { 0 };
-        let mut rng =
-            Rng::new(self.cfg.mf.seed ^ salt.rotate_left(29) ^ (bucket as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let bucket =
+            if st.newest_ts.is_finite() { (st.newest_ts / EXPLORE_PERIOD).floor() as i64 } else { 0 };
+        let mut rng = Rng::new(
+            self.cfg.mf.seed ^ salt.rotate_left(29) ^ (bucket as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
         let mut pool: Vec<u32> = if fresh.len() <= EXPLORE_SAMPLE {
             fresh.to_vec()
         } else {
-            let mut p: Vec<u32> = (0..EXPLORE_SAMPLE).map(|_| fresh[rng.below(fresh.len() as u64) as usize]).collect();
+            let mut p: Vec<u32> =
+                (0..EXPLORE_SAMPLE).map(|_| fresh[rng.below(fresh.len() as u64) as usize]).collect();
             p.sort_unstable();
             p.dedup();
             p
@@ -971,7 +992,8 @@ impl Model {
             })
             .collect();
         let weights = rerank::minmax(&scores);
-        let cands: Vec<(u32, f64)> = pool.iter().zip(&weights).map(|(&i, &w)| (i, w as f64 + EXPLORE_FLOOR)).collect();
+        let cands: Vec<(u32, f64)> =
+            pool.iter().zip(&weights).map(|(&i, &w)| (i, w as f64 + EXPLORE_FLOOR)).collect();
         let score_of: HashMap<u32, f32> = pool.iter().copied().zip(scores).collect();
         rerank::weighted_sample(&cands, n, &mut rng).into_iter().map(|i| (i, score_of[&i])).collect()
     }
@@ -1114,7 +1136,9 @@ mod tests {
         m.apply(&(0..200).map(|n| ev(n % 60, (n * 13) % 40, T0 + 1.0)).collect::<Vec<_>>(), "");
         let st = m.state.read();
         let mut rebuilt = AttrVectors::new(8);
-        rebuilt.rebuild((0..40u32).map(|i| (i, &st.meta[i as usize], st.mf.item_vector(i), st.mf.item_count(i) > 0.0)));
+        rebuilt.rebuild(
+            (0..40u32).map(|i| (i, &st.meta[i as usize], st.mf.item_vector(i), st.mf.item_count(i) > 0.0)),
+        );
         for i in 0..40u32 {
             let meta = &st.meta[i as usize];
             let (a, b) = (st.attrs.vector_for(meta).unwrap(), rebuilt.vector_for(meta).unwrap());
@@ -1167,12 +1191,21 @@ mod tests {
     /// exploration, diversity and the blend) are the same after loading.
     #[test]
     fn snapshot_keeps_settings_and_lists() {
-        let c = Config { diversity: 0.6, exploration: 0.3, explore_max_events: 3, cold_start_events: 4.0, ..cfg() };
+        let c = Config {
+            diversity: 0.6,
+            exploration: 0.3,
+            explore_max_events: 3,
+            cold_start_events: 4.0,
+            ..cfg()
+        };
         let m = planted(c);
         m.apply(&(0..10).map(|n| ev(700 + n, 200 + n, T0 + 5.0)).collect::<Vec<_>>(), "");
         let (loaded, _) = Model::from_snapshot_bytes(&m.snapshot_bytes(0).unwrap()).unwrap();
         let lc = loaded.config();
-        assert_eq!((lc.diversity, lc.exploration, lc.explore_max_events, lc.cold_start_events), (0.6, 0.3, 3, 4.0));
+        assert_eq!(
+            (lc.diversity, lc.exploration, lc.explore_max_events, lc.cold_start_events),
+            (0.6, 0.3, 3, 4.0)
+        );
         let q = Query { k: 10, exclude_seen: true, ..Query::default() };
         for u in [0i64, 1, 7, 700, 12345] {
             let a = m.recommend(&ExtId::Int(u), &q);

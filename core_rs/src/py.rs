@@ -52,7 +52,9 @@ fn ext_from_py(obj: &Bound<'_, PyAny>) -> PyResult<ExtId> {
     }
     match obj.extract::<i64>() {
         Ok(i) => Ok(ExtId::Int(i)),
-        Err(_) if obj.hasattr("__index__")? => Err(InvalidEvent::new_err("integer id does not fit in 64 bits")),
+        Err(_) if obj.hasattr("__index__")? => {
+            Err(InvalidEvent::new_err("integer id does not fit in 64 bits"))
+        }
         Err(_) => Err(PyTypeError::new_err(format!(
             "an id must be a str or an int, not {}",
             obj.get_type().name()?
@@ -69,7 +71,9 @@ fn ext_to_py(py: Python<'_>, e: &ExtId) -> PyResult<Py<PyAny>> {
 
 fn model_err(e: ModelError) -> PyErr {
     match e {
-        ModelError::InvalidEvent { index, reason } => InvalidEvent::new_err(format!("event {index}: {reason}")),
+        ModelError::InvalidEvent { index, reason } => {
+            InvalidEvent::new_err(format!("event {index}: {reason}"))
+        }
         ModelError::UnknownItem(i) => UnknownItem::new_err(format!("unknown item {i}")),
         ModelError::Frame(f) => frame_err(f),
     }
@@ -84,13 +88,19 @@ fn frame_err(e: DecodeError) -> PyErr {
 
 fn snapshot_err(e: std::io::Error) -> PyErr {
     match e.kind() {
-        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => CorruptSnapshot::new_err(e.to_string()),
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
+            CorruptSnapshot::new_err(e.to_string())
+        }
         _ => PyOSError::new_err(e.to_string()),
     }
 }
 
 /// Reads `key` from the config dict, or `default` when absent or None.
-fn opt<'py, T: for<'a> FromPyObjectOwned<'py>>(cfg: &Bound<'py, PyDict>, key: &str, default: T) -> PyResult<T> {
+fn opt<'py, T: for<'a> FromPyObjectOwned<'py>>(
+    cfg: &Bound<'py, PyDict>,
+    key: &str,
+    default: T,
+) -> PyResult<T> {
     match cfg.get_item(key)? {
         Some(v) if !v.is_none() => {
             v.extract().map_err(|e| PyTypeError::new_err(format!("config {key}: {}", Into::<PyErr>::into(e))))
@@ -316,7 +326,10 @@ fn recs_to_py(py: Python<'_>, recs: &[model::Rec], explain: bool, detail: bool) 
             for b in &r.because {
                 because.append(ext_to_py(py, b)?)?;
             }
-            out.append(PyTuple::new(py, [item, r.score.into_pyobject(py)?.into_any().unbind(), because.into_any().unbind()])?)?;
+            out.append(PyTuple::new(
+                py,
+                [item, r.score.into_pyobject(py)?.into_any().unbind(), because.into_any().unbind()],
+            )?)?;
         } else {
             out.append((item, r.score))?;
         }
@@ -491,7 +504,8 @@ impl PyModel {
         let users = ids_from_py(users)?;
         let q = query(k, exclude_seen, exclude, category, exact, explain, ef)?;
         let q = with_options(q, exclude_category, diversity, exploration)?;
-        let all: Vec<Vec<model::Rec>> = py.detach(|| users.iter().map(|u| self.inner.recommend(u, &q)).collect());
+        let all: Vec<Vec<model::Rec>> =
+            py.detach(|| users.iter().map(|u| self.inner.recommend(u, &q)).collect());
         let out = PyList::empty(py);
         for recs in &all {
             out.append(recs_to_py(py, recs, explain, detail)?)?;
@@ -543,12 +557,20 @@ impl PyModel {
         py.detach(|| self.inner.reindex(budget.unwrap_or(usize::MAX)))
     }
 
-    fn user_vector<'py>(&self, py: Python<'py>, user: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
+    fn user_vector<'py>(
+        &self,
+        py: Python<'py>,
+        user: &Bound<'py, PyAny>,
+    ) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
         let user = ext_from_py(user)?;
         Ok(self.inner.user_vector(&user).map(|v| PyArray1::from_vec(py, v)))
     }
 
-    fn item_vector<'py>(&self, py: Python<'py>, item: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
+    fn item_vector<'py>(
+        &self,
+        py: Python<'py>,
+        item: &Bound<'py, PyAny>,
+    ) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
         let item = ext_from_py(item)?;
         Ok(self.inner.item_vector(&item).map(|v| PyArray1::from_vec(py, v)))
     }

@@ -57,18 +57,13 @@ fn check_finite(v: &[f32], what: &str) -> PyResult<()> {
     if v.iter().all(|x| x.is_finite()) {
         Ok(())
     } else {
-        Err(value_error(format!(
-            "{what} contains NaN or infinite values"
-        )))
+        Err(value_error(format!("{what} contains NaN or infinite values")))
     }
 }
 
 fn wrap(h: Hnsw) -> Index {
     let dim = h.dim();
-    Index {
-        inner: RwLock::new(h),
-        dim,
-    }
+    Index { inner: RwLock::new(h), dim }
 }
 
 #[pymethods]
@@ -81,25 +76,15 @@ impl Index {
     ///     seed: makes the graph reproducible.
     #[new]
     #[pyo3(signature = (dim, m = 16, ef_construction = 200, ef_search = 64, seed = 42))]
-    fn new(
-        dim: usize,
-        m: usize,
-        ef_construction: usize,
-        ef_search: usize,
-        seed: u64,
-    ) -> PyResult<Self> {
+    fn new(dim: usize, m: usize, ef_construction: usize, ef_search: usize, seed: u64) -> PyResult<Self> {
         if dim == 0 {
             return Err(value_error("dim must be positive"));
         }
         if m < 2 {
             return Err(value_error("m must be at least 2"));
         }
-        let cfg = HnswConfig {
-            m,
-            ef_construction: ef_construction.max(1),
-            ef_search: ef_search.max(1),
-            seed,
-        };
+        let cfg =
+            HnswConfig { m, ef_construction: ef_construction.max(1), ef_search: ef_search.max(1), seed };
         Ok(wrap(Hnsw::new(dim, cfg)))
     }
 
@@ -207,10 +192,7 @@ impl Index {
             let mut scores = vec![f32::NEG_INFINITY; n * k];
             for r in 0..n {
                 // The read lock is taken per query so a writer waits at most one query.
-                let res = self
-                    .inner
-                    .read()
-                    .search(&flat[r * d..(r + 1) * d], k, ef, &|_| true);
+                let res = self.inner.read().search(&flat[r * d..(r + 1) * d], k, ef, &|_| true);
                 for (j, (id, s)) in res.into_iter().enumerate() {
                     ids[r * k + j] = id;
                     scores[r * k + j] = s;
@@ -236,8 +218,7 @@ impl Index {
     /// Raises:
     ///     ValueError: naming the first broken invariant.
     fn check_invariants(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| self.inner.read().check_invariants())
-            .map_err(value_error)
+        py.detach(|| self.inner.read().check_invariants()).map_err(value_error)
     }
 
     /// Writes the index to `path` (a checksummed binary file).
@@ -277,12 +258,7 @@ impl Index {
 
     fn __repr__(&self) -> String {
         let h = self.inner.read();
-        format!(
-            "Index(dim={}, len={}, m={})",
-            self.dim,
-            h.len(),
-            h.config().m
-        )
+        format!("Index(dim={}, len={}, m={})", self.dim, h.len(), h.config().m)
     }
 }
 

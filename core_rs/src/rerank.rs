@@ -11,7 +11,8 @@ use crate::scan::dot;
 /// Min-max normalisation to [0, 1]. A constant list maps to zeros: it carries no ranking
 /// signal, and zeros add nothing to a blend.
 pub fn minmax(scores: &[f32]) -> Vec<f32> {
-    let (lo, hi) = scores.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &s| (lo.min(s), hi.max(s)));
+    let (lo, hi) =
+        scores.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &s| (lo.min(s), hi.max(s)));
     let range = hi - lo;
     if !(range > 0.0 && range.is_finite()) {
         return vec![0.0; scores.len()];
@@ -38,13 +39,19 @@ pub fn sort_desc(hits: &mut [(u32, f32)]) {
 /// cosine of item vectors (`vector(id)`). The first pick is always the top candidate, whatever
 /// `λ` is. Each returned item keeps its original score. O(k · |cands| · dim): the running
 /// maximum similarity of each candidate is updated once per pick.
-pub fn mmr<'a>(cands: &[(u32, f32)], vector: impl Fn(u32) -> &'a [f32], k: usize, lambda: f32) -> Vec<(u32, f32)> {
+pub fn mmr<'a>(
+    cands: &[(u32, f32)],
+    vector: impl Fn(u32) -> &'a [f32],
+    k: usize,
+    lambda: f32,
+) -> Vec<(u32, f32)> {
     let n = cands.len();
     if n == 0 || k == 0 {
         return Vec::new();
     }
     let rel = minmax(&cands.iter().map(|c| c.1).collect::<Vec<_>>());
-    let norms: Vec<f32> = cands.iter().map(|c| dot(vector(c.0), vector(c.0)).sqrt().max(f32::MIN_POSITIVE)).collect();
+    let norms: Vec<f32> =
+        cands.iter().map(|c| dot(vector(c.0), vector(c.0)).sqrt().max(f32::MIN_POSITIVE)).collect();
     let mut max_sim = vec![f32::NEG_INFINITY; n];
     let mut taken = vec![false; n];
     let mut out = Vec::with_capacity(k.min(n));

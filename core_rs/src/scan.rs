@@ -72,12 +72,7 @@ pub fn dot_kernel() -> DotKernel {
 /// Both pointers valid for reads of `n` floats.
 unsafe fn dot_portable_raw(a: *const f32, b: *const f32, n: usize) -> f32 {
     // SAFETY: the caller guarantees `n` readable floats behind each pointer.
-    unsafe {
-        dot_portable(
-            std::slice::from_raw_parts(a, n),
-            std::slice::from_raw_parts(b, n),
-        )
-    }
+    unsafe { dot_portable(std::slice::from_raw_parts(a, n), std::slice::from_raw_parts(b, n)) }
 }
 
 /// # Safety
@@ -86,12 +81,7 @@ unsafe fn dot_portable_raw(a: *const f32, b: *const f32, n: usize) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2_raw(a: *const f32, b: *const f32, n: usize) -> f32 {
     // SAFETY: the caller guarantees `n` readable floats behind each pointer.
-    unsafe {
-        dot_avx2(
-            std::slice::from_raw_parts(a, n),
-            std::slice::from_raw_parts(b, n),
-        )
-    }
+    unsafe { dot_avx2(std::slice::from_raw_parts(a, n), std::slice::from_raw_parts(b, n)) }
 }
 
 /// # Safety
@@ -100,12 +90,7 @@ unsafe fn dot_avx2_raw(a: *const f32, b: *const f32, n: usize) -> f32 {
 #[target_feature(enable = "avx512f")]
 unsafe fn dot_avx512_raw(a: *const f32, b: *const f32, n: usize) -> f32 {
     // SAFETY: the caller guarantees `n` readable floats behind each pointer.
-    unsafe {
-        dot_avx512(
-            std::slice::from_raw_parts(a, n),
-            std::slice::from_raw_parts(b, n),
-        )
-    }
+    unsafe { dot_avx512(std::slice::from_raw_parts(a, n), std::slice::from_raw_parts(b, n)) }
 }
 
 /// Two 16-lane FMA accumulators (32 floats per iteration); a masked load handles the tail,
@@ -124,11 +109,7 @@ unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
         let mut s1 = _mm512_setzero_ps();
         while i + 32 <= n {
             s0 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i)), _mm512_loadu_ps(pb.add(i)), s0);
-            s1 = _mm512_fmadd_ps(
-                _mm512_loadu_ps(pa.add(i + 16)),
-                _mm512_loadu_ps(pb.add(i + 16)),
-                s1,
-            );
+            s1 = _mm512_fmadd_ps(_mm512_loadu_ps(pa.add(i + 16)), _mm512_loadu_ps(pb.add(i + 16)), s1);
             i += 32;
         }
         if i + 16 <= n {
@@ -137,11 +118,8 @@ unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
         }
         if i < n {
             let m: __mmask16 = (1u16 << (n - i)) - 1;
-            s1 = _mm512_fmadd_ps(
-                _mm512_maskz_loadu_ps(m, pa.add(i)),
-                _mm512_maskz_loadu_ps(m, pb.add(i)),
-                s1,
-            );
+            s1 =
+                _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, pa.add(i)), _mm512_maskz_loadu_ps(m, pb.add(i)), s1);
         }
         _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
     }
@@ -184,21 +162,9 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         let mut s3 = _mm256_setzero_ps();
         while i + 32 <= n {
             s0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), s0);
-            s1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i + 8)),
-                _mm256_loadu_ps(pb.add(i + 8)),
-                s1,
-            );
-            s2 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i + 16)),
-                _mm256_loadu_ps(pb.add(i + 16)),
-                s2,
-            );
-            s3 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i + 24)),
-                _mm256_loadu_ps(pb.add(i + 24)),
-                s3,
-            );
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), s1);
+            s2 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 16)), _mm256_loadu_ps(pb.add(i + 16)), s2);
+            s3 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 24)), _mm256_loadu_ps(pb.add(i + 24)), s3);
             i += 32;
         }
         while i + 8 <= n {
@@ -322,10 +288,7 @@ mod tests {
                 }
             }
             for got in got_all {
-                assert!(
-                    (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                    "n={n}: {got} vs {want}"
-                );
+                assert!((got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "n={n}: {got} vs {want}");
             }
         }
     }

@@ -238,7 +238,9 @@ impl Model {
         let r = &mut &body[8..];
         let version = get_u32(r)?;
         if version != FORMAT_VERSION {
-            return Err(invalid(format!("snapshot format version {version}, this build reads {FORMAT_VERSION}")));
+            return Err(invalid(format!(
+                "snapshot format version {version}, this build reads {FORMAT_VERSION}"
+            )));
         }
         let wal_seq = get_u64(r)?;
         let mf = Mf::load(r)?;
@@ -305,7 +307,8 @@ impl Model {
         for i in state.rebuild_derived(&cfg) {
             dirty.mark(i);
         }
-        let model = Model { cfg, state: RwLock::new(state), index: RwLock::new(index), dirty: Mutex::new(dirty) };
+        let model =
+            Model { cfg, state: RwLock::new(state), index: RwLock::new(index), dirty: Mutex::new(dirty) };
         Ok((model, wal_seq))
     }
 

@@ -32,16 +32,9 @@ pub struct Trending {
 impl Trending {
     /// `half_life_secs` must be positive and finite; anything else is treated as one day.
     pub fn new(half_life_secs: f64) -> Self {
-        let half_life = if half_life_secs.is_finite() && half_life_secs > 0.0 {
-            half_life_secs
-        } else {
-            86_400.0
-        };
-        Trending {
-            half_life,
-            t_ref: None,
-            values: Vec::new(),
-        }
+        let half_life =
+            if half_life_secs.is_finite() && half_life_secs > 0.0 { half_life_secs } else { 86_400.0 };
+        Trending { half_life, t_ref: None, values: Vec::new() }
     }
 
     pub fn half_life(&self) -> f64 {
@@ -135,8 +128,7 @@ impl Trending {
         let mut buf = Vec::with_capacity(CHUNK * 8);
         for c in self.values.chunks(CHUNK) {
             buf.clear();
-            c.iter()
-                .for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+            c.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
             w.write_all(&buf)?;
         }
         Ok(())
@@ -146,12 +138,7 @@ impl Trending {
     /// `InvalidData`; the item count is read in chunks so a corrupt length cannot allocate more
     /// than the bytes present.
     pub fn load(r: &mut dyn Read) -> io::Result<Trending> {
-        let bad = |m: &str| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("trending snapshot: {m}"),
-            )
-        };
+        let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, format!("trending snapshot: {m}"));
         let mut b4 = [0u8; 4];
         let mut b8 = [0u8; 8];
         r.read_exact(&mut b4)?;
@@ -197,11 +184,7 @@ impl Trending {
             }
             left -= k;
         }
-        Ok(Trending {
-            half_life,
-            t_ref,
-            values,
-        })
+        Ok(Trending { half_life, t_ref, values })
     }
 
     /// `2^((t_ref - now) / half_life)`: turns stored values into decayed counts at `now`.
@@ -297,10 +280,7 @@ mod tests {
         assert_eq!(ids, vec![2, 0, 4]);
         assert!((top[0].1 - 3.0).abs() < 1e-6 && (top[1].1 - 1.0).abs() < 1e-6);
         let all = t.top(10, now, &|_| true);
-        assert_eq!(
-            all.iter().map(|x| x.0).collect::<Vec<_>>(),
-            vec![2, 0, 4, 1]
-        );
+        assert_eq!(all.iter().map(|x| x.0).collect::<Vec<_>>(), vec![2, 0, 4, 1]);
         let filtered = t.top(2, now, &|i| i != 2);
         assert_eq!(filtered.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 4]);
         assert!(t.top(0, now, &|_| true).is_empty());
@@ -316,11 +296,7 @@ mod tests {
             t.add(item, w, ts);
             events.push((item, w, ts));
         }
-        assert!(
-            t.t_ref.unwrap() > 400.0,
-            "renormalised: t_ref = {:?}",
-            t.t_ref
-        );
+        assert!(t.t_ref.unwrap() > 400.0, "renormalised: t_ref = {:?}", t.t_ref);
         let now = 499.5;
         // Brute-force decayed sums.
         let mut exact = [0.0f64; 7];
@@ -329,17 +305,10 @@ mod tests {
         }
         for i in 0..7u32 {
             let s = t.score(i, now);
-            assert!(
-                (s - exact[i as usize]).abs() <= 1e-9 * exact[i as usize],
-                "item {i}: {s}"
-            );
+            assert!((s - exact[i as usize]).abs() <= 1e-9 * exact[i as usize], "item {i}: {s}");
         }
         let mut want: Vec<u32> = (0..7).collect();
-        want.sort_by(|&a, &b| {
-            exact[b as usize]
-                .total_cmp(&exact[a as usize])
-                .then(a.cmp(&b))
-        });
+        want.sort_by(|&a, &b| exact[b as usize].total_cmp(&exact[a as usize]).then(a.cmp(&b)));
         let got: Vec<u32> = t.top(7, now, &|_| true).iter().map(|x| x.0).collect();
         assert_eq!(got, want);
         // Far-future jump: no overflow, the fresh event ranks first.
@@ -361,9 +330,7 @@ mod tests {
         assert_eq!(u.t_ref, t.t_ref);
         assert_eq!(u.top(5, 5000.0, &|_| true), t.top(5, 5000.0, &|_| true));
         for cut in [0, 3, 10, 20, 24, 32, buf.len() - 1] {
-            let e = Trending::load(&mut &buf[..cut])
-                .err()
-                .expect("truncated input must fail");
+            let e = Trending::load(&mut &buf[..cut]).err().expect("truncated input must fail");
             assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "cut at {cut}");
         }
         // A huge declared length with no data behind it fails without allocating it.

@@ -103,13 +103,7 @@ pub enum Record {
         ts: f64,
     },
     /// `{"item", "tags"?, "category"?, "available"?}` with no `"user"`.
-    ItemUpsert {
-        item: ExtId,
-        tags: Vec<String>,
-        category: Option<String>,
-        available: Option<bool>,
-        ts: f64,
-    },
+    ItemUpsert { item: ExtId, tags: Vec<String>, category: Option<String>, available: Option<bool>, ts: f64 },
     /// `{"erase_user": id}`.
     EraseUser { user: ExtId, ts: f64 },
 }
@@ -226,29 +220,17 @@ fn check_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<Layout<'a>, DecodeE
     let mut r = Reader::stream(buf, limits.max_frame_bytes);
     let arity = match r.head()? {
         Head::Array(n) => n,
-        other => {
-            return Err(invalid(format!(
-                "a frame must be a msgpack array, found {}",
-                describe(other)
-            )))
-        }
+        other => return Err(invalid(format!("a frame must be a msgpack array, found {}", describe(other)))),
     };
     if !(2..=4).contains(&arity) {
-        return Err(invalid(format!(
-            "a frame is an array of 2 to 4 elements, found {arity}"
-        )));
+        return Err(invalid(format!("a frame is an array of 2 to 4 elements, found {arity}")));
     }
     let tag = match r.head()? {
         Head::Str(n) => {
             check_len("tag string", n, limits.max_str)?;
             std::str::from_utf8(r.take(n)?).map_err(|_| invalid("the tag is not valid UTF-8"))?
         }
-        other => {
-            return Err(invalid(format!(
-                "the tag must be a string, found {}",
-                describe(other)
-            )))
-        }
+        other => return Err(invalid(format!("the tag must be a string, found {}", describe(other)))),
     };
 
     // The second element decides the mode (peeked, so Message mode can skip the time whole).
@@ -256,9 +238,7 @@ fn check_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<Layout<'a>, DecodeE
     let (body, has_option) = match peek.head()? {
         Head::Uint(_) | Head::Int(_) | Head::F32(_) | Head::F64(_) | Head::Ext(..) => {
             if arity < 3 {
-                return Err(invalid(
-                    "Message mode is [tag, time, record, option?]; the record is missing",
-                ));
+                return Err(invalid("Message mode is [tag, time, record, option?]; the record is missing"));
             }
             let start = r.pos();
             r.skip(limits)?; // time
@@ -268,16 +248,11 @@ fn check_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<Layout<'a>, DecodeE
         }
         Head::Array(count) => {
             if arity > 3 {
-                return Err(invalid(
-                    "Forward mode is [tag, entries, option?]; found 4 elements",
-                ));
+                return Err(invalid("Forward mode is [tag, entries, option?]; found 4 elements"));
             }
             r = peek;
             if count > limits.max_entries {
-                return Err(invalid(format!(
-                    "{count} entries exceed the limit of {}",
-                    limits.max_entries
-                )));
+                return Err(invalid(format!("{count} entries exceed the limit of {}", limits.max_entries)));
             }
             r.check_count(count)?;
             let start = r.pos();
@@ -288,9 +263,7 @@ fn check_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<Layout<'a>, DecodeE
         }
         Head::Str(n) | Head::Bin(n) => {
             if arity > 3 {
-                return Err(invalid(
-                    "PackedForward mode is [tag, entries, option?]; found 4 elements",
-                ));
+                return Err(invalid("PackedForward mode is [tag, entries, option?]; found 4 elements"));
             }
             r = peek;
             // The payload is bounded by the frame limit, not by `max_str`.
@@ -325,30 +298,17 @@ fn check_frame<'a>(buf: &'a [u8], limits: &Limits) -> Result<Layout<'a>, DecodeE
             Entries::Packed { bytes, count }
         }
     };
-    Ok(Layout {
-        len,
-        tag,
-        chunk,
-        entries,
-    })
+    Ok(Layout { len, tag, chunk, entries })
 }
 
 /// Checks the option element (a map, or nil) and extracts `chunk` and whether the payload
 /// is gzip. Unknown keys are skipped; a known key with the wrong type is frame-level
 /// Invalid, since the ack or the payload cannot be handled without it.
-fn check_option<'a>(
-    r: &mut Reader<'a>,
-    limits: &Limits,
-) -> Result<(Option<&'a str>, bool), DecodeError> {
+fn check_option<'a>(r: &mut Reader<'a>, limits: &Limits) -> Result<(Option<&'a str>, bool), DecodeError> {
     let pairs = match r.head()? {
         Head::Nil => return Ok((None, false)),
         Head::Map(n) => n,
-        other => {
-            return Err(invalid(format!(
-                "the option must be a map, found {}",
-                describe(other)
-            )))
-        }
+        other => return Err(invalid(format!("the option must be a map, found {}", describe(other)))),
     };
     check_len("option map", pairs, limits.max_map)?;
     r.check_count(2 * pairs)?;
@@ -372,8 +332,7 @@ fn check_option<'a>(
             b"chunk" => {
                 let s = option_str(r, "chunk", limits)?;
                 chunk = Some(
-                    std::str::from_utf8(s)
-                        .map_err(|_| invalid("the \"chunk\" option is not valid UTF-8"))?,
+                    std::str::from_utf8(s).map_err(|_| invalid("the \"chunk\" option is not valid UTF-8"))?,
                 );
             }
             b"compressed" => {
@@ -400,10 +359,7 @@ fn option_str<'a>(r: &mut Reader<'a>, key: &str, limits: &Limits) -> Result<&'a 
             check_len("option string", n, limits.max_str)?;
             r.take(n)
         }
-        other => Err(invalid(format!(
-            "the {key:?} option must be a string, found {}",
-            describe(other)
-        ))),
+        other => Err(invalid(format!("the {key:?} option must be a string, found {}", describe(other)))),
     }
 }
 
@@ -413,12 +369,9 @@ fn option_str<'a>(r: &mut Reader<'a>, key: &str, limits: &Limits) -> Result<&'a 
 fn gunzip(data: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
     let mut out = Vec::new();
     let mut dec = flate2::read::MultiGzDecoder::new(data).take(limit as u64 + 1);
-    dec.read_to_end(&mut out)
-        .map_err(|e| invalid(format!("the gzip payload is damaged: {e}")))?;
+    dec.read_to_end(&mut out).map_err(|e| invalid(format!("the gzip payload is damaged: {e}")))?;
     if out.len() > limit {
-        return Err(invalid(format!(
-            "the gzip payload decompresses past the {limit}-byte limit"
-        )));
+        return Err(invalid(format!("the gzip payload decompresses past the {limit}-byte limit")));
     }
     Ok(out)
 }
@@ -432,22 +385,14 @@ fn count_packed(bytes: &[u8], limits: &Limits) -> Result<usize, DecodeError> {
         r.skip(limits)?;
         count += 1;
         if count > limits.max_entries {
-            return Err(invalid(format!(
-                "packed entries exceed the limit of {}",
-                limits.max_entries
-            )));
+            return Err(invalid(format!("packed entries exceed the limit of {}", limits.max_entries)));
         }
     }
     Ok(count)
 }
 
 /// The parse pass over `count` checked entry values at the start of `bytes`.
-fn decode_entries(
-    bytes: &[u8],
-    count: usize,
-    limits: &Limits,
-    frame: &mut Frame,
-) -> Result<(), DecodeError> {
+fn decode_entries(bytes: &[u8], count: usize, limits: &Limits, frame: &mut Frame) -> Result<(), DecodeError> {
     frame.records.reserve(count);
     let mut r = Reader::whole(bytes);
     for index in 0..count {
@@ -480,13 +425,8 @@ fn internal(e: DecodeError) -> String {
 fn parse_entry(r: &mut Reader<'_>, limits: &Limits) -> Result<Record, String> {
     match r.head().map_err(internal)? {
         Head::Array(2) => parse_pair(r, limits),
-        Head::Array(n) => Err(format!(
-            "an entry must be a [time, record] array, found an array of {n}"
-        )),
-        other => Err(format!(
-            "an entry must be a [time, record] array, found {}",
-            describe(other)
-        )),
+        Head::Array(n) => Err(format!("an entry must be a [time, record] array, found an array of {n}")),
+        other => Err(format!("an entry must be a [time, record] array, found {}", describe(other))),
     }
 }
 
@@ -523,18 +463,15 @@ fn parse_time(r: &mut Reader<'_>, limits: &Limits, nested: bool) -> Result<f64, 
             }
             Ok(secs as f64 + nanos as f64 * 1e-9)
         }
-        Head::Ext(t, n) => Err(format!(
-            "time is an extension of type {t} with {n} bytes; EventTime is type 0 with 8"
-        )),
+        Head::Ext(t, n) => {
+            Err(format!("time is an extension of type {t} with {n} bytes; EventTime is type 0 with 8"))
+        }
         Head::Array(2) if nested => {
             let ts = parse_time(r, limits, false)?;
             r.skip(limits).map_err(internal)?;
             Ok(ts)
         }
-        other => Err(format!(
-            "time must be an integer or an EventTime, found {}",
-            describe(other)
-        )),
+        other => Err(format!("time must be an integer or an EventTime, found {}", describe(other))),
     }
 }
 
@@ -595,19 +532,10 @@ fn parse_record(r: &mut Reader<'_>, ts: f64, limits: &Limits) -> Result<Record, 
             }
             b"weight" => set(&mut f.weight, "weight", parse_weight(r)?)?,
             b"tags" => set(&mut f.tags, "tags", parse_tags(r)?)?,
-            b"category" => set(
-                &mut f.category,
-                "category",
-                parse_str(r, "category", MAX_TAG_BYTES)?,
-            )?,
+            b"category" => set(&mut f.category, "category", parse_str(r, "category", MAX_TAG_BYTES)?)?,
             b"available" => match r.head().map_err(internal)? {
                 Head::Bool(b) => set(&mut f.available, "available", b)?,
-                other => {
-                    return Err(format!(
-                        "\"available\" must be a boolean, found {}",
-                        describe(other)
-                    ))
-                }
+                other => return Err(format!("\"available\" must be a boolean, found {}", describe(other))),
             },
             // Unknown keys are ignored so producers can send fields a newer engine uses.
             _ => r.skip(limits).map_err(internal)?,
@@ -620,17 +548,8 @@ fn parse_record(r: &mut Reader<'_>, ts: f64, limits: &Limits) -> Result<Record, 
         }
         Ok(Record::EraseUser { user, ts })
     } else if let Some(user) = f.user {
-        let item = f
-            .item
-            .ok_or_else(|| "an interaction has \"user\" but no \"item\"".to_string())?;
-        Ok(Record::Interaction {
-            user,
-            item,
-            kind: f.kind,
-            weight: f.weight,
-            id: f.id,
-            ts,
-        })
+        let item = f.item.ok_or_else(|| "an interaction has \"user\" but no \"item\"".to_string())?;
+        Ok(Record::Interaction { user, item, kind: f.kind, weight: f.weight, id: f.id, ts })
     } else if let Some(item) = f.item {
         Ok(Record::ItemUpsert {
             item,
@@ -656,10 +575,7 @@ fn parse_id(r: &mut Reader<'_>, key: &str) -> Result<ExtId, String> {
             .map(ExtId::Int)
             .map_err(|_| format!("{key:?} {u} does not fit a signed 64-bit integer")),
         Head::Int(i) => Ok(ExtId::Int(i)),
-        other => Err(format!(
-            "{key:?} must be a string or an integer, found {}",
-            describe(other)
-        )),
+        other => Err(format!("{key:?} must be a string or an integer, found {}", describe(other))),
     }
 }
 
@@ -673,10 +589,7 @@ fn parse_str(r: &mut Reader<'_>, key: &str, max: usize) -> Result<String, String
                 .map_err(|_| format!("{key:?} is not valid UTF-8"))?;
             Ok(s.to_owned())
         }
-        other => Err(format!(
-            "{key:?} must be a string, found {}",
-            describe(other)
-        )),
+        other => Err(format!("{key:?} must be a string, found {}", describe(other))),
     }
 }
 
@@ -686,12 +599,7 @@ fn parse_weight(r: &mut Reader<'_>) -> Result<f32, String> {
         Head::F64(f) => f,
         Head::Uint(u) => u as f64,
         Head::Int(i) => i as f64,
-        other => {
-            return Err(format!(
-                "\"weight\" must be a number, found {}",
-                describe(other)
-            ))
-        }
+        other => return Err(format!("\"weight\" must be a number, found {}", describe(other))),
     };
     if !w.is_finite() {
         return Err(format!("\"weight\" {w} is not finite"));
@@ -712,12 +620,7 @@ fn parse_weight(r: &mut Reader<'_>) -> Result<f32, String> {
 fn parse_tags(r: &mut Reader<'_>) -> Result<Vec<String>, String> {
     let n = match r.head().map_err(internal)? {
         Head::Array(n) => n,
-        other => {
-            return Err(format!(
-                "\"tags\" must be an array of strings, found {}",
-                describe(other)
-            ))
-        }
+        other => return Err(format!("\"tags\" must be an array of strings, found {}", describe(other))),
     };
     if n > MAX_TAGS {
         return Err(format!("\"tags\" has {n} entries, the limit is {MAX_TAGS}"));

@@ -49,22 +49,12 @@ pub(crate) struct Reader<'a> {
 impl<'a> Reader<'a> {
     /// A reader over the start of a stream; at most `max_frame_bytes` will be read.
     pub(crate) fn stream(buf: &'a [u8], max_frame_bytes: usize) -> Self {
-        Reader {
-            buf,
-            pos: 0,
-            bound: max_frame_bytes,
-            whole: false,
-        }
+        Reader { buf, pos: 0, bound: max_frame_bytes, whole: false }
     }
 
     /// A reader over a slice that is complete by construction.
     pub(crate) fn whole(buf: &'a [u8]) -> Self {
-        Reader {
-            buf,
-            pos: 0,
-            bound: buf.len(),
-            whole: true,
-        }
+        Reader { buf, pos: 0, bound: buf.len(), whole: true }
     }
 
     pub(crate) fn pos(&self) -> usize {
@@ -88,9 +78,7 @@ impl<'a> Reader<'a> {
         }
         if n > self.buf.len().saturating_sub(self.pos) {
             return Err(if self.whole {
-                DecodeError::Invalid(
-                    "a msgpack value runs past the end of its enclosing bytes".into(),
-                )
+                DecodeError::Invalid("a msgpack value runs past the end of its enclosing bytes".into())
             } else {
                 DecodeError::Incomplete
             });
@@ -244,12 +232,7 @@ impl<'a> Reader<'a> {
                     pending += 2 * n;
                     self.room_for(pending)?;
                 }
-                Head::Nil
-                | Head::Bool(_)
-                | Head::Uint(_)
-                | Head::Int(_)
-                | Head::F32(_)
-                | Head::F64(_) => {}
+                Head::Nil | Head::Bool(_) | Head::Uint(_) | Head::Int(_) | Head::F32(_) | Head::F64(_) => {}
             }
         }
         Ok(())
@@ -374,23 +357,14 @@ mod tests {
 
     #[test]
     fn reserved_byte_is_invalid() {
-        assert!(matches!(
-            Reader::whole(&[0xc1]).head(),
-            Err(DecodeError::Invalid(_))
-        ));
+        assert!(matches!(Reader::whole(&[0xc1]).head(), Err(DecodeError::Invalid(_))));
     }
 
     #[test]
     fn stream_running_out_is_incomplete_whole_slice_is_invalid() {
         let bytes = [0xcd, 0x01];
-        assert_eq!(
-            Reader::stream(&bytes, 1 << 20).head(),
-            Err(DecodeError::Incomplete)
-        );
-        assert!(matches!(
-            Reader::whole(&bytes).head(),
-            Err(DecodeError::Invalid(_))
-        ));
+        assert_eq!(Reader::stream(&bytes, 1 << 20).head(), Err(DecodeError::Incomplete));
+        assert!(matches!(Reader::whole(&bytes).head(), Err(DecodeError::Invalid(_))));
     }
 
     #[test]
@@ -406,18 +380,9 @@ mod tests {
         // An array32 header claiming 50k elements followed by 3 bytes: on a stream within the
         // frame limit that is just "wait for more", on a whole slice it can never complete.
         let claim = [0xdd, 0x00, 0x00, 0xc3, 0x50, 0xc0, 0xc0, 0xc0];
-        assert_eq!(
-            Reader::stream(&claim, 1 << 20).skip(&limits),
-            Err(DecodeError::Incomplete)
-        );
-        assert!(matches!(
-            Reader::whole(&claim).skip(&limits),
-            Err(DecodeError::Invalid(_))
-        ));
+        assert_eq!(Reader::stream(&claim, 1 << 20).skip(&limits), Err(DecodeError::Incomplete));
+        assert!(matches!(Reader::whole(&claim).skip(&limits), Err(DecodeError::Invalid(_))));
         // ... and past the frame limit it is Invalid on a stream too.
-        assert!(matches!(
-            Reader::stream(&claim, 1000).skip(&limits),
-            Err(DecodeError::Invalid(_))
-        ));
+        assert!(matches!(Reader::stream(&claim, 1000).skip(&limits), Err(DecodeError::Invalid(_))));
     }
 }

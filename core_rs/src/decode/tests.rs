@@ -39,9 +39,7 @@ impl W {
         self.raw(s.as_bytes())
     }
     fn bin(&mut self, b: &[u8]) -> &mut Self {
-        self.raw(&[0xc6])
-            .raw(&(b.len() as u32).to_be_bytes())
-            .raw(b)
+        self.raw(&[0xc6]).raw(&(b.len() as u32).to_be_bytes()).raw(b)
     }
     fn uint(&mut self, u: u64) -> &mut Self {
         self.raw(&[0xcf]).raw(&u.to_be_bytes())
@@ -53,9 +51,7 @@ impl W {
         self.raw(&[0xcb]).raw(&f.to_bits().to_be_bytes())
     }
     fn event_time(&mut self, secs: u32, nanos: u32) -> &mut Self {
-        self.raw(&[0xd7, 0x00])
-            .raw(&secs.to_be_bytes())
-            .raw(&nanos.to_be_bytes())
+        self.raw(&[0xd7, 0x00]).raw(&secs.to_be_bytes()).raw(&nanos.to_be_bytes())
     }
 }
 
@@ -85,9 +81,7 @@ const T0: u32 = 1_441_588_984; // 0x55ece6f8, the time in the protocol's example
 /// Message mode, integer time:
 /// `["tag", 1441588984, {"user": "alice", "item": "i1", "type": "click"}]`
 fn message_int_time() -> Vec<u8> {
-    let mut f = vec![
-        0x93, 0xa3, b't', b'a', b'g', 0xce, 0x55, 0xec, 0xe6, 0xf8, 0x83,
-    ];
+    let mut f = vec![0x93, 0xa3, b't', b'a', b'g', 0xce, 0x55, 0xec, 0xe6, 0xf8, 0x83];
     f.extend_from_slice(b"\xa4user\xa5alice\xa4item\xa2i1\xa4type\xa5click");
     f
 }
@@ -152,11 +146,7 @@ fn packed_str() -> Vec<u8> {
 /// (concatenated members, as clients produce when they compress per flush).
 fn compressed(members: usize) -> Vec<u8> {
     let (e1, e2) = packed_entries();
-    let gz = if members == 1 {
-        gzip(&[e1, e2].concat())
-    } else {
-        [gzip(&e1), gzip(&e2)].concat()
-    };
+    let gz = if members == 1 { gzip(&[e1, e2].concat()) } else { [gzip(&e1), gzip(&e2)].concat() };
     assert!(gz.len() <= 0xff);
     let mut f = vec![0x93, 0xa3, b't', b'a', b'g', 0xc4, gz.len() as u8];
     f.extend_from_slice(&gz);
@@ -178,14 +168,7 @@ fn all_fixtures() -> Vec<(&'static str, Vec<u8>)> {
 
 fn packed_records() -> Vec<Record> {
     vec![
-        Record::Interaction {
-            user: s("u"),
-            item: s("a"),
-            kind: None,
-            weight: None,
-            id: None,
-            ts: T0 as f64,
-        },
+        Record::Interaction { user: s("u"), item: s("a"), kind: None, weight: None, id: None, ts: T0 as f64 },
         Record::Interaction {
             user: s("v"),
             item: s("b"),
@@ -265,10 +248,7 @@ fn forward_mode_decodes_all_three_record_kinds() {
                 available: Some(true),
                 ts: T0 as f64 + 1.0,
             },
-            Record::EraseUser {
-                user: s("u"),
-                ts: T0 as f64 + 2.0,
-            },
+            Record::EraseUser { user: s("u"), ts: T0 as f64 + 2.0 },
         ]
     );
 }
@@ -302,13 +282,7 @@ fn fluent_bit_time_with_metadata_is_accepted() {
     f.extend_from_slice(&[0xd7, 0x00, 0x55, 0xec, 0xe6, 0xf8, 0, 0, 0, 0, 0x80]);
     f.extend_from_slice(b"\x81\xaaerase_user\x05");
     let (frame, _) = decode_frame(&f, &lim()).unwrap();
-    assert_eq!(
-        frame.records,
-        vec![Record::EraseUser {
-            user: ExtId::Int(5),
-            ts: T0 as f64
-        }]
-    );
+    assert_eq!(frame.records, vec![Record::EraseUser { user: ExtId::Int(5), ts: T0 as f64 }]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -323,11 +297,7 @@ fn every_strict_prefix_is_incomplete_and_frame_len_is_exact() {
                 Err(DecodeError::Incomplete),
                 "{name} cut at {cut}"
             );
-            assert_eq!(
-                frame_len(&f[..cut], &lim()),
-                Err(DecodeError::Incomplete),
-                "{name} cut at {cut}"
-            );
+            assert_eq!(frame_len(&f[..cut], &lim()), Err(DecodeError::Incomplete), "{name} cut at {cut}");
         }
         assert_eq!(frame_len(&f, &lim()), Ok(f.len()), "{name}");
         assert_eq!(decode_frame(&f, &lim()).unwrap().1, f.len(), "{name}");
@@ -347,10 +317,7 @@ fn back_to_back_frames_decode_one_at_a_time() {
         rest = &rest[used..];
     }
     assert!(rest.is_empty());
-    assert_eq!(
-        decode_frame(rest, &lim()).map(|_| ()),
-        Err(DecodeError::Incomplete)
-    );
+    assert_eq!(decode_frame(rest, &lim()).map(|_| ()), Err(DecodeError::Incomplete));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -388,23 +355,11 @@ fn wrong_top_level_shapes_are_invalid() {
         ("map as second element", b"\x92\xa3tag\x80".to_vec()),
         ("nil as second element", b"\x92\xa3tag\xc0".to_vec()),
         ("option not a map", b"\x93\xa3tag\x90\x01".to_vec()),
-        (
-            "chunk not a string",
-            b"\x93\xa3tag\x90\x81\xa5chunk\x01".to_vec(),
-        ),
-        (
-            "unsupported compression",
-            b"\x93\xa3tag\xc4\x00\x81\xaacompressed\xa4zstd".to_vec(),
-        ),
-        (
-            "damaged gzip",
-            b"\x93\xa3tag\xc4\x03abc\x81\xaacompressed\xa4gzip".to_vec(),
-        ),
+        ("chunk not a string", b"\x93\xa3tag\x90\x81\xa5chunk\x01".to_vec()),
+        ("unsupported compression", b"\x93\xa3tag\xc4\x00\x81\xaacompressed\xa4zstd".to_vec()),
+        ("damaged gzip", b"\x93\xa3tag\xc4\x03abc\x81\xaacompressed\xa4gzip".to_vec()),
         // A packed payload whose last entry is cut short can never be completed.
-        (
-            "truncated packed entry",
-            b"\x92\xa3tag\xc4\x02\x92\x01".to_vec(),
-        ),
+        ("truncated packed entry", b"\x92\xa3tag\xc4\x02\x92\x01".to_vec()),
     ];
     for (name, f) in cases {
         assert!(is_invalid(&decode_frame(&f, &lim())), "{name}");
@@ -417,40 +372,19 @@ fn huge_declared_lengths_are_invalid_from_the_header_alone() {
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("top-level map32 of 2^31", vec![0xdf, 0x80, 0, 0, 0]),
         // Message mode whose record is a map32 of 2^31 pairs, and nothing after it.
-        (
-            "record map32 of 2^31",
-            b"\x93\xa3tag\x01\xdf\x80\x00\x00\x00".to_vec(),
-        ),
-        (
-            "str32 tag of 4 GB",
-            vec![0x92, 0xdb, 0xff, 0xff, 0xff, 0xff],
-        ),
-        (
-            "str32 record value of 4 GB",
-            b"\x93\xa3tag\x01\x81\xa1k\xdb\xff\xff\xff\xff".to_vec(),
-        ),
-        (
-            "bin32 packed payload of 4 GB",
-            b"\x92\xa3tag\xc6\xff\xff\xff\xff".to_vec(),
-        ),
-        (
-            "array32 of 4G entries",
-            b"\x92\xa3tag\xdd\xff\xff\xff\xff".to_vec(),
-        ),
-        (
-            "array32 of 4G inside a record",
-            b"\x93\xa3tag\x01\x81\xa1k\xdd\xff\xff\xff\xff".to_vec(),
-        ),
+        ("record map32 of 2^31", b"\x93\xa3tag\x01\xdf\x80\x00\x00\x00".to_vec()),
+        ("str32 tag of 4 GB", vec![0x92, 0xdb, 0xff, 0xff, 0xff, 0xff]),
+        ("str32 record value of 4 GB", b"\x93\xa3tag\x01\x81\xa1k\xdb\xff\xff\xff\xff".to_vec()),
+        ("bin32 packed payload of 4 GB", b"\x92\xa3tag\xc6\xff\xff\xff\xff".to_vec()),
+        ("array32 of 4G entries", b"\x92\xa3tag\xdd\xff\xff\xff\xff".to_vec()),
+        ("array32 of 4G inside a record", b"\x93\xa3tag\x01\x81\xa1k\xdd\xff\xff\xff\xff".to_vec()),
     ];
     for (name, f) in cases {
         assert!(is_invalid(&decode_frame(&f, &lim())), "{name}");
         assert!(is_invalid(&frame_len(&f, &lim())), "{name}");
     }
     // Within the entry limit but more entries than the frame-size limit could ever hold.
-    let small = Limits {
-        max_frame_bytes: 1000,
-        ..lim()
-    };
+    let small = Limits { max_frame_bytes: 1000, ..lim() };
     let f = b"\x92\xa3tag\xdc\x13\x88".to_vec(); // array16 of 5000
     assert!(is_invalid(&frame_len(&f, &small)));
     assert_eq!(frame_len(&f, &lim()), Err(DecodeError::Incomplete));
@@ -459,56 +393,34 @@ fn huge_declared_lengths_are_invalid_from_the_header_alone() {
 #[test]
 fn frame_larger_than_the_limit_is_invalid_once_it_passes_the_limit() {
     let f = packed_bin();
-    let tight = Limits {
-        max_frame_bytes: f.len() - 1,
-        ..lim()
-    };
+    let tight = Limits { max_frame_bytes: f.len() - 1, ..lim() };
     assert!(is_invalid(&frame_len(&f, &tight)));
-    let exact = Limits {
-        max_frame_bytes: f.len(),
-        ..lim()
-    };
+    let exact = Limits { max_frame_bytes: f.len(), ..lim() };
     assert_eq!(frame_len(&f, &exact), Ok(f.len()));
 }
 
 #[test]
 fn gzip_bomb_over_the_decompressed_limit_is_invalid() {
-    let limits = Limits {
-        max_decompressed_bytes: 1 << 20,
-        ..lim()
-    };
+    let limits = Limits { max_decompressed_bytes: 1 << 20, ..lim() };
     // 8 MiB of 0x00 (each a valid msgpack fixint) gzips to a few KiB.
     let bomb = gzip(&vec![0u8; 8 << 20]);
     assert!(bomb.len() < 64 << 10);
     let mut w = W::default();
-    w.array(3)
-        .str("tag")
-        .bin(&bomb)
-        .map(1)
-        .str("compressed")
-        .str("gzip");
+    w.array(3).str("tag").bin(&bomb).map(1).str("compressed").str("gzip");
     let r = decode_frame(&w.0, &limits);
     assert!(is_invalid(&r), "{:?}", r.map(|(_, n)| n));
     // The same payload just under the limit is accepted (entries that are not
     // [time, record] are rejected one by one, not the frame).
     let ok = gzip(&vec![0u8; 1000]);
     let mut w = W::default();
-    w.array(3)
-        .str("tag")
-        .bin(&ok)
-        .map(1)
-        .str("compressed")
-        .str("gzip");
+    w.array(3).str("tag").bin(&ok).map(1).str("compressed").str("gzip");
     let (frame, _) = decode_frame(&w.0, &limits).unwrap();
     assert_eq!(frame.rejected.len(), 1000);
 }
 
 #[test]
 fn too_many_packed_entries_is_invalid() {
-    let limits = Limits {
-        max_entries: 10,
-        ..lim()
-    };
+    let limits = Limits { max_entries: 10, ..lim() };
     let mut w = W::default();
     w.array(2).str("tag").bin(&[0xc0; 11]);
     assert!(is_invalid(&decode_frame(&w.0, &limits)));
@@ -543,33 +455,15 @@ fn bad_records_are_rejected_with_reasons_while_good_ones_decode() {
     let entries = vec![
         // 0: good
         entry(|w| {
-            w.map(3)
-                .str("user")
-                .str("u")
-                .str("item")
-                .str("a")
-                .str("type")
-                .str("view");
+            w.map(3).str("user").str("u").str("item").str("a").str("type").str("view");
         }),
         // 1: NaN weight
         entry(|w| {
-            w.map(3)
-                .str("user")
-                .str("u")
-                .str("item")
-                .str("a")
-                .str("weight")
-                .f64(f64::NAN);
+            w.map(3).str("user").str("u").str("item").str("a").str("weight").f64(f64::NAN);
         }),
         // 2: negative weight
         entry(|w| {
-            w.map(3)
-                .str("user")
-                .str("u")
-                .str("item")
-                .str("a")
-                .str("weight")
-                .f64(-1.0);
+            w.map(3).str("user").str("u").str("item").str("a").str("weight").f64(-1.0);
         }),
         // 3: 300-byte id
         entry(|w| {
@@ -605,52 +499,22 @@ fn bad_records_are_rejected_with_reasons_while_good_ones_decode() {
         },
         // 10: zero weight, 11: infinite weight, 12: weight over 1e6
         entry(|w| {
-            w.map(3)
-                .str("user")
-                .str("u")
-                .str("item")
-                .str("a")
-                .str("weight")
-                .f64(0.0);
+            w.map(3).str("user").str("u").str("item").str("a").str("weight").f64(0.0);
         }),
         entry(|w| {
-            w.map(3)
-                .str("user")
-                .str("u")
-                .str("item")
-                .str("a")
-                .str("weight")
-                .f64(f64::INFINITY);
+            w.map(3).str("user").str("u").str("item").str("a").str("weight").f64(f64::INFINITY);
         }),
         entry(|w| {
-            w.map(3)
-                .str("user")
-                .str("u")
-                .str("item")
-                .str("a")
-                .str("weight")
-                .f64(2e6);
+            w.map(3).str("user").str("u").str("item").str("a").str("weight").f64(2e6);
         }),
         // 13: good, integer weight and both type and weight present, with an int event id
         entry(|w| {
-            w.map(5)
-                .str("user")
-                .str("u")
-                .str("item")
-                .str("a")
-                .str("weight")
-                .uint(3);
+            w.map(5).str("user").str("u").str("item").str("a").str("weight").uint(3);
             w.str("type").str("buy").str("id").uint(99);
         }),
         // 14: duplicate key
         entry(|w| {
-            w.map(3)
-                .str("user")
-                .str("u")
-                .str("user")
-                .str("v")
-                .str("item")
-                .str("a");
+            w.map(3).str("user").str("u").str("user").str("v").str("item").str("a");
         }),
         // 15: user without item
         entry(|w| {
@@ -666,13 +530,7 @@ fn bad_records_are_rejected_with_reasons_while_good_ones_decode() {
         }),
         // 18: tags with a non-string element
         entry(|w| {
-            w.map(2)
-                .str("item")
-                .str("a")
-                .str("tags")
-                .array(2)
-                .str("x")
-                .uint(1);
+            w.map(2).str("item").str("a").str("tags").array(2).str("x").uint(1);
         }),
         // 19: negative time
         {
@@ -683,11 +541,7 @@ fn bad_records_are_rejected_with_reasons_while_good_ones_decode() {
         // 20: EventTime with out-of-range nanoseconds
         {
             let mut w = W::default();
-            w.array(2)
-                .event_time(T0, 1_000_000_000)
-                .map(1)
-                .str("erase_user")
-                .str("u");
+            w.array(2).event_time(T0, 1_000_000_000).map(1).str("erase_user").str("u");
             w.0
         },
         // 21: good erase
@@ -726,10 +580,7 @@ fn bad_records_are_rejected_with_reasons_while_good_ones_decode() {
                 id: Some(ExtId::Int(99)),
                 ts: t,
             },
-            Record::EraseUser {
-                user: s("u"),
-                ts: t
-            },
+            Record::EraseUser { user: s("u"), ts: t },
         ]
     );
     let expect: Vec<(usize, &str)> = vec![
@@ -738,10 +589,7 @@ fn bad_records_are_rejected_with_reasons_while_good_ones_decode() {
         (3, "\"user\": id is 300 bytes"),
         (4, "\"item\" 18446744073709551615 does not fit"),
         (5, "\"tags\" must be an array of strings, found a string"),
-        (
-            6,
-            "\"item\" must be a string or an integer, found a boolean",
-        ),
+        (6, "\"item\" must be a string or an integer, found a boolean"),
         (8, "a record must be a map, found an integer"),
         (9, "an entry must be a [time, record] array, found a string"),
         (10, "\"weight\" 0 must be greater than 0"),
@@ -760,10 +608,7 @@ fn bad_records_are_rejected_with_reasons_while_good_ones_decode() {
         expect.iter().map(|(i, _)| *i).collect::<Vec<_>>()
     );
     for ((i, why), (_, want)) in frame.rejected.iter().zip(&expect) {
-        assert!(
-            why.contains(want),
-            "entry {i}: {why:?} should mention {want:?}"
-        );
+        assert!(why.contains(want), "entry {i}: {why:?} should mention {want:?}");
     }
 }
 
@@ -838,10 +683,7 @@ fn random_mutations_never_panic_and_frame_len_agrees() {
     }
     // The mutations must reach all three outcomes to mean anything.
     eprintln!("mutations: {ok} ok, {incomplete} incomplete, {invalid} invalid");
-    assert!(
-        ok > 500 && incomplete > 500 && invalid > 500,
-        "{ok} {incomplete} {invalid}"
-    );
+    assert!(ok > 500 && incomplete > 500 && invalid > 500, "{ok} {incomplete} {invalid}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -862,12 +704,7 @@ fn packed_interactions(n: usize) -> Vec<u8> {
             .str("click");
     }
     let mut w = W::default();
-    w.array(3)
-        .str("events")
-        .bin(&entries.0)
-        .map(1)
-        .str("chunk")
-        .str("abc");
+    w.array(3).str("events").bin(&entries.0).map(1).str("chunk").str("abc");
     w.0
 }
 

@@ -52,12 +52,7 @@ pub struct HnswConfig {
 
 impl Default for HnswConfig {
     fn default() -> Self {
-        HnswConfig {
-            m: 16,
-            ef_construction: 200,
-            ef_search: 64,
-            seed: 42,
-        }
+        HnswConfig { m: 16, ef_construction: 200, ef_search: 64, seed: 42 }
     }
 }
 
@@ -168,11 +163,7 @@ impl Hnsw {
     }
     /// Inserts `id` (dense, gaps allowed), or updates it in place if present; undeletes a deleted id.
     pub fn upsert(&mut self, id: u32, v: &[f32]) {
-        assert_eq!(
-            v.len(),
-            self.dim,
-            "vector length differs from the index dimension"
-        );
+        assert_eq!(v.len(), self.dim, "vector length differs from the index dimension");
         assert!(id != u32::MAX, "id u32::MAX is reserved");
         if self.present(id) {
             let mut force = false;
@@ -195,9 +186,7 @@ impl Hnsw {
         if self.entry == Some(id) {
             // Keep the entry on the top layer (searches must start there); prefer a live node.
             let top = self.max_level as u8;
-            if let Some(alt) =
-                (0..self.levels.len()).find(|&i| self.levels[i] == top && !self.deleted[i])
-            {
+            if let Some(alt) = (0..self.levels.len()).find(|&i| self.levels[i] == top && !self.deleted[i]) {
                 // The new entry must reach the old one, and through it the whole tree.
                 self.entry = Some(alt as u32);
                 if !self.force_link0(alt as u32, id) {
@@ -209,18 +198,8 @@ impl Hnsw {
     }
     /// Top `k` by inner product with `q`, best first; `keep(id)` false excludes an id from
     /// the results (the graph is still traversed through it). `ef` is clamped to at least `k`.
-    pub fn search(
-        &self,
-        q: &[f32],
-        k: usize,
-        ef: usize,
-        keep: &dyn Fn(u32) -> bool,
-    ) -> Vec<(u32, f32)> {
-        assert_eq!(
-            q.len(),
-            self.dim,
-            "query length differs from the index dimension"
-        );
+    pub fn search(&self, q: &[f32], k: usize, ef: usize, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
+        assert_eq!(q.len(), self.dim, "query length differs from the index dimension");
         let Some(entry) = self.entry else {
             return Vec::new();
         };
@@ -230,10 +209,7 @@ impl Hnsw {
         let ef = ef.max(k);
         let accept = |id: u32| !self.deleted[id as usize] && keep(id);
         with_visited(|vis| {
-            let mut cur = [Cand {
-                s: dot(q, self.vec(entry)),
-                id: entry,
-            }];
+            let mut cur = [Cand { s: dot(q, self.vec(entry)), id: entry }];
             cur[0] = self.descend(q, cur[0], 0);
             vis.reset(self.levels.len());
             let mut res = self.search_layer(q, &cur, ef, 0, accept, vis);
@@ -261,9 +237,7 @@ impl Hnsw {
         for id in 0..slots as u32 {
             let lvl = self.levels[id as usize];
             if lvl == ABSENT {
-                if self.links0[id as usize * (self.m0 + 1)] != 0
-                    || !self.upper[id as usize].is_empty()
-                {
+                if self.links0[id as usize * (self.m0 + 1)] != 0 || !self.upper[id as usize].is_empty() {
                     return Err(format!("unused slot {id} has links"));
                 }
                 continue;
@@ -276,9 +250,7 @@ impl Hnsw {
             live += usize::from(!self.deleted[id as usize]);
             top = top.max(lvl);
             if self.upper[id as usize].len() != lvl * (self.cfg.m + 1) {
-                return Err(format!(
-                    "node {id}: upper link storage does not match level {lvl}"
-                ));
+                return Err(format!("node {id}: upper link storage does not match level {lvl}"));
             }
             for l in 0..=lvl {
                 let cap = self.cap(l);
@@ -292,9 +264,7 @@ impl Hnsw {
                         return Err(format!("node {id} layer {l}: self-link"));
                     }
                     if !self.present(n) || (self.levels[n as usize] as usize) < l {
-                        return Err(format!(
-                            "node {id} layer {l}: link to {n} not on that layer"
-                        ));
+                        return Err(format!("node {id} layer {l}: link to {n} not on that layer"));
                     }
                     if list[..i].contains(&n) {
                         return Err(format!("node {id} layer {l}: duplicate link to {n}"));
@@ -329,11 +299,7 @@ impl Hnsw {
             }
         }
         let Some(entry) = self.entry else {
-            return if nodes == 0 {
-                Ok(())
-            } else {
-                Err("nodes but no entry point".into())
-            };
+            return if nodes == 0 { Ok(()) } else { Err("nodes but no entry point".into()) };
         };
         if !self.present(entry) {
             return Err(format!("entry point {entry} is not a node"));
@@ -355,12 +321,8 @@ impl Hnsw {
                 }
             }
         }
-        if let Some(lost) =
-            (0..slots).find(|&i| self.levels[i] != ABSENT && !self.deleted[i] && !seen[i])
-        {
-            return Err(format!(
-                "live node {lost} unreachable from the entry point on layer 0"
-            ));
+        if let Some(lost) = (0..slots).find(|&i| self.levels[i] != ABSENT && !self.deleted[i] && !seen[i]) {
+            return Err(format!("live node {lost} unreachable from the entry point on layer 0"));
         }
         Ok(())
     }
@@ -423,9 +385,7 @@ impl Hnsw {
         if layer == 0 {
             let base = id as usize * (self.m0 + 1);
             debug_assert!(
-                self.links(id, 0)
-                    .iter()
-                    .all(|&c| !self.must_link(id, c) || list.contains(&c)),
+                self.links(id, 0).iter().all(|&c| !self.must_link(id, c) || list.contains(&c)),
                 "tree edge from {id} dropped"
             );
             self.links0[base] = list.len() as u32;
@@ -459,8 +419,7 @@ impl Hnsw {
     /// the index seed and the id, so the graph does not depend on how many ids came before
     /// and a saved index needs no generator state.
     fn random_level(&self, id: u32) -> usize {
-        let mut r =
-            Rng::new(self.cfg.seed ^ (u64::from(id) + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+        let mut r = Rng::new(self.cfg.seed ^ (u64::from(id) + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93));
         let u = 1.0 - r.next_f64(); // (0, 1]
         ((-u.ln() * self.ml).floor() as usize).min(MAX_LEVEL)
     }
@@ -491,10 +450,7 @@ impl Hnsw {
             self.max_level = level;
             return;
         };
-        let start = Cand {
-            s: dot(v, self.vec(entry)),
-            id: entry,
-        };
+        let start = Cand { s: dot(v, self.vec(entry)), id: entry };
         let mut eps = vec![self.descend(v, start, level)];
         for l in (0..=level.min(self.max_level)).rev() {
             let w = with_visited(|vis| {
@@ -525,10 +481,7 @@ impl Hnsw {
     /// every neighbour's shrink rejected it, a link is forced from the candidate with the
     /// fewest children that has a non-tree slot to give up.
     fn adopt(&mut self, id: u32, sel: &[u32], w: &[Cand]) {
-        let took = sel
-            .iter()
-            .copied()
-            .filter(|&n| self.links(n, 0).contains(&id));
+        let took = sel.iter().copied().filter(|&n| self.links(n, 0).contains(&id));
         if let Some(p) = took.min_by_key(|&n| self.nchild[n as usize]) {
             self.parent0[id as usize] = p;
             self.nchild[p as usize] += 1;
@@ -558,10 +511,7 @@ impl Hnsw {
         if !list.contains(&target) {
             if list.len() < self.m0 {
                 list.push(target);
-            } else if let Some(j) = (0..list.len())
-                .rev()
-                .find(|&j| !self.must_link(owner, list[j]))
-            {
+            } else if let Some(j) = (0..list.len()).rev().find(|&j| !self.must_link(owner, list[j])) {
                 list[j] = target;
             } else {
                 return false; // every link is a tree edge
@@ -596,10 +546,7 @@ impl Hnsw {
         let mut cands: Vec<Cand> = old
             .iter()
             .chain(std::iter::once(&new))
-            .map(|&c| Cand {
-                s: dot(vo, self.vec(c)),
-                id: c,
-            })
+            .map(|&c| Cand { s: dot(vo, self.vec(c)), id: c })
             .collect();
         cands.sort_unstable_by(|a, b| b.cmp(a));
         let sel = self.select_protected(&cands, cap, layer, owner, &old);
@@ -615,12 +562,7 @@ impl Hnsw {
     fn update(&mut self, id: u32, v: &[f32], force: bool) {
         let i = id as usize;
         let old = &self.vectors[i * self.dim..(i + 1) * self.dim];
-        let step = old
-            .iter()
-            .zip(v)
-            .map(|(a, b)| (a - b) * (a - b))
-            .sum::<f32>()
-            .sqrt();
+        let step = old.iter().zip(v).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
         self.drift[i] += step;
         self.vectors[i * self.dim..(i + 1) * self.dim].copy_from_slice(v);
         let calm = self.drift[i] <= RELINK_DRIFT * self.anchor_norm[i]; // false for NaN
@@ -645,20 +587,12 @@ impl Hnsw {
                 // A lone node on this layer, or one whose links were all pruned away.
                 match self.entry {
                     Some(e) if e != id && self.levels[e as usize] as usize >= l => {
-                        vec![Cand {
-                            s: dot(v, self.vec(e)),
-                            id: e,
-                        }]
+                        vec![Cand { s: dot(v, self.vec(e)), id: e }]
                     }
                     _ => continue,
                 }
             } else {
-                old.iter()
-                    .map(|&n| Cand {
-                        s: dot(v, self.vec(n)),
-                        id: n,
-                    })
-                    .collect()
+                old.iter().map(|&n| Cand { s: dot(v, self.vec(n)), id: n }).collect()
             };
             let w = with_visited(|vis| {
                 vis.reset(self.levels.len());

@@ -85,14 +85,10 @@ impl Cursor<'_> {
         Ok(self.take(1)?[0])
     }
     fn u32(&mut self) -> io::Result<u32> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
     fn u64(&mut self) -> io::Result<u64> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
 }
 
@@ -131,19 +127,9 @@ pub(super) fn load(r: &mut dyn Read) -> io::Result<Hnsw> {
     let ef_search = c.u32()? as usize;
     let seed = c.u64()?;
     if dim == 0 || m < 2 {
-        return Err(invalid(format!(
-            "HNSW file has invalid parameters dim={dim} m={m}"
-        )));
+        return Err(invalid(format!("HNSW file has invalid parameters dim={dim} m={m}")));
     }
-    let mut h = Hnsw::new(
-        dim,
-        HnswConfig {
-            m,
-            ef_construction,
-            ef_search,
-            seed,
-        },
-    );
+    let mut h = Hnsw::new(dim, HnswConfig { m, ef_construction, ef_search, seed });
     let slots = c.u32()? as usize;
     // Each slot takes at least one byte, so this bounds the allocation by the file size.
     if slots > body.len() {
@@ -167,10 +153,7 @@ pub(super) fn load(r: &mut dyn Read) -> io::Result<Hnsw> {
         h.deleted[i] = c.u8()? != 0;
         parents[i] = c.u32()?;
         if parents[i] != super::NO_PARENT && parents[i] as usize >= slots {
-            return Err(invalid(format!(
-                "HNSW file: node {id} has parent {}",
-                parents[i]
-            )));
+            return Err(invalid(format!("HNSW file: node {id} has parent {}", parents[i])));
         }
         h.drift[i] = f32::from_bits(c.u32()?);
         h.anchor_norm[i] = f32::from_bits(c.u32()?);
@@ -184,17 +167,13 @@ pub(super) fn load(r: &mut dyn Read) -> io::Result<Hnsw> {
         for l in 0..=lvl as usize {
             let n = c.u32()? as usize;
             if n > h.cap(l) {
-                return Err(invalid(format!(
-                    "HNSW file: node {id} has {n} links on layer {l}"
-                )));
+                return Err(invalid(format!("HNSW file: node {id} has {n} links on layer {l}")));
             }
             let mut list = Vec::with_capacity(n);
             for _ in 0..n {
                 let t = c.u32()?;
                 if t as usize >= slots {
-                    return Err(invalid(format!(
-                        "HNSW file: node {id} links to unknown {t}"
-                    )));
+                    return Err(invalid(format!("HNSW file: node {id} links to unknown {t}")));
                 }
                 list.push(t);
             }
@@ -217,7 +196,6 @@ pub(super) fn load(r: &mut dyn Read) -> io::Result<Hnsw> {
             return Err(invalid("HNSW file: entry point out of range"));
         }
     }
-    h.check_invariants()
-        .map_err(|e| invalid(format!("HNSW file is inconsistent: {e}")))?;
+    h.check_invariants().map_err(|e| invalid(format!("HNSW file is inconsistent: {e}")))?;
     Ok(h)
 }

@@ -41,11 +41,7 @@ pub(super) struct Visited {
 
 impl Visited {
     fn new() -> Self {
-        Visited {
-            marks: Vec::new(),
-            gen: 0,
-            fresh: Vec::new(),
-        }
+        Visited { marks: Vec::new(), gen: 0, fresh: Vec::new() }
     }
 
     /// Starts a new, empty set over ids `< n`.
@@ -118,11 +114,7 @@ impl Hnsw {
         accept: F,
         vis: &mut Visited,
     ) -> Vec<Cand> {
-        assert_eq!(
-            q.len(),
-            self.dim,
-            "query length differs from the index dimension"
-        );
+        assert_eq!(q.len(), self.dim, "query length differs from the index dimension");
         let kernel = dot_kernel();
         let mut cands: BinaryHeap<Cand> = BinaryHeap::with_capacity(ef * 2);
         let mut res: BinaryHeap<Reverse<Cand>> = BinaryHeap::with_capacity(ef + 1);
@@ -198,10 +190,7 @@ impl Hnsw {
         loop {
             let mut best = cur;
             for &nb in self.links(cur.id, layer) {
-                let c = Cand {
-                    s: dot(q, self.vec(nb)),
-                    id: nb,
-                };
+                let c = Cand { s: dot(q, self.vec(nb)), id: nb };
                 if c > best {
                     best = c;
                 }
@@ -293,17 +282,9 @@ impl Hnsw {
         if layer != 0 {
             return self.select_neighbors_heuristic(cands, cap);
         }
-        let mut sel: Vec<u32> = old
-            .iter()
-            .copied()
-            .filter(|&c| self.parent0[c as usize] == owner)
-            .collect();
+        let mut sel: Vec<u32> = old.iter().copied().filter(|&c| self.parent0[c as usize] == owner).collect();
         let fixed = sel.len();
-        let rest: Vec<Cand> = cands
-            .iter()
-            .copied()
-            .filter(|c| !sel.contains(&c.id))
-            .collect();
+        let rest: Vec<Cand> = cands.iter().copied().filter(|c| !sel.contains(&c.id)).collect();
         sel.extend(self.select_neighbors_heuristic(&rest, cap - fixed));
         sel
     }

@@ -36,10 +36,7 @@ fn recall(
     let mut hit = 0usize;
     let mut total = 0usize;
     for q in queries.chunks_exact(dim) {
-        let truth: Vec<u32> = exact_top_k(data, dim, q, k, alive)
-            .iter()
-            .map(|x| x.0)
-            .collect();
+        let truth: Vec<u32> = exact_top_k(data, dim, q, k, alive).iter().map(|x| x.0).collect();
         let got = h.search(q, k, ef, &|_| true);
         hit += got.iter().filter(|x| truth.contains(&x.0)).count();
         total += truth.len();
@@ -80,19 +77,13 @@ fn recall_at_10_on_mf_like_vectors_at_ef_64() {
     assert!(r >= 0.95, "recall@10 at ef=64 is {r}");
     // A wider beam never hurts much and a narrow one should be clearly worse than exact.
     let r_wide = recall(&h, &data, dim, &queries, 10, 200, &|_| true);
-    assert!(
-        r_wide >= r - 0.01,
-        "ef=200 recall {r_wide} < ef=64 recall {r}"
-    );
+    assert!(r_wide >= r - 0.01, "ef=200 recall {r_wide} < ef=64 recall {r}");
 }
 
 #[test]
 fn moves_and_deletes_keep_invariants_and_recall_of_a_fresh_build() {
     let (n, dim) = (10_000, 32);
-    let cfg = HnswConfig {
-        ef_construction: 100,
-        ..HnswConfig::default()
-    };
+    let cfg = HnswConfig { ef_construction: 100, ..HnswConfig::default() };
     let mut data = mf_vectors(n, dim, 3);
     let queries = mf_vectors(200, dim, 4);
     let mut h = build(&data, dim, cfg.clone());
@@ -105,18 +96,12 @@ fn moves_and_deletes_keep_invariants_and_recall_of_a_fresh_build() {
     }
     h.check_invariants().unwrap();
     for i in 0..n as u32 {
-        assert_eq!(
-            h.vector(i).unwrap(),
-            &data[i as usize * dim..(i as usize + 1) * dim]
-        );
+        assert_eq!(h.vector(i).unwrap(), &data[i as usize * dim..(i as usize + 1) * dim]);
     }
     let moved = recall(&h, &data, dim, &queries, 10, 64, &|_| true);
     let fresh = build(&data, dim, cfg);
     let base = recall(&fresh, &data, dim, &queries, 10, 64, &|_| true);
-    assert!(
-        moved >= base - 0.02,
-        "after moves {moved}, fresh build {base}"
-    );
+    assert!(moved >= base - 0.02, "after moves {moved}, fresh build {base}");
 
     let mut gone = vec![false; n];
     for _ in 0..1000 {
@@ -133,24 +118,14 @@ fn moves_and_deletes_keep_invariants_and_recall_of_a_fresh_build() {
         assert!(got.iter().all(|x| alive(x.0)), "a deleted id was returned");
     }
     let after_delete = recall(&h, &data, dim, &queries, 10, 64, &alive);
-    assert!(
-        after_delete >= base - 0.03,
-        "after deletes {after_delete}, fresh build {base}"
-    );
+    assert!(after_delete >= base - 0.03, "after deletes {after_delete}, fresh build {base}");
 }
 
 #[test]
 fn filtered_search_excludes_and_still_fills_k_when_90_percent_rejected() {
     let (n, dim) = (5_000, 16);
     let data = mf_vectors(n, dim, 6);
-    let mut h = build(
-        &data,
-        dim,
-        HnswConfig {
-            ef_construction: 100,
-            ..HnswConfig::default()
-        },
-    );
+    let mut h = build(&data, dim, HnswConfig { ef_construction: 100, ..HnswConfig::default() });
     for id in (0..n as u32).step_by(7) {
         h.delete(id);
     }
@@ -161,26 +136,14 @@ fn filtered_search_excludes_and_still_fills_k_when_90_percent_rejected() {
     for q in queries.chunks_exact(dim) {
         let got = h.search(q, 10, 20, &keep);
         assert_eq!(got.len(), 10);
-        assert!(
-            got.iter().all(|x| alive(x.0)),
-            "excluded or deleted id returned: {got:?}"
-        );
+        assert!(got.iter().all(|x| alive(x.0)), "excluded or deleted id returned: {got:?}");
         assert!(got.windows(2).all(|w| w[0].1 >= w[1].1), "not best first");
-        let truth: Vec<u32> = exact_top_k(&data, dim, q, 10, &alive)
-            .iter()
-            .map(|x| x.0)
-            .collect();
+        let truth: Vec<u32> = exact_top_k(&data, dim, q, 10, &alive).iter().map(|x| x.0).collect();
         hit += got.iter().filter(|x| truth.contains(&x.0)).count();
     }
-    assert!(
-        hit as f64 / 500.0 >= 0.9,
-        "filtered recall {}",
-        hit as f64 / 500.0
-    );
+    assert!(hit as f64 / 500.0 >= 0.9, "filtered recall {}", hit as f64 / 500.0);
     // A filter that keeps only 3 ids still finds all 3.
-    let got = h.search(&queries[..dim], 10, 10, &|id| {
-        id == 3 || id == 13 || id == 4001
-    });
+    let got = h.search(&queries[..dim], 10, 10, &|id| id == 3 || id == 13 || id == 4001);
     let mut ids: Vec<u32> = got.iter().map(|x| x.0).collect();
     ids.sort();
     assert_eq!(ids, vec![3, 13, 4001]);
@@ -190,14 +153,7 @@ fn filtered_search_excludes_and_still_fills_k_when_90_percent_rejected() {
 fn save_load_round_trip_gives_identical_results() {
     let dim = 24;
     let data = mf_vectors(3_000, dim, 8);
-    let mut h = build(
-        &data,
-        dim,
-        HnswConfig {
-            ef_construction: 60,
-            ..HnswConfig::default()
-        },
-    );
+    let mut h = build(&data, dim, HnswConfig { ef_construction: 60, ..HnswConfig::default() });
     h.delete(17);
     h.upsert(5_000, &data[..dim]); // a gap in the ids
     let bytes = saved(&h);
@@ -207,10 +163,7 @@ fn save_load_round_trip_gives_identical_results() {
     assert_eq!(g.len(), h.len());
     assert!(!g.contains(17) && g.contains(5_000) && !g.contains(4_999));
     for q in mf_vectors(50, dim, 9).chunks_exact(dim) {
-        assert_eq!(
-            g.search(q, 10, 40, &|_| true),
-            h.search(q, 10, 40, &|_| true)
-        );
+        assert_eq!(g.search(q, 10, 40, &|_| true), h.search(q, 10, 40, &|_| true));
     }
 }
 
@@ -223,18 +176,10 @@ fn corrupted_files_are_invalid_data() {
     for at in [0, 9, 25, bytes.len() / 2, bytes.len() - 1] {
         let mut b = bytes.clone();
         b[at] ^= 0x40;
-        assert_eq!(
-            kind(&b),
-            Some(std::io::ErrorKind::InvalidData),
-            "flipped byte {at}"
-        );
+        assert_eq!(kind(&b), Some(std::io::ErrorKind::InvalidData), "flipped byte {at}");
     }
     for len in [0, 5, 19, bytes.len() / 3, bytes.len() - 1] {
-        assert_eq!(
-            kind(&bytes[..len]),
-            Some(std::io::ErrorKind::InvalidData),
-            "truncated to {len}"
-        );
+        assert_eq!(kind(&bytes[..len]), Some(std::io::ErrorKind::InvalidData), "truncated to {len}");
     }
     let mut b = bytes.clone();
     b[..8].copy_from_slice(b"NOTHNSW\0");
@@ -251,11 +196,7 @@ fn corrupted_files_are_invalid_data() {
 fn same_seed_and_inputs_give_an_identical_graph() {
     let dim = 16;
     let data = mf_vectors(2_000, dim, 11);
-    let cfg = HnswConfig {
-        ef_construction: 50,
-        seed: 9,
-        ..HnswConfig::default()
-    };
+    let cfg = HnswConfig { ef_construction: 50, seed: 9, ..HnswConfig::default() };
     let run = |cfg: HnswConfig| {
         let mut h = build(&data, dim, cfg);
         let mut r = Rng::new(12);
@@ -297,10 +238,7 @@ fn deletes_entry_point_undelete_and_small_graphs() {
     let live_on_top = (0..h.levels.len()).any(|i| h.levels[i] as usize == top && !h.deleted[i]);
     assert_eq!(h.deleted[h.entry.unwrap() as usize], !live_on_top);
     let q = h.vec(entry).to_vec();
-    assert!(h
-        .search(&q, 501, 600, &|_| true)
-        .iter()
-        .all(|x| x.0 != entry));
+    assert!(h.search(&q, 501, 600, &|_| true).iter().all(|x| x.0 != entry));
     assert_eq!(h.search(&q, 600, 600, &|_| true).len(), 500);
     h.upsert(entry, &q); // re-upsert undeletes
     assert!(h.contains(entry));
@@ -314,19 +252,9 @@ fn deletes_entry_point_undelete_and_small_graphs() {
 fn concurrent_searches_match_sequential_ones() {
     let dim = 16;
     let data = mf_vectors(3_000, dim, 14);
-    let h = build(
-        &data,
-        dim,
-        HnswConfig {
-            ef_construction: 60,
-            ..HnswConfig::default()
-        },
-    );
+    let h = build(&data, dim, HnswConfig { ef_construction: 60, ..HnswConfig::default() });
     let queries = mf_vectors(40, dim, 15);
-    let want: Vec<_> = queries
-        .chunks_exact(dim)
-        .map(|q| h.search(q, 10, 50, &|_| true))
-        .collect();
+    let want: Vec<_> = queries.chunks_exact(dim).map(|q| h.search(q, 10, 50, &|_| true)).collect();
     std::thread::scope(|s| {
         for _ in 0..4 {
             s.spawn(|| {
@@ -342,14 +270,7 @@ fn concurrent_searches_match_sequential_ones() {
 fn a_large_move_relinks_the_node_at_its_new_place() {
     let dim = 16;
     let mut data = mf_vectors(3_000, dim, 16);
-    let mut h = build(
-        &data,
-        dim,
-        HnswConfig {
-            ef_construction: 60,
-            ..HnswConfig::default()
-        },
-    );
+    let mut h = build(&data, dim, HnswConfig { ef_construction: 60, ..HnswConfig::default() });
     let mut r = Rng::new(17);
     // Queries around `target`; both the moved node and its new twin must be found.
     let mut check = |h: &Hnsw, moved: u32, target: &[f32], twin: u32| {
@@ -357,22 +278,11 @@ fn a_large_move_relinks_the_node_at_its_new_place() {
             let q: Vec<f32> = target.iter().map(|x| x + 0.2 * r.normal() as f32).collect();
             let truth: Vec<u32> = {
                 let d: Vec<f32> = (0..3_000u32).flat_map(|i| h.vec(i).to_vec()).collect();
-                exact_top_k(&d, dim, &q, 10, &|_| true)
-                    .iter()
-                    .map(|x| x.0)
-                    .collect()
+                exact_top_k(&d, dim, &q, 10, &|_| true).iter().map(|x| x.0).collect()
             };
-            let ids: Vec<u32> = h
-                .search(&q, 10, 40, &|_| true)
-                .iter()
-                .map(|x| x.0)
-                .collect();
+            let ids: Vec<u32> = h.search(&q, 10, 40, &|_| true).iter().map(|x| x.0).collect();
             for id in [moved, twin] {
-                assert_eq!(
-                    truth.contains(&id),
-                    ids.contains(&id),
-                    "{id}: {ids:?} vs {truth:?}"
-                );
+                assert_eq!(truth.contains(&id), ids.contains(&id), "{id}: {ids:?} vs {truth:?}");
             }
         }
     };
@@ -384,18 +294,11 @@ fn a_large_move_relinks_the_node_at_its_new_place() {
     data[5 * dim..6 * dim].copy_from_slice(&target);
     check(&h, 5, &target, 77);
     // Many small moves in one direction add up to a re-link too: 6 walks onto 900.
-    let far: Vec<f32> = data[900 * dim..901 * dim]
-        .iter()
-        .map(|x| x * 1.001)
-        .collect();
+    let far: Vec<f32> = data[900 * dim..901 * dim].iter().map(|x| x * 1.001).collect();
     let start: Vec<f32> = data[6 * dim..7 * dim].to_vec();
     for t in 1..=40 {
         let a = t as f32 / 40.0;
-        let v: Vec<f32> = start
-            .iter()
-            .zip(&far)
-            .map(|(s, f)| s * (1.0 - a) + f * a)
-            .collect();
+        let v: Vec<f32> = start.iter().zip(&far).map(|(s, f)| s * (1.0 - a) + f * a).collect();
         h.upsert(6, &v);
     }
     h.check_invariants().unwrap();
@@ -430,10 +333,7 @@ fn greedy_descent_stops_at_a_local_maximum_of_its_layer() {
     let queries = mf_vectors(50, dim, 12);
     let entry = h.entry.expect("entry");
     for q in queries.chunks(dim) {
-        let start = Cand {
-            s: dot(q, h.vec(entry)),
-            id: entry,
-        };
+        let start = Cand { s: dot(q, h.vec(entry)), id: entry };
         let mut cur = start;
         for l in (1..=h.max_level).rev() {
             let next = h.greedy(q, cur, l);

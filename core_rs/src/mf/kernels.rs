@@ -92,14 +92,7 @@ fn dot64<const FMA: bool>(a: &[f64], b: &[f64]) -> f64 {
 
 /// `s += a_new * x x^T - a_old * y y^T` over a full `dim x dim` row-major matrix: the O(dim^2)
 /// replacement of one row's contribution to a Gramian in a single pass.
-pub(crate) fn replace_outer(
-    s: &mut [f64],
-    dim: usize,
-    a_new: f64,
-    x: &[f64],
-    a_old: f64,
-    y: &[f64],
-) {
+pub(crate) fn replace_outer(s: &mut [f64], dim: usize, a_new: f64, x: &[f64], a_old: f64, y: &[f64]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
@@ -111,14 +104,7 @@ pub(crate) fn replace_outer(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn replace_outer_avx2(
-    s: &mut [f64],
-    dim: usize,
-    a_new: f64,
-    x: &[f64],
-    a_old: f64,
-    y: &[f64],
-) {
+unsafe fn replace_outer_avx2(s: &mut [f64], dim: usize, a_new: f64, x: &[f64], a_old: f64, y: &[f64]) {
     replace_outer_impl::<true>(s, dim, a_new, x, a_old, y)
 }
 
@@ -307,18 +293,10 @@ fn coord_sweep_impl<const FMA: bool>(
     sc.consts.clear();
     for f in 0..dim {
         let row = &sc.ot[f * n..(f + 1) * n];
-        let prev = if f > 0 {
-            &sc.ot[(f - 1) * n..f * n]
-        } else {
-            row
-        };
+        let prev = if f > 0 { &sc.ot[(f - 1) * n..f * n] } else { row };
         sc.consts.push(dot2::<FMA>(wv, row));
         sc.consts.push(dot3::<FMA>(wcv, row, row));
-        sc.consts.push(if f > 0 {
-            dot3::<FMA>(wcv, prev, row)
-        } else {
-            0.0
-        });
+        sc.consts.push(if f > 0 { dot3::<FMA>(wcv, prev, row) } else { 0.0 });
     }
     // The scalar chain runs in f64 end to end (no conversions on it); the row is rounded to
     // f32 as each coordinate is stored, and `x64` keeps exactly that rounded row for the
@@ -327,11 +305,7 @@ fn coord_sweep_impl<const FMA: bool>(
     for f in 0..dim {
         let row = &sc.ot[f * n..(f + 1) * n];
         let (a_f, d_f, c_f) = (sc.consts[3 * f], sc.consts[3 * f + 1], sc.consts[3 * f + 2]);
-        let b_f = fma64::<FMA>(
-            pending,
-            c_f as f64,
-            dot3::<FMA>(wcv, &sc.rhat[..n], row) as f64,
-        );
+        let b_f = fma64::<FMA>(pending, c_f as f64, dot3::<FMA>(wcv, &sc.rhat[..n], row) as f64);
         if pending != 0.0 {
             let p32 = pending as f32;
             let prev = &sc.ot[(f - 1) * n..f * n];

@@ -266,10 +266,7 @@ impl Mf {
         let a = self.pop_w[ii];
         if held != a {
             let d = self.cfg.dim;
-            let q: Vec<f64> = self.q[ii * d..(ii + 1) * d]
-                .iter()
-                .map(|&x| x as f64)
-                .collect();
+            let q: Vec<f64> = self.q[ii * d..(ii + 1) * d].iter().map(|&x| x as f64).collect();
             replace_outer(&mut self.st, d, a, &q, held, &q);
         }
         self.updates_since_exact += 1;
@@ -301,16 +298,12 @@ impl Mf {
     /// `p_u`; empty for an unknown user.
     pub fn user_vector(&self, u: u32) -> &[f32] {
         let d = self.cfg.dim;
-        self.p
-            .get(u as usize * d..(u as usize + 1) * d)
-            .unwrap_or(&[])
+        self.p.get(u as usize * d..(u as usize + 1) * d).unwrap_or(&[])
     }
     /// `q_i`; empty for an unknown item.
     pub fn item_vector(&self, i: u32) -> &[f32] {
         let d = self.cfg.dim;
-        self.q
-            .get(i as usize * d..(i as usize + 1) * d)
-            .unwrap_or(&[])
+        self.q.get(i as usize * d..(i as usize + 1) * d).unwrap_or(&[])
     }
     /// Row-major `n_items x dim`.
     pub fn item_matrix(&self) -> &[f32] {
@@ -430,11 +423,7 @@ impl Mf {
 
     /// `S^q = (c0 / Z) S~` as currently held (row-major `dim x dim`).
     pub fn gramian_q(&self) -> Vec<f64> {
-        let g = if self.z > 0.0 {
-            self.cfg.c0 as f64 / self.z
-        } else {
-            0.0
-        };
+        let g = if self.z > 0.0 { self.cfg.c0 as f64 / self.z } else { 0.0 };
         self.st.iter().map(|&x| g * x).collect()
     }
 
@@ -471,13 +460,7 @@ impl Mf {
         let d = self.cfg.dim;
         let mut tmp = vec![0.0; d];
         while self.n_users < n {
-            let row = init_row(
-                self.cfg.seed,
-                SIDE_USER,
-                self.n_users as u64,
-                d,
-                self.cfg.init_std,
-            );
+            let row = init_row(self.cfg.seed, SIDE_USER, self.n_users as u64, d, self.cfg.init_std);
             add_outer(&mut self.sp, d, 1.0, &row, &mut tmp);
             self.p.extend_from_slice(&row);
             self.user_hist.push(VecDeque::new());
@@ -490,13 +473,7 @@ impl Mf {
         let d = self.cfg.dim;
         while self.n_items < n {
             // f_i = 0, so the new row adds nothing to S~ or Z until its first event.
-            let row = init_row(
-                self.cfg.seed,
-                SIDE_ITEM,
-                self.n_items as u64,
-                d,
-                self.cfg.init_std,
-            );
+            let row = init_row(self.cfg.seed, SIDE_ITEM, self.n_items as u64, d, self.cfg.init_std);
             self.q.extend_from_slice(&row);
             self.item_hist.push(VecDeque::new());
             self.counts.push(0.0);
@@ -542,14 +519,8 @@ impl Mf {
             Some(pos) => {
                 let old = hist.remove(pos).expect("position is in range");
                 let t = old.ts.max(ts);
-                let w = old.w as f64 * self.decay_factor(t - old.ts)
-                    + w as f64 * self.decay_factor(t - ts);
-                Entry {
-                    id: i,
-                    n: old.n.saturating_add(1),
-                    w: w as f32,
-                    ts: t,
-                }
+                let w = old.w as f64 * self.decay_factor(t - old.ts) + w as f64 * self.decay_factor(t - ts);
+                Entry { id: i, n: old.n.saturating_add(1), w: w as f32, ts: t }
             }
             None => Entry { id: i, n: 1, w, ts },
         };
@@ -579,11 +550,7 @@ impl Mf {
     /// folded in).
     fn solve_user(&mut self, u: usize, keep_sp: bool, pending: Option<(f64, usize)>) {
         let d = self.cfg.dim;
-        let g = if self.z > 0.0 {
-            self.cfg.c0 as f64 / self.z
-        } else {
-            0.0
-        };
+        let g = if self.z > 0.0 { self.cfg.c0 as f64 / self.z } else { 0.0 };
         let mut sc = std::mem::take(&mut self.scratch);
         let hist = &self.user_hist[u];
         let n = hist.len();
@@ -623,11 +590,7 @@ impl Mf {
     fn solve_item(&mut self, i: usize, keep_st: Option<f64>) {
         let d = self.cfg.dim;
         let a = self.pop_w[i];
-        let c = if self.z > 0.0 {
-            self.cfg.c0 as f64 * a / self.z
-        } else {
-            0.0
-        };
+        let c = if self.z > 0.0 { self.cfg.c0 as f64 * a / self.z } else { 0.0 };
         let mut sc = std::mem::take(&mut self.scratch);
         let hist = &self.item_hist[i];
         let n = hist.len();
@@ -704,7 +667,5 @@ fn remove_id(h: &mut VecDeque<Entry>, id: u32) {
 fn init_row(seed: u64, side: u64, index: u64, dim: usize, std: f32) -> Vec<f32> {
     let base = Rng::new(seed ^ side).next_u64();
     let mut rng = Rng::new(base ^ Rng::new(index).next_u64());
-    (0..dim)
-        .map(|_| (rng.normal() * std as f64) as f32)
-        .collect()
+    (0..dim).map(|_| (rng.normal() * std as f64) as f32).collect()
 }

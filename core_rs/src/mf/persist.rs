@@ -46,8 +46,7 @@ impl Out<'_> {
         let mut buf = Vec::with_capacity(CHUNK * 4);
         for c in v.chunks(CHUNK) {
             buf.clear();
-            c.iter()
-                .for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+            c.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
             self.0.write_all(&buf)?;
         }
         Ok(())
@@ -56,8 +55,7 @@ impl Out<'_> {
         let mut buf = Vec::with_capacity(CHUNK * 8);
         for c in v.chunks(CHUNK) {
             buf.clear();
-            c.iter()
-                .for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+            c.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
             self.0.write_all(&buf)?;
         }
         Ok(())
@@ -122,10 +120,7 @@ impl In<'_> {
             let k = left.min(CHUNK);
             let b = &mut buf[..k * W];
             self.0.read_exact(b)?;
-            out.extend(
-                b.chunks_exact(W)
-                    .map(|c| conv(c.try_into().expect("chunk has W bytes"))),
-            );
+            out.extend(b.chunks_exact(W).map(|c| conv(c.try_into().expect("chunk has W bytes"))));
             left -= k;
         }
         Ok(out)
@@ -253,12 +248,8 @@ impl Mf {
         }
         let updates_since_exact = i.u64()?;
         let z = i.f64()?;
-        let p_len = n_users
-            .checked_mul(dim)
-            .ok_or_else(|| invalid("user matrix too large"))?;
-        let q_len = n_items
-            .checked_mul(dim)
-            .ok_or_else(|| invalid("item matrix too large"))?;
+        let p_len = n_users.checked_mul(dim).ok_or_else(|| invalid("user matrix too large"))?;
+        let q_len = n_items.checked_mul(dim).ok_or_else(|| invalid("item matrix too large"))?;
         let p = i.f32s(p_len)?;
         let q = i.f32s(q_len)?;
         let counts = i.f64s(n_items)?;

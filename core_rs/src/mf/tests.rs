@@ -70,10 +70,7 @@ fn model_scores(m: &Mf, u: u32) -> Vec<f32> {
 }
 
 fn cfg() -> MfConfig {
-    MfConfig {
-        seed: 42,
-        ..MfConfig::default()
-    }
+    MfConfig { seed: 42, ..MfConfig::default() }
 }
 
 /// Trains on all but the last item of each user (time = position in the sequence), returns
@@ -122,17 +119,9 @@ fn history_caps_bound_lengths_and_cost_little_quality() {
         },
         2,
     );
-    let unbounded = MfConfig {
-        user_history_cap: 1 << 30,
-        item_history_cap: 1 << 30,
-        ..cfg()
-    };
+    let unbounded = MfConfig { user_history_cap: 1 << 30, item_history_cap: 1 << 30, ..cfg() };
     let (hr_full, pop, _) = holdout_hr(&p, unbounded, 10);
-    let capped = MfConfig {
-        user_history_cap: 50,
-        item_history_cap: 50,
-        ..cfg()
-    };
+    let capped = MfConfig { user_history_cap: 50, item_history_cap: 50, ..cfg() };
     let (hr_cap, _, m) = holdout_hr(&p, capped, 10);
     println!("caps HR@10: unbounded {hr_full:.4}, caps 50/50 {hr_cap:.4}, popularity {pop:.4}");
     for u in 0..m.n_users() as u32 {
@@ -141,15 +130,9 @@ fn history_caps_bound_lengths_and_cost_little_quality() {
     for i in 0..m.n_items() as u32 {
         assert!(m.item_users(i).len() <= 50);
     }
-    assert!(
-        p.seqs.iter().any(|s| s.len() > 60),
-        "caps must bind for the test to mean anything"
-    );
+    assert!(p.seqs.iter().any(|s| s.len() > 60), "caps must bind for the test to mean anything");
     assert!(hr_cap > pop, "capped model {hr_cap} vs popularity {pop}");
-    assert!(
-        hr_cap >= 0.6 * hr_full,
-        "caps cost too much: {hr_cap} vs {hr_full}"
-    );
+    assert!(hr_cap >= 0.6 * hr_full, "caps cost too much: {hr_cap} vs {hr_full}");
 }
 
 /// Users 0..1600 are known at fit time except for their last 3 events; users 1600..2000
@@ -190,13 +173,8 @@ fn stream_hr(cfg: MfConfig) -> [[f64; 3]; 2] {
             counts[group] += 1;
             hits[group][0] += hit_at(&model_scores(&m, u), i, s, 10) as usize;
             // Users unknown at fit time have no frozen vector: every item ties, no hit.
-            let pu = frozen_p
-                .get(u as usize * d..(u as usize + 1) * d)
-                .unwrap_or(&[]);
-            let fs: Vec<f32> = frozen_q
-                .chunks_exact(d)
-                .map(|q| kernels::dot(pu, q))
-                .collect();
+            let pu = frozen_p.get(u as usize * d..(u as usize + 1) * d).unwrap_or(&[]);
+            let fs: Vec<f32> = frozen_q.chunks_exact(d).map(|q| kernels::dot(pu, q)).collect();
             hits[group][1] += hit_at(&fs, i, s, 10) as usize;
             hits[group][2] += hit_at(&pop, i, s, 10) as usize;
         }
@@ -224,10 +202,7 @@ fn online_updates_help_streamed_users() {
     assert!(known[0] > known[2], "known users: model above popularity");
     // New users have no frozen vector; updates alone must beat the popularity fallback.
     assert!(new[1] == 0.0);
-    assert!(
-        new[0] > 1.5 * new[2],
-        "new users are learnt from the stream alone"
-    );
+    assert!(new[0] > 1.5 * new[2], "new users are learnt from the stream alone");
 }
 
 #[test]
@@ -244,10 +219,7 @@ fn update_raises_the_users_score_for_the_item() {
     for u in 0..50u32 {
         // An item the user has not touched (held pairs may already score above the target 1,
         // where more weight rightly pulls the score down).
-        let i = (0..200u32)
-            .filter(|i| !p.seqs[u as usize].contains(i))
-            .nth(u as usize % 7)
-            .unwrap();
+        let i = (0..200u32).filter(|i| !p.seqs[u as usize].contains(i)).nth(u as usize % 7).unwrap();
         let before = m.score(u, i);
         m.update(u, i, 1.0, 1.0);
         let after = m.score(u, i);
@@ -264,12 +236,7 @@ fn update_raises_the_users_score_for_the_item() {
 }
 
 fn rel_err(a: &[f64], b: &[f64]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y) * (x - y))
-        .sum::<f64>()
-        .sqrt();
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
     let den: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     num / den.max(1e-300)
 }
@@ -314,12 +281,7 @@ fn incremental_gramians_match_exact_recomputation() {
 
 #[test]
 fn erase_user_removes_every_trace() {
-    let c = MfConfig {
-        dim: 16,
-        user_history_cap: 10,
-        item_history_cap: 20,
-        ..cfg()
-    };
+    let c = MfConfig { dim: 16, user_history_cap: 10, item_history_cap: 20, ..cfg() };
     let mut m = streamed_model(c, 1500, 6);
     for u in 0..m.n_users() as u32 {
         assert!(m.user_items(u).len() <= 10);
@@ -331,9 +293,7 @@ fn erase_user_removes_every_trace() {
             assert!(m.user_items(u).iter().any(|&(j, _)| j == i));
         }
     }
-    let victim = (0..m.n_users() as u32)
-        .max_by_key(|&u| m.user_items(u).len())
-        .unwrap();
+    let victim = (0..m.n_users() as u32).max_by_key(|&u| m.user_items(u).len()).unwrap();
     let held = m.user_items(victim);
     assert!(!held.is_empty());
     let counts_before: Vec<f64> = held.iter().map(|&(i, _)| m.item_count(i)).collect();
@@ -344,10 +304,7 @@ fn erase_user_removes_every_trace() {
         assert!(m.item_users(i).iter().all(|&(u, _)| u != victim));
     }
     for (k, &(i, _)) in held.iter().enumerate() {
-        assert!(
-            m.item_count(i) < counts_before[k],
-            "count of item {i} must drop"
-        );
+        assert!(m.item_count(i) < counts_before[k], "count of item {i} must drop");
     }
     let (ep, eq) = check_gramians(&mut m);
     assert!(ep < 1e-6 && eq < 1e-6, "S^p {ep}, S^q {eq}");
@@ -361,12 +318,7 @@ fn erase_user_removes_every_trace() {
 
 #[test]
 fn repeated_interactions_accumulate_with_decay() {
-    let c = MfConfig {
-        dim: 4,
-        decay_half_life: Some(10.0),
-        w_new: 2.0,
-        ..cfg()
-    };
+    let c = MfConfig { dim: 4, decay_half_life: Some(10.0), w_new: 2.0, ..cfg() };
     let mut m = Mf::new(c);
     m.add(0, 1, 1.0, 0.0);
     m.add(0, 1, 1.0, 10.0);
@@ -392,25 +344,10 @@ fn repeated_interactions_accumulate_with_decay() {
 fn config_validation() {
     assert_eq!(MfConfig::default().validate(), Ok(()));
     assert!(MfConfig { dim: 0, ..cfg() }.validate().is_err());
-    assert!(MfConfig {
-        c0: f32::NAN,
-        ..cfg()
-    }
-    .validate()
-    .is_err());
+    assert!(MfConfig { c0: f32::NAN, ..cfg() }.validate().is_err());
     assert!(MfConfig { reg: -1.0, ..cfg() }.validate().is_err());
-    assert!(MfConfig {
-        item_history_cap: 0,
-        ..cfg()
-    }
-    .validate()
-    .is_err());
-    assert!(MfConfig {
-        decay_half_life: Some(0.0),
-        ..cfg()
-    }
-    .validate()
-    .is_err());
+    assert!(MfConfig { item_history_cap: 0, ..cfg() }.validate().is_err());
+    assert!(MfConfig { decay_half_life: Some(0.0), ..cfg() }.validate().is_err());
 }
 
 #[test]
@@ -426,12 +363,7 @@ fn deterministic_under_the_seed() {
 
 #[test]
 fn save_load_round_trip_continues_identically() {
-    let c = MfConfig {
-        dim: 16,
-        decay_half_life: Some(300.0),
-        user_history_cap: 12,
-        ..cfg()
-    };
+    let c = MfConfig { dim: 16, decay_half_life: Some(300.0), user_history_cap: 12, ..cfg() };
     let mut a = streamed_model(c, 600, 8);
     let mut buf = Vec::new();
     a.save(&mut buf).unwrap();
@@ -454,14 +386,9 @@ fn save_load_round_trip_continues_identically() {
 
     // Every truncation fails cleanly.
     for cut in (0..buf.len()).step_by(97).chain([buf.len() - 1]) {
-        let e = Mf::load(&mut &buf[..cut])
-            .err()
-            .expect("truncated input must fail");
+        let e = Mf::load(&mut &buf[..cut]).err().expect("truncated input must fail");
         assert!(
-            matches!(
-                e.kind(),
-                io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData
-            ),
+            matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData),
             "cut {cut}: {e}"
         );
     }
@@ -473,10 +400,7 @@ fn load_rejects_corrupt_lengths_without_panicking() {
     let mut buf = Vec::new();
     Mf::new(cfg()).save(&mut buf).unwrap();
     let e = Mf::load(&mut buf.as_slice()).unwrap();
-    assert_eq!(
-        (e.n_users(), e.n_items(), e.now()),
-        (0, 0, f64::NEG_INFINITY)
-    );
+    assert_eq!((e.n_users(), e.n_items(), e.now()), (0, 0, f64::NEG_INFINITY));
 
     let mut a = Mf::new(MfConfig { dim: 4, ..cfg() });
     a.update(1, 2, 1.0, 0.0);
@@ -487,10 +411,7 @@ fn load_rejects_corrupt_lengths_without_panicking() {
     let at = |off: usize, v: u64| {
         let mut b = buf.clone();
         b[off..off + 8].copy_from_slice(&v.to_le_bytes());
-        Mf::load(&mut b.as_slice())
-            .err()
-            .expect("corrupt input must fail")
-            .kind()
+        Mf::load(&mut b.as_slice()).err().expect("corrupt input must fail").kind()
     };
     assert_eq!(at(8, 0), io::ErrorKind::InvalidData); // dim 0
     assert_eq!(at(8, 1 << 40), io::ErrorKind::InvalidData); // absurd dim
@@ -502,16 +423,10 @@ fn load_rejects_corrupt_lengths_without_panicking() {
     let n = b.len();
     // The last item history holds one entry: (id u32, n u32, w f32, ts f64) = 20 bytes.
     b[n - 20..n - 16].copy_from_slice(&999u32.to_le_bytes());
-    assert_eq!(
-        Mf::load(&mut b.as_slice()).err().unwrap().kind(),
-        io::ErrorKind::InvalidData
-    );
+    assert_eq!(Mf::load(&mut b.as_slice()).err().unwrap().kind(), io::ErrorKind::InvalidData);
     let mut bad_magic = buf.clone();
     bad_magic[0] = b'X';
-    assert_eq!(
-        Mf::load(&mut bad_magic.as_slice()).err().unwrap().kind(),
-        io::ErrorKind::InvalidData
-    );
+    assert_eq!(Mf::load(&mut bad_magic.as_slice()).err().unwrap().kind(), io::ErrorKind::InvalidData);
 }
 
 /// CPU time of the calling thread (Linux `schedstat`; NaN elsewhere): on a shared machine it
@@ -533,35 +448,19 @@ fn thread_cpu_secs() -> f64 {
 fn bench_online_updates() {
     // (name, users, items, user cap, item cap, skewed items, dim)
     let scenarios = [
-        (
-            "short histories",
-            20_000u64,
-            5_000u64,
-            8usize,
-            8usize,
-            false,
-            64usize,
-        ),
+        ("short histories", 20_000u64, 5_000u64, 8usize, 8usize, false, 64usize),
         ("short histories", 20_000, 5_000, 8, 8, false, 32),
         ("skewed, caps 16/32", 100_000, 20_000, 16, 32, true, 64),
         ("skewed, caps 256/512", 100_000, 20_000, 256, 512, true, 64),
     ];
     for (name, n_users, n_items, cap_u, cap_i, skew, dim) in scenarios {
-        let c = MfConfig {
-            dim,
-            user_history_cap: cap_u,
-            item_history_cap: cap_i,
-            ..cfg()
-        };
+        let c = MfConfig { dim, user_history_cap: cap_u, item_history_cap: cap_i, ..cfg() };
         let mut m = Mf::new(c);
         let mut r = Rng::new(10);
         let draw = |r: &mut Rng| {
             let u = r.below(n_users) as u32;
-            let i = if skew {
-                (r.below(n_items) as f64 * r.next_f64()) as u32
-            } else {
-                r.below(n_items) as u32
-            };
+            let i =
+                if skew { (r.below(n_items) as f64 * r.next_f64()) as u32 } else { r.below(n_items) as u32 };
             (u, i)
         };
         // Warm up: every user and item exists with a little history.
@@ -579,18 +478,8 @@ fn bench_online_updates() {
         let dt = t0.elapsed().as_secs_f64();
         let dc = thread_cpu_secs() - c0;
         let mean = |v: Vec<usize>| v.iter().sum::<usize>() as f64 / v.len() as f64;
-        let hu = mean(
-            events[..1000]
-                .iter()
-                .map(|e| m.user_items(e.0).len())
-                .collect(),
-        );
-        let hi = mean(
-            events[..1000]
-                .iter()
-                .map(|e| m.item_users(e.1).len())
-                .collect(),
-        );
+        let hu = mean(events[..1000].iter().map(|e| m.user_items(e.0).len()).collect());
+        let hi = mean(events[..1000].iter().map(|e| m.item_users(e.1).len()).collect());
         println!(
             "dim {dim}, {name}: {:.0} updates/s wall, {:.0} per CPU-second \
              (mean history per event: user {hu:.1}, item {hi:.1})",
@@ -609,26 +498,15 @@ fn tune_defaults_on_planted_set() {
     for c0 in [64.0, 256.0, 512.0, 1024.0] {
         for alpha in [0.0, 0.4, 0.5] {
             for reg in [0.01, 0.1, 1.0] {
-                let c = MfConfig {
-                    c0,
-                    alpha,
-                    reg,
-                    ..cfg()
-                };
+                let c = MfConfig { c0, alpha, reg, ..cfg() };
                 let (hr, pop, _) = holdout_hr(&p, c, 10);
-                println!(
-                    "c0 {c0:6} alpha {alpha:.1} reg {reg:5}: HR@10 {hr:.4} (popularity {pop:.4})"
-                );
+                println!("c0 {c0:6} alpha {alpha:.1} reg {reg:5}: HR@10 {hr:.4} (popularity {pop:.4})");
             }
         }
     }
     for w_new in [1.0, 2.0, 4.0] {
         for online_iters in [1, 2] {
-            let [k, n] = stream_hr(MfConfig {
-                w_new,
-                online_iters,
-                ..cfg()
-            });
+            let [k, n] = stream_hr(MfConfig { w_new, online_iters, ..cfg() });
             println!(
                 "w_new {w_new} online_iters {online_iters}: stream HR@10 known {:.4} (frozen {:.4}), new {:.4} (popularity {:.4})",
                 k[0], k[1], n[0], n[2]
