@@ -77,25 +77,20 @@ def build_app(server: Server) -> Starlette:
 
     # --- helpers --------------------------------------------------------------------------
 
-    def resolve_user(text: str) -> Id:
-        if cfg.pseudonymize_key is not None:
-            return server.map_user(text)  # the model only ever saw pseudonyms
-        if (
-            _INT.fullmatch(text)
-            and model.user_vector(text) is None
-            and model.user_vector(int(text)) is not None
-        ):
+    def known_as(text: str, known: Callable[[Id], object]) -> Id:
+        """A URL id as the model knows it: an all-digit id the model holds only as an
+        integer (producers sent it as one) is that integer."""
+        if _INT.fullmatch(text) and known(text) is None and known(int(text)) is not None:
             return int(text)
         return text
 
+    def resolve_user(text: str) -> Id:
+        if cfg.pseudonymize_key is not None:
+            return server.map_user(text)  # the model only ever saw pseudonyms
+        return known_as(text, model.user_vector)
+
     def resolve_item(text: str) -> Id:
-        if (
-            _INT.fullmatch(text)
-            and model.item_vector(text) is None
-            and model.item_vector(int(text)) is not None
-        ):
-            return int(text)
-        return text
+        return known_as(text, model.item_vector)
 
     def presented_key(conn: Request | WebSocket) -> str | None:
         key = conn.headers.get("x-recstream-key") or conn.query_params.get("key")
