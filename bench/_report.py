@@ -63,7 +63,9 @@ def table_rows(doc: dict[str, Any], stem: str) -> list[str]:
     lines = []
     for r in doc.get("rows", []):
         params = r.get("params") or {}
-        peer_name = params.get("peer_name") or doc_peer
+        # Rows against a target (``..._vs_goal``) compare with the goal, not the peer program.
+        is_goal = "goal" in str(r.get("name", ""))
+        peer_name = params.get("peer_name") or ("goal" if is_goal else doc_peer)
         peer = fmt(r.get("peer"))
         if peer_name and r.get("peer") is not None:
             peer = f"{peer} ({peer_name})"
