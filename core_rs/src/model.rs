@@ -44,7 +44,7 @@ pub const MAX_WEIGHT: f32 = 1e6;
 /// under a millisecond behind a writer (an online update costs ~10-20 µs at dim 64).
 const APPLY_CHUNK: usize = 32;
 /// Catalog size below which the exact scan answers queries: `python -m bench crossover` puts
-/// the point where the index (at recall@10 >= 0.95) overtakes the scan at 0.5k-2k items here.
+/// the point where the index (at recall@10 >= 0.95) overtakes the scan at 1k-2k items here.
 pub const DEFAULT_EXACT_BELOW: usize = 2_000;
 /// How many of a user's past items an explanation names.
 const MAX_BECAUSE: usize = 3;
