@@ -187,22 +187,8 @@ impl Index {
         let flat: Vec<f32> = queries.as_array().iter().copied().collect();
         check_finite(&flat, "queries")?;
         let ef = self.ef_or_default(ef);
-        let (ids, scores) = py.detach(|| {
-            let mut ids = vec![PAD_ID; n * k];
-            let mut scores = vec![f32::NEG_INFINITY; n * k];
-            for r in 0..n {
-                // The read lock is taken per query so a writer waits at most one query.
-                let res = self.inner.read().search(&flat[r * d..(r + 1) * d], k, ef, &|_| true);
-                for (j, (id, s)) in res.into_iter().enumerate() {
-                    ids[r * k + j] = id;
-                    scores[r * k + j] = s;
-                }
-            }
-            (ids, scores)
-        });
-        let ids = Array2::from_shape_vec((n, k), ids).expect("n*k elements");
-        let scores = Array2::from_shape_vec((n, k), scores).expect("n*k elements");
-        Ok((ids.into_pyarray(py), scores.into_pyarray(py)))
+        // The read lock is taken per query so a writer waits at most one query.
+        Ok(batch_hits(py, n, k, |r| self.inner.read().search(&flat[r * d..(r + 1) * d], k, ef, &|_| true)))
     }
 
     fn __len__(&self) -> usize {
@@ -278,12 +264,24 @@ pub fn exact_search_batch<'py>(
     }
     let rows: Vec<f32> = matrix.as_array().iter().copied().collect();
     let flat: Vec<f32> = queries.as_array().iter().copied().collect();
+    Ok(batch_hits(py, n, k, |r| {
+        crate::scan::exact_top_k(&rows, dim, &flat[r * d..(r + 1) * d], k, &|_| true)
+    }))
+}
+
+/// Runs `query(row)` for rows `0..n` with the GIL released and packs the hits into `(n, k)`
+/// arrays, padding short rows with `PAD_ID` and `-inf`.
+fn batch_hits<'py>(
+    py: Python<'py>,
+    n: usize,
+    k: usize,
+    query: impl Fn(usize) -> Vec<(u32, f32)> + Send + Sync,
+) -> Hits2<'py> {
     let (ids, scores) = py.detach(|| {
         let mut ids = vec![PAD_ID; n * k];
         let mut scores = vec![f32::NEG_INFINITY; n * k];
         for r in 0..n {
-            let res = crate::scan::exact_top_k(&rows, dim, &flat[r * d..(r + 1) * d], k, &|_| true);
-            for (j, (id, s)) in res.into_iter().enumerate() {
+            for (j, (id, s)) in query(r).into_iter().enumerate() {
                 ids[r * k + j] = id;
                 scores[r * k + j] = s;
             }
@@ -292,5 +290,5 @@ pub fn exact_search_batch<'py>(
     });
     let ids = Array2::from_shape_vec((n, k), ids).expect("n*k elements");
     let scores = Array2::from_shape_vec((n, k), scores).expect("n*k elements");
-    Ok((ids.into_pyarray(py), scores.into_pyarray(py)))
+    (ids.into_pyarray(py), scores.into_pyarray(py))
 }
