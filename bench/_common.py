@@ -94,10 +94,14 @@ def row(
 
 
 def write_results(
-    name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None
+    name: str,
+    rows: list[dict[str, Any]],
+    extra: dict[str, Any] | None = None,
+    out: Path | None = None,
 ) -> Path:
-    """Writes ``NAME.json`` in :func:`results_dir` atomically (temporary file, then rename)."""
-    out = results_dir()
+    """Writes ``NAME.json`` in ``out`` (default :func:`results_dir`) atomically (temporary
+    file, then rename)."""
+    out = results_dir() if out is None else out
     out.mkdir(parents=True, exist_ok=True)
     doc: dict[str, Any] = {"name": name, "machine": machine(), "rows": rows}
     if extra:

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -52,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from bench._common import RESULTS_DIR, machine, require_release, row, write_results
+from bench._common import require_release, results_dir, row, write_results
 
 KS = (10, 100)
 VARIANTS = ("exclude-seen", "seen-kept")
@@ -105,7 +104,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--results-dir",
         type=Path,
-        default=os.environ.get("RECSTREAM_BENCH_RESULTS"),
+        default=results_dir(),
         help="where quality.json and quality.png go (default bench/results)",
     )
     p.set_defaults(func=run)
@@ -655,8 +654,8 @@ def run(args: argparse.Namespace) -> int:
         "warm_start_seconds": {m: round(r["warm_s"], 3) for m, r in results.items()},
         "breakdown": breakdown,
     }
-    out_dir = Path(args.results_dir) if args.results_dir else RESULTS_DIR
-    path = write_to(out_dir, "quality", rows, extra)
+    out_dir = Path(args.results_dir)
+    path = write_results("quality", rows, extra, out=out_dir)
     plot(results, positions, split, out_dir / "quality.png")
     print_table(rows, breakdown, results)
     print(f"wrote {path} and {out_dir / 'quality.png'}")
@@ -871,8 +870,8 @@ def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         "tuned": current,
         "trials": trials,
     }
-    out_dir = Path(args.results_dir) if args.results_dir else RESULTS_DIR
-    path = write_to(out_dir, "quality_tune", rows, extra)
+    out_dir = Path(args.results_dir)
+    path = write_results("quality_tune", rows, extra, out=out_dir)
     print(f"best {current} hr@100/exclude-seen {best:.4f}; wrote {path}")
     return 0
 
@@ -921,16 +920,3 @@ def command_line(args: argparse.Namespace) -> str:
         if args.tune_passes != 1:
             parts += ["--tune-passes", str(args.tune_passes)]
     return " ".join(parts)
-
-
-def write_to(out_dir: Path, name: str, rows: list[dict[str, Any]], extra: dict[str, Any]) -> Path:
-    """``write_results`` into ``bench/results``, or the same document into ``out_dir``."""
-    if out_dir.resolve() == RESULTS_DIR.resolve():
-        return write_results(name, rows, extra)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"name": name, "machine": machine(), "rows": rows, **extra}
-    path = out_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(path)
-    return path

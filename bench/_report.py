@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from bench._common import RESULTS_DIR
+from bench._common import results_dir
 
 START = "<!-- bench-table:start -->"
 END = "<!-- bench-table:end -->"
@@ -32,7 +31,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--results-dir",
         type=Path,
-        default=os.environ.get("RECSTREAM_BENCH_RESULTS") or RESULTS_DIR,
+        default=results_dir(),
         help="where the results JSON files are (default bench/results)",
     )
     p.set_defaults(func=run)
