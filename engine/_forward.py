@@ -181,20 +181,25 @@ class ForwardServer:
         frames: list[bytes] = []
         chunks: list[str] = []
         entries = 0
-        while buf:
-            view = bytes(buf)
+        # One copy of the buffer; frames are found by offset, so many small frames in one
+        # read cost one pass rather than a copy of the rest of the buffer each.
+        data = bytes(buf)
+        offset = 0
+        error: str | None = None
+        while offset < len(data):
             try:
-                if len(view) <= INLINE_CHECK_BYTES:
-                    checked: Any = model.check_frame(view)
+                if len(data) - offset <= INLINE_CHECK_BYTES:
+                    checked: Any = model.check_frame(data, offset)
                 else:
-                    checked = await trio.to_thread.run_sync(model.check_frame, view)
+                    checked = await trio.to_thread.run_sync(model.check_frame, data, offset)
             except InvalidFrame as e:
-                return frames, chunks, entries, str(e)
+                error = str(e)
+                break
             if checked is None:
                 break
             used = checked["used"]
-            frames.append(view[:used])
-            del buf[:used]
+            frames.append(data[offset : offset + used])
+            offset += used
             entries += checked["entries"]
             if checked["chunk"] is not None:
                 chunks.append(checked["chunk"])
@@ -208,7 +213,8 @@ class ForwardServer:
                     idx,
                     reason,
                 )
-        return frames, chunks, entries, None
+        del buf[:offset]
+        return frames, chunks, entries, error
 
 
 async def _read_message(stream: trio.SocketStream) -> tuple[Any, bytes]:

@@ -432,12 +432,19 @@ impl PyModel {
         Ok(d)
     }
 
-    /// Checks the first frame in `buf` as `ingest_forward` would, changing nothing.
+    /// Checks the frame that starts at `offset` in `buf` as `ingest_forward` would, changing nothing.
     ///
     /// Returns None when `buf` holds only part of a frame, else a dict with "used" (bytes of
     /// the frame), "entries", "rejected" ([(entry index, reason)]), "chunk" and "tag".
     /// Raises InvalidFrame when the bytes can never become a frame.
-    fn check_frame<'py>(&self, py: Python<'py>, buf: &[u8]) -> PyResult<Option<Bound<'py, PyDict>>> {
+    #[pyo3(signature = (buf, offset=0))]
+    fn check_frame<'py>(
+        &self,
+        py: Python<'py>,
+        buf: &[u8],
+        offset: usize,
+    ) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let buf = buf.get(offset..).ok_or_else(|| PyValueError::new_err("offset is past the end of buf"))?;
         let checked = match py.detach(|| self.inner.check_frame(buf)) {
             Ok(c) => c,
             Err(DecodeError::Incomplete) => return Ok(None),
