@@ -67,6 +67,17 @@ class ServerConfig:
         tcp_user_timeout_ms: Set on the listening sockets so the kernel drops peers that stop
             acknowledging data (a stuck reader cannot hold a connection forever).
         max_body_bytes: Largest HTTP body and websocket message accepted.
+        max_forward_connections, max_http_connections: Connections each listener serves at
+            once (HTTP counts websockets); one more is closed on arrival. None: derived from
+            the open-file limit (raised to its hard limit at start), which is split between
+            the two listeners after a reserve for the journal and snapshots.
+        idle_timeout: Seconds a connection may go without progress before it is closed: a
+            Forward connection without a complete frame, a websocket producer without a
+            message, an HTTP connection between requests or stalled inside one, a subscriber
+            that stops answering pings (sent every third of this).
+        max_decompressing_bytes: Bytes that gzip-compressed Forward frames may decompress to
+            at once, all connections together; a frame waits for its share. At least
+            ``model.max_decompressed_bytes``.
         max_events_per_request: Events in one HTTP request or websocket message.
         variants: A/B variants (``[[variants]]`` tables with ``name``, ``share`` and overrides
             such as ``k``, ``diversity``, ``exploration``); empty: no experiment.
@@ -104,6 +115,10 @@ class ServerConfig:
     tcp_user_timeout_ms: int = 10_000
     max_body_bytes: int = 4 * 1024 * 1024
     max_events_per_request: int = 10_000
+    max_forward_connections: int | None = None
+    max_http_connections: int | None = None
+    idle_timeout: float = 60.0
+    max_decompressing_bytes: int = 64 * 1024 * 1024
     variants: tuple[Variant, ...] = attrs.field(default=(), converter=check_variants)
     experiment_salt: str = "recstream"
     attribution_window: float = 1800.0

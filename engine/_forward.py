@@ -15,6 +15,12 @@ While the journal append is pending the connection is not read, so a producer th
 the engine is slowed by TCP flow control. The buffer never exceeds one maximum frame plus one
 read. A malformed or oversized frame closes the connection with a logged reason; frames before
 it stand; other connections are unaffected.
+
+Limits against exhaustion: at most ``max_forward_connections`` connections are served at
+once (see ``engine._connections``); a connection that completes no frame within
+``idle_timeout`` -- silent, or stalled inside a frame -- is closed with a logged reason; and
+compressed frames are checked (which gunzips them) only within a budget shared by every
+connection, ``max_decompressing_bytes``, so many gzip bombs at once cost one bomb's memory.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import trio
 
+from ._connections import ConnectionGate
 from ._core import InvalidFrame
 from ._exceptions import JournalClosed, JournalFailed
 
@@ -45,6 +52,8 @@ READ_SIZE = 64 * 1024
 INLINE_CHECK_BYTES = 64 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 MAX_HANDSHAKE_BYTES = 4096
+# What the Rust check gunzips a compressed frame to at most (its Limits default).
+MAX_DECOMPRESSED_BYTES = 64 * 1024 * 1024
 
 
 def shared_key_digest(salt: bytes | str, hostname: str, nonce: bytes | str, key: str) -> str:
@@ -60,14 +69,24 @@ class ProtocolError(Exception):
     """The peer broke the protocol; the connection is closed with this reason."""
 
 
+class IdleTimeout(Exception):
+    """The peer completed no frame within ``idle_timeout``; the connection is closed."""
+
+
 class ForwardServer:
     """Serves Forward connections for ``server`` (its model, journal and config)."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, max_connections: int) -> None:
+        cfg = server.config
         self._server = server
-        self._keys = server.config.producer_keys if server.config.auth_enabled else ()
+        self._keys = cfg.producer_keys if cfg.auth_enabled else ()
         self._hostname = socket.gethostname()
         self.connections = 0
+        self.gate = ConnectionGate("forward", max_connections, server.metrics)
+        # Each compressed check may gunzip up to the decompressed limit: the budget in slots.
+        self._decompressing = trio.CapacityLimiter(
+            max(1, cfg.max_decompressing_bytes // MAX_DECOMPRESSED_BYTES)
+        )
 
     async def serve(
         self,
@@ -80,7 +99,9 @@ class ForwardServer:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
                 task_status.started(scope)
-                await trio.serve_listeners(self._handle, [listener], handler_nursery=nursery)
+                await trio.serve_listeners(
+                    self.gate.wrap(self._handle), [listener], handler_nursery=nursery
+                )
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
@@ -97,6 +118,9 @@ class ForwardServer:
             self._server.metrics.rejects.labels("forward_protocol").inc()
         except trio.TooSlowError:
             log.warning("forward %s: closing: handshake timed out", peer)
+        except IdleTimeout as e:
+            log.info("forward %s: closing: %s", peer, e)
+            self._server.metrics.idle_closed.labels("forward").inc()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass  # the peer went away
         except (JournalClosed, JournalFailed) as e:
@@ -146,7 +170,11 @@ class ForwardServer:
         """Journals and acks frames until the peer closes; ``pending`` was read already."""
         server = self._server
         limit = server.config.model.max_frame_bytes
+        idle = server.config.idle_timeout
         buf = bytearray(pending)
+        # A frame must complete within ``idle`` of the previous one (or of the start): this
+        # closes silent connections and frames that stall half-sent alike.
+        deadline = trio.current_time() + idle
         while True:
             if buf:
                 frames, chunks, entries, error = await self._split(buf, peer)
@@ -156,13 +184,20 @@ class ForwardServer:
                     await server.append(frames, "forward", entries)
                     for chunk in chunks:
                         await stream.send_all(msgpack.packb({"ack": chunk}))
+                    # From here: time spent waiting on the journal is not the peer's.
+                    deadline = trio.current_time() + idle
                 if error is not None:
                     raise ProtocolError(f"invalid frame: {error}")
                 if len(buf) > limit:
                     raise ProtocolError(f"frame over the {limit}-byte limit")
             # Reading at least as much as is buffered makes re-checking a growing partial frame
             # cost O(frame) overall rather than O(frame^2) when the data is there to read.
-            data = await stream.receive_some(max(READ_SIZE, len(buf)))
+            data = b""
+            with trio.move_on_at(deadline) as waited:
+                data = await stream.receive_some(max(READ_SIZE, len(buf)))
+            if waited.cancelled_caught:
+                state = f"{len(buf)} bytes of a frame stalled" if buf else "silent"
+                raise IdleTimeout(f"no complete frame within {idle:g} s ({state})")
             if not data:
                 if buf:
                     raise ProtocolError(f"connection closed inside a frame ({len(buf)} bytes)")
@@ -186,10 +221,23 @@ class ForwardServer:
         data = bytes(buf)
         offset = 0
         error: str | None = None
+        # Where "gzip" next occurs: a frame holding none of it is not compressed (searched
+        # again only once passed, so the search costs one pass over the buffer).
+        gzip_at = -1
         while offset < len(data):
+            if gzip_at < offset:
+                gzip_at = data.find(b"gzip", offset)
+                if gzip_at < 0:
+                    gzip_at = len(data)
             try:
-                if len(data) - offset <= INLINE_CHECK_BYTES:
-                    checked: Any = model.check_frame(data, offset)
+                if gzip_at < len(data):
+                    # Maybe compressed: checking gunzips it, so it runs within the budget
+                    # and off the event loop, however small it is compressed.
+                    checked: Any = await trio.to_thread.run_sync(
+                        model.check_frame, data, offset, limiter=self._decompressing
+                    )
+                elif len(data) - offset <= INLINE_CHECK_BYTES:
+                    checked = model.check_frame(data, offset)
                 else:
                     checked = await trio.to_thread.run_sync(model.check_frame, data, offset)
             except InvalidFrame as e:

@@ -16,6 +16,11 @@
 ``recstream_pushes_dropped_total``  lists discarded unread (erasure, stuck subscribers)
 ``recstream_subscribers_dropped_total`` subscribers closed for being stuck
 ``recstream_snapshots_total``       snapshots written
+``recstream_connections``           open connections by ``listener`` (forward, http)
+``recstream_connections_refused_total`` connections closed on arrival by ``listener``: the
+                                    listener was at its connection limit
+``recstream_connections_idle_closed_total`` connections closed for idling by ``listener``
+                                    (forward, ws_events)
 ==================================  =========================================================
 
 One registry per server (not the process-global one), so tests can run several servers in one
@@ -85,6 +90,21 @@ class Metrics:
             registry=r,
         )
         self.snapshots = Counter("recstream_snapshots", "Snapshots written", registry=r)
+        self.connections = Gauge(
+            "recstream_connections", "Open connections by listener", ["listener"], registry=r
+        )
+        self.connections_refused = Counter(
+            "recstream_connections_refused",
+            "Connections closed on arrival: the listener was at its limit",
+            ["listener"],
+            registry=r,
+        )
+        self.idle_closed = Counter(
+            "recstream_connections_idle_closed",
+            "Connections closed after idling past idle_timeout",
+            ["listener"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -59,11 +59,13 @@ from typing import Any
 import msgpack
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
-from hypercorn.trio.run import worker_serve
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
 from ._config import ServerConfig
+from ._connections import ConnectionGate, default_connection_limits, raise_nofile_limit
 from ._core import CorruptSnapshot, InvalidFrame
 from ._events import journal_record, json_to_frame, parse_journal_record
 from ._exceptions import InvalidEvents, JournalClosed, JournalFailed
@@ -107,6 +109,45 @@ def _listening_socket(host: str, port: int, user_timeout_ms: int) -> socket.sock
     sock.listen(1024)
     sock.setblocking(False)
     return sock
+
+
+async def _serve_http(
+    app: Any,
+    hc: HypercornConfig,
+    sock: socket.socket,
+    gate: ConnectionGate,
+    stop: trio.Event,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Hypercorn's trio worker loop for one plain-HTTP socket, with ``gate`` on its accepts.
+
+    Hypercorn's ``worker_serve`` builds its listeners itself, leaving no place to limit the
+    connections; this is its accept loop and graceful stop, minus lifespan events (the app
+    has none), TLS and QUIC. On ``stop``: no new connections, open ones get
+    ``graceful_timeout`` seconds to finish.
+    """
+    context = WorkerContext(None)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    handler = functools.partial(TCPServer, app, hc, context, ConnectionState({}))
+    host, port = sock.getsockname()[:2]
+    async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as accepting:
+            accepting.start_soon(
+                functools.partial(
+                    trio.serve_listeners,
+                    gate.wrap(handler),
+                    [listener],
+                    handler_nursery=connections,
+                )
+            )
+            task_status.started(
+                f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+            )
+            await stop.wait()
+            accepting.cancel_scope.cancel()
+        await context.terminated.set()
+        connections.cancel_scope.deadline = trio.current_time() + hc.graceful_timeout
 
 
 class Server:
@@ -262,7 +303,19 @@ class Server:
         self.model_actor = ModelActor(
             self.model, receive, applied_seq=applied_seq, on_applied=self._on_applied
         )
-        forward = ForwardServer(self)
+        nofile = raise_nofile_limit()
+        fwd_limit, http_limit = default_connection_limits(nofile)
+        forward = ForwardServer(self, self.config.max_forward_connections or fwd_limit)
+        self.forward_gate = forward.gate
+        self.http_gate = ConnectionGate(
+            "http", self.config.max_http_connections or http_limit, self.metrics
+        )
+        log.info(
+            "open-file limit %d: up to %d Forward and %d HTTP connections",
+            nofile,
+            forward.gate.limit,
+            self.http_gate.limit,
+        )
         http_sock = _listening_socket(
             self.config.http_host, self.config.http_port, self.config.tcp_user_timeout_ms
         )
@@ -276,6 +329,14 @@ class Server:
         hc.websocket_max_message_size = self.config.max_body_bytes
         hc.h11_max_incomplete_size = 64 * 1024
         hc.graceful_timeout = 2.0
+        # Idle connections: a keep-alive connection between requests, or one stalled inside
+        # its request headers, is closed after the keep-alive timeout; one that sends nothing
+        # for ``idle_timeout`` (a body or websocket frame stalled half-sent, a subscriber that
+        # stopped answering the pings sent every third of it) after the read timeout.
+        idle = self.config.idle_timeout
+        hc.keep_alive_timeout = min(5.0, idle)
+        hc.read_timeout = idle  # type: ignore[assignment]
+        hc.websocket_ping_interval = idle / 3
         hc.accesslog = None
         hc.errorlog = logging.getLogger("hypercorn.error")
         http_stop = trio.Event()
@@ -289,16 +350,14 @@ class Server:
                 services.start_soon(self._snapshot_loop)
                 services.start_soon(self._erase_loop)
                 forward_scope = await services.start(forward.serve, fwd_sock)
-                binds = await nursery.start(
-                    lambda task_status: worker_serve(
-                        wrap_app(app, hc.wsgi_max_body_size, None),  # type: ignore[arg-type]
-                        hc,
-                        sockets=Sockets([], [http_sock], []),
-                        shutdown_trigger=http_stop.wait,
-                        task_status=task_status,
-                    )
+                self.http_url = await nursery.start(
+                    _serve_http,
+                    wrap_app(app, hc.wsgi_max_body_size, None),  # type: ignore[arg-type]
+                    hc,
+                    http_sock,
+                    self.http_gate,
+                    http_stop,
                 )
-                self.http_url = binds[0]
                 host, port = fwd_sock.getsockname()[:2]
                 self.forward_address = (host, port)
                 self.ready = self.accepting = True

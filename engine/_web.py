@@ -224,8 +224,14 @@ def build_app(server: Server) -> Starlette:
         tag = ws.query_params.get("tag", DEFAULT_TAG)
         while True:
             try:
-                message = await ws.receive()
+                message = await receive_within(ws, cfg.idle_timeout)
             except WebSocketDisconnect:
+                return
+            if message is None:
+                server.metrics.idle_closed.labels("ws_events").inc()
+                log.info("websocket producer sent nothing for %g s; closing", cfg.idle_timeout)
+                with trio.move_on_after(1):
+                    await ws.close(GOING_AWAY, "idle timeout")
                 return
             if message["type"] == "websocket.disconnect":
                 return
@@ -435,11 +441,20 @@ def build_app(server: Server) -> Starlette:
     return Starlette(routes=routes)
 
 
+async def receive_within(ws: WebSocket, seconds: float) -> Any:
+    """The next ASGI websocket message, or None when none arrives within ``seconds``."""
+    with trio.move_on_after(seconds):
+        return await ws.receive()
+    return None
+
+
 async def _push_loop(server: Server, ws: WebSocket, sub: Subscription) -> None:
     """Sends the current list, then every change, until the client leaves or is too slow.
 
     A send that does not finish within ``send_timeout`` closes the connection: the client
-    stopped reading, and holding its socket would hold its buffers forever.
+    stopped reading, and holding its socket would hold its buffers forever. A client that
+    stops answering the server's pings (every third of ``idle_timeout``) is closed by the
+    HTTP server's read timeout, which ends ``watch_disconnect`` and with it this loop.
     """
     timeout = server.config.send_timeout
     publisher = server.publisher

@@ -364,17 +364,35 @@ fn option_str<'a>(r: &mut Reader<'a>, key: &str, limits: &Limits) -> Result<&'a 
 }
 
 /// Gunzips a CompressedPackedForward payload, which may be several gzip members back to
-/// back (clients append a member per flush). Reads at most one byte past the limit, so a
-/// bomb costs `limit` bytes of memory before it is refused.
-fn gunzip(data: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
-    let mut out = Vec::new();
-    let mut dec = flate2::read::MultiGzDecoder::new(data).take(limit as u64 + 1);
-    dec.read_to_end(&mut out).map_err(|e| invalid(format!("the gzip payload is damaged: {e}")))?;
-    if out.len() > limit {
-        return Err(invalid(format!("the gzip payload decompresses past the {limit}-byte limit")));
+/// back (clients append a member per flush).
+///
+/// Incremental: output is read in `GUNZIP_STEP` pieces and the buffer grows with what was
+/// produced (doubling, but never past `limit + 1` bytes), so a bomb is refused as soon as
+/// its output passes the limit and holds at most `limit + 1` bytes until then -- not the
+/// twice as much a doubling `read_to_end` may reserve, nor the limit up front.
+pub(crate) fn gunzip(data: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
+    let cap = limit.saturating_add(1);
+    let mut out: Vec<u8> = Vec::new();
+    let mut dec = flate2::read::MultiGzDecoder::new(data);
+    let mut step = [0u8; GUNZIP_STEP];
+    loop {
+        let n = dec.read(&mut step).map_err(|e| invalid(format!("the gzip payload is damaged: {e}")))?;
+        if n == 0 {
+            return Ok(out);
+        }
+        if out.len() + n > limit {
+            return Err(invalid(format!("the gzip payload decompresses past the {limit}-byte limit")));
+        }
+        if out.capacity() - out.len() < n {
+            let want = (out.len() + n).max(out.capacity().saturating_mul(2)).min(cap);
+            out.reserve_exact(want - out.len());
+        }
+        out.extend_from_slice(&step[..n]);
     }
-    Ok(out)
 }
+
+/// Bytes gunzipped per read: large enough to amortise the call, small enough for the stack.
+const GUNZIP_STEP: usize = 32 * 1024;
 
 /// Counts the entries packed in a PackedForward payload, validating each one's msgpack.
 /// The payload is whole, so a value cut short by its end is Invalid.

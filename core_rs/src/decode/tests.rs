@@ -419,6 +419,28 @@ fn gzip_bomb_over_the_decompressed_limit_is_invalid() {
 }
 
 #[test]
+fn gunzip_stops_at_the_limit_and_holds_no_more_than_it_produced() {
+    let limit = 1 << 20;
+    // A bomb: 64 MiB of zeros. Refused once the output passes the limit, without reading on.
+    let bomb = gzip(&vec![0u8; 64 << 20]);
+    let err = gunzip(&bomb, limit).unwrap_err();
+    assert!(is_invalid(&Err::<(), _>(err)));
+    // Exactly the limit is accepted, and the buffer never grew past limit + 1.
+    let data: Vec<u8> = (0..limit).map(|i| (i % 251) as u8).collect();
+    let out = gunzip(&gzip(&data), limit).unwrap();
+    assert_eq!(out, data);
+    assert!(out.capacity() <= limit + 1, "capacity {}", out.capacity());
+    // A small payload gets a small buffer, not the limit up front.
+    let out = gunzip(&gzip(b"hello"), limit).unwrap();
+    assert_eq!(out, b"hello");
+    assert!(out.capacity() < 64 << 10, "capacity {}", out.capacity());
+    // Several members back to back, the last one cut short: damaged, not silently short.
+    let two = [gzip(b"ab"), gzip(b"cd")].concat();
+    assert_eq!(gunzip(&two, limit).unwrap(), b"abcd");
+    assert!(gunzip(&two[..two.len() - 3], limit).is_err());
+}
+
+#[test]
 fn too_many_packed_entries_is_invalid() {
     let limits = Limits { max_entries: 10, ..lim() };
     let mut w = W::default();
