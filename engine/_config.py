@@ -41,6 +41,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+_positive_or_none = attrs.validators.optional(attrs.validators.gt(0))
+
+
 @attrs.frozen(kw_only=True)
 class ServerConfig:
     """Everything ``recstream serve`` needs; every field has a working default.
@@ -115,10 +118,12 @@ class ServerConfig:
     tcp_user_timeout_ms: int = 10_000
     max_body_bytes: int = 4 * 1024 * 1024
     max_events_per_request: int = 10_000
-    max_forward_connections: int | None = None
-    max_http_connections: int | None = None
-    idle_timeout: float = 60.0
-    max_decompressing_bytes: int = 64 * 1024 * 1024
+    max_forward_connections: int | None = attrs.field(default=None, validator=_positive_or_none)
+    max_http_connections: int | None = attrs.field(default=None, validator=_positive_or_none)
+    idle_timeout: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
+    max_decompressing_bytes: int = attrs.field(
+        default=64 * 1024 * 1024, validator=attrs.validators.gt(0)
+    )
     variants: tuple[Variant, ...] = attrs.field(default=(), converter=check_variants)
     experiment_salt: str = "recstream"
     attribution_window: float = 1800.0

@@ -20,6 +20,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
+from engine._config import load_config
+from engine._exceptions import ConfigError
 from engine._server import Server
 
 from .conftest import running_server, websocket, ws_url
@@ -383,3 +385,11 @@ async def test_concurrent_gzip_bombs_stay_within_the_memory_budget(tmp_path: Pat
         print(f"gzip bombs: peak {peak_mib:.0f} MiB, left {left_mib:.0f} MiB over the baseline")
         assert peak_mib < 150, f"peak RSS {peak_mib:.0f} MiB over the baseline"
         assert left_mib < 100, f"RSS {left_mib:.0f} MiB over the baseline afterwards"
+
+
+def test_limits_must_be_positive(tmp_path: Path) -> None:
+    for field in ("max_forward_connections", "max_http_connections", "idle_timeout"):
+        with pytest.raises(ConfigError, match=field):
+            load_config(data_dir=tmp_path, **{field: 0})
+    cfg = load_config(data_dir=tmp_path, max_forward_connections=5, idle_timeout=0.5)
+    assert (cfg.max_forward_connections, cfg.idle_timeout) == (5, 0.5)
