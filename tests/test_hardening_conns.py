@@ -171,13 +171,13 @@ IDLE = 1.0
 
 async def test_silent_and_stalled_forward_connections_are_closed(tmp_path: Path) -> None:
     async with running_server(tmp_path / "d", idle_timeout=IDLE) as server:
+        start = trio.current_time()  # before the server can have accepted them
         silent = await tcp(server.forward_address)
         stalled = await tcp(server.forward_address)
         busy = await tcp(server.forward_address)
         try:
             frame = forward(clicks("u1", ["i1"]), chunk="half")
             await stalled.send_all(frame[: len(frame) // 2])
-            start = trio.current_time()
             # A producer completing a frame every half timeout is never idle.
 
             async def keep_busy() -> None:
@@ -189,7 +189,7 @@ async def test_silent_and_stalled_forward_connections_are_closed(tmp_path: Path)
                 nursery.start_soon(keep_busy)
                 assert await closed_by_server(silent) == b""
                 assert await closed_by_server(stalled) == b""
-            assert trio.current_time() - start >= IDLE * 0.9
+                assert trio.current_time() - start >= IDLE * 0.99  # not closed early
             assert metric(server, "recstream_connections_idle_closed_total", "forward") == 2
             # The busy one outlived the idle ones by more than a timeout and is still served.
             peer = Peer(busy)
@@ -261,7 +261,8 @@ async def test_websocket_producer_that_sends_no_events_is_closed(tmp_path: Path)
                     await ws.get_message()
             assert closed.value.reason.code == 1001
             assert closed.value.reason.reason == "idle timeout"
-            assert trio.current_time() - start >= IDLE * 0.9
+            # Not closed at once (the server's clock started about when the ack was sent).
+            assert trio.current_time() - start >= IDLE * 0.5
         assert metric(server, "recstream_connections_idle_closed_total", "ws_events") == 1
 
 
