@@ -169,6 +169,39 @@ pub struct Rec {
     pub because: Vec<ExtId>,
     /// The item fills an exploration slot (little feedback yet), not a relevance slot.
     pub explore: bool,
+    /// Why the item is in the list; meaningful when the query asked to explain.
+    pub reason: Reason,
+}
+
+/// Why an item is in a list. Every explained item has one, so a list never leaves an item
+/// unaccounted for; `because` adds the user's own items where there are some.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Its vector is close to items the user interacted with (those are in `because`).
+    SimilarToHistory,
+    /// The user's vector ranks it high, though no single item of theirs points at it:
+    /// users who interacted with what they did also took this one (collaborative signal).
+    SimilarUsers,
+    /// Popular recently: the user is unknown, has no events, or is new enough that the
+    /// cold-start blend leans on the trending list and none of their items points at it.
+    Trending,
+    /// The item has no feedback yet; its vector comes from its category and tags.
+    NewItem,
+    /// An exploration slot: an item with little feedback, sampled to learn about it.
+    Exploration,
+}
+
+impl Reason {
+    /// The name clients see (`"reason"` in the HTTP and websocket answers).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::SimilarToHistory => "similar_to_history",
+            Reason::SimilarUsers => "similar_users",
+            Reason::Trending => "trending",
+            Reason::NewItem => "new_item",
+            Reason::Exploration => "exploration",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -883,9 +916,12 @@ impl Model {
         let pool = if rerank { k_main * POOL_FACTOR } else { k_main };
         let now = st.newest_ts;
 
+        // Where the main list came from, for the reason of items nothing else explains.
+        let mut from_trending = true;
         let mut cands = match (u, pu) {
             (Some(u), Some(pu)) => {
                 let beta = self.cold_start_beta(st.mf.user_count(u));
+                from_trending = beta >= MIN_BLEND;
                 if beta >= MIN_BLEND && k_main > 0 {
                     // Candidates from both sides, each scored on both.
                     let m = k_main * POOL_FACTOR;
@@ -895,7 +931,7 @@ impl Model {
                     let known: HashSet<u32> = ids.iter().copied().collect();
                     ids.extend(
                         st.trending
-                            .top(m, now, &keep_main)
+                            .top(m, &keep_main)
                             .into_iter()
                             .map(|h| h.0)
                             .filter(|i| !known.contains(i)),
@@ -913,7 +949,7 @@ impl Model {
                     self.top_k(st, pu, &sub, &keep_main)
                 }
             }
-            _ => st.trending.top(pool, now, &keep_main),
+            _ => st.trending.top(pool, &keep_main),
         };
         if rerank {
             cands = rerank::mmr(&cands, |i| st.mf.item_vector(i), k_main, lambda);
@@ -945,7 +981,18 @@ impl Model {
                     Some(u) if q.explain => st.explain(u, i),
                     _ => Vec::new(),
                 };
-                Some(Rec { item, score, because, explore })
+                let reason = if explore {
+                    Reason::Exploration
+                } else if !because.is_empty() {
+                    Reason::SimilarToHistory
+                } else if st.mf.item_count(i) <= 0.0 {
+                    Reason::NewItem
+                } else if from_trending {
+                    Reason::Trending
+                } else {
+                    Reason::SimilarUsers
+                };
+                Some(Rec { item, score, because, explore, reason })
             })
             .collect()
     }
