@@ -182,12 +182,13 @@ pub enum Reason {
     /// The user's vector ranks it high, though no single item of theirs points at it:
     /// users who interacted with what they did also took this one (collaborative signal).
     SimilarUsers,
-    /// Popular recently: the user is unknown, has no events, or is new enough that the
-    /// cold-start blend leans on the trending list and none of their items points at it.
+    /// Popular recently: the user is unknown or has no events, or is new enough that the
+    /// cold-start blend weighs the item's popularity above its personal score.
     Trending,
     /// The item has no feedback yet; its vector comes from its category and tags.
     NewItem,
-    /// An exploration slot: an item with little feedback, sampled to learn about it.
+    /// An exploration slot: an item with little feedback, sampled to learn about it (it may
+    /// still have supporting items in `because`).
     Exploration,
 }
 
@@ -916,12 +917,11 @@ impl Model {
         let pool = if rerank { k_main * POOL_FACTOR } else { k_main };
         let now = st.newest_ts;
 
-        // Where the main list came from, for the reason of items nothing else explains.
-        let mut from_trending = true;
+        // Items of a cold-start blend that are there mostly for being popular (for `reason`).
+        let mut trend_led: HashSet<u32> = HashSet::new();
         let mut cands = match (u, pu) {
             (Some(u), Some(pu)) => {
                 let beta = self.cold_start_beta(st.mf.user_count(u));
-                from_trending = beta >= MIN_BLEND;
                 if beta >= MIN_BLEND && k_main > 0 {
                     // Candidates from both sides, each scored on both.
                     let m = k_main * POOL_FACTOR;
@@ -939,6 +939,10 @@ impl Model {
                     let personal: Vec<f32> =
                         ids.iter().map(|&i| scan::dot(pu, st.mf.item_vector(i))).collect();
                     let trend: Vec<f32> = ids.iter().map(|&i| st.trending.score(i, now) as f32).collect();
+                    if q.explain {
+                        let led = rerank::trending_led(&personal, &trend, beta);
+                        trend_led = ids.iter().zip(led).filter(|x| x.1).map(|x| *x.0).collect();
+                    }
                     let mut hits: Vec<(u32, f32)> =
                         ids.into_iter().zip(rerank::blend(&personal, &trend, beta)).collect();
                     rerank::sort_desc(&mut hits);
@@ -983,12 +987,12 @@ impl Model {
                 };
                 let reason = if explore {
                     Reason::Exploration
+                } else if pu.is_none() || trend_led.contains(&i) {
+                    Reason::Trending
                 } else if !because.is_empty() {
                     Reason::SimilarToHistory
                 } else if st.mf.item_count(i) <= 0.0 {
                     Reason::NewItem
-                } else if from_trending {
-                    Reason::Trending
                 } else {
                     Reason::SimilarUsers
                 };
