@@ -289,6 +289,8 @@ mod tests {
         assert!((top[0].1 - 1.0).abs() < 1e-6 && (top[1].1 - 1.0 / 3.0).abs() < 1e-6);
         let all = t.top(10, &|_| true);
         assert_eq!(all.iter().map(|x| x.0).collect::<Vec<_>>(), vec![2, 0, 4, 1]);
+        let relative = t.score(1, now) / t.score(2, now);
+        assert!((all[3].1 as f64 - relative).abs() < 1e-6 && (relative - 0.5 / 3.0).abs() < 1e-9);
         let filtered = t.top(2, &|i| i != 2);
         assert_eq!(filtered.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 4]);
         // A filtered-out leader still sets the scale: scores do not depend on the filters.
