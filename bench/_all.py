@@ -4,16 +4,23 @@ The benchmarks are found from ``bench.__main__._MODULES`` at run time, so one ad
 included without touching this file. Each runs in its own interpreter (a crash or a
 ``sys.exit`` in one cannot take the others down); a failure is reported and the rest still
 run, and the exit status is non-zero if any failed.
+
+``--quick`` is a smoke run: its results go to a scratch directory (``$RECSTREAM_BENCH_RESULTS``
+or the system's temporary directory) and its table is printed, never written into the README
+or over the published figures in ``bench/results``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import subprocess
 import sys
 import time
 from typing import Any
+
+from bench._common import RESULTS_ENV, results_dir
 
 #: Subcommands that are not benchmarks.
 NOT_BENCHMARKS = frozenset({"all", "report"})
@@ -21,7 +28,12 @@ NOT_BENCHMARKS = frozenset({"all", "report"})
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("all", help="run every benchmark, then rewrite the README table")
-    p.add_argument("--quick", action="store_true", help="pass --quick to every benchmark")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: pass --quick to every benchmark; results to a scratch directory, "
+        "the README and bench/results untouched",
+    )
     p.add_argument("--no-report", action="store_true", help="leave the README alone")
     p.add_argument("--only", help="comma-separated subset of the benchmarks")
     p.set_defaults(func=run)
@@ -48,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
             sys.exit(f"unknown benchmarks {unknown}; registered: {names}")
         names = [n for n in names if n in wanted]
     failed: list[str] = []
+    env = dict(os.environ)
+    out = results_dir(quick=args.quick)
+    env[RESULTS_ENV] = str(out)
     for name in names:
         argv = [sys.executable, "-m", "bench", name]
         if args.quick:
@@ -57,15 +72,20 @@ def run(args: argparse.Namespace) -> int:
                 print(f"note: {name} has no --quick; running it in full", flush=True)
         print(f"=== {' '.join(argv[1:])}", flush=True)
         began = time.perf_counter()
-        code = subprocess.call(argv)
+        code = subprocess.call(argv, env=env)
         took = time.perf_counter() - began
         if code != 0:
             failed.append(name)
             print(f"=== {name} FAILED (exit {code}) after {took:.0f} s", flush=True)
         else:
             print(f"=== {name} done in {took:.0f} s", flush=True)
-    if not args.no_report:
-        code = subprocess.call([sys.executable, "-m", "bench", "report"])
+    if args.quick:
+        from bench._report import render
+
+        print(f"quick results in {out} (the README and bench/results are left alone):")
+        print(render(out))
+    elif not args.no_report:
+        code = subprocess.call([sys.executable, "-m", "bench", "report"], env=env)
         if code != 0:
             failed.append("report")
     if failed:

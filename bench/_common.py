@@ -21,14 +21,26 @@ from pathlib import Path
 from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: Where ``--quick`` (smoke) runs write: never over the published figures in ``bench/results``.
+QUICK_RESULTS_DIR = Path(tempfile.gettempdir()) / "recstream-bench-quick"
 #: Environment variable naming another directory for results (tests write to a temporary one).
 RESULTS_ENV = "RECSTREAM_BENCH_RESULTS"
 
 
-def results_dir() -> Path:
-    """Where results go: ``$RECSTREAM_BENCH_RESULTS`` if set, else ``bench/results``."""
+def results_dir(quick: bool | None = None) -> Path:
+    """Where results go: ``$RECSTREAM_BENCH_RESULTS`` if set; else, for a quick run,
+    :data:`QUICK_RESULTS_DIR`; else ``bench/results`` (the figures the README publishes).
+
+    Args:
+        quick: Whether this is a smoke run; None: whether ``--quick`` is on the command line,
+            which is how every benchmark is invoked (``python -m bench NAME --quick``).
+    """
     override = os.environ.get(RESULTS_ENV)
-    return Path(override) if override else RESULTS_DIR
+    if override:
+        return Path(override)
+    if quick is None:
+        quick = "--quick" in sys.argv[1:]
+    return QUICK_RESULTS_DIR if quick else RESULTS_DIR
 
 
 def require_release() -> None:

@@ -7,6 +7,7 @@ the service account.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import secrets
@@ -180,6 +181,16 @@ _ENV: dict[str, tuple[str, Any]] = {
 }
 
 
+def _check_keys(data: dict[str, Any], allowed: Any, where: str) -> None:
+    """Raises ConfigError naming every key of ``data`` not in ``allowed`` (with a guess)."""
+    names = sorted(allowed)
+    for key in data:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key {key!r} {where}{hint}")
+
+
 def load_config(
     path: Path | None = None,
     env: dict[str, str] | None = None,
@@ -193,10 +204,20 @@ def load_config(
     values: dict[str, Any] = {}
     if path is not None:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{path}: {e}") from None
         model = data.pop("model", None)
+        _check_keys(data, {a.name for a in attrs.fields(ServerConfig)}, f"in {path}")
         if model is not None:
-            values["model"] = ModelConfig(**{"auto_reindex": False, **model})
+            if not isinstance(model, dict):
+                raise ConfigError(f"{path}: [model] must be a table")
+            _check_keys(model, {a.name for a in attrs.fields(ModelConfig)}, f"in [model] of {path}")
+            try:
+                values["model"] = ModelConfig(**{"auto_reindex": False, **model})
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{path}: bad [model] setting: {e}") from None
         variants = data.pop("variants", None)
         if variants is not None:
             values["variants"] = tuple(Variant.from_dict(v) for v in variants)

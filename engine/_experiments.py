@@ -26,6 +26,7 @@ approximation stays inside [0, 1] and behaves at small counts and rates near 0 o
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
 from collections import OrderedDict, deque
@@ -40,6 +41,11 @@ __all__ = ["DEFAULT_VARIANT", "Experiments", "Variant", "assign", "wilson_interv
 
 DEFAULT_VARIANT = "default"
 Id = str | int
+#: What a variant may override besides ``k``: the keyword arguments of ``Model.recommend``
+#: that shape a list (the per-request ones, ``exclude`` or ``detail``, are left to requests).
+VARIANT_PARAMS = frozenset(
+    {"diversity", "exploration", "exclude_seen", "category", "exclude_category", "exact"}
+)
 # Two-sided 95 %: the 0.975 quantile of the standard normal distribution.
 Z95 = 1.959963984540054
 
@@ -52,8 +58,8 @@ class Variant:
         name: Reported in every response and push, and in ``GET /v1/experiments``.
         share: Fraction of users in this arm, in (0, 1].
         k: List length when the request does not say (None: the server's default).
-        params: Further keyword arguments for ``Model.recommend`` (e.g. ``diversity``,
-            ``exploration``); a parameter the installed model does not accept is left out.
+        params: Further keyword arguments for ``Model.recommend``, names from
+            :data:`VARIANT_PARAMS` (e.g. ``diversity``, ``exploration``).
     """
 
     name: str
@@ -63,14 +69,32 @@ class Variant:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Variant:
-        """From a ``[[variants]]`` TOML table: ``name``, ``share``, ``k``, anything else."""
+        """From a ``[[variants]]`` TOML table: ``name``, ``share``, ``k`` and overrides.
+
+        Raises:
+            ConfigError: a required key is missing, a value has the wrong type, or a key is
+                not a known parameter (a misspelling fails at start, not at the first request).
+        """
         d = dict(d)
         try:
             name, share = str(d.pop("name")), float(d.pop("share"))
+            k = d.pop("k", None)
+            k = None if k is None else int(k)
         except KeyError as e:
             raise ConfigError(f"a variant needs {e.args[0]!r}") from None
-        k = d.pop("k", None)
-        return cls(name=name, share=share, k=None if k is None else int(k), params=d)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"variant {d.get('name', '?')!r}: {e}") from None
+        known = sorted(VARIANT_PARAMS | {"name", "share", "k"})
+        for key, value in d.items():
+            if key not in VARIANT_PARAMS:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+                raise ConfigError(f"variant {name!r}: unknown parameter {key!r}; {hint}")
+            if key in ("diversity", "exploration") and (
+                isinstance(value, bool) or not isinstance(value, int | float)
+            ):
+                raise ConfigError(f"variant {name!r}: {key} must be a number, got {value!r}")
+        return cls(name=name, share=share, k=k, params=d)
 
 
 def check_variants(variants: Iterable[Variant]) -> tuple[Variant, ...]:

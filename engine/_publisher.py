@@ -98,6 +98,7 @@ def rec_json(rec: dict[str, Any]) -> dict[str, Any]:
     out = {"item": rec["item"], "score": rec["score"]}
     if "because" in rec:
         out["because"] = rec["because"]
+        out["reason"] = rec["reason"]
     if rec["explore"]:
         out["explore"] = True
     return out

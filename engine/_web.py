@@ -59,6 +59,8 @@ log = logging.getLogger("recstream.web")
 Id = str | int
 _INT = re.compile(r"-?\d{1,18}")
 DEFAULT_TAG = "recstream"
+#: Longest user or item id, as the model accepts it (UTF-8 bytes).
+MAX_ID_BYTES = 256
 # Websocket close codes (RFC 6455 §7.4.1).
 GOING_AWAY = 1001
 POLICY_VIOLATION = 1008
@@ -326,6 +328,8 @@ def build_app(server: Server) -> Starlette:
         try:
             if not raw_user:
                 raise BadRequest("?user= is required")
+            if len(raw_user.encode("utf-8", "surrogateescape")) > MAX_ID_BYTES:
+                raise BadRequest(f"user id longer than {MAX_ID_BYTES} bytes")
             user = resolve_user(raw_user)
             require_reader(ws, reader_id(raw_user, user))
             variant_name, variant = server.variant_for(user)

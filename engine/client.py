@@ -22,7 +22,12 @@ from typing import Any
 import msgpack
 import trio
 
-__all__ = ["ForwardProducer", "pack_entries", "subscribe"]
+__all__ = ["ForwardProducer", "HandshakeRefused", "pack_entries", "subscribe"]
+
+
+class HandshakeRefused(PermissionError):
+    """Raised when the server refuses the producer: a wrong shared key, a key the server does
+    not expect, or none where it requires one. Retrying cannot help, so it is never retried."""
 
 
 def _event_time(ts: float) -> msgpack.ExtType:
@@ -55,6 +60,13 @@ class ForwardProducer:
         shared_key: The server's producer key, when it requires the handshake.
         window: Frames sent but not yet acknowledged before ``send`` waits.
         reconnect_delay: Seconds before the first reconnection attempt (doubles to 5 s).
+        connect_timeout: Seconds to keep trying to connect (and to finish the handshake)
+            before raising ``ConnectionError``; None retries forever, which suits a long-lived
+            producer riding out server restarts, not a command a person waits on.
+
+    Raises:
+        HandshakeRefused: from any call, when the server refuses the shared key.
+        ConnectionError: when no connection could be made within ``connect_timeout``.
     """
 
     def __init__(
@@ -66,12 +78,14 @@ class ForwardProducer:
         shared_key: str | None = None,
         window: int = 16,
         reconnect_delay: float = 0.1,
+        connect_timeout: float | None = None,
     ) -> None:
         self._addr = (host, port)
         self._tag = tag
         self._key = shared_key
         self._window = window
         self._delay = reconnect_delay
+        self._connect_timeout = connect_timeout
         self._stream: trio.SocketStream | None = None
         self._unacked: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._acked = trio.Event()
@@ -96,14 +110,32 @@ class ForwardProducer:
 
     async def _connect(self) -> None:
         delay = self._delay
+        timeout = self._connect_timeout
+        deadline = trio.current_time() + (timeout if timeout is not None else float("inf"))
         while True:
             try:
-                self._stream = await trio.open_tcp_stream(*self._addr)
-                self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=1 << 16)
-                if self._key is not None:
-                    await self._handshake()
+                with trio.fail_after(max(0.0, deadline - trio.current_time())):
+                    self._stream = await trio.open_tcp_stream(*self._addr)
+                    self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=1 << 16)
+                    if self._key is not None:
+                        await self._handshake()
                 return
-            except OSError:
+            except HandshakeRefused:
+                raise
+            except trio.TooSlowError:
+                raise ConnectionError(
+                    f"no connection to {self._addr[0]}:{self._addr[1]} within {timeout:g} s"
+                    + (" (no HELO: does the server expect a shared key?)" if self._key else "")
+                ) from None
+            except OSError as e:
+                if self._stream is not None:
+                    await self._stream.aclose()
+                    self._stream = None
+                if trio.current_time() + delay > deadline:
+                    raise ConnectionError(
+                        f"no connection to {self._addr[0]}:{self._addr[1]}"
+                        f" within {timeout:g} s: {e.strerror or e}"
+                    ) from None
                 await trio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -122,8 +154,10 @@ class ForwardProducer:
             msgpack.packb(["PING", host, salt, digest, "", ""], use_bin_type=True)
         )
         pong = await self._read()
-        if not (isinstance(pong, list) and len(pong) == 5 and pong[0] == "PONG" and pong[1]):
-            raise PermissionError(f"handshake refused: {pong!r}")
+        if not (isinstance(pong, list) and len(pong) == 5 and pong[0] == "PONG"):
+            raise ConnectionError(f"expected PONG, got {pong!r}")
+        if not pong[1]:
+            raise HandshakeRefused(str(pong[2] or "shared key refused"))
 
     async def _read(self) -> Any:
         assert self._stream is not None
@@ -171,6 +205,8 @@ class ForwardProducer:
         except (ConnectionError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             await self._reconnect()
             return
+        if isinstance(msg, list) and msg and msg[0] == "HELO":
+            raise HandshakeRefused("the server requires a shared key and none was given")
         if isinstance(msg, dict) and "ack" in msg:
             if self._unacked.pop(msg["ack"], None) is not None:
                 self.acked_frames += 1

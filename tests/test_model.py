@@ -465,3 +465,48 @@ def test_exploration_slots_hold_fresh_items_and_are_flagged() -> None:
     m.ingest(["z"] * 20, fresh * 1, ts=np.full(20, T0 + 3))
     recs = m.recommend(4, k=10, exploration=0.2, detail=True)
     assert not {r["item"] for r in recs if r["explore"]} & set(fresh[:5])
+
+
+# --- reasons and score scale -------------------------------------------------------------
+
+REASONS = {"similar_to_history", "similar_users", "trending", "new_item", "exploration"}
+
+
+def test_every_explained_item_has_a_reason() -> None:
+    m = _groups_with_hits()
+    m.upsert_item("fresh", tags=["t"], category="books")
+    m.ingest(["newbie"], [2], ts=[T0 + 20])
+
+    def detail(user: object, **kw: object) -> list[dict]:
+        return m.recommend(user, k=10, explain=True, detail=True, **kw)  # type: ignore[no-any-return]
+
+    for user in ("stranger", "newbie", 4):
+        for rec in detail(user, exploration=0.3):
+            assert rec["reason"] in REASONS, rec
+            # An exploration slot says so first (it may also have supporting items).
+            assert rec["explore"] == (rec["reason"] == "exploration"), rec
+            # Nothing is left unexplained: an empty `because` always has another reason.
+            if rec["reason"] == "similar_to_history":
+                assert rec["because"], rec
+    assert {r["reason"] for r in detail("stranger")} == {"trending"}
+    # One event: the top of the list is the crowd's hits, and it says so (even where one of
+    # the user's items happens to point at it too).
+    top = detail("newbie")[0]
+    assert top["reason"] == "trending", top
+    # A settled user's own taste explains the list.
+    assert detail(4)[0]["reason"] == "similar_to_history"
+    # Without explain there is no reason either (the tuple and dict forms stay as they were).
+    assert "reason" not in m.recommend(4, k=3, detail=True)[0]
+
+
+def test_trending_scores_are_relative_to_the_most_popular_item() -> None:
+    m = _groups_with_hits()
+    scores = [s for _, s in m.trending(k=200)]
+    assert scores[0] == pytest.approx(1.0)
+    assert all(0.0 < s <= 1.0 for s in scores)
+    assert scores == sorted(scores, reverse=True)
+    # Unknown users get the same scale, and a filter does not change an item's score.
+    assert m.recommend("stranger", k=200) == m.trending(k=200)
+    m.upsert_item(181, category="hits")
+    (hit, score), *_ = m.recommend("stranger", k=5, category="hits")
+    assert hit == 181 and score == pytest.approx(dict(m.trending(k=200))[181])

@@ -169,6 +169,40 @@ pub struct Rec {
     pub because: Vec<ExtId>,
     /// The item fills an exploration slot (little feedback yet), not a relevance slot.
     pub explore: bool,
+    /// Why the item is in the list; meaningful when the query asked to explain.
+    pub reason: Reason,
+}
+
+/// Why an item is in a list. Every explained item has one, so a list never leaves an item
+/// unaccounted for; `because` adds the user's own items where there are some.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Its vector is close to items the user interacted with (those are in `because`).
+    SimilarToHistory,
+    /// The user's vector ranks it high, though no single item of theirs points at it:
+    /// users who interacted with what they did also took this one (collaborative signal).
+    SimilarUsers,
+    /// Popular recently: the user is unknown or has no events, or is new enough that the
+    /// cold-start blend weighs the item's popularity above its personal score.
+    Trending,
+    /// The item has no feedback yet; its vector comes from its category and tags.
+    NewItem,
+    /// An exploration slot: an item with little feedback, sampled to learn about it (it may
+    /// still have supporting items in `because`).
+    Exploration,
+}
+
+impl Reason {
+    /// The name clients see (`"reason"` in the HTTP and websocket answers).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::SimilarToHistory => "similar_to_history",
+            Reason::SimilarUsers => "similar_users",
+            Reason::Trending => "trending",
+            Reason::NewItem => "new_item",
+            Reason::Exploration => "exploration",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -883,6 +917,8 @@ impl Model {
         let pool = if rerank { k_main * POOL_FACTOR } else { k_main };
         let now = st.newest_ts;
 
+        // Items of a cold-start blend that are there mostly for being popular (for `reason`).
+        let mut trend_led: HashSet<u32> = HashSet::new();
         let mut cands = match (u, pu) {
             (Some(u), Some(pu)) => {
                 let beta = self.cold_start_beta(st.mf.user_count(u));
@@ -895,7 +931,7 @@ impl Model {
                     let known: HashSet<u32> = ids.iter().copied().collect();
                     ids.extend(
                         st.trending
-                            .top(m, now, &keep_main)
+                            .top(m, &keep_main)
                             .into_iter()
                             .map(|h| h.0)
                             .filter(|i| !known.contains(i)),
@@ -903,6 +939,10 @@ impl Model {
                     let personal: Vec<f32> =
                         ids.iter().map(|&i| scan::dot(pu, st.mf.item_vector(i))).collect();
                     let trend: Vec<f32> = ids.iter().map(|&i| st.trending.score(i, now) as f32).collect();
+                    if q.explain {
+                        let led = rerank::trending_led(&personal, &trend, beta);
+                        trend_led = ids.iter().zip(led).filter(|x| x.1).map(|x| *x.0).collect();
+                    }
                     let mut hits: Vec<(u32, f32)> =
                         ids.into_iter().zip(rerank::blend(&personal, &trend, beta)).collect();
                     rerank::sort_desc(&mut hits);
@@ -913,7 +953,7 @@ impl Model {
                     self.top_k(st, pu, &sub, &keep_main)
                 }
             }
-            _ => st.trending.top(pool, now, &keep_main),
+            _ => st.trending.top(pool, &keep_main),
         };
         if rerank {
             cands = rerank::mmr(&cands, |i| st.mf.item_vector(i), k_main, lambda);
@@ -945,7 +985,18 @@ impl Model {
                     Some(u) if q.explain => st.explain(u, i),
                     _ => Vec::new(),
                 };
-                Some(Rec { item, score, because, explore })
+                let reason = if explore {
+                    Reason::Exploration
+                } else if pu.is_none() || trend_led.contains(&i) {
+                    Reason::Trending
+                } else if !because.is_empty() {
+                    Reason::SimilarToHistory
+                } else if st.mf.item_count(i) <= 0.0 {
+                    Reason::NewItem
+                } else {
+                    Reason::SimilarUsers
+                };
+                Some(Rec { item, score, because, explore, reason })
             })
             .collect()
     }

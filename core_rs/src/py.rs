@@ -303,7 +303,7 @@ fn with_options(
 }
 
 /// Tuples `(item, score)` / `(item, score, because)`, or with `detail` dicts
-/// `{"item", "score", "explore"}` plus `"because"` when explaining.
+/// `{"item", "score", "explore"}` plus `"because"` and `"reason"` when explaining.
 fn recs_to_py(py: Python<'_>, recs: &[model::Rec], explain: bool, detail: bool) -> PyResult<Py<PyList>> {
     let out = PyList::empty(py);
     for r in recs {
@@ -318,6 +318,7 @@ fn recs_to_py(py: Python<'_>, recs: &[model::Rec], explain: bool, detail: bool) 
                     because.append(ext_to_py(py, b)?)?;
                 }
                 d.set_item("because", because)?;
+                d.set_item("reason", r.reason.as_str())?;
             }
             d.set_item("explore", r.explore)?;
             out.append(d)?;

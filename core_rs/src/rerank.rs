@@ -26,6 +26,13 @@ pub fn blend(personal: &[f32], trending: &[f32], beta: f32) -> Vec<f32> {
     p.iter().zip(&t).map(|(&p, &t)| (1.0 - beta) * p + beta * t).collect()
 }
 
+/// For each candidate of [`blend`], whether the trending term contributes more to its blended
+/// score than the personal term: such an item is in the list mostly for being popular.
+pub fn trending_led(personal: &[f32], trending: &[f32], beta: f32) -> Vec<bool> {
+    let (p, t) = (minmax(personal), minmax(trending));
+    p.iter().zip(&t).map(|(&p, &t)| beta * t > (1.0 - beta) * p).collect()
+}
+
 /// Best first; equal scores by ascending id, so results never depend on hash or heap order.
 pub fn sort_desc(hits: &mut [(u32, f32)]) {
     hits.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));

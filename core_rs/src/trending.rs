@@ -77,18 +77,26 @@ impl Trending {
         }
     }
 
-    /// The `k` items with the highest decayed count at `now`, best first (ties: lower id first),
+    /// The `k` items with the highest decayed count, best first (ties: lower id first),
     /// among those with a positive count for which `keep(item)` holds. O(items · log k).
-    pub fn top(&self, k: usize, now: f64, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
+    ///
+    /// Scores are relative: the decayed count divided by the highest decayed count of any item
+    /// (filtered or not), so they lie in (0, 1] like personal scores, the most popular item
+    /// scores 1, and a score does not depend on the filters of the query. The decay factor,
+    /// common to every item, cancels, so no time is needed. Raw decayed counts are
+    /// [`Trending::score`].
+    pub fn top(&self, k: usize, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
         if k == 0 {
             return Vec::new();
         }
         // Min-heap on (value, reverse id) of the best k so far.
         let mut heap: BinaryHeap<Cand> = BinaryHeap::with_capacity(k + 1);
+        let mut highest = 0.0f64;
         for (i, &v) in self.values.iter().enumerate() {
             if v <= 0.0 {
                 continue;
             }
+            highest = highest.max(v);
             let c = Cand { v, id: i as u32 };
             if heap.len() == k {
                 let worst = heap.peek().expect("heap holds k > 0 items");
@@ -104,10 +112,9 @@ impl Trending {
                 heap.pop();
             }
         }
-        let d = self.deflation(now);
         let mut out: Vec<Cand> = heap.into_vec();
         out.sort();
-        out.into_iter().map(|c| (c.id, (c.v * d) as f32)).collect()
+        out.into_iter().map(|c| (c.id, (c.v / highest) as f32)).collect()
     }
 
     pub fn save(&self, w: &mut dyn Write) -> io::Result<()> {
@@ -274,16 +281,21 @@ mod tests {
         t.add(0, 1.0, 3.0 * H);
         t.add(4, 1.0, 4.0 * H);
         let now = 4.0 * H;
-        // Scores at 4H: item1 8/16 = 0.5, item2 3, item0 1, item4 1 (tie broken by id).
-        let top = t.top(3, now, &|_| true);
+        // Counts at 4H: item1 8/16 = 0.5, item2 3, item0 1, item4 1 (tie broken by id);
+        // scores are relative to the highest count (item 2's).
+        let top = t.top(3, &|_| true);
         let ids: Vec<u32> = top.iter().map(|x| x.0).collect();
         assert_eq!(ids, vec![2, 0, 4]);
-        assert!((top[0].1 - 3.0).abs() < 1e-6 && (top[1].1 - 1.0).abs() < 1e-6);
-        let all = t.top(10, now, &|_| true);
+        assert!((top[0].1 - 1.0).abs() < 1e-6 && (top[1].1 - 1.0 / 3.0).abs() < 1e-6);
+        let all = t.top(10, &|_| true);
         assert_eq!(all.iter().map(|x| x.0).collect::<Vec<_>>(), vec![2, 0, 4, 1]);
-        let filtered = t.top(2, now, &|i| i != 2);
+        let relative = t.score(1, now) / t.score(2, now);
+        assert!((all[3].1 as f64 - relative).abs() < 1e-6 && (relative - 0.5 / 3.0).abs() < 1e-9);
+        let filtered = t.top(2, &|i| i != 2);
         assert_eq!(filtered.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 4]);
-        assert!(t.top(0, now, &|_| true).is_empty());
+        // A filtered-out leader still sets the scale: scores do not depend on the filters.
+        assert!((filtered[0].1 - 1.0 / 3.0).abs() < 1e-6, "{filtered:?}");
+        assert!(t.top(0, &|_| true).is_empty());
     }
 
     #[test]
@@ -309,12 +321,12 @@ mod tests {
         }
         let mut want: Vec<u32> = (0..7).collect();
         want.sort_by(|&a, &b| exact[b as usize].total_cmp(&exact[a as usize]).then(a.cmp(&b)));
-        let got: Vec<u32> = t.top(7, now, &|_| true).iter().map(|x| x.0).collect();
+        let got: Vec<u32> = t.top(7, &|_| true).iter().map(|x| x.0).collect();
         assert_eq!(got, want);
         // Far-future jump: no overflow, the fresh event ranks first.
         t.add(3, 1.0, 1e9);
         assert!(t.score(3, 1e9).is_finite() && (t.score(3, 1e9) - 1.0).abs() < 1e-12);
-        assert_eq!(t.top(1, 1e9, &|_| true)[0].0, 3);
+        assert_eq!(t.top(1, &|_| true)[0].0, 3);
     }
 
     #[test]
@@ -328,7 +340,7 @@ mod tests {
         let u = Trending::load(&mut buf.as_slice()).unwrap();
         assert_eq!(u.values, t.values);
         assert_eq!(u.t_ref, t.t_ref);
-        assert_eq!(u.top(5, 5000.0, &|_| true), t.top(5, 5000.0, &|_| true));
+        assert_eq!(u.top(5, &|_| true), t.top(5, &|_| true));
         for cut in [0, 3, 10, 20, 24, 32, buf.len() - 1] {
             let e = Trending::load(&mut &buf[..cut]).err().expect("truncated input must fail");
             assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "cut at {cut}");
@@ -346,6 +358,6 @@ mod tests {
         t.add(1, -1.0, 0.0);
         t.add(1, 1.0, f64::INFINITY);
         assert_eq!(t.score(1, 0.0), 0.0);
-        assert!(t.top(3, 0.0, &|_| true).is_empty());
+        assert!(t.top(3, &|_| true).is_empty());
     }
 }
