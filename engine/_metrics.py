@@ -86,5 +86,16 @@ class Metrics:
         )
         self.snapshots = Counter("recstream_snapshots", "Snapshots written", registry=r)
 
+    def rejected_total(self) -> int:
+        """Refusals of every reason so far: the sum of ``recstream_rejects_total``."""
+        return int(
+            sum(
+                sample.value
+                for metric in self.rejects.collect()
+                for sample in metric.samples
+                if sample.name == "recstream_rejects_total"
+            )
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

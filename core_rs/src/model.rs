@@ -1494,7 +1494,6 @@ mod tests {
         assert_eq!(loaded.apply(&[share], "").applied, 1);
         for (name, change) in [
             ("dim", Box::new(|c: &mut Config| c.mf.dim = 16) as Box<dyn Fn(&mut Config)>),
-            ("seed", Box::new(|c: &mut Config| c.mf.seed = 8)),
             ("hnsw_m", Box::new(|c: &mut Config| c.hnsw.m = 8)),
             ("user_history_cap", Box::new(|c: &mut Config| c.mf.user_history_cap = 10)),
         ] {

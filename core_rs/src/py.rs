@@ -228,38 +228,44 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
     })
 }
 
+/// An `f32` setting as the Python float it was written as (0.01, not 0.009999999776…):
+/// the shortest decimal that reads back as the same `f32`.
+fn f32_setting(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
 /// A configuration as a dict with the keys `config_from_dict` reads (`KNOWN_KEYS`).
 fn config_to_dict<'py>(py: Python<'py>, c: &model::Config) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     let mf = &c.mf;
     d.set_item("dim", mf.dim)?;
-    d.set_item("c0", mf.c0)?;
-    d.set_item("alpha", mf.alpha)?;
-    d.set_item("reg", mf.reg)?;
-    d.set_item("w_new", mf.w_new)?;
+    d.set_item("c0", f32_setting(mf.c0))?;
+    d.set_item("alpha", f32_setting(mf.alpha))?;
+    d.set_item("reg", f32_setting(mf.reg))?;
+    d.set_item("w_new", f32_setting(mf.w_new))?;
     d.set_item("online_iters", mf.online_iters)?;
     d.set_item("user_history_cap", mf.user_history_cap)?;
     d.set_item("item_history_cap", mf.item_history_cap)?;
     d.set_item("decay_half_life", mf.decay_half_life)?;
-    d.set_item("init_std", mf.init_std)?;
+    d.set_item("init_std", f32_setting(mf.init_std))?;
     d.set_item("seed", mf.seed)?;
     d.set_item("hnsw_m", c.hnsw.m)?;
     d.set_item("ef_construction", c.hnsw.ef_construction)?;
     d.set_item("ef_search", c.hnsw.ef_search)?;
     let weights = PyDict::new(py);
     for (name, w) in &c.event_weights {
-        weights.set_item(name, *w)?;
+        weights.set_item(name, f32_setting(*w))?;
     }
     d.set_item("event_weights", weights)?;
-    d.set_item("default_weight", c.default_weight)?;
+    d.set_item("default_weight", f32_setting(c.default_weight))?;
     d.set_item("trending_half_life", c.trending_half_life)?;
     d.set_item("exact_below", c.exact_below)?;
     d.set_item("dedup_window", c.dedup_window)?;
     d.set_item("auto_reindex", c.auto_reindex)?;
     d.set_item("max_frame_bytes", c.limits.max_frame_bytes)?;
-    d.set_item("cold_start_events", c.cold_start_events)?;
-    d.set_item("diversity", c.diversity)?;
-    d.set_item("exploration", c.exploration)?;
+    d.set_item("cold_start_events", f32_setting(c.cold_start_events))?;
+    d.set_item("diversity", f32_setting(c.diversity))?;
+    d.set_item("exploration", f32_setting(c.exploration))?;
     d.set_item("explore_max_events", c.explore_max_events)?;
     Ok(d)
 }
@@ -665,7 +671,7 @@ impl PyModel {
 
     /// Loads a snapshot. With `config`, the settings a restart may change are taken from it
     /// (event types and weights, limits, decay, re-ranking, ...); one that cannot change
-    /// (`dim`, `seed`, `hnsw_m`, ...) raises ValueError naming it.
+    /// (`dim`, `hnsw_m`, ...) raises ValueError naming it.
     #[staticmethod]
     #[pyo3(signature = (path, config=None))]
     fn load(py: Python<'_>, path: PathBuf, config: Option<&Bound<'_, PyAny>>) -> PyResult<PyModel> {

@@ -491,17 +491,15 @@ impl Mf {
         self.install_gramians(g);
     }
 
-    /// Applies changed settings to a model (a restart with a new configuration). `dim` and
-    /// `seed` must stay (they shape every stored vector); history caps may grow, not shrink
-    /// (held histories would have to be cut). A new `alpha` re-derives the popularity weights
+    /// Applies changed settings to a model (a restart with a new configuration). `dim` must
+    /// stay (it shapes every stored vector; a new `seed` only draws later rows differently);
+    /// history caps may grow, not shrink (held histories would have to be cut). A new `alpha` re-derives the popularity weights
     /// and the Gramians. Returns the first setting that cannot change.
     pub fn reconfigure(&mut self, cfg: MfConfig) -> Result<(), String> {
         cfg.validate()?;
         let old = &self.cfg;
-        for (name, was, now) in [("dim", old.dim as u64, cfg.dim as u64), ("seed", old.seed, cfg.seed)] {
-            if was != now {
-                return Err(format!("{name} is {was} in the snapshot and {now} in the configuration"));
-            }
+        if old.dim != cfg.dim {
+            return Err(format!("dim is {} in the snapshot and {} in the configuration", old.dim, cfg.dim));
         }
         for (name, was, now) in [
             ("user_history_cap", old.user_history_cap, cfg.user_history_cap),
