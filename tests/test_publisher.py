@@ -222,3 +222,37 @@ async def test_pushes_and_get_agree_on_version_and_show_the_raw_id(tmp_path: Pat
                 assert msg["version"] == seq == msg["cause"]["seq"]
                 got = (await http.get("/v1/users/ann/recommendations?k=3")).json()
                 assert got["version"] == seq
+
+
+async def test_every_dropped_stuck_subscriber_is_counted(tmp_path: Path) -> None:
+    n_stuck = 8
+    async with running_server(tmp_path, send_timeout=1.0, tcp_user_timeout_ms=2000) as server:
+        assert server.publisher is not None
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+            catalog = [{"user": f"seed{n}", "item": f"item{n:04d}"} for n in range(1500)]
+            r = await http.post("/v1/events", json=catalog)
+            await server.wait_applied(r.json()["seq"])
+            stuck = [
+                await trio.to_thread.run_sync(_stuck_subscriber, server.http_url, f"stuck{s}")
+                for s in range(n_stuck)
+            ]
+            try:
+                with trio.fail_after(10):
+                    while server.publisher.subscribers < n_stuck:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                n = 0
+                # Keep every stuck subscriber's (large) list changing until all are dropped.
+                with trio.fail_after(90):  # generous: CI machines are shared
+                    while server.publisher.subscribers > 0:
+                        events = [
+                            {"user": f"stuck{s}", "item": f"item{n:04d}"} for s in range(n_stuck)
+                        ]
+                        await http.post("/v1/events", json=events)
+                        await trio.sleep(0.02)
+                        n = (n + 1) % 1500
+                metrics = (await http.get("/metrics")).text
+                assert f"recstream_subscribers_dropped_total {float(n_stuck)}" in metrics
+            finally:
+                for sock in stuck:
+                    sock.close()
+
