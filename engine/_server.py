@@ -713,7 +713,11 @@ async def serve(config: ServerConfig, demo_rate: float = 0.0) -> None:
         # A refused start is one ConfigError: raise it as such, so the CLI prints one line.
         refused = group.subgroup(ConfigError)
         leaves = list(_leaves(refused)) if refused is not None else []
-        if len(leaves) == 1 and group.subgroup(lambda e: not isinstance(e, (ConfigError, BaseExceptionGroup))) is None:
+        if (
+            len(leaves) == 1
+            and group.subgroup(lambda e: not isinstance(e, (ConfigError, BaseExceptionGroup)))
+            is None
+        ):
             raise leaves[0] from None
         raise
 

@@ -116,4 +116,4 @@ async def test_stats_rejected_follows_the_rejects_counter(tmp_path: Path) -> Non
             assert total >= 2
             assert stats["rejected"] == total
             text = (await http.get("/metrics")).text
-            assert f'recstream_rejects_total{{reason="invalid_event"}} 1.0' in text
+            assert 'recstream_rejects_total{reason="invalid_event"} 1.0' in text

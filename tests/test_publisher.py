@@ -255,4 +255,3 @@ async def test_every_dropped_stuck_subscriber_is_counted(tmp_path: Path) -> None
             finally:
                 for sock in stuck:
                     sock.close()
-
