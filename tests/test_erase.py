@@ -173,3 +173,15 @@ async def test_erasing_an_unknown_user_is_404_and_writes_nothing(tmp_path: Path)
             # A known user is still erased as before.
             r = await http.delete(f"/v1/users/{KEPT}")
             assert r.status_code == 200 and r.json()["erased"] is True
+
+
+async def test_a_forward_erase_of_an_unknown_user_rewrites_nothing(tmp_path: Path) -> None:
+    async with running_server(tmp_path / "data") as server:
+        snapshots = server.metrics.registry.get_sample_value("recstream_snapshots_total")
+        seq = await send_acked(server, [forward([{"erase_user": "nobody-9"}], chunk="e")], ["e"])
+        await server.wait_applied(seq)
+        # The applied group was reported before wait_applied returned: an erasure would be
+        # queued or under way now.
+        assert "nobody-9" not in server._erase_pending and "nobody-9" not in server._erasing
+        assert server.erased_through == 0
+        assert server.metrics.registry.get_sample_value("recstream_snapshots_total") == snapshots
