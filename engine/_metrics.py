@@ -106,5 +106,16 @@ class Metrics:
             registry=r,
         )
 
+    def rejected_total(self) -> int:
+        """Refusals of every reason so far: the sum of ``recstream_rejects_total``."""
+        return int(
+            sum(
+                sample.value
+                for metric in self.rejects.collect()
+                for sample in metric.samples
+                if sample.name == "recstream_rejects_total"
+            )
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,27 +6,29 @@ GIL, so calling it through ``trio.to_thread.run_sync`` keeps an event loop respo
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
 from ._core import Model as Model
+from ._core import default_config
 
 __all__ = ["Model", "ModelConfig", "DEFAULT_EVENT_WEIGHTS"]
 
+# The extension's defaults are the only ones: ``Model()`` without a configuration and
+# ``Model(ModelConfig())`` are the same model.
+_DEFAULTS: dict[str, Any] = default_config()
+
 #: Weight (confidence) of one event of each type: a purchase says more than a view.
-DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
-    "view": 1.0,
-    "click": 2.0,
-    "like": 3.0,
-    "cart": 4.0,
-    "purchase": 8.0,
-}
+DEFAULT_EVENT_WEIGHTS: dict[str, float] = dict(_DEFAULTS["event_weights"])
 
 
 @attrs.frozen(kw_only=True)
 class ModelConfig:
     """Settings of the factorization, the index and event handling.
 
-    The defaults were chosen by ``python -m bench quality --tune`` on two synthetic streams
+    The defaults come from the extension (``Model()`` without a configuration uses the same
+    ones); they were chosen by ``python -m bench quality --tune`` on two synthetic streams
     (zipf 0.8 and 1.0), on a validation split inside the warm-start data, never on the
     streamed test part (README, "Model quality"): dim 32 and alpha 0 were clearly better on
     both, reg 1.0 about tied, c0 512 and w_new 1 best. The synthetic streams have 16 true
@@ -72,28 +74,28 @@ class ModelConfig:
             exploration slots.
     """
 
-    dim: int = 32
-    c0: float = 512.0
-    alpha: float = 0.0
-    reg: float = 1.0
-    w_new: float = 1.0
-    online_iters: int = 1
-    user_history_cap: int = 256
-    item_history_cap: int = 512
-    decay_half_life: float | None = None
-    init_std: float = 0.01
-    seed: int = 42
-    hnsw_m: int = 16
-    ef_construction: int = 200
-    ef_search: int = 64
+    dim: int = _DEFAULTS["dim"]
+    c0: float = _DEFAULTS["c0"]
+    alpha: float = _DEFAULTS["alpha"]
+    reg: float = _DEFAULTS["reg"]
+    w_new: float = _DEFAULTS["w_new"]
+    online_iters: int = _DEFAULTS["online_iters"]
+    user_history_cap: int = _DEFAULTS["user_history_cap"]
+    item_history_cap: int = _DEFAULTS["item_history_cap"]
+    decay_half_life: float | None = _DEFAULTS["decay_half_life"]
+    init_std: float = _DEFAULTS["init_std"]
+    seed: int = _DEFAULTS["seed"]
+    hnsw_m: int = _DEFAULTS["hnsw_m"]
+    ef_construction: int = _DEFAULTS["ef_construction"]
+    ef_search: int = _DEFAULTS["ef_search"]
     event_weights: dict[str, float] = attrs.field(factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
-    default_weight: float = 1.0
-    trending_half_life: float = 86_400.0
-    exact_below: int = 2_000
-    dedup_window: int = 1_000_000
-    auto_reindex: bool = True
-    max_frame_bytes: int = 16 * 1024 * 1024
-    cold_start_events: float = 5.0
-    diversity: float = 1.0
-    exploration: float = 0.0
-    explore_max_events: int = 5
+    default_weight: float = _DEFAULTS["default_weight"]
+    trending_half_life: float = _DEFAULTS["trending_half_life"]
+    exact_below: int = _DEFAULTS["exact_below"]
+    dedup_window: int = _DEFAULTS["dedup_window"]
+    auto_reindex: bool = _DEFAULTS["auto_reindex"]
+    max_frame_bytes: int = _DEFAULTS["max_frame_bytes"]
+    cold_start_events: float = _DEFAULTS["cold_start_events"]
+    diversity: float = _DEFAULTS["diversity"]
+    exploration: float = _DEFAULTS["exploration"]
+    explore_max_events: int = _DEFAULTS["explore_max_events"]

@@ -28,7 +28,11 @@ log = logging.getLogger("recstream.model")
 
 @attrs.frozen
 class Applied:
-    """What one journal record did to the model."""
+    """What one journal record did to the model.
+
+    ``users`` are the users whose lists may have changed, each with the id of its newest
+    event; ``erased`` the users an erase record removed (not those the model never knew).
+    """
 
     seq: int
     accepted_at: float
@@ -36,6 +40,7 @@ class Applied:
     duplicates: int
     rejected: tuple[tuple[int, str], ...]
     users: tuple[tuple[Any, Any], ...]
+    erased: tuple[Any, ...] = ()
 
 
 def apply_records(model: Model, first_seq: int, payloads: Sequence[bytes]) -> list[Applied]:
@@ -62,6 +67,7 @@ def apply_records(model: Model, first_seq: int, payloads: Sequence[bytes]) -> li
                 report["duplicates"],
                 tuple(report["rejected"]),
                 tuple(report["users"]),
+                tuple(report["erased"]),
             )
         )
     return out

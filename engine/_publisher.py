@@ -8,6 +8,13 @@ their order changed.
 
 Each subscription owns one :class:`Slot`, a latest-wins mailbox: the publisher never waits for
 a subscriber, and a slow subscriber receives the newest list rather than a backlog.
+
+``version`` is the journal sequence the model had applied when a list was computed (the list
+reflects every event up to it), as in ``GET /v1/users/{user}/recommendations``. A subscriber
+never receives a smaller version after a larger one: a list computed from an older state than
+the last one handed to the subscription is dropped. Two lists may carry the same version (the
+index caught up between them). A list computed before an erasure of its user was reported is
+never handed over after it: it is dropped and the user recomputed.
 """
 
 from __future__ import annotations
@@ -127,7 +134,11 @@ class Subscription:
     repush_after: float | None = None
     slot: Slot = attrs.field(factory=Slot)
     last_items: list[Id] | None = None
+    # Journal sequence of the newest list recorded for this subscription (see the module).
     version: int = 0
+    # The id messages name: the one the subscriber asked for (the raw id when the engine
+    # stores pseudonyms); None: ``user``.
+    shown: Id | None = None
     pushed_at: dict[Id, float] = attrs.field(factory=dict)
     # The user's A/B variant (named in every message) and its extra recommend() arguments.
     variant: str | None = None
@@ -160,12 +171,14 @@ class Subscription:
         return list(self.pushed_at)
 
 
-def _message(sub: Subscription, recs: list[Any], cause: Cause | None) -> dict[str, Any]:
+def _message(
+    sub: Subscription, recs: list[Any], cause: Cause | None, version: int
+) -> dict[str, Any]:
     items = [rec_json(r) for r in recs]
     msg = {
-        "user": sub.user,
+        "user": sub.shown if sub.shown is not None else sub.user,
         "items": items,
-        "version": sub.version,
+        "version": version,
         "cause": cause.as_json() if cause is not None else None,
     }
     if sub.variant is not None:
@@ -183,6 +196,7 @@ class Publisher:
         refresh_budget: Users re-computed per refresh.
         on_push: Called with (subscription, message) for every list handed to a slot
             (metrics hook).
+        applied_seq: The journal sequence the model reflects at start (after recovery).
     """
 
     def __init__(
@@ -193,6 +207,7 @@ class Publisher:
         refresh_interval: float = 1.0,
         refresh_budget: int = 200,
         on_push: Callable[[Subscription, dict[str, Any]], None] | None = None,
+        applied_seq: int = 0,
     ) -> None:
         self._model = model
         self._max = max_subscribers
@@ -206,7 +221,11 @@ class Publisher:
         self._pending: dict[Id, Cause | None] = {}
         # Users due a drift refresh, oldest first; bounded like _pending.
         self._stale: dict[Id, None] = {}
-        self._seq = 0  # newest journal sequence applied, from notify()
+        self._seq = applied_seq  # newest journal sequence applied, from notify()
+        # Erasures reported so far, and per subscribed user the count at its latest one: a
+        # list computed while the count stood lower predates the erasure.
+        self._erasures = 0
+        self._erased_at: dict[Id, int] = {}
         self._wake = trio.Event()
         self._round_robin: Iterable[Id] = iter(())
         self.pushes = 0
@@ -237,6 +256,7 @@ class Publisher:
                 del self._subs[sub.user]
                 self._pending.pop(sub.user, None)
                 self._stale.pop(sub.user, None)
+                self._erased_at.pop(sub.user, None)
 
     def notify(self, users: Iterable[tuple[Id, Id | None]], seq: int, accepted_at: float) -> None:
         """Marks users whose own events were applied (called by the model actor; never blocks)."""
@@ -256,12 +276,22 @@ class Publisher:
         the model holds now."""
         self._pending.pop(user, None)
         self._stale.pop(user, None)
+        self._erasures += 1
         dropped = 0
+        if user in self._subs:
+            self._erased_at[user] = self._erasures
+            # The next list (computed from the model without the user) goes out.
+            self._pending[user] = None
+            self._wake.set()
         for sub in self._subs.get(user, ()):
             dropped += sub.slot.discard()
             sub.last_items = None
         self.dropped += dropped
         return dropped
+
+    def _erased_since(self, user: Id, erasures: int) -> bool:
+        """Whether ``user`` was erased after the erasure count stood at ``erasures``."""
+        return self._erased_at.get(user, 0) > erasures
 
     def close_all(self) -> None:
         """Closes every slot (server shutdown): sessions close their sockets with 1001."""
@@ -270,10 +300,17 @@ class Publisher:
                 sub.slot.close()
 
     async def current(self, sub: Subscription) -> dict[str, Any]:
-        """The list as it is now, recorded as the last one pushed to ``sub``."""
-        recent = sub.recently_pushed(time.monotonic())
-        recs = await trio.to_thread.run_sync(self._recommend, sub, recent)
-        return self._record(sub, recs, None, recent)
+        """The list as it is now, recorded as the last one pushed to ``sub`` (unless a newer
+        one was recorded meanwhile: then it is only returned, to be sent before that one)."""
+        while True:
+            recent = sub.recently_pushed(time.monotonic())
+            seq, erasures = self._seq, self._erasures
+            recs = await trio.to_thread.run_sync(self._recommend, sub, recent)
+            if not self._erased_since(sub.user, erasures):
+                break
+        if seq < sub.version:
+            return _message(sub, recs[: sub.k], None, seq)
+        return self._record(sub, recs, None, recent, seq)
 
     def _recommend(self, sub: Subscription, recent: list[Id]) -> list[Any]:
         query = sub.query()
@@ -282,10 +319,15 @@ class Publisher:
         return self._model.recommend(sub.user, **query)
 
     def _record(
-        self, sub: Subscription, recs: list[Any], cause: Cause | None, recent: list[Id]
+        self,
+        sub: Subscription,
+        recs: list[Any],
+        cause: Cause | None,
+        recent: list[Id],
+        version: int,
     ) -> dict[str, Any]:
         sub.last_items = [r["item"] for r in recs[: sub.k]]
-        sub.version += 1
+        sub.version = version
         if sub.repush_after is not None:
             skip = set(recent)
             recs = [r for r in recs if r["item"] not in skip][: sub.k]
@@ -293,7 +335,7 @@ class Publisher:
             for r in recs:
                 sub.pushed_at.pop(r["item"], None)  # re-insert: the dict stays oldest first
                 sub.pushed_at[r["item"]] = now
-        return _message(sub, recs, cause)
+        return _message(sub, recs, cause, version)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -328,15 +370,20 @@ class Publisher:
         ]
         if not jobs:
             return
+        seq, erasures = self._seq, self._erasures
         results = await trio.to_thread.run_sync(
             lambda: [self._recommend(s, recent) for s, _, recent in jobs]
         )
         for (sub, cause, recent), recs in zip(jobs, results, strict=True):
             if self._subs.get(sub.user) is None or sub not in self._subs[sub.user]:
                 continue  # unsubscribed while we computed
+            if self._erased_since(sub.user, erasures):
+                continue  # computed before the erasure: erase() queued a new computation
+            if seq < sub.version:
+                continue  # a list from a newer state was handed over meanwhile
             if [r["item"] for r in recs[: sub.k]] == sub.last_items:
                 continue
-            msg = self._record(sub, recs, cause, recent)
+            msg = self._record(sub, recs, cause, recent, seq)
             self.coalesced += sub.slot.put(msg)
             self.pushes += 1
             if self._on_push is not None:

@@ -33,9 +33,16 @@ A crash between steps 1 and 3 leaves the model state right (replay erases again)
 bytes on disk: recovery therefore reads the whole log, not only the part after the snapshot,
 for erase records, and completes steps 2 and 3 for each one it finds once serving. A
 completed erasure leaves no erase record, so this never repeats. An erasure is detected live
-as a user reported without an event id who has no vector after the group (an erase and a
-later interaction of the same user within one journal record hides it from the live check,
-not from the one at the next start).
+from the model's report of the users its erase records removed. Erasing a user the model does
+not know writes nothing: the endpoint answers 404 (see :meth:`Server.erase_user`), and an erase
+record for an unknown user that arrives over Forward changes no file.
+
+Configuration on restart: the snapshot carries the settings the model was built with; the
+configured ones replace them where a running model can follow (event types and weights, the
+Forward frame limit, decay, regularisation, re-ranking, the redelivery window, growing history
+caps, ``ef_search``...). A setting the stored state depends on (``dim``, ``hnsw_m``,
+``ef_construction``, ``trending_half_life``, shrinking history caps) refuses the start with a
+:class:`ConfigError` naming it.
 
 Pseudonymisation (``pseudonymize_key``): user ids in every incoming frame are replaced by
 HMAC-SHA256(key, id) before the frame is journaled (see ``engine._frames``). Frames are
@@ -68,7 +75,7 @@ from ._config import ServerConfig
 from ._connections import ConnectionGate, default_connection_limits, raise_nofile_limit
 from ._core import CorruptSnapshot, InvalidFrame
 from ._events import journal_record, json_to_frame, parse_journal_record
-from ._exceptions import InvalidEvents, JournalClosed, JournalFailed
+from ._exceptions import ConfigError, InvalidEvents, JournalClosed, JournalFailed
 from ._experiments import Experiments, Variant
 from ._forward import ForwardServer
 from ._frames import drop_users, erased_users, interactions, map_users, pseudonym
@@ -244,8 +251,16 @@ class Server:
             if not path.exists():
                 continue
             try:
-                self.model = Model.load(path)
-            except (CorruptSnapshot, OSError) as e:
+                self.model = Model.load(path, self.config.model)
+            except CorruptSnapshot as e:
+                log.error("snapshot %s unusable (%s); trying the previous one", path, e)
+                continue
+            except ValueError as e:
+                raise ConfigError(
+                    f"the configuration does not fit the model stored in {self.data_dir}: {e}; "
+                    "set it back, or start from an empty data directory"
+                ) from None
+            except OSError as e:
                 log.error("snapshot %s unusable (%s); trying the previous one", path, e)
                 continue
             seq = self.model.loaded_wal_seq
@@ -299,6 +314,7 @@ class Server:
             refresh_interval=self.config.refresh_interval,
             refresh_budget=self.config.refresh_budget,
             on_push=self._on_push,
+            applied_seq=applied_seq,
         )
         self.model_actor = ModelActor(
             self.model, receive, applied_seq=applied_seq, on_applied=self._on_applied
@@ -389,11 +405,8 @@ class Server:
         self.metrics.model_update.observe(self.model_actor.last_apply_seconds)
         rejected = 0
         for r in results:
-            for user, event_id in r.users:
-                # An erase record reports its user without an event id; an interaction
-                # leaves the user with a vector, an erase without one.
-                if event_id is None and self.model.user_vector(user) is None:
-                    self.erase_applied(user, r.seq)
+            for user in r.erased:
+                self.erase_applied(user, r.seq)
             self.publisher.notify(r.users, r.seq, r.accepted_at)
             rejected += len(r.rejected)
         if rejected:
@@ -401,6 +414,33 @@ class Server:
         self.index_actor.wake()
         self._applied.set()
         self._applied = trio.Event()
+
+    async def erase_user(self, user: Id, raw: Id, tag: str) -> int | None:
+        """Erases ``user`` (the stored id; ``raw`` as the request named it, journaled under
+        ``tag``) from the model, the snapshots and the journal; returns the erase record's
+        sequence once the erasure is complete on disk.
+
+        Returns None, writing nothing, when the model does not know the user once everything
+        journaled so far is applied (an erase of an unknown id must not rewrite snapshots and
+        the journal for nothing).
+
+        Raises:
+            JournalClosed: shutting down, or the erasure could not finish (it completes at the
+                next start).
+            JournalFailed: the disk failed before the erase record was durable.
+        """
+        if self.journal_actor is None:
+            raise JournalClosed("the server is not serving")
+        await self.wait_applied(self.journal_actor.journal.last_seq)
+        known = await trio.to_thread.run_sync(self.model.user_vector, user)
+        if known is None and user not in self._erase_pending and user not in self._erasing:
+            return None
+        frame = json_to_frame({"erase_user": raw}, tag, 1)[0]
+        seq = await self.submit(frame, "http")
+        await self.wait_applied(seq)
+        self.erase_applied(user, seq)
+        await self.wait_erased(user)
+        return seq
 
     def erase_applied(self, user: Id, seq: int) -> None:
         """Step 1's in-memory part and the start of steps 2-3 for an erase applied at ``seq``.
@@ -679,7 +719,9 @@ class Server:
             "applied_seq": self.model_actor.applied_seq if self.model_actor else 0,
             "snapshot_seq": self.snapshot_seq,
             "duplicates": s["duplicates"],
-            "rejected": s["rejected"],
+            # Refusals since start, counted as recstream_rejects_total counts them: most are
+            # refused before the journal (the model never sees them).
+            "rejected": self.metrics.rejected_total(),
             "index_stale": s["index_stale"],
         }
 
@@ -713,15 +755,36 @@ async def serve(config: ServerConfig, demo_rate: float = 0.0) -> None:
     With ``demo_rate`` > 0 a synthetic stream is fed at that many events per second.
     """
     server = Server(config)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        if demo_rate > 0:
-            nursery.start_soon(server.feed_demo, demo_rate)
-        print(f"recstream serving\n  dashboard and API: {server.http_url}/")
-        print(f"  Fluent Forward:    {server.forward_address[0]}:{server.forward_address[1]}")
-        if server.config.insecure:
-            print("  auth is OFF (no keys configured; listening on loopback only)")
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                server.shutdown()
-                break
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            if demo_rate > 0:
+                nursery.start_soon(server.feed_demo, demo_rate)
+            print(f"recstream serving\n  dashboard and API: {server.http_url}/")
+            print(f"  Fluent Forward:    {server.forward_address[0]}:{server.forward_address[1]}")
+            if server.config.insecure:
+                print("  auth is OFF (no keys configured; listening on loopback only)")
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    server.shutdown()
+                    break
+    except BaseExceptionGroup as group:
+        # A refused start is one ConfigError: raise it as such, so the CLI prints one line.
+        refused = group.subgroup(ConfigError)
+        leaves = list(_leaves(refused)) if refused is not None else []
+        if (
+            len(leaves) == 1
+            and group.subgroup(lambda e: not isinstance(e, (ConfigError, BaseExceptionGroup)))
+            is None
+        ):
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> Any:
+    """The exceptions inside a (nested) group."""
+    for e in group.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            yield from _leaves(e)
+        else:
+            yield e

@@ -287,6 +287,8 @@ def build_app(server: Server) -> Starlette:
             **server.recommend_params(variant),
             **{k: v for k, v in own.items() if v is not None},
         }
+        # The journal sequence the list reflects (at least): read before computing it.
+        version = server.model_actor.applied_seq if server.model_actor else 0
         recs = await trio.to_thread.run_sync(
             lambda: model.recommend(
                 user,
@@ -300,7 +302,6 @@ def build_app(server: Server) -> Starlette:
         )
         items = [rec_json(r) for r in recs]
         server.experiments.impression(user, [r["item"] for r in recs], time.time())
-        version = server.model_actor.applied_seq if server.model_actor else 0
         shown = text if cfg.pseudonymize_key is not None else user
         return JSONResponse(
             {"user": shown, "items": items, "variant": variant_name, "version": version}
@@ -345,6 +346,7 @@ def build_app(server: Server) -> Starlette:
                 repush_after=float_param(ws, "repush_after", 0.0, 86_400.0),
                 variant=variant_name,
                 params=server.recommend_params(variant),
+                shown=reader_id(raw_user, user),
             )
             publisher.subscribe(sub)
         except AuthError as e:
@@ -398,10 +400,9 @@ def build_app(server: Server) -> Starlette:
         user = resolve_user(text)
         # The raw id goes in: append() pseudonymises it like any other record.
         raw: Id = text if cfg.pseudonymize_key is not None else user
-        seq = (await ingest({"erase_user": raw}, DEFAULT_TAG, "http"))[1]
-        await server.wait_applied(seq)
-        server.erase_applied(user, seq)
-        await server.wait_erased(user)
+        seq = await server.erase_user(user, raw, DEFAULT_TAG)
+        if seq is None:
+            return JSONResponse({"user": raw, "erased": False, "error": "unknown user"}, 404)
         return JSONResponse({"user": raw, "erased": True, "seq": seq})
 
     # --- operations -----------------------------------------------------------------------
@@ -472,27 +473,37 @@ async def _push_loop(server: Server, ws: WebSocket, sub: Subscription) -> None:
             pass
         cancel.cancel()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_disconnect, nursery.cancel_scope)
-        first = await publisher.current(sub)
-        server.experiments.impression(sub.user, [i["item"] for i in first["items"]], time.time())
-        message: dict[str, Any] | None = first
-        while message is not None:
-            started = trio.current_time()
-            with trio.move_on_after(timeout):
-                await ws.send_json(message)
-            # Hypercorn shields its socket write, so a stuck send may only end when the kernel
-            # gives up on the peer (TCP_USER_TIMEOUT): judge by the time it took.
-            if trio.current_time() - started >= timeout:
-                log.info("subscriber for %r stopped reading; closing", sub.user)
-                server.metrics.dropped.inc()
-                server.metrics.dropped_pushes.inc()
-                nursery.cancel_scope.cancel()
-                return
-            message = await sub.slot.get()
-        with trio.move_on_after(1):
-            await ws.close(GOING_AWAY, "server shutting down")
-        nursery.cancel_scope.cancel()
+    sending_since: float | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_disconnect, nursery.cancel_scope)
+            first = await publisher.current(sub)
+            server.experiments.impression(
+                sub.user, [i["item"] for i in first["items"]], time.time()
+            )
+            message: dict[str, Any] | None = first
+            while message is not None:
+                sending_since = trio.current_time()
+                with trio.move_on_after(timeout):
+                    await ws.send_json(message)
+                # Hypercorn shields its socket write, so a stuck send may only end when the
+                # kernel gives up on the peer (TCP_USER_TIMEOUT): judge by the time it took.
+                if trio.current_time() - sending_since >= timeout:
+                    log.info("subscriber for %r stopped reading; closing", sub.user)
+                    nursery.cancel_scope.cancel()
+                    return
+                sending_since = None
+                message = await sub.slot.get()
+            with trio.move_on_after(1):
+                await ws.close(GOING_AWAY, "server shutting down")
+            nursery.cancel_scope.cancel()
+    finally:
+        # However the loop ended (the timeout above, the send failing once the kernel gave
+        # up, the disconnect watcher), a send that outlasted the timeout dropped a stuck
+        # subscriber and the list it was sending.
+        if sending_since is not None and trio.current_time() - sending_since >= timeout:
+            server.metrics.dropped.inc()
+            server.metrics.dropped_pushes.inc()
 
 
 class _TooLarge(Exception):

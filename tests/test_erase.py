@@ -128,3 +128,60 @@ async def test_an_interrupted_erasure_is_completed_after_restart(
         assert server.model.user_vector(ERASED) is None
         assert set(server.model.seen(KEPT)) == {f"i{n}" for n in range(4)}
     assert [p for p, b in _bytes_on_disk(data_dir) if ERASED.encode() in b] == []
+
+
+async def test_erasure_removes_the_users_event_ids_from_the_snapshots(tmp_path: Path) -> None:
+    """The redelivery window remembers event ids; the erased user's must go with them."""
+    data_dir = tmp_path / "data"
+    erased_ids = [f"evt-{ERASED}-{n}" for n in range(4)]
+    kept_ids = [f"evt-kept-{n}" for n in range(3)]
+    async with running_server(data_dir) as server:
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+            events = [
+                {"user": "u-a", "item": f"i{n}", "id": eid} for n, eid in enumerate(erased_ids)
+            ]
+            events += [{"user": KEPT, "item": f"i{n}", "id": eid} for n, eid in enumerate(kept_ids)]
+            assert (await http.post("/v1/events", json=events)).status_code == 202
+            assert (await http.post("/v1/admin/snapshot")).status_code == 200
+            r = await http.delete("/v1/users/u-a")
+            assert r.status_code == 200 and r.json()["erased"] is True
+        snapshots = [b for p, b in _bytes_on_disk(data_dir) if p.suffix == ".rsnap"]
+        assert len(snapshots) == 2
+        for eid in erased_ids:
+            assert not any(eid.encode() in b for b in snapshots), eid
+        for eid in kept_ids:
+            assert all(eid.encode() in b for b in snapshots), eid
+
+
+async def test_erasing_an_unknown_user_is_404_and_writes_nothing(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    async with running_server(data_dir) as server:
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+            r = await http.post("/v1/events", json=_events(KEPT, range(3), "i"))
+            await server.wait_applied(r.json()["seq"])
+            await server.take_snapshot()
+            before = _bytes_on_disk(data_dir)
+            snapshots_taken = server.metrics.registry.get_sample_value("recstream_snapshots_total")
+            r = await http.delete("/v1/users/never-seen-42")
+            assert r.status_code == 404
+            assert r.json()["erased"] is False and r.json()["user"] == "never-seen-42"
+            assert _bytes_on_disk(data_dir) == before
+            assert (
+                server.metrics.registry.get_sample_value("recstream_snapshots_total")
+                == snapshots_taken
+            )
+            # A known user is still erased as before.
+            r = await http.delete(f"/v1/users/{KEPT}")
+            assert r.status_code == 200 and r.json()["erased"] is True
+
+
+async def test_a_forward_erase_of_an_unknown_user_rewrites_nothing(tmp_path: Path) -> None:
+    async with running_server(tmp_path / "data") as server:
+        snapshots = server.metrics.registry.get_sample_value("recstream_snapshots_total")
+        seq = await send_acked(server, [forward([{"erase_user": "nobody-9"}], chunk="e")], ["e"])
+        await server.wait_applied(seq)
+        # The applied group was reported before wait_applied returned: an erasure would be
+        # queued or under way now.
+        assert "nobody-9" not in server._erase_pending and "nobody-9" not in server._erasing
+        assert server.erased_through == 0
+        assert server.metrics.registry.get_sample_value("recstream_snapshots_total") == snapshots

@@ -100,3 +100,20 @@ async def test_each_metric_moves_after_its_action(tmp_path: Path) -> None:
                 "recstream_pushes_dropped_total",
             ):
                 assert name in text
+
+
+async def test_stats_rejected_follows_the_rejects_counter(tmp_path: Path) -> None:
+    async with running_server(tmp_path / "data") as server:
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+            bad = [{"user": "a", "item": "x", "type": "no-such-type"}, {"user": "a", "item": "y"}]
+            assert (await http.post("/v1/events", json=bad)).status_code == 422
+            assert (await http.post("/v1/events", content=b"\x00not json")).status_code == 400
+            stats = (await http.get("/v1/stats")).json()
+            total = sum(
+                sample(server, "recstream_rejects_total", reason=reason)
+                for reason in ("invalid_event", "bad_request", "invalid_frame")
+            )
+            assert total >= 2
+            assert stats["rejected"] == total
+            text = (await http.get("/metrics")).text
+            assert 'recstream_rejects_total{reason="invalid_event"} 1.0' in text

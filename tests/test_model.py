@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
+from pathlib import Path
 
+import attrs
 import msgpack
 import numpy as np
 import pytest
@@ -510,3 +513,73 @@ def test_trending_scores_are_relative_to_the_most_popular_item() -> None:
     m.upsert_item(181, category="hits")
     (hit, score), *_ = m.recommend("stranger", k=5, category="hits")
     assert hit == 181 and score == pytest.approx(dict(m.trending(k=200))[181])
+
+
+def test_model_without_a_config_uses_model_config_defaults() -> None:
+    """One set of defaults: the extension's, which ``ModelConfig`` reads."""
+    assert Model().config() == attrs.asdict(ModelConfig())
+    assert Model(ModelConfig()).config() == engine._core.default_config()
+    users, items = planted(n_users=40, per_user=5)
+    a, b = Model(), Model(ModelConfig())
+    for m in (a, b):
+        m.ingest(users, items, ts=np.full(len(users), T0))
+    for u in (0, 1, 17):
+        assert np.array_equal(a.user_vector(u), b.user_vector(u))
+
+
+def test_a_refusal_is_counted_once_in_a_large_frame() -> None:
+    m = small_model()
+    recs = [{"user": f"u{n % 9}", "item": f"i{n}", "type": "click"} for n in range(100)]
+    recs[70]["type"] = "no-such-type"
+    frame = msgpack.packb(["t", [[int(T0), r] for r in recs]])
+    report = m.ingest_forward(frame)
+    assert [i for i, _ in report["rejected"]] == [70]
+    assert (m.stats()["rejected"], m.stats()["events_applied"]) == (1, 99)
+
+
+async def test_event_loop_keeps_ticking_while_a_snapshot_and_a_writer_run(tmp_path: Path) -> None:
+    """A snapshot of a large model with a writer waiting behind it must not stall an event
+    loop that reads the model's counters (as /metrics and /v1/stats do)."""
+    n = 100_000
+    model = Model(ModelConfig(dim=64, auto_reindex=False, dedup_window=0))
+    rng = np.random.default_rng(3)
+    model.ingest(np.arange(n, dtype=np.int64), rng.integers(0, 3000, n).astype(np.int64))
+    stop = threading.Event()
+
+    def writer() -> None:
+        k = 0
+        while not stop.is_set():
+            users = np.arange(k, k + 32, dtype=np.int64) % n
+            model.ingest(users, rng.integers(0, 3000, 32).astype(np.int64))
+            k += 32
+
+    saves: list[float] = []
+
+    def snapshots() -> None:
+        for _ in range(3):
+            started = time.perf_counter()
+            model.save(tmp_path / "snap.rsnap")
+            saves.append(time.perf_counter() - started)
+
+    worst = 0.0
+
+    async def ticker() -> None:
+        nonlocal worst
+        while True:
+            started = time.perf_counter()
+            model.stats()
+            await trio.sleep(0.002)
+            worst = max(worst, time.perf_counter() - started)
+
+    thread = threading.Thread(target=writer)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        thread.start()
+        try:
+            await trio.to_thread.run_sync(snapshots)
+        finally:
+            stop.set()
+            thread.join()
+        nursery.cancel_scope.cancel()
+    # Liveness, not speed: a stalled loop waits out a whole serialisation.
+    assert worst < min(saves) / 2, (worst, saves)

@@ -6,13 +6,16 @@ import base64
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
 
-from engine._publisher import Slot, Subscription
+from engine import Model, ModelConfig
+from engine._publisher import Publisher, Slot, Subscription
 
 from .conftest import running_server, websocket, ws_url
 
@@ -106,3 +109,149 @@ async def test_stuck_subscriber_does_not_delay_others_and_is_released(tmp_path: 
                     assert "recstream_subscribers_dropped_total 1.0" in metrics
             finally:
                 stuck.close()
+
+
+class _Gated:
+    """The real model, except that the next ``recommend`` after :meth:`hold_next` waits for
+    :meth:`release`: a recompute the test can catch in flight."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.entered = threading.Event()
+        self._gate = threading.Event()
+        self._hold = False
+
+    def hold_next(self) -> None:
+        self._hold, self._gate = True, threading.Event()
+        self.entered.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def recommend(self, *args: Any, **kwargs: Any) -> Any:
+        if self._hold:
+            self._hold = False
+            self.entered.set()
+            self._gate.wait(10)
+        return self.model.recommend(*args, **kwargs)
+
+
+def _popular_and_personal() -> Model:
+    """User "u" has seen the five most popular items: its own list and the trending list it
+    falls back to once erased have nothing in common."""
+    model = Model(ModelConfig(dim=8, seed=1, auto_reindex=True))
+    popular = [f"p{n}" for n in range(5)]
+    model.ingest(["u"] * 5 + ["v"] * 5, popular * 2)
+    model.ingest([f"w{n}" for n in range(10)], [f"q{n}" for n in range(10)])
+    return model
+
+
+async def test_a_list_computed_before_an_erasure_is_never_pushed_after_it() -> None:
+    model = _popular_and_personal()
+    gated = _Gated(model)
+    pushed: list[dict[str, Any]] = []
+    publisher = Publisher(gated, on_push=lambda sub, msg: pushed.append(msg))  # type: ignore[arg-type]
+    sub = Subscription(user="u", k=3)
+    publisher.subscribe(sub)
+    before = [r[0] for r in model.recommend("u", k=3)]
+    gated.hold_next()
+    publisher.notify([("u", None)], 1, 0.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(publisher.flush)
+        await trio.to_thread.run_sync(gated.entered.wait)
+        # The recompute is in flight; the user is erased and the erasure reported.
+        assert model.erase_user("u")
+        publisher.erase("u")
+        publisher.notify([("u", None)], 2, 0.0)
+        gated.release()
+    after = [r[0] for r in model.recommend("u", k=3)]
+    assert set(before).isdisjoint(after)
+    assert pushed, "the list after the erasure is pushed"
+    assert [[i["item"] for i in m["items"]] for m in pushed] == [after]
+    assert pushed[-1]["version"] == 2
+
+
+async def test_versions_never_go_back_between_the_first_list_and_pushes() -> None:
+    model = _popular_and_personal()
+    gated = _Gated(model)
+    publisher = Publisher(gated, applied_seq=5)  # type: ignore[arg-type]
+    sub = Subscription(user="v", k=3)
+    publisher.subscribe(sub)
+    first: dict[str, Any] = {}
+
+    async def connect() -> None:
+        first.update(await publisher.current(sub))
+
+    gated.hold_next()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connect)
+        await trio.to_thread.run_sync(gated.entered.wait)
+        # While the first list is computed (at seq 5), an event at seq 6 is pushed.
+        model.ingest(["v"], ["q3"])
+        publisher.notify([("v", "e6")], 6, 0.0)
+        await publisher.flush()
+        gated.release()
+    pushed = await sub.slot.get()
+    assert pushed is not None
+    assert (first["version"], pushed["version"]) == (5, 6)
+    assert pushed["cause"]["seq"] == 6
+
+
+async def test_pushes_and_get_agree_on_version_and_show_the_raw_id(tmp_path: Path) -> None:
+    async with running_server(tmp_path, pseudonymize_key=b"k" * 32) as server:
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+            events = [{"user": "ann", "item": f"i{n}"} for n in range(3)]
+            events += [{"user": f"o{n}", "item": f"i{n}"} for n in range(12)]
+            r = await http.post("/v1/events", json=events)
+            await server.wait_applied(r.json()["seq"])
+            async with websocket(ws_url(server, "/v1/ws/recommendations?user=ann&k=3")) as ws:
+                first = json.loads(await ws.get_message())
+                assert first["user"] == "ann"
+                got = (await http.get("/v1/users/ann/recommendations?k=3")).json()
+                assert got["user"] == "ann" and got["version"] == first["version"]
+                # The top item seen: the list changes.
+                top = first["items"][0]["item"]
+                r = await http.post("/v1/events", json=[{"user": "ann", "item": top}])
+                seq = r.json()["seq"]
+                with trio.fail_after(10):
+                    while True:
+                        msg = json.loads(await ws.get_message())
+                        assert msg["user"] == "ann"
+                        if msg["version"] >= seq:
+                            break
+                assert msg["version"] == seq == msg["cause"]["seq"]
+                got = (await http.get("/v1/users/ann/recommendations?k=3")).json()
+                assert got["version"] == seq
+
+
+async def test_every_dropped_stuck_subscriber_is_counted(tmp_path: Path) -> None:
+    n_stuck = 8
+    async with running_server(tmp_path, send_timeout=1.0, tcp_user_timeout_ms=2000) as server:
+        assert server.publisher is not None
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+            catalog = [{"user": f"seed{n}", "item": f"item{n:04d}"} for n in range(1500)]
+            r = await http.post("/v1/events", json=catalog)
+            await server.wait_applied(r.json()["seq"])
+            stuck = [
+                await trio.to_thread.run_sync(_stuck_subscriber, server.http_url, f"stuck{s}")
+                for s in range(n_stuck)
+            ]
+            try:
+                with trio.fail_after(10):
+                    while server.publisher.subscribers < n_stuck:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                n = 0
+                # Keep every stuck subscriber's (large) list changing until all are dropped.
+                with trio.fail_after(90):  # generous: CI machines are shared
+                    while server.publisher.subscribers > 0:
+                        events = [
+                            {"user": f"stuck{s}", "item": f"item{n:04d}"} for s in range(n_stuck)
+                        ]
+                        await http.post("/v1/events", json=events)
+                        await trio.sleep(0.02)
+                        n = (n + 1) % 1500
+                metrics = (await http.get("/metrics")).text
+                assert f"recstream_subscribers_dropped_total {float(n_stuck)}" in metrics
+            finally:
+                for sock in stuck:
+                    sock.close()

@@ -19,9 +19,10 @@ import pytest
 import trio
 import trio.lowlevel
 
+from engine import ModelConfig
 from engine._server import Server
 
-from .conftest import server_config
+from .conftest import running_server, server_config
 
 USERS = 40
 
@@ -153,3 +154,65 @@ async def test_sigkill_loses_no_acknowledged_event_and_applies_none_twice(
     assert model.stats()["events_applied"] == len(seen)
     for n, user in list(seen.items())[:50]:
         assert user == f"u{n % USERS}"
+
+
+async def test_restart_applies_the_new_model_settings(tmp_path: Path) -> None:
+    """Settings stored in the snapshot give way to the configured ones on restart."""
+    data_dir = tmp_path / "data"
+    old = ModelConfig(dim=16, seed=5, auto_reindex=False, max_frame_bytes=1 << 20)
+    async with running_server(data_dir, model=old) as server:
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+            r = await http.post("/v1/events", json={"user": "a", "item": "x", "type": "share"})
+            assert r.status_code == 422  # not a configured type yet
+            r = await http.post("/v1/events", json={"user": "a", "item": "x", "type": "click"})
+            await server.wait_applied(r.json()["seq"])
+        # Shutdown takes a snapshot: the restart loads it.
+    weights = {**old.event_weights, "share": 5.0}
+    new = ModelConfig(
+        dim=16,
+        seed=5,
+        auto_reindex=False,
+        event_weights=weights,
+        max_frame_bytes=1 << 16,
+        decay_half_life=3600.0,
+        ef_search=32,
+    )
+    async with running_server(data_dir, model=new) as server:
+        assert server.snapshot_seq > 0
+        running = server.model.config()
+        assert running["event_weights"] == weights
+        assert running["max_frame_bytes"] == 1 << 16
+        assert (running["decay_half_life"], running["ef_search"]) == (3600.0, 32)
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+            r = await http.post("/v1/events", json={"user": "a", "item": "y", "type": "share"})
+            assert r.status_code == 202
+            await server.wait_applied(r.json()["seq"])
+        assert set(server.model.seen("a")) == {"x", "y"}
+
+
+def test_a_setting_that_cannot_change_refuses_the_start_in_one_line(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    config = tmp_path / "recstream.toml"
+    config.write_text("[model]\ndim = 16\n")
+    proc, url = _start(data_dir, config)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            assert http.post("/v1/events", json={"user": "a", "item": "x"}).status_code == 202
+            assert http.post("/v1/admin/snapshot").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    config.write_text("[model]\ndim = 24\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "serve", "--config", str(config)]
+        + ["--data-dir", str(data_dir), "--http", "127.0.0.1:0", "--forward", "127.0.0.1:0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("recstream: ") and "dim is 16 in the snapshot and 24" in last, last
+    assert "Traceback" not in done.stderr

@@ -8,6 +8,13 @@
 //! the items in `dirty` (bounded staleness); queries re-score the index's candidates with the
 //! current vectors, so a stale index can only miss an item, never misreport a score.
 //!
+//! No lock is held across a slow step: the index re-link keeps one write guard but hands it
+//! over fairly between items (`RwLockWriteGuard::bump`), the exact Gramian recomputation
+//! runs on a copy of the matrices and is swapped in, and a snapshot copies the model under the
+//! read locks and serialises the copy after releasing them. An item stays marked dirty until
+//! its re-link is done, so a snapshot taken meanwhile still lists it. [`Model::stats`] reads
+//! counters published after every change and takes no lock at all.
+//!
 //! # From candidates to a list
 //! [`Model::recommend`] retrieves a candidate pool (the index or the exact scan for the
 //! user's vector, the trending list for users without one), then:
@@ -24,8 +31,9 @@
 //! New items get a vector from their attributes ([`crate::coldstart`]).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 
 use crate::coldstart::{AttrVectors, SortedIds};
 use crate::decode::{self, DecodeError, Limits, Record};
@@ -68,6 +76,8 @@ const COLD_REFRESH_BUDGET: usize = 256;
 /// fraction of its length: re-linking in the index costs far more than the move.
 const COLD_REFRESH_TOLERANCE: f32 = 0.01;
 
+/// The model's settings. [`Config::default`] is the one set of defaults: the Python
+/// `ModelConfig` reads its defaults from it.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub mf: MfConfig,
@@ -96,11 +106,14 @@ pub struct Config {
 }
 
 impl Default for Config {
+    /// `dim` 32, `alpha` 0 and `reg` 1.0 were chosen by `python -m bench quality --tune` on
+    /// the synthetic streams (README, "Model quality"); the factorization's own defaults
+    /// ([`MfConfig::default`]) are the paper's settings for the library used alone.
     fn default() -> Self {
         Config {
-            mf: MfConfig::default(),
-            hnsw: HnswConfig::default(),
-            event_weights: Vec::new(),
+            mf: MfConfig { dim: 32, alpha: 0.0, reg: 1.0, seed: 42, ..MfConfig::default() },
+            hnsw: HnswConfig { seed: 42, ..HnswConfig::default() },
+            event_weights: default_event_weights(),
             default_weight: 1.0,
             trending_half_life: 86_400.0,
             exact_below: DEFAULT_EXACT_BELOW,
@@ -113,6 +126,50 @@ impl Default for Config {
             explore_max_events: 5,
         }
     }
+}
+
+/// Weights of the common event types; a purchase says more than a view.
+pub fn default_event_weights() -> Vec<(String, f32)> {
+    [("view", 1.0), ("click", 2.0), ("like", 3.0), ("cart", 4.0), ("purchase", 8.0)]
+        .into_iter()
+        .map(|(n, w)| (n.to_string(), w))
+        .collect()
+}
+
+impl Config {
+    /// This configuration with the settings a restart may change taken from `wanted`:
+    /// everything but the index's `m` and `ef_construction` and the trending half-life,
+    /// which the stored state was built with (the factorization's own rules are
+    /// [`Mf::reconfigure`]'s). Refuses with the first setting that cannot change.
+    pub fn reconciled(&self, wanted: &Config) -> Result<Config, String> {
+        let fixed = [
+            ("hnsw_m", self.hnsw.m as f64, wanted.hnsw.m as f64),
+            ("ef_construction", self.hnsw.ef_construction as f64, wanted.hnsw.ef_construction as f64),
+            ("trending_half_life", self.trending_half_life, wanted.trending_half_life),
+        ];
+        for (name, was, now) in fixed {
+            if was != now {
+                return Err(format!("{name} is {was} in the snapshot and {now} in the configuration"));
+            }
+        }
+        Ok(Config {
+            hnsw: HnswConfig { ef_search: wanted.hnsw.ef_search, ..self.hnsw.clone() },
+            ..wanted.clone()
+        })
+    }
+}
+
+/// Counters published after every change, so [`Model::stats`] never waits for a lock.
+#[derive(Default)]
+struct Published {
+    events_applied: AtomicU64,
+    duplicates: AtomicU64,
+    rejected: AtomicU64,
+    users: AtomicUsize,
+    items: AtomicUsize,
+    index_size: AtomicUsize,
+    stale: AtomicUsize,
+    newest_ts: AtomicU64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -132,6 +189,8 @@ pub struct ApplyReport {
     /// Users whose vectors or histories changed, each with the id of its newest applied
     /// event (when the producer gave ids), for the publisher's `cause`.
     pub touched_users: Vec<(ExtId, Option<ExtId>)>,
+    /// Users an erase record removed (users the model did not know are not listed).
+    pub erased_users: Vec<ExtId>,
 }
 
 /// What [`Model::check_frame`] found in a frame.
@@ -257,10 +316,19 @@ pub(crate) struct State {
 }
 
 /// Items whose vectors moved since the index last saw them, in first-moved order.
+///
+/// A re-link works on the front of the queue without removing it ([`Dirty::start`]): the
+/// items stay listed, so a snapshot taken before the re-link is done still has them, and are
+/// removed by [`Dirty::finish`], except those that moved again meanwhile.
 #[derive(Default)]
 pub(crate) struct Dirty {
     queue: Vec<u32>,
     flagged: Vec<bool>,
+    /// How many items at the front of `queue` are being re-linked now, and which.
+    in_flight: usize,
+    flying: HashSet<u32>,
+    /// Items of the re-link in flight that moved again after their vector was read.
+    again: HashSet<u32>,
 }
 
 impl Dirty {
@@ -272,6 +340,8 @@ impl Dirty {
         if !self.flagged[i_us] {
             self.flagged[i_us] = true;
             self.queue.push(i);
+        } else if self.flying.contains(&i) {
+            self.again.insert(i);
         }
     }
 
@@ -279,13 +349,32 @@ impl Dirty {
         self.queue.clone()
     }
 
-    fn take(&mut self, budget: usize) -> Vec<u32> {
-        let n = budget.min(self.queue.len());
-        let taken: Vec<u32> = self.queue.drain(..n).collect();
-        for &i in &taken {
-            self.flagged[i as usize] = false;
-        }
+    pub(crate) fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// The first `budget` items, left in the queue until [`Dirty::finish`]. One re-link at a
+    /// time (the model serialises them).
+    fn start(&mut self, budget: usize) -> Vec<u32> {
+        self.in_flight = budget.min(self.queue.len());
+        self.again.clear();
+        let taken = self.queue[..self.in_flight].to_vec();
+        self.flying = taken.iter().copied().collect();
         taken
+    }
+
+    /// Removes the re-linked items; those that moved again go to the back of the queue.
+    fn finish(&mut self) {
+        let done: Vec<u32> = self.queue.drain(..self.in_flight).collect();
+        self.in_flight = 0;
+        self.flying.clear();
+        for i in done {
+            if self.again.remove(&i) {
+                self.queue.push(i);
+            } else {
+                self.flagged[i as usize] = false;
+            }
+        }
     }
 }
 
@@ -324,6 +413,9 @@ pub struct Model {
     pub(crate) state: RwLock<State>,
     pub(crate) index: RwLock<Hnsw>,
     pub(crate) dirty: Mutex<Dirty>,
+    /// Held by the one re-link running at a time (so `Dirty`'s in-flight items are its own).
+    relinking: Mutex<()>,
+    published: Published,
 }
 
 /// For each decoded record, the index of the frame entry it came from (the decoder drops
@@ -537,12 +629,57 @@ impl Model {
     pub fn new(cfg: Config) -> Self {
         let state = State::new(&cfg);
         let index = Hnsw::new(cfg.mf.dim, cfg.hnsw.clone());
-        Model {
+        Model::assemble(cfg, state, index, Dirty::default())
+    }
+
+    pub(crate) fn assemble(cfg: Config, state: State, index: Hnsw, dirty: Dirty) -> Self {
+        let m = Model {
             cfg,
             state: RwLock::new(state),
             index: RwLock::new(index),
-            dirty: Mutex::new(Dirty::default()),
+            dirty: Mutex::new(dirty),
+            relinking: Mutex::new(()),
+            published: Published::default(),
+        };
+        m.publish(&m.state.read());
+        m.published.index_size.store(m.index.read().len(), Ordering::Relaxed);
+        m.published.stale.store(m.dirty.lock().len(), Ordering::Relaxed);
+        m
+    }
+
+    /// Publishes the state's counters for [`Model::stats`] (call with a lock on `st` held).
+    fn publish(&self, st: &State) {
+        let p = &self.published;
+        p.events_applied.store(st.events_applied, Ordering::Relaxed);
+        p.duplicates.store(st.duplicates, Ordering::Relaxed);
+        p.rejected.store(st.rejected, Ordering::Relaxed);
+        p.users.store(st.users.len(), Ordering::Relaxed);
+        p.items.store(st.items.len(), Ordering::Relaxed);
+        p.newest_ts.store(st.newest_ts.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Marks moved items for the index.
+    fn mark_dirty(&self, moved: impl IntoIterator<Item = u32>) {
+        let mut dirty = self.dirty.lock();
+        for i in moved {
+            dirty.mark(i);
         }
+        self.published.stale.store(dirty.len(), Ordering::Relaxed);
+    }
+
+    /// The exact Gramian recomputation when due: the matrices are copied under the read
+    /// lock, the sums computed without any lock, and the result installed under a short
+    /// write lock unless the model changed meanwhile (then it is tried again later).
+    fn refresh_gramians(&self) {
+        let inputs = {
+            let st = self.state.read();
+            if !st.mf.gramians_due() {
+                return;
+            }
+            st.mf.gramian_inputs()
+        };
+        let exact = inputs.compute();
+        self.state.write().mf.install_gramians(exact);
     }
 
     pub fn config(&self) -> &Config {
@@ -588,25 +725,31 @@ impl Model {
             let mut moved = Vec::with_capacity(chunk.len());
             {
                 let mut st = self.state.write();
+                let (applied, duplicates, rejected) =
+                    (report.applied, report.duplicates, report.rejected.len());
                 for (j, rec) in chunk.iter().enumerate() {
                     let index = chunk_no * APPLY_CHUNK + j;
-                    match self.apply_one(&mut st, rec, producer, &mut moved, &mut touched) {
+                    match self.apply_one(
+                        &mut st,
+                        rec,
+                        producer,
+                        &mut moved,
+                        &mut touched,
+                        &mut report.erased_users,
+                    ) {
                         Ok(true) => report.applied += 1,
                         Ok(false) => report.duplicates += 1,
                         Err(reason) => report.rejected.push((index, reason)),
                     }
                 }
-                st.rejected += report.rejected.len() as u64;
+                // This chunk's share only: the report's counts run over the whole batch.
+                st.events_applied += (report.applied - applied) as u64;
+                st.duplicates += (report.duplicates - duplicates) as u64;
+                st.rejected += (report.rejected.len() - rejected) as u64;
+                self.publish(&st);
             }
-            let mut dirty = self.dirty.lock();
-            for i in moved {
-                dirty.mark(i);
-            }
-        }
-        {
-            let mut st = self.state.write();
-            st.events_applied += report.applied as u64;
-            st.duplicates += report.duplicates as u64;
+            self.mark_dirty(moved);
+            self.refresh_gramians();
         }
         report.touched_users = touched.into_iter().collect();
         if self.cfg.auto_reindex {
@@ -623,6 +766,7 @@ impl Model {
         producer: &str,
         moved: &mut Vec<u32>,
         touched: &mut HashMap<ExtId, Option<ExtId>>,
+        erased: &mut Vec<ExtId>,
     ) -> Result<bool, String> {
         match rec {
             Record::Interaction { user, item, kind, weight, id, ts } => {
@@ -631,7 +775,7 @@ impl Model {
                     return Err("time is not finite".into());
                 }
                 if let Some(id) = id {
-                    if !st.dedup.first_time(producer, id) {
+                    if !st.dedup.first_time(producer, id, Some(user)) {
                         return Ok(false);
                     }
                 }
@@ -666,7 +810,10 @@ impl Model {
                 Ok(true)
             }
             Record::EraseUser { user, .. } => {
-                moved.extend(self.erase_user_locked(st, user).unwrap_or_default());
+                if let Some(m) = self.erase_user_locked(st, user) {
+                    moved.extend(m);
+                    erased.push(user.clone());
+                }
                 touched.insert(user.clone(), None);
                 Ok(true)
             }
@@ -753,12 +900,9 @@ impl Model {
         {
             let mut st = self.state.write();
             self.upsert_item_locked(&mut st, item, tags, category, available, &mut moved);
+            self.publish(&st);
         }
-        let mut dirty = self.dirty.lock();
-        for i in moved {
-            dirty.mark(i);
-        }
-        drop(dirty);
+        self.mark_dirty(moved);
         if self.cfg.auto_reindex {
             self.reindex(usize::MAX);
         }
@@ -766,8 +910,10 @@ impl Model {
 
     /// Items left without feedback by the erasure lose their learned vectors (they were
     /// learned from the erased user) and fall back to their attributes: those are returned.
+    /// The ids of the user's events leave the redelivery window too. None: unknown user.
     fn erase_user_locked(&self, st: &mut State, user: &ExtId) -> Option<Vec<u32>> {
         let u = st.users.erase(user)?;
+        st.dedup.forget_user(user);
         st.mf.erase_user(u);
         let seen = std::mem::take(&mut st.seen[u as usize]);
         let mut moved = Vec::new();
@@ -782,11 +928,14 @@ impl Model {
 
     /// Removes the user's vector, history and seen set. The dense slot stays a tombstone.
     pub fn erase_user(&self, user: &ExtId) -> bool {
-        let Some(moved) = self.erase_user_locked(&mut self.state.write(), user) else { return false };
-        let mut dirty = self.dirty.lock();
-        for i in moved {
-            dirty.mark(i);
-        }
+        let moved = {
+            let mut st = self.state.write();
+            let moved = self.erase_user_locked(&mut st, user);
+            self.publish(&st);
+            moved
+        };
+        let Some(moved) = moved else { return false };
+        self.mark_dirty(moved);
         true
     }
 
@@ -800,17 +949,22 @@ impl Model {
             st.rebuild_derived(&self.cfg);
             n_items = st.items.capacity();
         }
-        let mut dirty = self.dirty.lock();
-        for i in 0..n_items as u32 {
-            dirty.mark(i);
-        }
-        drop(dirty);
+        self.mark_dirty(0..n_items as u32);
         self.reindex(usize::MAX);
     }
 
     /// Brings up to `budget` moved items up to date in the index (oldest moves first).
-    /// Returns how many are still waiting. Each item takes the index write lock on its own.
+    /// Returns how many are still waiting. The index write lock is handed over fairly after
+    /// every item, so queries interleave with a long re-link; items stay marked dirty until
+    /// their re-link is done.
     pub fn reindex(&self, budget: usize) -> usize {
+        self.reindex_with(budget, || ())
+    }
+
+    /// [`Model::reindex`], calling `between` once the items are chosen and their vectors read,
+    /// before the index changes (tests take a snapshot there).
+    pub(crate) fn reindex_with(&self, budget: usize, between: impl FnOnce()) -> usize {
+        let _one_at_a_time = self.relinking.lock();
         // Checked under the read lock first: most calls have nothing to refresh.
         let quiet = {
             let st = self.state.read();
@@ -818,12 +972,9 @@ impl Model {
         };
         let refreshed = if quiet { Vec::new() } else { self.state.write().refresh_cold(COLD_REFRESH_BUDGET) };
         if !refreshed.is_empty() {
-            let mut dirty = self.dirty.lock();
-            for i in refreshed {
-                dirty.mark(i);
-            }
+            self.mark_dirty(refreshed);
         }
-        let taken = self.dirty.lock().take(budget);
+        let taken = self.dirty.lock().start(budget);
         let dim = self.cfg.mf.dim;
         let mut vecs = Vec::with_capacity(taken.len() * dim);
         let mut live = Vec::with_capacity(taken.len());
@@ -834,19 +985,28 @@ impl Model {
                 vecs.extend_from_slice(st.mf.item_vector(i));
             }
         }
-        for (n, &i) in taken.iter().enumerate() {
+        between();
+        if !taken.is_empty() {
             let mut index = self.index.write();
-            if live[n] {
-                index.upsert(i, &vecs[n * dim..(n + 1) * dim]);
-            } else {
-                index.delete(i);
+            for (n, &i) in taken.iter().enumerate() {
+                if live[n] {
+                    index.upsert(i, &vecs[n * dim..(n + 1) * dim]);
+                } else {
+                    index.delete(i);
+                }
+                // Waiting queries go first (then the re-link continues where it was).
+                RwLockWriteGuard::bump(&mut index);
             }
+            self.published.index_size.store(index.len(), Ordering::Relaxed);
         }
-        self.dirty.lock().queue.len()
+        let mut dirty = self.dirty.lock();
+        dirty.finish();
+        self.published.stale.store(dirty.len(), Ordering::Relaxed);
+        dirty.len()
     }
 
     pub fn stale(&self) -> usize {
-        self.dirty.lock().queue.len()
+        self.published.stale.load(Ordering::Relaxed)
     }
 
     /// The query's filters in dense ids; None when the category is one no item has (nothing
@@ -1102,18 +1262,19 @@ impl Model {
         st.seen[u as usize].iter().filter_map(|&i| st.items.ext(i).cloned()).collect()
     }
 
+    /// The model's counters as last published: never waits for a lock, so it may be called
+    /// from an event loop.
     pub fn stats(&self) -> Stats {
-        let st = self.state.read();
-        let index_size = self.index.read().len();
+        let p = &self.published;
         Stats {
-            events_applied: st.events_applied,
-            duplicates: st.duplicates,
-            rejected: st.rejected,
-            users: st.users.len(),
-            items: st.items.len(),
-            index_size,
-            index_stale: self.stale(),
-            newest_ts: st.newest_ts,
+            events_applied: p.events_applied.load(Ordering::Relaxed),
+            duplicates: p.duplicates.load(Ordering::Relaxed),
+            rejected: p.rejected.load(Ordering::Relaxed),
+            users: p.users.load(Ordering::Relaxed),
+            items: p.items.load(Ordering::Relaxed),
+            index_size: p.index_size.load(Ordering::Relaxed),
+            index_stale: p.stale.load(Ordering::Relaxed),
+            newest_ts: f64::from_bits(p.newest_ts.load(Ordering::Relaxed)),
         }
     }
 
@@ -1264,5 +1425,134 @@ mod tests {
             assert_eq!(a.iter().filter(|r| r.explore).count(), 3, "{a:?}");
         }
         assert_eq!(m.state.read().fresh.as_slice(), loaded.state.read().fresh.as_slice());
+    }
+
+    fn ev_id(user: i64, item: i64, id: i64) -> Record {
+        Record::Interaction {
+            user: ExtId::Int(user),
+            item: ExtId::Int(item),
+            kind: None,
+            weight: Some(1.0),
+            id: Some(ExtId::Int(id)),
+            ts: T0,
+        }
+    }
+
+    /// Erasure removes the user's event ids from the redelivery window, in memory and in
+    /// the snapshot written after it; other users' ids stay.
+    #[test]
+    fn erasure_forgets_the_users_event_ids() {
+        let m = Model::new(cfg());
+        m.apply(&[ev_id(1, 10, 100), ev_id(1, 11, 101), ev_id(2, 10, 200)], "p");
+        assert!(m.erase_user(&ExtId::Int(1)));
+        let (loaded, _) = Model::from_snapshot_bytes(&m.snapshot_bytes(0).unwrap()).unwrap();
+        for model in [&m, &loaded] {
+            let st = model.state.read();
+            let ids: Vec<ExtId> = st.dedup.entries().map(|((_, id), _)| id.clone()).collect();
+            assert_eq!(ids, vec![ExtId::Int(200)]);
+        }
+        // A later event that reuses an erased id is new data, not a redelivery.
+        let r = loaded.apply(&[ev_id(1, 12, 100), ev_id(2, 10, 200)], "p");
+        assert_eq!((r.applied, r.duplicates), (1, 1));
+    }
+
+    /// An erase record names its user in the report only when the model knew the user.
+    #[test]
+    fn erase_records_report_known_users_only() {
+        let m = Model::new(cfg());
+        m.apply(&[ev(1, 10, T0)], "");
+        let erase = |u: i64| Record::EraseUser { user: ExtId::Int(u), ts: T0 };
+        let r = m.apply(&[erase(1), erase(99)], "");
+        assert_eq!(r.erased_users, vec![ExtId::Int(1)]);
+    }
+
+    /// Refusals are counted once, however many chunks a batch spans.
+    #[test]
+    fn rejected_events_are_counted_once() {
+        let m = Model::new(cfg());
+        let mut recs: Vec<Record> = (0..100).map(|n| ev(n % 7, n % 11, T0)).collect();
+        recs[3] = Record::Interaction {
+            user: ExtId::Int(1),
+            item: ExtId::Int(1),
+            kind: Some("nope".into()),
+            weight: None,
+            id: None,
+            ts: T0,
+        };
+        let r = m.apply(&recs, "");
+        assert_eq!(r.rejected.len(), 1);
+        let s = m.stats();
+        assert_eq!((s.rejected, s.events_applied), (1, 99));
+    }
+
+    /// A snapshot taken while a re-link is under way still lists the items being re-linked:
+    /// the loaded model re-links them instead of serving a stale index for them forever.
+    #[test]
+    fn dirty_marks_survive_a_snapshot_taken_mid_reindex() {
+        let m = Model::new(Config { auto_reindex: false, exact_below: 0, ..cfg() });
+        m.apply(&(0..50).map(|n| ev(n % 5, n, T0)).collect::<Vec<_>>(), "");
+        let waiting = m.stale();
+        assert!(waiting > 0);
+        let mut mid = Vec::new();
+        let left = m.reindex_with(usize::MAX, || mid = m.snapshot_bytes(0).unwrap());
+        assert_eq!((left, m.stale()), (0, 0));
+        let (loaded, _) = Model::from_snapshot_bytes(&mid).unwrap();
+        assert_eq!(loaded.stale(), waiting);
+        assert_eq!(loaded.reindex(usize::MAX), 0);
+        assert_eq!(loaded.index.read().len(), m.index.read().len());
+    }
+
+    /// An item that moves again while its re-link is under way stays dirty afterwards.
+    #[test]
+    fn items_moved_during_a_reindex_stay_dirty() {
+        let m = Model::new(Config { auto_reindex: false, ..cfg() });
+        m.apply(&[ev(1, 10, T0), ev(2, 11, T0)], "");
+        m.reindex_with(usize::MAX, || {
+            m.apply(&[ev(3, 10, T0 + 1.0)], "");
+        });
+        assert_eq!(m.dirty.lock().pending(), vec![0]);
+        assert_eq!(m.reindex(usize::MAX), 0);
+    }
+
+    /// Loading with a new configuration applies what may change and refuses what may not.
+    #[test]
+    fn loading_applies_changed_settings_and_refuses_fixed_ones() {
+        let m = planted(cfg());
+        let bytes = m.snapshot_bytes(7).unwrap();
+        let mut wanted = cfg();
+        wanted.event_weights.push(("share".into(), 5.0));
+        wanted.limits.max_frame_bytes = 1 << 10;
+        wanted.mf.alpha = 0.5;
+        wanted.dedup_window = 3;
+        let (loaded, seq) = Model::from_snapshot_bytes_with(&bytes, Some(&wanted)).unwrap();
+        assert_eq!(seq, 7);
+        assert_eq!(loaded.config().limits.max_frame_bytes, 1 << 10);
+        let share = Record::Interaction {
+            user: ExtId::Int(1),
+            item: ExtId::Int(2),
+            kind: Some("share".into()),
+            weight: None,
+            id: None,
+            ts: T0,
+        };
+        // The new alpha re-derived the missing-data Gramian: it is what an exact pass gives.
+        let held = loaded.state.read().mf.gramian_q();
+        loaded.state.write().mf.recompute_gramians();
+        let exact = loaded.state.read().mf.gramian_q();
+        assert!(held.iter().zip(&exact).all(|(a, b)| (a - b).abs() <= 1e-9 * (1.0 + b.abs())));
+        assert_ne!(held, m.state.read().mf.gramian_q(), "alpha 0.5 weighs items differently");
+        assert_eq!(loaded.state.read().dedup.capacity(), 3);
+        assert_eq!(loaded.apply(&[share], "").applied, 1);
+        for (name, change) in [
+            ("dim", Box::new(|c: &mut Config| c.mf.dim = 16) as Box<dyn Fn(&mut Config)>),
+            ("hnsw_m", Box::new(|c: &mut Config| c.hnsw.m = 8)),
+            ("user_history_cap", Box::new(|c: &mut Config| c.mf.user_history_cap = 10)),
+        ] {
+            let mut bad = cfg();
+            change(&mut bad);
+            let err = Model::from_snapshot_bytes_with(&bytes, Some(&bad)).err().expect(name);
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+            assert!(err.to_string().starts_with(name), "{err}");
+        }
     }
 }

@@ -11,7 +11,7 @@ use pyo3::exceptions::{PyKeyError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
 
-use crate::decode::{DecodeError, Limits, Record};
+use crate::decode::{DecodeError, Record};
 use crate::hnsw::HnswConfig;
 use crate::ids::ExtId;
 use crate::mf::MfConfig;
@@ -91,6 +91,8 @@ fn snapshot_err(e: std::io::Error) -> PyErr {
         std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
             CorruptSnapshot::new_err(e.to_string())
         }
+        // The snapshot is sound but the configuration asks for what it cannot become.
+        std::io::ErrorKind::InvalidInput => PyValueError::new_err(e.to_string()),
         _ => PyOSError::new_err(e.to_string()),
     }
 }
@@ -153,7 +155,8 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
             return Err(PyValueError::new_err(format!("unknown config key {k:?}")));
         }
     }
-    let d = MfConfig::default();
+    let defaults = model::Config::default();
+    let d = defaults.mf.clone();
     let seed: u64 = opt(cfg, "seed", d.seed)?;
     let mf = MfConfig {
         dim: opt(cfg, "dim", d.dim)?,
@@ -175,7 +178,7 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
     if mf.dim > 1024 {
         return Err(PyValueError::new_err("dim must be at most 1024"));
     }
-    let h = HnswConfig::default();
+    let h = defaults.hnsw.clone();
     let hnsw = HnswConfig {
         m: opt(cfg, "hnsw_m", h.m)?,
         ef_construction: opt(cfg, "ef_construction", h.ef_construction)?,
@@ -194,16 +197,16 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
             }
             out
         }
-        _ => default_event_weights(),
+        _ => defaults.event_weights.clone(),
     };
     for (name, w) in &event_weights {
         if !w.is_finite() || *w <= 0.0 || *w > model::MAX_WEIGHT {
             return Err(PyValueError::new_err(format!("event_weights[{name:?}] must be in (0, 1e6]")));
         }
     }
-    let mut limits = Limits::default();
+    let mut limits = defaults.limits.clone();
     limits.max_frame_bytes = opt(cfg, "max_frame_bytes", limits.max_frame_bytes)?;
-    let d = model::Config::default();
+    let d = defaults;
     let cold_start_events: f32 = opt(cfg, "cold_start_events", d.cold_start_events)?;
     if !(cold_start_events.is_finite() && cold_start_events >= 0.0) {
         return Err(PyValueError::new_err("cold_start_events must be a finite number ≥ 0"));
@@ -212,11 +215,11 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
         mf,
         hnsw,
         event_weights,
-        default_weight: opt(cfg, "default_weight", 1.0f32)?,
-        trending_half_life: opt(cfg, "trending_half_life", 86_400.0)?,
-        exact_below: opt(cfg, "exact_below", model::DEFAULT_EXACT_BELOW)?,
-        dedup_window: opt(cfg, "dedup_window", 1_000_000usize)?,
-        auto_reindex: opt(cfg, "auto_reindex", true)?,
+        default_weight: opt(cfg, "default_weight", d.default_weight)?,
+        trending_half_life: opt(cfg, "trending_half_life", d.trending_half_life)?,
+        exact_below: opt(cfg, "exact_below", d.exact_below)?,
+        dedup_window: opt(cfg, "dedup_window", d.dedup_window)?,
+        auto_reindex: opt(cfg, "auto_reindex", d.auto_reindex)?,
         limits,
         cold_start_events,
         diversity: unit_interval("diversity", opt(cfg, "diversity", d.diversity)?)?,
@@ -225,12 +228,64 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
     })
 }
 
-/// Weights of the common event types; a purchase says more than a view.
-fn default_event_weights() -> Vec<(String, f32)> {
-    [("view", 1.0), ("click", 2.0), ("like", 3.0), ("cart", 4.0), ("purchase", 8.0)]
-        .into_iter()
-        .map(|(n, w)| (n.to_string(), w))
-        .collect()
+/// An `f32` setting as the Python float it was written as (0.01, not 0.009999999776…):
+/// the shortest decimal that reads back as the same `f32`.
+fn f32_setting(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
+/// A configuration as a dict with the keys `config_from_dict` reads (`KNOWN_KEYS`).
+fn config_to_dict<'py>(py: Python<'py>, c: &model::Config) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    let mf = &c.mf;
+    d.set_item("dim", mf.dim)?;
+    d.set_item("c0", f32_setting(mf.c0))?;
+    d.set_item("alpha", f32_setting(mf.alpha))?;
+    d.set_item("reg", f32_setting(mf.reg))?;
+    d.set_item("w_new", f32_setting(mf.w_new))?;
+    d.set_item("online_iters", mf.online_iters)?;
+    d.set_item("user_history_cap", mf.user_history_cap)?;
+    d.set_item("item_history_cap", mf.item_history_cap)?;
+    d.set_item("decay_half_life", mf.decay_half_life)?;
+    d.set_item("init_std", f32_setting(mf.init_std))?;
+    d.set_item("seed", mf.seed)?;
+    d.set_item("hnsw_m", c.hnsw.m)?;
+    d.set_item("ef_construction", c.hnsw.ef_construction)?;
+    d.set_item("ef_search", c.hnsw.ef_search)?;
+    let weights = PyDict::new(py);
+    for (name, w) in &c.event_weights {
+        weights.set_item(name, f32_setting(*w))?;
+    }
+    d.set_item("event_weights", weights)?;
+    d.set_item("default_weight", f32_setting(c.default_weight))?;
+    d.set_item("trending_half_life", c.trending_half_life)?;
+    d.set_item("exact_below", c.exact_below)?;
+    d.set_item("dedup_window", c.dedup_window)?;
+    d.set_item("auto_reindex", c.auto_reindex)?;
+    d.set_item("max_frame_bytes", c.limits.max_frame_bytes)?;
+    d.set_item("cold_start_events", f32_setting(c.cold_start_events))?;
+    d.set_item("diversity", f32_setting(c.diversity))?;
+    d.set_item("exploration", f32_setting(c.exploration))?;
+    d.set_item("explore_max_events", c.explore_max_events)?;
+    Ok(d)
+}
+
+/// The model's default settings, the one source `engine.ModelConfig` takes its defaults from.
+#[pyfunction]
+fn default_config(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    config_to_dict(py, &model::Config::default())
+}
+
+/// A config argument (`ModelConfig`, any attrs instance, dict or None) as a dict.
+fn config_dict<'py>(py: Python<'py>, config: Option<&Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyDict>> {
+    Ok(match config {
+        None => PyDict::new(py),
+        Some(c) if c.is_none() => PyDict::new(py),
+        Some(c) => match c.cast::<PyDict>() {
+            Ok(d) => d.clone(),
+            Err(_) => py.import("attrs")?.call_method1("asdict", (c,))?.cast_into::<PyDict>()?,
+        },
+    })
 }
 
 /// A sequence argument as a list of items (numpy int64 arrays take the fast path).
@@ -267,6 +322,11 @@ fn report_to_py<'py>(py: Python<'py>, r: &ApplyReport) -> PyResult<Bound<'py, Py
         users.append((ext_to_py(py, u)?, id))?;
     }
     d.set_item("users", users)?;
+    let erased = PyList::empty(py);
+    for u in &r.erased_users {
+        erased.append(ext_to_py(py, u)?)?;
+    }
+    d.set_item("erased", erased)?;
     Ok(d)
 }
 
@@ -353,16 +413,13 @@ impl PyModel {
     /// `config`: an `engine.ModelConfig` (any attrs instance), a dict of its fields, or None.
     #[pyo3(signature = (config=None))]
     fn new(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
-        let dict = match config {
-            None => PyDict::new(py),
-            Some(c) if c.is_none() => PyDict::new(py),
-            Some(c) => match c.cast::<PyDict>() {
-                Ok(d) => d.clone(),
-                Err(_) => py.import("attrs")?.call_method1("asdict", (c,))?.cast_into::<PyDict>()?,
-            },
-        };
-        let cfg = config_from_dict(&dict)?;
+        let cfg = config_from_dict(&config_dict(py, config)?)?;
         Ok(PyModel { inner: model::Model::new(cfg), loaded_wal_seq: 0 })
+    }
+
+    /// The settings the model runs with, as a dict of `ModelConfig` fields.
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        config_to_dict(py, self.inner.config())
     }
 
     /// Applies interactions; validates the whole batch first and applies none on a refusal.
@@ -571,7 +628,7 @@ impl PyModel {
         user: &Bound<'py, PyAny>,
     ) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
         let user = ext_from_py(user)?;
-        Ok(self.inner.user_vector(&user).map(|v| PyArray1::from_vec(py, v)))
+        Ok(py.detach(|| self.inner.user_vector(&user)).map(|v| PyArray1::from_vec(py, v)))
     }
 
     fn item_vector<'py>(
@@ -580,20 +637,21 @@ impl PyModel {
         item: &Bound<'py, PyAny>,
     ) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
         let item = ext_from_py(item)?;
-        Ok(self.inner.item_vector(&item).map(|v| PyArray1::from_vec(py, v)))
+        Ok(py.detach(|| self.inner.item_vector(&item)).map(|v| PyArray1::from_vec(py, v)))
     }
 
     fn seen(&self, py: Python<'_>, user: &Bound<'_, PyAny>) -> PyResult<Py<PyList>> {
         let user = ext_from_py(user)?;
         let out = PyList::empty(py);
-        for i in self.inner.seen(&user) {
+        for i in py.detach(|| self.inner.seen(&user)) {
             out.append(ext_to_py(py, &i)?)?;
         }
         Ok(out.unbind())
     }
 
+    /// Counters as last published by the writers: takes no lock (safe on an event loop).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = py.detach(|| self.inner.stats());
+        let s = self.inner.stats();
         let d = PyDict::new(py);
         d.set_item("events_applied", s.events_applied)?;
         d.set_item("duplicates", s.duplicates)?;
@@ -612,9 +670,18 @@ impl PyModel {
         py.detach(|| self.inner.save(&path, wal_seq)).map_err(snapshot_err)
     }
 
+    /// Loads a snapshot. With `config`, the settings a restart may change are taken from it
+    /// (event types and weights, limits, decay, re-ranking, ...); one that cannot change
+    /// (`dim`, `hnsw_m`, ...) raises ValueError naming it.
     #[staticmethod]
-    fn load(py: Python<'_>, path: PathBuf) -> PyResult<PyModel> {
-        let (inner, loaded_wal_seq) = py.detach(|| model::Model::load(&path)).map_err(snapshot_err)?;
+    #[pyo3(signature = (path, config=None))]
+    fn load(py: Python<'_>, path: PathBuf, config: Option<&Bound<'_, PyAny>>) -> PyResult<PyModel> {
+        let wanted = match config.filter(|c| !c.is_none()) {
+            Some(c) => Some(config_from_dict(&config_dict(py, Some(c))?)?),
+            None => None,
+        };
+        let (inner, loaded_wal_seq) =
+            py.detach(|| model::Model::load(&path, wanted.as_ref())).map_err(snapshot_err)?;
         Ok(PyModel { inner, loaded_wal_seq })
     }
 }
@@ -629,6 +696,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("IncompleteFrame", py.get_type::<IncompleteFrame>())?;
     m.add("UnknownItem", py.get_type::<UnknownItem>())?;
     m.add("CorruptSnapshot", py.get_type::<CorruptSnapshot>())?;
+    m.add_function(wrap_pyfunction!(default_config, m)?)?;
     m.add_class::<crate::py_index::Index>()?;
     m.add_function(wrap_pyfunction!(crate::py_index::exact_search_batch, m)?)?;
     Ok(())

@@ -6,19 +6,20 @@
 //! version u32                 FORMAT_VERSION
 //! wal_seq u64                 the last journal record the snapshot reflects
 //! body                        config, ids, factorization, trending, item attributes,
-//!                             seen sets, redelivery window, counters, index
+//!                             seen sets, redelivery window (each id with its event's
+//!                             user, since version 3), counters, index
 //!                             (attribute vectors, cold and fresh sets are derived on load)
 //! crc32  u32                  over every byte before it
 //! ```
-//! The model is serialised to memory under its read locks (a memory-speed pause for writers),
-//! then written without holding any lock: temp file, fsync, rename over the target, fsync the
-//! directory. A reader therefore sees the old snapshot or the new one, never a torn file.
+//! The state is copied to memory under its read lock (a memory-speed pause for writers, no
+//! checksum or disk work in it), the index under its own read lock after the state lock is
+//! released; the checksum and the write happen without any lock: temp file, fsync, rename
+//! over the target, fsync the directory. A reader therefore sees the old snapshot or the new
+//! one, never a torn file. Version 2 files (ids without users) are still read.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::Path;
-
-use parking_lot::{Mutex, RwLock};
 
 use crate::codec::*;
 use crate::decode::Limits;
@@ -30,7 +31,9 @@ use crate::model::{Config, Dirty, ItemMeta, Model, State};
 use crate::trending::Trending;
 
 pub const MAGIC: &[u8; 8] = b"RSSNAP\0\0";
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest format this build reads: version 2 lacks the users of the redelivery window.
+const OLDEST_READABLE: u32 = 2;
 
 fn put_ext(w: &mut dyn Write, e: Option<&ExtId>) -> io::Result<()> {
     match e {
@@ -171,7 +174,7 @@ fn get_config(r: &mut dyn Read, mf: crate::mf::MfConfig) -> io::Result<Config> {
 impl Model {
     /// Serialises the model, with `wal_seq` (the last journal record it reflects), to bytes.
     pub fn snapshot_bytes(&self, wal_seq: u64) -> io::Result<Vec<u8>> {
-        let mut w = CrcWriter::new(Vec::new());
+        let mut w: Vec<u8> = Vec::new();
         w.write_all(MAGIC)?;
         put_u32(&mut w, FORMAT_VERSION)?;
         put_u64(&mut w, wal_seq)?;
@@ -196,24 +199,24 @@ impl Model {
             }
             put_len(&mut w, st.dedup.capacity())?;
             put_len(&mut w, st.dedup.len())?;
-            for (producer, id) in st.dedup.entries() {
+            for ((producer, id), user) in st.dedup.entries() {
                 put_str(&mut w, producer)?;
                 put_ext(&mut w, Some(id))?;
+                put_ext(&mut w, user)?;
             }
             for c in [st.events_applied, st.duplicates, st.rejected] {
                 put_u64(&mut w, c)?;
             }
             put_f64(&mut w, st.newest_ts)?;
-            // Items still waiting for the index are re-linked after load: the index is
-            // written as it is and the dirty list with it.
-            let dirty = self.dirty.lock();
-            put_u32s(&mut w, &dirty.pending())?;
-            self.index.read().save(&mut w)?;
+            // Items still waiting for the index (those being re-linked included: they stay
+            // listed until done) are re-linked after load. The index copied below may already
+            // have some of them; re-linking those again is harmless.
+            put_u32s(&mut w, &self.dirty.lock().pending())?;
         }
-        let crc = w.hasher.clone().finalize();
-        let mut bytes = w.inner;
-        bytes.extend_from_slice(&crc.to_le_bytes());
-        Ok(bytes)
+        self.index.read().save(&mut w)?;
+        let crc = crc32fast::hash(&w);
+        w.extend_from_slice(&crc.to_le_bytes());
+        Ok(w)
     }
 
     /// Writes a snapshot to `path` atomically (temp file, fsync, rename, fsync directory).
@@ -224,6 +227,13 @@ impl Model {
 
     /// Restores a model from snapshot bytes; returns it and the journal position it reflects.
     pub fn from_snapshot_bytes(bytes: &[u8]) -> io::Result<(Model, u64)> {
+        Self::from_snapshot_bytes_with(bytes, None)
+    }
+
+    /// [`Model::from_snapshot_bytes`], then `config` applied where a restart may change it
+    /// ([`Config::reconciled`], [`crate::mf::Mf::reconfigure`]); a setting that cannot change
+    /// gives `InvalidInput` naming it.
+    pub fn from_snapshot_bytes_with(bytes: &[u8], config: Option<&Config>) -> io::Result<(Model, u64)> {
         if bytes.len() < MAGIC.len() + 4 + 8 + 4 {
             return Err(invalid("snapshot is truncated"));
         }
@@ -237,14 +247,20 @@ impl Model {
         }
         let r = &mut &body[8..];
         let version = get_u32(r)?;
-        if version != FORMAT_VERSION {
+        if !(OLDEST_READABLE..=FORMAT_VERSION).contains(&version) {
             return Err(invalid(format!(
-                "snapshot format version {version}, this build reads {FORMAT_VERSION}"
+                "snapshot format version {version}, this build reads {OLDEST_READABLE} to {FORMAT_VERSION}"
             )));
         }
         let wal_seq = get_u64(r)?;
-        let mf = Mf::load(r)?;
-        let cfg = get_config(r, mf.config().clone())?;
+        let mut mf = Mf::load(r)?;
+        let mut cfg = get_config(r, mf.config().clone())?;
+        if let Some(wanted) = config {
+            let refused = |e: String| io::Error::new(io::ErrorKind::InvalidInput, e);
+            let reconciled = cfg.reconciled(wanted).map_err(refused)?;
+            mf.reconfigure(wanted.mf.clone()).map_err(refused)?;
+            cfg = reconciled;
+        }
         let users = get_idmap(r)?;
         let items = get_idmap(r)?;
         let categories = get_idmap(r)?;
@@ -267,8 +283,10 @@ impl Model {
         for _ in 0..get_len(r, 1 << 32)? {
             let producer = get_str(r, 1 << 10)?;
             let id = get_ext(r)?.ok_or_else(|| invalid("empty id in redelivery window"))?;
-            dedup.first_time(&producer, &id);
+            let user = if version >= 3 { get_ext(r)? } else { None };
+            dedup.first_time(&producer, &id, user.as_ref());
         }
+        dedup.set_capacity(cfg.dedup_window);
         let (events_applied, duplicates, rejected) = (get_u64(r)?, get_u64(r)?, get_u64(r)?);
         let newest_ts = get_f64(r)?;
         let pending = get_u32s(r)?;
@@ -307,15 +325,14 @@ impl Model {
         for i in state.rebuild_derived(&cfg) {
             dirty.mark(i);
         }
-        let model =
-            Model { cfg, state: RwLock::new(state), index: RwLock::new(index), dirty: Mutex::new(dirty) };
-        Ok((model, wal_seq))
+        Ok((Model::assemble(cfg, state, index, dirty), wal_seq))
     }
 
-    pub fn load(path: &Path) -> io::Result<(Model, u64)> {
+    /// Loads a snapshot file; with `config`, as [`Model::from_snapshot_bytes_with`].
+    pub fn load(path: &Path, config: Option<&Config>) -> io::Result<(Model, u64)> {
         let mut bytes = Vec::new();
         File::open(path)?.read_to_end(&mut bytes)?;
-        Self::from_snapshot_bytes(&bytes)
+        Self::from_snapshot_bytes_with(&bytes, config)
     }
 }
 

@@ -25,7 +25,9 @@
 //!   and `Z = Σ_i f_i^α`; then `S^q = (c0 / Z) S~` stays exact when one `f_i` grows, again in
 //!   O(dim²). Rounding drift is removed by an exact recomputation every
 //!   `max(EXACT_RECOMPUTE_EVERY, n_users + n_items)` updates, which keeps its amortised cost
-//!   O(dim²) per event however large the model grows.
+//!   O(dim²) per event however large the model grows. The caller runs it
+//!   ([`Mf::gramians_due`], [`Mf::exact_gramians`], [`Mf::install_gramians`]) so that the
+//!   long part can run under a shared lock while queries go on.
 //! - **Bounded cost per event: history caps.** Each user keeps at most `user_history_cap`
 //!   items and each item at most `item_history_cap` users, the most recently touched ones
 //!   (a repeated interaction moves its entry to the back). An online update therefore costs
@@ -189,7 +191,37 @@ pub struct Mf {
     /// Newest event time seen: the reference for recency decay.
     now: f64,
     updates_since_exact: u64,
+    /// Bumped by every change to the matrices, counts or Gramians: an exact Gramian computed
+    /// from a copy is installed only if nothing moved since (see [`Mf::exact_gramians`]).
+    epoch: u64,
     scratch: Scratch,
+}
+
+/// The matrices and popularity weights of an [`Mf`] at `epoch`, copied for an exact Gramian
+/// recomputation away from the model's lock.
+pub struct GramianInputs {
+    p: Vec<f32>,
+    q: Vec<f32>,
+    pop_w: Vec<f64>,
+    dim: usize,
+    epoch: u64,
+}
+
+impl GramianInputs {
+    /// The exact Gramians of the copied model (install them with [`Mf::install_gramians`]).
+    pub fn compute(&self) -> ExactGramians {
+        let (st, z) = exact_st(&self.q, &self.pop_w, self.dim);
+        ExactGramians { sp: exact_sp(&self.p, self.dim), st, z, epoch: self.epoch }
+    }
+}
+
+/// Gramians recomputed exactly from the matrices as they were at `epoch` (see
+/// [`Mf::exact_gramians`]).
+pub struct ExactGramians {
+    sp: Vec<f64>,
+    st: Vec<f64>,
+    z: f64,
+    epoch: u64,
 }
 
 impl Mf {
@@ -215,6 +247,7 @@ impl Mf {
             z: 0.0,
             now: f64::NEG_INFINITY,
             updates_since_exact: 0,
+            epoch: 0,
             scratch: Scratch::default(),
         }
     }
@@ -238,6 +271,7 @@ impl Mf {
         if valid_event(w, ts) {
             self.record(u, i, w, ts, false);
             self.updates_since_exact += 1;
+            self.epoch += 1;
         }
     }
 
@@ -270,10 +304,48 @@ impl Mf {
             replace_outer(&mut self.st, d, a, &q, held, &q);
         }
         self.updates_since_exact += 1;
-        let period = EXACT_RECOMPUTE_EVERY.max((self.n_users + self.n_items) as u64);
-        if self.updates_since_exact >= period {
-            self.recompute_gramians();
+        self.epoch += 1;
+    }
+
+    /// Whether the incremental Gramians are due an exact recomputation (every
+    /// `max(EXACT_RECOMPUTE_EVERY, n_users + n_items)` online updates). The caller runs
+    /// [`Mf::exact_gramians`] (read-only, so under a shared lock or on a copy) and
+    /// [`Mf::install_gramians`]; until then the incremental values go on being used.
+    pub fn gramians_due(&self) -> bool {
+        self.updates_since_exact >= EXACT_RECOMPUTE_EVERY.max((self.n_users + self.n_items) as u64)
+    }
+
+    /// `S^p`, `S~` and `Z` recomputed exactly from the matrices, without changing anything:
+    /// the O((n_users + n_items)·dim²) part of a recomputation.
+    pub fn exact_gramians(&self) -> ExactGramians {
+        let (st, z) = exact_st(&self.q, &self.pop_w, self.cfg.dim);
+        ExactGramians { sp: exact_sp(&self.p, self.cfg.dim), st, z, epoch: self.epoch }
+    }
+
+    /// A copy of what [`Mf::exact_gramians`] reads (a memory-speed copy), so that the
+    /// recomputation itself can run without any lock on the model.
+    pub fn gramian_inputs(&self) -> GramianInputs {
+        GramianInputs {
+            p: self.p.clone(),
+            q: self.q.clone(),
+            pop_w: self.pop_w.clone(),
+            dim: self.cfg.dim,
+            epoch: self.epoch,
         }
+    }
+
+    /// Installs Gramians from [`Mf::exact_gramians`] if the model has not changed since they
+    /// were computed (else they are stale and dropped); returns whether it did.
+    pub fn install_gramians(&mut self, g: ExactGramians) -> bool {
+        if g.epoch != self.epoch {
+            return false;
+        }
+        self.sp = g.sp;
+        self.st = g.st;
+        self.z = g.z;
+        self.updates_since_exact = 0;
+        self.epoch += 1;
+        true
     }
 
     /// Batch eALS sweeps over all held interactions: every user, then every item, with the
@@ -293,6 +365,7 @@ impl Mf {
         self.recompute_st();
         debug_assert_eq!(self.sp.len(), d * d);
         self.updates_since_exact = 0;
+        self.epoch += 1;
     }
 
     /// `p_u`; empty for an unknown user.
@@ -367,11 +440,13 @@ impl Mf {
     /// Makes sure item `i` has a row (an item known from its attributes before any event).
     pub fn ensure_item(&mut self, i: u32) {
         self.grow_items(i as usize + 1);
+        self.epoch += 1;
     }
 
     /// Replaces `q_i` (e.g. a cold-start vector built from the item's attributes), growing the
     /// item matrix if needed. `v` shorter than `dim` is zero-padded, longer is truncated.
     pub fn set_item_vector(&mut self, i: u32, v: &[f32]) {
+        self.epoch += 1;
         self.grow_items(i as usize + 1);
         let d = self.cfg.dim;
         let a = self.pop_w[i as usize];
@@ -393,6 +468,7 @@ impl Mf {
         if uu >= self.n_users {
             return;
         }
+        self.epoch += 1;
         let d = self.cfg.dim;
         let hist = std::mem::take(&mut self.user_hist[uu]);
         self.user_counts[uu] = 0.0;
@@ -411,9 +487,37 @@ impl Mf {
 
     /// Recomputes `S^p`, `S~` and `Z` exactly from the matrices.
     pub fn recompute_gramians(&mut self) {
-        self.recompute_sp();
-        self.recompute_st();
-        self.updates_since_exact = 0;
+        let g = self.exact_gramians();
+        self.install_gramians(g);
+    }
+
+    /// Applies changed settings to a model (a restart with a new configuration). `dim` must
+    /// stay (it shapes every stored vector; a new `seed` only draws later rows differently);
+    /// history caps may grow, not shrink (held histories would have to be cut). A new `alpha` re-derives the popularity weights
+    /// and the Gramians. Returns the first setting that cannot change.
+    pub fn reconfigure(&mut self, cfg: MfConfig) -> Result<(), String> {
+        cfg.validate()?;
+        let old = &self.cfg;
+        if old.dim != cfg.dim {
+            return Err(format!("dim is {} in the snapshot and {} in the configuration", old.dim, cfg.dim));
+        }
+        for (name, was, now) in [
+            ("user_history_cap", old.user_history_cap, cfg.user_history_cap),
+            ("item_history_cap", old.item_history_cap, cfg.item_history_cap),
+        ] {
+            if now < was {
+                return Err(format!("{name} cannot shrink from {was} to {now} (it can only grow)"));
+            }
+        }
+        let alpha_moved = old.alpha != cfg.alpha;
+        self.cfg = cfg;
+        if alpha_moved {
+            let alpha = self.cfg.alpha;
+            self.pop_w = self.counts.iter().map(|&f| Mf::pop_of(f, alpha)).collect();
+            self.recompute_gramians();
+        }
+        self.epoch += 1;
+        Ok(())
     }
 
     /// `S^p` as currently held (row-major `dim x dim`).
@@ -615,30 +719,36 @@ impl Mf {
     }
 
     fn recompute_sp(&mut self) {
-        let d = self.cfg.dim;
-        let mut s = vec![0.0; d * d];
-        let mut tmp = vec![0.0; d];
-        for row in self.p.chunks_exact(d) {
-            add_outer(&mut s, d, 1.0, row, &mut tmp);
-        }
-        self.sp = s;
+        self.sp = exact_sp(&self.p, self.cfg.dim);
     }
 
     fn recompute_st(&mut self) {
-        let d = self.cfg.dim;
-        let mut s = vec![0.0; d * d];
-        let mut tmp = vec![0.0; d];
-        let mut z = 0.0;
-        for (i, row) in self.q.chunks_exact(d).enumerate() {
-            let a = self.pop_w[i];
-            if a > 0.0 {
-                add_outer(&mut s, d, a, row, &mut tmp);
-                z += a;
-            }
-        }
-        self.st = s;
-        self.z = z;
+        (self.st, self.z) = exact_st(&self.q, &self.pop_w, self.cfg.dim);
     }
+}
+
+/// `S^p = Σ_u p_u p_u^T` from the user matrix.
+fn exact_sp(p: &[f32], d: usize) -> Vec<f64> {
+    let mut s = vec![0.0; d * d];
+    let mut tmp = vec![0.0; d];
+    for row in p.chunks_exact(d) {
+        add_outer(&mut s, d, 1.0, row, &mut tmp);
+    }
+    s
+}
+
+/// `S~ = Σ_i f_i^α q_i q_i^T` and `Z = Σ_i f_i^α` from the item matrix.
+fn exact_st(q: &[f32], pop_w: &[f64], d: usize) -> (Vec<f64>, f64) {
+    let mut s = vec![0.0; d * d];
+    let mut tmp = vec![0.0; d];
+    let mut z = 0.0;
+    for (row, &a) in q.chunks_exact(d).zip(pop_w) {
+        if a > 0.0 {
+            add_outer(&mut s, d, a, row, &mut tmp);
+            z += a;
+        }
+    }
+    (s, z)
 }
 
 /// `total events / held events` (≥ 1): the factor on held observation weights that keeps the

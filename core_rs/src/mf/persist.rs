@@ -286,6 +286,7 @@ impl Mf {
             z,
             now,
             updates_since_exact,
+            epoch: 0,
             scratch: Scratch::default(),
         })
     }

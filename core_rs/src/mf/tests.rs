@@ -556,3 +556,16 @@ fn bench_kernels() {
         t_sweep * 1e6
     );
 }
+
+/// Gramians computed from a copy are installed only if the model did not move meanwhile.
+#[test]
+fn exact_gramians_from_a_copy_install_only_when_current() {
+    let mut m = streamed_model(cfg(), 200, 3);
+    let stale = m.gramian_inputs();
+    m.update(1, 2, 1.0, 1e6);
+    assert!(!m.install_gramians(stale.compute()), "the model moved after the copy");
+    let fresh = m.gramian_inputs().compute();
+    assert!(m.install_gramians(fresh));
+    let (ep, eq) = check_gramians(&mut m);
+    assert!(ep < 1e-12 && eq < 1e-12, "{ep} {eq}");
+}
