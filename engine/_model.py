@@ -53,6 +53,11 @@ class ModelConfig:
         event_weights: Weight of each event type name.
         default_weight: Weight of an event that names neither a type nor a weight.
         trending_half_life: Seconds after which an event counts half in the trending list.
+        max_clock_skew: Seconds an event's time may be ahead of the server's clock; a later
+            time is refused with a reason. The model's clock (the "now" of recency decay and
+            trending) is the newest of ``min(event time, time the server accepted it)``, so
+            no producer can move it past the server's clock, and old events never move it
+            back. Times before 1990 or after the year 9999 are always refused.
         exact_below: Catalogs smaller than this are answered by an exact scan.
         dedup_window: How many recent event ids (per producer) are remembered to drop
             redeliveries.
@@ -89,6 +94,7 @@ class ModelConfig:
     event_weights: dict[str, float] = attrs.field(factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
     default_weight: float = 1.0
     trending_half_life: float = 86_400.0
+    max_clock_skew: float = 300.0
     exact_below: int = 2_000
     dedup_window: int = 1_000_000
     auto_reindex: bool = True
