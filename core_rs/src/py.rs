@@ -443,7 +443,8 @@ impl PyModel {
         if accepted_at.is_some_and(|t| !t.is_finite()) {
             return Err(PyValueError::new_err("accepted_at must be a finite number of seconds"));
         }
-        let (report, chunk, used) = py.detach(|| self.inner.apply_frame(frame, accepted_at)).map_err(frame_err)?;
+        let (report, chunk, used) =
+            py.detach(|| self.inner.apply_frame(frame, accepted_at)).map_err(frame_err)?;
         let d = report_to_py(py, &report)?;
         d.set_item("chunk", chunk)?;
         d.set_item("consumed", used)?;
