@@ -56,6 +56,8 @@ class RateLimitedLog:
             return
         now = self._clock()
         text = msg % args if args else msg
+        # Client input quoted in a reason may hold lone surrogates, which no log file takes.
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
         reason = _NUMBERS.sub("N", text)[:100]
         if reason not in self._reasons and len(self._reasons) >= self._max_reasons:
             self._forget_before(now - self._interval)
