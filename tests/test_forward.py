@@ -626,7 +626,7 @@ async def test_times_ahead_of_the_server_clock_are_refused_not_trending(server: 
     assert invalid == 3
     # Decay measures age from the server's clock at the latest, whatever producers send.
     assert server.model.stats()["newest_ts"] <= time.time()
-    assert server.model.stats()["newest_ts"] >= now - 60
+    assert server.model.stats()["newest_ts"] >= NOW  # the honest events' time
 
 
 async def test_admin_records_need_the_admin_key_as_shared_key(tmp_path: Path) -> None:
