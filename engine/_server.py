@@ -203,7 +203,7 @@ class Server:
             if not path.exists():
                 continue
             try:
-                self.model = Model.load(path)
+                self.model = Model.load(path, self.config.model.max_clock_skew)
             except (CorruptSnapshot, OSError) as e:
                 log.error("snapshot %s unusable (%s); trying the previous one", path, e)
                 continue

@@ -93,6 +93,18 @@ def test_the_library_refuses_far_future_times_and_clamps_near_ones() -> None:
         Model(ModelConfig(max_clock_skew=float("nan")))
 
 
+def test_a_loaded_snapshot_takes_the_servers_clock_skew(tmp_path: Path) -> None:
+    m = Model(ModelConfig(dim=8, max_clock_skew=3_600.0))
+    m.ingest(["u"], ["i"], ts=[time.time()])
+    m.save(tmp_path / "m.rsnap")
+    strict = Model.load(tmp_path / "m.rsnap", 10.0)
+    with pytest.raises(ValueError, match="ahead of the server's clock"):
+        strict.ingest(["u"], ["j"], ts=[time.time() + 60])
+    lenient = Model.load(tmp_path / "m.rsnap", 3_600.0)
+    lenient.ingest(["u"], ["j"], ts=[time.time() + 60])
+    assert lenient.stats()["events_applied"] == 2
+
+
 def test_replay_counts_events_at_their_acceptance_time() -> None:
     """A journaled frame applies alike live and after a restart: its events count at most at
     the time the server accepted it, and those too far ahead of that are refused."""

@@ -631,9 +631,18 @@ impl PyModel {
         py.detach(|| self.inner.save(&path, wal_seq)).map_err(snapshot_err)
     }
 
+    /// Loads a snapshot written by `save`. `max_clock_skew` is the loading server's policy,
+    /// which snapshots do not keep; None: the default.
     #[staticmethod]
-    fn load(py: Python<'_>, path: PathBuf) -> PyResult<PyModel> {
-        let (inner, loaded_wal_seq) = py.detach(|| model::Model::load(&path)).map_err(snapshot_err)?;
+    #[pyo3(signature = (path, max_clock_skew=None))]
+    fn load(py: Python<'_>, path: PathBuf, max_clock_skew: Option<f64>) -> PyResult<PyModel> {
+        if max_clock_skew.is_some_and(|s| !(s.is_finite() && s >= 0.0)) {
+            return Err(PyValueError::new_err("max_clock_skew must be a finite number of seconds ≥ 0"));
+        }
+        let (mut inner, loaded_wal_seq) = py.detach(|| model::Model::load(&path)).map_err(snapshot_err)?;
+        if let Some(skew) = max_clock_skew {
+            inner.cfg.max_clock_skew = skew;
+        }
         Ok(PyModel { inner, loaded_wal_seq })
     }
 }
