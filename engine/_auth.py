@@ -63,8 +63,13 @@ def verify_token(secret: bytes, token: str, user: str | int, now: float | None =
 
 
 def key_matches(presented: str | None, keys: tuple[str, ...]) -> bool:
-    """Whether ``presented`` equals one of ``keys`` (constant time per key)."""
-    if presented is None:
+    """Whether ``presented`` equals one of ``keys`` (constant time per key).
+
+    An empty or blank key never matches, presented or configured: ``?key=`` must not open a
+    door that a configuration mistake left keyed with "".
+    """
+    if presented is None or not presented.strip():
         return False
-    p = presented.encode()
-    return any(hmac.compare_digest(p, k.encode()) for k in keys)
+    # As bytes: compare_digest refuses str with non-ASCII characters.
+    p = presented.encode("utf-8", "surrogatepass")
+    return any(hmac.compare_digest(p, k.encode()) for k in keys if k.strip())

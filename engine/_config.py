@@ -45,6 +45,16 @@ def _is_loopback(host: str) -> bool:
 _positive_or_none = attrs.validators.optional(attrs.validators.gt(0))
 
 
+def _no_blank_keys(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """Refuses an empty or all-blank key or secret: one would let anyone in (``?key=``)."""
+    keys = value if isinstance(value, tuple | list) else (value,)
+    for key in keys:
+        if key is not None and not (key.strip() if isinstance(key, str | bytes) else True):
+            raise ConfigError(
+                f"{attribute.name} has an empty or blank key; remove it or set a real one"
+            )
+
+
 @attrs.frozen(kw_only=True)
 class ServerConfig:
     """Everything ``recstream serve`` needs; every field has a working default.
@@ -53,8 +63,11 @@ class ServerConfig:
         data_dir: Journal, snapshots and the token secret live here.
         http_host, http_port: HTTP and websocket listener.
         forward_host, forward_port: Fluent Forward listener.
-        producer_keys: Keys allowed to send events; the Forward shared key is any of them.
-        admin_key: Key for erasing users and writing item attributes.
+        producer_keys: Keys allowed to send events; the Forward shared key is any of them (or
+            the admin key). Empty or blank keys are refused when the configuration loads.
+        admin_key: Key for erasing users and writing item attributes: records that erase or
+            write items are refused (HTTP 403, a websocket error, a closed Forward
+            connection) unless sent with it, while auth is on.
         token_secret: Signs subscription tokens; generated and kept in ``data_dir`` if unset.
         insecure: Serve without any key. Allowed implicitly only when no key is configured
             and every listener is on loopback (a warning is logged); a non-loopback listener
@@ -101,9 +114,9 @@ class ServerConfig:
     http_port: int = 8000
     forward_host: str = "127.0.0.1"
     forward_port: int = 24224
-    producer_keys: tuple[str, ...] = ()
-    admin_key: str | None = None
-    token_secret: bytes | None = None
+    producer_keys: tuple[str, ...] = attrs.field(default=(), validator=_no_blank_keys)
+    admin_key: str | None = attrs.field(default=None, validator=_no_blank_keys)
+    token_secret: bytes | None = attrs.field(default=None, validator=_no_blank_keys)
     insecure: bool = False
     sync: SyncPolicy = attrs.field(
         default="batch", validator=attrs.validators.in_(("batch", "interval", "off"))
@@ -130,7 +143,7 @@ class ServerConfig:
     attribution_window: float = 1800.0
     impressions_per_user: int = 8
     experiment_max_users: int = 100_000
-    pseudonymize_key: bytes | None = None
+    pseudonymize_key: bytes | None = attrs.field(default=None, validator=_no_blank_keys)
     model: ModelConfig = attrs.field(factory=lambda: ModelConfig(auto_reindex=False))
 
     @property
@@ -163,6 +176,8 @@ class ServerConfig:
         path = self.data_dir / "token_secret"
         try:
             secret = path.read_bytes().strip()
+            if not secret:
+                raise ConfigError(f"{path} is empty: delete it to have a new secret generated")
         except FileNotFoundError:
             secret = secrets.token_hex(32).encode()
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -173,7 +188,7 @@ class ServerConfig:
 
 _ENV: dict[str, tuple[str, Any]] = {
     "RECSTREAM_DATA_DIR": ("data_dir", Path),
-    "RECSTREAM_PRODUCER_KEYS": ("producer_keys", lambda s: tuple(k for k in s.split(",") if k)),
+    "RECSTREAM_PRODUCER_KEYS": ("producer_keys", lambda s: tuple(s.split(","))),
     "RECSTREAM_ADMIN_KEY": ("admin_key", str),
     "RECSTREAM_TOKEN_SECRET": ("token_secret", str.encode),
     "RECSTREAM_SYNC": ("sync", str),

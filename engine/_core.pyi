@@ -41,6 +41,7 @@ class FrameCheck(TypedDict):
     used: int
     entries: int
     rejected: list[tuple[int, str]]
+    admin: list[int]
     chunk: str | None
     tag: str
 
@@ -75,7 +76,7 @@ class Model:
         ids: Sequence[Id] | None = None,
         producer: str = "",
     ) -> Report: ...
-    def ingest_forward(self, frame: bytes) -> FrameReport: ...
+    def ingest_forward(self, frame: bytes, accepted_at: float | None = None) -> FrameReport: ...
     def check_frame(self, buf: bytes, offset: int = 0) -> FrameCheck | None: ...
     def recommend(
         self,

@@ -14,6 +14,7 @@ __all__ = [
     "AuthError",
     "BadRequest",
     "ConfigError",
+    "Forbidden",
     "InvalidEvents",
     "JournalClosed",
     "JournalCorrupt",
@@ -102,6 +103,13 @@ class AuthError(RecstreamError):
 
     HTTP answers 401 (403 for a valid token for another user); websockets close with 1008.
     Differs from :class:`BadRequest` in that the request itself may be fine.
+    """
+
+
+class Forbidden(AuthError):
+    """Raised when a request presents a valid key that does not allow what it asks: a
+    producer key sending user erasures or item writes, which need the admin key. Unlike its
+    parent, presenting another key of the same kind will not help (HTTP 403, not 401).
     """
 
 

@@ -14,7 +14,8 @@ Any Fluentd / Fluent Bit logger can feed the engine. Per connection:
 While the journal append is pending the connection is not read, so a producer that outruns
 the engine is slowed by TCP flow control. The buffer never exceeds one maximum frame plus one
 read. A malformed or oversized frame closes the connection with a logged reason; frames before
-it stand; other connections are unaffected.
+it stand; other connections are unaffected. So does a frame that erases users or writes items
+on a connection that did not authenticate with the admin key (while auth is on).
 
 Limits against exhaustion: at most ``max_forward_connections`` connections are served at
 once (see ``engine._connections``); a connection that completes no frame within
@@ -38,6 +39,7 @@ import trio
 from ._connections import ConnectionGate
 from ._core import InvalidFrame
 from ._exceptions import JournalClosed, JournalFailed
+from ._ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -79,7 +81,11 @@ class ForwardServer:
     def __init__(self, server: Server, max_connections: int) -> None:
         cfg = server.config
         self._server = server
-        self._keys = cfg.producer_keys if cfg.auth_enabled else ()
+        self._admin_key = cfg.admin_key if cfg.auth_enabled else None
+        self._keys = cfg.producer_keys + ((cfg.admin_key,) if cfg.admin_key else ())
+        if not cfg.auth_enabled:
+            self._keys = ()
+        self._log = RateLimitedLog(log)
         self._hostname = socket.gethostname()
         self.connections = 0
         self.gate = ConnectionGate("forward", max_connections, server.metrics)
@@ -109,17 +115,19 @@ class ForwardServer:
         try:
             async with stream:
                 pending = b""
+                admin = not self._keys
                 if self._keys:
                     with trio.fail_after(HANDSHAKE_TIMEOUT):
-                        pending = await self._handshake(stream)
-                await self._serve_frames(stream, peer, pending)
+                        pending, key = await self._handshake(stream)
+                    admin = key == self._admin_key
+                await self._serve_frames(stream, peer, pending, admin)
         except ProtocolError as e:
-            log.warning("forward %s: closing: %s", peer, e)
+            self._log.log(logging.WARNING, "forward %s: closing: %s", peer, e)
             self._server.metrics.rejects.labels("forward_protocol").inc()
         except trio.TooSlowError:
-            log.warning("forward %s: closing: handshake timed out", peer)
+            self._log.log(logging.WARNING, "forward %s: closing: handshake timed out", peer)
         except IdleTimeout as e:
-            log.info("forward %s: closing: %s", peer, e)
+            self._log.log(logging.INFO, "forward %s: closing: %s", peer, e)
             self._server.metrics.idle_closed.labels("forward").inc()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass  # the peer went away
@@ -128,13 +136,18 @@ class ForwardServer:
         except Exception:
             # A bug met by one connection must not take the listener, and with it every
             # other producer, down: log it and close this connection only.
-            log.exception("forward %s: closing after an unexpected error", peer)
+            self._log.log(
+                logging.ERROR,
+                "forward %s: closing after an unexpected error",
+                peer,
+                exc_info=True,
+            )
             self._server.metrics.rejects.labels("forward_protocol").inc()
         finally:
             self.connections -= 1
 
-    async def _handshake(self, stream: trio.SocketStream) -> bytes:
-        """Authenticates the peer; returns the bytes it sent after its PING."""
+    async def _handshake(self, stream: trio.SocketStream) -> tuple[bytes, str]:
+        """Authenticates the peer; returns the bytes it sent after its PING and its key."""
         nonce = os.urandom(16)
         helo = ["HELO", {"nonce": nonce, "auth": b"", "keepalive": True}]
         await stream.send_all(msgpack.packb(helo, use_bin_type=True))
@@ -160,14 +173,19 @@ class ForwardServer:
         if key is not None:
             proof = shared_key_digest(salt, self._hostname, nonce, key)
             await stream.send_all(msgpack.packb(["PONG", True, "", self._hostname, proof]))
-            return pending
+            return pending, key
         await stream.send_all(
             msgpack.packb(["PONG", False, "shared key mismatch", self._hostname, ""])
         )
         raise ProtocolError("shared key mismatch")
 
-    async def _serve_frames(self, stream: trio.SocketStream, peer: str, pending: bytes) -> None:
-        """Journals and acks frames until the peer closes; ``pending`` was read already."""
+    async def _serve_frames(
+        self, stream: trio.SocketStream, peer: str, pending: bytes, admin: bool
+    ) -> None:
+        """Journals and acks frames until the peer closes; ``pending`` was read already.
+
+        Without ``admin``, a frame that erases users or writes items ends the connection.
+        """
         server = self._server
         limit = server.config.model.max_frame_bytes
         idle = server.config.idle_timeout
@@ -177,7 +195,7 @@ class ForwardServer:
         deadline = trio.current_time() + idle
         while True:
             if buf:
-                frames, chunks, entries, error = await self._split(buf, peer)
+                frames, chunks, entries, error = await self._split(buf, peer, admin)
                 # Complete frames stand and are acked even when what follows them is bad:
                 # they are durable, and an unacked chunk would be sent again.
                 if frames:
@@ -205,7 +223,7 @@ class ForwardServer:
             buf += data
 
     async def _split(
-        self, buf: bytearray, peer: str
+        self, buf: bytearray, peer: str, admin: bool
     ) -> tuple[list[bytes], list[str], int, str | None]:
         """Takes every complete frame off the front of ``buf``.
 
@@ -245,6 +263,13 @@ class ForwardServer:
                 break
             if checked is None:
                 break
+            if checked["admin"] and not admin:
+                error = (
+                    f"entry {checked['admin'][0]} erases a user or writes an item, which needs "
+                    "the admin key as the shared key"
+                )
+                self._server.metrics.rejects.labels("auth").inc()
+                break
             used = checked["used"]
             frames.append(data[offset : offset + used])
             offset += used
@@ -254,7 +279,8 @@ class ForwardServer:
             if checked["rejected"]:
                 # Counted in the rejects metric once the model has applied the frame.
                 idx, reason = checked["rejected"][0]
-                log.info(
+                self._log.log(
+                    logging.INFO,
                     "forward %s: %d event(s) refused, first #%d: %s",
                     peer,
                     len(checked["rejected"]),

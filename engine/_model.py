@@ -55,6 +55,11 @@ class ModelConfig:
         event_weights: Weight of each event type name.
         default_weight: Weight of an event that names neither a type nor a weight.
         trending_half_life: Seconds after which an event counts half in the trending list.
+        max_clock_skew: Seconds an event's time may be ahead of the server's clock; a later
+            time is refused with a reason. The model's clock (the "now" of recency decay and
+            trending) is the newest of ``min(event time, time the server accepted it)``, so
+            no producer can move it past the server's clock, and old events never move it
+            back. Times before 1990 or after the year 9999 are always refused.
         exact_below: Catalogs smaller than this are answered by an exact scan.
         dedup_window: How many recent event ids (per producer) are remembered to drop
             redeliveries.
@@ -91,6 +96,7 @@ class ModelConfig:
     event_weights: dict[str, float] = attrs.field(factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
     default_weight: float = _DEFAULTS["default_weight"]
     trending_half_life: float = _DEFAULTS["trending_half_life"]
+    max_clock_skew: float = _DEFAULTS["max_clock_skew"]
     exact_below: int = _DEFAULTS["exact_below"]
     dedup_window: int = _DEFAULTS["dedup_window"]
     auto_reindex: bool = _DEFAULTS["auto_reindex"]

@@ -54,7 +54,7 @@ def apply_records(model: Model, first_seq: int, payloads: Sequence[bytes]) -> li
     for seq, payload in enumerate(payloads, first_seq):
         try:
             accepted_at, frame = parse_journal_record(payload)
-            report = model.ingest_forward(frame)
+            report = model.ingest_forward(frame, accepted_at)
         except Exception as e:  # noqa: BLE001 - logged and counted, the stream goes on
             log.error("journal record %d could not be applied: %s", seq, e)
             out.append(Applied(seq, time.time(), 0, 0, ((0, f"unreadable record: {e}"),), ()))

@@ -42,12 +42,14 @@ from ._events import json_to_frame
 from ._exceptions import (
     AuthError,
     BadRequest,
+    Forbidden,
     InvalidEvents,
     JournalClosed,
     JournalFailed,
     TooManySubscribers,
 )
 from ._publisher import Subscription, rec_json
+from ._ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -68,14 +70,35 @@ MESSAGE_TOO_BIG = 1009
 TRY_AGAIN_LATER = 1013
 
 
+#: Longest id in a URL, in UTF-8 bytes (the model's limit on string ids).
+MAX_ID_BYTES = 256
+
+
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates escaped, so it can be sent as UTF-8 whatever a client
+    put in it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _error(status: int, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+    return JSONResponse({"error": _printable(message), **extra}, status_code=status)
+
+
+def _parse_json(text: str | bytes) -> Any:
+    """JSON from a client; BadRequest (never a 500) for anything that is not."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise BadRequest("body is not JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"body is not JSON: {e}") from None
 
 
 def build_app(server: Server) -> Starlette:
     """The Starlette application for ``server``."""
     cfg = server.config
     model = server.model
+    errors = RateLimitedLog(log)
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -86,12 +109,22 @@ def build_app(server: Server) -> Starlette:
             return int(text)
         return text
 
+    def check_id(text: str) -> None:
+        try:
+            size = len(text.encode())
+        except UnicodeEncodeError:
+            raise BadRequest("the id in the URL is not valid Unicode") from None
+        if size > MAX_ID_BYTES:
+            raise BadRequest(f"the id in the URL is {size} bytes, the limit is {MAX_ID_BYTES}")
+
     def resolve_user(text: str) -> Id:
+        check_id(text)
         if cfg.pseudonymize_key is not None:
             return server.map_user(text)  # the model only ever saw pseudonyms
         return known_as(text, model.user_vector)
 
     def resolve_item(text: str) -> Id:
+        check_id(text)
         return known_as(text, model.item_vector)
 
     def presented_key(conn: Request | WebSocket) -> str | None:
@@ -101,9 +134,17 @@ def build_app(server: Server) -> Starlette:
             key = auth[7:].strip()
         return key
 
-    def require_producer(conn: Request | WebSocket) -> None:
-        if cfg.auth_enabled and not key_matches(presented_key(conn), cfg.producer_keys):
-            raise AuthError("a producer key is required (X-Recstream-Key)")
+    def require_producer(conn: Request | WebSocket) -> bool:
+        """Checks the sender may send events; returns whether it may also send erasures and
+        item writes (it holds the admin key, or the server runs without keys)."""
+        if not cfg.auth_enabled:
+            return True
+        key = presented_key(conn)
+        if cfg.admin_key and key_matches(key, (cfg.admin_key,)):
+            return True
+        if key_matches(key, cfg.producer_keys):
+            return False
+        raise AuthError("a producer key is required (X-Recstream-Key)")
 
     def require_admin(conn: Request | WebSocket) -> None:
         if cfg.auth_enabled and not key_matches(
@@ -183,7 +224,8 @@ def build_app(server: Server) -> Starlette:
                 return _error(413, f"body over {cfg.max_body_bytes} bytes")
             except AuthError as e:
                 server.metrics.rejects.labels("auth").inc()
-                return _error(403 if "another user" in str(e) else 401, str(e))
+                forbidden = isinstance(e, Forbidden) or "another user" in str(e)
+                return _error(403 if forbidden else 401, str(e))
             except InvalidEvents as e:
                 return _error(
                     422, str(e), rejected=[{"index": i, "reason": r} for i, r in e.rejected]
@@ -195,31 +237,42 @@ def build_app(server: Server) -> Starlette:
                 return _error(400, str(e))
             except (JournalClosed, JournalFailed) as e:
                 return _error(503, str(e))
+            except Exception as e:
+                # A bug met by one request: answer it, keep serving, and keep the log short
+                # however often it happens.
+                errors.log(
+                    logging.ERROR,
+                    "%s %s failed: %r",
+                    request.method,
+                    request.url.path,
+                    e,
+                    exc_info=True,
+                )
+                return _error(500, "internal error")
 
         return wrapped
 
     # --- events in ------------------------------------------------------------------------
 
-    async def ingest(payload: Any, tag: str, source: str) -> tuple[int, int]:
-        frame, n = json_to_frame(payload, tag, cfg.max_events_per_request)
+    async def ingest(
+        payload: Any, tag: str, source: str, allow_admin: bool = True
+    ) -> tuple[int, int]:
+        frame, n = json_to_frame(payload, tag, cfg.max_events_per_request, allow_admin=allow_admin)
         seq = await server.submit(frame, source)
         return n, seq
 
     @endpoint
     async def post_events(request: Request) -> Response:
-        require_producer(request)
-        body = await read_body(request)
-        try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadRequest(f"body is not JSON: {e}") from None
-        n, seq = await ingest(payload, request.query_params.get("tag", DEFAULT_TAG), "http")
+        admin = require_producer(request)
+        payload = _parse_json(await read_body(request))
+        tag = request.query_params.get("tag", DEFAULT_TAG)
+        n, seq = await ingest(payload, tag, "http", allow_admin=admin)
         return JSONResponse({"accepted": n, "seq": seq}, status_code=202)
 
     async def ws_events(ws: WebSocket) -> None:
         await ws.accept()  # accepted first, so a refusal carries a close code and reason
         try:
-            require_producer(ws)
+            admin = require_producer(ws)
         except AuthError as e:
             await ws.close(POLICY_VIOLATION, str(e)[:120])
             return
@@ -244,16 +297,19 @@ def build_app(server: Server) -> Starlette:
                 return
             try:
                 if text is not None:
-                    payload = json.loads(text)
+                    payload = _parse_json(text)
                 else:
                     payload = msgpack.unpackb(data or b"", raw=False)
-                n, seq = await ingest(payload, tag, "ws")
+                n, seq = await ingest(payload, tag, "ws", allow_admin=admin)
                 reply: dict[str, Any] = {"ack": n, "seq": seq}
             except InvalidEvents as e:
                 reply = {
                     "error": str(e),
                     "rejected": [{"index": i, "reason": r} for i, r in e.rejected],
                 }
+            except Forbidden as e:
+                server.metrics.rejects.labels("auth").inc()
+                reply = {"error": str(e)}
             except (BadRequest, InvalidFrame, ValueError, msgpack.UnpackException) as e:
                 if not isinstance(e, InvalidFrame):
                     server.metrics.rejects.labels("bad_request").inc()
@@ -261,6 +317,11 @@ def build_app(server: Server) -> Starlette:
             except (JournalClosed, JournalFailed) as e:
                 await ws.close(TRY_AGAIN_LATER, str(e)[:120])
                 return
+            except Exception as e:
+                errors.log(logging.ERROR, "websocket message failed: %r", e, exc_info=True)
+                reply = {"error": "internal error"}
+            if "error" in reply:
+                reply["error"] = _printable(reply["error"])
             await ws.send_json(reply)
 
     # --- recommendations out --------------------------------------------------------------
@@ -382,10 +443,7 @@ def build_app(server: Server) -> Starlette:
     async def put_item(request: Request) -> Response:
         require_admin(request)
         item = resolve_item(request.path_params["item"])
-        try:
-            attrs = json.loads(await read_body(request))
-        except ValueError as e:
-            raise BadRequest(f"body is not JSON: {e}") from None
+        attrs = _parse_json(await read_body(request))
         if not isinstance(attrs, dict) or set(attrs) - {"tags", "category", "available"}:
             raise BadRequest("expected an object with tags, category and/or available")
         seq = (await ingest({"item": item, **attrs}, DEFAULT_TAG, "http"))[1]

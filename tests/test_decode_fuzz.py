@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import math
 import struct
+import time
 from typing import Any
 
 import msgpack
@@ -107,17 +108,24 @@ BAD_ITEMS = ["bad-a", "bad-b", 999]
 WORDS = ["a", "click", "x" * 40, "ünïcödé", "日本語", "\U0001f600", "with space", "0"]
 words = st.one_of(st.sampled_from(WORDS), st.text(min_size=1, max_size=6))
 ids = st.one_of(words, st.integers(-(2**63), 2**63 - 1))
+# Times are unix seconds from 1990 up to the server's clock; earlier, later than the year 9999
+# or more than max_clock_skew ahead of the clock they are refused.
+EPOCH_FLOOR = 631_152_000
+NOW = int(time.time())
 times = st.one_of(
-    st.integers(0, 2**32 - 1),
+    st.integers(EPOCH_FLOOR, NOW),
     st.builds(
         lambda s, ns: msgpack.ExtType(0, struct.pack(">II", s, ns)),
-        st.integers(0, 2**32 - 1),
+        st.integers(EPOCH_FLOOR, NOW - 1),
         st.integers(0, 999_999_999),
     ),
-    st.floats(0, 4e9),
+    st.floats(EPOCH_FLOOR, NOW),
 )
 bad_times = st.one_of(
     st.integers(-(2**63), -1),
+    st.integers(0, EPOCH_FLOOR - 1),
+    st.integers(NOW + 86_400, 2**64 - 1),
+    st.floats(NOW + 86_400, 1e300),
     st.sampled_from([math.nan, math.inf, -1.5, "now", None, [1, 2, 3]]),
     st.builds(
         lambda ns: msgpack.ExtType(0, struct.pack(">II", 1, ns)), st.integers(10**9, 2**32 - 1)

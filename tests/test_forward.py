@@ -602,3 +602,56 @@ async def test_frame_over_the_size_limit_closes_the_connection(tmp_path: Path) -
         await server.wait_applied(seq)
         assert server.model.stats()["events_applied"] == n + 2
         assert sorted(server.model.seen("small")) == ["a", "b"]
+
+
+# --- times and admin records --------------------------------------------------------------
+
+
+async def test_times_ahead_of_the_server_clock_are_refused_not_trending(server: Server) -> None:
+    """Milliseconds or any far-future time, integer or EventTime, cannot steer trending."""
+    await seed_catalog(server)
+    now = int(time.time())
+    frames = [
+        message({"user": "evil", "item": "spam"}, 1_796_070_000_000, chunk="ms"),
+        message({"user": "evil", "item": "spam"}, EventTime(now + 86_400, 0), chunk="ev"),
+        forward([{"user": "evil", "item": "spam", "weight": 1e6}], chunk="fw"),
+        message({"user": "evil", "item": "spam"}, EventTime(now + 3_600, 5), chunk="pk"),
+    ]
+    # The third frame's entry is at NOW: accepted (and no louder than its weight allows).
+    seq = await send_acked(server, frames, ["ms", "ev", "fw", "pk"])
+    await server.wait_applied(seq)
+    invalid = server.metrics.registry.get_sample_value(
+        "recstream_rejects_total", {"reason": "invalid_record"}
+    )
+    assert invalid == 3
+    # Decay measures age from the server's clock at the latest, whatever producers send.
+    assert server.model.stats()["newest_ts"] <= time.time()
+    assert server.model.stats()["newest_ts"] >= NOW  # the honest events' time
+
+
+async def test_admin_records_need_the_admin_key_as_shared_key(tmp_path: Path) -> None:
+    keys = {"producer_keys": ("producer",), "admin_key": "admin"}
+    async with running_server(tmp_path / "data", **keys) as server:
+        async with connect(server) as peer:
+            pong, _, _ = await handshake(peer, "producer")
+            assert pong[1] is True
+            await peer.send(forward(clicks("bob", ["a"]), chunk="ok"))
+            assert await peer.recv() == {"ack": "ok"}
+            # An erasure (or an item write) from a producer: refused, the connection closed.
+            await peer.send(forward([{"erase_user": "bob"}], chunk="erase"))
+            assert await peer.expect_closed() == []
+        async with connect(server) as peer:
+            await handshake(peer, "producer")
+            await peer.send(message({"item": "a", "available": False}, chunk="item"))
+            assert await peer.expect_closed() == []
+        assert server.stats()["wal_seq"] == 1
+        await server.wait_applied(1)
+        assert server.model.seen("bob") == ["a"]
+        # The admin key as the shared key may send them.
+        async with connect(server) as peer:
+            pong, _, _ = await handshake(peer, "admin")
+            assert pong[1] is True
+            await peer.send(forward([{"erase_user": "bob"}], chunk="erase"))
+            assert await peer.recv() == {"ack": "erase"}
+        await server.wait_applied(2)
+        assert server.model.seen("bob") == []

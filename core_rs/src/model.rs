@@ -48,6 +48,9 @@ use crate::trending::Trending;
 
 /// Largest weight an event may carry; larger ones are almost certainly unit mistakes.
 pub const MAX_WEIGHT: f32 = 1e6;
+/// Default [`Config::max_clock_skew`]: producers' clocks are rarely minutes off, and a larger
+/// allowance would only widen what a skewed producer can do before its events are clamped.
+pub const DEFAULT_MAX_CLOCK_SKEW: f64 = 300.0;
 /// Events applied under one write-lock acquisition: small enough that a query waits well
 /// under a millisecond behind a writer (an online update costs ~10-20 µs at dim 64).
 const APPLY_CHUNK: usize = 32;
@@ -87,6 +90,10 @@ pub struct Config {
     /// Weight of an event that names neither a type nor a weight.
     pub default_weight: f32,
     pub trending_half_life: f64,
+    /// Seconds an event's time may be ahead of the server's clock when it arrives; later
+    /// times are refused. See [`Model::apply_at`] for why no event can move the model's
+    /// clock past the server's.
+    pub max_clock_skew: f64,
     /// Catalogs smaller than this are searched by the exact scan instead of the index.
     pub exact_below: usize,
     pub dedup_window: usize,
@@ -116,6 +123,7 @@ impl Default for Config {
             event_weights: default_event_weights(),
             default_weight: 1.0,
             trending_half_life: 86_400.0,
+            max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
             exact_below: DEFAULT_EXACT_BELOW,
             dedup_window: 1_000_000,
             auto_reindex: true,
@@ -200,6 +208,9 @@ pub struct FrameCheck {
     pub used: usize,
     pub entries: usize,
     pub rejected: Vec<(usize, String)>,
+    /// Entries that erase a user or write an item's attributes: only an admin may send
+    /// them, which the caller knows and the frame does not.
+    pub admin: Vec<usize>,
     pub chunk: Option<String>,
     pub tag: String,
 }
@@ -701,24 +712,56 @@ impl Model {
         Ok(w)
     }
 
-    /// Checks every record without changing anything; the first refusal is returned.
+    /// Refuses an event time that is not a plausible date or is more than
+    /// [`Config::max_clock_skew`] ahead of `clock` (the server's time when it arrived).
+    fn check_time(&self, ts: f64, clock: f64) -> Result<(), String> {
+        if !ts.is_finite() {
+            return Err("time is not finite".into());
+        }
+        decode::check_time_range(ts)?;
+        let skew = self.cfg.max_clock_skew;
+        if ts > clock + skew {
+            return Err(format!(
+                "time {ts} is {:.0} s ahead of the server's clock; at most {skew} s is accepted \
+                 (max_clock_skew); times are unix seconds",
+                ts - clock
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks every record against the server's clock now, changing nothing; the first
+    /// refusal is returned.
     pub fn validate(&self, records: &[Record]) -> Result<(), ModelError> {
+        let clock = now_secs();
         for (index, r) in records.iter().enumerate() {
             if let Record::Interaction { kind, weight, ts, .. } = r {
                 self.weight_of(kind.as_deref(), *weight)
                     .map_err(|reason| ModelError::InvalidEvent { index, reason })?;
-                if !ts.is_finite() {
-                    return Err(ModelError::InvalidEvent { index, reason: "time is not finite".into() });
-                }
+                self.check_time(*ts, clock).map_err(|reason| ModelError::InvalidEvent { index, reason })?;
             }
         }
         Ok(())
     }
 
-    /// Applies records in order. Bad records are refused one by one with a reason and leave
-    /// the model as it was; records whose `(producer, id)` is in the redelivery window are
-    /// counted as duplicates and skipped.
+    /// Applies records in order, as arriving now (see [`Model::apply_at`]).
     pub fn apply(&self, records: &[Record], producer: &str) -> ApplyReport {
+        self.apply_at(records, producer, now_secs())
+    }
+
+    /// Applies records in order that the server accepted at `accepted_at` (unix seconds).
+    /// Bad records are refused one by one with a reason and leave the model as it was;
+    /// records whose `(producer, id)` is in the redelivery window are counted as duplicates
+    /// and skipped.
+    ///
+    /// # The model's clock
+    /// Recency decay and trending measure age from the model's "now", the newest event time
+    /// applied. An event counts at `min(its time, accepted_at)`, so no producer can move that
+    /// clock past the server's own: a time up to `max_clock_skew` ahead is accepted but
+    /// counts as arriving at `accepted_at`, a time further ahead is refused, and an old event
+    /// never moves the clock back. `accepted_at` is journaled with each frame, so replay
+    /// after a restart applies every event exactly as it was applied live.
+    pub fn apply_at(&self, records: &[Record], producer: &str, accepted_at: f64) -> ApplyReport {
         let mut report = ApplyReport::default();
         let mut touched = HashMap::new();
         for (chunk_no, chunk) in records.chunks(APPLY_CHUNK).enumerate() {
@@ -733,6 +776,7 @@ impl Model {
                         &mut st,
                         rec,
                         producer,
+                        accepted_at,
                         &mut moved,
                         &mut touched,
                         &mut report.erased_users,
@@ -764,6 +808,7 @@ impl Model {
         st: &mut State,
         rec: &Record,
         producer: &str,
+        accepted_at: f64,
         moved: &mut Vec<u32>,
         touched: &mut HashMap<ExtId, Option<ExtId>>,
         erased: &mut Vec<ExtId>,
@@ -771,9 +816,9 @@ impl Model {
         match rec {
             Record::Interaction { user, item, kind, weight, id, ts } => {
                 let w = self.weight_of(kind.as_deref(), *weight)?;
-                if !ts.is_finite() {
-                    return Err("time is not finite".into());
-                }
+                self.check_time(*ts, accepted_at)?;
+                // The time the event counts at: never ahead of the server's clock.
+                let ts = &ts.min(accepted_at);
                 if let Some(id) = id {
                     if !st.dedup.first_time(producer, id, Some(user)) {
                         return Ok(false);
@@ -825,10 +870,14 @@ impl Model {
     pub fn check_frame(&self, buf: &[u8]) -> Result<FrameCheck, DecodeError> {
         let (frame, used) = decode::decode_frame(buf, &self.cfg.limits)?;
         let mut rejected = frame.rejected.clone();
+        let mut admin = Vec::new();
         let entries = entry_indices(&frame);
         for (n, r) in frame.records.iter().enumerate() {
             if let Err(ModelError::InvalidEvent { reason, .. }) = self.validate(std::slice::from_ref(r)) {
                 rejected.push((entries[n], reason));
+            }
+            if matches!(r, Record::ItemUpsert { .. } | Record::EraseUser { .. }) {
+                admin.push(entries[n]);
             }
         }
         rejected.sort();
@@ -836,6 +885,7 @@ impl Model {
             used,
             entries: frame.records.len() + frame.rejected.len(),
             rejected,
+            admin,
             chunk: frame.chunk,
             tag: frame.tag,
         })
@@ -844,9 +894,14 @@ impl Model {
     /// Decodes one Forward frame (see [`decode::decode_frame`]) and applies its records.
     /// Event ids are de-duplicated per frame tag. Returns the report, the frame's `chunk`
     /// option and the bytes consumed.
-    pub fn apply_frame(&self, buf: &[u8]) -> Result<(ApplyReport, Option<String>, usize), DecodeError> {
+    /// `accepted_at` is when the server accepted the frame (None: now).
+    pub fn apply_frame(
+        &self,
+        buf: &[u8],
+        accepted_at: Option<f64>,
+    ) -> Result<(ApplyReport, Option<String>, usize), DecodeError> {
         let (frame, used) = decode::decode_frame(buf, &self.cfg.limits)?;
-        let mut report = self.apply(&frame.records, &frame.tag);
+        let mut report = self.apply_at(&frame.records, &frame.tag, accepted_at.unwrap_or_else(now_secs));
         // apply() numbers records; report entries of the frame, as the decoder does.
         let entries = entry_indices(&frame);
         let mut rejected = frame.rejected;
@@ -1328,6 +1383,30 @@ mod tests {
 
     fn close(a: &[f32], b: &[f32], tol: f32) -> bool {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol * (1.0 + x.abs()))
+    }
+
+    #[test]
+    fn no_event_moves_the_clock_past_the_server_or_back() {
+        let m = Model::new(cfg());
+        let accepted = T0 + 100.0;
+        // Honest traffic sets the clock; one event milliseconds-as-seconds is refused.
+        let r = m.apply_at(&[ev(1, 1, T0), ev(2, 2, 1_796_070_000_000.0)], "", accepted);
+        assert_eq!(r.applied, 1);
+        assert!(r.rejected[0].1.contains("after the year 9999"), "{:?}", r.rejected);
+        // Far ahead of the server's clock: refused; within the skew: counts at acceptance.
+        let ahead = accepted + cfg().max_clock_skew + 1.0;
+        let r = m.apply_at(&[ev(3, 3, ahead), ev(4, 4, accepted + 10.0)], "", accepted);
+        assert_eq!(r.applied, 1);
+        assert!(r.rejected[0].1.contains("ahead of the server's clock"), "{:?}", r.rejected);
+        assert_eq!(m.stats().newest_ts, accepted);
+        assert_eq!(m.state.read().mf.now(), accepted);
+        // An old event never moves it back.
+        m.apply_at(&[ev(5, 5, T0 - 1e6)], "", accepted + 1.0);
+        assert_eq!(m.stats().newest_ts, accepted);
+        // Nor can a far-future event sent through the library entry points.
+        let err = m.validate(&[ev(6, 6, now_secs() + 3600.0)]).unwrap_err();
+        assert!(matches!(err, ModelError::InvalidEvent { index: 0, .. }));
+        assert_eq!(m.apply(&[ev(6, 6, now_secs() + 3600.0)], "").rejected.len(), 1);
     }
 
     #[test]

@@ -129,6 +129,7 @@ const KNOWN_KEYS: &[&str] = &[
     "event_weights",
     "default_weight",
     "trending_half_life",
+    "max_clock_skew",
     "exact_below",
     "dedup_window",
     "auto_reindex",
@@ -211,12 +212,17 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
     if !(cold_start_events.is_finite() && cold_start_events >= 0.0) {
         return Err(PyValueError::new_err("cold_start_events must be a finite number ≥ 0"));
     }
+    let max_clock_skew: f64 = opt(cfg, "max_clock_skew", d.max_clock_skew)?;
+    if !(max_clock_skew.is_finite() && max_clock_skew >= 0.0) {
+        return Err(PyValueError::new_err("max_clock_skew must be a finite number of seconds ≥ 0"));
+    }
     Ok(model::Config {
         mf,
         hnsw,
         event_weights,
         default_weight: opt(cfg, "default_weight", d.default_weight)?,
         trending_half_life: opt(cfg, "trending_half_life", d.trending_half_life)?,
+        max_clock_skew,
         exact_below: opt(cfg, "exact_below", d.exact_below)?,
         dedup_window: opt(cfg, "dedup_window", d.dedup_window)?,
         auto_reindex: opt(cfg, "auto_reindex", d.auto_reindex)?,
@@ -259,6 +265,7 @@ fn config_to_dict<'py>(py: Python<'py>, c: &model::Config) -> PyResult<Bound<'py
     d.set_item("event_weights", weights)?;
     d.set_item("default_weight", f32_setting(c.default_weight))?;
     d.set_item("trending_half_life", c.trending_half_life)?;
+    d.set_item("max_clock_skew", c.max_clock_skew)?;
     d.set_item("exact_below", c.exact_below)?;
     d.set_item("dedup_window", c.dedup_window)?;
     d.set_item("auto_reindex", c.auto_reindex)?;
@@ -482,8 +489,21 @@ impl PyModel {
     /// Decodes one complete Forward frame and applies its records (bad records are refused
     /// one by one and listed under "rejected"); event ids are de-duplicated per frame tag.
     /// Adds "chunk" and "consumed" to the report.
-    fn ingest_forward<'py>(&self, py: Python<'py>, frame: &[u8]) -> PyResult<Bound<'py, PyDict>> {
-        let (report, chunk, used) = py.detach(|| self.inner.apply_frame(frame)).map_err(frame_err)?;
+    ///
+    /// `accepted_at` is when the server accepted the frame (unix seconds; None: now): no
+    /// event counts as later than that, and one more than `max_clock_skew` later is refused.
+    #[pyo3(signature = (frame, accepted_at=None))]
+    fn ingest_forward<'py>(
+        &self,
+        py: Python<'py>,
+        frame: &[u8],
+        accepted_at: Option<f64>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        if accepted_at.is_some_and(|t| !t.is_finite()) {
+            return Err(PyValueError::new_err("accepted_at must be a finite number of seconds"));
+        }
+        let (report, chunk, used) =
+            py.detach(|| self.inner.apply_frame(frame, accepted_at)).map_err(frame_err)?;
         let d = report_to_py(py, &report)?;
         d.set_item("chunk", chunk)?;
         d.set_item("consumed", used)?;
@@ -512,6 +532,7 @@ impl PyModel {
         d.set_item("used", checked.used)?;
         d.set_item("entries", checked.entries)?;
         d.set_item("rejected", checked.rejected)?;
+        d.set_item("admin", checked.admin)?;
         d.set_item("chunk", checked.chunk)?;
         d.set_item("tag", checked.tag)?;
         Ok(Some(d))

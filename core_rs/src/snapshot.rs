@@ -160,6 +160,8 @@ fn get_config(r: &mut dyn Read, mf: crate::mf::MfConfig) -> io::Result<Config> {
         event_weights,
         default_weight,
         trending_half_life,
+        // Not saved: a policy of the server that loads the snapshot, not part of the model.
+        max_clock_skew: crate::model::DEFAULT_MAX_CLOCK_SKEW,
         exact_below,
         dedup_window,
         auto_reindex,

@@ -128,6 +128,15 @@ pub const MAX_KIND_BYTES: usize = 64;
 pub const MAX_TAGS: usize = 64;
 /// Longest tag or category, in bytes.
 pub const MAX_TAG_BYTES: usize = 128;
+/// Earliest accepted event time (1990-01-01T00:00:00Z, unix seconds). Interaction logs worth
+/// replaying start later than this; a time before it is a unit or clock mistake (a missing
+/// time sent as 0, a duration instead of a date) and would distort recency decay.
+pub const MIN_TIME: f64 = 631_152_000.0;
+/// Latest accepted event time (10000-01-01T00:00:00Z), a bound independent of any clock so
+/// that every time the decoder lets through is an exact, ordinary number of seconds. How far
+/// ahead of the server's clock an event may be is a model setting (`max_clock_skew`).
+pub const MAX_TIME: f64 = 253_402_300_800.0;
+
 /// Largest accepted `"weight"`: a single event worth more than this is a producer bug, and
 /// letting it through would swamp every other signal for that user.
 pub const MAX_WEIGHT: f64 = 1e6;
@@ -450,8 +459,20 @@ fn parse_entry(r: &mut Reader<'_>, limits: &Limits) -> Result<Record, String> {
 
 /// A time value followed by a record value.
 fn parse_pair(r: &mut Reader<'_>, limits: &Limits) -> Result<Record, String> {
-    let ts = parse_time(r, limits, true)?;
+    let ts = check_time_range(parse_time(r, limits, true)?)?;
     parse_record(r, ts, limits)
+}
+
+/// Refuses times outside [`MIN_TIME`, `MAX_TIME`): such a time is never a real event's, and
+/// letting one in would let a single event steer recency decay.
+pub fn check_time_range(ts: f64) -> Result<f64, String> {
+    if ts < MIN_TIME {
+        return Err(format!("time {ts} is before 1990-01-01 ({MIN_TIME} s); times are unix seconds"));
+    }
+    if ts >= MAX_TIME {
+        return Err(format!("time {ts} is after the year 9999; times are unix seconds, not milliseconds"));
+    }
+    Ok(ts)
 }
 
 /// Entry time as f64 unix seconds.

@@ -571,6 +571,24 @@ fn bad_records_are_rejected_with_reasons_while_good_ones_decode() {
         entry(|w| {
             w.map(1).str("erase_user").str("u");
         }),
+        // 22: a time before the epoch floor (a missing time sent as 0)
+        {
+            let mut w = W::default();
+            w.array(2).uint(0).map(1).str("erase_user").str("u");
+            w.0
+        },
+        // 23: milliseconds instead of seconds
+        {
+            let mut w = W::default();
+            w.array(2).uint(1_796_070_000_000).map(2).str("user").str("evil").str("item").str("spam");
+            w.0
+        },
+        // 24: a float time far beyond any date
+        {
+            let mut w = W::default();
+            w.array(2).f64(2f64.powi(70)).map(2).str("user").str("evil").str("item").str("spam");
+            w.0
+        },
     ];
     let f = forward_of(&entries);
     let (frame, used) = decode_frame(&f, &lim()).unwrap();
@@ -625,6 +643,9 @@ fn bad_records_are_rejected_with_reasons_while_good_ones_decode() {
         (18, "\"tags\" must be a string, found an integer"),
         (19, "time -5 is negative"),
         (20, "nanoseconds 1000000000 are out of range"),
+        (22, "time 0 is before 1990-01-01"),
+        (23, "time 1796070000000 is after the year 9999"),
+        (24, "is after the year 9999"),
     ];
     assert_eq!(
         frame.rejected.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
