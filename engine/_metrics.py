@@ -16,6 +16,9 @@
 ``recstream_pushes_dropped_total``  lists discarded unread (erasure, stuck subscribers)
 ``recstream_subscribers_dropped_total`` subscribers closed for being stuck
 ``recstream_snapshots_total``       snapshots written
+``recstream_io_errors_total``       write/sync errors by ``what`` (journal, snapshot)
+``recstream_storage_fault``         1 while ``what`` (journal, snapshot) is failing, else 0
+                                    (read at scrape time; ``/readyz`` says why)
 ==================================  =========================================================
 
 One registry per server (not the process-global one), so tests can run several servers in one
@@ -85,6 +88,15 @@ class Metrics:
             registry=r,
         )
         self.snapshots = Counter("recstream_snapshots", "Snapshots written", registry=r)
+        self.io_errors = Counter(
+            "recstream_io_errors", "Write and sync errors by what failed", ["what"], registry=r
+        )
+        self.storage_fault = Gauge(
+            "recstream_storage_fault",
+            "1 while the journal or snapshots cannot be written",
+            ["what"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
