@@ -12,6 +12,12 @@ from pathlib import Path
 import pytest
 
 from bench._reliability import kill_trial
+from bench._reliability import start_server as _start
+from engine._server import Server
+
+from .conftest import server_config
+
+__all__ = ["_recover", "_start"]  # shared with tests/test_erase.py
 
 # httpx leaves a request-body generator to the garbage collector when the server dies
 # mid-request (that is the point here); the warning is about the client, not the engine.
@@ -22,6 +28,14 @@ pytestmark = [
     ),
     pytest.mark.filterwarnings("ignore:Async generator 'httpx._content.ByteStream:ResourceWarning"),
 ]
+
+
+def _recover(data_dir: Path) -> Server:
+    """The server a restart on ``data_dir`` would build, recovered but not started."""
+    server = Server(server_config(data_dir))
+    journal, _ = server._recover()
+    journal.close()
+    return server
 
 
 @pytest.mark.parametrize(
