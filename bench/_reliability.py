@@ -26,9 +26,13 @@ crashes) or a time and a memory figure, with the CPU seconds the server spent be
    RSS may grow by at most 50 MiB.
 4. **Stuck subscribers**: ``--readers`` (500) websocket subscribers that read, while events
    flow, once alone and once beside ``--stuck`` (50) subscribers that never read a byte (a
-   4 KiB receive buffer, never drained). The readers' push p99 with the stuck ones is compared
-   with the run without (goal: at most 1.1x), and the time until the server has dropped every
-   stuck subscriber (``send_timeout`` is set to 5 s) and the server's RSS are reported.
+   4 KiB receive buffer, never drained); ``--stuck-share`` of the events go to the stuck
+   subscribers' users in both runs. The readers' push p99 with the stuck ones is compared with
+   the run without (goal: at most 1.1x). The server is run with ``send_timeout = 5`` and
+   ``tcp_user_timeout_ms = 5000``: a push whose socket write is stuck ends when the kernel
+   gives up on the peer, and the kernel counts a closed receive window against that timeout.
+   The time from the last stuck reader's buffer filling (its unread byte count stops growing)
+   to the server having dropped every stuck subscriber, and the server's RSS, are reported.
 """
 
 from __future__ import annotations
@@ -76,6 +80,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--stuck", type=int, default=50, help="subscribers that never read (50)")
     p.add_argument("--rate", type=float, default=1000, help="events/s in drill 4 (1000)")
     p.add_argument("--seconds", type=float, default=15.0, help="event flow in drill 4 (15)")
+    p.add_argument(
+        "--stuck-share",
+        type=float,
+        default=0.2,
+        help="share of drill 4's events for the stuck subscribers' users (0.2)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--quick",
@@ -341,7 +351,6 @@ async def fault_drill(root: Path, target: str, kind: str, k: int, error: str) ->
                     await trio.sleep(0.01)
             ready = await http.get("/readyz")
             out["readyz_during"] = f"{ready.status_code} {ready.text}"
-            acked_at_fault = set(ledger.acked)
             reads_failed = 0
             for _ in range(20):  # reads go on during the fault
                 for path in ("/v1/users/u1/recommendations", "/v1/stats"):
@@ -359,7 +368,6 @@ async def fault_drill(root: Path, target: str, kind: str, k: int, error: str) ->
             acked_before_clear = len(ledger.acked)
             await trio.sleep(0.3)
             out["acked_after_clear"] = len(ledger.acked) - acked_before_clear
-            out["acked_during_fault"] = len(ledger.acked) - len(acked_at_fault)
             stop.set()
         server.shutdown()
     out["injected"] = ops.injected
@@ -583,6 +591,23 @@ def _stuck_socket(address: tuple[str, int], user: int) -> socket.socket:
     return s
 
 
+async def _watch_stuck(held: list[socket.socket], last_growth: list[float]) -> None:
+    """Records, per stuck socket, when its unread bytes last grew: from then on its receive
+    window is closed and the server's sends to it only fill the server's own buffer."""
+    import array
+    import fcntl
+    import termios
+
+    last = [-1] * len(held)
+    while True:
+        for i, s in enumerate(held):
+            buf = array.array("i", [0])
+            fcntl.ioctl(s.fileno(), termios.FIONREAD, buf)
+            if buf[0] != last[i]:
+                last[i], last_growth[i] = buf[0], time.perf_counter()
+        await trio.sleep(0.05)
+
+
 def _metric(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " "):
@@ -615,12 +640,25 @@ async def _flow(
             host, port = server.http_url.removeprefix("http://").split(":")
             for u in stuck:
                 held.append(_stuck_socket((host, int(port)), u))
+        last_growth = [time.perf_counter()] * len(held)
+        nursery.start_soon(_watch_stuck, held, last_growth)
         await trio.sleep(0.5)
         rss0 = rss_bytes(server.pid)
         cpu0 = cpu_seconds(server.pid)
         total = int(args.rate * args.seconds)
-        released_at = None
+        released: list[float] = []
         start = time.perf_counter()
+
+        async def watch_released() -> None:
+            while True:
+                text = await trio.to_thread.run_sync(server.metrics)
+                if _metric(text, "recstream_subscribers_dropped_total") >= len(stuck):
+                    released.append(time.perf_counter() - start)
+                    return
+                await trio.sleep(0.1)
+
+        if with_stuck:
+            nursery.start_soon(watch_released)
         async with ForwardProducer(*server.forward_address, tag="bench.stuck") as producer:
             n = 0
             while n < total:
@@ -630,8 +668,9 @@ async def _flow(
                     continue
                 events = []
                 for _ in range(min(due, 500)):
-                    # Half the events go to the stuck users' lists, so their pushes pile up.
-                    pool = stuck if rng.random() < 0.5 else readers
+                    # The stuck users' share of events makes their pushes pile up; in the run
+                    # without them the same events go to the same (unsubscribed) users.
+                    pool = stuck if rng.random() < args.stuck_share else readers
                     user = pool[rng.randrange(len(pool))]
                     current = rec.lists.get(user)
                     item = (
@@ -645,24 +684,23 @@ async def _flow(
                 for e in events:
                     rec.sent_at[e["id"]] = t
                 await producer.send(events)
-                if with_stuck and released_at is None and n % 2000 < len(events):
-                    text = await trio.to_thread.run_sync(server.metrics)
-                    if _metric(text, "recstream_subscribers_dropped_total") >= len(stuck):
-                        released_at = time.perf_counter() - start
             await producer.flush()
         if with_stuck:
             with trio.move_on_after(30):
-                while released_at is None:
-                    text = await trio.to_thread.run_sync(server.metrics)
-                    if _metric(text, "recstream_subscribers_dropped_total") >= len(stuck):
-                        released_at = time.perf_counter() - start
+                while not released:  # noqa: ASYNC110 - watch_released polls the server
                     await trio.sleep(0.1)
         await trio.sleep(1.0)
         out["rss_growth_mib"] = (rss_bytes(server.pid) - rss0) / MIB
         out["server_cpu_s"] = cpu_seconds(server.pid) - cpu0
         text = await trio.to_thread.run_sync(server.metrics)
         out["stuck_dropped"] = _metric(text, "recstream_subscribers_dropped_total")
+        released_at = released[0] if released else None
         out["released_s"] = released_at
+        # From the moment the last stuck reader's buffer stopped filling to the server having
+        # dropped every stuck subscriber.
+        out["released_after_stuck_s"] = (
+            start + released_at - max(last_growth) if released_at is not None and held else None
+        )
         nursery.cancel_scope.cancel()
     for s in held:
         s.close()
@@ -696,6 +734,7 @@ def drill_stuck(args: argparse.Namespace) -> dict[str, Any]:
         config = {
             "snapshot_interval": 3600.0,
             "send_timeout": 5.0,
+            "tcp_user_timeout_ms": 5000,
             "max_subscribers": 10_000,
             "model": {"dim": 16, "seed": args.seed},
         }
@@ -710,7 +749,8 @@ def drill_stuck(args: argparse.Namespace) -> dict[str, Any]:
         print(
             f"  {len(readers)} readers {label}: p99 {r['p99_ms']} ms over {r['samples']} pushes"
             + (
-                f", stuck dropped {r['stuck_dropped']:g} after {r['released_s']} s"
+                f", stuck dropped {r['stuck_dropped']:g} {r['released_s']} s after the flow "
+                f"began, {r['released_after_stuck_s']} s after their buffers filled"
                 if with_stuck
                 else ""
             ),
@@ -772,8 +812,10 @@ def run(args: argparse.Namespace) -> int:
             {"readers": args.readers, "stuck": args.stuck, "rate": args.rate,
              "peer_name": "without stuck", "goal_ratio": 1.1,
              "server_cpu_s": beside["server_cpu_s"]}, lower_is_better=True),
-        row("stuck_released_after", beside["released_s"], 10, "s",
-            {"send_timeout_s": 5.0, "peer_name": "goal"}, lower_is_better=True),
+        row("stuck_released_after", beside["released_after_stuck_s"], 10, "s",
+            {"send_timeout_s": 5.0, "tcp_user_timeout_ms": 5000,
+             "since_flow_began_s": beside["released_s"],
+             "peer_name": "goal"}, lower_is_better=True),
         row("stuck_rss_growth", beside["rss_growth_mib"], 50, "MiB", {"peer_name": "goal"},
             lower_is_better=True),
     ]  # fmt: skip

@@ -280,9 +280,9 @@ class JournalActor:
         self.faults += 1
         self._fault_at = trio.current_time()
         name = errno.errorcode.get(exc.errno or 0, "error")
+        if self.fault is None or self.faults % 1000 == 0:  # once per outage, then rarely
+            log.error("journal %s: %s; writes refused until the disk recovers", name, exc)
         self.fault = f"journal {name}: {exc.strerror or exc}"
-        if len(waiting) or self.faults == 1 or self.faults % 100 == 0:
-            log.error("%s; %d request(s) not acknowledged", self.fault, len(waiting))
         for request in waiting:
             err = JournalFailed(f"not written: {self.fault}")
             err.__cause__ = exc
