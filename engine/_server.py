@@ -328,7 +328,10 @@ class Server:
                 await self.journal_actor.aclose()
                 await self.model_actor.drained.wait()
                 await trio.to_thread.run_sync(self.model.reindex, None)
-                await self.take_snapshot()
+                try:
+                    await self.take_snapshot()
+                except OSError:
+                    pass  # logged; the journal holds everything, the next start replays it
                 self.publisher.close_all()
                 await trio.sleep(0.05)  # let sessions send their close frames
                 services.cancel_scope.cancel()
