@@ -77,4 +77,4 @@ def test_reliability_quick_run_holds_its_invariants(tmp_path: Path) -> None:
     assert doc["fuzz"]["frames"] == 2000 and doc["fuzz"]["ws"]["messages"] == 200
     assert doc["fuzz"]["valid"] == 20
     assert doc["stuck"]["alone"]["samples"] > 0 and doc["stuck"]["with_stuck"]["samples"] > 0
-    assert doc["stuck"]["with_stuck"]["stuck_dropped"] == 5
+    assert doc["stuck"]["with_stuck"]["stuck_released"] == 5
