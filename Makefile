@@ -8,7 +8,7 @@ RUST_SRC := $(shell find core_rs/src -name '*.rs') core_rs/Cargo.toml Cargo.toml
 STAMP := $(VENV)/.built
 
 .DEFAULT_GOAL := help
-.PHONY: help dev serve test test-rust test-py lint fmt bench clean
+.PHONY: help dev serve test test-rust test-py lint fmt bench soak clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ fmt:  ## format Python and Rust
 
 bench: dev  ## run the whole benchmark suite against its peers and rewrite the README table
 	$(PY) -m bench all
+
+soak: dev  ## the reliability drills: kill -9 trials, disk faults, fuzzing, stuck subscribers
+	$(PY) -m bench reliability
 
 clean:  ## remove build products and the virtualenv
 	rm -rf target $(VENV) engine/_core*.so

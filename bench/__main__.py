@@ -11,7 +11,17 @@ import argparse
 import importlib
 import sys
 
-_MODULES = ("_ann", "_crossover", "_mf", "_ingest", "_latency", "_quality", "_report", "_all")
+_MODULES = (
+    "_ann",
+    "_crossover",
+    "_mf",
+    "_ingest",
+    "_latency",
+    "_quality",
+    "_reliability",
+    "_report",
+    "_all",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,14 +67,14 @@ class JournalClosed(JournalError):
 
 
 class JournalFailed(JournalError):
-    """Raised when an I/O error made the journal's on-disk state unknown.
+    """Raised when an I/O error kept a request from becoming durable.
 
     After a failed ``write`` or ``fdatasync`` the kernel may have dropped the dirty pages and
-    a retry could report success without the data being on disk, so the journal refuses all
-    further writes instead of guessing. Requests waiting for durability at that moment get
-    this exception with the original :class:`OSError` as ``__cause__``: their events may or
-    may not be on disk and were *not* acknowledged. Recovery is a restart (``Journal.open``),
-    which re-validates the log. Differs from :class:`JournalClosed` in that it is a fault.
+    a retry could report success without the data being on disk, so the journal cuts every
+    record written since its last good sync and the requests waiting for them get this
+    exception, with the original :class:`OSError` as ``__cause__``: their events were *not*
+    acknowledged. Later requests are accepted again once the cut succeeds (the disk works
+    again). Differs from :class:`JournalClosed` in that it is a fault.
     """
 
 

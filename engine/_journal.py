@@ -12,6 +12,18 @@ to seq N" with no ambiguity. Records erased by :meth:`Journal.rewrite` therefore
 as *tombstones* (zero-length payloads) so that numbering never moves; replay skips them, and
 empty payloads are refused on append for that reason.
 
+I/O faults: every write and sync of record data goes through a :class:`FileOps` object, which
+tests and the reliability benchmark replace with :class:`FaultyFileOps` to fail the k-th call.
+A failed ``write`` or ``fdatasync`` does not end the journal. On Linux a failed ``fsync``
+reports the error once and may mark the dirty pages clean without writing them, so a later
+``fsync`` that succeeds proves nothing about them: whatever was written since the last
+successful :meth:`Journal.sync` is treated as lost. The journal *cuts* it -- later segments are
+deleted and the kept segment truncated back to that point, then synced -- and the owner fails
+the producers of those records (they were never acknowledged). The next write first repairs the
+log this way; until a repair succeeds every write is refused. Nothing acknowledged is touched:
+the kept point only moves forward on a successful sync (or, under ``"off"``, a completed write,
+which is what that policy acknowledges on).
+
 Crash model: a crash can only damage the end of the *last* segment, because a segment is made
 durable (``fdatasync``) before the next one is created, whatever the sync policy, and a new
 segment's header and directory entry are durable before any record goes into it. Recovery in
@@ -42,7 +54,7 @@ import attrs
 
 from ._exceptions import JournalClosed, JournalCorrupt, JournalFailed, JournalLocked
 
-__all__ = ["FORMAT_VERSION", "Journal", "RecoveryReport", "SyncPolicy"]
+__all__ = ["FORMAT_VERSION", "FaultyFileOps", "FileOps", "Journal", "RecoveryReport", "SyncPolicy"]
 
 SyncPolicy = Literal["batch", "interval", "off"]
 
@@ -77,20 +89,115 @@ def _encode(seq: int, payload: bytes) -> bytes:
     return _RECORD.pack(len(payload), _crc(seq, payload), seq) + payload
 
 
-def _fsync_dir(path: Path) -> None:
+class FileOps:
+    """The system calls that make data durable, as an object that can be replaced.
+
+    The journal and the snapshot code write and sync through one of these; the default is the
+    plain system calls. :class:`FaultyFileOps` fails chosen calls, to drill the fault paths.
+    """
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        """``os.write``: returns the bytes written (possibly fewer than given)."""
+        return os.write(fd, data)
+
+    def fdatasync(self, fd: int) -> None:
+        """``os.fdatasync``: file data (and the size) to the disk."""
+        os.fdatasync(fd)
+
+    def fsync(self, fd: int) -> None:
+        """``os.fsync``: file data and all metadata (used for directories)."""
+        os.fsync(fd)
+
+    def check_snapshot(self, path: Path) -> None:
+        """Called before the model writes a snapshot to ``path`` (the extension does its own
+        writes and syncs, out of reach of this object); the default does nothing."""
+
+
+@attrs.define
+class FaultyFileOps(FileOps):
+    """A :class:`FileOps` that fails chosen calls with an :class:`OSError`.
+
+    Calls are counted per kind: ``"write"`` and ``"sync"`` (``fdatasync`` and ``fsync``
+    together) on files under ``scope`` (all files when None), and ``"snapshot"`` (each snapshot
+    the model is about to write). The k-th call of a kind listed in ``fail_at`` (1-based) and,
+    with ``sticky``, every later one fails until :meth:`clear`. Nothing is written or synced by
+    a failing call, as with a device that refuses it.
+
+    Attributes:
+        fail_at: Kind -> the call number that fails first.
+        error: The errno raised (``errno.EIO``, ``errno.ENOSPC``, ...).
+        sticky: Keep failing after the first fault (a full disk) instead of failing once.
+        scope: Only count calls on files inside this directory (None: every file).
+        calls: Calls seen so far, per kind.
+        injected: Faults raised so far.
+    """
+
+    fail_at: dict[str, int] = attrs.field(factory=dict)
+    error: int = errno.EIO
+    sticky: bool = False
+    scope: Path | None = None
+    calls: dict[str, int] = attrs.field(factory=dict)
+    injected: int = 0
+    _cleared: bool = False
+
+    def clear(self) -> None:
+        """The fault is over: every later call goes through."""
+        self._cleared = True
+
+    def _in_scope(self, fd: int) -> bool:
+        if self.scope is None:
+            return True
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return True
+        return Path(target).is_relative_to(self.scope)
+
+    def _check(self, kind: str, where: str) -> None:
+        n = self.calls[kind] = self.calls.get(kind, 0) + 1
+        k = self.fail_at.get(kind)
+        if self._cleared or k is None or n < k or (n > k and not self.sticky):
+            return
+        self.injected += 1
+        raise OSError(self.error, f"{os.strerror(self.error)} (injected, {kind} #{n})", where)
+
+    def write(self, fd: int, data: bytes | memoryview) -> int:
+        if self._in_scope(fd):
+            self._check("write", f"fd {fd}")
+        return super().write(fd, data)
+
+    def fdatasync(self, fd: int) -> None:
+        if self._in_scope(fd):
+            self._check("sync", f"fd {fd}")
+        super().fdatasync(fd)
+
+    def fsync(self, fd: int) -> None:
+        if self._in_scope(fd):
+            self._check("sync", f"fd {fd}")
+        super().fsync(fd)
+
+    def check_snapshot(self, path: Path) -> None:
+        if self.scope is None or path.is_relative_to(self.scope):
+            self._check("snapshot", str(path))
+
+
+_OS = FileOps()
+
+
+def _fsync_dir(path: Path, ops: FileOps = _OS) -> None:
     """Make renames, creations and deletions in ``path`` durable (they live in the directory)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        ops.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """``os.write`` until done: a regular file may accept less than asked (signals, >2 GiB)."""
+def _write_all(fd: int, data: bytes, ops: FileOps = _OS) -> None:
+    """``write`` until done: a regular file may accept less than asked (signals, >2 GiB)."""
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        written = ops.write(fd, view)
         view = view[written:]
 
 
@@ -244,6 +351,8 @@ class Journal:
             measure of how well group commit works.
         rollovers: Segments started since open.
         synced_seq: Highest seq known durable (covered by a completed sync).
+        repairs: Times the log was cut back to its kept point after an I/O error.
+        fault: The I/O error that left unkept records behind, until a repair succeeds.
     """
 
     def __init__(
@@ -257,6 +366,7 @@ class Journal:
         interval_ms: float,
         segment_bytes: int,
         max_record_bytes: int,
+        ops: FileOps = _OS,
     ) -> None:
         """Internal: use :meth:`Journal.open`, which recovers the directory first."""
         self.directory = directory
@@ -272,10 +382,14 @@ class Journal:
         self._last_seq = last_seq
         self._closed = False
         self._failed: OSError | None = None
+        self._ops = ops
+        self.fault: OSError | None = None
+        self.repairs = 0
         self._dirty = False
         self._fd = -1
         self._size = 0
         self._open_active()
+        self._keep()
 
     # --- opening and recovery -------------------------------------------------------------
 
@@ -288,6 +402,7 @@ class Journal:
         interval_ms: float = 5,
         segment_bytes: int = 64 << 20,
         max_record_bytes: int = 16 << 20,
+        ops: FileOps | None = None,
     ) -> tuple[Journal, RecoveryReport]:
         """Opens (creating if needed) the log in ``directory`` and recovers it.
 
@@ -307,6 +422,7 @@ class Journal:
             segment_bytes: A segment rolls over once the next record would take it past this.
                 Smaller segments let :meth:`drop_before` free space sooner.
             max_record_bytes: Largest payload accepted by :meth:`append`.
+            ops: The system calls used for writing and syncing (default: the real ones).
 
         Returns:
             The open journal and the recovery report.
@@ -351,6 +467,7 @@ class Journal:
                 interval_ms=interval_ms,
                 segment_bytes=segment_bytes,
                 max_record_bytes=max_record_bytes,
+                ops=_OS if ops is None else ops,
             )
             opened = True
         finally:
@@ -434,16 +551,19 @@ class Journal:
         return kept, last_seq, report
 
     @staticmethod
-    def _create_segment(directory: Path, first_seq: int) -> None:
-        """Creates a segment holding only its header, durable with its directory entry."""
+    def _create_segment(directory: Path, first_seq: int, ops: FileOps = _OS) -> None:
+        """Creates a segment holding only its header, durable with its directory entry.
+
+        A file left behind by an earlier failed attempt is replaced: it was never used.
+        """
         seg = directory / _segment_name(first_seq)
-        fd = os.open(seg, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(seg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            _write_all(fd, _HEADER.pack(MAGIC, FORMAT_VERSION, first_seq))
-            os.fdatasync(fd)
+            _write_all(fd, _HEADER.pack(MAGIC, FORMAT_VERSION, first_seq), ops)
+            ops.fdatasync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(directory)
+        _fsync_dir(directory, ops)
 
     def _open_active(self) -> None:
         seg = self.directory / _segment_name(self._segments[-1])
@@ -472,12 +592,56 @@ class Journal:
         return [self.directory / _segment_name(s) for s in self._segments]
 
     def _check_writable(self) -> None:
+        """Refuses a closed or broken journal; repairs one left behind by an I/O fault.
+
+        Raises:
+            JournalClosed, JournalFailed: See the writing methods.
+            OSError: The repair failed too; the fault persists.
+        """
         if self._closed:
             raise JournalClosed("the journal is closed")
         if self._failed is not None:
             raise JournalFailed("an earlier I/O error left the journal unusable") from (
                 self._failed
             )
+        if self.fault is not None:
+            self._repair()
+
+    def _keep(self) -> None:
+        """Everything written so far is kept: an I/O fault cuts back to here, not further."""
+        self._kept = (self._segments[-1], self._size, self._last_seq)
+
+    def _fail(self, exc: OSError) -> None:
+        self.fault = exc
+
+    def _repair(self) -> None:
+        """Cuts the log back to the kept point after an I/O fault, durably.
+
+        Segments started since are deleted, the kept segment is truncated to its kept size
+        and synced, then appending resumes there with the next seq after the kept one. The
+        records cut were never acknowledged. If a step fails the fault stays and the next
+        call tries again from the start; every step is idempotent.
+        """
+        kept_segment, kept_size, kept_seq = self._kept
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        while self._segments[-1] != kept_segment:
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / _segment_name(self._segments[-1])).unlink()
+            del self._segments[-1]
+        _fsync_dir(self.directory, self._ops)
+        fd = os.open(self.directory / _segment_name(kept_segment), os.O_WRONLY)
+        try:
+            os.ftruncate(fd, kept_size)
+            self._ops.fdatasync(fd)
+        finally:
+            os.close(fd)
+        self._last_seq = self.synced_seq = kept_seq
+        self._dirty = False
+        self._open_active()
+        self.fault = None
+        self.repairs += 1
 
     # --- writing --------------------------------------------------------------------------
 
@@ -525,7 +689,9 @@ class Journal:
             ValueError, TypeError: See :meth:`check_payloads`.
             JournalClosed: After :meth:`close`.
             JournalFailed: An earlier I/O error made the journal unusable.
-            OSError: The write failed; the journal is unusable from now on.
+            OSError: The write (or the repair of an earlier fault) failed. What was written
+                since the last successful :meth:`sync` is cut before the next write; none of
+                it may be acknowledged.
         """
         self._check_writable()
         batch = self.check_payloads(payloads)
@@ -545,15 +711,17 @@ class Journal:
                 chunk_size += len(rec)
             self._write_chunk(chunk, seq)
         except OSError as exc:
-            self._failed = exc
+            self._fail(exc)
             raise
+        if self.sync_policy == "off":
+            self._keep()  # acknowledged once written
         return seq
 
     def _write_chunk(self, chunk: list[bytes], last_seq: int) -> None:
         if not chunk:
             return
         data = b"".join(chunk)
-        _write_all(self._fd, data)
+        _write_all(self._fd, data, self._ops)
         self._size += len(data)
         self._last_seq = last_seq
         self._dirty = True
@@ -567,14 +735,14 @@ class Journal:
         self._sync_fd()
         os.close(self._fd)
         self._fd = -1
-        self._create_segment(self.directory, first_seq)
-        self._segments.append(first_seq)
+        self._segments.append(first_seq)  # before creating it: a repair must delete it
+        self._create_segment(self.directory, first_seq, self._ops)
         self.rollovers += 1
         self._open_active()
 
     def _sync_fd(self) -> None:
         if self._dirty:
-            os.fdatasync(self._fd)
+            self._ops.fdatasync(self._fd)
             self._dirty = False
             self.syncs += 1
         self.synced_seq = self._last_seq
@@ -588,15 +756,17 @@ class Journal:
         Raises:
             JournalClosed: After :meth:`close`.
             JournalFailed: An earlier I/O error made the journal unusable.
-            OSError: The sync failed; the journal is unusable from now on, because a failed
-                ``fdatasync`` may have discarded the data it could not write.
+            OSError: The sync (or the repair of an earlier fault) failed. A failed
+                ``fdatasync`` may have discarded the data it could not write, so everything
+                since the last successful sync is cut before the next write.
         """
         self._check_writable()
         try:
             self._sync_fd()
         except OSError as exc:
-            self._failed = exc
+            self._fail(exc)
             raise
+        self._keep()
 
     # --- reading --------------------------------------------------------------------------
 
@@ -724,6 +894,7 @@ class Journal:
         except OSError as exc:
             self._failed = exc
             raise
+        self._keep()  # the kept segment's size changed with its tombstones
         return changed
 
     def _stage_segment(
@@ -775,7 +946,7 @@ class Journal:
             return
         self._closed = True
         try:
-            if sync and self._failed is None and self._fd >= 0:
+            if sync and self._failed is None and self.fault is None and self._fd >= 0:
                 self._sync_fd()
         finally:
             if self._fd >= 0:

@@ -10,10 +10,18 @@ Once a group is durable the actor acknowledges its producers and forwards it, in
 order, to the model actor's bounded channel. When the model actor falls behind, that send
 blocks, the actor stops draining its inbox, the inbox fills and producers wait in ``append``:
 backpressure reaches the network instead of piling up in memory.
+
+An I/O error while writing or syncing does not stop the actor. The producers of every record
+not yet acknowledged get :class:`JournalFailed`, the journal cuts those records (see
+``engine._journal``), ``fault`` describes the error, and the actor keeps taking requests: each
+later group first repairs the log, and while no traffic comes it retries the repair every
+``retry_interval`` seconds, so the fault clears as soon as the disk accepts writes again.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -25,6 +33,8 @@ from ._exceptions import JournalClosed, JournalFailed
 from ._journal import Journal
 
 __all__ = ["Appended", "JournalActor"]
+
+log = logging.getLogger("recstream.journal")
 
 T = TypeVar("T")
 
@@ -83,6 +93,13 @@ class JournalActor:
         max_pending: Capacity of the inbox, in append requests. It bounds memory and the
             size of one group; a few hundred is plenty, because groups form while a sync is
             in flight.
+        on_fault: Called with each I/O error (for metrics), in the actor's task.
+        retry_interval: Seconds between repair attempts while a fault persists and no
+            request arrives.
+
+    Attributes:
+        fault: Why the journal refuses writes (the last I/O error), or None while healthy.
+        faults: I/O errors met since start.
     """
 
     def __init__(
@@ -91,10 +108,17 @@ class JournalActor:
         *,
         output: trio.MemorySendChannel[Appended] | None = None,
         max_pending: int = 256,
+        on_fault: Callable[[OSError], None] | None = None,
+        retry_interval: float = 1.0,
     ) -> None:
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
         self.journal = journal
+        self.fault: str | None = None
+        self.faults = 0
+        self._on_fault = on_fault
+        self._retry_interval = retry_interval
+        self._fault_at = -math.inf
         self.groups = 0
         self._output = output
         self._send, self._receive = trio.open_memory_channel[_Request](max_pending)
@@ -124,8 +148,9 @@ class JournalActor:
             ValueError, TypeError: A payload is invalid (see ``Journal.check_payloads``);
                 nothing was queued.
             JournalClosed: The actor was closed before the request was queued.
-            JournalFailed: An I/O error stopped the actor; the payloads were not
-                acknowledged and may or may not be on disk.
+            JournalFailed: An I/O error met this request before it was durable: the
+                payloads were not acknowledged, and they were cut from the log (a crash
+                before the cut is made durable may still leave them to replay).
         """
         request = _Request(self.journal.check_payloads(payloads))
         try:
@@ -163,9 +188,8 @@ class JournalActor:
         """The actor's loop: take a group, write it, sync per policy, ack, forward.
 
         Raises:
-            OSError: Writing or syncing failed. Waiting producers got
-                :class:`JournalFailed` first; the error is re-raised so the supervisor sees
-                the engine can no longer accept events.
+            JournalFailed: The journal became unusable (an I/O error after a rewrite's
+                commit point). Waiting producers got :class:`JournalFailed` first.
         """
         if self._started:
             raise RuntimeError("JournalActor.run can only be called once")
@@ -185,13 +209,15 @@ class JournalActor:
         interval = self.journal.interval_ms / 1000
         while True:
             deadline = self._last_sync + interval if self._unacked else math.inf
+            if self.fault is not None:
+                deadline = min(deadline, self._fault_at + self._retry_interval)
             first: _Request | None = None
             with trio.move_on_at(deadline):
                 try:
                     first = await self._receive.receive()
                 except trio.EndOfChannel:
                     return
-            if first is None:  # the interval elapsed with records waiting for a sync
+            if first is None:  # an interval elapsed: records wait for a sync, or a repair
                 await self._sync_and_ack()
                 continue
             group = [first]
@@ -210,9 +236,15 @@ class JournalActor:
         )
         payloads = [p for request in group for p in request.payloads]
         self._in_flight = group
-        async with self._io:
-            last = await trio.to_thread.run_sync(self._write_in_thread, payloads, sync_now)
+        try:
+            async with self._io:
+                last = await trio.to_thread.run_sync(self._write_in_thread, payloads, sync_now)
+        except OSError as exc:
+            self._failed(exc)
+            return
         self._in_flight = []
+        if sync_now or policy == "off":
+            self._healthy()
         self.groups += 1
         seq = last - len(payloads)
         for request in group:
@@ -231,10 +263,38 @@ class JournalActor:
         return last
 
     async def _sync_and_ack(self) -> None:
-        async with self._io:
-            await trio.to_thread.run_sync(self.journal.sync)
+        try:
+            async with self._io:
+                await trio.to_thread.run_sync(self.journal.sync)
+        except OSError as exc:
+            self._failed(exc)
+            return
+        self._healthy()
         self._last_sync = trio.current_time()
         await self._ack()
+
+    def _failed(self, exc: OSError) -> None:
+        """Fails every request not yet acknowledged; the journal cuts their records."""
+        waiting = self._in_flight + self._unacked
+        self._in_flight, self._unacked = [], []
+        self.faults += 1
+        self._fault_at = trio.current_time()
+        name = errno.errorcode.get(exc.errno or 0, "error")
+        if self.fault is None or self.faults % 1000 == 0:  # once per outage, then rarely
+            log.error("journal %s: %s; writes refused until the disk recovers", name, exc)
+        self.fault = f"journal {name}: {exc.strerror or exc}"
+        for request in waiting:
+            err = JournalFailed(f"not written: {self.fault}")
+            err.__cause__ = exc
+            request.error = err
+            request.done.set()
+        if self._on_fault is not None:
+            self._on_fault(exc)
+
+    def _healthy(self) -> None:
+        if self.fault is not None:
+            log.warning("journal writable again after: %s", self.fault)
+            self.fault = None
 
     async def _ack(self) -> None:
         """Wakes the producers of every written request, then forwards their records."""

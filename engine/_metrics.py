@@ -21,6 +21,9 @@
                                     listener was at its connection limit
 ``recstream_connections_idle_closed_total`` connections closed for idling by ``listener``
                                     (forward, ws_events)
+``recstream_io_errors_total``       write/sync errors by ``what`` (journal, snapshot)
+``recstream_storage_fault``         1 while ``what`` (journal, snapshot) is failing, else 0
+                                    (read at scrape time; ``/readyz`` says why)
 ==================================  =========================================================
 
 One registry per server (not the process-global one), so tests can run several servers in one
@@ -103,6 +106,16 @@ class Metrics:
             "recstream_connections_idle_closed",
             "Connections closed after idling past idle_timeout",
             ["listener"],
+            registry=r,
+        )
+
+        self.io_errors = Counter(
+            "recstream_io_errors", "Write and sync errors by what failed", ["what"], registry=r
+        )
+        self.storage_fault = Gauge(
+            "recstream_storage_fault",
+            "1 while the journal or snapshots cannot be written",
+            ["what"],
             registry=r,
         )
 

@@ -52,11 +52,12 @@ event, so it happens only when a key is configured.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import inspect
 import logging
 import os
-import shutil
 import signal
 import socket
 import time
@@ -80,7 +81,7 @@ from ._experiments import Experiments, Variant
 from ._forward import ForwardServer
 from ._frames import drop_users, erased_users, interactions, map_users, pseudonym
 from ._index_actor import IndexActor
-from ._journal import Journal, RecoveryReport
+from ._journal import FileOps, Journal, RecoveryReport
 from ._journal_actor import Appended, JournalActor
 from ._metrics import Metrics
 from ._model import Model
@@ -164,10 +165,18 @@ class Server:
         http_url: ``http://host:port`` of the HTTP and websocket listener.
         forward_address: (host, port) of the Fluent Forward listener.
         recovery: What opening the journal found and cut.
+        snapshot_fault: Why the last snapshot failed, or None if it succeeded.
+
+    Args:
+        config: The configuration.
+        file_ops: The system calls the journal and snapshots write and sync through (the
+            real ones by default; fault drills pass a ``FaultyFileOps``).
     """
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, *, file_ops: FileOps | None = None) -> None:
         self.config = config.check().with_token_secret()
+        self.file_ops = file_ops if file_ops is not None else FileOps()
+        self.snapshot_fault: str | None = None
         self.metrics = Metrics()
         self.model: Model = Model(self.config.model)
         self.journal_actor: JournalActor | None = None
@@ -214,6 +223,10 @@ class Server:
         self.metrics.subscribers.set_function(
             lambda: self.publisher.subscribers if self.publisher is not None else 0
         )
+        for what in ("journal", "snapshot"):
+            self.metrics.storage_fault.labels(what).set_function(
+                functools.partial(lambda w: float(w in self.storage_faults()), what)
+            )
 
     # --- paths ------------------------------------------------------------------------------
 
@@ -235,6 +248,7 @@ class Server:
             sync=self.config.sync,
             interval_ms=self.config.sync_interval_ms,
             segment_bytes=self.config.wal_segment_bytes,
+            ops=self.file_ops,
         )
         self.recovery = report
         if report.reason is not None:
@@ -306,7 +320,9 @@ class Server:
             log.info("completing %d interrupted erasure(s)", len(self._erase_pending))
             self._erase_wake.set()
         send, receive = trio.open_memory_channel[Appended](MODEL_INBOX)
-        self.journal_actor = JournalActor(journal, output=send)
+        self.journal_actor = JournalActor(
+            journal, output=send, on_fault=lambda e: self.metrics.io_errors.labels("journal").inc()
+        )
         self.index_actor = IndexActor(self.model)
         self.publisher = Publisher(
             self.model,
@@ -387,7 +403,10 @@ class Server:
                 await self.journal_actor.aclose()
                 await self.model_actor.drained.wait()
                 await trio.to_thread.run_sync(self.model.reindex, None)
-                await self.take_snapshot()
+                try:
+                    await self.take_snapshot()
+                except OSError:
+                    pass  # logged; the journal holds everything, the next start replays it
                 self.publisher.close_all()
                 await trio.sleep(0.05)  # let sessions send their close frames
                 services.cancel_scope.cancel()
@@ -662,18 +681,43 @@ class Server:
         async with self._snapshot_lock:
             return await self._take_snapshot(replace_previous)
 
+    def storage_faults(self) -> dict[str, str]:
+        """What keeps the disk from taking writes now: ``"journal"`` and/or ``"snapshot"``
+        -> the reason. Empty when healthy."""
+        out = {}
+        if self.journal_actor is not None and self.journal_actor.fault is not None:
+            out["journal"] = self.journal_actor.fault
+        if self.snapshot_fault is not None:
+            out["snapshot"] = self.snapshot_fault
+        return out
+
     async def _take_snapshot(self, replace_previous: bool) -> int:
+        """Raises OSError when the snapshot could not be written (recorded in
+        ``snapshot_fault``): no journal segment is dropped then, so the older snapshot and
+        the log still recover everything."""
         assert self.model_actor is not None and self.journal_actor is not None
         newest = self._snapshot_path()
         previous = self._snapshot_path(PREVIOUS_SNAPSHOT)
-        if newest.exists():
-            os.replace(newest, previous)
-            self._previous_snapshot_seq = self.snapshot_seq
-        seq = await self.model_actor.snapshot(newest)
-        self.snapshot_seq = seq
-        if replace_previous:
-            await trio.to_thread.run_sync(_copy_durably, newest, previous)
-            self._previous_snapshot_seq = seq
+        try:
+            self.file_ops.check_snapshot(newest)
+            if newest.exists():
+                os.replace(newest, previous)
+                self._previous_snapshot_seq = self.snapshot_seq
+            seq = await self.model_actor.snapshot(newest)
+            self.snapshot_seq = seq
+            if replace_previous:
+                await trio.to_thread.run_sync(_copy_durably, newest, previous, self.file_ops)
+                self._previous_snapshot_seq = seq
+        except OSError as e:
+            self.metrics.io_errors.labels("snapshot").inc()
+            if self.snapshot_fault is None:
+                log.error("snapshot failed: %s; the journal keeps everything since", e)
+            name = errno.errorcode.get(e.errno or 0, "error")
+            self.snapshot_fault = f"snapshot {name}: {e.strerror or e}"
+            raise
+        if self.snapshot_fault is not None:
+            log.warning("snapshots succeed again after: %s", self.snapshot_fault)
+            self.snapshot_fault = None
         self.metrics.snapshots.inc()
         keep_from = self._previous_snapshot_seq + 1
         try:
@@ -686,8 +730,11 @@ class Server:
         while True:
             await trio.sleep(self.config.snapshot_interval)
             assert self.model_actor is not None
-            if self.model_actor.applied_seq > self.snapshot_seq:
-                await self.take_snapshot()
+            if self.model_actor.applied_seq > self.snapshot_seq or self.snapshot_fault:
+                try:
+                    await self.take_snapshot()
+                except OSError:
+                    pass  # recorded in snapshot_fault; tried again next interval
 
     async def feed_demo(self, rate: float) -> None:
         """Feeds a synthetic stream at ``rate`` events/s until shutdown (``--demo``)."""
@@ -735,16 +782,30 @@ def _erase_requests(payload: bytes) -> list[Id]:
         return []
 
 
-def _copy_durably(src: Path, dst: Path) -> None:
-    """Replaces ``dst`` with a copy of ``src`` atomically (temp file, fsync, rename)."""
+def _copy_durably(src: Path, dst: Path, ops: FileOps | None = None) -> None:
+    """Replaces ``dst`` with a copy of ``src`` atomically (temp file, fsync, rename).
+
+    Writes and syncs go through ``ops``; on an error the temporary file is removed and
+    ``dst`` is left as it was.
+    """
+    ops = ops if ops is not None else FileOps()
     tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
+    try:
+        with open(src, "rb") as f_in, open(tmp, "wb") as f_out:
+            fd = f_out.fileno()
+            while block := f_in.read(1 << 20):
+                view = memoryview(block)
+                while view:
+                    view = view[ops.write(fd, view) :]
+            ops.fsync(fd)
+        os.replace(tmp, dst)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fd = os.open(dst.parent, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        ops.fsync(fd)
     finally:
         os.close(fd)
 

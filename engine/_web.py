@@ -475,9 +475,12 @@ def build_app(server: Server) -> Starlette:
         return PlainTextResponse("ok")
 
     async def readyz(request: Request) -> Response:
-        return PlainTextResponse(
-            "ready" if server.ready else "starting", status_code=200 if server.ready else 503
-        )
+        if not server.ready:
+            return PlainTextResponse("starting", status_code=503)
+        faults = server.storage_faults()
+        if faults:  # reads still work; writes are refused until the disk recovers
+            return PlainTextResponse("; ".join(faults.values()), status_code=503)
+        return PlainTextResponse("ready")
 
     dashboard_html = (Path(__file__).parent / "dashboard.html").read_text()
 

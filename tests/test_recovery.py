@@ -1,30 +1,27 @@
 """Crash safety: a real server process killed with SIGKILL under acknowledged ingest.
 
 After each kill the data directory is recovered as a restart would: every acknowledged event
-must be applied, and none twice.
+must be applied, and none twice. The trial itself is the one the reliability benchmark runs
+thirty times (``bench._reliability.kill_trial``).
 """
 
 from __future__ import annotations
 
-import os
-import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-import trio
-import trio.lowlevel
 
+from bench._reliability import kill_trial
+from bench._reliability import start_server as _start
 from engine import ModelConfig
 from engine._server import Server
 
 from .conftest import running_server, server_config
 
-USERS = 40
+__all__ = ["_recover", "_start"]  # shared with tests/test_erase.py
 
 # httpx leaves a request-body generator to the garbage collector when the server dies
 # mid-request (that is the point here); the warning is about the client, not the engine.
@@ -37,63 +34,8 @@ pytestmark = [
 ]
 
 
-def _start(data_dir: Path, config: Path) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine",
-            "serve",
-            "--config",
-            str(config),
-            "--data-dir",
-            str(data_dir),
-            "--http",
-            "127.0.0.1:0",
-            "--forward",
-            "127.0.0.1:0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if "dashboard and API:" in line:
-            return proc, line.split("API:")[1].strip().rstrip("/")
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError("server did not start")
-
-
-async def _produce(url: str, acked: set[int], sent: list[int], stop: trio.Event) -> None:
-    """Posts batches of unique events until the server dies; records acknowledged ids."""
-    counter = iter(range(10**9))
-
-    async def worker(client: httpx.AsyncClient) -> None:
-        while not stop.is_set():
-            ids = [next(counter) for _ in range(25)]
-            sent.extend(ids)
-            events = [
-                {"user": f"u{n % USERS}", "item": f"i{n}", "id": n, "type": "click"} for n in ids
-            ]
-            try:
-                r = await client.post("/v1/events", json=events)
-            except httpx.HTTPError:
-                return
-            if r.status_code == 202:
-                acked.update(ids)
-
-    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
-        async with trio.open_nursery() as nursery:
-            for _ in range(4):
-                nursery.start_soon(worker, client)
-
-
 def _recover(data_dir: Path) -> Server:
+    """The server a restart on ``data_dir`` would build, recovered but not started."""
     server = Server(server_config(data_dir))
     journal, _ = server._recover()
     journal.close()
@@ -101,59 +43,23 @@ def _recover(data_dir: Path) -> Server:
 
 
 @pytest.mark.parametrize(
-    "moment", ["random-1", "random-2", "random-3", "during-snapshot", "during-rotation"]
+    ("moment", "seed"),
+    [
+        ("random", 1),
+        ("random", 2),
+        ("random", 3),
+        ("during-snapshot", 4),
+        ("during-rotation", 5),
+    ],
 )
 async def test_sigkill_loses_no_acknowledged_event_and_applies_none_twice(
-    tmp_path: Path, moment: str
+    tmp_path: Path, moment: str, seed: int
 ) -> None:
-    config = tmp_path / "recstream.toml"
-    config.write_text("snapshot_interval = 0.05\nwal_segment_bytes = 8192\n[model]\ndim = 16\n")
-    data_dir = tmp_path / "data"
-    rng = random.Random(moment)
-    acked: set[int] = set()
-    sent: list[int] = []
-    proc, url = _start(data_dir, config)
-    stop = trio.Event()
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_produce, url, acked, sent, stop)
-            await trio.sleep(0.3)
-            if moment == "during-snapshot":
-                # The snapshot is written to a temp file, then renamed: kill while it exists.
-                with trio.fail_after(30):
-                    while not (data_dir / "snapshot.rsnap.tmp").exists():
-                        await trio.lowlevel.checkpoint()
-            elif moment == "during-rotation":
-                wal = data_dir / "wal"
-                before = set(wal.glob("wal-*.log"))
-                with trio.fail_after(30):
-                    while not set(wal.glob("wal-*.log")) - before:
-                        await trio.lowlevel.checkpoint()
-            else:
-                await trio.sleep(rng.uniform(0.1, 1.0))
-            os.kill(proc.pid, signal.SIGKILL)
-            stop.set()
-    finally:
-        proc.kill()
-        proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
-    assert len(acked) > 50, "the trial should have acknowledged a fair number of events"
-
-    server = _recover(data_dir)
-    model = server.model
-    seen: dict[int, str] = {}
-    for u in range(USERS):
-        for item in model.seen(f"u{u}"):
-            seen[int(item[1:])] = f"u{u}"
-    missing = acked - seen.keys()
-    assert not missing, f"{len(missing)} acknowledged events lost, e.g. {sorted(missing)[:5]}"
-    assert set(seen) <= set(sent)
-    # Every event has its own item, so each application adds exactly one seen item:
-    # an event applied twice would make the counter exceed the seen items.
-    assert model.stats()["events_applied"] == len(seen)
-    for n, user in list(seen.items())[:50]:
-        assert user == f"u{n % USERS}"
+    trial = await kill_trial(tmp_path, moment, seed)
+    assert trial.acked > 50, "the trial should have acknowledged a fair number of events"
+    assert trial.lost == 0, f"{trial.lost} acknowledged events lost"
+    assert trial.applied_twice == 0
+    assert trial.foreign == 0, "recovered events that were never sent, or under another user"
 
 
 async def test_restart_applies_the_new_model_settings(tmp_path: Path) -> None:

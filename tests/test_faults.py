@@ -1,0 +1,203 @@
+"""I/O faults in the journal and snapshot paths: refused, reported, survived, recovered.
+
+Faults are injected through ``FaultyFileOps`` at the k-th write or sync (EIO, ENOSPC), and one
+through the real snapshot writer (its temporary file's path is taken by a directory). What must
+hold: nothing unpersisted is acknowledged, reads keep working, ``/readyz`` and ``/metrics``
+report the fault, and once it clears new events are acknowledged again.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from engine._journal import FaultyFileOps, Journal
+from engine._server import Server
+
+from .conftest import server_config
+
+ERRORS = {"EIO": errno.EIO, "ENOSPC": errno.ENOSPC}
+
+
+def _event(n: int) -> dict[str, Any]:
+    return {"user": f"u{n % 7}", "item": f"i{n}", "id": n, "type": "click"}
+
+
+def _metric(text: str, name: str, what: str) -> float:
+    m = re.search(rf'^{name}{{what="{what}"}} (\S+)$', text, re.M)
+    assert m is not None, f"{name}{{what={what}}} missing from /metrics"
+    return float(m.group(1))
+
+
+def _seen_items(server: Server) -> set[int]:
+    return {int(item[1:]) for u in range(7) for item in server.model.seen(f"u{u}")}
+
+
+async def _wait_ready(http: httpx.AsyncClient) -> None:
+    with trio.fail_after(10):
+        while (await http.get("/readyz")).status_code != 200:  # noqa: ASYNC110 - polling
+            await trio.sleep(0.05)
+
+
+# --- the journal alone ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["write", "sync"])
+def test_journal_cuts_unsynced_records_after_a_fault_and_resumes(tmp_path: Path, kind: str) -> None:
+    ops = FaultyFileOps(scope=tmp_path)
+    journal, _ = Journal.open(tmp_path, ops=ops, segment_bytes=200)
+    journal.append([b"a" * 40, b"b" * 40])
+    journal.sync()
+    kept_files = journal.segment_files()
+    # The next batch crosses a rollover: the fault may land on the old or the new segment.
+    ops.fail_at[kind] = ops.calls[kind] + 2
+    with pytest.raises(OSError) as info:
+        journal.append([b"c" * 40] * 6)
+        journal.sync()
+    assert info.value.errno == errno.EIO
+    assert journal.fault is not None
+    journal.append([b"d" * 40])  # repairs first: cut back to seq 2, then seq 3 is "d"
+    assert journal.repairs == 1 and journal.fault is None
+    journal.sync()
+    assert journal.last_seq == 3
+    journal.close()
+
+    journal, report = Journal.open(tmp_path)
+    assert report.reason is None
+    assert [p for _, p in journal.replay()] == [b"a" * 40, b"b" * 40, b"d" * 40]
+    assert journal.segment_files()[: len(kept_files)] == kept_files
+    journal.close()
+
+
+def test_journal_refuses_writes_while_the_repair_fails(tmp_path: Path) -> None:
+    ops = FaultyFileOps(scope=tmp_path, fail_at={"sync": 2}, error=errno.ENOSPC, sticky=True)
+    journal, _ = Journal.open(tmp_path, ops=ops)
+    journal.append([b"kept"])
+    journal.sync()  # sync #1
+    journal.append([b"lost"])
+    for _ in range(3):  # the sync, then repairs that need a sync themselves
+        with pytest.raises(OSError) as info:
+            journal.append([b"x"]) if journal.fault else journal.sync()
+        assert info.value.errno == errno.ENOSPC
+    ops.clear()
+    journal.append([b"after"])
+    journal.sync()
+    assert [p for _, p in journal.replay()] == [b"kept", b"after"]
+    journal.close()
+
+
+# --- a live server ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", ["EIO", "ENOSPC"])
+@pytest.mark.parametrize("kind", ["write", "sync"])
+@pytest.mark.parametrize("k", [1, 3])
+async def test_journal_fault_is_refused_reported_and_recovered(
+    tmp_path: Path, kind: str, error: str, k: int
+) -> None:
+    data_dir = tmp_path / "data"
+    ops = FaultyFileOps(scope=data_dir / "wal", error=ERRORS[error], sticky=True)
+    server = Server(server_config(data_dir), file_ops=ops)
+    acked: set[int] = set()
+    refused: set[int] = set()
+    n = 0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+
+            async def post() -> int:
+                nonlocal n
+                ids = [n, n + 1]
+                n += 2
+                r = await http.post("/v1/events", json=[_event(i) for i in ids])
+                (acked if r.status_code == 202 else refused).update(ids)
+                return r.status_code
+
+            assert await post() == 202
+            ops.fail_at[kind] = ops.calls.get(kind, 0) + k
+            statuses = [await post() for _ in range(k + 1)]
+            assert statuses[-1] == 503, statuses
+            assert 202 not in statuses[statuses.index(503) :]
+            r = await http.post("/v1/events", json=[_event(10_000)])
+            assert r.status_code == 503 and error in r.json()["error"]
+
+            # Reads keep working; the fault is reported.
+            assert (await http.get("/v1/users/u1/recommendations")).status_code == 200
+            assert (await http.get("/v1/stats")).status_code == 200
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503 and f"journal {error}" in ready.text
+            metrics = (await http.get("/metrics")).text
+            assert _metric(metrics, "recstream_storage_fault", "journal") == 1
+            assert _metric(metrics, "recstream_io_errors_total", "journal") >= 1
+
+            ops.clear()
+            await _wait_ready(http)  # the actor retries the repair on its own
+            assert await post() == 202
+            metrics = (await http.get("/metrics")).text
+            assert _metric(metrics, "recstream_storage_fault", "journal") == 0
+            await server.wait_applied(server.stats()["wal_seq"])
+            assert acked <= _seen_items(server)
+            assert not refused & _seen_items(server)
+        server.shutdown()
+
+    # What a restart recovers: every acknowledged event, none of the refused ones.
+    restarted = Server(server_config(data_dir))
+    journal, _ = restarted._recover()
+    journal.close()
+    assert _seen_items(restarted) == acked
+    assert restarted.model.stats()["events_applied"] == len(acked)
+
+
+async def test_snapshot_fault_keeps_the_journal_and_clears(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    ops = FaultyFileOps(scope=data_dir, fail_at={"snapshot": 1}, sticky=True)
+    server = Server(server_config(data_dir, snapshot_interval=0.05), file_ops=ops)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+            r = await http.post("/v1/events", json=[_event(i) for i in range(5)])
+            assert r.status_code == 202
+            with trio.fail_after(10):
+                while server.snapshot_fault is None:  # noqa: ASYNC110 - no event to wait on
+                    await trio.sleep(0.02)
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503 and "snapshot" in ready.text
+            metrics = (await http.get("/metrics")).text
+            assert _metric(metrics, "recstream_storage_fault", "snapshot") == 1
+            # Ingest goes on: the journal holds everything the snapshot would have.
+            r = await http.post("/v1/events", json=[_event(i) for i in range(5, 9)])
+            assert r.status_code == 202
+            assert server.snapshot_seq == 0
+            ops.clear()
+            await _wait_ready(http)
+            assert server.snapshot_seq > 0
+        server.shutdown()
+
+
+async def test_real_snapshot_writer_failure_is_survived(tmp_path: Path) -> None:
+    """The extension's own writer fails for real: its temporary file's path is a directory."""
+    data_dir = tmp_path / "data"
+    async with (
+        trio.open_nursery() as nursery,
+    ):
+        server = Server(server_config(data_dir))
+        await nursery.start(server.run)
+        blocker = data_dir / "snapshot.rsnap.tmp"
+        blocker.mkdir()
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+            assert (await http.post("/v1/events", json=[_event(1)])).status_code == 202
+            r = await http.post("/v1/admin/snapshot")
+            assert r.status_code >= 500
+            ready = await http.get("/readyz")
+            assert ready.status_code == 503 and "snapshot" in ready.text
+            assert (await http.get("/v1/users/u1/recommendations")).status_code == 200
+            blocker.rmdir()
+            await server.take_snapshot()
+            assert (await http.get("/readyz")).status_code == 200
+        server.shutdown()
