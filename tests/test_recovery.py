@@ -120,5 +120,5 @@ def test_a_setting_that_cannot_change_refuses_the_start_in_one_line(tmp_path: Pa
     )
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("recstream: ") and "dim is 16 in the snapshot and 24" in last, last
+    assert last.startswith("recstream serve: ") and "dim is 16 in the snapshot and 24" in last, last
     assert "Traceback" not in done.stderr
