@@ -313,10 +313,13 @@ async def _replay(args: argparse.Namespace) -> int:
                         "user": _external(stream.users[j], stream.user_ids),
                         "item": _external(stream.items[j], stream.item_ids),
                         "weight": float(stream.weights[j]),
-                        "time": float(stream.ts[j]),
                     }
                     for j in range(lo, hi)
                 ]
+                # A file without a time column is ordered by row; the server stamps its events.
+                if stream.timed:
+                    for j, event in zip(range(lo, hi), events, strict=True):
+                        event["time"] = float(stream.ts[j])
                 if ids is not None:
                     for j, event in zip(range(lo, hi), events, strict=True):
                         event["id"] = ids[j]

@@ -63,6 +63,8 @@ class Dataset:
         user_ids: External string id of each user code; None when the file's ids are
             integers and ``users`` holds them directly.
         item_ids: The same for items.
+        timed: Whether ``ts`` came from the file's time column (else it is the row number,
+            which orders the events but is no time to send to a server).
     """
 
     users: npt.NDArray[np.int64]
@@ -72,6 +74,7 @@ class Dataset:
     types: None = None
     user_ids: npt.NDArray[np.str_] | None = None
     item_ids: npt.NDArray[np.str_] | None = None
+    timed: bool = True
 
     def __len__(self) -> int:
         return len(self.users)
@@ -217,6 +220,7 @@ def _parse(path: Path, layout: _Layout, skip_lines: int) -> Dataset:
         ts=ts[order],
         user_ids=user_ids,
         item_ids=item_ids,
+        timed=layout.time is not None,
     )
 
 

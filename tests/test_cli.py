@@ -208,6 +208,17 @@ def test_readme_csv_replay_works_as_written_and_twice_counts_once(tmp_path: Path
         assert wait_applied(url, 2 * len(rows) + 1)["events_applied"] == 2 * len(rows) + 1
 
 
+def test_replay_of_a_file_without_times_lets_the_server_stamp_them(tmp_path: Path) -> None:
+    """Row numbers order such a file; sent as times they would be refused as before 1990."""
+    data = tmp_path / "no-times.csv"
+    data.write_text("user,item\n" + "".join(f"u{u},i{u % 5}\n" for u in range(30)))
+    with serving(cwd=tmp_path) as (url, fwd):
+        done = recstream("replay", str(data), "--forward", f"{fwd[0]}:{fwd[1]}", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        stats = wait_applied(url, 30)
+        assert stats["events_applied"] == 30 and stats["rejected"] == 0
+
+
 # --- one-line errors -----------------------------------------------------------------------
 
 
