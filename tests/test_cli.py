@@ -213,7 +213,17 @@ def test_replay_of_a_file_without_times_lets_the_server_stamp_them(tmp_path: Pat
     data = tmp_path / "no-times.csv"
     data.write_text("user,item\n" + "".join(f"u{u},i{u % 5}\n" for u in range(30)))
     with serving(cwd=tmp_path) as (url, fwd):
-        done = recstream("replay", str(data), "--forward", f"{fwd[0]}:{fwd[1]}", cwd=tmp_path)
+        done = recstream(
+            "replay",
+            str(data),
+            "--user-col",
+            "user",
+            "--item-col",
+            "item",
+            "--forward",
+            f"{fwd[0]}:{fwd[1]}",
+            cwd=tmp_path,
+        )
         assert done.returncode == 0, done.stderr
         stats = wait_applied(url, 30)
         assert stats["events_applied"] == 30 and stats["rejected"] == 0
