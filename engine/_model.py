@@ -70,6 +70,16 @@ class ModelConfig:
             ``explore_max_events``), flagged ``explore``. Requests may override it.
         explore_max_events: Items with fewer events than this are fresh: candidates for
             exploration slots.
+        neighbour_weight: Share ``γ`` of the item-neighbourhood term in a user's personal
+            score, ``(1 - γ)·factorization + γ·neighbourhood`` (each min-max normalised over
+            the candidate pool). The neighbourhood score of an item is the sum of its cosine
+            similarities (capped co-occurrence counts) to the user's ``neighbour_window`` most
+            recent items: direct evidence that serves users with one or two events, where the
+            factorization has little to go on. 0 turns it off (and stops the counting).
+        neighbour_window: A user's most recent items that a new item is paired with, and that
+            score the user's list; bounds the cost of an event.
+        neighbour_cap: Neighbours kept per item (Space-Saving eviction); bounds memory and the
+            cost of an event.
     """
 
     dim: int = 32
@@ -97,3 +107,6 @@ class ModelConfig:
     diversity: float = 1.0
     exploration: float = 0.0
     explore_max_events: int = 5
+    neighbour_weight: float = 0.0
+    neighbour_window: int = 20
+    neighbour_cap: int = 100

@@ -22,6 +22,7 @@ HEADLINES = [
 ]
 PEER_MODULES = {
     "popularity": None,
+    "item-knn": None,
     "river-funkmf": "river",
     "river-biasedmf": "river",
     "implicit-als": "implicit",
@@ -92,6 +93,58 @@ def test_eval_positions_are_a_deterministic_sorted_sample() -> None:
     assert len(a) == len(set(a.tolist())) == 500 and np.all(np.diff(a) > 0)
     assert np.array_equal(a, _quality.eval_positions(10_000, 500, seed=3))
     assert np.array_equal(_quality.eval_positions(40, 0, seed=3), np.arange(40))
+
+
+def _tiny_split() -> _quality.Split:
+    rng = np.random.default_rng(5)
+    n = 3_000
+    users = rng.integers(0, 120, n)
+    items = (users % 7) * 6 + rng.integers(0, 6, n)  # seven taste groups of six items
+    return _quality.Split(users, items, np.ones(n), np.arange(n, dtype=np.float64))
+
+
+def test_item_knn_scores_by_cosine_of_co_occurrence() -> None:
+    split = _quality.Split(
+        np.array([0, 0, 1, 1, 2, 2, 3, 4, 5]),
+        np.array([0, 1, 0, 1, 0, 2, 9, 0, 1]),
+        np.ones(9),
+        np.arange(9.0),
+        fraction=7 / 9,
+    )
+    knn = _quality.ItemKNN(split, window=0)
+    knn.warm(split)
+    knn.learn(4, 0, 1.0, 0.0)
+    # c(0,1) = 2, n0 = 4, n1 = 2: cos 2/sqrt(8); c(0,2) = 1, n2 = 1: cos 1/2; item 3 (dense
+    # id of 9) never co-occurs and comes last, by popularity alone.
+    assert knn.rank(4, 3, {0}) == [1, 2, 3]
+    assert knn.rank(5, 3, None) is None  # no items yet: the fallback answers
+    # A repeat moves the item to the back of the user's history, without recounting.
+    knn.learn(0, 0, 1.0, 0.0)
+    assert knn.count[0] == 4 and knn.co[0][1] == 2 and knn.hist[0] == [1, 0]
+
+
+def test_als_refold_matches_implicits_own_recalculation() -> None:
+    pytest.importorskip("implicit")
+    import scipy.sparse as sp
+
+    from threadpoolctl import threadpool_limits
+
+    split = _tiny_split()
+    with threadpool_limits(1):
+        als = _quality.ImplicitALS(split, seed=1, factors=8, regularization=0.1, alpha=2.0)
+        als.warm(split)
+    user, item = 3, 40
+    als.learn(user, item, 1.0, 0.0)
+    # implicit's own solver for the same row, against the item factors as fitted (the refold
+    # solves the user before it moves the item; the implicit model object is left as fitted).
+    row = als.rows[user]
+    r = sp.csr_matrix(
+        (list(row.values()), (np.zeros(len(row), dtype=int), list(row.keys()))),
+        shape=(1, split.n_items),
+    )
+    expected = np.ravel(als.model.recalculate_user(user, r))
+    assert np.abs(expected).max() > 0
+    np.testing.assert_allclose(als.x[user], expected, rtol=1e-3, atol=1e-4)
 
 
 # ------------------------------------------------------------------------- report and all

@@ -135,6 +135,9 @@ const KNOWN_KEYS: &[&str] = &[
     "diversity",
     "exploration",
     "explore_max_events",
+    "neighbour_weight",
+    "neighbour_window",
+    "neighbour_cap",
 ];
 
 /// A share or weight that must lie in [0, 1].
@@ -208,6 +211,12 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
     if !(cold_start_events.is_finite() && cold_start_events >= 0.0) {
         return Err(PyValueError::new_err("cold_start_events must be a finite number ≥ 0"));
     }
+    for key in ["neighbour_window", "neighbour_cap"] {
+        let v: usize = opt(cfg, key, 1usize)?;
+        if !(1..=10_000).contains(&v) {
+            return Err(PyValueError::new_err(format!("{key} must be in 1..=10000, got {v}")));
+        }
+    }
     Ok(model::Config {
         mf,
         hnsw,
@@ -222,6 +231,9 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
         diversity: unit_interval("diversity", opt(cfg, "diversity", d.diversity)?)?,
         exploration: unit_interval("exploration", opt(cfg, "exploration", d.exploration)?)?,
         explore_max_events: opt(cfg, "explore_max_events", d.explore_max_events)?,
+        neighbour_weight: unit_interval("neighbour_weight", opt(cfg, "neighbour_weight", d.neighbour_weight)?)?,
+        neighbour_window: opt(cfg, "neighbour_window", d.neighbour_window)?,
+        neighbour_cap: opt(cfg, "neighbour_cap", d.neighbour_cap)?,
     })
 }
 
