@@ -86,12 +86,12 @@ GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
     },
     "implicit-als": {
         "factors": (32, 64, 128),
-        "regularization": (0.01, 0.1, 1.0, 10.0),
+        "regularization": (0.01, 0.1, 1.0, 10.0, 100.0),
         "alpha": (1.0, 5.0, 20.0, 40.0),
         "iterations": (15, 30),
     },
     "item-knn": {
-        "window": (5, 20, 50, 0),
+        "window": (5, 10, 20, 50, 0),
         "shrink": (0.0, 5.0, 20.0, 100.0),
         "alpha": (0.5, 0.3, 0.7),
     },

@@ -274,3 +274,86 @@ def test_quick_run_lands_in_the_readme_table(quick_run: tuple[dict, str]) -> Non
         assert f"| quality | {r['name']} | " in table
     assert "`python -m bench quality --quick`" in table
     assert text.count(_report.START) == 1
+
+
+def test_tune_gives_every_method_the_same_budget_on_the_validation_split(
+    tmp_path: Path,
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RECSTREAM_BENCH_RESULTS", None)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "quality",
+            "--quick",
+            "--tune",
+            "--peers",
+            "popularity,item-knn",
+            "--results-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    tune = json.loads((tmp_path / "quality_tune.json").read_text())
+    assert tune["budget"] == 3
+    for method in ("recstream", "item-knn"):
+        trials = tune["trials"][method]
+        assert 1 < len(trials) <= tune["budget"]
+        # The defaults are the first trial; the tuned settings are the best trial.
+        assert trials[0]["params"] == tune["defaults"][method]
+        best = max(t["hr@100/exclude-seen"] for t in trials)
+        chosen = next(t for t in trials if t["params"] == tune["tuned"][method])
+        assert chosen["hr@100/exclude-seen"] == best
+    run = json.loads((tmp_path / "quality.json").read_text())
+    assert run["tuned"] and run["method_params"]["item-knn"] == tune["tuned"]["item-knn"]
+    assert run["command"] == "python -m bench quality --quick --peers popularity,item-knn --tune"
+
+
+def test_a_headed_tsv_runs_with_every_streamed_event_scored(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    n = 4_000
+    users = rng.integers(0, 300, n)
+    items = (users % 9) * 10 + rng.integers(0, 10, n)
+    lines = ["user\titem\trating\ttime"]
+    lines += [f"{u}\t{i}\t{1 + (u + i) % 5}\t{t}" for t, (u, i) in enumerate(zip(users, items))]
+    data = tmp_path / "events.tsv"
+    data.write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "quality",
+            "--data",
+            str(data),
+            "--format",
+            "tsv",
+            "--peers",
+            "popularity,item-knn",
+            "--results-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    doc = json.loads((tmp_path / f"quality-{tmp_path.name}.json").read_text())
+    assert doc["evaluated_events"] == doc["streamed_events"] == n - int(n * 0.9)
+    assert doc["source"]["weights"].startswith("every event 1")
+    rows = {r["name"]: r for r in doc["rows"]}
+    each = rows["hr@100/exclude-seen"]["params"]["ours_minus_each_peer"]
+    for peer in ("popularity", "item-knn"):
+        for group in ("all", "known", "new"):
+            d = each[peer][group]
+            assert d is None or d["se"] >= 0
+        assert each[peer]["all"]["mean"] == pytest.approx(
+            rows["hr@100/exclude-seen"]["ours"]
+            - rows["hr@100/exclude-seen"]["params"]["peers"][peer]
+        )

@@ -36,12 +36,12 @@ def _planted(**config: object) -> Model:
 
 
 def test_a_new_user_with_one_event_gets_the_co_occurring_item_on_top() -> None:
-    m = _planted(neighbour_weight=0.75)
+    # The neighbourhood alone (no factorization share, no trending blend): the item that
+    # co-occurs with the user's one item comes first, and the explanation names that item.
+    m = _planted(neighbour_weight=1.0, cold_start_events=0.0)
     m.ingest(["new"], [1], ts=[1e6])
     top = m.recommend("new", k=3, explain=True)
-    assert top[0][0] == 2, top
-    # The explanation names the item that supports the score.
-    assert top[0][2] == [1]
+    assert top[0][0] == 2 and top[0][2] == [1], top
     # Same on the batch path and with diversity re-ranking on.
     assert m.recommend_batch(["new"], k=3)[0][0][0] == 2
     assert m.recommend("new", k=3, diversity=0.5)[0][0] == 2
@@ -49,12 +49,14 @@ def test_a_new_user_with_one_event_gets_the_co_occurring_item_on_top() -> None:
     assert m.recommend("other", k=1)[0][0] == 4
 
 
-def test_without_the_term_the_popular_item_wins_for_that_user() -> None:
-    """The control: the same data with the term off ranks the popular item first, so the
-    test above shows the term's effect rather than a property of the data."""
-    m = _planted(neighbour_weight=0.0)
+def test_with_the_defaults_the_co_occurring_item_follows_only_the_trending_one() -> None:
+    """Defaults blend the neighbourhood with the factorization and, for one event, trending
+    at equal weight: the most popular item keeps the first slot, the co-occurring item takes
+    the second, ahead of the items of the other pair."""
+    m = _planted()
     m.ingest(["new"], [1], ts=[1e6])
-    assert m.recommend("new", k=1)[0][0] == 9
+    top = [item for item, _ in m.recommend("new", k=3)]
+    assert top[:2] == [9, 2], top
 
 
 def test_erasing_the_users_who_made_a_pair_removes_the_pair() -> None:

@@ -120,7 +120,7 @@ impl Default for Config {
             diversity: 1.0,
             exploration: 0.0,
             explore_max_events: 5,
-            neighbour_weight: 0.0,
+            neighbour_weight: 0.5,
             neighbour_window: neighbours::DEFAULT_WINDOW,
             neighbour_cap: neighbours::DEFAULT_CAP,
         }
@@ -525,8 +525,11 @@ impl State {
             let mut share: HashMap<u32, f32> =
                 contrib.iter().map(|&(c, h)| (h, (1.0 - gamma) * c / total.max(f32::MIN_POSITIVE))).collect();
             let recent = self.mf.recent_items(u, cfg.neighbour_window);
-            let sims: Vec<(u32, f32)> =
-                recent.iter().filter(|&&h| h != item).map(|&h| (h, self.neighbours.similarity(h, item))).collect();
+            let sims: Vec<(u32, f32)> = recent
+                .iter()
+                .filter(|&&h| h != item)
+                .map(|&h| (h, self.neighbours.similarity(h, item)))
+                .collect();
             let near: f32 = sims.iter().map(|s| s.1).sum();
             if near > 0.0 {
                 for (h, s) in sims {
@@ -956,13 +959,18 @@ impl Model {
                     };
                     if beta >= MIN_BLEND {
                         ids.extend(
-                            st.trending.top(m, now, &keep_main).into_iter().map(|h| h.0).filter(|&i| known.insert(i)),
+                            st.trending
+                                .top(m, now, &keep_main)
+                                .into_iter()
+                                .map(|h| h.0)
+                                .filter(|&i| known.insert(i)),
                         );
                     }
                     let mut personal: Vec<f32> =
                         ids.iter().map(|&i| scan::dot(pu, st.mf.item_vector(i))).collect();
                     if gamma > 0.0 {
-                        let hood: Vec<f32> = ids.iter().map(|i| near.get(i).copied().unwrap_or(0.0)).collect();
+                        let hood: Vec<f32> =
+                            ids.iter().map(|i| near.get(i).copied().unwrap_or(0.0)).collect();
                         personal = rerank::blend(&personal, &hood, gamma);
                     }
                     let scores = if beta >= MIN_BLEND {

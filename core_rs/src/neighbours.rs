@@ -21,8 +21,11 @@
 //! Space-Saving rule (Metwally, Agrawal & El Abbadi, "Efficient computation of frequent and
 //! top-k elements in data streams", ICDT 2005): the entry with the smallest count is replaced
 //! and the newcomer inherits that count plus one, so every item that co-occurs more often than
-//! `total / cap` is guaranteed to be held. An event costs O(window · cap) and a user's
-//! neighbourhood scores O(window · cap), whatever the catalog size or item popularity.
+//! `total / cap` is guaranteed to be held. The inherited part is kept as the entry's error and
+//! similarities use the guaranteed count `count − error`: an overestimated newcomer that is
+//! rare itself (small `n_j`) would otherwise look like the closest neighbour of all. An event
+//! costs O(window · cap) and a user's neighbourhood scores O(window · cap), whatever the
+//! catalog size or item popularity.
 //!
 //! # Erasure and rebuild
 //! The counts are derived from the users' held histories: [`Neighbours::rebuild`] replays them
@@ -37,14 +40,29 @@ pub const DEFAULT_CAP: usize = 100;
 /// Default number of a user's most recent items paired with a new one, and used to score.
 pub const DEFAULT_WINDOW: usize = 20;
 
+/// One neighbour: its Space-Saving count and the part of it inherited on admission.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    id: u32,
+    count: f32,
+    error: f32,
+}
+
+impl Entry {
+    /// The co-occurrences certainly counted.
+    fn guaranteed(&self) -> f32 {
+        (self.count - self.error).max(0.0)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Neighbours {
     cap: usize,
     window: usize,
     /// Distinct users of each item (`n_i`).
     users: Vec<f32>,
-    /// Per item: (neighbour, co-occurrence count), unordered, at most `cap` long.
-    lists: Vec<Vec<(u32, f32)>>,
+    /// Per item: neighbours, unordered, at most `cap` long.
+    lists: Vec<Vec<Entry>>,
 }
 
 impl Neighbours {
@@ -73,10 +91,11 @@ impl Neighbours {
     fn bump(&mut self, a: u32, b: u32, delta: f32) {
         let cap = self.cap;
         let list = &mut self.lists[a as usize];
-        if let Some(e) = list.iter_mut().find(|e| e.0 == b) {
-            e.1 = (e.1 + delta).max(0.0);
-            if e.1 == 0.0 {
-                list.retain(|e| e.1 > 0.0);
+        if let Some(e) = list.iter_mut().find(|e| e.id == b) {
+            e.count = (e.count + delta).max(0.0);
+            e.error = e.error.min(e.count);
+            if e.guaranteed() == 0.0 {
+                list.retain(|e| e.guaranteed() > 0.0);
             }
             return;
         }
@@ -84,12 +103,17 @@ impl Neighbours {
             return;
         }
         if list.len() < cap {
-            list.push((b, delta));
+            list.push(Entry { id: b, count: delta, error: 0.0 });
             return;
         }
-        let (pos, min) =
-            list.iter().enumerate().fold((0, f32::INFINITY), |acc, (p, e)| if e.1 < acc.1 { (p, e.1) } else { acc });
-        list[pos] = (b, min + delta);
+        let (pos, min) = list.iter().enumerate().fold((0, f32::INFINITY), |acc, (p, e)| {
+            if e.count < acc.1 {
+                (p, e.count)
+            } else {
+                acc
+            }
+        });
+        list[pos] = Entry { id: b, count: min + delta, error: min };
     }
 
     /// User took `item` for the first time; `recent` are its previously held items, oldest
@@ -140,7 +164,7 @@ impl Neighbours {
     /// `sim(a, b)`: cosine of the two items' user sets as counted (0 if never together).
     pub fn similarity(&self, a: u32, b: u32) -> f32 {
         let Some(list) = self.lists.get(a as usize) else { return 0.0 };
-        let c = list.iter().find(|e| e.0 == b).map_or(0.0, |e| e.1);
+        let c = list.iter().find(|e| e.id == b).map_or(0.0, Entry::guaranteed);
         if c == 0.0 {
             return 0.0;
         }
@@ -162,7 +186,8 @@ impl Neighbours {
             if nh <= 0.0 {
                 continue;
             }
-            for &(j, c) in list {
+            for e in list {
+                let (j, c) = (e.id, e.guaranteed());
                 let nj = self.users.get(j as usize).copied().unwrap_or(0.0);
                 if nj > 0.0 && c > 0.0 {
                     *out.entry(j).or_insert(0.0) += (c / (nh * nj).sqrt()).min(1.0);
@@ -210,9 +235,12 @@ mod tests {
     #[test]
     fn lists_stay_capped_and_keep_heavy_hitters() {
         let mut n = Neighbours::new(4, 50);
-        // Item 0 with 40 one-off partners and partner 99 many times, interleaved.
+        // Item 0 with 40 one-off partners and partner 99 many times, interleaved: users who
+        // take 100 + k then 0, and users who take 99 then 0.
         for k in 0..40u32 {
+            n.add(100 + k, &[]);
             n.add(0, &[100 + k]);
+            n.add(99, &[]);
             n.add(0, &[99]);
         }
         assert!(n.longest_list() <= 4);

@@ -231,7 +231,10 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
         diversity: unit_interval("diversity", opt(cfg, "diversity", d.diversity)?)?,
         exploration: unit_interval("exploration", opt(cfg, "exploration", d.exploration)?)?,
         explore_max_events: opt(cfg, "explore_max_events", d.explore_max_events)?,
-        neighbour_weight: unit_interval("neighbour_weight", opt(cfg, "neighbour_weight", d.neighbour_weight)?)?,
+        neighbour_weight: unit_interval(
+            "neighbour_weight",
+            opt(cfg, "neighbour_weight", d.neighbour_weight)?,
+        )?,
         neighbour_window: opt(cfg, "neighbour_window", d.neighbour_window)?,
         neighbour_cap: opt(cfg, "neighbour_cap", d.neighbour_cap)?,
     })
