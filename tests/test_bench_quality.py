@@ -126,7 +126,6 @@ def test_item_knn_scores_by_cosine_of_co_occurrence() -> None:
 def test_als_refold_matches_implicits_own_recalculation() -> None:
     pytest.importorskip("implicit")
     import scipy.sparse as sp
-
     from threadpoolctl import threadpool_limits
 
     split = _tiny_split()
@@ -276,29 +275,18 @@ def test_quick_run_lands_in_the_readme_table(quick_run: tuple[dict, str]) -> Non
     assert text.count(_report.START) == 1
 
 
+def _quality_run(out: Path, *args: str) -> None:
+    """``python -m bench quality ARGS`` in a subprocess, results into ``out``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RECSTREAM_BENCH_RESULTS", None)
+    command = [sys.executable, "-m", "bench", "quality", *args, "--results-dir", str(out)]
+    subprocess.run(command, cwd=ROOT, env=env, check=True, timeout=300)
+
+
 def test_tune_gives_every_method_the_same_budget_on_the_validation_split(
     tmp_path: Path,
 ) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("RECSTREAM_BENCH_RESULTS", None)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "quality",
-            "--quick",
-            "--tune",
-            "--peers",
-            "popularity,item-knn",
-            "--results-dir",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        timeout=300,
-    )
+    _quality_run(tmp_path, "--quick", "--tune", "--peers", "popularity,item-knn")
     tune = json.loads((tmp_path / "quality_tune.json").read_text())
     assert tune["budget"] == 3
     for method in ("recstream", "item-knn"):
@@ -320,30 +308,13 @@ def test_a_headed_tsv_runs_with_every_streamed_event_scored(tmp_path: Path) -> N
     users = rng.integers(0, 300, n)
     items = (users % 9) * 10 + rng.integers(0, 10, n)
     lines = ["user\titem\trating\ttime"]
-    lines += [f"{u}\t{i}\t{1 + (u + i) % 5}\t{t}" for t, (u, i) in enumerate(zip(users, items))]
+    lines += [
+        f"{u}\t{i}\t{1 + (u + i) % 5}\t{t}"
+        for t, (u, i) in enumerate(zip(users, items, strict=True))
+    ]
     data = tmp_path / "events.tsv"
     data.write_text("\n".join(lines) + "\n")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "quality",
-            "--data",
-            str(data),
-            "--format",
-            "tsv",
-            "--peers",
-            "popularity,item-knn",
-            "--results-dir",
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        timeout=300,
-    )
+    _quality_run(tmp_path, "--data", str(data), "--format", "tsv", "--peers", "popularity,item-knn")
     doc = json.loads((tmp_path / f"quality-{tmp_path.name}.json").read_text())
     assert doc["evaluated_events"] == doc["streamed_events"] == n - int(n * 0.9)
     assert doc["source"]["weights"].startswith("every event 1")
