@@ -155,6 +155,13 @@ def register(subparsers: Any) -> None:
         help="tune every method on a validation split of the warm start, then run the test",
     )
     p.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        help="take every method's settings from the 'tuned' entry of a NAME_tune.json "
+        "written by --tune (reruns the test with tuned settings without tuning again)",
+    )
+    p.add_argument(
         "--tune-budget",
         type=int,
         default=TUNE_BUDGET,
@@ -844,6 +851,9 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.results_dir)
     if args.tune:
         params = tune(args, split, names, params, source, out_dir / f"{name}_tune.json")
+    elif args.params is not None:
+        tuned = json.loads(Path(args.params).read_text())["tuned"]
+        params = {m: tuned.get(m, params[m]) for m in names}
 
     results: dict[str, dict[str, Any]] = {}
     for method in names:
@@ -1171,6 +1181,7 @@ def command_line(args: argparse.Namespace) -> str:
         ("--peers", args.peers, "all"),
         ("--config", args.config, "{}"),
         ("--name", args.name, None),
+        ("--params", args.params, None),
     ):
         if value != default:
             parts += [flag, f"'{value}'" if flag == "--config" else str(value)]
