@@ -26,14 +26,16 @@
 //! established ones, a bias towards what is bought together *now* that suits catalogs whose
 //! items come and go. Scoring by the guaranteed part (`count − inherited`) instead was tried
 //! and lost on the Amazon grocery stream with the same settings (HR@100 0.17 against 0.24,
-//! `python -m bench quality --data ... --params ...`). An event costs O(window · cap) and a
+//! `python -m bench quality --data ... --params ...`), while it won slightly on the synthetic
+//! stream (0.240 against 0.229); the real data decided. An event costs O(window · cap) and a
 //! user's neighbourhood scores O(window · cap), whatever the catalog size or item popularity.
 //!
 //! # Erasure and rebuild
 //! The counts are derived from the users' held histories: [`Neighbours::rebuild`] replays them
 //! (after a snapshot load), and [`Neighbours::remove_user`] subtracts one user's pairs by
-//! replaying its history in reverse, saturating at zero (a pair whose entry was evicted has
-//! nothing left to subtract).
+//! replaying its held history, saturating at zero (a pair whose entry was evicted has nothing
+//! left to subtract, and pairs with items beyond the held history are not found: erasure is
+//! exact while the user's history is under its cap and no list evicted).
 
 use std::collections::HashMap;
 
