@@ -19,23 +19,35 @@ Methods, all in one process, one thread each, on the same split and the same eva
   under ``exact_below`` items that is the exact scan). ``auto_reindex=False``, as the server
   runs it (its index actor re-links in batches); queries here never read the index.
 * ``popularity`` — interaction counts, updated online.
+* ``item-knn`` — online item-based neighbourhood (Sarwar et al., WWW 2001): exact, uncapped
+  co-occurrence counts of the items each user took, cosine-normalised with a shrinkage term;
+  a user's score for item j sums ``sim(h, j)`` over the user's last ``window`` items.
 * ``river-funkmf`` / ``river-biasedmf`` — River's ``reco.FunkMF`` and ``reco.BiasedMF``, one
   ``learn_one`` per event. These are explicit-rating models; on implicit feedback each positive
   (target 1) is followed by ``--negatives`` items drawn uniformly from the items seen so far and
   learned with target 0 (negative sampling), else everything predicts 1. Their latent vectors
   are mirrored into numpy after each update so a top-K costs one matrix-vector product.
 * ``implicit-als`` — implicit's ``AlternatingLeastSquares`` fitted on the warm start, then per
-  streamed event re-folded: ``partial_fit_users`` for the event's user with its full row, then
-  ``partial_fit_items`` for the event's item with its full column (one thread, one BLAS thread).
+  streamed event re-folded: the event's user row and then its item row are solved exactly
+  (the closed form implicit's own ``recalculate_user`` uses, Hu, Koren & Volinsky 2008) against
+  Gramians ``YᵀY`` / ``XᵀX`` that are kept up to date by rank-one swaps, and the rows'
+  interactions are kept in per-row dicts. Calling ``partial_fit_users`` / ``partial_fit_items``
+  instead would rebuild two CSR matrices and recompute a whole Gramian per event: harness
+  overhead that would understate the peer's update rate, not a property of ALS.
 
 The update rate counts only the training calls of the streamed phase (events / their time).
 
-``--tune`` searches ModelConfig values on a validation split inside the warm start (train on the
-first 90% of it, test-then-train on its last 10%), one parameter at a time around the defaults;
-the streamed test part is never looked at. Its trials are kept in ``quality_tune.json``; that
-file is the evidence behind the model's defaults. The peers' own settings are fixed, not tuned
-(River: SGD 0.05, L2 0.001, N(0, 0.1) init; implicit: regularization 0.01, alpha 1, 15 sweeps);
-every learner gets the same number of factors as ours.
+Implicit feedback: weights in the file (ratings) are ignored — every event counts 1 — unless
+``--weights`` asks for them. Every streamed event is evaluated when the streamed part has at
+most 20 000 events; longer streams are evaluated on a deterministic sample (``--eval-sample``).
+
+``--tune`` gives every method the same budget: a coordinate search over its own grid
+(:data:`GRIDS`, one parameter at a time from its defaults, keeping the best value before the
+next), at most ``--tune-budget`` trials each, on a validation split inside the warm start
+(train on the first 90% of it, test-then-train on its last 10%); the streamed test part is
+never looked at. The objective is HR@100 with seen items excluded. Then the test run follows
+with each method's tuned settings, in the same process. The trials go to ``NAME_tune.json``,
+the evidence behind the model's defaults.
 """
 
 from __future__ import annotations
@@ -45,7 +57,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +72,44 @@ WARM_FRACTION = 0.9
 #: Evaluated events per point of the sliding HR@100 curve.
 PLOT_WINDOW = 500
 
-#: One-parameter-at-a-time grid of ``--tune`` (the current default is always included).
-TUNE_GRID: dict[str, tuple[float, ...]] = {
-    "dim": (32, 64, 128),
-    "c0": (64.0, 256.0, 512.0, 1024.0, 4096.0),
-    "alpha": (0.0, 0.2, 0.4, 0.6, 1.0),
-    "reg": (0.001, 0.01, 0.1, 1.0),
-    "w_new": (1.0, 2.0, 4.0, 8.0),
+#: Streams with at most this many streamed events are evaluated on every event.
+EVAL_ALL_BELOW = 20_000
+
+#: Per method, the one-parameter-at-a-time grid of ``--tune`` (defaults are always tried first).
+GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "recstream": {
+        "neighbour_weight": (0.0, 0.25, 0.5, 0.75),
+        "dim": (32, 64, 128),
+        "reg": (0.1, 1.0, 10.0),
+        "cold_start_events": (0.0, 1.0, 5.0),
+        "c0": (256.0, 512.0, 2048.0),
+    },
+    "implicit-als": {
+        "factors": (32, 64, 128),
+        "regularization": (0.01, 0.1, 1.0, 10.0, 100.0),
+        "alpha": (1.0, 5.0, 20.0, 40.0),
+        "iterations": (15, 30),
+    },
+    "item-knn": {
+        "window": (5, 10, 20, 50, 0),
+        "shrink": (0.0, 5.0, 20.0, 100.0),
+        "alpha": (0.5, 0.3, 0.7),
+    },
+    "river-funkmf": {
+        "lr": (0.01, 0.05, 0.1),
+        "l2": (0.0001, 0.001, 0.01),
+        "n_factors": (16, 32, 64),
+    },
+    "river-biasedmf": {
+        "lr": (0.01, 0.05, 0.1),
+        "l2": (0.0001, 0.001, 0.01),
+        "n_factors": (16, 32, 64),
+    },
+    "popularity": {},
 }
+
+#: Trials per method of ``--tune`` (the same for every method).
+TUNE_BUDGET = 12
 
 
 def register(subparsers: Any) -> None:
@@ -86,9 +128,20 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--eval-sample",
         type=int,
-        default=5_000,
+        default=None,
         help="evaluate every method on this deterministic sample of the streamed events "
-        "(every streamed event is still trained on); 0: all (default 5000)",
+        f"(every streamed event is still trained on); 0: all (default: all up to "
+        f"{EVAL_ALL_BELOW} streamed events, else 5000)",
+    )
+    p.add_argument(
+        "--weights",
+        action="store_true",
+        help="use the file's weights (ratings) as confidences (default: every event counts 1)",
+    )
+    p.add_argument(
+        "--name",
+        default=None,
+        help="results name (default: quality, or quality-DATASET for --data)",
     )
     p.add_argument("--fit-iterations", type=int, default=10, help="warm-start sweeps (10)")
     p.add_argument("--negatives", type=int, default=2, help="River negatives per positive (2)")
@@ -96,8 +149,24 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--config", default="{}", help="JSON of ModelConfig overrides, e.g. '{\"alpha\": 0.6}'"
     )
-    p.add_argument("--tune", action="store_true", help="search ModelConfig on a validation split")
-    p.add_argument("--tune-passes", type=int, default=1, help="coordinate passes over the grid (1)")
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="tune every method on a validation split of the warm start, then run the test",
+    )
+    p.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        help="take every method's settings from the 'tuned' entry of a NAME_tune.json "
+        "written by --tune (reruns the test with tuned settings without tuning again)",
+    )
+    p.add_argument(
+        "--tune-budget",
+        type=int,
+        default=TUNE_BUDGET,
+        help=f"trials per method of --tune ({TUNE_BUDGET})",
+    )
     p.add_argument(
         "--quick", action="store_true", help="small run: 10000 events, 1000 users, 500 items"
     )
@@ -278,22 +347,33 @@ class Ours:
 class RiverMF:
     """River's FunkMF or BiasedMF on implicit feedback through negative sampling."""
 
-    def __init__(self, kind: str, split: Split, dim: int, negatives: int, seed: int) -> None:
+    def __init__(
+        self,
+        kind: str,
+        split: Split,
+        negatives: int,
+        seed: int,
+        *,
+        n_factors: int = 32,
+        lr: float = 0.05,
+        l2: float = 0.001,
+    ) -> None:
         from river import optim, reco
 
         self.name = f"river-{kind.lower()}"
+        dim = int(n_factors)
         init = optim.initializers.Normal(mu=0.0, sigma=0.1, seed=seed)
         if kind == "FunkMF":
             self.model = reco.FunkMF(
-                n_factors=dim, optimizer=optim.SGD(0.05), l2=0.001, initializer=init, seed=seed
+                n_factors=dim, optimizer=optim.SGD(lr), l2=l2, initializer=init, seed=seed
             )
         else:
             self.model = reco.BiasedMF(
                 n_factors=dim,
-                bias_optimizer=optim.SGD(0.01),
-                latent_optimizer=optim.SGD(0.05),
-                l2_bias=0.001,
-                l2_latent=0.001,
+                bias_optimizer=optim.SGD(lr / 5),
+                latent_optimizer=optim.SGD(lr),
+                l2_bias=l2,
+                l2_latent=l2,
                 latent_initializer=init,
                 seed=seed,
             )
@@ -352,29 +432,114 @@ class RiverMF:
         self._mirror(user, self._learn(user, item))
 
 
+class ItemKNN:
+    """Online item-based neighbourhood over exact co-occurrence counts.
+
+    Every first interaction of a user with an item adds one to ``c(i, h)`` for each item ``h``
+    the user took before (so the counts are exactly ``RᵀR`` of the binary interaction matrix
+    so far) and one to ``n_i``. The similarity is the asymmetric cosine of Aiolli ("Efficient
+    top-N recommendation for very large scale binary rated datasets", RecSys 2013),
+    ``c(h, j) / (n_h^α · n_j^(1-α) + shrink)`` (α = 0.5: cosine); a user's score of ``j``
+    sums it over the user's last ``window`` items (0: all). Ties, including users whose items
+    have no co-occurrences yet, are broken by popularity.
+    """
+
+    name = "item-knn"
+
+    def __init__(
+        self, split: Split, *, window: int = 20, shrink: float = 0.0, alpha: float = 0.5
+    ) -> None:
+        self.window = int(window)
+        self.shrink = float(shrink)
+        self.alpha = float(alpha)
+        self.co: list[dict[int, float]] = [{} for _ in range(split.n_items)]
+        self.count = np.zeros(split.n_items, dtype=np.float64)
+        self.hist: list[list[int]] = [[] for _ in range(split.n_users)]
+        self.taken: list[set[int]] = [set() for _ in range(split.n_users)]
+
+    def warm(self, split: Split) -> None:
+        for u, i in zip(
+            split.users[: split.cut].tolist(), split.items[: split.cut].tolist(), strict=True
+        ):
+            self.learn(u, i, 1.0, 0.0)
+
+    def rank(self, user: int, k: int, seen: set[int] | None) -> list[int] | None:
+        hist = self.hist[user]
+        if not hist:
+            return None
+        recent = hist[-self.window :] if self.window > 0 else hist
+        scores = np.zeros(len(self.count), dtype=np.float64)
+        pow_j = self.count ** (1.0 - self.alpha)
+        for h in recent:
+            row = self.co[h]
+            if not row:
+                continue
+            js = np.fromiter(row.keys(), dtype=np.int64, count=len(row))
+            cs = np.fromiter(row.values(), dtype=np.float64, count=len(row))
+            scores[js] += cs / (self.count[h] ** self.alpha * pow_j[js] + self.shrink)
+        top = self.count.max()
+        scores += 1e-9 * self.count / top  # popularity breaks ties
+        return top_k(scores, k, seen, self.count > 0)
+
+    def learn(self, user: int, item: int, weight: float, ts: float) -> None:
+        hist = self.hist[user]
+        if item in self.taken[user]:
+            hist.remove(item)  # the most recent touch goes last
+        else:
+            self.taken[user].add(item)
+            self.count[item] += 1.0
+            row = self.co[item]
+            for h in hist:
+                row[h] = row.get(h, 0.0) + 1.0
+                other = self.co[h]
+                other[item] = other.get(item, 0.0) + 1.0
+        hist.append(item)
+
+
 class ImplicitALS:
-    """implicit's ALS fitted on the warm start, re-folded per streamed event."""
+    """implicit's ALS fitted on the warm start, re-folded exactly per streamed event.
+
+    Per event the user's row and then the item's row are solved in closed form,
+    ``x_u = (YᵀY + λI + Yᵀ(C_u − I)Y)⁻¹ YᵀC_u p_u`` with ``C_u = α·r_u`` (the equation implicit's
+    ``recalculate_user`` solves, Hu, Koren & Volinsky, ICDM 2008), against Gramians kept
+    current by rank-one swaps (recomputed exactly every :data:`REFRESH` updates).
+    """
 
     name = "implicit-als"
+    #: Updates between exact recomputations of the Gramians.
+    REFRESH = 4096
 
-    def __init__(self, split: Split, dim: int, seed: int) -> None:
+    def __init__(
+        self,
+        split: Split,
+        seed: int,
+        *,
+        factors: int = 32,
+        regularization: float = 0.01,
+        alpha: float = 1.0,
+        iterations: int = 15,
+    ) -> None:
         from implicit.cpu.als import AlternatingLeastSquares
 
         self.model = AlternatingLeastSquares(
-            factors=dim,
-            regularization=0.01,
-            alpha=1.0,
-            iterations=15,
+            factors=int(factors),
+            regularization=float(regularization),
+            alpha=float(alpha),
+            iterations=int(iterations),
             num_threads=1,
             random_state=seed,
         )
-        self.rng = np.random.default_rng([seed, 0xA1])
-        self.n_users = split.n_users
-        self.n_items = split.n_items
+        self.reg = float(regularization)
+        self.alpha = float(alpha)
         self.rows: list[dict[int, float]] = [{} for _ in range(split.n_users)]
         self.cols: list[dict[int, float]] = [{} for _ in range(split.n_items)]
         self.is_seen = np.zeros(split.n_items, dtype=bool)
         self.has_user = np.zeros(split.n_users, dtype=bool)
+        self.x = np.zeros((split.n_users, int(factors)))
+        self.y = np.zeros((split.n_items, int(factors)))
+        self.xtx = np.zeros((int(factors), int(factors)))
+        self.yty = np.zeros_like(self.xtx)
+        self.updates = 0
 
     def warm(self, split: Split) -> None:
         import scipy.sparse as sp
@@ -392,57 +557,48 @@ class ImplicitALS:
         self.has_user[split.users[:c]] = True
         m = sp.coo_matrix(
             (split.weights[:c].astype(np.float32), (split.users[:c], split.items[:c])),
-            shape=(self.n_users, self.n_items),
+            shape=(len(self.x), len(self.y)),
         ).tocsr()  # duplicates are summed
         self.model.fit(m, show_progress=False)
+        uf, itf = self.model.user_factors, self.model.item_factors
+        self.x[: len(uf)] = uf
+        self.y[: len(itf)] = itf
+        self._refresh()
 
-    def _grow(self, user: int, item: int) -> None:
-        """New rows start small and random, as implicit's own initialisation does."""
-        m = self.model
-        for attr, needed in (("user_factors", user), ("item_factors", item)):
-            f = getattr(m, attr)
-            if needed >= len(f):
-                extra = self.rng.random((needed + 1 - len(f), f.shape[1]), dtype=np.float32)
-                setattr(m, attr, np.concatenate([f, extra * np.float32(0.01)]))
+    def _refresh(self) -> None:
+        self.xtx = self.x.T @ self.x
+        self.yty = self.y.T @ self.y
+
+    def _solve(self, other: np.ndarray, gram: np.ndarray, row: dict[int, float]) -> np.ndarray:
+        ids = np.fromiter(row.keys(), dtype=np.int64, count=len(row))
+        conf = self.alpha * np.fromiter(row.values(), dtype=np.float64, count=len(row))
+        f = other[ids]
+        a = gram + (f.T * (conf - 1.0)) @ f
+        a[np.diag_indices_from(a)] += self.reg
+        return np.linalg.solve(a, f.T @ conf)
 
     def rank(self, user: int, k: int, seen: set[int] | None) -> list[int] | None:
         if not self.has_user[user]:
             return None
-        m = self.model
-        scores = np.zeros(self.n_items, dtype=np.float32)
-        n = len(m.item_factors)
-        scores[:n] = m.item_factors @ m.user_factors[user]
-        return top_k(scores, k, seen, self.is_seen)
+        return top_k(self.y @ self.x[user], k, seen, self.is_seen)
 
     def learn(self, user: int, item: int, weight: float, ts: float) -> None:
-        import scipy.sparse as sp
-
         row, col = self.rows[user], self.cols[item]
         row[item] = row.get(item, 0.0) + weight
         col[user] = col.get(user, 0.0) + weight
         self.is_seen[item] = True
         self.has_user[user] = True
-        self._grow(user, item)
-        n_items = len(self.model.item_factors)
-        n_users = len(self.model.user_factors)
-        r = sp.csr_matrix(
-            (
-                np.fromiter(row.values(), np.float32),
-                np.fromiter(row.keys(), np.int32),
-                [0, len(row)],
-            ),
-            shape=(1, n_items),
-        )
-        self.model.partial_fit_users(np.array([user]), r)
-        c = sp.csr_matrix(
-            (
-                np.fromiter(col.values(), np.float32),
-                np.fromiter(col.keys(), np.int32),
-                [0, len(col)],
-            ),
-            shape=(1, n_users),
-        )
-        self.model.partial_fit_items(np.array([item]), c)
+        new = self._solve(self.y, self.yty, row)
+        old = self.x[user]
+        self.xtx += np.outer(new, new) - np.outer(old, old)
+        self.x[user] = new
+        new = self._solve(self.x, self.xtx, col)
+        old = self.y[item]
+        self.yty += np.outer(new, new) - np.outer(old, old)
+        self.y[item] = new
+        self.updates += 1
+        if self.updates % self.REFRESH == 0:
+            self._refresh()
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,8 +685,13 @@ def load_split(args: argparse.Namespace) -> tuple[Split, dict[str, Any]]:
 
     if args.data is not None:
         ds = engine.load_dataset(args.data, args.format)
-        source = {"data": str(args.data), "format": args.format}
-        return Split(ds.users, ds.items, ds.weights, ds.ts), source
+        source = {
+            "data": str(args.data),
+            "format": args.format,
+            "weights": "file" if args.weights else "every event 1 (implicit)",
+        }
+        weights = ds.weights if args.weights else np.ones(len(ds), dtype=np.float64)
+        return Split(ds.users, ds.items, weights, ds.ts), source
     config = engine.SyntheticConfig(
         n_events=args.events,
         n_users=args.users,
@@ -551,36 +712,80 @@ def load_split(args: argparse.Namespace) -> tuple[Split, dict[str, Any]]:
     return Split(s.users, s.items, s.weights, s.ts), source
 
 
-def make_peers(
-    names: Sequence[str], split: Split, dim: int, args: argparse.Namespace
-) -> tuple[list[Callable[[], Any]], dict[str, str]]:
-    """Factories of the peers that can run, and the reason for each one skipped."""
-    factories: list[Callable[[], Any]] = []
-    skipped: dict[str, str] = {}
-    if "popularity" in names:
-        factories.append(lambda: Popularity(split.n_items))
-    for kind in ("FunkMF", "BiasedMF"):
-        name = f"river-{kind.lower()}"
-        if name not in names:
-            continue
-        try:
-            import river.reco  # noqa: F401
-        except ImportError as e:
-            skipped[name] = f"river is not importable ({e}); pip install river"
-            continue
-        factories.append(lambda kind=kind: RiverMF(kind, split, dim, args.negatives, args.seed))
-    if "implicit-als" in names:
-        try:
-            import implicit.cpu.als  # noqa: F401
-            import scipy.sparse  # noqa: F401
-        except ImportError as e:
-            skipped["implicit-als"] = f"implicit is not importable ({e}); pip install implicit"
-        else:
-            factories.append(lambda: ImplicitALS(split, dim, args.seed))
-    return factories, skipped
+PEER_NAMES = ("popularity", "item-knn", "river-funkmf", "river-biasedmf", "implicit-als")
+#: The Python module each peer needs.
+PEER_MODULES = {
+    "popularity": None,
+    "item-knn": None,
+    "river-funkmf": "river.reco",
+    "river-biasedmf": "river.reco",
+    "implicit-als": "implicit.cpu.als",
+}
 
 
-PEER_NAMES = ("popularity", "river-funkmf", "river-biasedmf", "implicit-als")
+def default_params(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A method's settings before tuning: ours are ModelConfig fields (plus ``--config``);
+    every learner gets the same number of factors as ours."""
+    from engine import ModelConfig
+
+    if name == "recstream":
+        base = ModelConfig()
+        return {**{k: getattr(base, k) for k in GRIDS["recstream"]}, **overrides}
+    dim = int(overrides.get("dim", ModelConfig().dim))
+    return {
+        "popularity": {},
+        "item-knn": {"window": 20, "shrink": 0.0, "alpha": 0.5},
+        "river-funkmf": {"n_factors": dim, "lr": 0.05, "l2": 0.001},
+        "river-biasedmf": {"n_factors": dim, "lr": 0.05, "l2": 0.001},
+        "implicit-als": {"factors": dim, "regularization": 0.01, "alpha": 1.0, "iterations": 15},
+    }[name]
+
+
+def make_method(name: str, split: Split, params: dict[str, Any], args: argparse.Namespace) -> Any:
+    """A fresh instance of method ``name`` with ``params``."""
+    if name == "recstream":
+        return Ours(params, args.fit_iterations)
+    if name == "popularity":
+        return Popularity(split.n_items)
+    if name == "item-knn":
+        return ItemKNN(split, **params)
+    if name in ("river-funkmf", "river-biasedmf"):
+        kind = "FunkMF" if name == "river-funkmf" else "BiasedMF"
+        return RiverMF(kind, split, args.negatives, args.seed, **params)
+    if name == "implicit-als":
+        return ImplicitALS(split, args.seed, **params)
+    raise ValueError(f"unknown method {name!r}")
+
+
+def unavailable(names: Sequence[str]) -> dict[str, str]:
+    """The reason each peer that cannot run is skipped."""
+    skipped = {}
+    for name in names:
+        module = PEER_MODULES[name]
+        if module is None:
+            continue
+        try:
+            __import__(module)
+        except ImportError as e:
+            package = module.split(".")[0]
+            skipped[name] = f"{package} is not importable ({e}); pip install {package}"
+    return skipped
+
+
+def evaluate(
+    name: str,
+    split: Split,
+    params: dict[str, Any],
+    positions: np.ndarray,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """``stream_eval`` of a fresh ``name``; peers without a vector for a user fall back to
+    popularity (ours answers every user itself)."""
+    method = make_method(name, split, params, args)
+    alone = name in ("recstream", "popularity")
+    fallback = None if alone else Popularity(split.n_items)
+    sampled = len(positions) < len(split) - split.cut
+    return stream_eval(method, split, positions, fallback, every_event=sampled and alone)
 
 
 def _single_blas_thread() -> Any:
@@ -597,52 +802,73 @@ def _single_blas_thread() -> Any:
     return threadpool_limits(1)
 
 
+def sample_size(n_stream: int, requested: int | None) -> int:
+    """Evaluated events: all up to :data:`EVAL_ALL_BELOW` streamed events unless asked."""
+    if requested is not None:
+        return requested
+    return 0 if n_stream <= EVAL_ALL_BELOW else 5_000
+
+
+def results_name(args: argparse.Namespace) -> str:
+    if args.name:
+        return str(args.name)
+    if args.data is None:
+        return "quality"
+    path = Path(args.data)
+    stem = path.parent.name if path.stem in ("events", "ratings", "u", "data") else path.stem
+    return f"quality-{stem}"
+
+
 def run(args: argparse.Namespace) -> int:
     require_release()
     if args.quick:
         args.events, args.users, args.items = 10_000, 1_000, 500
         args.eval_sample = min(args.eval_sample, 500) if args.eval_sample else 500
         args.fit_iterations = min(args.fit_iterations, 5)
+        args.tune_budget = min(args.tune_budget, 3)
     overrides = json.loads(args.config)
-    if args.tune:
-        return tune(args, overrides)
     limits = _single_blas_thread()  # noqa: F841  (kept alive for the run)
 
     from engine import ModelConfig
 
-    dim = int(overrides.get("dim", ModelConfig().dim))
     split, source = load_split(args)
     n_stream = len(split) - split.cut
-    positions = eval_positions(n_stream, args.eval_sample, args.seed)
-    names = PEER_NAMES if args.peers == "all" else tuple(args.peers.split(","))
-    unknown = set(names) - set(PEER_NAMES)
+    positions = eval_positions(n_stream, sample_size(n_stream, args.eval_sample), args.seed)
+    peers = PEER_NAMES if args.peers == "all" else tuple(args.peers.split(","))
+    unknown = set(peers) - set(PEER_NAMES)
     if unknown:
         sys.exit(f"unknown peers {sorted(unknown)}; choose from {PEER_NAMES}")
     print(
         f"quality: {len(split)} events, {split.n_users} users, {split.n_items} items; "
         f"warm start {split.cut}, streamed {n_stream}, evaluated {len(positions)}"
     )
-    for name, reason in make_peers(names, split, dim, args)[1].items():
+    skipped = unavailable(peers)
+    for name, reason in skipped.items():
         print("\n" + "!" * 72 + f"\n!!! SKIPPED peer {name}: {reason}\n" + "!" * 72)
+    names = ["recstream", *(p for p in peers if p not in skipped)]
+    params = {name: default_params(name, overrides) for name in names}
+    name = results_name(args)
+    out_dir = Path(args.results_dir)
+    if args.tune:
+        params = tune(args, split, names, params, source, out_dir / f"{name}_tune.json")
+    elif args.params is not None:
+        tuned = json.loads(Path(args.params).read_text())["tuned"]
+        params = {m: tuned.get(m, params[m]) for m in names}
 
     results: dict[str, dict[str, Any]] = {}
-    ours = Ours(overrides, args.fit_iterations)
-    results["recstream"] = stream_eval(ours, split, positions, None, every_event=True)
-    _progress("recstream", results["recstream"])
-    factories, skipped = make_peers(names, split, dim, args)
-    for factory in factories:
-        peer = factory()
-        fallback = None if isinstance(peer, Popularity) else Popularity(split.n_items)
-        every = isinstance(peer, Popularity)
-        results[peer.name] = stream_eval(peer, split, positions, fallback, every_event=every)
-        _progress(peer.name, results[peer.name])
+    for method in names:
+        results[method] = evaluate(method, split, params[method], positions, args)
+        _progress(method, results[method])
 
     rows, breakdown = summarise(results)
+    ours_config = {"auto_reindex": False, **params["recstream"]}
     extra = {
         "command": command_line(args),
         "protocol": "test-then-train, He et al. SIGIR 2016 section 5.1; warm start 90%",
         "source": source,
-        "model_config": {**_config_dict(ModelConfig(**{"auto_reindex": False, **overrides}))},
+        "model_config": _config_dict(ModelConfig(**ours_config)),
+        "method_params": {m: params[m] for m in names},
+        "tuned": bool(args.tune),
         "fit_iterations": args.fit_iterations,
         "ranking_path": "Model.recommend default path (exact scan below exact_below items)",
         "events": len(split),
@@ -654,11 +880,10 @@ def run(args: argparse.Namespace) -> int:
         "warm_start_seconds": {m: round(r["warm_s"], 3) for m, r in results.items()},
         "breakdown": breakdown,
     }
-    out_dir = Path(args.results_dir)
-    path = write_results("quality", rows, extra, out=out_dir)
-    plot(results, positions, split, out_dir / "quality.png")
+    path = write_results(name, rows, extra, out=out_dir)
+    plot(results, positions, split, out_dir / f"{name}.png")
     print_table(rows, breakdown, results)
-    print(f"wrote {path} and {out_dir / 'quality.png'}")
+    print(f"wrote {path} and {out_dir / (name + '.png')}")
     return 0
 
 
@@ -710,6 +935,20 @@ def summarise(results: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]],
                                 metric,
                                 k,
                             ),
+                            "ours_minus_each_peer": {
+                                m: {
+                                    g: paired_difference(
+                                        results["recstream"]["scores"],
+                                        results[m]["scores"],
+                                        variant,
+                                        metric,
+                                        k,
+                                        g,
+                                    )
+                                    for g in GROUPS
+                                }
+                                for m in peers
+                            },
                         },
                     )
                 )
@@ -729,16 +968,22 @@ def summarise(results: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]],
 
 
 def paired_difference(
-    ours: Scores, peer: Scores | None, variant: str, metric: str, k: int
+    ours: Scores, peer: Scores | None, variant: str, metric: str, k: int, group: str = "all"
 ) -> dict[str, float] | None:
     """Mean and standard error of ours minus the peer over the same evaluated events.
 
     Both methods are scored on the same events, so the paired difference has a much smaller
     error than the two means apart; ``|mean| > 2 se`` is a difference the sample supports.
+    ``group`` restricts it to events of users known at the split or new in the stream.
     """
-    if peer is None or ours.n != peer.n or ours.n < 2:
+    if peer is None or ours.n != peer.n:
         return None
     d = ours.per_event(variant, metric, k) - peer.per_event(variant, metric, k)
+    if group != "all":
+        known = ours.known[: ours.n]
+        d = d[known if group == "known" else ~known]
+    if len(d) < 2:
+        return None
     return {"mean": float(d.mean()), "se": float(d.std(ddof=1) / math.sqrt(len(d)))}
 
 
@@ -794,86 +1039,112 @@ def plot(
 # Tuning
 
 
-def tune(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    """Coordinate search over :data:`TUNE_GRID` on a validation split of the warm start.
+def tune(
+    args: argparse.Namespace,
+    split: Split,
+    names: Sequence[str],
+    start: dict[str, dict[str, Any]],
+    source: dict[str, Any],
+    path: Path,
+) -> dict[str, dict[str, Any]]:
+    """Coordinate search of every method over its :data:`GRIDS` on a validation split.
 
     The warm start (first 90% of the stream) is itself cut 90/10: each candidate trains on the
     first part and is scored test-then-train on the rest. One parameter moves at a time,
-    starting from the current defaults (plus ``--config``); the best value is kept before the
-    next parameter. The objective is HR@100 with seen items excluded (the served default).
-    """
-    from engine import ModelConfig
+    starting from the method's defaults; the best value is kept before the next parameter.
+    Every method gets the same budget of ``--tune-budget`` trials. The objective is HR@100
+    with seen items excluded (the served default).
 
-    split, source = load_split(args)
+    Returns:
+        The tuned settings of every method (the trials are written to ``path``).
+    """
     val = split.head(WARM_FRACTION)
-    n_stream = len(val) - val.cut
-    positions = eval_positions(n_stream, min(args.eval_sample or 2_000, 2_000), args.seed)
+    n_val = len(val) - val.cut
+    positions = eval_positions(n_val, sample_size(n_val, args.eval_sample), args.seed)
     print(
         f"tune: validation split of the warm start: train {val.cut}, "
-        f"test-then-train {n_stream}, evaluated {len(positions)}"
+        f"test-then-train {n_val}, evaluated {len(positions)}; "
+        f"budget {args.tune_budget} trials per method"
     )
-    defaults = {name: getattr(ModelConfig(), name) for name in TUNE_GRID}
-    current = {**defaults, **{k: v for k, v in overrides.items() if k in TUNE_GRID}}
-    cache: dict[str, dict[str, float | None]] = {}
-    trials: list[dict[str, Any]] = []
-
-    def score(cfg: dict[str, Any]) -> float:
-        key = json.dumps(cfg, sort_keys=True)
-        if key not in cache:
-            began = time.perf_counter()
-            method = Ours({**overrides, **cfg}, args.fit_iterations)
-            s: Scores = stream_eval(method, val, positions, None)["scores"]
-            cache[key] = {
-                f"{m}@{k}/{v}": s.mean(v, m, k)
-                for k in KS
-                for v in VARIANTS
-                for m in ("hr", "ndcg")
-            }
-            trials.append({"config": cfg, **cache[key]})
-            print(
-                f"  {key:90s} hr@100/excl {cache[key]['hr@100/exclude-seen']:.4f} "
-                f"kept {cache[key]['hr@100/seen-kept']:.4f}  ({time.perf_counter() - began:.0f} s)",
-                flush=True,
-            )
-        return cache[key]["hr@100/exclude-seen"] or 0.0
-
-    best = score(current)
-    for _ in range(args.tune_passes):
-        for name, values in TUNE_GRID.items():
-            for value in values:
-                candidate = {**current, name: type(defaults[name])(value)}
-                s = score(candidate)
-                if s > best:
-                    best, current = s, candidate
-    default_figs = (
-        cache[json.dumps(defaults, sort_keys=True)]
-        if json.dumps(defaults, sort_keys=True) in cache
-        else None
-    )
-    tuned_figs = cache[json.dumps(current, sort_keys=True)]
+    tuned: dict[str, dict[str, Any]] = {}
+    trials: dict[str, list[dict[str, Any]]] = {}
+    for name in names:
+        tuned[name], trials[name] = tune_method(name, val, positions, start[name], args)
+    figures = {
+        m: {
+            "defaults": next(t for t in trials[m] if t["params"] == start[m]),
+            "tuned": next(t for t in trials[m] if t["params"] == tuned[m]),
+        }
+        for m in names
+    }
     rows = [
         row(
-            f"validation {name} (tuned vs defaults)",
-            tuned_figs[name],
-            default_figs[name] if default_figs else None,
+            f"validation hr@100/exclude-seen {m} (tuned vs defaults)",
+            figures[m]["tuned"]["hr@100/exclude-seen"],
+            figures[m]["defaults"]["hr@100/exclude-seen"],
             "fraction",
-            {"peer_name": "current defaults", "tuned": current, "defaults": defaults},
+            {"peer_name": "defaults", "tuned": tuned[m], "defaults": start[m]},
         )
-        for name in ("hr@100/exclude-seen", "ndcg@100/exclude-seen", "hr@100/seen-kept")
+        for m in names
     ]
     extra = {
         "command": command_line(args),
         "source": source,
         "objective": "hr@100/exclude-seen on the validation split inside the warm start",
-        "grid": {k: list(v) for k, v in TUNE_GRID.items()},
-        "defaults": defaults,
-        "tuned": current,
+        "budget": args.tune_budget,
+        "grids": {m: {k: list(v) for k, v in GRIDS[m].items()} for m in names},
+        "defaults": {m: start[m] for m in names},
+        "tuned": tuned,
         "trials": trials,
     }
-    out_dir = Path(args.results_dir)
-    path = write_results("quality_tune", rows, extra, out=out_dir)
-    print(f"best {current} hr@100/exclude-seen {best:.4f}; wrote {path}")
-    return 0
+    written = write_results(path.stem, rows, extra, out=path.parent)
+    print(f"tuned {tuned}; wrote {written}")
+    return tuned
+
+
+def tune_method(
+    name: str,
+    val: Split,
+    positions: np.ndarray,
+    start: dict[str, Any],
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One method's coordinate search; returns the best settings and every trial."""
+    trials: list[dict[str, Any]] = []
+    cache: dict[str, float] = {}
+
+    def score(params: dict[str, Any]) -> float:
+        key = json.dumps(params, sort_keys=True)
+        if key not in cache:
+            began = time.perf_counter()
+            r = evaluate(name, val, params, positions, args)
+            s: Scores = r["scores"]
+            figs = {
+                f"{m}@{k}/{v}": s.mean(v, m, k)
+                for k in KS
+                for v in VARIANTS
+                for m in ("hr", "ndcg")
+            }
+            cache[key] = figs["hr@100/exclude-seen"] or 0.0
+            trials.append({"params": params, **figs, "updates_per_s": r["updates_per_s"]})
+            print(
+                f"  {name:15s} {key:70s} hr@100/excl {cache[key]:.4f}  "
+                f"({time.perf_counter() - began:.0f} s)",
+                flush=True,
+            )
+        return cache[key]
+
+    current = dict(start)
+    best = score(current)
+    for param, values in GRIDS[name].items():
+        for value in values:
+            if len(cache) >= args.tune_budget:
+                return current, trials
+            candidate = {**current, param: value}
+            s = score(candidate)
+            if s > best:
+                best, current = s, candidate
+    return current, trials
 
 
 # --------------------------------------------------------------------------------------------
@@ -893,6 +1164,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--quick")
     if args.data is not None:
         parts += ["--data", str(args.data), "--format", args.format]
+        if args.weights:
+            parts.append("--weights")
     elif not args.quick:
         for flag, value, default in (
             ("--events", args.events, 200_000),
@@ -907,16 +1180,18 @@ def command_line(args: argparse.Namespace) -> str:
         ("--negatives", args.negatives, 2),
         ("--peers", args.peers, "all"),
         ("--config", args.config, "{}"),
+        ("--name", args.name, None),
+        ("--params", args.params, None),
     ):
         if value != default:
             parts += [flag, f"'{value}'" if flag == "--config" else str(value)]
     if not args.quick:
-        if args.eval_sample != 5_000:
+        if args.eval_sample is not None:
             parts += ["--eval-sample", str(args.eval_sample)]
         if args.fit_iterations != 10:
             parts += ["--fit-iterations", str(args.fit_iterations)]
     if args.tune:
         parts.append("--tune")
-        if args.tune_passes != 1:
-            parts += ["--tune-passes", str(args.tune_passes)]
+        if args.tune_budget != TUNE_BUDGET and not args.quick:
+            parts += ["--tune-budget", str(args.tune_budget)]
     return " ".join(parts)

@@ -319,15 +319,68 @@ def _field_problem(fields: list[str], layout: _Layout) -> str | None:
     return None
 
 
-def load_tsv(path: str | Path) -> Dataset:
-    """Load ``user<TAB>item<TAB>weight<TAB>unix_ts`` lines (``#`` lines are comments).
+#: Header names recognised per role in a tab-separated file with a header line, in order.
+TSV_HEADER_NAMES: dict[str, tuple[str, ...]] = {
+    "user": ("user", "user_id", "userid", "uid"),
+    "item": ("item", "item_id", "itemid", "movieid", "iid"),
+    "weight": ("weight", "rating", "score"),
+    "time": ("time", "timestamp", "ts", "unix_ts"),
+}
 
-    This is what :func:`engine._synthetic.write_tsv` writes; loading its output gives back
-    the same arrays.
+
+def _tsv_header(path: Path) -> dict[str, str] | None:
+    """Header name per role when ``path``'s first line names its columns, else None."""
+    first = _first_line(path)
+    if first.startswith("#"):
+        return None
+    fields = [f.strip() for f in first.split("\t")]
+    if not fields or all(_is_number(f) for f in fields):
+        return None
+    lowered = {f.lower(): f for f in fields}
+    found = {
+        role: next(lowered[n] for n in names if n in lowered)
+        for role, names in TSV_HEADER_NAMES.items()
+        if any(n in lowered for n in names)
+    }
+    if "user" not in found or "item" not in found:
+        raise ValueError(
+            f"{path}: the header {fields} names no user and item column "
+            f"(user: one of {TSV_HEADER_NAMES['user']}, item: one of {TSV_HEADER_NAMES['item']})"
+        )
+    return found
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def load_tsv(path: str | Path) -> Dataset:
+    """Load a tab-separated interaction file.
+
+    Two shapes are understood. Without a header, ``user<TAB>item<TAB>weight<TAB>unix_ts``
+    lines (``#`` lines are comments): what :func:`engine._synthetic.write_tsv` writes; loading
+    its output gives back the same arrays. With a header line naming the columns (see
+    :data:`TSV_HEADER_NAMES`, e.g. ``user item time``): user and item are required, the weight
+    defaults to 1 and the time to the row number.
 
     Raises:
-        ValueError: On a line without exactly four fields or with a non-numeric weight or time.
+        ValueError: On a line without the expected fields or with a non-numeric weight or
+            time, or a header without user and item columns.
     """
+    header = _tsv_header(Path(path))
+    if header is not None:
+        return load_csv(
+            path,
+            user_col=header["user"],
+            item_col=header["item"],
+            weight_col=header.get("weight"),
+            time_col=header.get("time"),
+            delimiter="\t",
+        )
     layout = _Layout(
         delimiter="\t", n_columns=4, user=0, item=1, weight=2, time=3, comments="#", quote=None
     )

@@ -22,6 +22,7 @@ HEADLINES = [
 ]
 PEER_MODULES = {
     "popularity": None,
+    "item-knn": None,
     "river-funkmf": "river",
     "river-biasedmf": "river",
     "implicit-als": "implicit",
@@ -92,6 +93,57 @@ def test_eval_positions_are_a_deterministic_sorted_sample() -> None:
     assert len(a) == len(set(a.tolist())) == 500 and np.all(np.diff(a) > 0)
     assert np.array_equal(a, _quality.eval_positions(10_000, 500, seed=3))
     assert np.array_equal(_quality.eval_positions(40, 0, seed=3), np.arange(40))
+
+
+def _tiny_split() -> _quality.Split:
+    rng = np.random.default_rng(5)
+    n = 3_000
+    users = rng.integers(0, 120, n)
+    items = (users % 7) * 6 + rng.integers(0, 6, n)  # seven taste groups of six items
+    return _quality.Split(users, items, np.ones(n), np.arange(n, dtype=np.float64))
+
+
+def test_item_knn_scores_by_cosine_of_co_occurrence() -> None:
+    split = _quality.Split(
+        np.array([0, 0, 1, 1, 2, 2, 3, 4, 5]),
+        np.array([0, 1, 0, 1, 0, 2, 9, 0, 1]),
+        np.ones(9),
+        np.arange(9.0),
+        fraction=7 / 9,
+    )
+    knn = _quality.ItemKNN(split, window=0)
+    knn.warm(split)
+    knn.learn(4, 0, 1.0, 0.0)
+    # c(0,1) = 2, n0 = 4, n1 = 2: cos 2/sqrt(8); c(0,2) = 1, n2 = 1: cos 1/2; item 3 (dense
+    # id of 9) never co-occurs and comes last, by popularity alone.
+    assert knn.rank(4, 3, {0}) == [1, 2, 3]
+    assert knn.rank(5, 3, None) is None  # no items yet: the fallback answers
+    # A repeat moves the item to the back of the user's history, without recounting.
+    knn.learn(0, 0, 1.0, 0.0)
+    assert knn.count[0] == 4 and knn.co[0][1] == 2 and knn.hist[0] == [1, 0]
+
+
+def test_als_refold_matches_implicits_own_recalculation() -> None:
+    pytest.importorskip("implicit")
+    import scipy.sparse as sp
+    from threadpoolctl import threadpool_limits
+
+    split = _tiny_split()
+    with threadpool_limits(1):
+        als = _quality.ImplicitALS(split, seed=1, factors=8, regularization=0.1, alpha=2.0)
+        als.warm(split)
+    user, item = 3, 40
+    als.learn(user, item, 1.0, 0.0)
+    # implicit's own solver for the same row, against the item factors as fitted (the refold
+    # solves the user before it moves the item; the implicit model object is left as fitted).
+    row = als.rows[user]
+    r = sp.csr_matrix(
+        (list(row.values()), (np.zeros(len(row), dtype=int), list(row.keys()))),
+        shape=(1, split.n_items),
+    )
+    expected = np.ravel(als.model.recalculate_user(user, r))
+    assert np.abs(expected).max() > 0
+    np.testing.assert_allclose(als.x[user], expected, rtol=1e-3, atol=1e-4)
 
 
 # ------------------------------------------------------------------------- report and all
@@ -221,3 +273,58 @@ def test_quick_run_lands_in_the_readme_table(quick_run: tuple[dict, str]) -> Non
         assert f"| quality | {r['name']} | " in table
     assert "`python -m bench quality --quick`" in table
     assert text.count(_report.START) == 1
+
+
+def _quality_run(out: Path, *args: str) -> None:
+    """``python -m bench quality ARGS`` in a subprocess, results into ``out``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RECSTREAM_BENCH_RESULTS", None)
+    command = [sys.executable, "-m", "bench", "quality", *args, "--results-dir", str(out)]
+    subprocess.run(command, cwd=ROOT, env=env, check=True, timeout=300)
+
+
+def test_tune_gives_every_method_the_same_budget_on_the_validation_split(
+    tmp_path: Path,
+) -> None:
+    _quality_run(tmp_path, "--quick", "--tune", "--peers", "popularity,item-knn")
+    tune = json.loads((tmp_path / "quality_tune.json").read_text())
+    assert tune["budget"] == 3
+    for method in ("recstream", "item-knn"):
+        trials = tune["trials"][method]
+        assert 1 < len(trials) <= tune["budget"]
+        # The defaults are the first trial; the tuned settings are the best trial.
+        assert trials[0]["params"] == tune["defaults"][method]
+        best = max(t["hr@100/exclude-seen"] for t in trials)
+        chosen = next(t for t in trials if t["params"] == tune["tuned"][method])
+        assert chosen["hr@100/exclude-seen"] == best
+    run = json.loads((tmp_path / "quality.json").read_text())
+    assert run["tuned"] and run["method_params"]["item-knn"] == tune["tuned"]["item-knn"]
+    assert run["command"] == "python -m bench quality --quick --peers popularity,item-knn --tune"
+
+
+def test_a_headed_tsv_runs_with_every_streamed_event_scored(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    n = 4_000
+    users = rng.integers(0, 300, n)
+    items = (users % 9) * 10 + rng.integers(0, 10, n)
+    lines = ["user\titem\trating\ttime"]
+    lines += [
+        f"{u}\t{i}\t{1 + (u + i) % 5}\t{t}"
+        for t, (u, i) in enumerate(zip(users, items, strict=True))
+    ]
+    data = tmp_path / "events.tsv"
+    data.write_text("\n".join(lines) + "\n")
+    _quality_run(tmp_path, "--data", str(data), "--format", "tsv", "--peers", "popularity,item-knn")
+    doc = json.loads((tmp_path / f"quality-{tmp_path.name}.json").read_text())
+    assert doc["evaluated_events"] == doc["streamed_events"] == n - int(n * 0.9)
+    assert doc["source"]["weights"].startswith("every event 1")
+    rows = {r["name"]: r for r in doc["rows"]}
+    each = rows["hr@100/exclude-seen"]["params"]["ours_minus_each_peer"]
+    for peer in ("popularity", "item-knn"):
+        for group in ("all", "known", "new"):
+            d = each[peer][group]
+            assert d is None or d["se"] >= 0
+        assert each[peer]["all"]["mean"] == pytest.approx(
+            rows["hr@100/exclude-seen"]["ours"]
+            - rows["hr@100/exclude-seen"]["params"]["peers"][peer]
+        )

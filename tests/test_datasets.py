@@ -193,3 +193,24 @@ def test_command_line_options(tmp_path: Path) -> None:
     np.testing.assert_array_equal(data.weights, np.float32([1, 2]))
     with pytest.raises(ValueError, match="--user-col"):
         _datasets.load_from_args(path, parser.parse_args([]))
+
+
+def test_tsv_with_a_header_names_its_columns(tmp_path: Path) -> None:
+    path = tmp_path / "events.tsv"
+    path.write_text("user\titem\ttime\n7\t3\t300\n5\t4\t100\n7\t4\t200\n")
+    data = load(path)  # "auto": a .tsv file
+    np.testing.assert_array_equal(data.ts, [100, 200, 300])
+    np.testing.assert_array_equal(data.users, [5, 7, 7])
+    np.testing.assert_array_equal(data.items, [4, 4, 3])
+    np.testing.assert_array_equal(data.weights, [1, 1, 1])  # no weight column: every event 1
+    rated = tmp_path / "rated.tsv"
+    rated.write_text("userId\tmovieId\trating\ttimestamp\n1\t2\t4.5\t10\n")
+    r = load_tsv(rated)
+    assert r.users.tolist() == [1] and r.items.tolist() == [2] and r.weights.tolist() == [4.5]
+
+
+def test_tsv_header_without_user_or_item_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bad.tsv"
+    path.write_text("who\twhat\ttime\n1\t2\t3\n")
+    with pytest.raises(ValueError, match="names no user and item column"):
+        load_tsv(path)

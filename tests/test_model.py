@@ -332,8 +332,9 @@ def _groups_with_hits(**kw: object) -> Model:
 
 
 def test_cold_start_blends_trending_and_moves_to_personal() -> None:
-    blended = _groups_with_hits()  # cold_start_events = 5
-    personal = _groups_with_hits(cold_start_events=0)  # the same vectors, no blend
+    # The blend alone: the neighbourhood term off on both sides.
+    blended = _groups_with_hits(cold_start_events=5, neighbour_weight=0.0)
+    personal = _groups_with_hits(cold_start_events=0, neighbour_weight=0.0)  # no blend
     trending = [i for i, _ in blended.trending(k=10)]
     assert set(trending) == set(range(180, 190))
 

@@ -5,6 +5,7 @@
 //! - [`mf`]: online eALS matrix factorization.
 //! - [`trending`]: decayed popularity, the cold-start fallback.
 //! - [`coldstart`]: attribute vectors that give new items a vector before any feedback.
+//! - [`neighbours`]: item-to-item co-occurrence counts, the neighbourhood scoring term.
 //! - [`rerank`]: cold-start blend, MMR diversity and the exploration sample over candidates.
 //! - [`hnsw`]: the HNSW index for maximum inner product; [`scan`]: the exact scan.
 //! - [`decode`]: Fluent Forward Protocol v1 frames into records.
@@ -24,6 +25,7 @@ pub mod hnsw;
 pub mod ids;
 pub mod mf;
 pub mod model;
+pub mod neighbours;
 pub mod py;
 pub mod py_index;
 pub mod rerank;

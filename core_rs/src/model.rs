@@ -41,6 +41,7 @@ use crate::dedup::Dedup;
 use crate::hnsw::{Hnsw, HnswConfig};
 use crate::ids::{ExtId, IdMap};
 use crate::mf::{Mf, MfConfig};
+use crate::neighbours::{self, Neighbours};
 use crate::rerank;
 use crate::rng::Rng;
 use crate::scan;
@@ -110,15 +111,25 @@ pub struct Config {
     pub exploration: f32,
     /// Items with fewer events than this are fresh: candidates for exploration slots.
     pub explore_max_events: u32,
+    /// Share `γ` of the item-neighbourhood term in a user's personal score:
+    /// `(1 − γ)·factorization + γ·neighbourhood`, each min-max normalised over the candidate
+    /// pool (see [`crate::neighbours`]); 0 turns the term off.
+    pub neighbour_weight: f32,
+    /// A user's most recent items that a new item is paired with, and that score its list.
+    pub neighbour_window: usize,
+    /// Neighbours kept per item.
+    pub neighbour_cap: usize,
 }
 
 impl Default for Config {
-    /// `dim` 32, `alpha` 0 and `reg` 1.0 were chosen by `python -m bench quality --tune` on
-    /// the synthetic streams (README, "Model quality"); the factorization's own defaults
-    /// ([`MfConfig::default`]) are the paper's settings for the library used alone.
+    /// `neighbour_weight` 0.5, `cold_start_events` 1, `reg` 0.1, `c0` 256, `dim` 32 and `alpha` 0
+    /// were chosen by `python -m bench quality --data <amazon grocery> --tune` on a validation
+    /// split inside the warm-start part, never on the streamed part (README, "Model quality");
+    /// the factorization's own defaults ([`MfConfig::default`]) are the paper's settings for the
+    /// library used alone.
     fn default() -> Self {
         Config {
-            mf: MfConfig { dim: 32, alpha: 0.0, reg: 1.0, seed: 42, ..MfConfig::default() },
+            mf: MfConfig { dim: 32, alpha: 0.0, reg: 0.1, c0: 256.0, seed: 42, ..MfConfig::default() },
             hnsw: HnswConfig { seed: 42, ..HnswConfig::default() },
             event_weights: default_event_weights(),
             default_weight: 1.0,
@@ -128,10 +139,13 @@ impl Default for Config {
             dedup_window: 1_000_000,
             auto_reindex: true,
             limits: Limits::default(),
-            cold_start_events: 5.0,
+            cold_start_events: 1.0,
             diversity: 1.0,
             exploration: 0.0,
             explore_max_events: 5,
+            neighbour_weight: 0.5,
+            neighbour_window: neighbours::DEFAULT_WINDOW,
+            neighbour_cap: neighbours::DEFAULT_CAP,
         }
     }
 }
@@ -324,6 +338,8 @@ pub(crate) struct State {
     pub(crate) duplicates: u64,
     pub(crate) rejected: u64,
     pub(crate) newest_ts: f64,
+    /// Item-to-item co-occurrence; derived from the held histories, rebuilt on load.
+    pub(crate) neighbours: Neighbours,
 }
 
 /// Items whose vectors moved since the index last saw them, in first-moved order.
@@ -461,6 +477,7 @@ impl State {
             duplicates: 0,
             rejected: 0,
             newest_ts: 0.0,
+            neighbours: Neighbours::new(cfg.neighbour_cap, cfg.neighbour_window),
         }
     }
 
@@ -522,6 +539,12 @@ impl State {
     /// item attributes (after load and after a batch fit, which move every vector).
     pub(crate) fn rebuild_derived(&mut self, cfg: &Config) -> Vec<u32> {
         let n = self.meta.len() as u32;
+        if cfg.neighbour_weight > 0.0 && self.neighbours.is_empty() {
+            // Only after a load: online updates keep the counts otherwise.
+            let histories: Vec<Vec<u32>> =
+                (0..self.seen.len() as u32).map(|u| self.mf.recent_items(u, usize::MAX)).collect();
+            self.neighbours.rebuild(histories.iter().map(Vec::as_slice));
+        }
         let mut attrs = AttrVectors::new(cfg.mf.dim);
         attrs.rebuild(
             (0..n)
@@ -621,7 +644,11 @@ impl State {
         }
     }
 
-    fn explain(&self, u: u32, item: u32) -> Vec<ExtId> {
+    /// The user's items that support `item`'s score most: each held item's share of the
+    /// factorization term (`w_uh · q_h·q_i`, over the positive ones) and, with the
+    /// neighbourhood term on, its share of that term (`sim(h, i)` over the recent window),
+    /// mixed with the same `γ` as the score.
+    fn explain(&self, u: u32, item: u32, cfg: &Config) -> Vec<ExtId> {
         let q = self.mf.item_vector(item);
         let mut contrib: Vec<(f32, u32)> = self
             .mf
@@ -631,7 +658,26 @@ impl State {
             .map(|(h, w)| (w * scan::dot(self.mf.item_vector(h), q), h))
             .filter(|&(c, _)| c > 0.0)
             .collect();
-        contrib.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let gamma = cfg.neighbour_weight.clamp(0.0, 1.0);
+        if gamma > 0.0 {
+            let total: f32 = contrib.iter().map(|c| c.0).sum();
+            let mut share: HashMap<u32, f32> =
+                contrib.iter().map(|&(c, h)| (h, (1.0 - gamma) * c / total.max(f32::MIN_POSITIVE))).collect();
+            let recent = self.mf.recent_items(u, cfg.neighbour_window);
+            let sims: Vec<(u32, f32)> = recent
+                .iter()
+                .filter(|&&h| h != item)
+                .map(|&h| (h, self.neighbours.similarity(h, item)))
+                .collect();
+            let near: f32 = sims.iter().map(|s| s.1).sum();
+            if near > 0.0 {
+                for (h, s) in sims {
+                    *share.entry(h).or_insert(0.0) += gamma * s / near;
+                }
+            }
+            contrib = share.into_iter().map(|(h, c)| (c, h)).filter(|&(c, _)| c > 0.0).collect();
+        }
+        contrib.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         contrib.into_iter().take(MAX_BECAUSE).filter_map(|(_, h)| self.items.ext(h).cloned()).collect()
     }
 }
@@ -832,6 +878,10 @@ impl Model {
                 let m = &st.meta[i as usize];
                 let tracked = was_member && (m.category.is_some() || !m.tags.is_empty());
                 let old = if tracked { st.mf.item_vector(i).to_vec() } else { Vec::new() };
+                if self.cfg.neighbour_weight > 0.0 && !st.has_seen(u, i) {
+                    let recent = st.mf.recent_items(u, self.cfg.neighbour_window);
+                    st.neighbours.add(i, &recent);
+                }
                 st.mf.update(u, i, w, *ts);
                 st.trending.add(i, w, *ts);
                 if tracked {
@@ -969,6 +1019,10 @@ impl Model {
     fn erase_user_locked(&self, st: &mut State, user: &ExtId) -> Option<Vec<u32>> {
         let u = st.users.erase(user)?;
         st.dedup.forget_user(user);
+        if self.cfg.neighbour_weight > 0.0 {
+            let history = st.mf.recent_items(u, usize::MAX);
+            st.neighbours.remove_user(&history);
+        }
         st.mf.erase_user(u);
         let seen = std::mem::take(&mut st.seen[u as usize]);
         let mut moved = Vec::new();
@@ -1137,29 +1191,48 @@ impl Model {
         let mut cands = match (u, pu) {
             (Some(u), Some(pu)) => {
                 let beta = self.cold_start_beta(st.mf.user_count(u));
-                if beta >= MIN_BLEND && k_main > 0 {
-                    // Candidates from both sides, each scored on both.
+                let gamma = self.cfg.neighbour_weight.clamp(0.0, 1.0);
+                if (beta >= MIN_BLEND || gamma > 0.0) && k_main > 0 {
+                    // Candidates from every side, each scored on every side.
                     let m = k_main * POOL_FACTOR;
                     let sub = Query { k: m, exact: q.exact, ef: q.ef, ..Query::default() };
                     let mut ids: Vec<u32> =
                         self.top_k(st, pu, &sub, &keep_main).into_iter().map(|h| h.0).collect();
-                    let known: HashSet<u32> = ids.iter().copied().collect();
-                    ids.extend(
-                        st.trending
-                            .top(m, &keep_main)
-                            .into_iter()
-                            .map(|h| h.0)
-                            .filter(|i| !known.contains(i)),
-                    );
-                    let personal: Vec<f32> =
-                        ids.iter().map(|&i| scan::dot(pu, st.mf.item_vector(i))).collect();
-                    let trend: Vec<f32> = ids.iter().map(|&i| st.trending.score(i, now) as f32).collect();
-                    if q.explain {
-                        let led = rerank::trending_led(&personal, &trend, beta);
-                        trend_led = ids.iter().zip(led).filter(|x| x.1).map(|x| *x.0).collect();
+                    let mut known: HashSet<u32> = ids.iter().copied().collect();
+                    let near = if gamma > 0.0 {
+                        let recent = st.mf.recent_items(u, self.cfg.neighbour_window);
+                        let near = st.neighbours.scores(&recent);
+                        let mut top: Vec<(u32, f32)> =
+                            near.iter().map(|(&i, &s)| (i, s)).filter(|&(i, _)| keep_main(i)).collect();
+                        rerank::sort_desc(&mut top);
+                        ids.extend(top.into_iter().take(m).map(|h| h.0).filter(|&i| known.insert(i)));
+                        near
+                    } else {
+                        HashMap::new()
+                    };
+                    if beta >= MIN_BLEND {
+                        ids.extend(
+                            st.trending.top(m, &keep_main).into_iter().map(|h| h.0).filter(|&i| known.insert(i)),
+                        );
                     }
-                    let mut hits: Vec<(u32, f32)> =
-                        ids.into_iter().zip(rerank::blend(&personal, &trend, beta)).collect();
+                    let mut personal: Vec<f32> =
+                        ids.iter().map(|&i| scan::dot(pu, st.mf.item_vector(i))).collect();
+                    if gamma > 0.0 {
+                        let hood: Vec<f32> =
+                            ids.iter().map(|i| near.get(i).copied().unwrap_or(0.0)).collect();
+                        personal = rerank::blend(&personal, &hood, gamma);
+                    }
+                    let scores = if beta >= MIN_BLEND {
+                        let trend: Vec<f32> = ids.iter().map(|&i| st.trending.score(i, now) as f32).collect();
+                        if q.explain {
+                            let led = rerank::trending_led(&personal, &trend, beta);
+                            trend_led = ids.iter().zip(led).filter(|x| x.1).map(|x| *x.0).collect();
+                        }
+                        rerank::blend(&personal, &trend, beta)
+                    } else {
+                        personal
+                    };
+                    let mut hits: Vec<(u32, f32)> = ids.into_iter().zip(scores).collect();
                     rerank::sort_desc(&mut hits);
                     hits.truncate(pool);
                     hits
@@ -1197,7 +1270,7 @@ impl Model {
             .filter_map(|(i, score, explore)| {
                 let item = st.items.ext(i)?.clone();
                 let because = match u {
-                    Some(u) if q.explain => st.explain(u, i),
+                    Some(u) if q.explain => st.explain(u, i, &self.cfg),
                     _ => Vec::new(),
                 };
                 let reason = if explore {

@@ -138,6 +138,9 @@ const KNOWN_KEYS: &[&str] = &[
     "diversity",
     "exploration",
     "explore_max_events",
+    "neighbour_weight",
+    "neighbour_window",
+    "neighbour_cap",
 ];
 
 /// A share or weight that must lie in [0, 1].
@@ -216,6 +219,12 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
     if !(max_clock_skew.is_finite() && max_clock_skew >= 0.0) {
         return Err(PyValueError::new_err("max_clock_skew must be a finite number of seconds ≥ 0"));
     }
+    for key in ["neighbour_window", "neighbour_cap"] {
+        let v: usize = opt(cfg, key, 1usize)?;
+        if !(1..=10_000).contains(&v) {
+            return Err(PyValueError::new_err(format!("{key} must be in 1..=10000, got {v}")));
+        }
+    }
     Ok(model::Config {
         mf,
         hnsw,
@@ -231,6 +240,12 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
         diversity: unit_interval("diversity", opt(cfg, "diversity", d.diversity)?)?,
         exploration: unit_interval("exploration", opt(cfg, "exploration", d.exploration)?)?,
         explore_max_events: opt(cfg, "explore_max_events", d.explore_max_events)?,
+        neighbour_weight: unit_interval(
+            "neighbour_weight",
+            opt(cfg, "neighbour_weight", d.neighbour_weight)?,
+        )?,
+        neighbour_window: opt(cfg, "neighbour_window", d.neighbour_window)?,
+        neighbour_cap: opt(cfg, "neighbour_cap", d.neighbour_cap)?,
     })
 }
 
@@ -274,6 +289,9 @@ fn config_to_dict<'py>(py: Python<'py>, c: &model::Config) -> PyResult<Bound<'py
     d.set_item("diversity", f32_setting(c.diversity))?;
     d.set_item("exploration", f32_setting(c.exploration))?;
     d.set_item("explore_max_events", c.explore_max_events)?;
+    d.set_item("neighbour_weight", f32_setting(c.neighbour_weight))?;
+    d.set_item("neighbour_window", c.neighbour_window)?;
+    d.set_item("neighbour_cap", c.neighbour_cap)?;
     Ok(d)
 }
 

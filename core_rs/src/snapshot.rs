@@ -170,6 +170,8 @@ fn get_config(r: &mut dyn Read, mf: crate::mf::MfConfig) -> io::Result<Config> {
         diversity,
         exploration,
         explore_max_events,
+        // Not stored: the neighbourhood settings come from the defaults.
+        ..Config::default()
     })
 }
 
@@ -322,6 +324,7 @@ impl Model {
             duplicates,
             rejected,
             newest_ts,
+            neighbours: crate::neighbours::Neighbours::new(cfg.neighbour_cap, cfg.neighbour_window),
         };
         // Attribute sums, cold and fresh sets are derived from what was loaded.
         for i in state.rebuild_derived(&cfg) {

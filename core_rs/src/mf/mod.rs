@@ -429,6 +429,14 @@ impl Mf {
         }
     }
 
+    /// The last `n` items of the user's held history (most recently touched last).
+    pub fn recent_items(&self, u: u32, n: usize) -> Vec<u32> {
+        match self.user_hist.get(u as usize) {
+            Some(h) => h.iter().skip(h.len().saturating_sub(n)).map(|e| e.id).collect(),
+            None => Vec::new(),
+        }
+    }
+
     /// The item's held users as (user, accumulated weight), oldest first, decay applied.
     pub fn item_users(&self, i: u32) -> Vec<(u32, f32)> {
         match self.item_hist.get(i as usize) {
