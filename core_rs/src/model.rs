@@ -1484,7 +1484,7 @@ mod tests {
 
     #[test]
     fn beta_follows_n0_over_n0_plus_events() {
-        let m = Model::new(cfg());
+        let m = Model::new(Config { cold_start_events: 5.0, ..cfg() });
         assert_eq!(m.cold_start_beta(0.0), 1.0);
         assert!((m.cold_start_beta(5.0) - 0.5).abs() < 1e-6);
         assert!((m.cold_start_beta(95.0) - 0.05).abs() < 1e-6);
