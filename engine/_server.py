@@ -301,11 +301,11 @@ class Server:
                 first = s
             chunk.append(payload)
             if len(chunk) >= REPLAY_CHUNK:
-                apply_records(self.model, first, chunk)
+                apply_records(self.model, first, chunk, collect=False)
                 replayed += len(chunk)
                 chunk = []
         if chunk:
-            apply_records(self.model, first, chunk)
+            apply_records(self.model, first, chunk, collect=False)
             replayed += len(chunk)
         self.model.reindex(None)
         last = max(seq, journal.last_seq)
