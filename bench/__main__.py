@@ -19,6 +19,8 @@ _MODULES = (
     "_latency",
     "_quality",
     "_reliability",
+    "_recovery",
+    "_served",
     "_report",
     "_all",
 )

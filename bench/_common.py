@@ -195,6 +195,7 @@ class ServerProcess:
     Args:
         config: ``ServerConfig`` fields (``[model]`` as a nested dict), written to a TOML file.
         startup_timeout: Seconds to wait for the listeners.
+        data_dir: An existing data directory to serve (a restart); default a new one.
 
     Attributes (inside the ``with`` block):
         http_url: ``http://127.0.0.1:PORT``.
@@ -202,14 +203,22 @@ class ServerProcess:
         pid: The child's process id (it is signalled by this id only).
     """
 
-    def __init__(self, config: dict[str, Any], *, startup_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        startup_timeout: float = 60.0,
+        data_dir: Path | None = None,
+    ) -> None:
         self.config = config
+        self.data_dir = data_dir
         self.startup_timeout = startup_timeout
         self.http_url = ""
         self.forward_address: tuple[str, int] = ("", 0)
         self.pid = 0
         self._proc: subprocess.Popen[str] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._reader: threading.Thread | None = None
 
     def __enter__(self) -> ServerProcess:
         self._tmp = tempfile.TemporaryDirectory(prefix="recstream-bench-")
@@ -217,7 +226,8 @@ class ServerProcess:
         (root / "server.toml").write_text(to_toml(self.config))
         self._log = open(root / "server.log", "w")  # noqa: SIM115 (closed in __exit__)
         cmd = [sys.executable, "-m", "engine", "serve", "--http", "127.0.0.1:0"]
-        cmd += ["--forward", "127.0.0.1:0", "--data-dir", str(root / "data")]
+        data = self.data_dir if self.data_dir is not None else root / "data"
+        cmd += ["--forward", "127.0.0.1:0", "--data-dir", str(data)]
         cmd += ["--config", str(root / "server.toml")]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._proc = subprocess.Popen(
@@ -245,7 +255,8 @@ class ServerProcess:
                     done.set()
             done.set()  # end of output: the server exited
 
-        threading.Thread(target=reader, daemon=True).start()
+        self._reader = threading.Thread(target=reader, daemon=True)
+        self._reader.start()
         done.wait(self.startup_timeout)
         text = "".join(lines)
         http = re.search(r"(http://[\d.]+:\d+)", text)
@@ -299,6 +310,11 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.kill(self.pid, signal.SIGKILL)
                 self._proc.wait()
+            reader = self._reader
+            if reader is not None:
+                reader.join(timeout=5)  # it ends at the end of the output
+            if self._proc.stdout is not None and (reader is None or not reader.is_alive()):
+                self._proc.stdout.close()
             self._proc = None
         self._log.close()
         if self._tmp is not None:

@@ -28,6 +28,14 @@ With the server's defaults the drift refresh recomputes every subscribed list (u
 own events just arrived, so those pushes wait for the whole batch; ``--refresh-interval 3600``
 (with ``--name``, to keep the results apart) measures the event-caused path alone.
 
+``--target URL --forward HOST:PORT`` drives a server that is already running instead of
+starting one (``--key``: its producer key, sent as the Forward shared key and with every
+request). Its durability is whatever it was started with, so each rate is measured once and
+the rows are named ``target_...`` instead of ``sync_...``; its warm-up events are added to
+whatever it holds, the server-side figures are the differences of its histogram over the run,
+and the server is left running. The results go to ``latency_target.json`` unless ``--name``
+says otherwise.
+
 Goals: p50 <= 1 ms and p99 <= 5 ms; in the rows ``peer`` is the goal and ``ratio`` is
 goal / ours, so a ratio of at least 1 means the goal is met.
 """
@@ -37,7 +45,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import time
+import urllib.parse
+import urllib.request
 from typing import Any
 
 import attrs
@@ -54,6 +65,7 @@ from bench._common import (
     write_results,
 )
 from engine import ModelConfig
+from engine._config import parse_hostport
 
 GOALS_MS = {"p50": 1.0, "p99": 5.0}
 MAX_FRAME_EVENTS = 500
@@ -99,6 +111,16 @@ def register(subparsers: Any) -> None:
         default="latency",
         help="results are NAME.json and NAME.png (default latency), to keep variants apart",
     )
+    p.add_argument(
+        "--target",
+        metavar="URL",
+        help="drive this running server (http://HOST:PORT) instead of starting one; "
+        "needs --forward",
+    )
+    p.add_argument(
+        "--forward", metavar="HOST:PORT", help="the running server's Fluent Forward listener"
+    )
+    p.add_argument("--key", help="the running server's producer key, if it requires one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--quick",
@@ -137,16 +159,22 @@ class Recorder:
 
 
 async def subscriber(
-    url: str, user: int, rec: Recorder, gate: trio.Semaphore, expected: int
+    url: str,
+    user: int,
+    rec: Recorder,
+    gate: trio.Semaphore,
+    expected: int,
+    key: str | None = None,
 ) -> None:
     """Subscribes to ``user``'s list and records every push until the server closes."""
     from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
     released = False
+    query = f"user={user}&k=10" + (f"&key={urllib.parse.quote(key)}" if key else "")
     await gate.acquire()
     try:
         async with open_websocket_url(
-            f"{url.replace('http', 'ws', 1)}/v1/ws/recommendations?user={user}&k=10"
+            f"{url.replace('http', 'ws', 1)}/v1/ws/recommendations?{query}"
         ) as ws:
             try:
                 rec.on_message(user, json.loads(await ws.get_message()), time.perf_counter())
@@ -191,7 +219,9 @@ async def produce(
 
     total = int(rate * args.seconds)
     sent = 0
-    async with ForwardProducer(*address, tag="bench.latency", window=512) as producer:
+    async with ForwardProducer(
+        *address, tag="bench.latency", window=512, shared_key=args.key
+    ) as producer:
         start = time.perf_counter()
         next_report = start + 1.0
         while sent < total and time.perf_counter() - start < args.seconds:
@@ -226,10 +256,10 @@ async def produce(
     return sent, elapsed
 
 
-async def warm_up(address: tuple[str, int], stream: Any) -> None:
+async def warm_up(address: tuple[str, int], stream: Any, key: str | None = None) -> None:
     from engine.client import ForwardProducer
 
-    async with ForwardProducer(*address, tag="bench.warmup") as producer:
+    async with ForwardProducer(*address, tag="bench.warmup", shared_key=key) as producer:
         for s in range(0, len(stream.users), 1000):
             await producer.send(
                 {"user": int(u), "item": int(i), "weight": float(w)}
@@ -255,8 +285,9 @@ async def measure(
     gate = trio.Semaphore(CONNECT_AT_ONCE)
     async with trio.open_nursery() as nursery:
         t0 = time.perf_counter()
+        before = await trio.to_thread.run_sync(server.metrics)
         for u in users:
-            nursery.start_soon(subscriber, server.http_url, u, rec, gate, len(users))
+            nursery.start_soon(subscriber, server.http_url, u, rec, gate, len(users), args.key)
         with trio.move_on_after(120):
             await rec.all_subscribed.wait()
         print(
@@ -268,9 +299,12 @@ async def measure(
         await trio.sleep(1.0)  # the last pushes
         exposition = await trio.to_thread.run_sync(server.metrics)
         stats = await trio.to_thread.run_sync(server.stats)
-        server.terminate()  # the orderly shutdown closes every subscriber with 1001
-        with trio.move_on_after(20):
-            await rec.all_ended.wait()
+        if args.target is None:
+            server.terminate()  # the orderly shutdown closes every subscriber with 1001
+            with trio.move_on_after(20):
+                await rec.all_ended.wait()
+        else:
+            exposition = histogram_delta(before, exposition, "recstream_push_latency_seconds")
         nursery.cancel_scope.cancel()
     return {
         "rec": rec,
@@ -308,9 +342,15 @@ def run_once(
     }
     if args.refresh_interval is not None:
         config["refresh_interval"] = args.refresh_interval
-    with ServerProcess(config) as server:
-        trio.run(warm_up, server.forward_address, warm)
-        server.wait_applied(len(warm.users))
+    server: ServerProcess
+    if args.target is None:
+        server = ServerProcess(config)
+    else:
+        server = RunningServer(args.target, parse_hostport(args.forward), args.key)
+    with server:
+        base = server.stats()["events_applied"] if args.target is not None else 0
+        trio.run(warm_up, server.forward_address, warm, args.key)
+        server.wait_applied(base + len(warm.users))
         out = trio.run(measure, server, users, items, rate, args)
     rec: Recorder = out["rec"]
     hist = HdrHistogram(1, 120_000_000, 3)  # microseconds, 3 significant digits
@@ -349,6 +389,59 @@ def run_once(
         flush=True,
     )
     return result
+
+
+class RunningServer(ServerProcess):
+    """A server someone else started (``--target``): what the benchmark asks of a
+    :class:`ServerProcess`, without starting or stopping anything.
+
+    Args:
+        http_url: ``http://HOST:PORT``.
+        forward_address: Its Fluent Forward listener.
+        key: A producer key, sent with every request, or None.
+    """
+
+    def __init__(self, http_url: str, forward_address: tuple[str, int], key: str | None) -> None:
+        super().__init__({})
+        self.http_url = http_url.rstrip("/")
+        self.forward_address = forward_address
+        self.key = key
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def get(self, path: str) -> bytes:
+        headers = {"X-Recstream-Key": self.key} if self.key else {}
+        request = urllib.request.Request(self.http_url + path, headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return bytes(resp.read())
+
+    def terminate(self) -> None:
+        pass  # not ours to stop
+
+    def kill(self) -> None:
+        pass
+
+
+def histogram_delta(before: str, after: str, metric: str) -> str:
+    """The exposition of ``metric`` over the interval between two scrapes: each bucket, count
+    and sum of ``after`` minus its value in ``before`` (a running server's histogram is
+    cumulative since it started)."""
+    earlier: dict[str, float] = {}
+    pattern = re.compile(rf"^({metric}_(?:bucket\{{[^}}]*\}}|count|sum))\s+(\S+)$")
+    for line in before.splitlines():
+        m = pattern.match(line)
+        if m:
+            earlier[m.group(1)] = float(m.group(2))
+    out = []
+    for line in after.splitlines():
+        m = pattern.match(line)
+        if m:
+            out.append(f"{m.group(1)} {float(m.group(2)) - earlier.get(m.group(1), 0.0)}")
+    return "\n".join(out)
 
 
 def _ms(v: float | None) -> str:
@@ -391,6 +484,11 @@ def run(args: argparse.Namespace) -> int:
     require_release()
     import engine
 
+    if (args.target is None) != (args.forward is None):
+        raise SystemExit("--target and --forward go together: the running server's two listeners")
+    if args.target is not None and args.name == "latency":
+        args.name = "latency_target"  # never over the figures of the server this starts
+
     if args.quick:
         args.subscribers, args.rate, args.low_rate, args.seconds = 50, 500.0, 0.0, 2.0
         args.catalog, args.warmup = 1000, 3000
@@ -417,13 +515,16 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     rates = [args.rate] + ([args.low_rate] if args.low_rate else [])
+    # A running server has the durability it was started with: one run per rate.
+    syncs = ("batch", "off") if args.target is None else ("target",)
+    prefix = "sync_" if args.target is None else ""
     runs = {
         # Rows of the headline rate are named by durability alone.
-        (f"sync_{sync}" if rate == args.rate else f"sync_{sync}_rate{rate:g}"): run_once(
+        (f"{prefix}{sync}" if rate == args.rate else f"{prefix}{sync}_rate{rate:g}"): run_once(
             sync, rate, args, warm, users, items
         )
         for rate in rates
-        for sync in ("batch", "off")
+        for sync in syncs
     }
     png = plot(runs, args)
 
@@ -496,6 +597,8 @@ def run(args: argparse.Namespace) -> int:
                     "list_fraction",
                     "dim",
                     "refresh_interval",
+                    "target",
+                    "forward",
                     "seed",
                     "quick",
                 )

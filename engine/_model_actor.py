@@ -43,21 +43,33 @@ class Applied:
     erased: tuple[Any, ...] = ()
 
 
-def apply_records(model: Model, first_seq: int, payloads: Sequence[bytes]) -> list[Applied]:
+def apply_records(
+    model: Model, first_seq: int, payloads: Sequence[bytes], *, collect: bool = True
+) -> list[Applied]:
     """Applies journal payloads in order (blocking; call it in a worker thread).
 
     A record that cannot be decoded is logged and skipped: it was validated before it was
     journaled, so this means a bug or a changed limit, and one bad record must not stop
     recovery or the live stream.
+
+    Args:
+        collect: Whether to return what each record did. A replay at start-up has nobody to
+            tell, and skips building one :class:`Applied` per record.
+
+    Returns:
+        One :class:`Applied` per payload, in order; nothing without ``collect``.
     """
-    out = []
+    out: list[Applied] = []
     for seq, payload in enumerate(payloads, first_seq):
         try:
             accepted_at, frame = parse_journal_record(payload)
             report = model.ingest_forward(frame, accepted_at)
         except Exception as e:  # noqa: BLE001 - logged and counted, the stream goes on
             log.error("journal record %d could not be applied: %s", seq, e)
-            out.append(Applied(seq, time.time(), 0, 0, ((0, f"unreadable record: {e}"),), ()))
+            if collect:
+                out.append(Applied(seq, time.time(), 0, 0, ((0, f"unreadable record: {e}"),), ()))
+            continue
+        if not collect:
             continue
         out.append(
             Applied(

@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RELEASE = getattr(_core, "BUILD_PROFILE", None) == "release"
 
 
-def run_bench(name: str, results: Path) -> subprocess.CompletedProcess[str]:
+def run_bench(name: str, results: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "RECSTREAM_BENCH_RESULTS": str(results)}
     return subprocess.run(
-        [sys.executable, "-m", "bench", name, "--quick"],
+        [sys.executable, "-m", "bench", name, "--quick", *argv],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -76,7 +76,7 @@ def test_benchmarks_refuse_a_debug_build(results: Path) -> None:
         "from bench.__main__ import main; sys.exit(main(sys.argv[1:]))"
     )
     env = {**os.environ, "RECSTREAM_BENCH_RESULTS": str(results)}
-    for name in ("mf", "ann", "crossover", "quality", "ingest", "latency"):
+    for name in ("mf", "ann", "crossover", "quality", "ingest", "latency", "recovery", "served"):
         proc = subprocess.run(
             [sys.executable, "-c", code, name, "--quick"],
             cwd=ROOT,

@@ -1,0 +1,234 @@
+"""Served-path benchmark: what one recommendation costs, from the model down to the index.
+
+A model learns a synthetic stream (``--events`` over ``--users`` and ``--items``; or a real
+data set with ``--data``), then ``--cold`` new users each get one or two events, so their
+lists take the cold-start blend (few events: the popular and the personal lists mixed). On
+one thread, for ``k = 10``:
+
+* ``Model.recommend`` per user, warm users (every user of the stream) and cold users apart;
+* ``Model.recommend_batch`` over ``--batch`` users per call, per user;
+* the raw search the model's list starts from: ``engine.Index`` (the extension's HNSW index)
+  built from the model's item vectors and queried with its user vectors, one query per call
+  and ``search_batch``;
+* hnswlib on the same vectors with the same M, ef_construction and ef (the peer).
+
+For each: queries/s (wall) and CPU microseconds per query (``time.process_time``, every
+thread of this process). A recommendation does more than a search (seen items excluded,
+re-ranking, ids mapped back, a Python list built), so the gap between the model's rows and the
+index rows is what the served path adds to the search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from bench._common import print_rows, require_release, row, skip_peer, write_results
+
+K = 10
+REPEATS = 3  # each measurement is the best of this many passes
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "served", help="Model.recommend / recommend_batch per user vs Index and hnswlib search"
+    )
+    p.add_argument("--events", type=int, default=500_000, help="stream events (default 500k)")
+    p.add_argument("--users", type=int, default=50_000, help="users (default 50k)")
+    p.add_argument("--items", type=int, default=20_000, help="items (default 20k)")
+    p.add_argument("--data", help="a real data set instead of the synthetic stream")
+    p.add_argument("--format", default=None, help="the data set's format (see load_dataset)")
+    p.add_argument("--queries", type=int, default=2000, help="warm users queried (default 2000)")
+    p.add_argument("--cold", type=int, default=1000, help="cold users queried (default 1000)")
+    p.add_argument("--batch", type=int, default=100, help="users per recommend_batch call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small run: 30k events, 3000 users, 1000 items, 300 warm and 100 cold queries",
+    )
+    p.set_defaults(func=run)
+
+
+def timed(fn: Callable[[], Any], n: int) -> dict[str, float]:
+    """Best of :data:`REPEATS` passes of ``fn`` (which answers ``n`` queries): queries/s and
+    CPU microseconds per query."""
+    best_wall, best_cpu = float("inf"), float("inf")
+    for _ in range(REPEATS):
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        fn()
+        best_wall = min(best_wall, time.perf_counter() - wall0)
+        best_cpu = min(best_cpu, time.process_time() - cpu0)
+    return {"qps": n / best_wall, "cpu_us": 1e6 * best_cpu / n, "queries": n}
+
+
+def train(args: argparse.Namespace) -> tuple[Any, np.ndarray, list[int], np.ndarray]:
+    """The model, the warm users to query, the cold users (added here) to query and every
+    item id."""
+    import engine
+
+    if args.data:
+        ds = engine.load_dataset(args.data, args.format)
+        users, items, weights, ts = ds.users, ds.items, ds.weights, ds.ts
+    else:
+        stream = engine.generate_stream(
+            engine.SyntheticConfig(
+                n_events=args.events,
+                n_users=args.users,
+                n_items=args.items,
+                seed=args.seed,
+            )
+        )
+        users, items, weights, ts = stream.users, stream.items, stream.weights, stream.ts
+    model = engine.Model(engine.ModelConfig(seed=args.seed))
+    for s in range(0, len(users), 50_000):
+        model.ingest(
+            users[s : s + 50_000],
+            items[s : s + 50_000],
+            weights=np.asarray(weights[s : s + 50_000], dtype=np.float64),
+            ts=ts[s : s + 50_000],
+        )
+    rng = np.random.default_rng(args.seed)
+    known = np.unique(users)
+    warm = rng.choice(known, size=min(args.queries, len(known)), replace=False)
+    # Cold users: new ids with one or two events each on items drawn like the stream's.
+    first = int(known.max()) + 1
+    cold = list(range(first, first + args.cold))
+    cold_users = [u for u in cold for _ in range(1 + u % 2)]
+    picks = rng.integers(0, len(items), len(cold_users))
+    now = float(np.max(ts))
+    model.ingest(cold_users, items[picks], ts=[now] * len(cold_users))
+    model.reindex(None)
+    return model, warm, cold, np.unique(items)
+
+
+def run(args: argparse.Namespace) -> int:
+    require_release()
+    from engine import Index
+
+    if args.quick:
+        args.events, args.users, args.items, args.queries, args.cold = 30_000, 3000, 1000, 300, 100
+    t = time.perf_counter()
+    model, warm, cold, all_items = train(args)
+    cfg = model.config()
+    print(
+        f"served: model of {model.stats()['events_applied']:,} events trained in "
+        f"{time.perf_counter() - t:.1f} s; {len(warm)} warm and {len(cold)} cold users",
+        flush=True,
+    )
+    warm_ids = [int(u) for u in warm]
+    runs: dict[str, dict[str, float]] = {}
+    runs["recommend_warm"] = timed(lambda: [model.recommend(u, K) for u in warm_ids], len(warm_ids))
+    runs["recommend_cold"] = timed(lambda: [model.recommend(u, K) for u in cold], len(cold))
+    everyone = warm_ids + cold
+    batches = [everyone[s : s + args.batch] for s in range(0, len(everyone), args.batch)]
+    runs["recommend_batch"] = timed(
+        lambda: [model.recommend_batch(b, K) for b in batches], len(everyone)
+    )
+    # The raw search on the model's own vectors.
+    found = [model.item_vector(int(i)) for i in all_items]
+    vectors = np.stack([v for v in found if v is not None]).astype(np.float32)
+    queries = np.stack([model.user_vector(u) for u in warm_ids]).astype(np.float32)
+    m, efc, ef = cfg["hnsw_m"], cfg["ef_construction"], cfg["ef_search"]
+    index = Index(vectors.shape[1], m=m, ef_construction=efc, ef_search=ef, seed=args.seed)
+    index.add(np.arange(len(vectors), dtype=np.uint32), vectors)
+    runs["index_search"] = timed(lambda: [index.search(q, K, ef=ef) for q in queries], len(queries))
+    runs["index_search_batch"] = timed(
+        lambda: [
+            index.search_batch(queries[s : s + args.batch], K, ef=ef)
+            for s in range(0, len(queries), args.batch)
+        ],
+        len(queries),
+    )
+    try:
+        import hnswlib
+    except ImportError:
+        hnsw = None
+        skip_peer("hnswlib", "not installed (pip install hnswlib)")
+    else:
+        hnsw = hnswlib.Index(space="ip", dim=vectors.shape[1])
+        hnsw.init_index(max_elements=len(vectors), M=m, ef_construction=efc, random_seed=args.seed)
+        hnsw.set_num_threads(1)
+        hnsw.add_items(vectors, np.arange(len(vectors)), num_threads=1)
+        hnsw.set_ef(max(ef, K))
+        runs["hnswlib_search"] = timed(
+            lambda: [hnsw.knn_query(q, k=K, num_threads=1) for q in queries], len(queries)
+        )
+        runs["hnswlib_search_batch"] = timed(
+            lambda: [
+                hnsw.knn_query(queries[s : s + args.batch], k=K, num_threads=1)
+                for s in range(0, len(queries), args.batch)
+            ],
+            len(queries),
+        )
+    for name, r in runs.items():
+        print(f"  {name:22s} {r['qps']:>10,.0f} queries/s  {r['cpu_us']:8.1f} µs CPU", flush=True)
+
+    def peer(name: str, key: str) -> float | None:
+        return runs[name][key] if name in runs else None
+
+    params = {
+        "k": K,
+        "ef": ef,
+        "m": m,
+        "ef_construction": efc,
+        "items": len(vectors),
+        "dim": vectors.shape[1],
+        "batch": args.batch,
+        "peer_name": "hnswlib" if hnsw is not None else None,
+    }
+    rows = []
+    for name, single in (
+        ("recommend_warm", True),
+        ("recommend_cold", True),
+        ("recommend_batch", False),
+        ("index_search", True),
+        ("index_search_batch", False),
+    ):
+        ref = "hnswlib_search" if single else "hnswlib_search_batch"
+        p = {**params, "queries": runs[name]["queries"], "peer_is": ref}
+        rows.append(row(f"{name}_qps", runs[name]["qps"], peer(ref, "qps"), "queries/s", p))
+        rows.append(
+            row(
+                f"{name}_cpu_us",
+                runs[name]["cpu_us"],
+                peer(ref, "cpu_us"),
+                "µs CPU/query",
+                p,
+                lower_is_better=True,
+            )
+        )
+    path = write_results(
+        "served",
+        rows,
+        {
+            "params": {
+                k: getattr(args, k)
+                for k in (
+                    "events",
+                    "users",
+                    "items",
+                    "data",
+                    "queries",
+                    "cold",
+                    "batch",
+                    "seed",
+                    "quick",
+                )
+            },
+            "peer": "hnswlib" if hnsw is not None else None,
+            "runs": runs,
+            "note": (
+                "one thread; the model rows include excluding seen items, re-ranking, the "
+                "cold-start blend and building the Python result, the index rows only the "
+                "search; the peer of every row is hnswlib's search on the same item vectors"
+            ),
+        },
+    )
+    print_rows(rows)
+    print(f"wrote {path}")
+    return 0
