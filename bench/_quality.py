@@ -69,6 +69,8 @@ KS = (10, 100)
 VARIANTS = ("exclude-seen", "seen-kept")
 GROUPS = ("all", "known", "new")
 WARM_FRACTION = 0.9
+#: Where times that are no unix seconds (row numbers, small offsets) are moved to start.
+TIME_BASE = 1_000_000_000.0
 #: Evaluated events per point of the sliding HR@100 curve.
 PLOT_WINDOW = 500
 
@@ -691,7 +693,13 @@ def load_split(args: argparse.Namespace) -> tuple[Split, dict[str, Any]]:
             "weights": "file" if args.weights else "every event 1 (implicit)",
         }
         weights = ds.weights if args.weights else np.ones(len(ds), dtype=np.float64)
-        return Split(ds.users, ds.items, weights, ds.ts), source
+        ts = ds.ts
+        if len(ts) and (not ds.timed or ts.min() < TIME_BASE):
+            # Row numbers, or times that are no unix seconds: the model refuses times before
+            # 1990. Decay and trending see only differences, so a shift changes nothing else.
+            ts = ts - ts.min() + TIME_BASE
+            source["times"] = f"shifted to start at {TIME_BASE:.0f} (unix seconds)"
+        return Split(ds.users, ds.items, weights, ts), source
     config = engine.SyntheticConfig(
         n_events=args.events,
         n_users=args.users,

@@ -8,6 +8,9 @@ import pytest
 
 from engine import Model, ModelConfig
 
+# Event times are unix seconds; the model refuses times before 1990.
+T0 = 1_700_000_000.0
+
 PAIRS = 40  # users who took both items of a pair
 
 
@@ -17,7 +20,7 @@ def _planted(**config: object) -> Model:
     both lean towards it."""
     m = Model(ModelConfig(auto_reindex=False, seed=3, **config))  # type: ignore[arg-type]
     users, items, ts = [], [], []
-    t = 0.0
+    t = T0
     for u in range(PAIRS):
         for a, b in ((1, 2), (3, 4)):
             for i in (a, b):
@@ -39,13 +42,13 @@ def test_a_new_user_with_one_event_gets_the_co_occurring_item_on_top() -> None:
     # The neighbourhood alone (no factorization share, no trending blend): the item that
     # co-occurs with the user's one item comes first, and the explanation names that item.
     m = _planted(neighbour_weight=1.0, cold_start_events=0.0)
-    m.ingest(["new"], [1], ts=[1e6])
+    m.ingest(["new"], [1], ts=[T0 + 1e6])
     top = m.recommend("new", k=3, explain=True)
     assert top[0][0] == 2 and top[0][2] == [1], top
     # Same on the batch path and with diversity re-ranking on.
     assert m.recommend_batch(["new"], k=3)[0][0][0] == 2
     assert m.recommend("new", k=3, diversity=0.5)[0][0] == 2
-    m.ingest(["other"], [3], ts=[1e6 + 1])
+    m.ingest(["other"], [3], ts=[T0 + 1e6 + 1])
     assert m.recommend("other", k=1)[0][0] == 4
 
 
@@ -54,7 +57,7 @@ def test_with_the_defaults_the_co_occurring_item_follows_only_the_trending_one()
     at equal weight: the most popular item keeps the first slot, the co-occurring item takes
     the second, ahead of the items of the other pair."""
     m = _planted()
-    m.ingest(["new"], [1], ts=[1e6])
+    m.ingest(["new"], [1], ts=[T0 + 1e6])
     top = [item for item, _ in m.recommend("new", k=3)]
     assert top[:2] == [9, 2], top
 
@@ -63,7 +66,7 @@ def test_erasing_the_users_who_made_a_pair_removes_the_pair() -> None:
     m = _planted(neighbour_weight=1.0, cold_start_events=0.0)
     for u in range(PAIRS):
         assert m.erase_user(f"p1-{u}")
-    m.ingest(["new"], [1], ts=[1e6])
+    m.ingest(["new"], [1], ts=[T0 + 1e6])
     # Item 2 has no users left, so nothing co-occurs with item 1 any more.
     assert all(item != 2 or score <= 0.0 for item, score in m.recommend("new", k=5))
 
@@ -73,7 +76,7 @@ def test_counts_are_rebuilt_after_a_snapshot_load(tmp_path: Path) -> None:
     if weight == 0.0:
         pytest.skip("the neighbourhood term is off by default; snapshots keep the default")
     m = _planted()
-    m.ingest(["new"], [1], ts=[1e6])
+    m.ingest(["new"], [1], ts=[T0 + 1e6])
     before = m.recommend("new", k=3)
     path = tmp_path / "model.snap"
     m.save(path, wal_seq=1)
