@@ -1212,7 +1212,11 @@ impl Model {
                     };
                     if beta >= MIN_BLEND {
                         ids.extend(
-                            st.trending.top(m, &keep_main).into_iter().map(|h| h.0).filter(|&i| known.insert(i)),
+                            st.trending
+                                .top(m, &keep_main)
+                                .into_iter()
+                                .map(|h| h.0)
+                                .filter(|&i| known.insert(i)),
                         );
                     }
                     let mut personal: Vec<f32> =
