@@ -58,6 +58,13 @@ from engine import ModelConfig
 GOALS_MS = {"p50": 1.0, "p99": 5.0}
 MAX_FRAME_EVENTS = 500
 CONNECT_AT_ONCE = 64  # websocket handshakes in flight while subscribing
+# Server CPU over the measured window (from sending the first event to 1 s after the last).
+CPU_KEYS = (
+    "server_cpu_s",
+    "server_cpu_share",
+    "server_cpu_per_push_us",
+    "server_cpu_per_event_us",
+)
 
 
 def register(subparsers: Any) -> None:
@@ -264,8 +271,12 @@ async def measure(
             flush=True,
         )
         await trio.sleep(0.5)
+        cpu0, wall0, pushes0 = server_cpu_seconds(server.pid), time.perf_counter(), rec.pushes
         sent, elapsed = await produce(server.forward_address, rec, users, items, rate, args, rng)
         await trio.sleep(1.0)  # the last pushes
+        cpu = server_cpu_seconds(server.pid) - cpu0
+        wall = time.perf_counter() - wall0
+        pushes = rec.pushes - pushes0
         exposition = await trio.to_thread.run_sync(server.metrics)
         stats = await trio.to_thread.run_sync(server.stats)
         server.terminate()  # the orderly shutdown closes every subscriber with 1001
@@ -281,7 +292,21 @@ async def measure(
         ),
         "subscribers_seen_by_server": stats["subscribers"],
         "events_applied": stats["events_applied"],
+        "server_cpu_s": cpu,
+        "server_cpu_share": cpu / wall,
+        "server_cpu_per_push_us": 1e6 * cpu / pushes if pushes else None,
+        "server_cpu_per_event_us": 1e6 * cpu / sent if sent else None,
     }
+
+
+def server_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process (all its threads) has used, from /proc."""
+    import os
+
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # Fields 14 and 15 of proc(5) (utime, stime), counted after the ")" closing the name.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_once(
@@ -339,13 +364,16 @@ def run_once(
             for k, v in out["server_push"].items()
         },
         "latencies_s": sorted(rec.samples),
+        **{k: out[k] for k in CPU_KEYS},
     }
     server_ms = result["server_push_latency_ms"]
     print(
         f"  sync={sync}, {rate:g}/s: p50 {_ms(result['p50_ms'])}  p99 {_ms(result['p99_ms'])}  "
         f"p999 {_ms(result['p999_ms'])}  ({result['samples']:,} timed of {rec.pushes:,} pushes, "
         f"{out['sent']:,} events at {result['achieved_rate']:,.0f}/s); server-side p50 "
-        f"{_ms(server_ms['p50'])} p99 {_ms(server_ms['p99'])}",
+        f"{_ms(server_ms['p50'])} p99 {_ms(server_ms['p99'])}; server CPU "
+        f"{_us(result['server_cpu_per_push_us'])}/push, {_us(result['server_cpu_per_event_us'])}"
+        f"/event, {result['server_cpu_share']:.2f} cores",
         flush=True,
     )
     return result
@@ -353,6 +381,10 @@ def run_once(
 
 def _ms(v: float | None) -> str:
     return f"{v:.2f} ms" if v is not None else "n/a"
+
+
+def _us(v: float | None) -> str:
+    return f"{v:.0f} µs" if v is not None else "n/a"
 
 
 def plot(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> str | None:
@@ -477,6 +509,22 @@ def run(args: argparse.Namespace) -> int:
                 {**params, "peer_is": "requested rate"},
             )
         )
+        for key, unit in (
+            ("server_cpu_per_push_us", "µs/push"),
+            ("server_cpu_per_event_us", "µs/event"),
+            ("server_cpu_share", "cores"),
+        ):
+            name = key.removesuffix("_us")
+            rows.append(
+                row(
+                    f"{label}_{name}",
+                    r[key],
+                    None,
+                    unit,
+                    {**params, "cpu_seconds": r["server_cpu_s"]},
+                    lower_is_better=True,
+                )
+            )
     summary = {
         label: {k: v for k, v in r.items() if k != "latencies_s"} for label, r in runs.items()
     }
