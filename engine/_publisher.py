@@ -191,7 +191,9 @@ class Subscription:
                 "diversity": self.diversity,
                 "exploration": self.exploration,
             }
-            self._query = {**self.params, **{k: v for k, v in own.items() if v is not None}}
+            query = {**self.params, **{k: v for k, v in own.items() if v is not None}}
+            query.pop("detail", None)  # the publisher picks the form of the lists it needs
+            self._query = query
         return self._query
 
     def batch_key(self, recent: int) -> Hashable:

@@ -328,7 +328,9 @@ async def test_one_model_call_per_group_of_equal_query_options() -> None:
     subs.append(Subscription(user="u7", k=3, category="odd", explain=True))
     # A variant's parameters group like the subscription's own options.
     subs += [
-        Subscription(user=u, k=3, variant="b", params={"diversity": 0.5}, shown=f"raw-{u}")
+        Subscription(
+            user=u, k=3, variant="b", params={"diversity": 0.5, "detail": False}, shown=f"r{u}"
+        )
         for u in ("u8", 7)
     ]
     subs.append(Subscription(user="u9", k=3, repush_after=60.0))
