@@ -64,6 +64,7 @@ CPU_KEYS = (
     "server_cpu_share",
     "server_cpu_per_push_us",
     "server_cpu_per_event_us",
+    "server_gc_share",
 )
 
 
@@ -271,6 +272,7 @@ async def measure(
             flush=True,
         )
         await trio.sleep(0.5)
+        gc0 = (await trio.to_thread.run_sync(server.stats)).get("gc_seconds")
         cpu0, wall0, pushes0 = server_cpu_seconds(server.pid), time.perf_counter(), rec.pushes
         sent, elapsed = await produce(server.forward_address, rec, users, items, rate, args, rng)
         await trio.sleep(1.0)  # the last pushes
@@ -296,6 +298,11 @@ async def measure(
         "server_cpu_share": cpu / wall,
         "server_cpu_per_push_us": 1e6 * cpu / pushes if pushes else None,
         "server_cpu_per_event_us": 1e6 * cpu / sent if sent else None,
+        # Share of that CPU spent in the cyclic garbage collector (servers that report it);
+        # in the summary only, not a row: a short run may see no collection at all.
+        "server_gc_share": (
+            (stats["gc_seconds"] - gc0) / cpu if gc0 is not None and cpu > 0 else None
+        ),
     }
 
 
@@ -373,7 +380,12 @@ def run_once(
         f"{out['sent']:,} events at {result['achieved_rate']:,.0f}/s); server-side p50 "
         f"{_ms(server_ms['p50'])} p99 {_ms(server_ms['p99'])}; server CPU "
         f"{_us(result['server_cpu_per_push_us'])}/push, {_us(result['server_cpu_per_event_us'])}"
-        f"/event, {result['server_cpu_share']:.2f} cores",
+        f"/event, {result['server_cpu_share']:.2f} cores"
+        + (
+            f", {result['server_gc_share']:.1%} in GC"
+            if result["server_gc_share"] is not None
+            else ""
+        ),
         flush=True,
     )
     return result
