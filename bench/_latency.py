@@ -70,6 +70,14 @@ from engine._config import parse_hostport
 GOALS_MS = {"p50": 1.0, "p99": 5.0}
 MAX_FRAME_EVENTS = 500
 CONNECT_AT_ONCE = 64  # websocket handshakes in flight while subscribing
+# Server CPU over the measured window (from sending the first event to 1 s after the last).
+CPU_KEYS = (
+    "server_cpu_s",
+    "server_cpu_share",
+    "server_cpu_per_push_us",
+    "server_cpu_per_event_us",
+    "server_gc_share",
+)
 
 
 def register(subparsers: Any) -> None:
@@ -295,8 +303,13 @@ async def measure(
             flush=True,
         )
         await trio.sleep(0.5)
+        gc0 = (await trio.to_thread.run_sync(server.stats)).get("gc_seconds")
+        cpu0, wall0, pushes0 = server_cpu_seconds(server.pid), time.perf_counter(), rec.pushes
         sent, elapsed = await produce(server.forward_address, rec, users, items, rate, args, rng)
         await trio.sleep(1.0)  # the last pushes
+        cpu = server_cpu_seconds(server.pid) - cpu0
+        wall = time.perf_counter() - wall0
+        pushes = rec.pushes - pushes0
         exposition = await trio.to_thread.run_sync(server.metrics)
         stats = await trio.to_thread.run_sync(server.stats)
         if args.target is None:
@@ -315,7 +328,26 @@ async def measure(
         ),
         "subscribers_seen_by_server": stats["subscribers"],
         "events_applied": stats["events_applied"],
+        "server_cpu_s": cpu,
+        "server_cpu_share": cpu / wall,
+        "server_cpu_per_push_us": 1e6 * cpu / pushes if pushes else None,
+        "server_cpu_per_event_us": 1e6 * cpu / sent if sent else None,
+        # Share of that CPU spent in the cyclic garbage collector (servers that report it);
+        # in the summary only, not a row: a short run may see no collection at all.
+        "server_gc_share": (
+            (stats["gc_seconds"] - gc0) / cpu if gc0 is not None and cpu > 0 else None
+        ),
     }
+
+
+def server_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process (all its threads) has used, from /proc."""
+    import os
+
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # Fields 14 and 15 of proc(5) (utime, stime), counted after the ")" closing the name.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_once(
@@ -379,13 +411,21 @@ def run_once(
             for k, v in out["server_push"].items()
         },
         "latencies_s": sorted(rec.samples),
+        **{k: out[k] for k in CPU_KEYS},
     }
     server_ms = result["server_push_latency_ms"]
     print(
         f"  sync={sync}, {rate:g}/s: p50 {_ms(result['p50_ms'])}  p99 {_ms(result['p99_ms'])}  "
         f"p999 {_ms(result['p999_ms'])}  ({result['samples']:,} timed of {rec.pushes:,} pushes, "
         f"{out['sent']:,} events at {result['achieved_rate']:,.0f}/s); server-side p50 "
-        f"{_ms(server_ms['p50'])} p99 {_ms(server_ms['p99'])}",
+        f"{_ms(server_ms['p50'])} p99 {_ms(server_ms['p99'])}; server CPU "
+        f"{_us(result['server_cpu_per_push_us'])}/push, {_us(result['server_cpu_per_event_us'])}"
+        f"/event, {result['server_cpu_share']:.2f} cores"
+        + (
+            f", {result['server_gc_share']:.1%} in GC"
+            if result["server_gc_share"] is not None
+            else ""
+        ),
         flush=True,
     )
     return result
@@ -446,6 +486,10 @@ def histogram_delta(before: str, after: str, metric: str) -> str:
 
 def _ms(v: float | None) -> str:
     return f"{v:.2f} ms" if v is not None else "n/a"
+
+
+def _us(v: float | None) -> str:
+    return f"{v:.0f} µs" if v is not None else "n/a"
 
 
 def plot(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> str | None:
@@ -578,6 +622,22 @@ def run(args: argparse.Namespace) -> int:
                 {**params, "peer_is": "requested rate"},
             )
         )
+        for key, unit in (
+            ("server_cpu_per_push_us", "µs/push"),
+            ("server_cpu_per_event_us", "µs/event"),
+            ("server_cpu_share", "cores"),
+        ):
+            name = key.removesuffix("_us")
+            rows.append(
+                row(
+                    f"{label}_{name}",
+                    r[key],
+                    None,
+                    unit,
+                    {**params, "cpu_seconds": r["server_cpu_s"]},
+                    lower_is_better=True,
+                )
+            )
     summary = {
         label: {k: v for k, v in r.items() if k != "latencies_s"} for label, r in runs.items()
     }

@@ -110,6 +110,21 @@ class Model:
         exploration: float | None = None,
         detail: bool = False,
     ) -> list[list[Any]]: ...
+    def recommend_batch_json(
+        self,
+        users: Sequence[Id],
+        k: int = 10,
+        exclude_seen: bool = True,
+        exclude: Iterable[Id] | None = None,
+        category: str | None = None,
+        exact: bool = False,
+        explain: bool = False,
+        ef: int | None = None,
+        *,
+        exclude_category: Sequence[str] | None = None,
+        diversity: float | None = None,
+        exploration: float | None = None,
+    ) -> list[tuple[list[Id], str]]: ...
     def trending(self, k: int = 10, category: str | None = None) -> list[tuple[Id, float]]: ...
     def similar(self, item: Id, k: int = 10) -> list[tuple[Id, float]]: ...
     def erase_user(self, user: Id) -> bool: ...

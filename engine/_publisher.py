@@ -20,10 +20,11 @@ never handed over after it: it is dropped and the user recomputed.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, Generic, TypeVar
 
 import attrs
 import trio
@@ -31,7 +32,7 @@ import trio
 from ._exceptions import TooManySubscribers
 from ._model import Model
 
-__all__ = ["Publisher", "Slot", "Subscription", "Cause", "rec_json"]
+__all__ = ["Publisher", "Slot", "Subscription", "Cause", "Push", "rec_json"]
 
 log = logging.getLogger("recstream.publisher")
 
@@ -39,6 +40,11 @@ log = logging.getLogger("recstream.publisher")
 REFRESH_CHUNK = 8
 
 Id = str | int
+T = TypeVar("T")
+# A computed list: the top-k items (what decides whether the list changed), the items the
+# message shows (the top-k less recent pushes under ``repush_after``) and those entries
+# encoded as a JSON array.
+Listing = tuple[list[Id], list[Id], str]
 
 
 @attrs.frozen
@@ -53,20 +59,44 @@ class Cause:
     def as_json(self) -> dict[str, Any]:
         return {"seq": self.seq, "id": self.event_id, "accepted_at": self.accepted_at}
 
+    def json_text(self) -> str:
+        """``as_json()`` encoded, the way ``json.dumps`` would."""
+        event_id = "null" if self.event_id is None else json.dumps(self.event_id)
+        return f'{{"seq":{self.seq},"id":{event_id},"accepted_at":{self.accepted_at!r}}}'
 
-class Slot:
+
+@attrs.frozen
+class Push:
+    """One message for a subscriber, serialised once: ``text`` goes to the socket as it is.
+
+    ``items`` (the items the message lists, in order), ``version`` and ``cause`` repeat what
+    ``text`` says, for the metrics and impressions, so nothing decodes it again.
+    """
+
+    text: str
+    items: list[Id]
+    version: int
+    cause: Cause | None
+
+    def json(self) -> dict[str, Any]:
+        """The message decoded, as a client receives it."""
+        out: dict[str, Any] = json.loads(self.text)
+        return out
+
+
+class Slot(Generic[T]):
     """A mailbox holding at most one message; ``put`` replaces what is unread.
 
     Sending never blocks and memory per subscriber is one message, whatever the reader does.
     """
 
     def __init__(self) -> None:
-        self._value: dict[str, Any] | None = None
+        self._value: T | None = None
         self._ready = trio.Event()
         self.closed = False
         self.replaced = 0  # messages overwritten before they were read (coalesced pushes)
 
-    def put(self, value: dict[str, Any]) -> bool:
+    def put(self, value: T) -> bool:
         """Stores ``value``; True if it replaced an unread message (a coalesced push)."""
         if self.closed:
             return False
@@ -90,7 +120,7 @@ class Slot:
         self.closed = True
         self._ready.set()
 
-    async def get(self) -> dict[str, Any] | None:
+    async def get(self) -> T | None:
         """Waits for a message and takes it; None once the slot is closed."""
         await self._ready.wait()
         value = self._value
@@ -132,7 +162,7 @@ class Subscription:
     diversity: float | None = None
     exploration: float | None = None
     repush_after: float | None = None
-    slot: Slot = attrs.field(factory=Slot)
+    slot: Slot[Push] = attrs.field(factory=Slot)
     last_items: list[Id] | None = None
     # Journal sequence of the newest list recorded for this subscription (see the module).
     version: int = 0
@@ -143,20 +173,53 @@ class Subscription:
     # The user's A/B variant (named in every message) and its extra recommend() arguments.
     variant: str | None = None
     params: dict[str, Any] = attrs.field(factory=dict)
+    # Worked out on first use from the fields above, which do not change once subscribed:
+    # the query, the key of the batch it joins, and the start of every message.
+    _query: dict[str, Any] | None = attrs.field(default=None, init=False, repr=False)
+    _key: Hashable = attrs.field(default=None, init=False, repr=False)
+    _head: str | None = attrs.field(default=None, init=False, repr=False)
 
     def query(self) -> dict[str, Any]:
         """recommend() arguments: the subscription's own, else its variant's."""
-        own = {
-            "k": self.k,
-            "category": self.category,
-            "exclude": list(self.exclude) or None,
-            "explain": self.explain,
-            "exclude_category": list(self.exclude_category) or None,
-            "diversity": self.diversity,
-            "exploration": self.exploration,
-            "detail": True,
-        }
-        return {**self.params, **{k: v for k, v in own.items() if v is not None}}
+        if self._query is None:
+            own = {
+                "k": self.k,
+                "category": self.category,
+                "exclude": list(self.exclude) or None,
+                "explain": self.explain,
+                "exclude_category": list(self.exclude_category) or None,
+                "diversity": self.diversity,
+                "exploration": self.exploration,
+            }
+            query = {**self.params, **{k: v for k, v in own.items() if v is not None}}
+            query.pop("detail", None)  # the publisher picks the form of the lists it needs
+            self._query = query
+        return self._query
+
+    def batch_key(self, recent: int) -> Hashable:
+        """Subscriptions with equal keys (given ``recent`` items to leave out) are computed by
+        one call with one query: the key stands for every argument but the user."""
+        if self._key is None:
+            try:
+                key: Hashable = tuple(
+                    (k, tuple(v) if isinstance(v, list) else v)
+                    for k, v in sorted(self.query().items())
+                )
+                hash(key)
+            except TypeError:  # an unhashable variant parameter: a batch of its own
+                key = ("subscription", id(self))
+            self._key = (key, self.repush_after is not None)
+        return (self._key, recent)
+
+    def message(self, entries: str, version: int, cause: Cause | None) -> str:
+        """The JSON text of a message listing ``entries`` (a JSON array)."""
+        if self._head is None:
+            head = '{"user":' + json.dumps(self.shown if self.shown is not None else self.user)
+            if self.variant is not None:
+                head += ',"variant":' + json.dumps(self.variant)
+            self._head = head
+        cause_text = cause.json_text() if cause is not None else "null"
+        return f'{self._head},"items":{entries},"version":{version},"cause":{cause_text}}}'
 
     def recently_pushed(self, now: float) -> list[Id]:
         """Items pushed within ``repush_after`` of ``now``; forgets older ones."""
@@ -169,21 +232,6 @@ class Subscription:
                 break
             del self.pushed_at[item]
         return list(self.pushed_at)
-
-
-def _message(
-    sub: Subscription, recs: list[Any], cause: Cause | None, version: int
-) -> dict[str, Any]:
-    items = [rec_json(r) for r in recs]
-    msg = {
-        "user": sub.shown if sub.shown is not None else sub.user,
-        "items": items,
-        "version": version,
-        "cause": cause.as_json() if cause is not None else None,
-    }
-    if sub.variant is not None:
-        msg["variant"] = sub.variant
-    return msg
 
 
 class Publisher:
@@ -206,7 +254,7 @@ class Publisher:
         max_subscribers: int = 10_000,
         refresh_interval: float = 1.0,
         refresh_budget: int = 200,
-        on_push: Callable[[Subscription, dict[str, Any]], None] | None = None,
+        on_push: Callable[[Subscription, Push], None] | None = None,
         applied_seq: int = 0,
     ) -> None:
         self._model = model
@@ -299,43 +347,59 @@ class Publisher:
             for sub in subs:
                 sub.slot.close()
 
-    async def current(self, sub: Subscription) -> dict[str, Any]:
+    async def current(self, sub: Subscription) -> Push:
         """The list as it is now, recorded as the last one pushed to ``sub`` (unless a newer
         one was recorded meanwhile: then it is only returned, to be sent before that one)."""
         while True:
             recent = sub.recently_pushed(time.monotonic())
             seq, erasures = self._seq, self._erasures
-            recs = await trio.to_thread.run_sync(self._recommend, sub, recent)
+            [listing] = await trio.to_thread.run_sync(self._listings, [(sub, recent)])
             if not self._erased_since(sub.user, erasures):
                 break
         if seq < sub.version:
-            return _message(sub, recs[: sub.k], None, seq)
-        return self._record(sub, recs, None, recent, seq)
+            _, shown, entries = listing
+            return Push(sub.message(entries, seq, None), shown, seq, None)
+        return self._record(sub, listing, None, seq)
 
-    def _recommend(self, sub: Subscription, recent: list[Id]) -> list[Any]:
-        query = sub.query()
-        if recent:  # enough candidates to fill k after leaving out the recent pushes
-            query["k"] = min(sub.k + len(recent), 10_000)
-        return self._model.recommend(sub.user, **query)
+    def _listings(self, jobs: list[tuple[Subscription, list[Id]]]) -> list[Listing]:
+        """Computes the lists of ``jobs`` (subscription, items to leave out) in a worker thread:
+        one call into the model per group of subscriptions with the same query."""
+        groups: dict[Hashable, list[int]] = {}
+        for n, (sub, recent) in enumerate(jobs):
+            groups.setdefault(sub.batch_key(len(recent)), []).append(n)
+        out: list[Listing | None] = [None] * len(jobs)
+        for members in groups.values():
+            sub, recent = jobs[members[0]]
+            users = [jobs[n][0].user for n in members]
+            if sub.repush_after is None:
+                lists = self._model.recommend_batch_json(users, **sub.query())
+                for n, (items, entries) in zip(members, lists, strict=True):
+                    out[n] = (items, items, entries)
+                continue
+            # Enough candidates to fill k after leaving out the recent pushes.
+            query = {**sub.query(), "k": min(sub.k + len(recent), 10_000), "detail": True}
+            for n, recs in zip(members, self._model.recommend_batch(users, **query), strict=True):
+                skip = set(jobs[n][1])
+                shown = [r for r in recs if r["item"] not in skip][: sub.k]
+                out[n] = (
+                    [r["item"] for r in recs[: sub.k]],
+                    [r["item"] for r in shown],
+                    json.dumps([rec_json(r) for r in shown], separators=(",", ":")),
+                )
+        return out  # type: ignore[return-value]  # every index belongs to one group
 
     def _record(
-        self,
-        sub: Subscription,
-        recs: list[Any],
-        cause: Cause | None,
-        recent: list[Id],
-        version: int,
-    ) -> dict[str, Any]:
-        sub.last_items = [r["item"] for r in recs[: sub.k]]
+        self, sub: Subscription, listing: Listing, cause: Cause | None, version: int
+    ) -> Push:
+        top, shown, entries = listing
+        sub.last_items = top
         sub.version = version
         if sub.repush_after is not None:
-            skip = set(recent)
-            recs = [r for r in recs if r["item"] not in skip][: sub.k]
             now = time.monotonic()
-            for r in recs:
-                sub.pushed_at.pop(r["item"], None)  # re-insert: the dict stays oldest first
-                sub.pushed_at[r["item"]] = now
-        return _message(sub, recs, cause, version)
+            for item in shown:
+                sub.pushed_at.pop(item, None)  # re-insert: the dict stays oldest first
+                sub.pushed_at[item] = now
+        return Push(sub.message(entries, version, cause), shown, version, cause)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -364,30 +428,26 @@ class Publisher:
     async def _compute(self, pending: dict[Id, Cause | None]) -> None:
         now = time.monotonic()
         jobs = [
-            (sub, cause, sub.recently_pushed(now))
-            for user, cause in pending.items()
-            for sub in self._subs.get(user, ())
+            (sub, sub.recently_pushed(now)) for user in pending for sub in self._subs.get(user, ())
         ]
         if not jobs:
             return
         seq, erasures = self._seq, self._erasures
-        results = await trio.to_thread.run_sync(
-            lambda: [self._recommend(s, recent) for s, _, recent in jobs]
-        )
-        for (sub, cause, recent), recs in zip(jobs, results, strict=True):
-            if self._subs.get(sub.user) is None or sub not in self._subs[sub.user]:
+        listings = await trio.to_thread.run_sync(self._listings, jobs)
+        for (sub, _), listing in zip(jobs, listings, strict=True):
+            if sub not in self._subs.get(sub.user, ()):
                 continue  # unsubscribed while we computed
             if self._erased_since(sub.user, erasures):
                 continue  # computed before the erasure: erase() queued a new computation
             if seq < sub.version:
                 continue  # a list from a newer state was handed over meanwhile
-            if [r["item"] for r in recs[: sub.k]] == sub.last_items:
+            if listing[0] == sub.last_items:
                 continue
-            msg = self._record(sub, recs, cause, recent, seq)
-            self.coalesced += sub.slot.put(msg)
+            push = self._record(sub, listing, pending[sub.user], seq)
+            self.coalesced += sub.slot.put(push)
             self.pushes += 1
             if self._on_push is not None:
-                self._on_push(sub, msg)
+                self._on_push(sub, push)
 
     async def _refresh_loop(self) -> None:
         refreshed_at = -1

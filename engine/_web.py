@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -48,7 +49,7 @@ from ._exceptions import (
     JournalFailed,
     TooManySubscribers,
 )
-from ._publisher import Subscription, rec_json
+from ._publisher import Push, Subscription, rec_json
 from ._ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
@@ -539,22 +540,26 @@ async def _push_loop(server: Server, ws: WebSocket, sub: Subscription) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_disconnect, nursery.cancel_scope)
             first = await publisher.current(sub)
-            server.experiments.impression(
-                sub.user, [i["item"] for i in first["items"]], time.time()
-            )
-            message: dict[str, Any] | None = first
-            while message is not None:
-                sending_since = trio.current_time()
-                with trio.move_on_after(timeout):
-                    await ws.send_json(message)
-                # Hypercorn shields its socket write, so a stuck send may only end when the
-                # kernel gives up on the peer (TCP_USER_TIMEOUT): judge by the time it took.
-                if trio.current_time() - sending_since >= timeout:
-                    log.info("subscriber for %r stopped reading; closing", sub.user)
-                    nursery.cancel_scope.cancel()
-                    return
-                sending_since = None
-                message = await sub.slot.get()
+            server.experiments.impression(sub.user, first.items, time.time())
+            push: Push | None = first
+            # One scope for every send, armed only while one is under way: cheaper per push
+            # than a scope of its own.
+            with trio.CancelScope() as sending:
+                while push is not None:
+                    sending_since = trio.current_time()
+                    sending.deadline = sending_since + timeout
+                    await ws.send_text(push.text)
+                    sending.deadline = math.inf
+                    # Hypercorn shields its socket write, so a stuck send may only end when
+                    # the kernel gives up on the peer (TCP_USER_TIMEOUT): judge by the time.
+                    if trio.current_time() - sending_since >= timeout:
+                        break
+                    sending_since = None
+                    push = await sub.slot.get()
+            if sending_since is not None:
+                log.info("subscriber for %r stopped reading; closing", sub.user)
+                nursery.cancel_scope.cancel()
+                return
             with trio.move_on_after(1):
                 await ws.close(GOING_AWAY, "server shutting down")
             nursery.cancel_scope.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import os
 import socket
@@ -15,13 +16,13 @@ import httpx
 import trio
 
 from engine import Model, ModelConfig
-from engine._publisher import Publisher, Slot, Subscription
+from engine._publisher import Cause, Publisher, Push, Slot, Subscription, rec_json
 
 from .conftest import running_server, websocket, ws_url
 
 
 async def test_slot_keeps_only_the_newest_message() -> None:
-    slot = Slot()
+    slot: Slot[dict[str, int]] = Slot()
     slot.put({"v": 1})
     slot.put({"v": 2})
     slot.put({"v": 3})
@@ -112,7 +113,7 @@ async def test_stuck_subscriber_does_not_delay_others_and_is_released(tmp_path: 
 
 
 class _Gated:
-    """The real model, except that the next ``recommend`` after :meth:`hold_next` waits for
+    """The real model, except that the next batch of lists after :meth:`hold_next` waits for
     :meth:`release`: a recompute the test can catch in flight."""
 
     def __init__(self, model: Model) -> None:
@@ -128,12 +129,19 @@ class _Gated:
     def release(self) -> None:
         self._gate.set()
 
-    def recommend(self, *args: Any, **kwargs: Any) -> Any:
+    def _wait_if_held(self) -> None:
         if self._hold:
             self._hold = False
             self.entered.set()
             self._gate.wait(10)
-        return self.model.recommend(*args, **kwargs)
+
+    def recommend_batch(self, *args: Any, **kwargs: Any) -> Any:
+        self._wait_if_held()
+        return self.model.recommend_batch(*args, **kwargs)
+
+    def recommend_batch_json(self, *args: Any, **kwargs: Any) -> Any:
+        self._wait_if_held()
+        return self.model.recommend_batch_json(*args, **kwargs)
 
 
 def _popular_and_personal() -> Model:
@@ -149,7 +157,7 @@ def _popular_and_personal() -> Model:
 async def test_a_list_computed_before_an_erasure_is_never_pushed_after_it() -> None:
     model = _popular_and_personal()
     gated = _Gated(model)
-    pushed: list[dict[str, Any]] = []
+    pushed: list[Push] = []
     publisher = Publisher(gated, on_push=lambda sub, msg: pushed.append(msg))  # type: ignore[arg-type]
     sub = Subscription(user="u", k=3)
     publisher.subscribe(sub)
@@ -167,8 +175,9 @@ async def test_a_list_computed_before_an_erasure_is_never_pushed_after_it() -> N
     after = [r[0] for r in model.recommend("u", k=3)]
     assert set(before).isdisjoint(after)
     assert pushed, "the list after the erasure is pushed"
-    assert [[i["item"] for i in m["items"]] for m in pushed] == [after]
-    assert pushed[-1]["version"] == 2
+    assert [m.items for m in pushed] == [after]
+    assert [[i["item"] for i in m.json()["items"]] for m in pushed] == [after]
+    assert pushed[-1].version == pushed[-1].json()["version"] == 2
 
 
 async def test_versions_never_go_back_between_the_first_list_and_pushes() -> None:
@@ -180,7 +189,7 @@ async def test_versions_never_go_back_between_the_first_list_and_pushes() -> Non
     first: dict[str, Any] = {}
 
     async def connect() -> None:
-        first.update(await publisher.current(sub))
+        first.update((await publisher.current(sub)).json())
 
     gated.hold_next()
     async with trio.open_nursery() as nursery:
@@ -191,8 +200,9 @@ async def test_versions_never_go_back_between_the_first_list_and_pushes() -> Non
         publisher.notify([("v", "e6")], 6, 0.0)
         await publisher.flush()
         gated.release()
-    pushed = await sub.slot.get()
-    assert pushed is not None
+    push = await sub.slot.get()
+    assert push is not None
+    pushed = push.json()
     assert (first["version"], pushed["version"]) == (5, 6)
     assert pushed["cause"]["seq"] == 6
 
@@ -255,3 +265,109 @@ async def test_every_dropped_stuck_subscriber_is_counted(tmp_path: Path) -> None
             finally:
                 for sock in stuck:
                     sock.close()
+
+
+def _catalog() -> Model:
+    """Users and items with awkward ids (quotes, backslashes, control characters, non-ASCII,
+    integers), some in a category, some fresh enough to be explored."""
+    model = Model(ModelConfig(dim=8, seed=3, auto_reindex=True))
+    items: list[str | int] = ['q"uote', "back\\slash", "tab\tnew\nline\x01", "caf\u00e9 \u2603"]
+    items += [f"i{n}" for n in range(30)] + list(range(1000, 1010))
+    for n, item in enumerate(items):
+        model.upsert_item(item, category="even" if n % 2 == 0 else "odd")
+    users: list[str | int] = [*(f"u{n}" for n in range(12)), 7, 'u"x']
+    for n, user in enumerate(users):
+        model.ingest([user] * 4, [items[(n * 3 + j) % len(items)] for j in range(4)])
+    return model
+
+
+def test_batched_json_lists_are_the_lists_recommend_gives() -> None:
+    model = _catalog()
+    users: list[str | int] = [*(f"u{n}" for n in range(12)), 7, 'u"x', "nobody"]
+    queries: list[dict[str, Any]] = [
+        {"k": 5},
+        {"k": 8, "explain": True},
+        {"k": 6, "exploration": 0.5},
+        {"k": 4, "diversity": 0.3, "category": "even"},
+        {"k": 3, "exclude_category": ["odd"], "exclude": ["i0", "i2"]},
+    ]
+    for query in queries:
+        batch = model.recommend_batch_json(users, **query)
+        assert len(batch) == len(users)
+        for user, (items, entries) in zip(users, batch, strict=True):
+            want = [rec_json(r) for r in model.recommend(user, detail=True, **query)]
+            assert want, (user, query)
+            assert json.loads(entries) == want, (user, query)
+            assert items == [r["item"] for r in want]
+
+
+class _Counting:
+    """The real model, counting the calls that compute lists for pushes."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.batches: list[list[Any]] = []
+
+    def recommend_batch_json(self, users: list[Any], **query: Any) -> Any:
+        self.batches.append(list(users))
+        return self.model.recommend_batch_json(users, **query)
+
+    def recommend_batch(self, users: list[Any], **query: Any) -> Any:
+        self.batches.append(list(users))
+        return self.model.recommend_batch(users, **query)
+
+
+async def test_one_model_call_per_group_of_equal_query_options() -> None:
+    model = _catalog()
+    counting = _Counting(model)
+    pushed: list[tuple[Subscription, Push]] = []
+    publisher = Publisher(counting, on_push=lambda s, m: pushed.append((s, m)))  # type: ignore[arg-type]
+    subs = [Subscription(user=f"u{n}", k=3) for n in range(4)]  # one group
+    subs += [Subscription(user=f"u{n}", k=5) for n in range(4, 6)]  # another k
+    subs.append(Subscription(user="u6", k=3, exploration=0.5))
+    subs.append(Subscription(user="u7", k=3, category="odd", explain=True))
+    # A variant's parameters group like the subscription's own options.
+    subs += [
+        Subscription(
+            user=u, k=3, variant="b", params={"diversity": 0.5, "detail": False}, shown=f"r{u}"
+        )
+        for u in ("u8", 7)
+    ]
+    subs.append(Subscription(user="u9", k=3, repush_after=60.0))
+    for sub in subs:
+        publisher.subscribe(sub)
+    cause = Cause(9, 'ev"1', 1234.5)
+    publisher.notify([(s.user, cause.event_id) for s in subs], 9, cause.accepted_at)
+    await publisher.flush()
+    assert sorted(map(len, counting.batches)) == [1, 1, 1, 2, 2, 4]
+    assert [s for s, _ in pushed] == subs
+    for sub, push in pushed:
+        want = [rec_json(r) for r in model.recommend(sub.user, detail=True, **sub.query())]
+        assert len(want) == sub.k
+        message = push.json()
+        expected = {
+            "user": sub.shown if sub.shown is not None else sub.user,
+            "items": want,
+            "version": 9,
+            "cause": cause.as_json(),
+        }
+        if sub.variant is not None:
+            expected["variant"] = sub.variant
+        assert message == expected
+        assert push.items == [w["item"] for w in want] and push.version == 9
+    # Nothing changed: a second round computes the same lists (in as many calls) but pushes
+    # nothing.
+    counting.batches.clear()
+    publisher.notify([(s.user, None) for s in subs], 10, 0.0)
+    await publisher.flush()
+    assert len(counting.batches) == 6 and len(pushed) == len(subs)
+
+
+async def test_the_collector_ignores_start_up_objects_while_serving(tmp_path: Path) -> None:
+    assert gc.get_freeze_count() == 0
+    async with running_server(tmp_path) as server:
+        assert gc.get_freeze_count() > 0
+        gc.collect()
+        stats = server.stats()
+        assert stats["gc_collections"] >= 1 and stats["gc_seconds"] > 0
+    assert gc.get_freeze_count() == 0

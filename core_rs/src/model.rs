@@ -1142,6 +1142,13 @@ impl Model {
         self.recommend_locked(&st, u, id_salt(user), q)
     }
 
+    /// [`Model::recommend`] for each of `users` under one query. The state lock is taken per
+    /// user, so a long batch never holds back the writer applying events for longer than one
+    /// list takes.
+    pub fn recommend_many(&self, users: &[ExtId], q: &Query) -> Vec<Vec<Rec>> {
+        users.iter().map(|u| self.recommend(u, q)).collect()
+    }
+
     /// The trending list (decayed popularity) under the query's filters, without re-ranking
     /// or exploration.
     pub fn trending(&self, q: &Query) -> Vec<Rec> {

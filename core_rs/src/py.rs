@@ -423,6 +423,72 @@ fn recs_to_py(py: Python<'_>, recs: &[model::Rec], explain: bool, detail: bool) 
     Ok(out.unbind())
 }
 
+/// A list as a JSON array of entries (see `Model.recommend_batch_json`).
+fn entries_json(recs: &[model::Rec], explain: bool) -> String {
+    let mut out = String::with_capacity(2 + recs.len() * 48);
+    out.push('[');
+    for (n, r) in recs.iter().enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"item\":");
+        json_id(&mut out, &r.item);
+        out.push_str(",\"score\":");
+        json_f32(&mut out, r.score);
+        if explain {
+            out.push_str(",\"because\":[");
+            for (m, b) in r.because.iter().enumerate() {
+                if m > 0 {
+                    out.push(',');
+                }
+                json_id(&mut out, b);
+            }
+            out.push_str("],\"reason\":");
+            json_str(&mut out, r.reason.as_str());
+        }
+        if r.explore {
+            out.push_str(",\"explore\":true");
+        }
+        out.push('}');
+    }
+    out.push(']');
+    out
+}
+
+fn json_id(out: &mut String, id: &ExtId) {
+    match id {
+        ExtId::Int(i) => out.push_str(&i.to_string()),
+        ExtId::Str(s) => json_str(out, s),
+    }
+}
+
+/// The score widened to f64 and written as its shortest round-trip decimal, the number
+/// Python's `json.dumps` gives for the same float; `null` when not finite.
+fn json_f32(out: &mut String, x: f32) {
+    if x.is_finite() {
+        out.push_str(&(x as f64).to_string());
+    } else {
+        out.push_str("null");
+    }
+}
+
+/// A JSON string literal (RFC 8259 §7): quote, backslash and control characters escaped.
+fn json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
 /// The model: see `engine.Model` for the documented Python face.
 #[pyclass(frozen, module = "engine._core", name = "Model")]
 pub struct PyModel {
@@ -588,6 +654,7 @@ impl PyModel {
         recs_to_py(py, &recs, false, false)
     }
 
+    /// `recommend` for many users with the same options, the GIL released once for all.
     #[pyo3(signature = (users, k=10, exclude_seen=true, exclude=None, category=None, exact=false, explain=false, ef=None, *, exclude_category=None, diversity=None, exploration=None, detail=false))]
     fn recommend_batch(
         &self,
@@ -608,11 +675,55 @@ impl PyModel {
         let users = ids_from_py(users)?;
         let q = query(k, exclude_seen, exclude, category, exact, explain, ef)?;
         let q = with_options(q, exclude_category, diversity, exploration)?;
-        let all: Vec<Vec<model::Rec>> =
-            py.detach(|| users.iter().map(|u| self.inner.recommend(u, &q)).collect());
+        let all: Vec<Vec<model::Rec>> = py.detach(|| self.inner.recommend_many(&users, &q));
         let out = PyList::empty(py);
         for recs in &all {
             out.append(recs_to_py(py, recs, explain, detail)?)?;
+        }
+        Ok(out.unbind())
+    }
+
+    /// `recommend_batch` for pushes: per user a tuple `(items, entries)`, the item ids in
+    /// order and the list already encoded as a JSON array of `{"item", "score"}` objects
+    /// (plus `"because"` and `"reason"` when explaining, and `"explore": true` on exploration
+    /// slots), so a message is serialised once, without Python objects per entry. Non-finite
+    /// scores are encoded as `null`.
+    #[pyo3(signature = (users, k=10, exclude_seen=true, exclude=None, category=None, exact=false, explain=false, ef=None, *, exclude_category=None, diversity=None, exploration=None))]
+    fn recommend_batch_json(
+        &self,
+        py: Python<'_>,
+        users: &Bound<'_, PyAny>,
+        k: usize,
+        exclude_seen: bool,
+        exclude: Option<&Bound<'_, PyAny>>,
+        category: Option<String>,
+        exact: bool,
+        explain: bool,
+        ef: Option<usize>,
+        exclude_category: Option<Vec<String>>,
+        diversity: Option<f32>,
+        exploration: Option<f32>,
+    ) -> PyResult<Py<PyList>> {
+        let users = ids_from_py(users)?;
+        let q = query(k, exclude_seen, exclude, category, exact, explain, ef)?;
+        let q = with_options(q, exclude_category, diversity, exploration)?;
+        let all: Vec<(Vec<model::Rec>, String)> = py.detach(|| {
+            self.inner
+                .recommend_many(&users, &q)
+                .into_iter()
+                .map(|recs| {
+                    let text = entries_json(&recs, explain);
+                    (recs, text)
+                })
+                .collect()
+        });
+        let out = PyList::empty(py);
+        for (recs, text) in &all {
+            let items = PyList::empty(py);
+            for r in recs {
+                items.append(ext_to_py(py, &r.item)?)?;
+            }
+            out.append((items, PyString::new(py, text)))?;
         }
         Ok(out.unbind())
     }

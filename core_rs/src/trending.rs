@@ -7,6 +7,11 @@
 //! (which is also why ranking needs no decay at all). When the exponent grows past
 //! [`RENORM_EXPONENT`] the stored values are rescaled to a new `t_ref` before they can
 //! overflow — O(items), but only once every `RENORM_EXPONENT` half-lives.
+//!
+//! The [`LEADERS`] highest counts are kept ranked as events arrive (a count only grows, so an
+//! event moves its item up the ranking or into it, O(rank change)), so the top-k of a query
+//! is read off the ranking unless its filters leave fewer than `k` of the leaders; only then
+//! are all items scanned.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -20,6 +25,11 @@ const MAGIC: &[u8; 4] = b"RSTR";
 const VERSION: u32 = 1;
 const MAX_ITEMS: u64 = 1 << 32;
 const CHUNK: usize = 1 << 14;
+/// Items kept ranked by count: enough for a list of a few hundred after filters, small
+/// enough that moving an item up costs little.
+pub const LEADERS: usize = 1024;
+/// `rank` of an item outside the leaders.
+const UNRANKED: u32 = u32::MAX;
 
 pub struct Trending {
     half_life: f64,
@@ -27,6 +37,13 @@ pub struct Trending {
     t_ref: Option<f64>,
     /// Per item `Σ w · 2^((ts - t_ref) / half_life)`.
     values: Vec<f64>,
+    /// The `min(cap, items with a positive count)` best items, best first (higher value, then
+    /// lower id): when shorter than `cap` it holds every item with a positive count.
+    leaders: Vec<u32>,
+    /// Per item its index in `leaders`, or [`UNRANKED`].
+    rank: Vec<u32>,
+    /// Length `leaders` is kept at ([`LEADERS`]; smaller in tests).
+    cap: usize,
 }
 
 impl Trending {
@@ -34,7 +51,14 @@ impl Trending {
     pub fn new(half_life_secs: f64) -> Self {
         let half_life =
             if half_life_secs.is_finite() && half_life_secs > 0.0 { half_life_secs } else { 86_400.0 };
-        Trending { half_life, t_ref: None, values: Vec::new() }
+        Trending {
+            half_life,
+            t_ref: None,
+            values: Vec::new(),
+            leaders: Vec::new(),
+            rank: Vec::new(),
+            cap: LEADERS,
+        }
     }
 
     pub fn half_life(&self) -> f64 {
@@ -65,8 +89,55 @@ impl Trending {
         let i = item as usize;
         if i >= self.values.len() {
             self.values.resize(i + 1, 0.0);
+            self.rank.resize(i + 1, UNRANKED);
         }
         self.values[i] += w as f64 * e.exp2();
+        self.promote(item);
+    }
+
+    fn cand(&self, item: u32) -> Cand {
+        Cand { v: self.values[item as usize], id: item }
+    }
+
+    /// Restores the order of `leaders` after `item`'s count grew: moves it up, or in (pushing
+    /// out the last leader when full) if it now beats the last one.
+    fn promote(&mut self, item: u32) {
+        let c = self.cand(item);
+        if c.v <= 0.0 {
+            return;
+        }
+        let mut p = match self.rank[item as usize] {
+            UNRANKED => {
+                if self.leaders.len() >= self.cap {
+                    let Some(&last) = self.leaders.last() else { return };
+                    if c >= self.cand(last) {
+                        return;
+                    }
+                    self.leaders.pop();
+                    self.rank[last as usize] = UNRANKED;
+                }
+                self.leaders.push(item);
+                self.leaders.len() - 1
+            }
+            p => p as usize,
+        };
+        while p > 0 && c < self.cand(self.leaders[p - 1]) {
+            let above = self.leaders[p - 1];
+            self.leaders[p] = above;
+            self.rank[above as usize] = p as u32;
+            p -= 1;
+        }
+        self.leaders[p] = item;
+        self.rank[item as usize] = p as u32;
+    }
+
+    /// Ranks `leaders` from scratch (after loading or renormalising): O(items · log cap).
+    fn rebuild_leaders(&mut self) {
+        self.rank = vec![UNRANKED; self.values.len()];
+        self.leaders = self.scan_top(self.cap, &|_| true).into_iter().map(|c| c.id).collect();
+        for (p, &i) in self.leaders.iter().enumerate() {
+            self.rank[i as usize] = p as u32;
+        }
     }
 
     /// Decayed count of `item` at `now`.
@@ -78,7 +149,9 @@ impl Trending {
     }
 
     /// The `k` items with the highest decayed count, best first (ties: lower id first),
-    /// among those with a positive count for which `keep(item)` holds. O(items · log k).
+    /// among those with a positive count for which `keep(item)` holds. Read off the ranked
+    /// leaders; all items are scanned (O(items · log k)) only when fewer than `k` leaders pass
+    /// `keep`.
     ///
     /// Scores are relative: the decayed count divided by the highest decayed count of any item
     /// (filtered or not), so they lie in (0, 1] like personal scores, the most popular item
@@ -86,17 +159,38 @@ impl Trending {
     /// common to every item, cancels, so no time is needed. Raw decayed counts are
     /// [`Trending::score`].
     pub fn top(&self, k: usize, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
+        let Some(&best) = self.leaders.first() else { return Vec::new() };
+        if k == 0 {
+            return Vec::new();
+        }
+        let highest = self.values[best as usize];
+        let mut out: Vec<u32> = Vec::with_capacity(k.min(self.leaders.len()));
+        for &i in &self.leaders {
+            if out.len() == k {
+                break;
+            }
+            if keep(i) {
+                out.push(i);
+            }
+        }
+        if out.len() < k && self.leaders.len() >= self.cap {
+            // The filters left too few leaders: the rest may be anywhere below them.
+            return self.scan_top(k, keep).into_iter().map(|c| (c.id, (c.v / highest) as f32)).collect();
+        }
+        out.into_iter().map(|i| (i, (self.values[i as usize] / highest) as f32)).collect()
+    }
+
+    /// The best `k` kept items by a scan of every count, best first. O(items · log k).
+    fn scan_top(&self, k: usize, keep: &dyn Fn(u32) -> bool) -> Vec<Cand> {
         if k == 0 {
             return Vec::new();
         }
         // Min-heap on (value, reverse id) of the best k so far.
         let mut heap: BinaryHeap<Cand> = BinaryHeap::with_capacity(k + 1);
-        let mut highest = 0.0f64;
         for (i, &v) in self.values.iter().enumerate() {
             if v <= 0.0 {
                 continue;
             }
-            highest = highest.max(v);
             let c = Cand { v, id: i as u32 };
             if heap.len() == k {
                 let worst = heap.peek().expect("heap holds k > 0 items");
@@ -114,7 +208,7 @@ impl Trending {
         }
         let mut out: Vec<Cand> = heap.into_vec();
         out.sort();
-        out.into_iter().map(|c| (c.id, (c.v / highest) as f32)).collect()
+        out
     }
 
     pub fn save(&self, w: &mut dyn Write) -> io::Result<()> {
@@ -191,7 +285,10 @@ impl Trending {
             }
             left -= k;
         }
-        Ok(Trending { half_life, t_ref, values })
+        let mut t =
+            Trending { half_life, t_ref, values, leaders: Vec::new(), rank: Vec::new(), cap: LEADERS };
+        t.rebuild_leaders();
+        Ok(t)
     }
 
     /// `2^((t_ref - now) / half_life)`: turns stored values into decayed counts at `now`.
@@ -209,6 +306,8 @@ impl Trending {
             for v in &mut self.values {
                 *v *= s;
             }
+            // Rounding may have tied or underflowed counts: rank afresh.
+            self.rebuild_leaders();
         }
         self.t_ref = Some(t);
     }
@@ -349,6 +448,50 @@ mod tests {
         let mut bad = buf[..25].to_vec();
         bad.extend_from_slice(&(1u64 << 31).to_le_bytes());
         assert!(Trending::load(&mut bad.as_slice()).is_err());
+    }
+
+    /// Top-k by brute force: sort every kept item with a positive count.
+    fn brute_top(t: &Trending, k: usize, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
+        let mut all: Vec<Cand> = (0..t.values.len() as u32)
+            .filter(|&i| t.values[i as usize] > 0.0 && keep(i))
+            .map(|i| t.cand(i))
+            .collect();
+        all.sort();
+        let highest = t.values.iter().copied().fold(0.0, f64::max);
+        all.into_iter().take(k).map(|c| (c.id, (c.v / highest) as f32)).collect()
+    }
+
+    #[test]
+    fn ranked_leaders_answer_like_a_full_scan() {
+        // A small cap, so items enter and leave the leaders and filters force the scan.
+        let mut t = Trending::new(50.0);
+        t.cap = 8;
+        let mut rng = crate::rng::Rng::new(7);
+        let filters: [&dyn Fn(u32) -> bool; 3] = [&|_| true, &|i| i % 3 != 0, &|i| i % 10 == 1];
+        for step in 0..3000u32 {
+            let item = (rng.next_u64() % 60) as u32;
+            let w = (rng.next_u64() % 4) as f32; // zero weights too
+            t.add(item, w, 2.0 * step as f64); // 120 half-lives: renormalises on the way
+            if step % 97 == 0 {
+                for k in [1, 5, 8, 9, 30, 100] {
+                    for keep in filters {
+                        assert_eq!(t.top(k, keep), brute_top(&t, k, keep), "step {step}, k {k}");
+                    }
+                }
+                let mut p = 0;
+                for (i, &r) in t.rank.iter().enumerate() {
+                    if r != UNRANKED {
+                        assert_eq!(t.leaders[r as usize], i as u32);
+                        p += 1;
+                    }
+                }
+                assert_eq!(p, t.leaders.len());
+            }
+        }
+        let mut buf = Vec::new();
+        t.save(&mut buf).unwrap();
+        let u = Trending::load(&mut buf.as_slice()).unwrap();
+        assert_eq!(u.top(40, &|_| true), brute_top(&t, 40, &|_| true));
     }
 
     #[test]
