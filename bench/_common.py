@@ -377,3 +377,11 @@ def child_process(cmd: list[str], **popen: Any) -> Iterator[subprocess.Popen[byt
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of every thread of process ``pid`` so far, from
+    ``/proc/PID/stat`` (fields 14 and 15 of proc(5), counted after the ")" closing the name)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -56,6 +56,7 @@ import trio
 
 from bench._common import (
     ServerProcess,
+    cpu_seconds,
     histogram_quantiles,
     print_rows,
     pyplot,
@@ -304,10 +305,12 @@ async def measure(
         )
         await trio.sleep(0.5)
         gc0 = (await trio.to_thread.run_sync(server.stats)).get("gc_seconds")
-        cpu0, wall0, pushes0 = server_cpu_seconds(server.pid), time.perf_counter(), rec.pushes
+        # A server started elsewhere (--target) has no process here to read its CPU from.
+        cpu0 = cpu_seconds(server.pid) if server.pid else None
+        wall0, pushes0 = time.perf_counter(), rec.pushes
         sent, elapsed = await produce(server.forward_address, rec, users, items, rate, args, rng)
         await trio.sleep(1.0)  # the last pushes
-        cpu = server_cpu_seconds(server.pid) - cpu0
+        cpu = cpu_seconds(server.pid) - cpu0 if cpu0 is not None else None
         wall = time.perf_counter() - wall0
         pushes = rec.pushes - pushes0
         exposition = await trio.to_thread.run_sync(server.metrics)
@@ -329,25 +332,13 @@ async def measure(
         "subscribers_seen_by_server": stats["subscribers"],
         "events_applied": stats["events_applied"],
         "server_cpu_s": cpu,
-        "server_cpu_share": cpu / wall,
-        "server_cpu_per_push_us": 1e6 * cpu / pushes if pushes else None,
-        "server_cpu_per_event_us": 1e6 * cpu / sent if sent else None,
+        "server_cpu_share": cpu / wall if cpu is not None else None,
+        "server_cpu_per_push_us": 1e6 * cpu / pushes if cpu is not None and pushes else None,
+        "server_cpu_per_event_us": 1e6 * cpu / sent if cpu is not None and sent else None,
         # Share of that CPU spent in the cyclic garbage collector (servers that report it);
         # in the summary only, not a row: a short run may see no collection at all.
-        "server_gc_share": (
-            (stats["gc_seconds"] - gc0) / cpu if gc0 is not None and cpu > 0 else None
-        ),
+        "server_gc_share": ((stats["gc_seconds"] - gc0) / cpu if gc0 is not None and cpu else None),
     }
-
-
-def server_cpu_seconds(pid: int) -> float:
-    """User plus system CPU time the process (all its threads) has used, from /proc."""
-    import os
-
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    # Fields 14 and 15 of proc(5) (utime, stime), counted after the ")" closing the name.
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_once(
@@ -420,7 +411,7 @@ def run_once(
         f"{out['sent']:,} events at {result['achieved_rate']:,.0f}/s); server-side p50 "
         f"{_ms(server_ms['p50'])} p99 {_ms(server_ms['p99'])}; server CPU "
         f"{_us(result['server_cpu_per_push_us'])}/push, {_us(result['server_cpu_per_event_us'])}"
-        f"/event, {result['server_cpu_share']:.2f} cores"
+        f"/event, {_cores(result['server_cpu_share'])}"
         + (
             f", {result['server_gc_share']:.1%} in GC"
             if result["server_gc_share"] is not None
@@ -490,6 +481,10 @@ def _ms(v: float | None) -> str:
 
 def _us(v: float | None) -> str:
     return f"{v:.0f} µs" if v is not None else "n/a"
+
+
+def _cores(v: float | None) -> str:
+    return f"{v:.2f} cores" if v is not None else "n/a cores"
 
 
 def plot(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> str | None:
@@ -627,6 +622,8 @@ def run(args: argparse.Namespace) -> int:
             ("server_cpu_per_event_us", "µs/event"),
             ("server_cpu_share", "cores"),
         ):
+            if r[key] is None:
+                continue  # a --target server's CPU cannot be read from here
             name = key.removesuffix("_us")
             rows.append(
                 row(

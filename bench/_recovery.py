@@ -29,7 +29,6 @@ Goals (``peer`` in the ``_vs_goal`` rows; ratio >= 1 means met): a replay of at 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import tempfile
 import time
@@ -41,7 +40,14 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from bench._common import ServerProcess, print_rows, require_release, row, write_results
+from bench._common import (
+    ServerProcess,
+    cpu_seconds,
+    print_rows,
+    require_release,
+    row,
+    write_results,
+)
 
 REPLAY_GOAL = 300_000.0  # events/s
 SNAPSHOT_GOAL = 10_000_000 / 60.0  # events behind the snapshot per second of restart
@@ -119,13 +125,6 @@ def write_data_dir(
             model.save(data / SNAPSHOT, len(snapshot_frames))
             journal.drop_before(len(snapshot_frames) + 1)
         journal.sync()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of every thread of ``pid`` so far (``/proc/PID/stat``)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def restart(data: Path, seed: int) -> dict[str, Any]:

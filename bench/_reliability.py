@@ -59,6 +59,7 @@ import trio.lowlevel
 
 from bench._common import (
     ServerProcess,
+    cpu_seconds,
     print_rows,
     require_release,
     row,
@@ -67,7 +68,6 @@ from bench._common import (
 
 USERS = 40  # producers' users in the kill and fault drills
 MIB = 1 << 20
-_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def register(subparsers: Any) -> None:
@@ -98,13 +98,6 @@ def register(subparsers: Any) -> None:
 
 
 # --- process figures ----------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds of process ``pid`` so far (``/proc/PID/stat``)."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
 def rss_bytes(pid: int) -> int:
