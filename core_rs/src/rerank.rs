@@ -8,14 +8,15 @@ use std::cmp::Ordering;
 use crate::rng::Rng;
 use crate::scan::dot;
 
-/// Min-max normalisation to [0, 1]. A constant list maps to zeros: it carries no ranking
-/// signal, and zeros add nothing to a blend.
+/// Min-max normalisation to [0, 1]. A constant list (a lone candidate among them) carries no
+/// ranking signal and maps to ones: its best is as good as the pool gets, and a blend then
+/// shifts every candidate alike, so rankings are the same as with any other constant.
 pub fn minmax(scores: &[f32]) -> Vec<f32> {
     let (lo, hi) =
         scores.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &s| (lo.min(s), hi.max(s)));
     let range = hi - lo;
     if !(range > 0.0 && range.is_finite()) {
-        return vec![0.0; scores.len()];
+        return vec![1.0; scores.len()];
     }
     scores.iter().map(|&s| (s - lo) / range).collect()
 }
@@ -115,7 +116,7 @@ mod tests {
     #[test]
     fn minmax_and_blend() {
         assert_eq!(minmax(&[1.0, 3.0, 2.0]), vec![0.0, 1.0, 0.5]);
-        assert_eq!(minmax(&[2.0, 2.0]), vec![0.0, 0.0]);
+        assert_eq!(minmax(&[2.0, 2.0]), vec![1.0, 1.0]);
         let b = blend(&[0.0, 10.0], &[5.0, 0.0], 0.25);
         assert_eq!(b, vec![0.25, 0.75]);
     }
