@@ -9,7 +9,7 @@ use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyKeyError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use crate::decode::{DecodeError, Record};
 use crate::hnsw::HnswConfig;
@@ -496,6 +496,9 @@ pub struct PyModel {
     /// The journal position the model was loaded at (0 for a new model).
     #[pyo3(get)]
     loaded_wal_seq: u64,
+    /// The shared log's position the model was loaded at (empty for a new model or one saved
+    /// without it).
+    loaded_log_position: Vec<u8>,
 }
 
 #[pymethods]
@@ -505,7 +508,7 @@ impl PyModel {
     #[pyo3(signature = (config=None))]
     fn new(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
         let cfg = config_from_dict(&config_dict(py, config)?)?;
-        Ok(PyModel { inner: model::Model::new(cfg), loaded_wal_seq: 0 })
+        Ok(PyModel { inner: model::Model::new(cfg), loaded_wal_seq: 0, loaded_log_position: Vec::new() })
     }
 
     /// The settings the model runs with, as a dict of `ModelConfig` fields.
@@ -814,10 +817,17 @@ impl PyModel {
         Ok(d)
     }
 
-    /// Writes a snapshot atomically; `wal_seq` is the last journal record it reflects.
-    #[pyo3(signature = (path, wal_seq=0))]
-    fn save(&self, py: Python<'_>, path: PathBuf, wal_seq: u64) -> PyResult<()> {
-        py.detach(|| self.inner.save(&path, wal_seq)).map_err(snapshot_err)
+    /// The shared log's position the model was loaded at, as bytes.
+    #[getter]
+    fn loaded_log_position<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.loaded_log_position)
+    }
+
+    /// Writes a snapshot atomically; `wal_seq` is the last journal record it reflects and
+    /// `log_position` the shared log's position of it (opaque bytes, kept as given).
+    #[pyo3(signature = (path, wal_seq=0, log_position=Vec::new()))]
+    fn save(&self, py: Python<'_>, path: PathBuf, wal_seq: u64, log_position: Vec<u8>) -> PyResult<()> {
+        py.detach(|| self.inner.save(&path, wal_seq, &log_position)).map_err(snapshot_err)
     }
 
     /// Loads a snapshot. With `config`, the settings a restart may change are taken from it
@@ -830,9 +840,8 @@ impl PyModel {
             Some(c) => Some(config_from_dict(&config_dict(py, Some(c))?)?),
             None => None,
         };
-        let (inner, loaded_wal_seq) =
-            py.detach(|| model::Model::load(&path, wanted.as_ref())).map_err(snapshot_err)?;
-        Ok(PyModel { inner, loaded_wal_seq })
+        let (inner, at) = py.detach(|| model::Model::load(&path, wanted.as_ref())).map_err(snapshot_err)?;
+        Ok(PyModel { inner, loaded_wal_seq: at.wal_seq, loaded_log_position: at.log_position })
     }
 }
 

@@ -5,6 +5,8 @@
 //! magic  b"RSSNAP\0\0"        8 bytes
 //! version u32                 FORMAT_VERSION
 //! wal_seq u64                 the last journal record the snapshot reflects
+//! log_position len u64, bytes the shared log's position the snapshot reflects, opaque here
+//!                             (empty for the local journal; since version 4)
 //! body                        config, ids, factorization, trending, item attributes,
 //!                             seen sets, redelivery window (each id with its event's
 //!                             user, since version 3), counters, index
@@ -15,7 +17,8 @@
 //! checksum or disk work in it), the index under its own read lock after the state lock is
 //! released; the checksum and the write happen without any lock: temp file, fsync, rename
 //! over the target, fsync the directory. A reader therefore sees the old snapshot or the new
-//! one, never a torn file. Version 2 files (ids without users) are still read.
+//! one, never a torn file. Version 2 files (ids without users) and version 3 files (no log
+//! position: they load with an empty one) are still read.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -31,7 +34,10 @@ use crate::model::{Config, Dirty, ItemMeta, Model, State};
 use crate::trending::Trending;
 
 pub const MAGIC: &[u8; 8] = b"RSSNAP\0\0";
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
+/// Largest log position accepted when loading: a position names one stream id per partition,
+/// so a few kilobytes is generous; a larger length means a damaged file.
+pub const MAX_LOG_POSITION_BYTES: usize = 1 << 20;
 /// The oldest format this build reads: version 2 lacks the users of the redelivery window.
 const OLDEST_READABLE: u32 = 2;
 
@@ -176,12 +182,27 @@ fn get_config(r: &mut dyn Read, mf: crate::mf::MfConfig) -> io::Result<Config> {
 }
 
 impl Model {
-    /// Serialises the model, with `wal_seq` (the last journal record it reflects), to bytes.
+    /// Serialises the model, with `wal_seq` (the last journal record it reflects) and an empty
+    /// log position, to bytes.
     pub fn snapshot_bytes(&self, wal_seq: u64) -> io::Result<Vec<u8>> {
+        self.snapshot_bytes_at(wal_seq, &[])
+    }
+
+    /// Serialises the model with `wal_seq` and `log_position` (the shared log's own position
+    /// of the same record, opaque to the model) to bytes.
+    pub fn snapshot_bytes_at(&self, wal_seq: u64, log_position: &[u8]) -> io::Result<Vec<u8>> {
+        if log_position.len() > MAX_LOG_POSITION_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("log position of {} bytes, at most {MAX_LOG_POSITION_BYTES}", log_position.len()),
+            ));
+        }
         let mut w: Vec<u8> = Vec::new();
         w.write_all(MAGIC)?;
         put_u32(&mut w, FORMAT_VERSION)?;
         put_u64(&mut w, wal_seq)?;
+        put_len(&mut w, log_position.len())?;
+        w.write_all(log_position)?;
         {
             let st = self.state.read();
             st.mf.save(&mut w)?;
@@ -224,8 +245,8 @@ impl Model {
     }
 
     /// Writes a snapshot to `path` atomically (temp file, fsync, rename, fsync directory).
-    pub fn save(&self, path: &Path, wal_seq: u64) -> io::Result<()> {
-        let bytes = self.snapshot_bytes(wal_seq)?;
+    pub fn save(&self, path: &Path, wal_seq: u64, log_position: &[u8]) -> io::Result<()> {
+        let bytes = self.snapshot_bytes_at(wal_seq, log_position)?;
         write_atomically(path, &bytes)
     }
 
@@ -238,6 +259,11 @@ impl Model {
     /// ([`Config::reconciled`], [`crate::mf::Mf::reconfigure`]); a setting that cannot change
     /// gives `InvalidInput` naming it.
     pub fn from_snapshot_bytes_with(bytes: &[u8], config: Option<&Config>) -> io::Result<(Model, u64)> {
+        Self::from_snapshot_bytes_at(bytes, config).map(|(model, at)| (model, at.wal_seq))
+    }
+
+    /// [`Model::from_snapshot_bytes_with`], returning both positions the snapshot reflects.
+    pub fn from_snapshot_bytes_at(bytes: &[u8], config: Option<&Config>) -> io::Result<(Model, SnapshotAt)> {
         if bytes.len() < MAGIC.len() + 4 + 8 + 4 {
             return Err(invalid("snapshot is truncated"));
         }
@@ -257,6 +283,14 @@ impl Model {
             )));
         }
         let wal_seq = get_u64(r)?;
+        let log_position = if version >= 4 {
+            let n = get_len(r, MAX_LOG_POSITION_BYTES as u64)?;
+            let mut p = vec![0u8; n];
+            r.read_exact(&mut p)?;
+            p
+        } else {
+            Vec::new()
+        };
         let mut mf = Mf::load(r)?;
         let mut cfg = get_config(r, mf.config().clone())?;
         if let Some(wanted) = config {
@@ -330,15 +364,25 @@ impl Model {
         for i in state.rebuild_derived(&cfg) {
             dirty.mark(i);
         }
-        Ok((Model::assemble(cfg, state, index, dirty), wal_seq))
+        Ok((Model::assemble(cfg, state, index, dirty), SnapshotAt { wal_seq, log_position }))
     }
 
     /// Loads a snapshot file; with `config`, as [`Model::from_snapshot_bytes_with`].
-    pub fn load(path: &Path, config: Option<&Config>) -> io::Result<(Model, u64)> {
+    pub fn load(path: &Path, config: Option<&Config>) -> io::Result<(Model, SnapshotAt)> {
         let mut bytes = Vec::new();
         File::open(path)?.read_to_end(&mut bytes)?;
-        Self::from_snapshot_bytes_with(&bytes, config)
+        Self::from_snapshot_bytes_at(&bytes, config)
     }
+}
+
+/// Where in the event stream a snapshot was taken.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SnapshotAt {
+    /// The last local journal record the snapshot reflects (the node's own numbering).
+    pub wal_seq: u64,
+    /// The shared log's position of that record (opaque here; empty for the local journal and
+    /// for files older than version 4).
+    pub log_position: Vec<u8>,
 }
 
 /// Replaces `path` with `bytes` so that a crash at any moment leaves the old file or the new.
@@ -354,4 +398,66 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     }
     fs::rename(&tmp, path)?;
     File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model_with_events() -> Model {
+        let m = Model::new(Config::default());
+        let ev = |u: i64, i: i64| crate::decode::Record::Interaction {
+            user: ExtId::Int(u),
+            item: ExtId::Int(i),
+            kind: None,
+            weight: Some(1.0),
+            id: Some(ExtId::Int(u * 100 + i)),
+            ts: 1.7e9,
+        };
+        m.apply(&[ev(1, 2), ev(1, 3), ev(2, 3)], "p");
+        m
+    }
+
+    /// The log position goes in and comes back byte for byte, beside `wal_seq`.
+    #[test]
+    fn log_position_round_trips() {
+        let m = model_with_events();
+        let position = b"\x81\xa2p0\xa5123-4".to_vec();
+        let bytes = m.snapshot_bytes_at(42, &position).unwrap();
+        let (_, at) = Model::from_snapshot_bytes_at(&bytes, None).unwrap();
+        assert_eq!(at, SnapshotAt { wal_seq: 42, log_position: position });
+        let (_, at) = Model::from_snapshot_bytes_at(&m.snapshot_bytes(5).unwrap(), None).unwrap();
+        assert_eq!(at, SnapshotAt { wal_seq: 5, log_position: Vec::new() });
+    }
+
+    /// A version 3 file (no position field) still loads, with an empty position.
+    #[test]
+    fn version_3_files_load_with_an_empty_position() {
+        let m = model_with_events();
+        let v4 = m.snapshot_bytes_at(9, b"").unwrap();
+        // Version 3 is version 4 without the (here empty) position: drop its 8-byte length.
+        let header = MAGIC.len() + 4 + 8;
+        let mut v3 = v4[..header].to_vec();
+        v3[8..12].copy_from_slice(&3u32.to_le_bytes());
+        v3.extend_from_slice(&v4[header + 8..v4.len() - 4]);
+        let crc = crc32fast::hash(&v3);
+        v3.extend_from_slice(&crc.to_le_bytes());
+        let (_, at) = Model::from_snapshot_bytes_at(&v3, None).unwrap();
+        assert_eq!(at, SnapshotAt { wal_seq: 9, log_position: Vec::new() });
+    }
+
+    /// An oversized position is refused when writing and a damaged length when reading.
+    #[test]
+    fn oversized_positions_are_refused() {
+        let m = model_with_events();
+        let err = m.snapshot_bytes_at(1, &vec![0; MAX_LOG_POSITION_BYTES + 1]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        let mut bytes = m.snapshot_bytes_at(1, b"ab").unwrap();
+        let at = MAGIC.len() + 4 + 8;
+        bytes[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        let n = bytes.len() - 4;
+        let crc = crc32fast::hash(&bytes[..n]);
+        bytes[n..].copy_from_slice(&crc.to_le_bytes());
+        assert!(Model::from_snapshot_bytes_at(&bytes, None).is_err());
+    }
 }
