@@ -33,14 +33,14 @@ test-py: dev
 	$(PY) -m pytest -q
 
 lint: dev  ## ruff, mypy, cargo fmt --check, clippy
-	$(PY) -m ruff check engine bench tests
-	$(PY) -m ruff format --check engine bench tests
+	$(PY) -m ruff check engine connectors bench tests
+	$(PY) -m ruff format --check engine connectors bench tests
 	$(PY) -m mypy
 	cargo fmt --all -- --check
 	cargo clippy --release --all-targets -- -D warnings
 
 fmt:  ## format Python and Rust
-	$(PY) -m ruff format engine bench tests
+	$(PY) -m ruff format engine connectors bench tests
 	cargo fmt --all
 
 bench: dev  ## run the whole benchmark suite against its peers and rewrite the README table

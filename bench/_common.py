@@ -186,7 +186,7 @@ def to_toml(config: dict[str, Any]) -> str:
 
 
 class ServerProcess:
-    """``python -m engine serve`` in a child process, on ephemeral loopback ports.
+    """``python -m connectors serve`` in a child process, on ephemeral loopback ports.
 
     A benchmark's clients then compete with a real server process (its own interpreter, GIL
     and event loop) exactly as production clients would. The data directory is temporary;
@@ -225,7 +225,7 @@ class ServerProcess:
         root = Path(self._tmp.name)
         (root / "server.toml").write_text(to_toml(self.config))
         self._log = open(root / "server.log", "w")  # noqa: SIM115 (closed in __exit__)
-        cmd = [sys.executable, "-m", "engine", "serve", "--http", "127.0.0.1:0"]
+        cmd = [sys.executable, "-m", "connectors", "serve", "--http", "127.0.0.1:0"]
         data = self.data_dir if self.data_dir is not None else root / "data"
         cmd += ["--forward", "127.0.0.1:0", "--data-dir", str(data)]
         cmd += ["--config", str(root / "server.toml")]

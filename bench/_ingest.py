@@ -1,6 +1,6 @@
 """Ingest benchmark: acknowledged events per second over Fluent Forward, against Redis Streams.
 
-A server runs as a subprocess (``python -m engine serve``) with the journal's default
+A server runs as a subprocess (``python -m connectors serve``) with the journal's default
 durability (``sync = "batch"``: fdatasync per group commit) and again with ``sync = "off"``.
 Several producer connections each keep a window of PackedForward frames (``batch`` events
 each, with a ``chunk`` id) in flight; an event counts only once its frame's ack arrived before
@@ -78,12 +78,14 @@ def register(subparsers: Any) -> None:
 
 def event_batches(n_batches: int, batch: int) -> list[list[dict[str, Any]]]:
     """``n_batches`` lists of ``batch`` synthetic events (skewed users and items)."""
-    import engine
+    import engine.datasets
 
-    stream = engine.generate_stream(
-        engine.SyntheticConfig(n_events=n_batches * batch, n_users=20_000, n_items=10_000, seed=1)
+    stream = engine.datasets.generate(
+        engine.datasets.SyntheticConfig(
+            n_events=n_batches * batch, n_users=20_000, n_items=10_000, seed=1
+        )
     )
-    types = engine.EVENT_TYPES
+    types = engine.datasets.EVENT_TYPES
     events = [
         {"user": int(u), "item": int(i), "type": types[int(t)]}
         for u, i, t in zip(stream.users, stream.items, stream.types, strict=True)
@@ -161,13 +163,13 @@ def run_ours(sync: str, bodies: list[bytes], args: argparse.Namespace, dim: int)
     the run's figures."""
     config = {"sync": sync, "snapshot_interval": 3600.0, "model": {"dim": dim}}
     with ServerProcess(config) as server:
-        applied0 = server.stats()["events_applied"]
+        applied0 = server.engine.stats()["events_applied"]
         clock = Window(time.perf_counter(), args.seconds)
         applied_at_deadline: list[int] = []
 
         def sample_applied() -> None:
             time.sleep(max(0.0, clock.deadline - time.perf_counter()))
-            applied_at_deadline.append(server.stats()["events_applied"])
+            applied_at_deadline.append(server.engine.stats()["events_applied"])
 
         sampler = threading.Thread(target=sample_applied)
         sampler.start()
@@ -198,8 +200,10 @@ def run_ours(sync: str, bodies: list[bytes], args: argparse.Namespace, dim: int)
 
         trio.run(flood)
         sampler.join()
-        wal = histogram_quantiles(server.metrics(), "recstream_wal_append_seconds", (0.5, 0.99))
-        stats = server.stats()
+        wal = histogram_quantiles(
+            server.engine.metrics(), "recstream_wal_append_seconds", (0.5, 0.99)
+        )
+        stats = server.engine.stats()
         server.kill()  # the backlog queued for the model is of no interest
     rate = clock.acked / args.seconds
     applied_rate = (applied_at_deadline[0] - applied0) / args.seconds
@@ -303,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     batches = event_batches(POOL_FRAMES, args.batch)
-    from engine.client import pack_entries
+    from connectors.client import pack_entries
 
     now = time.time()
     bodies = [pack_entries(b, now=now) for b in batches]

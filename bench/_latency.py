@@ -1,6 +1,6 @@
 """Push-latency benchmark: from a producer's send to a websocket subscriber's receipt.
 
-One process tree on loopback: the server is a subprocess (``python -m engine serve`` with a
+One process tree on loopback: the server is a subprocess (``python -m connectors serve`` with a
 temporary data directory and a TOML config); the producer and every subscriber are trio tasks
 of this process, so send and receipt times come from one clock (``time.perf_counter``).
 
@@ -224,7 +224,7 @@ async def produce(
     schedule; each event's time is still taken when its frame is sent, so the latency counts
     the queueing inside the server but not the producer's own delay.
     """
-    from engine.client import ForwardProducer
+    from connectors.client import ForwardProducer
 
     total = int(rate * args.seconds)
     sent = 0
@@ -266,7 +266,7 @@ async def produce(
 
 
 async def warm_up(address: tuple[str, int], stream: Any, key: str | None = None) -> None:
-    from engine.client import ForwardProducer
+    from connectors.client import ForwardProducer
 
     async with ForwardProducer(*address, tag="bench.warmup", shared_key=key) as producer:
         for s in range(0, len(stream.users), 1000):
@@ -294,7 +294,7 @@ async def measure(
     gate = trio.Semaphore(CONNECT_AT_ONCE)
     async with trio.open_nursery() as nursery:
         t0 = time.perf_counter()
-        before = await trio.to_thread.run_sync(server.metrics)
+        before = await trio.to_thread.run_sync(server.engine.metrics)
         for u in users:
             nursery.start_soon(subscriber, server.http_url, u, rec, gate, len(users), args.key)
         with trio.move_on_after(120):
@@ -304,7 +304,7 @@ async def measure(
             flush=True,
         )
         await trio.sleep(0.5)
-        gc0 = (await trio.to_thread.run_sync(server.stats)).get("gc_seconds")
+        gc0 = (await trio.to_thread.run_sync(server.engine.stats)).get("gc_seconds")
         # A server started elsewhere (--target) has no process here to read its CPU from.
         cpu0 = cpu_seconds(server.pid) if server.pid else None
         wall0, pushes0 = time.perf_counter(), rec.pushes
@@ -313,8 +313,8 @@ async def measure(
         cpu = cpu_seconds(server.pid) - cpu0 if cpu0 is not None else None
         wall = time.perf_counter() - wall0
         pushes = rec.pushes - pushes0
-        exposition = await trio.to_thread.run_sync(server.metrics)
-        stats = await trio.to_thread.run_sync(server.stats)
+        exposition = await trio.to_thread.run_sync(server.engine.metrics)
+        stats = await trio.to_thread.run_sync(server.engine.stats)
         if args.target is None:
             server.terminate()  # the orderly shutdown closes every subscriber with 1001
             with trio.move_on_after(20):
@@ -371,9 +371,9 @@ def run_once(
     else:
         server = RunningServer(args.target, parse_hostport(args.forward), args.key)
     with server:
-        base = server.stats()["events_applied"] if args.target is not None else 0
+        base = server.engine.stats()["events_applied"] if args.target is not None else 0
         trio.run(warm_up, server.forward_address, warm, args.key)
-        server.wait_applied(base + len(warm.users))
+        server.engine.wait_applied(base + len(warm.users))
         out = trio.run(measure, server, users, items, rate, args)
     rec: Recorder = out["rec"]
     hist = HdrHistogram(1, 120_000_000, 3)  # microseconds, 3 significant digits
@@ -521,7 +521,7 @@ def plot(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> str | Non
 
 def run(args: argparse.Namespace) -> int:
     require_release()
-    import engine
+    import engine.datasets
 
     if (args.target is None) != (args.forward is None):
         raise SystemExit("--target and --forward go together: the running server's two listeners")
@@ -531,8 +531,8 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.subscribers, args.rate, args.low_rate, args.seconds = 50, 500.0, 0.0, 2.0
         args.catalog, args.warmup = 1000, 3000
-    warm = engine.generate_stream(
-        engine.SyntheticConfig(
+    warm = engine.datasets.generate(
+        engine.datasets.SyntheticConfig(
             n_events=args.warmup,
             n_users=2 * args.subscribers,
             n_items=args.catalog,

@@ -78,7 +78,7 @@ def measure(
 
     ``config`` holds further ``ModelConfig`` fields (the history caps).
     """
-    import engine
+    import engine.datasets
 
     model = engine.Model(engine.ModelConfig(dim=dim, auto_reindex=auto_reindex, **config))
     users, items = stream.users[:n], stream.items[:n]
@@ -154,7 +154,7 @@ def measure_river(stream: Any, n: int, *, kind: str, dim: int) -> dict[str, floa
 
 def run(args: argparse.Namespace) -> int:
     require_release()
-    import engine
+    import engine.datasets
 
     if args.quick:
         args.events, args.users, args.items = 50_000, 5_000, 2_000
@@ -174,10 +174,10 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     t0 = time.perf_counter()
-    config = engine.SyntheticConfig(
+    config = engine.datasets.SyntheticConfig(
         n_events=args.events, n_users=args.users, n_items=args.items, seed=args.seed
     )
-    stream = engine.generate_stream(config)
+    stream = engine.datasets.generate(config)
     print(f"  generated in {time.perf_counter() - t0:.1f} s", flush=True)
 
     ours64 = measure(

@@ -116,7 +116,7 @@ TUNE_BUDGET = 12
 
 
 def register(subparsers: Any) -> None:
-    from engine import DATASET_FORMATS
+    from engine.datasets import FORMATS as DATASET_FORMATS
 
     p = subparsers.add_parser(
         "quality", help="test-then-train HR/NDCG against online peers (eALS paper protocol)"
@@ -686,10 +686,10 @@ def stream_eval(
 
 
 def load_split(args: argparse.Namespace) -> tuple[Split, dict[str, Any]]:
-    import engine
+    import engine.datasets
 
     if args.data is not None:
-        ds = engine.load_dataset(args.data, args.format)
+        ds = engine.datasets.load(args.data, args.format)
         source = {
             "data": str(args.data),
             "format": args.format,
@@ -703,14 +703,14 @@ def load_split(args: argparse.Namespace) -> tuple[Split, dict[str, Any]]:
             ts = ts - ts.min() + TIME_BASE
             source["times"] = f"shifted to start at {TIME_BASE:.0f} (unix seconds)"
         return Split(ds.users, ds.items, weights, ts), source
-    config = engine.SyntheticConfig(
+    config = engine.datasets.SyntheticConfig(
         n_events=args.events,
         n_users=args.users,
         n_items=args.items,
         zipf=args.zipf,
         seed=args.seed,
     )
-    s = engine.generate_stream(config)
+    s = engine.datasets.generate(config)
     source = {
         "synthetic": {
             "n_events": args.events,

@@ -2,7 +2,7 @@
 
 A data directory is written the way a running server leaves it, without running one: the
 journal (``wal/``) holds Forward-mode frames of ``--frame-events`` events each, one journal
-record per frame exactly as ingestion journals them. Then ``python -m engine serve`` is
+record per frame exactly as ingestion journals them. Then ``python -m connectors serve`` is
 started on it and timed from the spawn to the first ``/readyz`` 200.
 
 Three restarts, each on its own data directory:
@@ -109,7 +109,7 @@ def write_data_dir(
     from engine import Model, ModelConfig
     from engine._events import journal_record
     from engine._journal import Journal
-    from engine._server import SNAPSHOT
+    from engine._recovery import SNAPSHOT
 
     data.mkdir(parents=True)
     frames = snapshot_frames + behind_frames
@@ -143,7 +143,7 @@ def restart(data: Path, seed: int) -> dict[str, Any]:
         ready_s = time.perf_counter() - began
         cpu_s = cpu_seconds(server.pid)
         log = Path(server._log.name).read_text()
-        stats = server.stats()
+        stats = server.engine.stats()
         server.kill()  # the orderly shutdown's snapshot is not part of what is measured
     found = _REPLAYED.search(log)
     if found is None:

@@ -144,9 +144,9 @@ class KillTrial:
 
 
 def start_server(data_dir: Path, config: Path) -> tuple[subprocess.Popen[str], str]:
-    """``python -m engine serve`` on ephemeral loopback ports; returns it and its HTTP URL."""
+    """``python -m connectors serve`` on ephemeral loopback ports; returns it and its HTTP URL."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--config", str(config)]
+        [sys.executable, "-m", "connectors", "serve", "--config", str(config)]
         + ["--data-dir", str(data_dir), "--http", "127.0.0.1:0", "--forward", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -208,20 +208,16 @@ async def produce(url: str, ledger: Ledger, stop: trio.Event, workers: int = 4) 
 def recovered_events(data_dir: Path) -> tuple[dict[int, str], int]:
     """Recovers ``data_dir`` as a restart would: (event n -> user it was applied under,
     the model's count of applied events)."""
-    from engine import ModelConfig
-    from engine._config import ServerConfig
-    from engine._server import Server
+    from engine import ModelConfig, ServerConfig, recover
 
-    server = Server(
+    model = recover(
         ServerConfig(data_dir=data_dir, http_port=0, forward_port=0, model=ModelConfig(dim=16))
-    )
-    journal, _ = server._recover()
-    journal.close()
+    ).model
     seen: dict[int, str] = {}
     for u in range(USERS):
-        for item in server.model.seen(f"u{u}"):
+        for item in model.seen(f"u{u}"):
             seen[int(item[1:])] = f"u{u}"
-    return seen, int(server.model.stats()["events_applied"])
+    return seen, int(model.stats()["events_applied"])
 
 
 def check_recovered(data_dir: Path, ledger: Ledger) -> tuple[int, int, int]:
@@ -314,10 +310,10 @@ async def fault_drill(root: Path, target: str, kind: str, k: int, error: str) ->
     """One injected fault against an in-process server under HTTP ingest (see drill 2)."""
     import errno
 
+    from connectors import Node
     from engine import ModelConfig
     from engine._config import ServerConfig
     from engine._journal import FaultyFileOps
-    from engine._server import Server
 
     data_dir = root / "data"
     scope = data_dir / "wal" if target == "journal" else data_dir
@@ -329,7 +325,7 @@ async def fault_drill(root: Path, target: str, kind: str, k: int, error: str) ->
         snapshot_interval=0.1,
         model=ModelConfig(dim=16),
     )
-    server = Server(config, file_ops=ops)
+    server = Node(config, file_ops=ops)
     ledger = Ledger()
     out: dict[str, Any] = {"target": target, "kind": kind, "k": k, "error": error}
     cpu0 = _own_cpu()
@@ -451,7 +447,7 @@ async def fuzz_forward(
 ) -> dict[str, int]:
     """Sends ``frames`` mutated frames, reconnecting whenever the server hangs up, and a valid
     acknowledged event every ``valid_every`` frames over a separate producer."""
-    from engine.client import ForwardProducer
+    from connectors.client import ForwardProducer
 
     rng = random.Random(seed)
     sent = connections = valid = 0
@@ -541,11 +537,11 @@ def drill_fuzz(frames: int, messages: int, seed: int) -> dict[str, Any]:
         ws = trio.run(fuzz_ws, server.http_url, messages, seed + 1)
         seconds = time.perf_counter() - began
         alive = server._proc is not None and server._proc.poll() is None
-        stats = server.stats()
+        stats = server.engine.stats()
         deadline = time.monotonic() + 60
         while stats["applied_seq"] < stats["wal_seq"] and time.monotonic() < deadline:
             time.sleep(0.1)
-            stats = server.stats()
+            stats = server.engine.stats()
         # Every valid event has its own item: look each one up through the similar-items
         # endpoint, which answers 404 for an item the model never saw.
         missing = 0
@@ -618,7 +614,7 @@ async def _flow(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     from bench._latency import Recorder, subscriber
-    from engine.client import ForwardProducer
+    from connectors.client import ForwardProducer
 
     rec = Recorder()
     rng = random.Random(args.seed)  # the same stream in both runs
@@ -651,7 +647,7 @@ async def _flow(
 
         async def watch_released() -> None:
             while True:
-                text = await trio.to_thread.run_sync(server.metrics)
+                text = await trio.to_thread.run_sync(server.engine.metrics)
                 # Whether the server notices in the push loop (recstream_subscribers_dropped)
                 # or the kernel aborts the connection first, the subscription goes away.
                 if _metric(text, "recstream_subscribers") <= rec.subscribed:
@@ -694,7 +690,7 @@ async def _flow(
         await trio.sleep(1.0)
         out["rss_growth_mib"] = (rss_bytes(server.pid) - rss0) / MIB
         out["server_cpu_s"] = cpu_seconds(server.pid) - cpu0
-        text = await trio.to_thread.run_sync(server.metrics)
+        text = await trio.to_thread.run_sync(server.engine.metrics)
         out["stuck_dropped"] = _metric(text, "recstream_subscribers_dropped_total")
         open_stuck = _metric(text, "recstream_subscribers") - rec.subscribed
         out["stuck_released"] = len(held) - max(0, int(open_stuck)) if with_stuck else 0
@@ -717,10 +713,10 @@ async def _flow(
 
 
 def drill_stuck(args: argparse.Namespace) -> dict[str, Any]:
-    import engine
+    import engine.datasets
 
-    warm = engine.generate_stream(
-        engine.SyntheticConfig(
+    warm = engine.datasets.generate(
+        engine.datasets.SyntheticConfig(
             n_events=max(3000, 20 * (args.readers + args.stuck)),
             n_users=args.readers + args.stuck,
             n_items=2000,
@@ -746,7 +742,7 @@ def drill_stuck(args: argparse.Namespace) -> dict[str, Any]:
             from bench._latency import warm_up
 
             trio.run(warm_up, server.forward_address, warm)
-            server.wait_applied(len(warm.users))
+            server.engine.wait_applied(len(warm.users))
             r = trio.run(_flow, server, readers, stuck, items, with_stuck, args)
             server.kill()  # thousands of pushes may be queued for nobody; skip the drain
         label = "with_stuck" if with_stuck else "alone"

@@ -41,7 +41,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--users", type=int, default=50_000, help="users (default 50k)")
     p.add_argument("--items", type=int, default=20_000, help="items (default 20k)")
     p.add_argument("--data", help="a real data set instead of the synthetic stream")
-    p.add_argument("--format", default=None, help="the data set's format (see load_dataset)")
+    p.add_argument(
+        "--format", default=None, help="the data set's format (see engine.datasets.load)"
+    )
     p.add_argument("--queries", type=int, default=2000, help="warm users queried (default 2000)")
     p.add_argument("--cold", type=int, default=1000, help="cold users queried (default 1000)")
     p.add_argument("--batch", type=int, default=100, help="users per recommend_batch call")
@@ -69,14 +71,14 @@ def timed(fn: Callable[[], Any], n: int) -> dict[str, float]:
 def train(args: argparse.Namespace) -> tuple[Any, np.ndarray, list[int], np.ndarray]:
     """The model, the warm users to query, the cold users (added here) to query and every
     item id."""
-    import engine
+    import engine.datasets
 
     if args.data:
-        ds = engine.load_dataset(args.data, args.format)
+        ds = engine.datasets.load(args.data, args.format)
         users, items, weights, ts = ds.users, ds.items, ds.weights, ds.ts
     else:
-        stream = engine.generate_stream(
-            engine.SyntheticConfig(
+        stream = engine.datasets.generate(
+            engine.datasets.SyntheticConfig(
                 n_events=args.events,
                 n_users=args.users,
                 n_items=args.items,

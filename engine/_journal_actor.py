@@ -26,35 +26,17 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-import attrs
 import trio
 
 from ._exceptions import JournalClosed, JournalFailed
 from ._journal import Journal
+from ._messages import Appended
 
 __all__ = ["Appended", "JournalActor"]
 
 log = logging.getLogger("recstream.journal")
 
 T = TypeVar("T")
-
-
-@attrs.frozen
-class Appended:
-    """A run of durable records, forwarded to the next actor in seq order.
-
-    Attributes:
-        first_seq: The seq of ``payloads[0]``; the others follow consecutively.
-        payloads: The records' payloads as appended.
-    """
-
-    first_seq: int
-    payloads: tuple[bytes, ...]
-
-    @property
-    def last_seq(self) -> int:
-        """The seq of the last payload."""
-        return self.first_seq + len(self.payloads) - 1
 
 
 class _Request:

@@ -14,33 +14,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
 import trio
 
 from ._events import parse_journal_record
-from ._journal_actor import Appended
+from ._messages import Appended, Applied
 from ._model import Model
 
 __all__ = ["Applied", "ModelActor", "apply_records"]
 
 log = logging.getLogger("recstream.model")
-
-
-@attrs.frozen
-class Applied:
-    """What one journal record did to the model.
-
-    ``users`` are the users whose lists may have changed, each with the id of its newest
-    event; ``erased`` the users an erase record removed (not those the model never knew).
-    """
-
-    seq: int
-    accepted_at: float
-    applied: int
-    duplicates: int
-    rejected: tuple[tuple[int, str], ...]
-    users: tuple[tuple[Any, Any], ...]
-    erased: tuple[Any, ...] = ()
 
 
 def apply_records(
@@ -92,6 +74,7 @@ class ModelActor:
         model: The model; this actor is its only writer.
         inbox: The journal actor's output channel.
         applied_seq: The journal position the model already reflects (after recovery).
+        applied_position: The log's position at ``applied_seq`` (empty for the journal).
         on_applied: Called in the event loop with each group's results (publisher, metrics,
             index wake-up). Must not block.
     """
@@ -102,10 +85,12 @@ class ModelActor:
         inbox: trio.MemoryReceiveChannel[Appended],
         *,
         applied_seq: int = 0,
+        applied_position: bytes = b"",
         on_applied: Callable[[list[Applied]], None] | None = None,
     ) -> None:
         self.model = model
         self.applied_seq = applied_seq
+        self.applied_position = applied_position  # the log's position at applied_seq
         self._inbox = inbox
         self._on_applied = on_applied
         self._lock = trio.Lock()  # held while a group applies; snapshots take it in between
@@ -124,13 +109,24 @@ class ModelActor:
                     )
                     self.last_apply_seconds = time.perf_counter() - started
                     self.applied_seq = group.last_seq
+                    self.applied_position = group.position
                 if self._on_applied is not None:
                     self._on_applied(results)
         self.drained.set()
 
-    async def snapshot(self, path: Path) -> int:
-        """Writes a snapshot between groups; returns the journal sequence it reflects."""
+    async def snapshot(self, path: Path) -> tuple[int, bytes]:
+        """Writes a snapshot between groups; returns the seq and log position it reflects."""
         async with self._lock:
-            seq = self.applied_seq
-            await trio.to_thread.run_sync(self.model.save, path, seq)
-        return seq
+            seq, position = self.applied_seq, self.applied_position
+            await trio.to_thread.run_sync(_save, self.model, path, seq, position)
+        return seq, position
+
+
+def _save(model: Model, path: Path, seq: int, position: bytes) -> None:
+    """Writes ``model`` to ``path`` at (seq, log position); an empty position (the local
+    journal's) is what every snapshot format stores."""
+    if position:
+        save: Any = model.save  # the log_position argument comes with snapshot format 2
+        save(path, seq, log_position=position)
+    else:
+        model.save(path, seq)

@@ -12,9 +12,9 @@ import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
+from connectors import Node
 from engine import ModelConfig
 from engine._config import ServerConfig
-from engine._server import Server
 
 
 def server_config(data_dir: Path, **overrides: Any) -> ServerConfig:
@@ -31,9 +31,9 @@ def server_config(data_dir: Path, **overrides: Any) -> ServerConfig:
 
 
 @asynccontextmanager
-async def running_server(data_dir: Path, **overrides: Any) -> AsyncIterator[Server]:
-    """Starts a Server, yields it once it serves, shuts it down in order afterwards."""
-    server = Server(server_config(data_dir, **overrides))
+async def running_server(data_dir: Path, **overrides: Any) -> AsyncIterator[Node]:
+    """Starts a Node, yields it once it serves, shuts it down in order afterwards."""
+    server = Node(server_config(data_dir, **overrides))
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         try:
@@ -43,18 +43,18 @@ async def running_server(data_dir: Path, **overrides: Any) -> AsyncIterator[Serv
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
+async def server(tmp_path: Path) -> AsyncIterator[Node]:
     async with running_server(tmp_path / "data") as s:
         yield s
 
 
 @pytest.fixture
-async def http(server: Server) -> AsyncIterator[httpx.AsyncClient]:
+async def http(server: Node) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as client:
         yield client
 
 
-def ws_url(server: Server, path: str) -> str:
+def ws_url(server: Node, path: str) -> str:
     return server.http_url.replace("http://", "ws://") + path
 
 

@@ -29,9 +29,9 @@ PRODUCER_KEY = "producer-key-for-tests"
 def recstream(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    """Runs ``recstream ARGS`` (as ``python -m engine``) and returns what it did."""
+    """Runs ``recstream ARGS`` (as ``python -m connectors``) and returns what it did."""
     return subprocess.run(
-        [sys.executable, "-m", "engine", *args],
+        [sys.executable, "-m", "connectors", *args],
         cwd=cwd,
         env=_env(env),
         capture_output=True,
@@ -62,7 +62,7 @@ def serving(
 ) -> Iterator[tuple[str, tuple[str, int]]]:
     """A ``recstream serve`` subprocess on ephemeral ports; yields (http url, forward addr)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--http", "127.0.0.1:0"]
+        [sys.executable, "-m", "connectors", "serve", "--http", "127.0.0.1:0"]
         + ["--forward", "127.0.0.1:0", *args],
         cwd=cwd,
         env=_env(env),

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from engine._auth import issue_token
+from connectors._auth import issue_token
 
 from .test_cli import serving
 from .test_recovery import _start

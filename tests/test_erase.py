@@ -14,8 +14,8 @@ import httpx
 import pytest
 import trio
 
-from engine._exceptions import JournalClosed
-from engine._server import Server
+from engine import JournalClosed
+from engine._erasure import EraseActor
 
 from .conftest import running_server
 from .test_forward import forward, packed, send_acked
@@ -87,18 +87,18 @@ async def test_forward_erase_record_is_completed_on_disk(tmp_path: Path) -> None
     async with running_server(data_dir) as server:
         recs = _events(ERASED, range(5), "i") + _events(KEPT, range(3, 8), "i")
         seq = await send_acked(server, [packed(recs, chunk="a", members=2)], ["a"])
-        await server.wait_applied(seq)
-        await server.take_snapshot()
+        await server.engine.wait_applied(seq)
+        await server.engine.take_snapshot()
         seq = await send_acked(server, [forward([{"erase_user": ERASED}], chunk="b")], ["b"])
-        await server.wait_applied(seq)
+        await server.engine.wait_applied(seq)
         with trio.fail_after(10):
-            await server.wait_erased(ERASED)
-        assert server.model.seen(ERASED) == []
+            await server.engine.wait_erased(ERASED)
+        assert server.engine.model.seen(ERASED) == []
         assert [p for p, b in _bytes_on_disk(data_dir) if ERASED.encode() in b] == []
-        assert set(server.model.seen(KEPT)) == {f"i{n}" for n in range(3, 8)}
+        assert set(server.engine.model.seen(KEPT)) == {f"i{n}" for n in range(3, 8)}
     async with running_server(data_dir) as server:
-        assert server.model.user_vector(ERASED) is None
-        assert set(server.model.seen(KEPT)) == {f"i{n}" for n in range(3, 8)}
+        assert server.engine.model.user_vector(ERASED) is None
+        assert set(server.engine.model.seen(KEPT)) == {f"i{n}" for n in range(3, 8)}
 
 
 async def test_an_interrupted_erasure_is_completed_after_restart(
@@ -106,27 +106,27 @@ async def test_an_interrupted_erasure_is_completed_after_restart(
 ) -> None:
     data_dir = tmp_path / "data"
 
-    async def interrupted(self: Server, pending: dict[object, int]) -> None:
+    async def interrupted(self: EraseActor, pending: dict[object, int]) -> None:
         raise JournalClosed("simulated crash before the snapshot and the rewrite")
 
     with monkeypatch.context() as m:
-        m.setattr(Server, "_complete_erasure", interrupted)
+        m.setattr(EraseActor, "_complete", interrupted)
         async with running_server(data_dir) as server:
             async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
                 events = _events(ERASED, range(4), "i") + _events(KEPT, range(4), "i")
                 await http.post("/v1/events", json=events)
                 assert (await http.post("/v1/admin/snapshot")).status_code == 200
                 r = await http.post("/v1/events", json={"erase_user": ERASED})
-                await server.wait_applied(r.json()["seq"])
+                await server.engine.wait_applied(r.json()["seq"])
     # The model forgot the user, but the disk still holds them: the erasure is unfinished.
     assert any(ERASED.encode() in b for _, b in _bytes_on_disk(data_dir))
 
     async with running_server(data_dir) as server:
         with trio.fail_after(10):
-            while server.erased_through == 0:  # noqa: ASYNC110 - no event to wait on
+            while server.engine.erased_through == 0:  # noqa: ASYNC110 - no event to wait on
                 await trio.sleep(0.01)
-        assert server.model.user_vector(ERASED) is None
-        assert set(server.model.seen(KEPT)) == {f"i{n}" for n in range(4)}
+        assert server.engine.model.user_vector(ERASED) is None
+        assert set(server.engine.model.seen(KEPT)) == {f"i{n}" for n in range(4)}
     assert [p for p, b in _bytes_on_disk(data_dir) if ERASED.encode() in b] == []
 
 
@@ -158,16 +158,18 @@ async def test_erasing_an_unknown_user_is_404_and_writes_nothing(tmp_path: Path)
     async with running_server(data_dir) as server:
         async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
             r = await http.post("/v1/events", json=_events(KEPT, range(3), "i"))
-            await server.wait_applied(r.json()["seq"])
-            await server.take_snapshot()
+            await server.engine.wait_applied(r.json()["seq"])
+            await server.engine.take_snapshot()
             before = _bytes_on_disk(data_dir)
-            snapshots_taken = server.metrics.registry.get_sample_value("recstream_snapshots_total")
+            snapshots_taken = server.engine.metrics.registry.get_sample_value(
+                "recstream_snapshots_total"
+            )
             r = await http.delete("/v1/users/never-seen-42")
             assert r.status_code == 404
             assert r.json()["erased"] is False and r.json()["user"] == "never-seen-42"
             assert _bytes_on_disk(data_dir) == before
             assert (
-                server.metrics.registry.get_sample_value("recstream_snapshots_total")
+                server.engine.metrics.registry.get_sample_value("recstream_snapshots_total")
                 == snapshots_taken
             )
             # A known user is still erased as before.
@@ -177,11 +179,15 @@ async def test_erasing_an_unknown_user_is_404_and_writes_nothing(tmp_path: Path)
 
 async def test_a_forward_erase_of_an_unknown_user_rewrites_nothing(tmp_path: Path) -> None:
     async with running_server(tmp_path / "data") as server:
-        snapshots = server.metrics.registry.get_sample_value("recstream_snapshots_total")
+        snapshots = server.engine.metrics.registry.get_sample_value("recstream_snapshots_total")
         seq = await send_acked(server, [forward([{"erase_user": "nobody-9"}], chunk="e")], ["e"])
-        await server.wait_applied(seq)
+        await server.engine.wait_applied(seq)
         # The applied group was reported before wait_applied returned: an erasure would be
         # queued or under way now.
-        assert "nobody-9" not in server._erase_pending and "nobody-9" not in server._erasing
-        assert server.erased_through == 0
-        assert server.metrics.registry.get_sample_value("recstream_snapshots_total") == snapshots
+        assert server.engine.erasure is not None
+        assert server.engine.erasure.queued("nobody-9") == 0
+        assert server.engine.erased_through == 0
+        assert (
+            server.engine.metrics.registry.get_sample_value("recstream_snapshots_total")
+            == snapshots
+        )

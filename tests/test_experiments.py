@@ -83,7 +83,7 @@ def test_variants_from_toml(tmp_path: Path) -> None:
 
 async def test_variants_over_http_and_websocket(tmp_path: Path) -> None:
     async with running_server(tmp_path / "data", variants=VARIANTS) as server:
-        ex = server.experiments
+        ex = server.engine.experiments
         users = [f"v{n}" for n in range(40)]
         by_variant = {
             name: [u for u in users if ex.name_of(u) == name] for name in ("control", "short")
@@ -92,7 +92,7 @@ async def test_variants_over_http_and_websocket(tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
             events = [{"user": f"seed{n}", "item": f"i{n % 12}"} for n in range(60)]
             r = await http.post("/v1/events", json=events)
-            await server.wait_applied(r.json()["seq"])
+            await server.engine.wait_applied(r.json()["seq"])
             shown: dict[str, list[str]] = {}
             for u in users:
                 body = (await http.get(f"/v1/users/{u}/recommendations")).json()
@@ -152,17 +152,17 @@ async def test_overrides_reach_recommend_only_when_the_model_accepts_them(
 ) -> None:
     async with running_server(tmp_path / "data", variants=VARIANTS) as server:
         short = VARIANTS[1]
-        accepted = server._recommend_params
+        accepted = server.engine._recommend_params
         assert accepted is not None and "k" in accepted and "no_such_param" not in accepted
         expected = {k: v for k, v in short.params.items() if k in accepted}
-        assert server.recommend_params(short) == expected
-        assert "no_such_param" not in server.recommend_params(short)
+        assert server.engine.recommend_params(short) == expected
+        assert "no_such_param" not in server.engine.recommend_params(short)
         # A model that accepts the override gets it.
-        server._recommend_params = accepted | {"diversity"}
-        server._variant_params.clear()
-        assert server.recommend_params(short) == {"diversity": 0.3}
+        server.engine._recommend_params = accepted | {"diversity"}
+        server.engine._variant_params.clear()
+        assert server.engine.recommend_params(short) == {"diversity": 0.3}
         # Without a signature, one probing call per parameter decides.
-        server._recommend_params = None
-        server._variant_params.clear()
-        assert server.recommend_params(short) == expected
-        assert server.recommend_params(VARIANTS[0]) == {}
+        server.engine._recommend_params = None
+        server.engine._variant_params.clear()
+        assert server.engine.recommend_params(short) == expected
+        assert server.engine.recommend_params(VARIANTS[0]) == {}

@@ -17,8 +17,9 @@ import httpx
 import pytest
 import trio
 
+from connectors import Node
+from engine import Model, recover
 from engine._journal import FaultyFileOps, Journal
-from engine._server import Server
 
 from .conftest import server_config
 
@@ -35,8 +36,8 @@ def _metric(text: str, name: str, what: str) -> float:
     return float(m.group(1))
 
 
-def _seen_items(server: Server) -> set[int]:
-    return {int(item[1:]) for u in range(7) for item in server.model.seen(f"u{u}")}
+def _seen_items(model: Model) -> set[int]:
+    return {int(item[1:]) for u in range(7) for item in model.seen(f"u{u}")}
 
 
 async def _wait_ready(http: httpx.AsyncClient) -> None:
@@ -103,7 +104,7 @@ async def test_journal_fault_is_refused_reported_and_recovered(
 ) -> None:
     data_dir = tmp_path / "data"
     ops = FaultyFileOps(scope=data_dir / "wal", error=ERRORS[error], sticky=True)
-    server = Server(server_config(data_dir), file_ops=ops)
+    server = Node(server_config(data_dir), file_ops=ops)
     acked: set[int] = set()
     refused: set[int] = set()
     n = 0
@@ -141,30 +142,28 @@ async def test_journal_fault_is_refused_reported_and_recovered(
             assert await post() == 202
             metrics = (await http.get("/metrics")).text
             assert _metric(metrics, "recstream_storage_fault", "journal") == 0
-            await server.wait_applied(server.stats()["wal_seq"])
-            assert acked <= _seen_items(server)
-            assert not refused & _seen_items(server)
+            await server.engine.wait_applied(server.engine.stats()["wal_seq"])
+            assert acked <= _seen_items(server.engine.model)
+            assert not refused & _seen_items(server.engine.model)
         server.shutdown()
 
     # What a restart recovers: every acknowledged event, none of the refused ones.
-    restarted = Server(server_config(data_dir))
-    journal, _ = restarted._recover()
-    journal.close()
+    restarted = recover(server_config(data_dir)).model
     assert _seen_items(restarted) == acked
-    assert restarted.model.stats()["events_applied"] == len(acked)
+    assert restarted.stats()["events_applied"] == len(acked)
 
 
 async def test_snapshot_fault_keeps_the_journal_and_clears(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     ops = FaultyFileOps(scope=data_dir, fail_at={"snapshot": 1}, sticky=True)
-    server = Server(server_config(data_dir, snapshot_interval=0.05), file_ops=ops)
+    server = Node(server_config(data_dir, snapshot_interval=0.05), file_ops=ops)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
             r = await http.post("/v1/events", json=[_event(i) for i in range(5)])
             assert r.status_code == 202
             with trio.fail_after(10):
-                while server.snapshot_fault is None:  # noqa: ASYNC110 - no event to wait on
+                while server.engine.snapshot_fault is None:  # noqa: ASYNC110 - no event to wait on
                     await trio.sleep(0.02)
             ready = await http.get("/readyz")
             assert ready.status_code == 503 and "snapshot" in ready.text
@@ -173,10 +172,10 @@ async def test_snapshot_fault_keeps_the_journal_and_clears(tmp_path: Path) -> No
             # Ingest goes on: the journal holds everything the snapshot would have.
             r = await http.post("/v1/events", json=[_event(i) for i in range(5, 9)])
             assert r.status_code == 202
-            assert server.snapshot_seq == 0
+            assert server.engine.snapshot_seq == 0
             ops.clear()
             await _wait_ready(http)
-            assert server.snapshot_seq > 0
+            assert server.engine.snapshot_seq > 0
         server.shutdown()
 
 
@@ -186,7 +185,7 @@ async def test_real_snapshot_writer_failure_is_survived(tmp_path: Path) -> None:
     async with (
         trio.open_nursery() as nursery,
     ):
-        server = Server(server_config(data_dir))
+        server = Node(server_config(data_dir))
         await nursery.start(server.run)
         blocker = data_dir / "snapshot.rsnap.tmp"
         blocker.mkdir()
@@ -198,6 +197,6 @@ async def test_real_snapshot_writer_failure_is_survived(tmp_path: Path) -> None:
             assert ready.status_code == 503 and "snapshot" in ready.text
             assert (await http.get("/v1/users/u1/recommendations")).status_code == 200
             blocker.rmdir()
-            await server.take_snapshot()
+            await server.engine.take_snapshot()
             assert (await http.get("/readyz")).status_code == 200
         server.shutdown()

@@ -23,8 +23,8 @@ import msgpack
 import pytest
 import trio
 
+from connectors import Node
 from engine import InvalidFrame, Model, ModelConfig
-from engine._server import Server
 
 from .conftest import running_server
 
@@ -189,7 +189,7 @@ class Peer:
 
 
 @asynccontextmanager
-async def connect(server: Server) -> AsyncIterator[Peer]:
+async def connect(server: Node) -> AsyncIterator[Peer]:
     host, port = server.forward_address
     stream = await trio.open_tcp_stream(host, port)
     try:
@@ -198,17 +198,17 @@ async def connect(server: Server) -> AsyncIterator[Peer]:
         await stream.aclose()
 
 
-async def send_acked(server: Server, frames: list[bytes], chunks: list[str]) -> int:
+async def send_acked(server: Node, frames: list[bytes], chunks: list[str]) -> int:
     """Sends frames on a new connection in one write, checks the acks; returns the wal_seq."""
     async with connect(server) as peer:
         await peer.send(b"".join(frames))
         for chunk in chunks:
             assert await peer.recv() == {"ack": chunk}
-    return int(server.stats()["wal_seq"])
+    return int(server.engine.stats()["wal_seq"])
 
 
-def rejected_frames(server: Server) -> float:
-    value = server.metrics.registry.get_sample_value(
+def rejected_frames(server: Node) -> float:
+    value = server.engine.metrics.registry.get_sample_value(
         "recstream_rejects_total", {"reason": "forward_protocol"}
     )
     return value or 0.0
@@ -217,7 +217,7 @@ def rejected_frames(server: Server) -> float:
 ITEMS = [f"i{n}" for n in range(12)]
 
 
-async def seed_catalog(server: Server) -> int:
+async def seed_catalog(server: Node) -> int:
     """Twenty users over twelve items, popularity falling with the item number."""
     recs = [
         {"user": f"u{u}", "item": ITEMS[(u * j) % (3 + u % 9)], "type": "view"}
@@ -225,12 +225,12 @@ async def seed_catalog(server: Server) -> int:
         for j in range(1, 5)
     ]
     seq = await send_acked(server, [forward(recs, chunk="seed")], ["seed"])
-    await server.wait_applied(seq)
+    await server.engine.wait_applied(seq)
     return seq
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
+async def server(tmp_path: Path) -> AsyncIterator[Node]:
     async with running_server(tmp_path / "data") as s:
         yield s
 
@@ -260,10 +260,10 @@ MODES: dict[str, Callable[[list[dict[str, Any]]], list[bytes]]] = {
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-async def test_every_mode_is_acked_durable_and_applied(server: Server, mode: str) -> None:
+async def test_every_mode_is_acked_durable_and_applied(server: Node, mode: str) -> None:
     seed_seq = await seed_catalog(server)
     user, liked = "newcomer", ["i0", "i1", "i2"]
-    before = [item for item, _ in server.model.recommend(user, k=len(ITEMS))]
+    before = [item for item, _ in server.engine.model.recommend(user, k=len(ITEMS))]
     assert set(liked) <= set(before), "the popular items are recommended to a new user"
 
     frames = MODES[mode](clicks(user, liked))
@@ -274,31 +274,31 @@ async def test_every_mode_is_acked_durable_and_applied(server: Server, mode: str
         acks = [await peer.recv() for _ in frames]
         assert acks == [{"ack": c} for c in chunks]
         # Acked means durable: the journal holds one record per frame already.
-        seq = server.stats()["wal_seq"]
+        seq = server.engine.stats()["wal_seq"]
         assert seq == seed_seq + len(frames)
-    await server.wait_applied(seq)
-    assert sorted(server.model.seen(user)) == liked
-    after = [item for item, _ in server.model.recommend(user, k=len(ITEMS))]
+    await server.engine.wait_applied(seq)
+    assert sorted(server.engine.model.seen(user)) == liked
+    after = [item for item, _ in server.engine.model.recommend(user, k=len(ITEMS))]
     assert after and not set(after) & set(liked)
-    assert server.stats()["events_applied"] == 80 + len(liked)
+    assert server.engine.stats()["events_applied"] == 80 + len(liked)
 
 
-async def test_frames_without_chunk_are_applied_and_not_acked(server: Server) -> None:
+async def test_frames_without_chunk_are_applied_and_not_acked(server: Node) -> None:
     async with connect(server) as peer:
         await peer.send(forward(clicks("quiet", ["a", "b"])))
         await peer.send(message({"user": "quiet", "item": "c"}))
         with trio.fail_after(WAIT):
-            await server.wait_applied(2)  # applied implies journaled
-        assert sorted(server.model.seen("quiet")) == ["a", "b", "c"]
+            await server.engine.wait_applied(2)  # applied implies journaled
+        assert sorted(server.engine.model.seen("quiet")) == ["a", "b", "c"]
         # Had either frame been acked, that ack would arrive before this one.
         await peer.send(packed(clicks("quiet", ["d"]), chunk="only"))
         assert await peer.recv() == {"ack": "only"}
         await peer.expect_silence()
-    await server.wait_applied(3)
-    assert server.stats()["events_applied"] == 4
+    await server.engine.wait_applied(3)
+    assert server.engine.stats()["events_applied"] == 4
 
 
-async def test_several_frames_in_one_write(server: Server) -> None:
+async def test_several_frames_in_one_write(server: Node) -> None:
     frames = [
         forward(clicks("multi", ["a"]), chunk="one"),
         message({"user": "multi", "item": "b"}),  # no chunk: no ack, still applied
@@ -307,20 +307,20 @@ async def test_several_frames_in_one_write(server: Server) -> None:
     ]
     seq = await send_acked(server, frames, ["one", "two", "three"])
     assert seq == 4
-    await server.wait_applied(seq)
-    assert sorted(server.model.seen("multi")) == ["a", "b", "c", "d", "e"]
+    await server.engine.wait_applied(seq)
+    assert sorted(server.engine.model.seen("multi")) == ["a", "b", "c", "d", "e"]
 
 
-async def test_one_frame_split_into_single_bytes(server: Server) -> None:
+async def test_one_frame_split_into_single_bytes(server: Node) -> None:
     frame = forward(clicks("slow", ["x", "y"]), chunk="drip")
     async with connect(server) as peer:
         for n in range(len(frame)):
             await peer.send(frame[n : n + 1])
             await trio.sleep(0.001)  # separate segments, so the server sees many reads
         assert await peer.recv() == {"ack": "drip"}
-    assert server.stats()["wal_seq"] == 1
-    await server.wait_applied(1)
-    assert sorted(server.model.seen("slow")) == ["x", "y"]
+    assert server.engine.stats()["wal_seq"] == 1
+    await server.engine.wait_applied(1)
+    assert sorted(server.engine.model.seen("slow")) == ["x", "y"]
 
 
 # --- shared-key handshake -----------------------------------------------------------------
@@ -354,8 +354,8 @@ async def test_handshake_with_the_shared_key(tmp_path: Path) -> None:
             assert proof == sha512_hex(salt, server_host, nonce, "secret")
             await peer.send(forward(clicks("authed", ["a", "b"]), chunk="k1"))
             assert await peer.recv() == {"ack": "k1"}
-        await server.wait_applied(1)
-        assert sorted(server.model.seen("authed")) == ["a", "b"]
+        await server.engine.wait_applied(1)
+        assert sorted(server.engine.model.seen("authed")) == ["a", "b"]
 
         # Two handshakes never share a nonce.
         async with connect(server) as p1, connect(server) as p2:
@@ -371,8 +371,8 @@ async def test_handshake_then_frame_in_the_same_write(tmp_path: Path) -> None:
             pong, _, _ = await handshake(peer, "secret", then=frame)
             assert pong[1] is True
             assert await peer.recv() == {"ack": "k1"}
-        await server.wait_applied(1)
-        assert server.model.seen("eager") == ["a"]
+        await server.engine.wait_applied(1)
+        assert server.engine.model.seen("eager") == ["a"]
 
 
 async def test_handshake_with_a_wrong_key_closes_and_journals_nothing(tmp_path: Path) -> None:
@@ -388,9 +388,9 @@ async def test_handshake_with_a_wrong_key_closes_and_journals_nothing(tmp_path: 
             assert (await peer.recv())[0] == "HELO"
             await peer.send(forward(clicks("intruder", ["b"]), chunk="k2"))
             assert await peer.expect_closed() == []
-        assert server.stats()["wal_seq"] == 0
-        assert server.model.seen("intruder") == []
-        assert server.stats()["events_applied"] == 0
+        assert server.engine.stats()["wal_seq"] == 0
+        assert server.engine.model.seen("intruder") == []
+        assert server.engine.stats()["events_applied"] == 0
 
 
 async def test_malformed_handshakes_close_only_their_connection(tmp_path: Path) -> None:
@@ -419,31 +419,31 @@ async def test_malformed_handshakes_close_only_their_connection(tmp_path: Path) 
             assert pong[1] is True
             await peer.send(message({"user": "after", "item": "a"}, chunk="ok"))
             assert await peer.recv() == {"ack": "ok"}
-        assert server.stats()["wal_seq"] == 1
+        assert server.engine.stats()["wal_seq"] == 1
 
 
 # --- item upserts, erasure, duplicates ----------------------------------------------------
 
 
-async def test_item_upsert_and_erase_user(server: Server) -> None:
+async def test_item_upsert_and_erase_user(server: Node) -> None:
     await seed_catalog(server)
     books = ["i3", "i5", "i7"]
     upserts = [{"item": it, "category": "books", "tags": ["paper"]} for it in books]
     seq = await send_acked(server, [forward(upserts, chunk="items")], ["items"])
-    await server.wait_applied(seq)
-    recs = [item for item, _ in server.model.recommend("u1", k=len(ITEMS), category="books")]
+    await server.engine.wait_applied(seq)
+    recs = [item for item, _ in server.engine.model.recommend("u1", k=len(ITEMS), category="books")]
     assert recs and set(recs) <= set(books)
-    assert set(recs) == set(books) - set(server.model.seen("u1"))
+    assert set(recs) == set(books) - set(server.engine.model.seen("u1"))
 
-    assert server.model.seen("u1")
+    assert server.engine.model.seen("u1")
     seq = await send_acked(server, [message({"erase_user": "u1"}, chunk="gone")], ["gone"])
-    await server.wait_applied(seq)
-    assert server.model.seen("u1") == []
-    assert server.model.user_vector("u1") is None
-    assert server.model.seen("u2"), "other users keep their history"
+    await server.engine.wait_applied(seq)
+    assert server.engine.model.seen("u1") == []
+    assert server.engine.model.user_vector("u1") is None
+    assert server.engine.model.seen("u2"), "other users keep their history"
 
 
-async def test_duplicate_event_ids_are_applied_once(server: Server) -> None:
+async def test_duplicate_event_ids_are_applied_once(server: Node) -> None:
     def evs(ids: list[str], tag: str = TAG) -> bytes:
         recs = [{"user": "d", "item": f"x{i}", "id": i} for i in ids]
         return pack([tag, [[NOW, r] for r in recs], {"chunk": "c"}])
@@ -452,10 +452,10 @@ async def test_duplicate_event_ids_are_applied_once(server: Server) -> None:
     seq = await send_acked(server, [evs(["e1", "e2", "e3"])], ["c"])  # a redelivery plus one
     # Ids are scoped by tag: another producer's "e1" is its own event.
     seq = await send_acked(server, [evs(["e1"], tag="other.tag")], ["c"])
-    await server.wait_applied(seq)
-    stats = server.stats()
+    await server.engine.wait_applied(seq)
+    stats = server.engine.stats()
     assert (stats["events_applied"], stats["duplicates"]) == (4, 2)
-    assert sorted(server.model.seen("d")) == ["xe1", "xe2", "xe3"]
+    assert sorted(server.engine.model.seen("d")) == ["xe1", "xe2", "xe3"]
 
 
 # --- bad input ----------------------------------------------------------------------------
@@ -489,7 +489,7 @@ def garbage(rng: random.Random, checker: Model) -> bytes:
             return data
 
 
-async def test_malformed_frames_close_their_connection_only(server: Server) -> None:
+async def test_malformed_frames_close_their_connection_only(server: Node) -> None:
     rng = random.Random(20240611)
     checker = Model(ModelConfig(dim=4))
     # Structural cases are sent without a half-close: the server must decide from the bytes
@@ -517,19 +517,19 @@ async def test_malformed_frames_close_their_connection_only(server: Server) -> N
                 nursery.start_soon(one, data, half_close)
         assert closed == 1000
         assert rejected_frames(server) == 1000
-        assert server.stats()["wal_seq"] == 1, "no malformed frame was journaled"
+        assert server.engine.stats()["wal_seq"] == 1, "no malformed frame was journaled"
 
         # A connection that was open all along still works, and so does a new one.
         await bystander.send(message({"user": "calm", "item": "b"}, chunk="after"))
         assert await bystander.recv() == {"ack": "after"}
     seq = await send_acked(server, [forward(clicks("calm", ["c"]), chunk="new")], ["new"])
     assert seq == 3
-    await server.wait_applied(seq)
-    assert server.model.stats()["events_applied"] == 3
-    assert sorted(server.model.seen("calm")) == ["a", "b", "c"]
+    await server.engine.wait_applied(seq)
+    assert server.engine.model.stats()["events_applied"] == 3
+    assert sorted(server.engine.model.seen("calm")) == ["a", "b", "c"]
 
 
-async def test_frames_before_a_malformed_one_stand(server: Server) -> None:
+async def test_frames_before_a_malformed_one_stand(server: Node) -> None:
     async with connect(server) as peer:
         await peer.send(forward(clicks("early", ["a"]), chunk="first"))
         assert await peer.recv() == {"ack": "first"}
@@ -542,12 +542,12 @@ async def test_frames_before_a_malformed_one_stand(server: Server) -> None:
             + forward(clicks("early", ["never"]), chunk="never")
         )
         assert await peer.expect_closed() == [{"ack": "second"}]
-    assert server.stats()["wal_seq"] == 3
-    await server.wait_applied(3)
-    assert sorted(server.model.seen("early")) == ["a", "b", "c"]
+    assert server.engine.stats()["wal_seq"] == 3
+    await server.engine.wait_applied(3)
+    assert sorted(server.engine.model.seen("early")) == ["a", "b", "c"]
 
 
-async def test_bad_records_are_refused_one_by_one(server: Server) -> None:
+async def test_bad_records_are_refused_one_by_one(server: Node) -> None:
     recs = [
         {"user": "mixed", "item": "good-1", "type": "click"},
         {"user": "mixed", "item": "nan", "weight": math.nan},
@@ -557,11 +557,11 @@ async def test_bad_records_are_refused_one_by_one(server: Server) -> None:
         {"user": "mixed", "item": "good-2", "weight": 2.5},
     ]
     seq = await send_acked(server, [forward(recs, chunk="partly")], ["partly"])
-    await server.wait_applied(seq)
-    assert sorted(server.model.seen("mixed")) == ["good-1", "good-2"]
-    assert server.model.stats()["events_applied"] == 2
-    assert server.model.stats()["users"] == 1
-    invalid = server.metrics.registry.get_sample_value(
+    await server.engine.wait_applied(seq)
+    assert sorted(server.engine.model.seen("mixed")) == ["good-1", "good-2"]
+    assert server.engine.model.stats()["events_applied"] == 2
+    assert server.engine.model.stats()["users"] == 1
+    invalid = server.engine.metrics.registry.get_sample_value(
         "recstream_rejects_total", {"reason": "invalid_record"}
     )
     assert invalid == 4, "each refused record is counted once"
@@ -594,20 +594,20 @@ async def test_frame_over_the_size_limit_closes_the_connection(tmp_path: Path) -
             async with connect(server) as peer:
                 await peer.send(b"\x93\xa1t\xc6" + struct.pack(">I", limit + 1))  # [tag, bin32
                 assert await peer.expect_closed() == []
-            assert server.stats()["wal_seq"] == 1
+            assert server.engine.stats()["wal_seq"] == 1
 
             await bystander.send(message({"user": "small", "item": "a"}, chunk="d"))
             assert await bystander.recv() == {"ack": "d"}
         seq = await send_acked(server, [message({"user": "small", "item": "b"}, chunk="e")], ["e"])
-        await server.wait_applied(seq)
-        assert server.model.stats()["events_applied"] == n + 2
-        assert sorted(server.model.seen("small")) == ["a", "b"]
+        await server.engine.wait_applied(seq)
+        assert server.engine.model.stats()["events_applied"] == n + 2
+        assert sorted(server.engine.model.seen("small")) == ["a", "b"]
 
 
 # --- times and admin records --------------------------------------------------------------
 
 
-async def test_times_ahead_of_the_server_clock_are_refused_not_trending(server: Server) -> None:
+async def test_times_ahead_of_the_server_clock_are_refused_not_trending(server: Node) -> None:
     """Milliseconds or any far-future time, integer or EventTime, cannot steer trending."""
     await seed_catalog(server)
     now = int(time.time())
@@ -619,14 +619,14 @@ async def test_times_ahead_of_the_server_clock_are_refused_not_trending(server: 
     ]
     # The third frame's entry is at NOW: accepted (and no louder than its weight allows).
     seq = await send_acked(server, frames, ["ms", "ev", "fw", "pk"])
-    await server.wait_applied(seq)
-    invalid = server.metrics.registry.get_sample_value(
+    await server.engine.wait_applied(seq)
+    invalid = server.engine.metrics.registry.get_sample_value(
         "recstream_rejects_total", {"reason": "invalid_record"}
     )
     assert invalid == 3
     # Decay measures age from the server's clock at the latest, whatever producers send.
-    assert server.model.stats()["newest_ts"] <= time.time()
-    assert server.model.stats()["newest_ts"] >= NOW  # the honest events' time
+    assert server.engine.model.stats()["newest_ts"] <= time.time()
+    assert server.engine.model.stats()["newest_ts"] >= NOW  # the honest events' time
 
 
 async def test_admin_records_need_the_admin_key_as_shared_key(tmp_path: Path) -> None:
@@ -644,14 +644,14 @@ async def test_admin_records_need_the_admin_key_as_shared_key(tmp_path: Path) ->
             await handshake(peer, "producer")
             await peer.send(message({"item": "a", "available": False}, chunk="item"))
             assert await peer.expect_closed() == []
-        assert server.stats()["wal_seq"] == 1
-        await server.wait_applied(1)
-        assert server.model.seen("bob") == ["a"]
+        assert server.engine.stats()["wal_seq"] == 1
+        await server.engine.wait_applied(1)
+        assert server.engine.model.seen("bob") == ["a"]
         # The admin key as the shared key may send them.
         async with connect(server) as peer:
             pong, _, _ = await handshake(peer, "admin")
             assert pong[1] is True
             await peer.send(forward([{"erase_user": "bob"}], chunk="erase"))
             assert await peer.recv() == {"ack": "erase"}
-        await server.wait_applied(2)
-        assert server.model.seen("bob") == []
+        await server.engine.wait_applied(2)
+        assert server.engine.model.seen("bob") == []

@@ -20,9 +20,9 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
+from connectors import Node
 from engine._config import load_config
 from engine._exceptions import ConfigError
-from engine._server import Server
 
 from .conftest import running_server, websocket, ws_url
 from .test_forward import WAIT, Peer, clicks, connect, forward, pack
@@ -30,8 +30,8 @@ from .test_forward import WAIT, Peer, clicks, connect, forward, pack
 # --- helpers ------------------------------------------------------------------------------
 
 
-def metric(server: Server, name: str, listener: str) -> float:
-    return server.metrics.registry.get_sample_value(name, {"listener": listener}) or 0.0
+def metric(server: Node, name: str, listener: str) -> float:
+    return server.engine.metrics.registry.get_sample_value(name, {"listener": listener}) or 0.0
 
 
 async def closed_by_server(stream: trio.SocketStream, within: float = WAIT) -> bytes:
@@ -70,7 +70,7 @@ async def tcp(address: tuple[str, int]) -> trio.SocketStream:
     return await trio.open_tcp_stream(*address)
 
 
-def http_address(server: Server) -> tuple[str, int]:
+def http_address(server: Node) -> tuple[str, int]:
     host, port = server.http_url.removeprefix("http://").rsplit(":", 1)
     return host, int(port)
 
@@ -196,7 +196,7 @@ async def test_silent_and_stalled_forward_connections_are_closed(tmp_path: Path)
             assert [await peer.recv() for _ in range(5)] == [{"ack": f"b{n}"} for n in range(5)]
             await acked(peer, "still-open")
             # Nothing of the half-sent frame was journaled.
-            assert server.stats()["wal_seq"] == 6
+            assert server.engine.stats()["wal_seq"] == 6
         finally:
             for s in (silent, stalled, busy):
                 await s.aclose()
@@ -268,7 +268,7 @@ async def test_websocket_producer_that_sends_no_events_is_closed(tmp_path: Path)
 
 async def test_subscriber_that_stops_answering_pings_is_dropped(tmp_path: Path) -> None:
     async with running_server(tmp_path / "d", idle_timeout=IDLE) as server:
-        publisher = server.publisher
+        publisher = server.engine.publisher
         assert publisher is not None
         # A real client answers pings: it stays subscribed though it never sends anything.
         async with websocket(ws_url(server, "/v1/ws/recommendations?user=u1&k=3")) as good:
@@ -319,7 +319,7 @@ def server_process(data_dir: Path) -> Iterator[tuple[subprocess.Popen[str], tupl
     address, and stops it with SIGTERM afterwards."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--data-dir", str(data_dir)]
+        [sys.executable, "-m", "connectors", "serve", "--data-dir", str(data_dir)]
         + ["--http", "127.0.0.1:0", "--forward", "127.0.0.1:0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

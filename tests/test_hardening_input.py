@@ -17,24 +17,24 @@ import msgpack
 import pytest
 import trio
 
+from connectors import Node
+from connectors._auth import key_matches
+from connectors._ratelog import RateLimitedLog
 from engine import Model, ModelConfig
-from engine._auth import key_matches
 from engine._config import load_config
 from engine._exceptions import ConfigError
-from engine._ratelog import RateLimitedLog
-from engine._server import Server
 
 from .conftest import running_server, websocket, ws_url
 
 # --- time poisoning -----------------------------------------------------------------------
 
 
-async def seed(server: Server, http: httpx.AsyncClient) -> None:
+async def seed(server: Node, http: httpx.AsyncClient) -> None:
     """Forty users over ten items, item "i0" the most popular."""
     events = [{"user": f"u{u}", "item": f"i{(u * j) % 10}"} for u in range(40) for j in range(4)]
     r = await http.post("/v1/events", json=events)
     assert r.status_code == 202, r.text
-    await server.wait_applied(r.json()["seq"])
+    await server.engine.wait_applied(r.json()["seq"])
 
 
 @pytest.mark.parametrize(
@@ -49,7 +49,7 @@ async def seed(server: Server, http: httpx.AsyncClient) -> None:
     ids=["milliseconds", "hour-ahead", "2^52", "zero", "one-day"],
 )
 async def test_one_event_cannot_steer_trending(
-    server: Server, http: httpx.AsyncClient, time_of: Any
+    server: Node, http: httpx.AsyncClient, time_of: Any
 ) -> None:
     await seed(server, http)
     evil = {"user": "evil", "item": "spam", "time": time_of(time.time())}
@@ -68,16 +68,14 @@ async def test_one_event_cannot_steer_trending(
     assert "spam" not in [it["item"] for it in fresh] and fresh
 
 
-async def test_a_time_within_the_skew_counts_as_now(
-    server: Server, http: httpx.AsyncClient
-) -> None:
+async def test_a_time_within_the_skew_counts_as_now(server: Node, http: httpx.AsyncClient) -> None:
     await seed(server, http)
     r = await http.post(
         "/v1/events", json={"user": "early", "item": "i3", "time": time.time() + 120}
     )
     assert r.status_code == 202, r.text
-    await server.wait_applied(r.json()["seq"])
-    assert server.model.stats()["newest_ts"] <= time.time()
+    await server.engine.wait_applied(r.json()["seq"])
+    assert server.engine.model.stats()["newest_ts"] <= time.time()
 
 
 def test_the_library_refuses_far_future_times_and_clamps_near_ones() -> None:
@@ -136,12 +134,12 @@ async def test_replay_after_restart_keeps_the_clock_where_it_was_live(tmp_path: 
                 "/v1/events", json={"user": "x", "item": "i1", "time": time.time() + 200}
             )
             assert r.status_code == 202
-            await server.wait_applied(r.json()["seq"])
-            live = server.model.stats()
+            await server.engine.wait_applied(r.json()["seq"])
+            live = server.engine.model.stats()
     for snapshot in (tmp_path / "d").glob("*.rsnap"):
         snapshot.unlink()
     async with running_server(tmp_path / "d") as server:
-        replayed = server.model.stats()
+        replayed = server.engine.model.stats()
         assert replayed["events_applied"] == live["events_applied"] == 161
         assert replayed["newest_ts"] == live["newest_ts"] <= time.time()
 
@@ -165,7 +163,7 @@ async def test_admin_records_need_the_admin_key(tmp_path: Path, record: dict[str
             assert (
                 await http.post("/v1/events", json=both, headers=as_producer)
             ).status_code == 403
-            assert server.stats()["wal_seq"] == 0
+            assert server.engine.stats()["wal_seq"] == 0
             url = ws_url(server, "/v1/ws/events?key=producer")
             async with websocket(url) as ws:
                 await ws.send_message(json.dumps(record))
@@ -175,7 +173,7 @@ async def test_admin_records_need_the_admin_key(tmp_path: Path, record: dict[str
                 # The connection still serves the producer's events.
                 await ws.send_message(json.dumps({"user": "bob", "item": "a"}))
                 assert json.loads(await ws.get_message())["ack"] == 1
-            assert server.stats()["wal_seq"] == 1
+            assert server.engine.stats()["wal_seq"] == 1
             r = await http.post("/v1/events", json=record, headers={"X-Recstream-Key": "admin"})
             assert r.status_code == 202, r.text
             async with websocket(ws_url(server, "/v1/ws/events?key=admin")) as ws:
@@ -233,7 +231,7 @@ def test_blank_keys_are_refused_from_the_file_and_the_server_does_not_start(
         load_config(conf, env={})
     proc = subprocess.run(
         [
-            *(sys.executable, "-m", "engine", "serve", "--config", str(conf)),
+            *(sys.executable, "-m", "connectors", "serve", "--config", str(conf)),
             *("--data-dir", str(tmp_path / "d"), "--http", "0.0.0.0:0", "--forward", "127.0.0.1:0"),
         ],
         capture_output=True,
@@ -304,20 +302,22 @@ WS_ATTACKS: list[str | bytes] = [
     + [pytest.param(m, id=f"ws {m[:40]!r}") for m in WS_ATTACKS],
 )
 async def test_hostile_input_gets_a_4xx_with_a_reason(
-    server: Server, http: httpx.AsyncClient, attack: tuple[str, str, str | None] | str | bytes
+    server: Node, http: httpx.AsyncClient, attack: tuple[str, str, str | None] | str | bytes
 ) -> None:
     if isinstance(attack, tuple):
         method, path, body = attack
         r = await http.request(method, path, content=body)
         assert 400 <= r.status_code < 500, r.text
         assert r.json()["error"]
-        assert server.stats()["wal_seq"] == 0, "nothing of a refused request is journaled"
+        assert server.engine.stats()["wal_seq"] == 0, "nothing of a refused request is journaled"
     else:
         async with websocket(ws_url(server, "/v1/ws/events")) as ws:
             await ws.send_message(attack)
             reply = json.loads(await ws.get_message())
             assert reply.get("error"), reply
-            assert server.stats()["wal_seq"] == 0, "nothing of a refused message is journaled"
+            assert server.engine.stats()["wal_seq"] == 0, (
+                "nothing of a refused message is journaled"
+            )
             # The connection survives the bad message.
             await ws.send_message(json.dumps({"user": "a", "item": "b"}))
             assert json.loads(await ws.get_message())["ack"] == 1
@@ -327,7 +327,7 @@ async def test_hostile_input_gets_a_4xx_with_a_reason(
 
 
 async def test_a_flood_of_garbage_keeps_the_log_small(
-    server: Server, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+    server: Node, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Everything the server side logs: the engine, the web server, and any library's warnings.
     caplog.set_level(logging.DEBUG, "recstream")
@@ -352,7 +352,7 @@ async def test_a_flood_of_garbage_keeps_the_log_small(
                     while await stream.receive_some(1024):
                         pass
         sent += 2_000 + len(HTTP_ATTACKS) + 100
-    closed = server.metrics.registry.get_sample_value(
+    closed = server.engine.metrics.registry.get_sample_value(
         "recstream_rejects_total", {"reason": "forward_protocol"}
     )
     assert closed is not None and closed >= 400

@@ -30,7 +30,8 @@ from engine._exceptions import (
     RecstreamError,
 )
 from engine._journal import HEADER_SIZE, RECORD_HEADER_SIZE, Journal, RecoveryReport
-from engine._journal_actor import Appended, JournalActor
+from engine._journal_actor import JournalActor
+from engine._messages import Appended
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import httpx
 import trio
 
+from connectors import Node
 from engine._publisher import Subscription
-from engine._server import Server
 
 from .conftest import running_server, websocket, ws_url
 
 
-def sample(server: Server, name: str, **labels: str) -> float:
-    value = server.metrics.registry.get_sample_value(name, labels)
+def sample(server: Node, name: str, **labels: str) -> float:
+    value = server.engine.metrics.registry.get_sample_value(name, labels)
     return value or 0.0
 
 
@@ -33,7 +33,7 @@ async def test_each_metric_moves_after_its_action(tmp_path: Path) -> None:
             r = await http.post(
                 "/v1/events", json=[{"user": f"u{n}", "item": f"i{n % 7}"} for n in range(30)]
             )
-            await server.wait_applied(r.json()["seq"])
+            await server.engine.wait_applied(r.json()["seq"])
             assert sample(server, "recstream_events_total", source="http", result="accepted") == 30
             assert sample(server, "recstream_wal_append_seconds_count") == 1
             assert sample(server, "recstream_model_apply_seconds_count") >= 1
@@ -52,7 +52,7 @@ async def test_each_metric_moves_after_its_action(tmp_path: Path) -> None:
             assert sample(server, "recstream_rejects_total", reason="too_large") == 1
 
             # Index staleness is read at scrape time: items moved and not yet re-linked.
-            server.model.ingest(["x1", "x2"], ["fresh1", "fresh2"])
+            server.engine.model.ingest(["x1", "x2"], ["fresh1", "fresh2"])
             assert sample(server, "recstream_index_stale_items") >= 2
             await _until(lambda: sample(server, "recstream_index_stale_items") == 0)
 
@@ -69,21 +69,24 @@ async def test_each_metric_moves_after_its_action(tmp_path: Path) -> None:
             await _until(lambda: sample(server, "recstream_subscribers") == 0)
 
             # Coalesced: a subscriber that does not read gets its unread list replaced.
-            assert server.publisher is not None
+            assert server.engine.publisher is not None
             sub = Subscription(user="slow", k=3)
-            server.publisher.subscribe(sub)
+            server.engine.publisher.subscribe(sub)
             for n, item in enumerate(["i1", "i2", "i3"]):
                 r = await http.post("/v1/events", json={"user": "slow", "item": item})
-                await server.wait_applied(r.json()["seq"])
+                await server.engine.wait_applied(r.json()["seq"])
                 await _until(
-                    lambda n=n: server.publisher is not None and server.publisher.pushes >= 2 + n
+                    lambda n=n: (
+                        server.engine.publisher is not None
+                        and server.engine.publisher.pushes >= 2 + n
+                    )
                 )
             assert sample(server, "recstream_pushes_coalesced_total") >= 1
 
             # Dropped: erasing the user discards the list it never read.
             assert (await http.delete("/v1/users/slow")).status_code == 200
             assert sample(server, "recstream_pushes_dropped_total") == 1
-            server.publisher.unsubscribe(sub)
+            server.engine.publisher.unsubscribe(sub)
             assert sample(server, "recstream_snapshots_total") >= 1  # the erasure's snapshot
 
             # The text exposition names every one of them.

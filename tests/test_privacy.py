@@ -35,15 +35,15 @@ async def test_raw_user_ids_never_reach_the_disk(tmp_path: Path) -> None:
             async with websocket(ws_url(server, "/v1/ws/events")) as ws:
                 await ws.send_message(json.dumps({"user": RAW, "item": "i6"}))
                 reply = json.loads(await ws.get_message())
-            await server.wait_applied(reply["seq"])
+            await server.engine.wait_applied(reply["seq"])
 
             stored = pseudonym(KEY, RAW)
-            assert server.model.user_vector(RAW) is None
-            assert set(server.model.seen(stored)) == {f"i{n}" for n in range(7)}
+            assert server.engine.model.user_vector(RAW) is None
+            assert set(server.engine.model.seen(stored)) == {f"i{n}" for n in range(7)}
             r = await http.get(f"/v1/users/{RAW}/recommendations", params={"k": 3})
             body = r.json()
             assert r.status_code == 200 and body["user"] == RAW and len(body["items"]) == 3
-            assert not {it["item"] for it in body["items"]} & set(server.model.seen(stored))
+            assert not {it["item"] for it in body["items"]} & set(server.engine.model.seen(stored))
             async with websocket(ws_url(server, f"/v1/ws/recommendations?user={RAW}&k=3")) as ws:
                 first = json.loads(await ws.get_message())
                 assert [it["item"] for it in first["items"]] == [it["item"] for it in body["items"]]
@@ -59,7 +59,7 @@ async def test_raw_user_ids_never_reach_the_disk(tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
             r = await http.delete(f"/v1/users/{RAW}")
             assert r.status_code == 200
-            assert server.model.seen(stored) == []
+            assert server.engine.model.seen(stored) == []
 
 
 def test_key_from_the_environment() -> None:

@@ -73,23 +73,23 @@ async def test_stuck_subscriber_does_not_delay_others_and_is_released(tmp_path: 
         async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
             catalog = [{"user": f"seed{n}", "item": f"item{n:04d}"} for n in range(1500)]
             r = await http.post("/v1/events", json=catalog)
-            await server.wait_applied(r.json()["seq"])
+            await server.engine.wait_applied(r.json()["seq"])
             stuck = await trio.to_thread.run_sync(_stuck_subscriber, server.http_url, "stuck")
             try:
                 async with websocket(
                     ws_url(server, "/v1/ws/recommendations?user=good&k=5")
                 ) as good:
                     top = json.loads(await good.get_message())["items"][0]["item"]
-                    assert server.publisher is not None
+                    assert server.engine.publisher is not None
                     with trio.fail_after(10):
-                        while server.publisher.subscribers < 2:  # noqa: ASYNC110
+                        while server.engine.publisher.subscribers < 2:  # noqa: ASYNC110
                             await trio.sleep(0.01)
                     worst = 0.0
                     n = 0
                     # Keep the stuck subscriber's list changing (large messages pile up
                     # unread) while the good one is measured, until the server drops it.
                     with trio.fail_after(90):  # generous: CI machines are shared
-                        while server.publisher.subscribers > 1 or n < 20:
+                        while server.engine.publisher.subscribers > 1 or n < 20:
                             await http.post(
                                 "/v1/events", json={"user": "stuck", "item": f"item{n:04d}"}
                             )
@@ -103,10 +103,10 @@ async def test_stuck_subscriber_does_not_delay_others_and_is_released(tmp_path: 
                             worst = max(worst, time.monotonic() - sent)
                             top = msg["items"][0]["item"]
                             n += 1
-                    assert server.publisher.subscribers == 1, n
+                    assert server.engine.publisher.subscribers == 1, n
                     # Far below the stuck client's send timeout: it never waited on it.
                     assert worst < 0.5, worst
-                    metrics = server.metrics.render().decode()
+                    metrics = server.engine.metrics.render().decode()
                     assert "recstream_subscribers_dropped_total 1.0" in metrics
             finally:
                 stuck.close()
@@ -213,7 +213,7 @@ async def test_pushes_and_get_agree_on_version_and_show_the_raw_id(tmp_path: Pat
             events = [{"user": "ann", "item": f"i{n}"} for n in range(3)]
             events += [{"user": f"o{n}", "item": f"i{n}"} for n in range(12)]
             r = await http.post("/v1/events", json=events)
-            await server.wait_applied(r.json()["seq"])
+            await server.engine.wait_applied(r.json()["seq"])
             async with websocket(ws_url(server, "/v1/ws/recommendations?user=ann&k=3")) as ws:
                 first = json.loads(await ws.get_message())
                 assert first["user"] == "ann"
@@ -237,23 +237,23 @@ async def test_pushes_and_get_agree_on_version_and_show_the_raw_id(tmp_path: Pat
 async def test_every_dropped_stuck_subscriber_is_counted(tmp_path: Path) -> None:
     n_stuck = 8
     async with running_server(tmp_path, send_timeout=1.0, tcp_user_timeout_ms=2000) as server:
-        assert server.publisher is not None
+        assert server.engine.publisher is not None
         async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
             catalog = [{"user": f"seed{n}", "item": f"item{n:04d}"} for n in range(1500)]
             r = await http.post("/v1/events", json=catalog)
-            await server.wait_applied(r.json()["seq"])
+            await server.engine.wait_applied(r.json()["seq"])
             stuck = [
                 await trio.to_thread.run_sync(_stuck_subscriber, server.http_url, f"stuck{s}")
                 for s in range(n_stuck)
             ]
             try:
                 with trio.fail_after(10):
-                    while server.publisher.subscribers < n_stuck:  # noqa: ASYNC110
+                    while server.engine.publisher.subscribers < n_stuck:  # noqa: ASYNC110
                         await trio.sleep(0.01)
                 n = 0
                 # Keep every stuck subscriber's (large) list changing until all are dropped.
                 with trio.fail_after(90):  # generous: CI machines are shared
-                    while server.publisher.subscribers > 0:
+                    while server.engine.publisher.subscribers > 0:
                         events = [
                             {"user": f"stuck{s}", "item": f"item{n:04d}"} for s in range(n_stuck)
                         ]
@@ -368,6 +368,6 @@ async def test_the_collector_ignores_start_up_objects_while_serving(tmp_path: Pa
     async with running_server(tmp_path) as server:
         assert gc.get_freeze_count() > 0
         gc.collect()
-        stats = server.stats()
+        stats = server.engine.stats()
         assert stats["gc_collections"] >= 1 and stats["gc_seconds"] > 0
     assert gc.get_freeze_count() == 0

@@ -16,8 +16,7 @@ import pytest
 
 from bench._reliability import kill_trial
 from bench._reliability import start_server as _start
-from engine import ModelConfig
-from engine._server import Server
+from engine import ModelConfig, Recovered, recover
 
 from .conftest import running_server, server_config
 
@@ -34,12 +33,9 @@ pytestmark = [
 ]
 
 
-def _recover(data_dir: Path) -> Server:
-    """The server a restart on ``data_dir`` would build, recovered but not started."""
-    server = Server(server_config(data_dir))
-    journal, _ = server._recover()
-    journal.close()
-    return server
+def _recover(data_dir: Path) -> Recovered:
+    """What a restart on ``data_dir`` would recover (the model, the journal's report)."""
+    return recover(server_config(data_dir))
 
 
 @pytest.mark.parametrize(
@@ -71,7 +67,7 @@ async def test_restart_applies_the_new_model_settings(tmp_path: Path) -> None:
             r = await http.post("/v1/events", json={"user": "a", "item": "x", "type": "share"})
             assert r.status_code == 422  # not a configured type yet
             r = await http.post("/v1/events", json={"user": "a", "item": "x", "type": "click"})
-            await server.wait_applied(r.json()["seq"])
+            await server.engine.wait_applied(r.json()["seq"])
         # Shutdown takes a snapshot: the restart loads it.
     weights = {**old.event_weights, "share": 5.0}
     new = ModelConfig(
@@ -84,16 +80,16 @@ async def test_restart_applies_the_new_model_settings(tmp_path: Path) -> None:
         ef_search=32,
     )
     async with running_server(data_dir, model=new) as server:
-        assert server.snapshot_seq > 0
-        running = server.model.config()
+        assert server.engine.snapshot_seq > 0
+        running = server.engine.model.config()
         assert running["event_weights"] == weights
         assert running["max_frame_bytes"] == 1 << 16
         assert (running["decay_half_life"], running["ef_search"]) == (3600.0, 32)
         async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
             r = await http.post("/v1/events", json={"user": "a", "item": "y", "type": "share"})
             assert r.status_code == 202
-            await server.wait_applied(r.json()["seq"])
-        assert set(server.model.seen("a")) == {"x", "y"}
+            await server.engine.wait_applied(r.json()["seq"])
+        assert set(server.engine.model.seen("a")) == {"x", "y"}
 
 
 def test_a_setting_that_cannot_change_refuses_the_start_in_one_line(tmp_path: Path) -> None:
@@ -112,7 +108,7 @@ def test_a_setting_that_cannot_change_refuses_the_start_in_one_line(tmp_path: Pa
         proc.stdout.close()
     config.write_text("[model]\ndim = 24\n")
     done = subprocess.run(
-        [sys.executable, "-m", "engine", "serve", "--config", str(config)]
+        [sys.executable, "-m", "connectors", "serve", "--config", str(config)]
         + ["--data-dir", str(data_dir), "--http", "127.0.0.1:0", "--forward", "127.0.0.1:0"],
         capture_output=True,
         text=True,

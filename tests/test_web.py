@@ -12,8 +12,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from engine._auth import issue_token
-from engine._server import Server
+from connectors import Node
+from connectors._auth import issue_token
 
 from .conftest import running_server, server_config, websocket, ws_url
 
@@ -22,7 +22,7 @@ async def post(http: httpx.AsyncClient, events: object, **kw: object) -> httpx.R
     return await http.post("/v1/events", content=json.dumps(events), **kw)  # type: ignore[arg-type]
 
 
-async def test_events_then_recommendations(server: Server, http: httpx.AsyncClient) -> None:
+async def test_events_then_recommendations(server: Node, http: httpx.AsyncClient) -> None:
     events = [
         {"user": f"u{u}", "item": f"i{(u + j) % 7}", "type": "click"}
         for u in range(20)
@@ -32,7 +32,7 @@ async def test_events_then_recommendations(server: Server, http: httpx.AsyncClie
     assert r.status_code == 202, r.text
     body = r.json()
     assert body["accepted"] == 60
-    await server.wait_applied(body["seq"])
+    await server.engine.wait_applied(body["seq"])
     r = await http.get("/v1/users/u1/recommendations", params={"k": 3, "explain": 1})
     assert r.status_code == 200
     rec = r.json()
@@ -50,9 +50,9 @@ async def test_events_then_recommendations(server: Server, http: httpx.AsyncClie
     assert (await http.get("/v1/trending")).json()["items"]
 
 
-async def test_integer_ids_round_trip_through_urls(server: Server, http: httpx.AsyncClient) -> None:
+async def test_integer_ids_round_trip_through_urls(server: Node, http: httpx.AsyncClient) -> None:
     r = await post(http, [{"user": 42, "item": 7}, {"user": 42, "item": 8}, {"user": 1, "item": 9}])
-    await server.wait_applied(r.json()["seq"])
+    await server.engine.wait_applied(r.json()["seq"])
     rec = (await http.get("/v1/users/42/recommendations")).json()
     assert rec["user"] == 42
     assert [it["item"] for it in rec["items"]] == [9]
@@ -74,26 +74,24 @@ async def test_integer_ids_round_trip_through_urls(server: Server, http: httpx.A
     ],
 )
 async def test_bad_events_are_refused_with_a_reason(
-    server: Server, http: httpx.AsyncClient, body: str, status: int, fragment: str
+    server: Node, http: httpx.AsyncClient, body: str, status: int, fragment: str
 ) -> None:
     r = await http.post("/v1/events", content=body)
     assert r.status_code == status, r.text
     assert fragment in r.json()["error"] + json.dumps(r.json().get("rejected", ""))
-    assert server.stats()["wal_seq"] == 0, "nothing of a refused request is journaled"
+    assert server.engine.stats()["wal_seq"] == 0, "nothing of a refused request is journaled"
     # ...and the server keeps serving.
     ok = await post(http, {"user": "a", "item": "b"})
     assert ok.status_code == 202
 
 
-async def test_a_bad_event_refuses_the_whole_request(
-    server: Server, http: httpx.AsyncClient
-) -> None:
+async def test_a_bad_event_refuses_the_whole_request(server: Node, http: httpx.AsyncClient) -> None:
     r = await post(
         http, [{"user": "a", "item": "b"}, {"user": "a", "item": "c", "weight": float("inf")}]
     )
     # JSON has no Infinity in strict mode; Python emits it and the decoder refuses the weight.
     assert r.status_code in (400, 422)
-    assert server.model.stats()["events_applied"] == 0
+    assert server.engine.model.stats()["events_applied"] == 0
 
 
 async def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
@@ -104,7 +102,7 @@ async def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
             assert (await post(http, {"user": "a", "item": "b"})).status_code == 202
 
 
-async def test_events_over_websocket_json_and_msgpack(server: Server) -> None:
+async def test_events_over_websocket_json_and_msgpack(server: Node) -> None:
     async with websocket(ws_url(server, "/v1/ws/events")) as ws:
         await ws.send_message(json.dumps([{"user": "w", "item": "a"}, {"user": "w", "item": "b"}]))
         ack = json.loads(await ws.get_message())
@@ -117,8 +115,8 @@ async def test_events_over_websocket_json_and_msgpack(server: Server) -> None:
         assert "error" in err and err["rejected"][0]["index"] == 0
         await ws.send_message(b"\xc1\xc1")
         assert "error" in json.loads(await ws.get_message())
-    await server.wait_applied(ack2["seq"])
-    assert sorted(server.model.seen("w")) == ["a", "b", "c"]
+    await server.engine.wait_applied(ack2["seq"])
+    assert sorted(server.engine.model.seen("w")) == ["a", "b", "c"]
 
 
 async def test_oversized_websocket_message_closes_1009(tmp_path: Path) -> None:
@@ -134,10 +132,10 @@ async def test_oversized_websocket_message_closes_1009(tmp_path: Path) -> None:
 
 
 async def test_subscriber_gets_initial_list_then_a_push_naming_the_cause(
-    server: Server, http: httpx.AsyncClient
+    server: Node, http: httpx.AsyncClient
 ) -> None:
     r = await post(http, [{"user": f"u{n}", "item": f"i{n % 5}"} for n in range(30)])
-    await server.wait_applied(r.json()["seq"])
+    await server.engine.wait_applied(r.json()["seq"])
     async with websocket(ws_url(server, "/v1/ws/recommendations?user=sub&k=5")) as ws:
         first = json.loads(await ws.get_message())
         assert first["user"] == "sub" and len(first["items"]) == 5 and first["cause"] is None
@@ -151,9 +149,9 @@ async def test_subscriber_gets_initial_list_then_a_push_naming_the_cause(
         assert sent - 1 <= push["cause"]["accepted_at"] <= time.time()
 
 
-async def test_admin_erase_and_item_attributes(server: Server, http: httpx.AsyncClient) -> None:
+async def test_admin_erase_and_item_attributes(server: Node, http: httpx.AsyncClient) -> None:
     r = await post(http, [{"user": "gone", "item": "a"}, {"user": "stay", "item": "a"}])
-    await server.wait_applied(r.json()["seq"])
+    await server.engine.wait_applied(r.json()["seq"])
     r = await http.put(
         "/v1/items/b", content=json.dumps({"category": "c1", "tags": ["t"], "available": True})
     )
@@ -162,11 +160,13 @@ async def test_admin_erase_and_item_attributes(server: Server, http: httpx.Async
     assert [it["item"] for it in r.json()["items"]] == ["b"]
     r = await http.delete("/v1/users/gone")
     assert r.status_code == 200 and r.json()["erased"]
-    assert server.model.user_vector("gone") is None and server.model.seen("gone") == []
+    assert (
+        server.engine.model.user_vector("gone") is None and server.engine.model.seen("gone") == []
+    )
     assert (await http.put("/v1/items/b", content="[1]")).status_code == 400
 
 
-async def test_health_metrics_dashboard(server: Server, http: httpx.AsyncClient) -> None:
+async def test_health_metrics_dashboard(server: Node, http: httpx.AsyncClient) -> None:
     assert (await http.get("/healthz")).text == "ok"
     assert (await http.get("/readyz")).status_code == 200
     await post(http, {"user": "a", "item": "b"})
@@ -191,7 +191,7 @@ async def test_keys_and_tokens(tmp_path: Path) -> None:
             ).status_code == 401
             r = await post(http, {"user": "a", "item": "b"}, headers={"X-Recstream-Key": "pk"})
             assert r.status_code == 202
-            await server.wait_applied(r.json()["seq"])
+            await server.engine.wait_applied(r.json()["seq"])
             assert (
                 await http.delete("/v1/users/a", headers={"X-Recstream-Key": "pk"})
             ).status_code == 401
@@ -218,10 +218,10 @@ def test_non_loopback_listener_without_keys_refuses_to_start(tmp_path: Path) -> 
     from engine._exceptions import ConfigError
 
     with pytest.raises(ConfigError):
-        Server(server_config(tmp_path, http_host="0.0.0.0"))
+        Node(server_config(tmp_path, http_host="0.0.0.0"))
     with pytest.raises(ConfigError):
-        Server(server_config(tmp_path, forward_host="192.0.2.1"))
-    assert Server(
+        Node(server_config(tmp_path, forward_host="192.0.2.1"))
+    assert Node(
         server_config(tmp_path, http_host="0.0.0.0", producer_keys=("k",))
     ).config.auth_enabled
 
@@ -229,7 +229,7 @@ def test_non_loopback_listener_without_keys_refuses_to_start(tmp_path: Path) -> 
 # --- recommendation features -------------------------------------------------------------
 
 
-async def _catalog(server: Server, http: httpx.AsyncClient) -> None:
+async def _catalog(server: Node, http: httpx.AsyncClient) -> None:
     """Books b0..b9 and films f0..f9, each with ten crowd events; fresh items n0..n9 with one
     event each; user "me" has read b0."""
     for i in range(10):
@@ -247,10 +247,10 @@ async def _catalog(server: Server, http: httpx.AsyncClient) -> None:
     events += [{"user": f"lone{i}", "item": f"n{i}"} for i in range(10)]
     events += [{"user": "me", "item": "b0", "type": "purchase"}]
     r = await post(http, events)
-    await server.wait_applied(r.json()["seq"])
+    await server.engine.wait_applied(r.json()["seq"])
 
 
-async def test_filters_over_http(server: Server, http: httpx.AsyncClient) -> None:
+async def test_filters_over_http(server: Node, http: httpx.AsyncClient) -> None:
     await _catalog(server, http)
 
     async def items(user: str, **params: object) -> list:
@@ -265,7 +265,7 @@ async def test_filters_over_http(server: Server, http: httpx.AsyncClient) -> Non
     # An unavailable item is never shown: known or unknown user, any filter, trending too.
     assert "b1" in await items("stranger", k=30)
     r = await http.put("/v1/items/b1", content=json.dumps({"available": False}))
-    await server.wait_applied(r.json()["seq"])
+    await server.engine.wait_applied(r.json()["seq"])
     for user in ("me", "stranger"):
         for params in ({}, {"category": "b-cat"}, {"diversity": 0.5}, {"exploration": 0.5}):
             assert "b1" not in await items(user, k=30, **params), (user, params)
@@ -276,7 +276,7 @@ async def test_filters_over_http(server: Server, http: httpx.AsyncClient) -> Non
         assert r.status_code == 400, bad
 
 
-async def test_diversity_and_exploration_over_http(server: Server, http: httpx.AsyncClient) -> None:
+async def test_diversity_and_exploration_over_http(server: Node, http: httpx.AsyncClient) -> None:
     await _catalog(server, http)
     url = "/v1/users/me/recommendations"
     plain = (await http.get(url, params={"k": 10})).json()["items"]
@@ -289,7 +289,7 @@ async def test_diversity_and_exploration_over_http(server: Server, http: httpx.A
     assert diverse[0]["item"] == plain[0]["item"] and len(diverse) == 10
 
 
-async def test_push_carries_explanations(server: Server, http: httpx.AsyncClient) -> None:
+async def test_push_carries_explanations(server: Node, http: httpx.AsyncClient) -> None:
     await _catalog(server, http)
     async with websocket(ws_url(server, "/v1/ws/recommendations?user=me&k=5&explain=1")) as ws:
         first = json.loads(await ws.get_message())
@@ -307,7 +307,7 @@ async def test_push_carries_explanations(server: Server, http: httpx.AsyncClient
 
 
 async def test_push_does_not_repeat_items_within_repush_after(
-    server: Server, http: httpx.AsyncClient
+    server: Node, http: httpx.AsyncClient
 ) -> None:
     await _catalog(server, http)
     pushed: list[set] = []

@@ -18,7 +18,7 @@ import hmac
 import json
 import time
 
-from ._exceptions import AuthError
+from engine import AuthError
 
 __all__ = ["issue_token", "verify_token", "key_matches"]
 

@@ -7,7 +7,7 @@ Any Fluentd / Fluent Bit logger can feed the engine. Per connection:
    ``["PING", hostname, salt, sha512_hex(salt + hostname + nonce + key), user, password]`` and
    the server replies ``["PONG", ok, reason, server_hostname, sha512_hex(salt +
    server_hostname + nonce + key)]`` (spec v1, "Handshake Messages").
-2. Frames are split from the byte stream and checked in Rust (``Model.check_frame``); every
+2. Frames are split from the byte stream and checked in Rust (``Engine.check_frame``); every
    complete frame in the buffer is journaled in one append, and once durable each frame that
    carried a ``chunk`` option is answered ``{"ack": chunk}``.
 
@@ -18,7 +18,7 @@ it stand; other connections are unaffected. So does a frame that erases users or
 on a connection that did not authenticate with the admin key (while auth is on).
 
 Limits against exhaustion: at most ``max_forward_connections`` connections are served at
-once (see ``engine._connections``); a connection that completes no frame within
+once (see ``connectors._connections``); a connection that completes no frame within
 ``idle_timeout`` -- silent, or stalled inside a frame -- is closed with a logged reason; and
 compressed frames are checked (which gunzips them) only within a budget shared by every
 connection, ``max_decompressing_bytes``, so many gzip bombs at once cost one bomb's memory.
@@ -31,18 +31,15 @@ import hmac
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 import trio
 
-from ._connections import ConnectionGate
-from ._core import InvalidFrame
-from ._exceptions import JournalClosed, JournalFailed
-from ._ratelog import RateLimitedLog
+from engine import Engine, InvalidFrame, JournalClosed, JournalFailed
 
-if TYPE_CHECKING:
-    from ._server import Server
+from ._connections import ConnectionGate
+from ._ratelog import RateLimitedLog
 
 __all__ = ["ForwardServer"]
 
@@ -76,11 +73,11 @@ class IdleTimeout(Exception):
 
 
 class ForwardServer:
-    """Serves Forward connections for ``server`` (its model, journal and config)."""
+    """Serves Forward connections for ``engine``: frames checked and logged through it."""
 
-    def __init__(self, server: Server, max_connections: int) -> None:
-        cfg = server.config
-        self._server = server
+    def __init__(self, engine: Engine, max_connections: int) -> None:
+        cfg = engine.config
+        self._engine = engine
         self._admin_key = cfg.admin_key if cfg.auth_enabled else None
         self._keys = cfg.producer_keys + ((cfg.admin_key,) if cfg.admin_key else ())
         if not cfg.auth_enabled:
@@ -88,7 +85,7 @@ class ForwardServer:
         self._log = RateLimitedLog(log)
         self._hostname = socket.gethostname()
         self.connections = 0
-        self.gate = ConnectionGate("forward", max_connections, server.metrics)
+        self.gate = ConnectionGate("forward", max_connections, engine.metrics)
         # Each compressed check may gunzip up to the decompressed limit: the budget in slots.
         self._decompressing = trio.CapacityLimiter(
             max(1, cfg.max_decompressing_bytes // MAX_DECOMPRESSED_BYTES)
@@ -123,12 +120,12 @@ class ForwardServer:
                 await self._serve_frames(stream, peer, pending, admin)
         except ProtocolError as e:
             self._log.log(logging.WARNING, "forward %s: closing: %s", peer, e)
-            self._server.metrics.rejects.labels("forward_protocol").inc()
+            self._engine.metrics.rejects.labels("forward_protocol").inc()
         except trio.TooSlowError:
             self._log.log(logging.WARNING, "forward %s: closing: handshake timed out", peer)
         except IdleTimeout as e:
             self._log.log(logging.INFO, "forward %s: closing: %s", peer, e)
-            self._server.metrics.idle_closed.labels("forward").inc()
+            self._engine.metrics.idle_closed.labels("forward").inc()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass  # the peer went away
         except (JournalClosed, JournalFailed) as e:
@@ -142,7 +139,7 @@ class ForwardServer:
                 peer,
                 exc_info=True,
             )
-            self._server.metrics.rejects.labels("forward_protocol").inc()
+            self._engine.metrics.rejects.labels("forward_protocol").inc()
         finally:
             self.connections -= 1
 
@@ -186,9 +183,9 @@ class ForwardServer:
 
         Without ``admin``, a frame that erases users or writes items ends the connection.
         """
-        server = self._server
-        limit = server.config.model.max_frame_bytes
-        idle = server.config.idle_timeout
+        engine = self._engine
+        limit = engine.config.model.max_frame_bytes
+        idle = engine.config.idle_timeout
         buf = bytearray(pending)
         # A frame must complete within ``idle`` of the previous one (or of the start): this
         # closes silent connections and frames that stall half-sent alike.
@@ -199,7 +196,7 @@ class ForwardServer:
                 # Complete frames stand and are acked even when what follows them is bad:
                 # they are durable, and an unacked chunk would be sent again.
                 if frames:
-                    await server.append(frames, "forward", entries)
+                    await engine.append(frames, "forward", entries)
                     for chunk in chunks:
                         await stream.send_all(msgpack.packb({"ack": chunk}))
                     # From here: time spent waiting on the journal is not the peer's.
@@ -230,7 +227,7 @@ class ForwardServer:
         Returns the frames, their chunk options, their entry count, and the reason the bytes
         after them can never be a frame (None when they are a frame still arriving).
         """
-        model = self._server.model
+        check_frame = self._engine.check_frame
         frames: list[bytes] = []
         chunks: list[str] = []
         entries = 0
@@ -252,12 +249,12 @@ class ForwardServer:
                     # Maybe compressed: checking gunzips it, so it runs within the budget
                     # and off the event loop, however small it is compressed.
                     checked: Any = await trio.to_thread.run_sync(
-                        model.check_frame, data, offset, limiter=self._decompressing
+                        check_frame, data, offset, limiter=self._decompressing
                     )
                 elif len(data) - offset <= INLINE_CHECK_BYTES:
-                    checked = model.check_frame(data, offset)
+                    checked = check_frame(data, offset)
                 else:
-                    checked = await trio.to_thread.run_sync(model.check_frame, data, offset)
+                    checked = await trio.to_thread.run_sync(check_frame, data, offset)
             except InvalidFrame as e:
                 error = str(e)
                 break
@@ -268,7 +265,7 @@ class ForwardServer:
                     f"entry {checked['admin'][0]} erases a user or writes an item, which needs "
                     "the admin key as the shared key"
                 )
-                self._server.metrics.rejects.labels("auth").inc()
+                self._engine.metrics.rejects.labels("auth").inc()
                 break
             used = checked["used"]
             frames.append(data[offset : offset + used])

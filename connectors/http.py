@@ -27,7 +27,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 import trio
@@ -37,23 +37,24 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from ._auth import key_matches, verify_token
-from ._core import InvalidFrame
-from ._events import json_to_frame
-from ._exceptions import (
+from engine import (
     AuthError,
     BadRequest,
+    Engine,
     Forbidden,
     InvalidEvents,
+    InvalidFrame,
     JournalClosed,
     JournalFailed,
+    Push,
+    Subscription,
     TooManySubscribers,
+    json_to_frame,
+    rec_json,
 )
-from ._publisher import Push, Subscription, rec_json
-from ._ratelog import RateLimitedLog
 
-if TYPE_CHECKING:
-    from ._server import Server
+from ._auth import key_matches, verify_token
+from ._ratelog import RateLimitedLog
 
 __all__ = ["build_app"]
 
@@ -95,10 +96,10 @@ def _parse_json(text: str | bytes) -> Any:
         raise BadRequest(f"body is not JSON: {e}") from None
 
 
-def build_app(server: Server) -> Starlette:
-    """The Starlette application for ``server``."""
-    cfg = server.config
-    model = server.model
+def build_app(engine: Engine) -> Starlette:
+    """The Starlette application serving ``engine``."""
+    cfg = engine.config
+    model = engine.model
     errors = RateLimitedLog(log)
 
     # --- helpers --------------------------------------------------------------------------
@@ -121,7 +122,7 @@ def build_app(server: Server) -> Starlette:
     def resolve_user(text: str) -> Id:
         check_id(text)
         if cfg.pseudonymize_key is not None:
-            return server.map_user(text)  # the model only ever saw pseudonyms
+            return engine.map_user(text)  # the model only ever saw pseudonyms
         return known_as(text, model.user_vector)
 
     def resolve_item(text: str) -> Id:
@@ -221,10 +222,10 @@ def build_app(server: Server) -> Starlette:
             try:
                 return await fn(request)
             except _TooLarge:
-                server.metrics.rejects.labels("too_large").inc()
+                engine.metrics.rejects.labels("too_large").inc()
                 return _error(413, f"body over {cfg.max_body_bytes} bytes")
             except AuthError as e:
-                server.metrics.rejects.labels("auth").inc()
+                engine.metrics.rejects.labels("auth").inc()
                 forbidden = isinstance(e, Forbidden) or "another user" in str(e)
                 return _error(403 if forbidden else 401, str(e))
             except InvalidEvents as e:
@@ -234,7 +235,7 @@ def build_app(server: Server) -> Starlette:
             except InvalidFrame as e:
                 return _error(400, str(e))
             except BadRequest as e:
-                server.metrics.rejects.labels("bad_request").inc()
+                engine.metrics.rejects.labels("bad_request").inc()
                 return _error(400, str(e))
             except (JournalClosed, JournalFailed) as e:
                 return _error(503, str(e))
@@ -259,7 +260,7 @@ def build_app(server: Server) -> Starlette:
         payload: Any, tag: str, source: str, allow_admin: bool = True
     ) -> tuple[int, int]:
         frame, n = json_to_frame(payload, tag, cfg.max_events_per_request, allow_admin=allow_admin)
-        seq = await server.submit(frame, source)
+        seq = await engine.submit(frame, source)
         return n, seq
 
     @endpoint
@@ -284,7 +285,7 @@ def build_app(server: Server) -> Starlette:
             except WebSocketDisconnect:
                 return
             if message is None:
-                server.metrics.idle_closed.labels("ws_events").inc()
+                engine.metrics.idle_closed.labels("ws_events").inc()
                 log.info("websocket producer sent nothing for %g s; closing", cfg.idle_timeout)
                 with trio.move_on_after(1):
                     await ws.close(GOING_AWAY, "idle timeout")
@@ -309,11 +310,11 @@ def build_app(server: Server) -> Starlette:
                     "rejected": [{"index": i, "reason": r} for i, r in e.rejected],
                 }
             except Forbidden as e:
-                server.metrics.rejects.labels("auth").inc()
+                engine.metrics.rejects.labels("auth").inc()
                 reply = {"error": str(e)}
             except (BadRequest, InvalidFrame, ValueError, msgpack.UnpackException) as e:
                 if not isinstance(e, InvalidFrame):
-                    server.metrics.rejects.labels("bad_request").inc()
+                    engine.metrics.rejects.labels("bad_request").inc()
                 reply = {"error": str(e)}
             except (JournalClosed, JournalFailed) as e:
                 await ws.close(TRY_AGAIN_LATER, str(e)[:120])
@@ -336,7 +337,7 @@ def build_app(server: Server) -> Starlette:
         text = request.path_params["user"]
         user = resolve_user(text)
         require_reader(request, reader_id(text, user))
-        variant_name, variant = server.variant_for(user)
+        variant_name, variant = engine.variant_for(user)
         k = int_param(request, "k", (variant and variant.k) or cfg.push_k, 1, 1000)
         explain = flag(request, "explain")
         own = {
@@ -346,11 +347,11 @@ def build_app(server: Server) -> Starlette:
         }
         # The request's own parameters win over its variant's.
         params = {
-            **server.recommend_params(variant),
+            **engine.recommend_params(variant),
             **{k: v for k, v in own.items() if v is not None},
         }
         # The journal sequence the list reflects (at least): read before computing it.
-        version = server.model_actor.applied_seq if server.model_actor else 0
+        version = engine.applied_seq
         recs = await trio.to_thread.run_sync(
             lambda: model.recommend(
                 user,
@@ -363,14 +364,14 @@ def build_app(server: Server) -> Starlette:
             )
         )
         items = [rec_json(r) for r in recs]
-        server.experiments.impression(user, [r["item"] for r in recs], time.time())
+        engine.experiments.impression(user, [r["item"] for r in recs], time.time())
         shown = text if cfg.pseudonymize_key is not None else user
         return JSONResponse(
             {"user": shown, "items": items, "variant": variant_name, "version": version}
         )
 
     async def get_experiments(request: Request) -> Response:
-        return JSONResponse(server.experiments.report())
+        return JSONResponse(engine.experiments.report())
 
     @endpoint
     async def get_similar(request: Request) -> Response:
@@ -384,7 +385,7 @@ def build_app(server: Server) -> Starlette:
         return JSONResponse({"item": item, "items": [{"item": i, "score": s} for i, s in hits]})
 
     async def ws_recommendations(ws: WebSocket) -> None:
-        publisher = server.publisher
+        publisher = engine.publisher
         assert publisher is not None
         raw_user = ws.query_params.get("user")
         await ws.accept()  # accepted first, so a refusal carries a close code and reason
@@ -395,7 +396,7 @@ def build_app(server: Server) -> Starlette:
                 raise BadRequest(f"user id longer than {MAX_ID_BYTES} bytes")
             user = resolve_user(raw_user)
             require_reader(ws, reader_id(raw_user, user))
-            variant_name, variant = server.variant_for(user)
+            variant_name, variant = engine.variant_for(user)
             sub = Subscription(
                 user=user,
                 k=int_param(ws, "k", (variant and variant.k) or cfg.push_k, 1, 1000),
@@ -407,7 +408,7 @@ def build_app(server: Server) -> Starlette:
                 exploration=float_param(ws, "exploration", 0.0, 1.0),
                 repush_after=float_param(ws, "repush_after", 0.0, 86_400.0),
                 variant=variant_name,
-                params=server.recommend_params(variant),
+                params=engine.recommend_params(variant),
                 shown=reader_id(raw_user, user),
             )
             publisher.subscribe(sub)
@@ -421,7 +422,7 @@ def build_app(server: Server) -> Starlette:
             await ws.close(TRY_AGAIN_LATER, str(e)[:120])
             return
         try:
-            await _push_loop(server, ws, sub)
+            await _push_loop(engine, ws, sub)
         finally:
             publisher.unsubscribe(sub)
 
@@ -437,7 +438,7 @@ def build_app(server: Server) -> Starlette:
     @endpoint
     async def post_snapshot(request: Request) -> Response:
         require_admin(request)
-        seq = await server.take_snapshot()
+        seq = await engine.take_snapshot()
         return JSONResponse({"snapshot_seq": seq})
 
     @endpoint
@@ -448,7 +449,7 @@ def build_app(server: Server) -> Starlette:
         if not isinstance(attrs, dict) or set(attrs) - {"tags", "category", "available"}:
             raise BadRequest("expected an object with tags, category and/or available")
         seq = (await ingest({"item": item, **attrs}, DEFAULT_TAG, "http"))[1]
-        await server.wait_applied(seq)
+        await engine.wait_applied(seq)
         return JSONResponse({"item": item, "seq": seq})
 
     @endpoint
@@ -459,7 +460,7 @@ def build_app(server: Server) -> Starlette:
         user = resolve_user(text)
         # The raw id goes in: append() pseudonymises it like any other record.
         raw: Id = text if cfg.pseudonymize_key is not None else user
-        seq = await server.erase_user(user, raw, DEFAULT_TAG)
+        seq = await engine.erase_user(user, raw, DEFAULT_TAG)
         if seq is None:
             return JSONResponse({"user": raw, "erased": False, "error": "unknown user"}, 404)
         return JSONResponse({"user": raw, "erased": True, "seq": seq})
@@ -467,18 +468,18 @@ def build_app(server: Server) -> Starlette:
     # --- operations -----------------------------------------------------------------------
 
     async def stats(request: Request) -> Response:
-        return JSONResponse(server.stats())
+        return JSONResponse(engine.stats())
 
     async def metrics(request: Request) -> Response:
-        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok")
 
     async def readyz(request: Request) -> Response:
-        if not server.ready:
+        if not engine.ready:
             return PlainTextResponse("starting", status_code=503)
-        faults = server.storage_faults()
+        faults = engine.storage_faults()
         if faults:  # reads still work; writes are refused until the disk recovers
             return PlainTextResponse("; ".join(faults.values()), status_code=503)
         return PlainTextResponse("ready")
@@ -515,7 +516,7 @@ async def receive_within(ws: WebSocket, seconds: float) -> Any:
     return None
 
 
-async def _push_loop(server: Server, ws: WebSocket, sub: Subscription) -> None:
+async def _push_loop(engine: Engine, ws: WebSocket, sub: Subscription) -> None:
     """Sends the current list, then every change, until the client leaves or is too slow.
 
     A send that does not finish within ``send_timeout`` closes the connection: the client
@@ -523,8 +524,8 @@ async def _push_loop(server: Server, ws: WebSocket, sub: Subscription) -> None:
     stops answering the server's pings (every third of ``idle_timeout``) is closed by the
     HTTP server's read timeout, which ends ``watch_disconnect`` and with it this loop.
     """
-    timeout = server.config.send_timeout
-    publisher = server.publisher
+    timeout = engine.config.send_timeout
+    publisher = engine.publisher
     assert publisher is not None
 
     async def watch_disconnect(cancel: trio.CancelScope) -> None:
@@ -540,7 +541,7 @@ async def _push_loop(server: Server, ws: WebSocket, sub: Subscription) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_disconnect, nursery.cancel_scope)
             first = await publisher.current(sub)
-            server.experiments.impression(sub.user, first.items, time.time())
+            engine.experiments.impression(sub.user, first.items, time.time())
             push: Push | None = first
             # One scope for every send, armed only while one is under way: cheaper per push
             # than a scope of its own.
@@ -568,8 +569,8 @@ async def _push_loop(server: Server, ws: WebSocket, sub: Subscription) -> None:
         # up, the disconnect watcher), a send that outlasted the timeout dropped a stuck
         # subscriber and the list it was sending.
         if sending_since is not None and trio.current_time() - sending_since >= timeout:
-            server.metrics.dropped.inc()
-            server.metrics.dropped_pushes.inc()
+            engine.metrics.dropped.inc()
+            engine.metrics.dropped_pushes.inc()
 
 
 class _TooLarge(Exception):

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from ._metrics import Metrics
+from engine import Metrics
 
 __all__ = ["ConnectionGate", "default_connection_limits", "raise_nofile_limit"]
 

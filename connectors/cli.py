@@ -33,10 +33,10 @@ from typing import IO, Any, NoReturn
 
 import trio
 
+from engine import ConfigError, ServerConfig, load_config, parse_hostport
+from engine.datasets import add_load_arguments, load_from_args
+
 from ._auth import issue_token
-from ._config import ServerConfig, load_config, parse_hostport
-from ._datasets import add_load_arguments, load_from_args
-from ._exceptions import ConfigError
 
 __all__ = ["main"]
 
@@ -223,7 +223,7 @@ def _check_port_free(host: str, port: int, flag: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ._server import serve
+    from .node import serve
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
