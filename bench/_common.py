@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -196,6 +196,7 @@ class ServerProcess:
         config: ``ServerConfig`` fields (``[model]`` as a nested dict), written to a TOML file.
         startup_timeout: Seconds to wait for the listeners.
         data_dir: An existing data directory to serve (a restart); default a new one.
+        args: Further ``serve`` arguments (``--log URL``, ``--join URL``...).
 
     Attributes (inside the ``with`` block):
         http_url: ``http://127.0.0.1:PORT``.
@@ -209,9 +210,11 @@ class ServerProcess:
         *,
         startup_timeout: float = 60.0,
         data_dir: Path | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.data_dir = data_dir
+        self.args = list(args)
         self.startup_timeout = startup_timeout
         self.http_url = ""
         self.forward_address: tuple[str, int] = ("", 0)
@@ -228,7 +231,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "connectors", "serve", "--http", "127.0.0.1:0"]
         data = self.data_dir if self.data_dir is not None else root / "data"
         cmd += ["--forward", "127.0.0.1:0", "--data-dir", str(data)]
-        cmd += ["--config", str(root / "server.toml")]
+        cmd += ["--config", str(root / "server.toml"), *self.args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self._proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env

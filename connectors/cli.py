@@ -1,6 +1,8 @@
 """The ``recstream`` command line.
 
 recstream serve [--data-dir DIR] [--http HOST:PORT] [--forward HOST:PORT] [--demo]
+                [--log redis://HOST:PORT[/DB] | redis+cluster://HOST:PORT]
+                [--log-partitions N] [--log-replicas N] [--join http://PEER:PORT]
 recstream replay FILE [--format tsv|movielens|csv] [--rate N] [--forward HOST:PORT]
 recstream token USER [--ttl SECONDS]
 recstream snapshot [--http HOST:PORT]
@@ -90,6 +92,30 @@ def _parser() -> argparse.ArgumentParser:
         "--demo", action="store_true", help="feed a synthetic stream to watch lists change"
     )
     serve.add_argument("--demo-rate", type=float, default=200.0, help="events/s of the demo stream")
+    serve.add_argument(
+        "--log",
+        metavar="URL",
+        help="a shared Redis Streams log instead of the local journal: redis://HOST:PORT[/DB] "
+        "or redis+cluster://HOST:PORT (every node on it is a full replica)",
+    )
+    serve.add_argument(
+        "--log-partitions",
+        type=int,
+        metavar="N",
+        help="partition streams (default 1, on a cluster one per master; same on every node)",
+    )
+    serve.add_argument(
+        "--log-replicas",
+        type=int,
+        default=0,
+        metavar="N",
+        help="acknowledge only once N Redis replicas have each write (WAIT)",
+    )
+    serve.add_argument(
+        "--join",
+        metavar="URL",
+        help="start from this peer's newest snapshot (http://PEER:PORT), then the log after it",
+    )
     serve.add_argument("-v", "--verbose", action="store_true")
 
     replay = sub.add_parser("replay", help="stream a dataset into a running server over Forward")
@@ -240,8 +266,9 @@ def _serve(args: argparse.Namespace) -> int:
     _check_port_free(cfg.http_host, cfg.http_port, "--http")
     _check_port_free(cfg.forward_host, cfg.forward_port, "--forward")
     with _data_dir_lock(cfg.data_dir):
+        log = _shared_log(args, cfg)
         try:
-            trio.run(serve, cfg, args.demo_rate if args.demo else 0.0)
+            trio.run(serve, cfg, args.demo_rate if args.demo else 0.0, log)
         except KeyboardInterrupt:
             pass
         except BaseExceptionGroup as group:
@@ -251,6 +278,32 @@ def _serve(args: argparse.Namespace) -> int:
                 raise
             raise leaf from None
     return 0
+
+
+def _shared_log(args: argparse.Namespace, cfg: ServerConfig) -> Any:
+    """The Redis Streams log ``--log`` names (None: the local journal); with ``--join``, the
+    peer's snapshot is fetched first."""
+    if args.log is None:
+        if args.join or args.log_partitions is not None or args.log_replicas:
+            raise CommandError("--join, --log-partitions and --log-replicas need --log")
+        return None
+    from engine import SNAPSHOT
+
+    from .redis_streams import RedisStreamsLog, fetch_snapshot, node_id_for, parse_log_url
+
+    try:
+        config = parse_log_url(args.log, partitions=args.log_partitions, replicas=args.log_replicas)
+    except ValueError as e:
+        raise CommandError(f"--log: {e}") from None
+    if args.join:
+        try:
+            size = fetch_snapshot(args.join, cfg.data_dir / SNAPSHOT, admin_key=cfg.admin_key)
+        except OSError as e:
+            raise CommandError(f"--join: {e}") from None
+        logging.getLogger("recstream.server").info(
+            "joined: %d bytes of snapshot from %s", size, args.join
+        )
+    return RedisStreamsLog(config, node_id=node_id_for(cfg.data_dir))
 
 
 def _first_os_error(group: BaseExceptionGroup[Any]) -> OSError | None:

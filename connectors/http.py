@@ -12,6 +12,7 @@ Routes (see the README for examples):
     GET    /v1/trending                       decayed popularity
     GET    /v1/experiments                    A/B variants: impressions, interactions, rate
     POST   /v1/admin/snapshot                 snapshot now (admin)
+    GET    /v1/admin/snapshot                 snapshot now and download it (admin; --join)
     GET    /v1/stats, /metrics, /healthz, /readyz, /   (dashboard)
 
 Ids in URLs are strings; an all-digit id also matches a user or item that producers sent as
@@ -38,6 +39,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from engine import (
+    SNAPSHOT,
     AuthError,
     BadRequest,
     Engine,
@@ -442,6 +444,18 @@ def build_app(engine: Engine) -> Starlette:
         return JSONResponse({"snapshot_seq": seq})
 
     @endpoint
+    async def get_snapshot(request: Request) -> Response:
+        """A fresh snapshot's bytes, for a node joining the same shared log (``--join``)."""
+        require_admin(request)
+        seq = await engine.take_snapshot()
+        body = await trio.to_thread.run_sync((engine.data_dir / SNAPSHOT).read_bytes)
+        return Response(
+            body,
+            media_type="application/octet-stream",
+            headers={"X-Recstream-Snapshot-Seq": str(seq)},
+        )
+
+    @endpoint
     async def put_item(request: Request) -> Response:
         require_admin(request)
         item = resolve_item(request.path_params["item"])
@@ -498,6 +512,7 @@ def build_app(engine: Engine) -> Starlette:
         Route("/v1/trending", get_trending, methods=["GET"]),
         Route("/v1/experiments", get_experiments, methods=["GET"]),
         Route("/v1/admin/snapshot", post_snapshot, methods=["POST"]),
+        Route("/v1/admin/snapshot", get_snapshot, methods=["GET"]),
         Route("/v1/stats", stats, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),

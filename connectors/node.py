@@ -194,12 +194,13 @@ def _hypercorn_config(cfg: ServerConfig) -> HypercornConfig:
     return hc
 
 
-async def serve(config: ServerConfig, demo_rate: float = 0.0) -> None:
+async def serve(config: ServerConfig, demo_rate: float = 0.0, log: Log | None = None) -> None:
     """Runs a node until SIGINT or SIGTERM, then shuts it down in order.
 
-    With ``demo_rate`` > 0 a synthetic stream is fed at that many events per second.
+    With ``demo_rate`` > 0 a synthetic stream is fed at that many events per second. ``log``
+    replaces the local journal (``recstream serve --log``).
     """
-    server = Node(config)
+    server = Node(config, log=log)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)

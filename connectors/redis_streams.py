@@ -40,11 +40,17 @@ a client (and so connections) of its own.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import socket
 import time
+import urllib.error
+import urllib.request
 import uuid
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -55,16 +61,25 @@ import trio
 from redis.cluster import RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from engine._exceptions import JournalClosed, JournalFailed
+from engine import (
+    Appended,
+    JournalClosed,
+    JournalFailed,
+    Model,
+    drop_users,
+    parse_journal_record,
+)
 
 __all__ = [
-    "Appended",
+    "NODE_ID_FILE",
     "LogGap",
     "RedisLogConfig",
     "RedisStreamsLog",
     "StreamId",
     "decode_position",
     "encode_position",
+    "fetch_snapshot",
+    "node_id_for",
     "parse_log_url",
     "partition_keys",
     "partition_of",
@@ -78,21 +93,8 @@ T = TypeVar("T")
 StreamId = tuple[int, int]
 
 _ZERO: StreamId = (0, 0)
-
-
-@attrs.frozen
-class Appended:
-    """A run of records forwarded to the model actor, in log order.
-
-    Attributes:
-        first_seq: The node-local seq of ``payloads[0]``; the others follow consecutively.
-        payloads: The journal records.
-        position: The log position after the last payload (:func:`encode_position`).
-    """
-
-    first_seq: int
-    payloads: tuple[bytes, ...]
-    position: bytes = b""
+# Forwarded records whose log place is remembered by seq (erasures look theirs up).
+_PLACES = 65_536
 
 
 class LogGap(JournalFailed):
@@ -202,6 +204,69 @@ def parse_log_url(url: str, **settings: Any) -> RedisLogConfig:
         password=unquote(parts.password) if parts.password else None,
         **settings,
     )
+
+
+# --- nodes -------------------------------------------------------------------------------
+
+#: The file in a node's data directory that holds its name in the node registry.
+NODE_ID_FILE = "node-id"
+
+
+def node_id_for(data_dir: Path) -> str:
+    """This data directory's node name: made once (random), then read back on every restart,
+    so a restarted node takes over its own registry entry. A wiped directory is a new node.
+    """
+    path = data_dir / NODE_ID_FILE
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(name)
+        os.replace(tmp, path)
+        return name
+
+
+def fetch_snapshot(
+    peer: str, target: Path, *, admin_key: str | None = None, timeout: float = 60.0
+) -> int:
+    """Downloads a peer's newest snapshot (``GET /v1/admin/snapshot``), checks that it loads,
+    and makes it ``target`` (atomically); returns its size. Blocking: call it before serving.
+
+    Args:
+        peer: The peer's HTTP base URL, e.g. ``http://10.0.0.7:8000``.
+        target: Where this node keeps its newest snapshot.
+        admin_key: The admin key, when the peer requires keys.
+        timeout: Seconds for the whole download.
+
+    Raises:
+        OSError: The peer could not be reached, refused, or sent something that is not a
+            usable snapshot (``CorruptSnapshot`` is a ``ValueError`` and is reported as such).
+    """
+    url = peer.rstrip("/") + "/v1/admin/snapshot"
+    request = urllib.request.Request(url)
+    if admin_key:
+        request.add_header("X-Recstream-Key", admin_key)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".join")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as f:
+            shutil.copyfileobj(response, f, 1 << 20)
+            f.flush()
+            os.fsync(f.fileno())
+    except urllib.error.HTTPError as e:
+        raise OSError(f"{url} refused: {e.code} {e.reason}") from None
+    except (urllib.error.URLError, TimeoutError) as e:
+        raise OSError(f"cannot fetch {url}: {e}") from None
+    try:
+        Model.load(tmp)
+    except ValueError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"{url} sent no usable snapshot: {e}") from None
+    size = tmp.stat().st_size
+    os.replace(tmp, target)
+    return size
 
 
 # --- partitions and positions ---------------------------------------------------------------
@@ -352,6 +417,9 @@ class RedisStreamsLog:
         # collects, and the oldest such leftovers are dropped first.
         self._own: OrderedDict[tuple[str, StreamId], int] = OrderedDict()
         self._own_cap = 64 * config.max_pending + 65_536
+        # The newest forwarded records' places, by seq (for erasure: where an erase record
+        # sits in the log), and whether this node appended them.
+        self._places: OrderedDict[int, tuple[str, StreamId, bool]] = OrderedDict()
         self._progress = trio.Event()
         self._waiting = 0
         self._idle = trio.Event()
@@ -494,6 +562,68 @@ class RedisStreamsLog:
             await self._call(self._trim)
         except redis.RedisError as e:
             log.warning("checkpoint not recorded in Redis: %s", self._fail("checkpoint", e))
+
+    async def erase(self, users: Mapping[Any, int]) -> int:
+        """Deletes (``XDEL``) the log entries whose frames hold only records of ``users``, up
+        to each user's erase record; returns the entries deleted.
+
+        Only the node that appended the erase record does this (the others find the entries
+        gone or going). A stream entry cannot be rewritten in place, so a frame that mixes an
+        erased user's events with other users' stays whole until trimming removes it; the
+        model of every node forgot the user when it applied the erase record. Records are
+        compared by stream id across partitions, which orders them by the Redis server's
+        clock. A Redis error leaves the entries for trimming and is logged.
+        """
+        cuts: dict[Any, StreamId] = {}
+        for user, seq in users.items():
+            place = self._places.get(seq)
+            if place is None:  # forwarded long ago: every entry up to the present position
+                cuts[user] = max(self._position.values(), default=_ZERO)
+            elif place[2]:
+                cuts[user] = place[1]
+        if not cuts:
+            return 0
+        newest = max(cuts.values())
+        admin = self._admin
+        assert admin is not None
+
+        def scan_and_delete() -> tuple[int, int]:
+            deleted = mixed = 0
+            for key in self.keys:
+                start = "-"
+                while True:
+                    page: Any = admin.xrange(key, start, format_id(newest), count=500)
+                    doomed = []
+                    for raw_id, fields in page:
+                        sid = parse_id(raw_id)
+                        wanted = {u for u, cut in cuts.items() if sid <= cut}
+                        if not wanted or b"r" not in fields:
+                            continue
+                        _, frame = parse_journal_record(fields[b"r"])
+                        left = drop_users(frame, wanted)
+                        if left is None:
+                            doomed.append(raw_id)
+                        elif left is not frame:
+                            mixed += 1
+                    if doomed:
+                        deleted += int(admin.xdel(key, *doomed))
+                    if len(page) < 500:
+                        break
+                    last = parse_id(page[-1][0])
+                    start = format_id((last[0], last[1] + 1))
+            return deleted, mixed
+
+        try:
+            deleted, mixed = await self._call(scan_and_delete)
+        except redis.RedisError as e:
+            log.warning("erasure left the log entries to trimming: %s", self._fail("erase", e))
+            return 0
+        if mixed:
+            log.warning(
+                "%d log entries mix erased users' events with others'; they stay until trimmed",
+                mixed,
+            )
+        return deleted
 
     def stats(self) -> dict[str, Any]:
         """The node's log position, the head and the lag (entries behind it, sampled each
@@ -667,10 +797,14 @@ class RedisStreamsLog:
             payloads.append(payload)
             if sid > head_start:
                 self._read_after_start[key] = self._read_after_start.get(key, 0) + 1
-            if fields.get(b"n") == me:
+            mine = fields.get(b"n") == me
+            if mine:
                 self._own[(key, sid)] = self._last_seq
                 if len(self._own) > self._own_cap:
                     self._own.popitem(last=False)
+            self._places[self._last_seq] = (key, sid, mine)
+            if len(self._places) > _PLACES:
+                self._places.popitem(last=False)
         if payloads:
             if self._heads.get(key, _ZERO) < self._position[key]:
                 self._heads[key] = self._position[key]

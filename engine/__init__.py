@@ -25,6 +25,7 @@ from ._core import InvalidFrame as InvalidFrame
 from ._core import UnknownItem as UnknownItem
 from ._engine import Engine as Engine
 from ._events import json_to_frame as json_to_frame
+from ._events import parse_journal_record as parse_journal_record
 from ._exceptions import AuthError as AuthError
 from ._exceptions import BadRequest as BadRequest
 from ._exceptions import ConfigError as ConfigError
@@ -34,6 +35,7 @@ from ._exceptions import JournalClosed as JournalClosed
 from ._exceptions import JournalFailed as JournalFailed
 from ._exceptions import RecstreamError as RecstreamError
 from ._exceptions import TooManySubscribers as TooManySubscribers
+from ._frames import drop_users as drop_users
 from ._journal import FaultyFileOps as FaultyFileOps
 from ._journal import FileOps as FileOps
 from ._log import JournalLog as JournalLog
@@ -46,6 +48,7 @@ from ._model import ModelConfig as ModelConfig
 from ._publisher import Push as Push
 from ._publisher import Subscription as Subscription
 from ._publisher import rec_json as rec_json
+from ._recovery import SNAPSHOT as SNAPSHOT
 from ._recovery import Recovered as Recovered
 from ._recovery import recover as recover
 
@@ -75,13 +78,16 @@ __all__ = [
     "Push",
     "Recovered",
     "RecstreamError",
+    "SNAPSHOT",
     "ServerConfig",
     "Subscription",
     "TooManySubscribers",
     "UnknownItem",
+    "drop_users",
     "json_to_frame",
     "load_config",
     "parse_hostport",
+    "parse_journal_record",
     "rec_json",
     "recover",
 ]
