@@ -58,8 +58,10 @@ import attrs
 import msgpack
 import redis
 import trio
+from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+from redis.retry import Retry
 
 from engine import (
     Appended,
@@ -443,6 +445,9 @@ class RedisStreamsLog:
             "password": c.password,
             "socket_timeout": timeout,
             "socket_connect_timeout": c.op_timeout,
+            # No silent retries inside the client: a failed call fails its group at once (its
+            # producers resend), and the fault shows in ``fault`` and /readyz.
+            "retry": Retry(NoBackoff(), 0),
         }
         if c.cluster:
             return RedisCluster(host=c.host, port=c.port, **common)
