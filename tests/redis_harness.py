@@ -14,12 +14,13 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-__all__ = ["RedisServer", "free_port", "require_redis", "start_cluster"]
+__all__ = ["RedisServer", "free_port", "redis_server", "require_redis", "start_cluster"]
 
 
 def require_redis() -> None:
@@ -150,3 +151,12 @@ def start_cluster(directory: Path, masters: int = 3) -> list[RedisServer]:
             s.stop()
         raise
     return servers
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh ``redis-server`` for one test, stopped after it."""
+    require_redis()
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()

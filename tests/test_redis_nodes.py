@@ -25,18 +25,30 @@ import trio
 from bench._common import ServerProcess
 from connectors.client import ForwardProducer
 
-from .redis_harness import RedisServer, require_redis, start_cluster
+from .redis_harness import RedisServer, redis_server, require_redis, start_cluster
+
+__all__ = ["redis_server"]  # the fixture, imported for pytest
 
 # Snapshots every second, so restarts begin from a snapshot plus a stretch of the log.
 NODE_CONFIG: dict[str, Any] = {"snapshot_interval": 1.0}
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    require_redis()
-    s = RedisServer(tmp_path / "redis").start()
-    yield s
-    s.stop()
+def paced_producers(targets: list[ServerProcess]) -> list[Producer]:
+    """One started producer per node: 1500 events each, 25 a batch, 50 ms apart (~3 s)."""
+    producers = [Producer(n, f"p{i}", 1500, 25, 0.05) for i, n in enumerate(targets)]
+    for p in producers:
+        p.start()
+    return producers
+
+
+def agreement(nodes_: list[ServerProcess]) -> tuple[int, float]:
+    """Over 100 users: how many top-10 lists all nodes serve identically, and the mean share
+    of node 0's items in each other node's list."""
+    users = [f"u{k}" for k in range(100)]
+    lists = [[top10(n, u) for n in nodes_] for u in users]
+    identical = sum(1 for ls in lists if all(x == ls[0] for x in ls))
+    shares = [len(set(ls[0]) & set(x)) / 10 for ls in lists for x in ls[1:]]
+    return identical, sum(shares) / len(shares)
 
 
 def start_node(tmp_path: Path, name: str, log_url: str, *extra: str) -> ServerProcess:
@@ -237,9 +249,7 @@ def test_a_wiped_node_rejoins_from_a_peers_snapshot(
 
 def test_a_paused_redis_never_yields_a_false_ack(tmp_path: Path, redis_server: RedisServer) -> None:
     with nodes(tmp_path, redis_server.url) as (a, b, c):
-        producers = [Producer(n, f"p{i}", 1500, 25, 0.05) for i, n in enumerate((a, b))]
-        for p in producers:
-            p.start()
+        producers = paced_producers([a, b])
         time.sleep(0.5)
         redis_server.pause()
         time.sleep(5)
@@ -260,9 +270,7 @@ def test_redis_killed_during_ingest_restarts_on_its_aof_and_loses_no_ack(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     with nodes(tmp_path, redis_server.url) as (a, b, c):
-        producers = [Producer(n, f"p{i}", 1500, 25, 0.05) for i, n in enumerate((a, c))]
-        for p in producers:
-            p.start()
+        producers = paced_producers([a, c])
         time.sleep(0.7)
         redis_server.kill()
         time.sleep(1.0)
@@ -297,15 +305,10 @@ def test_three_nodes_on_a_three_master_cluster_converge(
             # Partitions spread over the masters: each master holds entries.
             lengths = [s.client().dbsize() for s in servers]
             assert all(n >= 1 for n in lengths), lengths
-            users = [f"u{k}" for k in range(100)]
-            lists = {u: [top10(n, u) for n in (a, b, c)] for u in users}
-        identical = sum(1 for ls in lists.values() if ls[0] == ls[1] == ls[2])
-        overlap = sum(
-            len(set(ls[0]) & set(ls[i])) / 10 for ls in lists.values() for i in (1, 2)
-        ) / (2 * len(users))
+            identical, overlap = agreement([a, b, c])
         with capsys.disabled():
             print(
-                f"\n[redis cluster] top-10 lists of {len(users)} users on 3 nodes, 3 partitions "
+                f"\n[redis cluster] top-10 lists of 100 users on 3 nodes, 3 partitions "
                 f"merged in read order: {identical} identical, mean overlap {overlap:.3f}"
             )
         assert overlap > 0.8
