@@ -145,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs ``recstream ARGV`` (``sys.argv[1:]`` by default); returns the exit status."""
     args = _parser().parse_args(argv)
     name = f"recstream {args.command}"
     try:

@@ -12,6 +12,9 @@ log protocol and the local journal (``_journal``, ``_journal_actor``), ``_model_
 ``_index_actor``, ``_publisher``, ``_snapshots``, ``_erasure`` the actors, ``_messages`` what
 they send each other, ``_recovery`` the start. ``engine.datasets`` holds the synthetic and
 recorded event streams used by tests, demos and benchmarks.
+
+``DEFAULT_EVENT_WEIGHTS`` maps the built-in event types to the weight an event of that type
+gives an interaction (``ModelConfig.event_weights`` starts from it).
 """
 
 from ._config import ServerConfig as ServerConfig

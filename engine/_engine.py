@@ -6,8 +6,11 @@ started; then the index, publisher, snapshot and erasure actors. Shutdown
 (:meth:`Engine.shutdown`): stop accepting, close the log (what is queued is made durable and
 applied), snapshot, close subscribers with 1001.
 
-The pipeline, on bounded channels: log -> model actor -> (index actor, publisher). Every actor
-lives in a module of its own and none of them imports this one.
+The pipeline, in order: log -> model actor -> index actor -> publisher. The log forwards
+durable groups on a bounded channel (backpressure reaches the producers); the model actor
+applies them; the index actor re-links the items they moved and only then hands their users
+to the publisher, so a list is never computed before the moves it reflects are in the graph.
+Every actor lives in a module of its own; none imports this one.
 
 Pseudonymisation (``pseudonymize_key``): user ids in every incoming frame are replaced by
 HMAC-SHA256(key, id) before the frame is logged (see ``engine._frames``). Frames are
@@ -25,7 +28,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -46,6 +49,9 @@ from ._model_actor import ModelActor
 from ._publisher import Publisher, Push, Subscription
 from ._recovery import load_snapshot
 from ._snapshots import SnapshotActor
+
+if TYPE_CHECKING:
+    from ._core import FrameCheck
 
 __all__ = ["Engine"]
 
@@ -210,7 +216,7 @@ class Engine:
             on_applied=self._on_applied,
         )
         self._forwarded_seq = loaded.seq
-        self.index_actor = IndexActor(model)
+        self.index_actor = IndexActor(model, on_indexed=self._on_indexed)
         self.publisher = Publisher(
             model,
             max_subscribers=cfg.max_subscribers,
@@ -298,20 +304,29 @@ class Engine:
     # --- hooks ------------------------------------------------------------------------------
 
     def _on_applied(self, results: list[Applied]) -> None:
-        assert self.publisher is not None and self.index_actor is not None
-        assert self.model_actor is not None
+        """The model actor applied a group: erasures start now; the publisher hears of the
+        users once the index actor re-linked the items the group moved."""
+        assert self.index_actor is not None and self.model_actor is not None
         self.metrics.model_update.observe(self.model_actor.last_apply_seconds)
         rejected = 0
         for r in results:
             for user in r.erased:
                 self.erase_applied(user, r.seq)
-            self.publisher.notify(r.users, r.seq, r.accepted_at)
             rejected += len(r.rejected)
         if rejected:
             self.metrics.rejects.labels("invalid_record").inc(rejected)
+        if self.ready:
+            self.index_actor.applied(results)
+        else:
+            self._on_indexed(results)  # catching up: no subscriber yet, the index rebuilds
         self.index_actor.wake()
         self._applied.set()
         self._applied = trio.Event()
+
+    def _on_indexed(self, results: list[Applied]) -> None:
+        assert self.publisher is not None
+        for r in results:
+            self.publisher.notify(r.users, r.seq, r.accepted_at)
 
     def _on_push(self, sub: Subscription, push: Push) -> None:
         assert self.publisher is not None
@@ -326,14 +341,14 @@ class Engine:
 
     # --- ingestion --------------------------------------------------------------------------
 
-    def check_frame(self, buf: bytes, offset: int = 0) -> dict[str, Any] | None:
+    def check_frame(self, buf: bytes, offset: int = 0) -> FrameCheck | None:
         """Checks the Forward frame at ``buf[offset:]`` without applying it (see
         ``Model.check_frame``): None while the frame is incomplete.
 
         Raises:
             InvalidFrame: The bytes can never be a frame.
         """
-        return self.model.check_frame(buf, offset)  # type: ignore[no-any-return]
+        return self.model.check_frame(buf, offset)
 
     async def submit(self, frame: bytes, source: str) -> int:
         """Validates a frame, logs it, returns its sequence once durable.
@@ -360,7 +375,7 @@ class Engine:
         """The id the engine stores for ``user``: its pseudonym when pseudonymisation is on."""
         return self._pseudonym(user) if self._pseudonym is not None else user
 
-    async def _off_loop(self, fn: Any, frames: list[bytes]) -> Any:
+    async def _off_loop(self, fn: Any, frames: Sequence[bytes]) -> Any:
         if sum(len(f) for f in frames) <= INLINE_FRAME_BYTES:
             return fn(frames)
         return await trio.to_thread.run_sync(fn, frames)

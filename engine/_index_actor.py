@@ -1,16 +1,25 @@
-"""The index actor: re-links moved item vectors in the HNSW graph, in bounded batches.
+"""The index actor: re-links moved item vectors in the HNSW graph, in bounded batches, then
+passes the applied groups on to the publisher.
 
 The model actor moves item vectors on every event; re-linking each one in the graph costs far
 more than the move, so it is done here, off the event path, a batch of ``budget`` items per
-worker-thread call (the extension locks the graph per item, so queries keep running). The
-index trails the model by at most the items moved since the last batch started; queries
-re-score candidates with current vectors, so staleness can only hide an item briefly.
+worker-thread call (the extension locks the graph per item, so queries keep running).
+
+Pipeline order: the groups the model actor applied (:meth:`IndexActor.applied`) are handed on
+(``on_indexed``, to the publisher) only after the items moved until then are re-linked, so a
+subscriber's list is not computed from a graph that misses the moves it reflects. Staleness is
+bounded: under a stream that keeps moving items faster than they are re-linked, the groups go
+on after ``max_rounds`` batches anyway (queries re-score candidates with current vectors, so a
+stale link can only hide an item briefly), and at most ``max_pending`` applied records wait.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 
+from ._messages import Applied
 from ._model import Model
 
 __all__ = ["IndexActor"]
@@ -21,12 +30,29 @@ class IndexActor:
     model: The model whose index to maintain.
     budget: Items re-linked per worker-thread call.
     idle_wait: Seconds to wait for a wake-up before checking again when nothing is stale.
+    on_indexed: Called in the event loop with the applied records whose moved items are
+        re-linked now (in apply order). Must not block.
+    max_rounds: Batches re-linked at most before waiting records are handed on.
+    max_pending: Applied records waiting at most; beyond, they are handed on at once.
     """
 
-    def __init__(self, model: Model, *, budget: int = 512, idle_wait: float = 0.05) -> None:
+    def __init__(
+        self,
+        model: Model,
+        *,
+        budget: int = 512,
+        idle_wait: float = 0.05,
+        on_indexed: Callable[[list[Applied]], None] | None = None,
+        max_rounds: int = 8,
+        max_pending: int = 65_536,
+    ) -> None:
         self._model = model
         self._budget = budget
         self._idle_wait = idle_wait
+        self._on_indexed = on_indexed
+        self._max_rounds = max_rounds
+        self._max_pending = max_pending
+        self._pending: list[Applied] = []
         self._wake = trio.Event()
         self.stale = 0
 
@@ -34,11 +60,36 @@ class IndexActor:
         """Tells the actor that vectors moved (called by the model actor; never blocks)."""
         self._wake.set()
 
+    def applied(self, results: list[Applied]) -> None:
+        """Queues the model actor's results for ``on_indexed`` once their moves are in the
+        graph, and wakes the actor. Never blocks."""
+        self._pending.extend(results)
+        if len(self._pending) > self._max_pending:
+            self._hand_on()  # bounded: the graph is behind, the lists go out anyway
+        self._wake.set()
+
+    def _hand_on(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending and self._on_indexed is not None:
+            self._on_indexed(pending)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             self._wake = trio.Event()
-            self.stale = await trio.to_thread.run_sync(self._model.reindex, self._budget)
-            if self.stale == 0:
+            waiting = len(self._pending)
+            rounds = 0
+            while True:
+                self.stale = await trio.to_thread.run_sync(self._model.reindex, self._budget)
+                rounds += 1
+                if self.stale == 0 or not waiting or rounds >= self._max_rounds:
+                    break
+            # Everything moved by the first ``waiting`` records is re-linked (or the round
+            # limit was reached): those go on; records applied meanwhile wait for the next pass.
+            if waiting:
+                ready, self._pending = self._pending[:waiting], self._pending[waiting:]
+                if self._on_indexed is not None:
+                    self._on_indexed(ready)
+            if self.stale == 0 and not self._pending:
                 with trio.move_on_after(self._idle_wait):
                     await self._wake.wait()

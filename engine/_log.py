@@ -45,11 +45,13 @@ REPLAY_CHUNK = 1024
 class Log(Protocol):
     """The durable, ordered record of accepted frames (see the module docstring).
 
-    Attributes:
-        fault: Why the log refuses appends now (a storage fault, its server down), or None.
+    ``fault`` may be a plain attribute or a property.
     """
 
-    fault: str | None
+    @property
+    def fault(self) -> str | None:
+        """Why the log refuses appends now (a storage fault, its server down), or None."""
+        ...
 
     async def run(
         self,
@@ -149,7 +151,7 @@ class JournalLog:
         self._closed = False
 
     @property
-    def fault(self) -> str | None:  # type: ignore[override]
+    def fault(self) -> str | None:
         """Why the journal refuses writes (the last I/O error), or None while healthy."""
         return self._actor.fault if self._actor is not None else None
 

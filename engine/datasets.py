@@ -7,7 +7,8 @@ Two sources of (user, item, weight, time) events:
 * loaders of recorded interaction files (:func:`load`: TSV, MovieLens ``ratings.dat``/
   ``ratings.csv``, generic CSV), returning a :class:`Dataset`.
 
-``python -m engine._synthetic`` writes a synthetic stream as TSV.
+``EVENT_TYPES`` are the event types the generator emits, ``FORMATS`` the file formats
+:func:`load` reads. ``python -m engine._synthetic`` writes a synthetic stream as TSV.
 """
 
 from ._datasets import FORMATS as FORMATS
