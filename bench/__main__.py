@@ -21,6 +21,7 @@ _MODULES = (
     "_reliability",
     "_recovery",
     "_served",
+    "_scale",
     "_report",
     "_all",
 )
