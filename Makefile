@@ -8,7 +8,7 @@ RUST_SRC := $(shell find core_rs/src -name '*.rs') core_rs/Cargo.toml Cargo.toml
 STAMP := $(VENV)/.built
 
 .DEFAULT_GOAL := help
-.PHONY: help dev serve test test-rust test-py lint fmt bench soak clean
+.PHONY: help dev serve cluster test test-rust test-py lint fmt bench soak clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -23,6 +23,20 @@ dev: $(STAMP)  ## create .venv with the dev and benchmark extras (peers too), bu
 
 serve: dev  ## run the server on embedded defaults
 	recstream serve
+
+CLUSTER_DIR ?= cluster-data
+REDIS_PORT ?= 6390
+cluster: dev  ## Redis + three replica nodes on loopback (HTTP :8000-8002, Forward :24224-24226); Ctrl-C stops all
+	mkdir -p $(CLUSTER_DIR)
+	trap 'kill $$(jobs -p) 2>/dev/null; wait' EXIT INT TERM; \
+	redis-server --port $(REDIS_PORT) --bind 127.0.0.1 --dir $(CLUSTER_DIR) --appendonly yes \
+		--appendfsync always --save '' --logfile redis.log & \
+	until redis-cli -p $(REDIS_PORT) ping >/dev/null 2>&1; do sleep 0.1; done; \
+	for i in 0 1 2; do \
+		recstream serve --log redis://127.0.0.1:$(REDIS_PORT) --data-dir $(CLUSTER_DIR)/node$$i \
+			--http 127.0.0.1:800$$i --forward 127.0.0.1:2422$$((4 + i)) & \
+	done; \
+	wait
 
 test: dev test-rust test-py  ## build everything, then the Rust and Python tests
 
