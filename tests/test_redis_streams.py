@@ -357,3 +357,35 @@ def test_harness_server_is_real(server: RedisServer) -> None:
     assert c.config_get("appendfsync") == {"appendfsync": "always"}
     assert c.config_get("appendonly") == {"appendonly": "yes"}
     assert isinstance(c, redis.Redis)
+
+
+def frame_record(tag: str, records: list[dict[str, Any]]) -> bytes:
+    frame = msgpack.packb([tag, [[1_700_000_000, r] for r in records]])
+    return journal_record(frame, accepted_at=1_700_000_000.0)
+
+
+async def test_erasure_deletes_the_entries_of_the_erased_user_up_to_the_erase_record(
+    server: RedisServer, nursery: trio.Nursery
+) -> None:
+    config = parse_log_url(server.url)
+    a = await start_node(nursery, config)
+    b = await start_node(nursery, config)
+    ann = {"user": "ann", "item": "x", "id": 1}
+    bob = {"user": "bob", "item": "x", "id": 2}
+    await a.log.append([frame_record("p", [ann]), frame_record("p", [bob])])
+    await b.log.append([frame_record("q", [{**ann, "id": 3}])])
+    await a.log.append([frame_record("p", [{**ann, "id": 4}, {**bob, "id": 5}])])  # mixed
+    erase_seq = await a.log.append([frame_record("p", [{"erase_user": "ann"}])])
+    later = await a.log.append([frame_record("p", [{**ann, "id": 6}])])  # new data after E
+    await b.wait_for(later)
+    key = a.log.keys[0]
+    r = server.client()
+    assert r.xlen(key) == 6
+    # A node that did not append the erase record leaves the deletion to the one that did.
+    assert await b.log.erase({"ann": erase_seq}) == 0
+    assert await a.log.erase({"ann": erase_seq}) == 3  # ann's two frames and the erase record
+    left: Any = r.xrange(key)
+    users = [
+        [rec["user"] for _, rec in msgpack.unpackb(msgpack.unpackb(f[b"r"])[1])[1]] for _, f in left
+    ]
+    assert users == [["bob"], ["ann", "bob"], ["ann"]]
