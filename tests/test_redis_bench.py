@@ -50,4 +50,4 @@ def test_scale_quick_measures_replicas_against_the_local_journal(tmp_path: Path)
     runs = doc["runs"]
     assert [(r["log"], r["nodes"]) for r in runs] == [("journal", 1), ("redis", 1), ("redis", 2)]
     assert all(r["events"] == 3000 and r["pushes"] > 0 for r in runs)
-    assert doc["estimate"]["events_per_s_any_n"] > 0
+    assert doc["estimate"]["events_per_s_per_core_any_n"] > 0
