@@ -200,9 +200,7 @@ def run_ours(sync: str, bodies: list[bytes], args: argparse.Namespace, dim: int)
 
         trio.run(flood)
         sampler.join()
-        wal = histogram_quantiles(
-            server.metrics(), "recstream_wal_append_seconds", (0.5, 0.99)
-        )
+        wal = histogram_quantiles(server.metrics(), "recstream_wal_append_seconds", (0.5, 0.99))
         stats = server.stats()
         server.kill()  # the backlog queued for the model is of no interest
     rate = clock.acked / args.seconds
