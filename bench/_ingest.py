@@ -163,13 +163,13 @@ def run_ours(sync: str, bodies: list[bytes], args: argparse.Namespace, dim: int)
     the run's figures."""
     config = {"sync": sync, "snapshot_interval": 3600.0, "model": {"dim": dim}}
     with ServerProcess(config) as server:
-        applied0 = server.engine.stats()["events_applied"]
+        applied0 = server.stats()["events_applied"]
         clock = Window(time.perf_counter(), args.seconds)
         applied_at_deadline: list[int] = []
 
         def sample_applied() -> None:
             time.sleep(max(0.0, clock.deadline - time.perf_counter()))
-            applied_at_deadline.append(server.engine.stats()["events_applied"])
+            applied_at_deadline.append(server.stats()["events_applied"])
 
         sampler = threading.Thread(target=sample_applied)
         sampler.start()
@@ -200,10 +200,8 @@ def run_ours(sync: str, bodies: list[bytes], args: argparse.Namespace, dim: int)
 
         trio.run(flood)
         sampler.join()
-        wal = histogram_quantiles(
-            server.engine.metrics(), "recstream_wal_append_seconds", (0.5, 0.99)
-        )
-        stats = server.engine.stats()
+        wal = histogram_quantiles(server.metrics(), "recstream_wal_append_seconds", (0.5, 0.99))
+        stats = server.stats()
         server.kill()  # the backlog queued for the model is of no interest
     rate = clock.acked / args.seconds
     applied_rate = (applied_at_deadline[0] - applied0) / args.seconds

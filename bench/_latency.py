@@ -294,7 +294,7 @@ async def measure(
     gate = trio.Semaphore(CONNECT_AT_ONCE)
     async with trio.open_nursery() as nursery:
         t0 = time.perf_counter()
-        before = await trio.to_thread.run_sync(server.engine.metrics)
+        before = await trio.to_thread.run_sync(server.metrics)
         for u in users:
             nursery.start_soon(subscriber, server.http_url, u, rec, gate, len(users), args.key)
         with trio.move_on_after(120):
@@ -304,7 +304,7 @@ async def measure(
             flush=True,
         )
         await trio.sleep(0.5)
-        gc0 = (await trio.to_thread.run_sync(server.engine.stats)).get("gc_seconds")
+        gc0 = (await trio.to_thread.run_sync(server.stats)).get("gc_seconds")
         # A server started elsewhere (--target) has no process here to read its CPU from.
         cpu0 = cpu_seconds(server.pid) if server.pid else None
         wall0, pushes0 = time.perf_counter(), rec.pushes
@@ -313,8 +313,8 @@ async def measure(
         cpu = cpu_seconds(server.pid) - cpu0 if cpu0 is not None else None
         wall = time.perf_counter() - wall0
         pushes = rec.pushes - pushes0
-        exposition = await trio.to_thread.run_sync(server.engine.metrics)
-        stats = await trio.to_thread.run_sync(server.engine.stats)
+        exposition = await trio.to_thread.run_sync(server.metrics)
+        stats = await trio.to_thread.run_sync(server.stats)
         if args.target is None:
             server.terminate()  # the orderly shutdown closes every subscriber with 1001
             with trio.move_on_after(20):
@@ -371,9 +371,9 @@ def run_once(
     else:
         server = RunningServer(args.target, parse_hostport(args.forward), args.key)
     with server:
-        base = server.engine.stats()["events_applied"] if args.target is not None else 0
+        base = server.stats()["events_applied"] if args.target is not None else 0
         trio.run(warm_up, server.forward_address, warm, args.key)
-        server.engine.wait_applied(base + len(warm.users))
+        server.wait_applied(base + len(warm.users))
         out = trio.run(measure, server, users, items, rate, args)
     rec: Recorder = out["rec"]
     hist = HdrHistogram(1, 120_000_000, 3)  # microseconds, 3 significant digits

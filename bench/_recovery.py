@@ -143,7 +143,7 @@ def restart(data: Path, seed: int) -> dict[str, Any]:
         ready_s = time.perf_counter() - began
         cpu_s = cpu_seconds(server.pid)
         log = Path(server._log.name).read_text()
-        stats = server.engine.stats()
+        stats = server.stats()
         server.kill()  # the orderly shutdown's snapshot is not part of what is measured
     found = _REPLAYED.search(log)
     if found is None:

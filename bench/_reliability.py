@@ -537,11 +537,11 @@ def drill_fuzz(frames: int, messages: int, seed: int) -> dict[str, Any]:
         ws = trio.run(fuzz_ws, server.http_url, messages, seed + 1)
         seconds = time.perf_counter() - began
         alive = server._proc is not None and server._proc.poll() is None
-        stats = server.engine.stats()
+        stats = server.stats()
         deadline = time.monotonic() + 60
         while stats["applied_seq"] < stats["wal_seq"] and time.monotonic() < deadline:
             time.sleep(0.1)
-            stats = server.engine.stats()
+            stats = server.stats()
         # Every valid event has its own item: look each one up through the similar-items
         # endpoint, which answers 404 for an item the model never saw.
         missing = 0
@@ -647,7 +647,7 @@ async def _flow(
 
         async def watch_released() -> None:
             while True:
-                text = await trio.to_thread.run_sync(server.engine.metrics)
+                text = await trio.to_thread.run_sync(server.metrics)
                 # Whether the server notices in the push loop (recstream_subscribers_dropped)
                 # or the kernel aborts the connection first, the subscription goes away.
                 if _metric(text, "recstream_subscribers") <= rec.subscribed:
@@ -690,7 +690,7 @@ async def _flow(
         await trio.sleep(1.0)
         out["rss_growth_mib"] = (rss_bytes(server.pid) - rss0) / MIB
         out["server_cpu_s"] = cpu_seconds(server.pid) - cpu0
-        text = await trio.to_thread.run_sync(server.engine.metrics)
+        text = await trio.to_thread.run_sync(server.metrics)
         out["stuck_dropped"] = _metric(text, "recstream_subscribers_dropped_total")
         open_stuck = _metric(text, "recstream_subscribers") - rec.subscribed
         out["stuck_released"] = len(held) - max(0, int(open_stuck)) if with_stuck else 0
@@ -742,7 +742,7 @@ def drill_stuck(args: argparse.Namespace) -> dict[str, Any]:
             from bench._latency import warm_up
 
             trio.run(warm_up, server.forward_address, warm)
-            server.engine.wait_applied(len(warm.users))
+            server.wait_applied(len(warm.users))
             r = trio.run(_flow, server, readers, stuck, items, with_stuck, args)
             server.kill()  # thousands of pushes may be queued for nobody; skip the drain
         label = "with_stuck" if with_stuck else "alone"

@@ -84,6 +84,7 @@ class Requests:
         return text
 
     def check_id(self, text: str) -> None:
+        """Refuses an id that is not valid Unicode or longer than ``MAX_ID_BYTES``."""
         try:
             size = len(text.encode())
         except UnicodeEncodeError:
@@ -92,16 +93,19 @@ class Requests:
             raise BadRequest(f"the id in the URL is {size} bytes, the limit is {MAX_ID_BYTES}")
 
     def resolve_user(self, text: str) -> Id:
+        """The user a URL names, as the model stores it (pseudonym, or integer id)."""
         self.check_id(text)
         if self.config.pseudonymize_key is not None:
             return self.engine.map_user(text)  # the model only ever saw pseudonyms
         return self.known_as(text, self.model.user_vector)
 
     def resolve_item(self, text: str) -> Id:
+        """The item a URL names, as the model stores it."""
         self.check_id(text)
         return self.known_as(text, self.model.item_vector)
 
     def presented_key(self, conn: Request | WebSocket) -> str | None:
+        """The key the client presented (header, ``?key=`` or bearer token), if any."""
         key = conn.headers.get("x-recstream-key") or conn.query_params.get("key")
         auth = conn.headers.get("authorization", "")
         if key is None and auth.lower().startswith("bearer "):
@@ -121,6 +125,7 @@ class Requests:
         raise AuthError("a producer key is required (X-Recstream-Key)")
 
     def require_admin(self, conn: Request | WebSocket) -> None:
+        """Refuses (AuthError) a client without the admin key while auth is on."""
         if self.config.auth_enabled and not key_matches(
             self.presented_key(conn), (self.config.admin_key,) if self.config.admin_key else ()
         ):
@@ -144,6 +149,7 @@ class Requests:
     def int_param(
         self, conn: Request | WebSocket, name: str, default: int, lo: int, hi: int
     ) -> int:
+        """An integer query parameter in ``lo..hi`` (``default`` when absent)."""
         raw = conn.query_params.get(name)
         if raw is None:
             return default
@@ -158,6 +164,7 @@ class Requests:
     def float_param(
         self, conn: Request | WebSocket, name: str, lo: float, hi: float
     ) -> float | None:
+        """A number query parameter in ``lo..hi`` (None when absent)."""
         raw = conn.query_params.get(name)
         if raw is None:
             return None
@@ -170,17 +177,21 @@ class Requests:
         return value
 
     def names_param(self, conn: Request | WebSocket, name: str) -> list[str]:
+        """A comma-separated query parameter as a list of names."""
         raw = conn.query_params.get(name)
         return [x for x in raw.split(",") if x] if raw else []
 
     def list_param(self, conn: Request | WebSocket, name: str) -> list[Id]:
+        """A comma-separated query parameter as a list of item ids."""
         raw = conn.query_params.get(name)
         return [self.resolve_item(x) for x in raw.split(",") if x] if raw else []
 
     def flag(self, conn: Request | WebSocket, name: str) -> bool:
+        """A boolean query parameter (``1``, ``true``, ``yes``)."""
         return conn.query_params.get(name, "0").lower() in ("1", "true", "yes")
 
     async def read_body(self, request: Request) -> bytes:
+        """The request body; TooLarge past ``max_body_bytes`` (read no further)."""
         declared = request.headers.get("content-length")
         if (
             declared is not None
@@ -198,6 +209,7 @@ class Requests:
     async def ingest(
         self, payload: Any, tag: str, source: str, allow_admin: bool = True
     ) -> tuple[int, int]:
+        """Submits JSON events; returns (events accepted, seq) once durable."""
         frame, n = json_to_frame(
             payload, tag, self.config.max_events_per_request, allow_admin=allow_admin
         )

@@ -120,10 +120,6 @@ class Node:
         """Starts an orderly shutdown (safe to call more than once)."""
         self.engine.shutdown()
 
-    async def wait_applied(self, seq: int) -> None:
-        """Returns once the engine's model reflects log record ``seq``."""
-        await self.engine.wait_applied(seq)
-
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         """Starts the engine and the listeners, serves until :meth:`shutdown`, stops in
         order."""
@@ -131,8 +127,6 @@ class Node:
         engine = self.engine
         nofile = raise_nofile_limit()
         fwd_limit, http_limit = default_connection_limits(nofile)
-        http_sock = _listening_socket(cfg.http_host, cfg.http_port, cfg.tcp_user_timeout_ms)
-        fwd_sock = _listening_socket(cfg.forward_host, cfg.forward_port, cfg.tcp_user_timeout_ms)
         http_stop = trio.Event()
 
         async def run_engine(*, task_status: trio.TaskStatus[Engine]) -> None:
@@ -143,7 +137,11 @@ class Node:
                 http_stop.set()
 
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_engine)
+            await nursery.start(run_engine)  # recovered: now the listeners open
+            http_sock = _listening_socket(cfg.http_host, cfg.http_port, cfg.tcp_user_timeout_ms)
+            fwd_sock = _listening_socket(
+                cfg.forward_host, cfg.forward_port, cfg.tcp_user_timeout_ms
+            )
             forward = ForwardServer(engine, cfg.max_forward_connections or fwd_limit)
             self.forward_gate = forward.gate
             self.http_gate = ConnectionGate(

@@ -10,7 +10,7 @@ impression of that user's variant. Per user only the newest ``per_user`` impress
 variant, items) are remembered, and only for ``max_users`` users (least recently shown go
 first), so memory is bounded whatever the traffic.
 
-Attribution happens at ingest, in ``Server.append``, once the events are durable: an
+Attribution happens at ingest, in ``Engine.append``, once the events are durable: an
 interaction (user U, item I) is credited to the variant of the newest impression shown to U
 within ``window`` seconds that contained I. Ingest is where the events are already decoded
 for HTTP and websockets and where the item is known; the model actor only reports which users

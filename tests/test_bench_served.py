@@ -79,7 +79,7 @@ def test_latency_drives_a_running_server(results: Path) -> None:
         # The server was left running, and it holds the warm-up and the measured events.
         doc = load(results, "latency_target")
         run = doc["runs"]["target"]
-        stats = server.engine.stats()
+        stats = server.stats()
         assert stats["events_applied"] >= doc["params"]["warmup"] + run["events_sent"]
     assert not (results / "latency.json").exists()
     rows = rows_by_name(doc)
