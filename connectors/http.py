@@ -199,7 +199,7 @@ def build_app(engine: Engine) -> Starlette:
     @endpoint
     async def get_snapshot(request: Request) -> Response:
         """A fresh snapshot's bytes, for a node joining the same shared log (``--join``)."""
-        require_admin(request)
+        r.require_admin(request)
         seq = await engine.take_snapshot()
         body = await trio.to_thread.run_sync((engine.data_dir / SNAPSHOT).read_bytes)
         return Response(
