@@ -438,7 +438,9 @@ class RedisStreamsLog:
     # -- clients --
 
     def _client(self, *, blocking: bool = False) -> redis.Redis | RedisCluster:
-        """A new client; each task uses its own (redis-py clients are not shared by threads)."""
+        """A new client. The appender and each reader have their own, so a blocking read
+        never waits behind an append; the rare calls (checkpoints, erasures, head samples)
+        share one, which redis-py's connection pool makes safe across threads."""
         c = self.config
         timeout = c.op_timeout + (c.block if blocking else 0.0)
         common: dict[str, Any] = {
@@ -756,7 +758,13 @@ class RedisStreamsLog:
                     self.faults += 1
                     await trio.sleep(self.config.retry_interval)
                     continue
-                for raw_key, entries in _stream_items(got):
+                items = _stream_items(got)
+                if not items:
+                    # Nothing new within `block`: these keys are caught up (an empty batch
+                    # says so to the forwarder, which needs it while catching up).
+                    for key in keys:
+                        await out.send((key, []))
+                for raw_key, entries in items:
                     key = _text(raw_key)
                     if entries:
                         at[key] = parse_id(entries[-1][0])
@@ -767,10 +775,15 @@ class RedisStreamsLog:
         merged: trio.MemoryReceiveChannel[tuple[str, list[Any]]],
         output: trio.MemorySendChannel[Appended],
     ) -> None:
-        """Forwards until every partition reached the head it had at start."""
-        while any(self._position[k] < self._head_start[k] for k in self.keys):
+        """Forwards until every partition reached the head it had at start, or its reader
+        found nothing more (the head entry may have been deleted since)."""
+        behind = {k for k in self.keys if self._position[k] < self._head_start[k]}
+        while behind:
             key, entries = await merged.receive()
-            await self._forward_one(key, entries, output)
+            if entries:
+                await self._forward_one(key, entries, output)
+            if not entries or self._position[key] >= self._head_start[key]:
+                behind.discard(key)
 
     async def _forward(
         self,
@@ -784,7 +797,7 @@ class RedisStreamsLog:
         self, key: str, entries: list[Any], output: trio.MemorySendChannel[Appended]
     ) -> None:
         """Numbers and forwards entries read from ``key``, skipping any at or before the
-        position (entries the snapshot already reflects)."""
+        position (entries the snapshot already reflects); an empty batch forwards nothing."""
         payloads: list[bytes] = []
         first_seq = self._last_seq + 1
         me = self.node_id.encode()

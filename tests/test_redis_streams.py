@@ -389,3 +389,19 @@ async def test_erasure_deletes_the_entries_of_the_erased_user_up_to_the_erase_re
         [rec["user"] for _, rec in msgpack.unpackb(msgpack.unpackb(f[b"r"])[1])[1]] for _, f in left
     ]
     assert users == [["bob"], ["ann", "bob"], ["ann"]]
+
+
+async def test_start_up_catches_up_even_when_the_newest_entry_was_deleted(
+    server: RedisServer, nursery: trio.Nursery
+) -> None:
+    config = parse_log_url(server.url, block=0.2)
+    a = await start_node(nursery, config)
+    for n in range(3):
+        await a.log.append([record("p", n)])
+    key = a.log.keys[0]
+    r = server.client()
+    newest: Any = r.xrevrange(key, count=1)
+    r.xdel(key, newest[0][0])
+    with trio.fail_after(5):
+        b = await start_node(nursery, config)
+    assert [event_id(p)[1] for p in b.payloads] == [0, 1]
