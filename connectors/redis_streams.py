@@ -442,7 +442,12 @@ class RedisStreamsLog:
         never waits behind an append; the rare calls (checkpoints, erasures, head samples)
         share one, which redis-py's connection pool makes safe across threads."""
         c = self.config
-        timeout = c.op_timeout + (c.block if blocking else 0.0)
+        # A blocking read waits `block` and a WAIT up to `replica_timeout` before answering.
+        timeout = (
+            c.op_timeout
+            + (c.block if blocking else 0.0)
+            + (c.replica_timeout if c.replicas else 0.0)
+        )
         common: dict[str, Any] = {
             "password": c.password,
             "socket_timeout": timeout,

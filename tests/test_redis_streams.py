@@ -405,3 +405,58 @@ async def test_start_up_catches_up_even_when_the_newest_entry_was_deleted(
     with trio.fail_after(5):
         b = await start_node(nursery, config)
     assert [event_id(p)[1] for p in b.payloads] == [0, 1]
+
+
+async def test_several_partitions_on_one_server_keep_each_producers_order(
+    server: RedisServer, nursery: trio.Nursery
+) -> None:
+    config = parse_log_url(server.url, partitions=3)
+    a = await start_node(nursery, config)
+    b = await start_node(nursery, config)
+    assert len(a.log.keys) == 3
+
+    async def produce(node: Node, tag: str) -> None:
+        for n in range(40):
+            await node.log.append([record(tag, n)])
+
+    async with trio.open_nursery() as producers:
+        for t in range(6):
+            producers.start_soon(produce, (a, b)[t % 2], f"tag{t}")
+    for node in (a, b):
+        await node.wait_for(240)
+        ids = [event_id(p) for p in node.payloads]
+        for t in range(6):
+            assert [n for tag, n in ids if tag == f"tag{t}"] == list(range(40))
+    r = server.client()
+    assert sorted(r.xlen(k) for k in a.log.keys) != [0, 0, 240]  # spread, not all in one
+    assert sum(r.xlen(k) for k in a.log.keys) == 240
+
+
+def wait_until_in_sync(replica: RedisServer) -> None:
+    """Blocks until the replica's link to its master is up (the initial sync done)."""
+    client = replica.client()
+    deadline = time.monotonic() + 20
+    while client.info("replication").get("master_link_status") != "up":
+        assert time.monotonic() < deadline, "the replica never synced"
+        time.sleep(0.05)
+
+
+async def test_replicas_are_waited_for_and_a_missing_one_fails_the_append(
+    server: RedisServer, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    replica = RedisServer(tmp_path / "replica").start()
+    try:
+        replica.client().replicaof("127.0.0.1", server.port)
+        config = parse_log_url(server.url, replicas=1, replica_timeout=2.0, retry_interval=0.1)
+        wait_until_in_sync(replica)
+        a = await start_node(nursery, config)
+        seq = await a.log.append([record("p", 1)])
+        assert seq == 1
+        key = a.log.keys[0]
+        assert replica.client().xlen(key) == 1  # WAIT returned: the replica has it
+        replica.stop()
+        with pytest.raises(JournalFailed, match="replicas confirmed"):
+            await a.log.append([record("p", 2)])
+        assert a.log.fault is not None
+    finally:
+        replica.stop()
