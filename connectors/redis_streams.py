@@ -642,14 +642,17 @@ class RedisStreamsLog:
         second; None until the backlog present at start has been read)."""
         lag: int | None = None
         if self._started.is_set() and self._added_now:
-            lag = max(
-                0,
-                sum(
+            # Entries added since start less those read since; a partition whose newest entry
+            # was read counts 0 (entries deleted before this node read them never arrive).
+            lag = sum(
+                max(
+                    0,
                     self._added_now.get(k, 0)
                     - self._added_start.get(k, 0)
-                    - self._read_after_start.get(k, 0)
-                    for k in self.keys
-                ),
+                    - self._read_after_start.get(k, 0),
+                )
+                for k in self.keys
+                if self._position[k] < self._heads.get(k, _ZERO)
             )
         return {
             "log": "redis",
