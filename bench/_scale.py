@@ -196,6 +196,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="length of the push phase")
     p.add_argument("--nodes", default="1,2,3", help="replica counts to run (default 1,2,3)")
     p.add_argument(
+        "--clients",
+        action="store_true",
+        help="instead: the Redis client choice, redis-py (sync, in worker threads) vs coredis",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: 3000 events, 6 subscribers, 200 events/s for 2 s, 1 and 2 nodes",
@@ -393,8 +398,137 @@ def estimate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+CLIENT_ROUNDS = 500  # pipelines of CLIENT_PIPELINE XADDs
+CLIENT_PIPELINE = 32
+CLIENT_WAKES = 200  # XADD -> XREAD BLOCK wake-ups
+
+
+async def _redis_py_client(port: int, payload: bytes) -> dict[str, float]:
+    """redis-py's sync client with each call in a worker thread, as the log uses it."""
+    writer, reader = redis.Redis(port=port), redis.Redis(port=port)
+
+    def pipeline() -> None:
+        p = writer.pipeline(transaction=False)
+        for _ in range(CLIENT_PIPELINE):
+            p.xadd("bench:a", {"r": payload})
+        p.execute()
+
+    began = time.perf_counter()
+    for _ in range(CLIENT_ROUNDS):
+        await trio.to_thread.run_sync(pipeline)
+    round_trip = (time.perf_counter() - began) / CLIENT_ROUNDS
+    wakes = []
+    last: Any = writer.xinfo_stream("bench:a")["last-generated-id"]
+    for _ in range(CLIENT_WAKES):
+        got: dict[str, Any] = {}
+        async with trio.open_nursery() as nursery:
+
+            async def read(at: Any = last, got: dict[str, Any] = got) -> None:
+                got["reply"] = await trio.to_thread.run_sync(
+                    lambda: reader.xread({"bench:a": at}, block=2000, count=10)
+                )
+                got["at"] = time.perf_counter()
+
+            nursery.start_soon(read)
+            await trio.sleep(0.002)
+            sent = time.perf_counter()
+            await trio.to_thread.run_sync(lambda: writer.xadd("bench:a", {"r": payload}))
+        last = got["reply"][0][1][-1][0]
+        wakes.append(got["at"] - sent)
+    writer.close()
+    reader.close()
+    return {"round_trip": round_trip, "wake": sorted(wakes)[len(wakes) // 2]}
+
+
+async def _coredis_client(port: int, payload: bytes) -> dict[str, float]:
+    """coredis, natively async on trio (through anyio)."""
+    import coredis
+
+    async with coredis.Redis(port=port) as writer, coredis.Redis(port=port) as reader:
+        began = time.perf_counter()
+        for _ in range(CLIENT_ROUNDS):
+            async with writer.pipeline(transaction=False) as p:
+                for _ in range(CLIENT_PIPELINE):
+                    p.xadd("bench:b", {"r": payload})
+        round_trip = (time.perf_counter() - began) / CLIENT_ROUNDS
+        wakes = []
+        last: Any = (await writer.xinfo_stream("bench:b"))["last-generated-id"]
+        for _ in range(CLIENT_WAKES):
+            got: dict[str, Any] = {}
+            async with trio.open_nursery() as nursery:
+
+                async def read(at: Any = last, got: dict[str, Any] = got) -> None:
+                    got["reply"] = await reader.xread({"bench:b": at}, block=2000, count=10)
+                    got["at"] = time.perf_counter()
+
+                nursery.start_soon(read)
+                await trio.sleep(0.002)
+                sent = time.perf_counter()
+                await writer.xadd("bench:b", {"r": payload})
+            entries = next(iter(got["reply"].values()))
+            last = entries[-1].identifier
+            wakes.append(got["at"] - sent)
+    return {"round_trip": round_trip, "wake": sorted(wakes)[len(wakes) // 2]}
+
+
+def compare_clients(quick: bool) -> int:
+    """The measurement behind the client choice of ``connectors.redis_streams``: pipelines
+    of ``XADD`` against ``redis-server --appendfsync always``, ``XADD`` -> ``XREAD BLOCK``
+    wake-ups, and the client's own CPU for both."""
+    global CLIENT_ROUNDS, CLIENT_WAKES
+    if quick:
+        CLIENT_ROUNDS, CLIENT_WAKES = 50, 20
+    payload = os.urandom(200)
+    runs: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="recstream-clients-") as tmp:
+        server = RedisServer(Path(tmp)).start()
+        try:
+            for name, fn in (("redis-py", _redis_py_client), ("coredis", _coredis_client)):
+                if name == "coredis":
+                    try:
+                        import coredis  # noqa: F401
+                    except ImportError:
+                        skip_peer("coredis", "not installed (pip install coredis)")
+                        continue
+                cpu = time.process_time()
+                runs[name] = trio.run(fn, server.port, payload)
+                runs[name]["cpu"] = time.process_time() - cpu
+                print(f"  {name:9s} {runs[name]}", flush=True)
+        finally:
+            server.stop()
+    ours, peer = runs["redis-py"], runs.get("coredis")
+    p = {"pipeline": CLIENT_PIPELINE, "rounds": CLIENT_ROUNDS, "wakes": CLIENT_WAKES,
+         "peer_name": "coredis"}  # fmt: skip
+
+    def theirs(key: str) -> float | None:
+        return peer[key] * (1e3 if key != "cpu" else 1.0) if peer else None
+
+    rows = [
+        row("xadd_pipeline_round_trip_ms", 1e3 * ours["round_trip"], theirs("round_trip"),
+            "ms", p, lower_is_better=True),
+        row("xread_block_wake_ms", 1e3 * ours["wake"], theirs("wake"), "ms", p,
+            lower_is_better=True),
+        row("client_cpu_s", ours["cpu"], theirs("cpu"), "s CPU", p, lower_is_better=True),
+    ]  # fmt: skip
+    path = write_results(
+        "scale_clients",
+        rows,
+        {
+            "command": "python -m bench scale --clients",
+            "params": {"quick": quick, **p},
+            "peer": "coredis",
+            "runs": runs,
+        },
+    )
+    print_rows(rows)
+    print(f"wrote {path}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     require_release()
+    if args.clients:
+        return compare_clients(args.quick)
     if args.quick:
         args.events, args.subscribers, args.rate, args.seconds = 3000, 6, 200.0, 2.0
         args.nodes = "1,2"

@@ -20,21 +20,24 @@ read to one forwarder, which numbers the records (the node's own ``seq``) and se
 partition every node forwards the same sequence; with more, partitions are merged in read
 order, which may differ between nodes.
 
-Client choice, measured (``/tmp`` script: one ``redis-server --appendonly yes --appendfsync
-always`` on loopback, 500 pipelines of 32 ``XADD`` of 200 bytes, then 200 ``XADD`` ->
-``XREAD BLOCK`` wake-ups; two runs on this 2-core machine shared with other work):
+Client choice, measured with ``python -m bench scale --clients`` (one ``redis-server
+--appendonly yes --appendfsync always`` on loopback; 500 pipelines of 32 ``XADD`` of 200
+bytes, then the median of 200 ``XADD`` -> ``XREAD BLOCK`` wake-ups; the client's own CPU for
+all of it; results in ``bench/results/scale_clients.json``), on this 2-core machine shared
+with other work:
 
-==================================  =====================  ==============  ==========
-client                              pipeline round trip    XREAD wake-up   client CPU
-==================================  =====================  ==============  ==========
-redis-py 8.1 sync, trio.to_thread   8.4 / 13.9 ms          0.78 / 2.2 ms   0.64 s
-coredis 6.9 on trio (anyio)         16.5 / 9.8 ms          0.81 / 1.3 ms   1.06 s
-==================================  =====================  ==============  ==========
+==================================  ===================  =============  ==========
+client                              pipeline round trip  XREAD wake-up  client CPU
+==================================  ===================  =============  ==========
+redis-py 8.1 sync, trio.to_thread   1.79 ms              0.75 ms        0.60 s
+coredis 6.9 on trio (anyio)         5.97 ms              1.07 ms        1.10 s
+==================================  ===================  =============  ==========
 
-Round trips are dominated by Redis's ``fsync`` and swing with the disk; the client's own CPU is
-not, and redis-py spends 40 % less of it for the same work. It also has the longer record with
-Redis Cluster. So: redis-py, its blocking calls in ``trio.to_thread.run_sync``, each task with
-a client (and so connections) of its own.
+Two earlier runs of the same measurement, with the disk busier, gave round trips of 8.4 and
+13.9 ms (redis-py) against 16.5 and 9.8 ms (coredis): they follow Redis's ``fsync``; the
+client CPU does not swing, and redis-py spends about 45 % less of it for the same work. It
+also has the longer record with Redis Cluster. So: redis-py, its blocking calls in
+``trio.to_thread.run_sync``, the appender and each reader with a client of their own.
 """
 
 from __future__ import annotations
