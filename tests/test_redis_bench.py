@@ -51,3 +51,24 @@ def test_scale_quick_measures_replicas_against_the_local_journal(tmp_path: Path)
     assert [(r["log"], r["nodes"]) for r in runs] == [("journal", 1), ("redis", 1), ("redis", 2)]
     assert all(r["events"] == 3000 and r["pushes"] > 0 for r in runs)
     assert doc["estimate"]["events_per_s_per_core_any_n"] > 0
+
+
+@pytest.mark.skipif(_core.BUILD_PROFILE != "release", reason="benchmarks refuse debug builds")
+def test_scale_clients_quick_measures_both_redis_clients(tmp_path: Path) -> None:
+    require_redis()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "scale", "--clients", "--quick"],
+        cwd=ROOT,
+        env={**os.environ, "RECSTREAM_BENCH_RESULTS": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    doc = json.loads((tmp_path / "scale_clients.json").read_text())
+    rows = {r["name"]: r for r in doc["rows"]}
+    assert set(rows) == {"xadd_pipeline_round_trip_ms", "xread_block_wake_ms", "client_cpu_s"}
+    for r in rows.values():
+        assert r["ours"] > 0, r
+        if r["peer"] is not None:  # coredis is a benchmark peer: measured when installed
+            assert math.isclose(r["ratio"], r["peer"] / r["ours"]), r
