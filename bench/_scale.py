@@ -89,6 +89,7 @@ class RedisServer:
         self.port = port or free_port(55536 if cluster else 65536)
         self.cluster = cluster
         self.proc: subprocess.Popen[bytes] | None = None
+        self._clients: list[redis.Redis] = []
         directory.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -125,7 +126,10 @@ class RedisServer:
         return self
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_timeout=5)
+        """A client of this server, closed by :meth:`stop`."""
+        client = redis.Redis(port=self.port, socket_timeout=5)
+        self._clients.append(client)
+        return client
 
     def kill(self) -> None:
         """``kill -9``: no chance to write anything more."""
@@ -146,6 +150,10 @@ class RedisServer:
         return self.start()
 
     def stop(self) -> None:
+        """Closes the clients handed out, then ends the server (SIGTERM, then SIGKILL)."""
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGCONT)  # a paused server cannot exit
             self.proc.terminate()
@@ -177,7 +185,6 @@ def start_cluster(directory: Path, masters: int = 3) -> list[RedisServer]:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the cluster did not reach state ok")
                 time.sleep(0.05)
-            c.close()
     except BaseException:
         for s in servers:
             s.stop()

@@ -521,6 +521,8 @@ class RedisStreamsLog:
             finally:
                 self._stopped.set()
                 self._started.set()
+                if self._admin is not None:
+                    self._admin.close()
 
     async def append(self, payloads: Sequence[bytes]) -> int:
         """Appends journal records; returns the seq of the last once Redis holds them all and
@@ -755,31 +757,42 @@ class RedisStreamsLog:
         errors are retried every ``retry_interval``."""
         client = self._client(blocking=True)
         at = {k: self._position[k] for k in keys}
+        async with out:
+            try:
+                await self._read_loop(client, at, out)
+            finally:
+                client.close()
+
+    async def _read_loop(
+        self,
+        client: redis.Redis | RedisCluster,
+        at: dict[str, StreamId],
+        out: trio.MemorySendChannel[tuple[str, list[Any]]],
+    ) -> None:
         block_ms = max(1, int(self.config.block * 1000))
         count = self.config.read_count
-        async with out:
-            while True:
-                streams = {k: format_id(v) for k, v in at.items()}
-                try:
-                    got = await self._call(
-                        lambda s=streams: client.xread(s, count=count, block=block_ms)  # type: ignore[misc]
-                    )
-                except redis.RedisError as e:
-                    log.warning("reading the log failed: %s", e)
-                    self.faults += 1
-                    await trio.sleep(self.config.retry_interval)
-                    continue
-                items = _stream_items(got)
-                if not items:
-                    # Nothing new within `block`: these keys are caught up (an empty batch
-                    # says so to the forwarder, which needs it while catching up).
-                    for key in keys:
-                        await out.send((key, []))
-                for raw_key, entries in items:
-                    key = _text(raw_key)
-                    if entries:
-                        at[key] = parse_id(entries[-1][0])
-                        await out.send((key, entries))
+        while True:
+            streams = {k: format_id(v) for k, v in at.items()}
+            try:
+                got = await self._call(
+                    lambda s=streams: client.xread(s, count=count, block=block_ms)  # type: ignore[misc]
+                )
+            except redis.RedisError as e:
+                log.warning("reading the log failed: %s", e)
+                self.faults += 1
+                await trio.sleep(self.config.retry_interval)
+                continue
+            items = _stream_items(got)
+            if not items:
+                # Nothing new within `block`: these keys are caught up (an empty batch says
+                # so to the forwarder, which needs it while catching up).
+                for key in at:
+                    await out.send((key, []))
+            for raw_key, entries in items:
+                key = _text(raw_key)
+                if entries:
+                    at[key] = parse_id(entries[-1][0])
+                    await out.send((key, entries))
 
     async def _forward_backlog(
         self,
@@ -852,6 +865,12 @@ class RedisStreamsLog:
 
     async def _append_groups(self) -> None:
         client = self._client()
+        try:
+            await self._append_loop(client)
+        finally:
+            client.close()
+
+    async def _append_loop(self, client: redis.Redis | RedisCluster) -> None:
         backoff = self.config.retry_interval
         while True:
             if self.fault is None:
