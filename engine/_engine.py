@@ -73,6 +73,8 @@ PSEUDONYM_CACHE = 65_536
 GC_GEN0_THRESHOLD = 50_000
 
 Id = str | int
+# Sent by the engine behind the log's catch-up (never by a log: it has no payload).
+_CAUGHT_UP = Appended(0, ())
 
 
 class _GcClock:
@@ -237,13 +239,21 @@ class Engine:
         self.erasure = EraseActor(self.snapshots, self.log)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.model_actor.run)
-            nursery.start_soon(self._relay, to_relay, to_model)
-            await nursery.start(
-                functools.partial(
-                    self.log.run, from_log, after_seq=loaded.seq, after_position=loaded.position
+            caught_up = trio.Event()
+            nursery.start_soon(self._relay, to_relay, to_model, caught_up)
+            async with from_log.clone() as marker:
+                await nursery.start(
+                    functools.partial(
+                        self.log.run,
+                        from_log,
+                        after_seq=loaded.seq,
+                        after_position=loaded.position,
+                    )
                 )
-            )
-            # Caught up: the model applies what the log held, then the index is rebuilt.
+                # The log forwarded what it held; a marker behind it tells when the relay
+                # has passed all of it on; then the model applies it, the index is rebuilt.
+                await marker.send(_CAUGHT_UP)
+            await caught_up.wait()
             await self.wait_applied(self._forwarded_seq)
             await trio.to_thread.run_sync(model.reindex, None)
             if isinstance(self.log, JournalLog):
@@ -290,11 +300,15 @@ class Engine:
         self,
         receive: trio.MemoryReceiveChannel[Appended],
         send: trio.MemorySendChannel[Appended],
+        caught_up: trio.Event,
     ) -> None:
-        """Passes the log's groups on to the model actor, noting the newest seq forwarded
-        (so the start knows where the catch-up ends)."""
+        """Passes the log's groups on to the model actor, noting the newest seq forwarded;
+        sets ``caught_up`` at the start-up marker."""
         async with receive, send:
             async for group in receive:
+                if group is _CAUGHT_UP:
+                    caught_up.set()
+                    continue
                 self._forwarded_seq = group.last_seq
                 await send.send(group)
 
