@@ -26,7 +26,7 @@ import gc
 import inspect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -322,6 +322,7 @@ class Engine:
         """The model actor applied a group: erasures start now; the publisher hears of the
         users once the index actor re-linked the items the group moved."""
         assert self.index_actor is not None and self.model_actor is not None
+        assert self.publisher is not None
         self.metrics.model_update.observe(self.model_actor.last_apply_seconds)
         rejected = 0
         for r in results:
@@ -331,6 +332,10 @@ class Engine:
         if rejected:
             self.metrics.rejects.labels("invalid_record").inc(rejected)
         if self.ready:
+            # The publisher's version follows the model at once (a list computed from now on
+            # reflects these records); the users' own recomputes wait for the index.
+            if results:
+                self.publisher.notify((), results[-1].seq, results[-1].accepted_at)
             self.index_actor.applied(results)
         else:
             self._on_indexed(results)  # catching up: no subscriber yet, the index rebuilds
@@ -440,6 +445,68 @@ class Engine:
         """Returns once the model reflects log record ``seq``."""
         while self.model_actor is not None and self.model_actor.applied_seq < seq:
             await self._applied.wait()
+
+    # --- queries and subscriptions ----------------------------------------------------------
+
+    async def recommend(
+        self,
+        user: Id,
+        *,
+        k: int,
+        exclude: Sequence[Id] | None = None,
+        category: str | None = None,
+        explain: bool = False,
+        **params: Any,
+    ) -> list[Any]:
+        """The user's top ``k`` now, as ``Model.recommend(..., detail=True)`` entries
+        (computed in a worker thread; ``params`` are the model's re-ranking arguments)."""
+        return await trio.to_thread.run_sync(
+            lambda: self.model.recommend(
+                user,
+                k=k,
+                exclude=exclude,
+                category=category,
+                explain=explain,
+                detail=True,
+                **params,
+            )
+        )
+
+    async def similar(self, item: Id, k: int = 10) -> list[tuple[Id, float]]:
+        """The ``k`` items most similar to ``item``, with scores.
+
+        Raises:
+            KeyError: The model does not know ``item``.
+        """
+        return await trio.to_thread.run_sync(lambda: self.model.similar(item, k))
+
+    async def trending(self, k: int = 10, category: str | None = None) -> list[tuple[Id, float]]:
+        """The ``k`` items with the highest decayed popularity (in ``category``)."""
+        return await trio.to_thread.run_sync(lambda: self.model.trending(k, category))
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, sub: Subscription) -> AsyncIterator[Subscription]:
+        """Registers ``sub`` for pushes while the ``async with`` block runs: its slot
+        (``sub.slot.get()``) receives the user's list whenever it changes. Send the current
+        list first (:meth:`current`).
+
+        Raises:
+            TooManySubscribers: ``max_subscribers`` are subscribed already.
+            JournalClosed: The engine is not serving.
+        """
+        if self.publisher is None:
+            raise JournalClosed("the server is not serving")
+        publisher = self.publisher
+        publisher.subscribe(sub)
+        try:
+            yield sub
+        finally:
+            publisher.unsubscribe(sub)
+
+    async def current(self, sub: Subscription) -> Push:
+        """The subscribed user's list now, recorded as the last one pushed to ``sub``."""
+        assert self.publisher is not None
+        return await self.publisher.current(sub)
 
     # --- snapshots and erasure --------------------------------------------------------------
 
