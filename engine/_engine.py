@@ -690,5 +690,6 @@ class Engine:
             "index_stale": s["index_stale"],
             "gc_seconds": self._gc.seconds,
             "gc_collections": self._gc.collections,
-            "log": self.log.stats(),
+            # JSON-ready: a log's opaque bytes (its position) as hex.
+            "log": {k: v.hex() if isinstance(v, bytes) else v for k, v in self.log.stats().items()},
         }

@@ -122,6 +122,9 @@ async def test_engines_on_a_shared_log_apply_each_others_events(tmp_path: Path) 
         assert first.engine.model.seen("u2") == ["i2"]
         stats = first.engine.stats()
         assert stats["log"]["log"] == "shared" and stats["wal_seq"] == 2
+        assert stats["log"]["position"] == ""  # bytes as hex: /v1/stats is JSON
+        async with httpx.AsyncClient(base_url=first.http_url, timeout=10) as http:
+            assert (await http.get("/v1/stats")).json()["log"]["head"] == 2
         assert stats["applied_seq"] == 2
         first.shutdown()
         second.shutdown()
