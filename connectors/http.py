@@ -28,7 +28,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
@@ -67,7 +66,6 @@ def build_app(engine: Engine) -> Starlette:
     """The Starlette application serving ``engine`` (call it once the engine serves)."""
     r = Requests(engine)
     cfg = engine.config
-    model = engine.model
     errors = RateLimitedLog(log)
 
     def endpoint(
@@ -146,16 +144,13 @@ def build_app(engine: Engine) -> Starlette:
         }
         # The journal sequence the list reflects (at least): read before computing it.
         version = engine.applied_seq
-        recs = await trio.to_thread.run_sync(
-            lambda: model.recommend(
-                user,
-                k=k,
-                exclude=r.list_param(request, "exclude") or None,
-                category=request.query_params.get("category"),
-                explain=explain,
-                detail=True,
-                **params,
-            )
+        recs = await engine.recommend(
+            user,
+            k=k,
+            exclude=r.list_param(request, "exclude") or None,
+            category=request.query_params.get("category"),
+            explain=explain,
+            **params,
         )
         items = [rec_json(r) for r in recs]
         engine.experiments.impression(user, [r["item"] for r in recs], time.time())
@@ -173,7 +168,7 @@ def build_app(engine: Engine) -> Starlette:
         item = r.resolve_item(request.path_params["item"])
         k = r.int_param(request, "k", 10, 1, 1000)
         try:
-            hits = await trio.to_thread.run_sync(lambda: model.similar(item, k))
+            hits = await engine.similar(item, k)
         except KeyError:
             return _error(404, f"unknown item {item!r}")
         return JSONResponse({"item": item, "items": [{"item": i, "score": s} for i, s in hits]})
@@ -185,7 +180,7 @@ def build_app(engine: Engine) -> Starlette:
     async def get_trending(request: Request) -> Response:
         k = r.int_param(request, "k", 10, 1, 1000)
         category = request.query_params.get("category")
-        hits = await trio.to_thread.run_sync(lambda: model.trending(k, category))
+        hits = await engine.trending(k, category)
         return JSONResponse({"items": [{"item": i, "score": s} for i, s in hits]})
 
     # --- admin ----------------------------------------------------------------------------

@@ -112,8 +112,6 @@ async def events_socket(r: Requests, ws: WebSocket) -> None:
 
 async def recommendations_socket(r: Requests, ws: WebSocket) -> None:
     """``/v1/ws/recommendations?user=``: the user's list now, then whenever it changes."""
-    publisher = r.engine.publisher
-    assert publisher is not None
     raw_user = ws.query_params.get("user")
     await ws.accept()  # accepted first, so a refusal carries a close code and reason
     try:
@@ -138,20 +136,17 @@ async def recommendations_socket(r: Requests, ws: WebSocket) -> None:
             params=r.engine.recommend_params(variant),
             shown=r.reader_id(raw_user, user),
         )
-        publisher.subscribe(sub)
     except AuthError as e:
         await ws.close(POLICY_VIOLATION, str(e)[:120])
         return
     except BadRequest as e:
         await ws.close(POLICY_VIOLATION, str(e)[:120])
         return
-    except TooManySubscribers as e:
-        await ws.close(TRY_AGAIN_LATER, str(e)[:120])
-        return
     try:
-        await _push_loop(r.engine, ws, sub)
-    finally:
-        publisher.unsubscribe(sub)
+        async with r.engine.subscribe(sub):
+            await _push_loop(r.engine, ws, sub)
+    except TooManySubscribers as e:  # raised by subscribe(), before any push
+        await ws.close(TRY_AGAIN_LATER, str(e)[:120])
 
 
 async def receive_within(ws: WebSocket, seconds: float) -> Any:
@@ -170,8 +165,6 @@ async def _push_loop(engine: Engine, ws: WebSocket, sub: Subscription) -> None:
     HTTP server's read timeout, which ends ``watch_disconnect`` and with it this loop.
     """
     timeout = engine.config.send_timeout
-    publisher = engine.publisher
-    assert publisher is not None
 
     async def watch_disconnect(cancel: trio.CancelScope) -> None:
         try:
@@ -185,7 +178,7 @@ async def _push_loop(engine: Engine, ws: WebSocket, sub: Subscription) -> None:
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_disconnect, nursery.cancel_scope)
-            first = await publisher.current(sub)
+            first = await engine.current(sub)
             engine.experiments.impression(sub.user, first.items, time.time())
             push: Push | None = first
             # One scope for every send, armed only while one is under way: cheaper per push

@@ -26,7 +26,7 @@ import gc
 import inspect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +73,8 @@ PSEUDONYM_CACHE = 65_536
 GC_GEN0_THRESHOLD = 50_000
 
 Id = str | int
+# Sent by the engine behind the log's catch-up (never by a log: it has no payload).
+_CAUGHT_UP = Appended(0, ())
 
 
 class _GcClock:
@@ -237,13 +239,21 @@ class Engine:
         self.erasure = EraseActor(self.snapshots, self.log)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.model_actor.run)
-            nursery.start_soon(self._relay, to_relay, to_model)
-            await nursery.start(
-                functools.partial(
-                    self.log.run, from_log, after_seq=loaded.seq, after_position=loaded.position
+            caught_up = trio.Event()
+            nursery.start_soon(self._relay, to_relay, to_model, caught_up)
+            async with from_log.clone() as marker:
+                await nursery.start(
+                    functools.partial(
+                        self.log.run,
+                        from_log,
+                        after_seq=loaded.seq,
+                        after_position=loaded.position,
+                    )
                 )
-            )
-            # Caught up: the model applies what the log held, then the index is rebuilt.
+                # The log forwarded what it held; a marker behind it tells when the relay
+                # has passed all of it on; then the model applies it, the index is rebuilt.
+                await marker.send(_CAUGHT_UP)
+            await caught_up.wait()
             await self.wait_applied(self._forwarded_seq)
             await trio.to_thread.run_sync(model.reindex, None)
             if isinstance(self.log, JournalLog):
@@ -290,11 +300,15 @@ class Engine:
         self,
         receive: trio.MemoryReceiveChannel[Appended],
         send: trio.MemorySendChannel[Appended],
+        caught_up: trio.Event,
     ) -> None:
-        """Passes the log's groups on to the model actor, noting the newest seq forwarded
-        (so the start knows where the catch-up ends)."""
+        """Passes the log's groups on to the model actor, noting the newest seq forwarded;
+        sets ``caught_up`` at the start-up marker."""
         async with receive, send:
             async for group in receive:
+                if group is _CAUGHT_UP:
+                    caught_up.set()
+                    continue
                 self._forwarded_seq = group.last_seq
                 await send.send(group)
 
@@ -308,6 +322,7 @@ class Engine:
         """The model actor applied a group: erasures start now; the publisher hears of the
         users once the index actor re-linked the items the group moved."""
         assert self.index_actor is not None and self.model_actor is not None
+        assert self.publisher is not None
         self.metrics.model_update.observe(self.model_actor.last_apply_seconds)
         rejected = 0
         for r in results:
@@ -317,6 +332,10 @@ class Engine:
         if rejected:
             self.metrics.rejects.labels("invalid_record").inc(rejected)
         if self.ready:
+            # The publisher's version follows the model at once (a list computed from now on
+            # reflects these records); the users' own recomputes wait for the index.
+            if results:
+                self.publisher.notify((), results[-1].seq, results[-1].accepted_at)
             self.index_actor.applied(results)
         else:
             self._on_indexed(results)  # catching up: no subscriber yet, the index rebuilds
@@ -426,6 +445,68 @@ class Engine:
         """Returns once the model reflects log record ``seq``."""
         while self.model_actor is not None and self.model_actor.applied_seq < seq:
             await self._applied.wait()
+
+    # --- queries and subscriptions ----------------------------------------------------------
+
+    async def recommend(
+        self,
+        user: Id,
+        *,
+        k: int,
+        exclude: Sequence[Id] | None = None,
+        category: str | None = None,
+        explain: bool = False,
+        **params: Any,
+    ) -> list[Any]:
+        """The user's top ``k`` now, as ``Model.recommend(..., detail=True)`` entries
+        (computed in a worker thread; ``params`` are the model's re-ranking arguments)."""
+        return await trio.to_thread.run_sync(
+            lambda: self.model.recommend(
+                user,
+                k=k,
+                exclude=exclude,
+                category=category,
+                explain=explain,
+                detail=True,
+                **params,
+            )
+        )
+
+    async def similar(self, item: Id, k: int = 10) -> list[tuple[Id, float]]:
+        """The ``k`` items most similar to ``item``, with scores.
+
+        Raises:
+            KeyError: The model does not know ``item``.
+        """
+        return await trio.to_thread.run_sync(lambda: self.model.similar(item, k))
+
+    async def trending(self, k: int = 10, category: str | None = None) -> list[tuple[Id, float]]:
+        """The ``k`` items with the highest decayed popularity (in ``category``)."""
+        return await trio.to_thread.run_sync(lambda: self.model.trending(k, category))
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, sub: Subscription) -> AsyncIterator[Subscription]:
+        """Registers ``sub`` for pushes while the ``async with`` block runs: its slot
+        (``sub.slot.get()``) receives the user's list whenever it changes. Send the current
+        list first (:meth:`current`).
+
+        Raises:
+            TooManySubscribers: ``max_subscribers`` are subscribed already.
+            JournalClosed: The engine is not serving.
+        """
+        if self.publisher is None:
+            raise JournalClosed("the server is not serving")
+        publisher = self.publisher
+        publisher.subscribe(sub)
+        try:
+            yield sub
+        finally:
+            publisher.unsubscribe(sub)
+
+    async def current(self, sub: Subscription) -> Push:
+        """The subscribed user's list now, recorded as the last one pushed to ``sub``."""
+        assert self.publisher is not None
+        return await self.publisher.current(sub)
 
     # --- snapshots and erasure --------------------------------------------------------------
 
@@ -609,5 +690,6 @@ class Engine:
             "index_stale": s["index_stale"],
             "gc_seconds": self._gc.seconds,
             "gc_collections": self._gc.collections,
-            "log": self.log.stats(),
+            # JSON-ready: a log's opaque bytes (its position) as hex.
+            "log": {k: v.hex() if isinstance(v, bytes) else v for k, v in self.log.stats().items()},
         }

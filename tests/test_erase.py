@@ -18,7 +18,7 @@ from engine import JournalClosed
 from engine._erasure import EraseActor
 
 from .conftest import running_server
-from .test_forward import forward, packed, send_acked
+from .connectors.test_forward import forward, packed, send_acked
 from .test_recovery import _recover, _start
 
 ERASED = "erase-me-7f3a"

@@ -10,7 +10,7 @@ import pytest
 from engine import Model, ModelConfig
 from engine._frames import decode_frame, drop_users, interactions, map_users, pseudonym
 
-from .test_forward import forward, message, packed
+from .connectors.test_forward import forward, message, packed
 
 RECS: list[dict[str, Any]] = [
     {"user": "ann", "item": "dune", "type": "click", "id": "e1"},

@@ -16,6 +16,7 @@ import trio
 
 from connectors import Node
 from engine import Appended, Engine, JournalClosed, JournalLog, Log, json_to_frame
+from engine._events import journal_record
 
 from .conftest import server_config
 
@@ -37,8 +38,9 @@ class _Records:
 class SharedLog:
     """A :class:`engine.Log` over :class:`_Records` (its seq is the record's index + 1)."""
 
-    def __init__(self, records: _Records) -> None:
+    def __init__(self, records: _Records, *, group: int = 1 << 30) -> None:
         self.records = records
+        self.group = group  # records per forwarded group
         self.fault: str | None = None
         self.forwarded = 0
         self._forwarded = trio.Event()
@@ -64,8 +66,7 @@ class SharedLog:
                 await self._forward(output)
 
     async def _forward(self, output: trio.MemorySendChannel[Appended]) -> None:
-        new = self.records.payloads[self.forwarded :]
-        if new:
+        while new := self.records.payloads[self.forwarded : self.forwarded + self.group]:
             first = self.forwarded + 1
             self.forwarded += len(new)
             await output.send(Appended(first, tuple(new)))
@@ -121,6 +122,9 @@ async def test_engines_on_a_shared_log_apply_each_others_events(tmp_path: Path) 
         assert first.engine.model.seen("u2") == ["i2"]
         stats = first.engine.stats()
         assert stats["log"]["log"] == "shared" and stats["wal_seq"] == 2
+        assert stats["log"]["position"] == ""  # bytes as hex: /v1/stats is JSON
+        async with httpx.AsyncClient(base_url=first.http_url, timeout=10) as http:
+            assert (await http.get("/v1/stats")).json()["log"]["head"] == 2
         assert stats["applied_seq"] == 2
         first.shutdown()
         second.shutdown()
@@ -139,3 +143,16 @@ async def test_an_erasure_reaches_the_log(tmp_path: Path) -> None:
             assert r.status_code == 200 and r.json()["erased"] is True
         assert wal.erased == [{"gone": r.json()["seq"]}]
         node.shutdown()
+
+
+async def test_the_engine_serves_only_once_the_catch_up_is_applied(tmp_path: Path) -> None:
+    records = _Records()
+    frames = [json_to_frame({"user": f"u{n}", "item": "i"}, "t", 1)[0] for n in range(300)]
+    records.add([journal_record(f) for f in frames])
+    engine = Engine(server_config(tmp_path / "a"), log=SharedLog(records, group=1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(engine.run)
+        assert engine.applied_seq == 300
+        assert engine.model.stats()["users"] == 300
+        assert engine.model.stats()["index_stale"] == 0
+        engine.shutdown()

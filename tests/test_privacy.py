@@ -11,7 +11,7 @@ from engine._config import load_config
 from engine._frames import pseudonym
 
 from .conftest import running_server, websocket, ws_url
-from .test_forward import connect, forward, packed
+from .connectors.test_forward import connect, forward, packed
 
 KEY = b"operator-secret-key"
 RAW = "alice-raw-id"

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 PRODUCER_KEY = "producer-key-for-tests"
 
 

@@ -24,7 +24,7 @@ from connectors import Node
 from engine._config import load_config
 from engine._exceptions import ConfigError
 
-from .conftest import running_server, websocket, ws_url
+from ..conftest import running_server, websocket, ws_url
 from .test_forward import WAIT, Peer, clicks, connect, forward, pack
 
 # --- helpers ------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from trio_websocket import ConnectionClosed
 from connectors import Node
 from connectors._auth import issue_token
 
-from .conftest import running_server, server_config, websocket, ws_url
+from ..conftest import running_server, server_config, websocket, ws_url
 
 
 async def post(http: httpx.AsyncClient, events: object, **kw: object) -> httpx.Response:

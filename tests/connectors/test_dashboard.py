@@ -17,8 +17,8 @@ import pytest
 
 from connectors._auth import issue_token
 
+from ..test_recovery import _start
 from .test_cli import serving
-from .test_recovery import _start
 
 CHROMIUM = "/usr/bin/chromium"
 

@@ -26,7 +26,7 @@ import trio
 from connectors import Node
 from engine import InvalidFrame, Model, ModelConfig
 
-from .conftest import running_server
+from ..conftest import running_server
 
 # --- a minimal msgpack encoder (the spec: github.com/msgpack/msgpack/blob/master/spec.md) ----
 

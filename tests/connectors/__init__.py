@@ -1,0 +1,1 @@
+"""Tests of the connectors package, one module per connectors module."""
