@@ -20,6 +20,9 @@ read to one forwarder, which numbers the records (the node's own ``seq``) and se
 partition every node forwards the same sequence; with more, partitions are merged in read
 order, which may differ between nodes.
 
+Positions are :data:`StreamId` tuples ``(milliseconds, sequence)`` per partition key. A node's
+name in the registry (for trimming) is kept in its data directory, in ``NODE_ID_FILE``.
+
 Client choice, measured with ``python -m bench scale --clients`` (one ``redis-server
 --appendonly yes --appendfsync always`` on loopback; 500 pipelines of 32 ``XADD`` of 200
 bytes, then the median of 200 ``XADD`` -> ``XREAD BLOCK`` wake-ups; the client's own CPU for
@@ -72,7 +75,6 @@ from engine import (
     JournalFailed,
     Model,
     drop_users,
-    parse_journal_record,
 )
 
 __all__ = [
@@ -297,6 +299,14 @@ def partition_keys(name: str, n: int) -> list[str]:
     return keys
 
 
+def _frame_of(payload: bytes) -> bytes:
+    """The Forward frame inside a journal record (msgpack ``[accepted_at, frame]``)."""
+    _, frame = msgpack.unpackb(payload, raw=False)
+    if not isinstance(frame, bytes):
+        raise ValueError("the record holds no frame")
+    return frame
+
+
 def producer_tag(payload: bytes) -> str:
     """The Forward tag of the frame inside a journal record (``[accepted_at, frame]``).
 
@@ -304,7 +314,7 @@ def producer_tag(payload: bytes) -> str:
         ValueError: The record is not a journal record.
     """
     try:
-        _, frame = msgpack.unpackb(payload, raw=False)
+        frame = _frame_of(payload)
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(frame))
         unpacker.feed(frame)
         unpacker.read_array_header()
@@ -616,7 +626,7 @@ class RedisStreamsLog:
                         wanted = {u for u, cut in cuts.items() if sid <= cut}
                         if not wanted or b"r" not in fields:
                             continue
-                        _, frame = parse_journal_record(fields[b"r"])
+                        frame = _frame_of(fields[b"r"])
                         left = drop_users(frame, wanted)
                         if left is None:
                             doomed.append(raw_id)

@@ -14,7 +14,8 @@ they send each other, ``_recovery`` the start. ``engine.datasets`` holds the syn
 recorded event streams used by tests, demos and benchmarks.
 
 ``DEFAULT_EVENT_WEIGHTS`` maps the built-in event types to the weight an event of that type
-gives an interaction (``ModelConfig.event_weights`` starts from it).
+gives an interaction (``ModelConfig.event_weights`` starts from it). ``SNAPSHOT`` is the file
+name of the newest snapshot in a data directory (a node joining a shared log fetches a peer's).
 """
 
 from ._config import ServerConfig as ServerConfig
@@ -28,7 +29,6 @@ from ._core import InvalidFrame as InvalidFrame
 from ._core import UnknownItem as UnknownItem
 from ._engine import Engine as Engine
 from ._events import json_to_frame as json_to_frame
-from ._events import parse_journal_record as parse_journal_record
 from ._exceptions import AuthError as AuthError
 from ._exceptions import BadRequest as BadRequest
 from ._exceptions import ConfigError as ConfigError
@@ -90,7 +90,6 @@ __all__ = [
     "json_to_frame",
     "load_config",
     "parse_hostport",
-    "parse_journal_record",
     "rec_json",
     "recover",
 ]
