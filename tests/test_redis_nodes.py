@@ -154,6 +154,14 @@ def converge(nodes_: list[ServerProcess], total: int, timeout: float = 60) -> li
         time.sleep(0.2)
 
 
+def readyz(node: ServerProcess) -> int:
+    try:
+        with urllib.request.urlopen(f"{node.http_url}/readyz", timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 def top10(node: ServerProcess, user: str) -> list[str]:
     body = json.loads(node.get(f"/v1/users/{user}/recommendations?k=10"))
     return [r["item"] for r in body["items"]]
@@ -257,14 +265,17 @@ def test_a_paused_redis_never_yields_a_false_ack(tmp_path: Path, redis_server: R
         redis_server.pause()
         time.sleep(5)
         stuck = [p.acked for p in producers]
-        # While Redis is stopped a node refuses or holds writes, and says why.
+        # While Redis is stopped a node refuses or holds writes, says why, and is not ready;
+        # reads go on.
         faults = [n.stats()["log"]["fault"] for n in (a, b)]
+        ready = [readyz(n) for n in (a, b)]
         redis_server.resume()
         for p in producers:
             p.finish()
         stats = converge([a, b, c], 3000)
         assert_exactly_once(stats, 3000)
         assert any(f is not None for f in faults), faults
+        assert 503 in ready, ready
         assert sum(p.resends for p in producers) > 0
         assert all(s < 1500 for s in stuck)
 
