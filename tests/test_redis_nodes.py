@@ -220,20 +220,25 @@ def test_a_node_killed_during_ingest_restarts_from_its_snapshot_and_the_log(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
     with nodes(tmp_path, redis_server.url) as (a, b, c):
-        producers = [Producer(a, "pa", 1500), Producer(c, "pc", 1500)]
+        # Paced over 6 s or more, so the kill below meets them mid-way.
+        producers = [Producer(a, "pa", 3000, interval=0.1), Producer(c, "pc", 3000, interval=0.1)]
         for p in producers:
             p.start()
-        time.sleep(1.5)  # past the first snapshot
+        # Killed once its first snapshot (taken every second) is on disk, during ingest.
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "node1" / "snapshot.rsnap").exists():
+            assert time.monotonic() < deadline, "node1 wrote no snapshot"
+            time.sleep(0.05)
+        assert any(p.is_alive() for p in producers), "ingest ended before the kill"
         b.kill()
-        assert (tmp_path / "node1" / "snapshot.rsnap").exists()
         b.__exit__(None, None, None)
         time.sleep(0.5)
         b2 = start_node(tmp_path, "node1", redis_server.url)
         try:
             for p in producers:
                 p.finish()
-            stats = converge([a, b2, c], 3000)
-            assert_exactly_once(stats, 3000)
+            stats = converge([a, b2, c], 6000)
+            assert_exactly_once(stats, 6000)
         finally:
             b2.__exit__(None, None, None)
 
