@@ -17,7 +17,6 @@ from typing import Any
 import attrs
 import trio
 
-from ._events import parse_journal_record
 from ._journal_actor import Appended
 from ._model import Model
 
@@ -46,7 +45,10 @@ class Applied:
 def apply_records(
     model: Model, first_seq: int, payloads: Sequence[bytes], *, collect: bool = True
 ) -> list[Applied]:
-    """Applies journal payloads in order (blocking; call it in a worker thread).
+    """Applies journal payloads in order as one group (blocking; call it in a worker thread).
+
+    The whole group goes to the extension in one call, which releases the GIL and, with
+    ``batch_apply`` on, coalesces the group's vector solves (see ``ModelConfig``).
 
     A record that cannot be decoded is logged and skipped: it was validated before it was
     journaled, so this means a bug or a changed limit, and one bad record must not stop
@@ -60,28 +62,14 @@ def apply_records(
         One :class:`Applied` per payload, in order; nothing without ``collect``.
     """
     out: list[Applied] = []
-    for seq, payload in enumerate(payloads, first_seq):
-        try:
-            accepted_at, frame = parse_journal_record(payload)
-            report = model.ingest_forward(frame, accepted_at)
-        except Exception as e:  # noqa: BLE001 - logged and counted, the stream goes on
-            log.error("journal record %d could not be applied: %s", seq, e)
+    results = model.apply_journal(payloads, collect)
+    for seq, result in enumerate(results, first_seq):
+        if isinstance(result, str):
+            log.error("journal record %d could not be applied: %s", seq, result)
             if collect:
-                out.append(Applied(seq, time.time(), 0, 0, ((0, f"unreadable record: {e}"),), ()))
-            continue
-        if not collect:
-            continue
-        out.append(
-            Applied(
-                seq,
-                accepted_at,
-                report["applied"],
-                report["duplicates"],
-                tuple(report["rejected"]),
-                tuple(report["users"]),
-                tuple(report["erased"]),
-            )
-        )
+                out.append(Applied(seq, time.time(), 0, 0, ((0, f"unreadable record: {result}"),), ()))
+        elif result is not None:
+            out.append(Applied(seq, *result))
     return out
 
 
