@@ -81,7 +81,14 @@ class Model:
         self, payloads: Sequence[bytes], collect: bool = True
     ) -> list[
         str
-        | tuple[float, int, int, tuple[tuple[int, str], ...], tuple[tuple[Id, Id | None], ...], tuple[Id, ...]]
+        | tuple[
+            float,
+            int,
+            int,
+            tuple[tuple[int, str], ...],
+            tuple[tuple[Id, Id | None], ...],
+            tuple[Id, ...],
+        ]
         | None
     ]: ...
     def check_frame(self, buf: bytes, offset: int = 0) -> FrameCheck | None: ...

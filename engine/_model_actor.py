@@ -67,7 +67,9 @@ def apply_records(
         if isinstance(result, str):
             log.error("journal record %d could not be applied: %s", seq, result)
             if collect:
-                out.append(Applied(seq, time.time(), 0, 0, ((0, f"unreadable record: {result}"),), ()))
+                out.append(
+                    Applied(seq, time.time(), 0, 0, ((0, f"unreadable record: {result}"),), ())
+                )
         elif result is not None:
             out.append(Applied(seq, *result))
     return out

@@ -331,7 +331,7 @@ class Server:
                 "journal starts at %d, after the snapshot's %d: events lost", journal.first_seq, seq
             )
         replayed = 0
-        began, began_cpu = time.perf_counter(), time.thread_time()
+        began, began_cpu = time.perf_counter(), time.process_time()
         chunk: list[bytes] = []
         first = seq + 1
         # The whole log is read, not only what follows the snapshot: an erase record still
@@ -358,7 +358,7 @@ class Server:
             "replayed %d journal record(s) in %.3f s (%.3f s CPU); model at seq %d",
             replayed,
             time.perf_counter() - began,
-            time.thread_time() - began_cpu,
+            time.process_time() - began_cpu,
             last,
         )
         return journal, last

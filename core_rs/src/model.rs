@@ -877,7 +877,7 @@ impl Model {
     ) -> Result<bool, String> {
         match rec {
             Record::Interaction { user, id, .. } => {
-                let Some((u, i, w, ts)) = self.admit(st, rec, producer, accepted_at)? else {
+                let Some((u, i, w, ts)) = self.admit(st, rec, producer, accepted_at, None)? else {
                     return Ok(false);
                 };
                 let was_member = st.attrs.is_member(i);
@@ -916,12 +916,15 @@ impl Model {
     /// The part of applying an interaction that comes before its vector updates: checks it,
     /// skips a redelivery (Ok(None)), assigns dense ids, moves the clock and pairs the item
     /// with the user's recent ones. Returns (user, item, weight, the time it counts at).
+    /// With `pairs`, the item and the user's recent items are pushed there for a later
+    /// [`Neighbours::add_all`] instead of being counted now.
     fn admit(
         &self,
         st: &mut State,
         rec: &Record,
         producer: &str,
         accepted_at: f64,
+        pairs: Option<&mut Vec<(u32, Vec<u32>)>>,
     ) -> Result<Option<(u32, u32, f32, f64)>, String> {
         let Record::Interaction { user, item, kind, weight, id, ts } = rec else {
             return Err("not an interaction".into());
@@ -940,7 +943,10 @@ impl Model {
         st.newest_ts = st.newest_ts.max(ts);
         if self.cfg.neighbour_weight > 0.0 && !st.has_seen(u, i) {
             let recent = st.mf.recent_items(u, self.cfg.neighbour_window);
-            st.neighbours.add(i, &recent);
+            match pairs {
+                Some(pairs) => pairs.push((i, recent)),
+                None => st.neighbours.add(i, &recent),
+            }
         }
         Ok(Some((u, i, w, ts)))
     }

@@ -171,29 +171,34 @@ pub fn decode_frame(buf: &[u8], limits: &Limits) -> Result<(Frame, usize), Decod
 /// Reads a journal record, `[accepted_at, frame]` (msgpack: a number of unix seconds and
 /// the frame's bytes as `bin`): the time the server accepted the frame, and the frame.
 pub fn decode_journal_record(payload: &[u8]) -> Result<(f64, &[u8]), DecodeError> {
-    let bad = |why: &str| DecodeError::Invalid(format!("journal record: {why}"));
-    let mut r = Reader::whole(payload);
-    if r.head()? != Head::Array(2) {
-        return Err(bad("not a two-element array"));
-    }
-    let at = match r.head()? {
-        Head::F64(x) => x,
-        Head::F32(x) => x as f64,
-        Head::Uint(x) => x as f64,
-        Head::Int(x) => x as f64,
-        _ => return Err(bad("the acceptance time is not a number")),
+    let read = || {
+        let mut r = Reader::whole(payload);
+        if r.head()? != Head::Array(2) {
+            return Err(DecodeError::Invalid("not a two-element array".into()));
+        }
+        let at = match r.head()? {
+            Head::F64(x) => x,
+            Head::F32(x) => x as f64,
+            Head::Uint(x) => x as f64,
+            Head::Int(x) => x as f64,
+            _ => return Err(DecodeError::Invalid("the acceptance time is not a number".into())),
+        };
+        if !at.is_finite() {
+            return Err(DecodeError::Invalid("the acceptance time is not finite".into()));
+        }
+        let frame = match r.head()? {
+            Head::Bin(n) => r.take(n)?,
+            _ => return Err(DecodeError::Invalid("the frame is not binary".into())),
+        };
+        if !r.at_end() {
+            return Err(DecodeError::Invalid("bytes after the frame".into()));
+        }
+        Ok((at, frame))
     };
-    if !at.is_finite() {
-        return Err(bad("the acceptance time is not finite"));
-    }
-    let frame = match r.head()? {
-        Head::Bin(n) => r.take(n)?,
-        _ => return Err(bad("the frame is not binary")),
-    };
-    if !r.at_end() {
-        return Err(bad("bytes after the frame"));
-    }
-    Ok((at, frame))
+    read().map_err(|e| match e {
+        DecodeError::Invalid(why) => DecodeError::Invalid(format!("journal record: {why}")),
+        incomplete => incomplete,
+    })
 }
 
 /// Length of the first complete frame in `buf`, without building any record.

@@ -24,8 +24,14 @@
 
 use rayon::prelude::*;
 
-use super::kernels::{coord_sweep, replace_outer, Scratch};
+use super::kernels::{coord_sweep, replace_outer, replace_outer_rows, Scratch};
 use super::Mf;
+
+/// Fewest rows solved on the thread pool; fewer are solved on the calling thread.
+const PARALLEL_FROM: usize = 16;
+/// Gramian rows per task when a side's Gramian change is summed: a block stays in L1 while
+/// every solved row streams past it once.
+const DELTA_ROWS: usize = 8;
 
 /// Which side of the factorization a [`Solved`] holds rows of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,28 +138,37 @@ impl Mf {
         };
         let mut rows = vec![0.0f32; ids.len() * d];
         let mut coefs = vec![0.0f64; ids.len()];
-        rows.par_chunks_mut(d).zip(coefs.par_iter_mut()).zip(ids.par_iter()).for_each_init(
-            Scratch::default,
-            |sc, ((row, coef), &id)| {
-                row.copy_from_slice(current(id));
-                *coef = sweep(id, sc, row);
-            },
-        );
-        let mut delta = vec![0.0f64; d * d];
-        // Row r of Σ_k a_k (new_k new_kᵀ − old_k old_kᵀ), summed over k in order: each output
-        // row is one thread's sequential sum, so threads never change the result.
-        delta.par_chunks_mut(d).enumerate().for_each(|(r, out)| {
-            for (k, &id) in ids.iter().enumerate() {
-                let (new, old) = (&rows[k * d..(k + 1) * d], current(id));
-                let (a_new, a_old) = (coefs[k] * new[r] as f64, -coefs[k] * old[r] as f64);
-                if a_new == 0.0 && a_old == 0.0 {
-                    continue;
-                }
-                for ((o, &x), &y) in out.iter_mut().zip(new).zip(old) {
-                    *o += a_new * x as f64 + a_old * y as f64;
-                }
+        let solve_one = |sc: &mut Scratch, ((row, coef), &id): ((&mut [f32], &mut f64), &u32)| {
+            row.copy_from_slice(current(id));
+            *coef = sweep(id, sc, row);
+        };
+        if ids.len() < PARALLEL_FROM {
+            let mut sc = Scratch::default();
+            for item in rows.chunks_mut(d).zip(coefs.iter_mut()).zip(ids.iter()) {
+                solve_one(&mut sc, item);
             }
-        });
+        } else {
+            rows.par_chunks_mut(d).zip(coefs.par_iter_mut()).zip(ids.par_iter()).for_each_init(Scratch::default, solve_one);
+        }
+        // Σ_k a_k (new_k new_kᵀ − old_k old_kᵀ), summed over k in order for every element:
+        // the matrix is split into blocks of rows for the threads, which never changes a sum.
+        let wide = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        let new64 = wide(&rows);
+        let old64: Vec<f64> = ids.iter().flat_map(|&id| current(id).iter().map(|&x| x as f64)).collect();
+        let delta_rows = |(block, out): (usize, &mut [f64])| {
+            for (k, &a) in coefs.iter().enumerate() {
+                let (x, y) = (&new64[k * d..(k + 1) * d], &old64[k * d..(k + 1) * d]);
+                replace_outer_rows(out, block * DELTA_ROWS, d, a, x, a, y);
+            }
+        };
+        let mut delta = vec![0.0f64; d * d];
+        // Small groups (a live stream of single events) are not worth waking the pool for;
+        // both branches compute the same thing in the same order.
+        if ids.len() < PARALLEL_FROM {
+            delta.chunks_mut(d * DELTA_ROWS).enumerate().for_each(delta_rows);
+        } else {
+            delta.par_chunks_mut(d * DELTA_ROWS).enumerate().for_each(delta_rows);
+        }
         Solved { side, dim: d, ids: ids.to_vec(), rows, delta, epoch: self.epoch }
     }
 
