@@ -630,7 +630,8 @@ impl Mf {
         }
         let (uu, ii) = (u as usize, i as usize);
         let hist = &mut self.user_hist[uu];
-        let entry = match hist.iter().position(|e| e.id == i) {
+        let held = hist.iter().position(|e| e.id == i);
+        let entry = match held {
             Some(pos) => {
                 let old = hist.remove(pos).expect("position is in range");
                 let t = old.ts.max(ts);
@@ -647,8 +648,12 @@ impl Mf {
         }
         // The item's copy mirrors the user's entry, so both sides see the same w_ui.
         let ih = &mut self.item_hist[ii];
-        if let Some(pos) = ih.iter().position(|e| e.id == u) {
-            ih.remove(pos);
+        // Only a pair the user's history held can be in the item's (see the module docs):
+        // a first interaction skips the scan of up to `item_history_cap` entries.
+        if held.is_some() {
+            if let Some(pos) = ih.iter().position(|e| e.id == u) {
+                ih.remove(pos);
+            }
         }
         ih.push_back(Entry { id: u, ..entry });
         if ih.len() > self.cfg.item_history_cap {

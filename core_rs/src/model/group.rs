@@ -31,7 +31,7 @@ use crate::ids::ExtId;
 
 /// Most events whose solves are coalesced into one: bounds the memory of a solve and how far
 /// the vectors may lag the histories within one group.
-pub const MAX_COALESCED: usize = 1 << 16;
+pub const MAX_COALESCED: usize = 1 << 17;
 /// Records written under one write-lock acquisition while a group is recorded (~1 µs each).
 const RECORD_CHUNK: usize = 256;
 
