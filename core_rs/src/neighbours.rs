@@ -44,6 +44,10 @@ pub const DEFAULT_CAP: usize = 100;
 /// Default number of a user's most recent items paired with a new one, and used to score.
 pub const DEFAULT_WINDOW: usize = 20;
 
+/// Fewest additions [`Neighbours::add_all`] spreads over the thread pool (it passes over
+/// every list); fewer are added one by one.
+const ADD_ALL_PARALLEL_FROM: usize = 1024;
+
 /// One neighbour and its Space-Saving count.
 #[derive(Clone, Copy, Debug)]
 struct Entry {
@@ -136,6 +140,12 @@ impl Neighbours {
     /// order, and the lists are updated in parallel.
     pub fn add_all(&mut self, adds: &[(u32, Vec<u32>)]) {
         use rayon::prelude::*;
+        if adds.len() < ADD_ALL_PARALLEL_FROM {
+            for (item, recent) in adds {
+                self.add(*item, recent);
+            }
+            return;
+        }
         let Some(top) = adds.iter().flat_map(|(i, r)| std::iter::once(i).chain(r)).max() else { return };
         self.grow(*top);
         // Bumps by list, in order (a counting sort on the list's item).

@@ -27,8 +27,9 @@ use rayon::prelude::*;
 use super::kernels::{coord_sweep, replace_outer, replace_outer_rows, Scratch};
 use super::Mf;
 
-/// Fewest rows solved on the thread pool; fewer are solved on the calling thread.
-const PARALLEL_FROM: usize = 16;
+/// Fewest rows solved on the thread pool; fewer are solved on the calling thread (a live
+/// stream's small groups neither wait for the pool nor keep its threads busy).
+const PARALLEL_FROM: usize = 128;
 /// Gramian rows per task when a side's Gramian change is summed: a block stays in L1 while
 /// every solved row streams past it once.
 const DELTA_ROWS: usize = 8;
@@ -162,8 +163,7 @@ impl Mf {
             }
         };
         let mut delta = vec![0.0f64; d * d];
-        // Small groups (a live stream of single events) are not worth waking the pool for;
-        // both branches compute the same thing in the same order.
+        // Both branches compute the same thing in the same order.
         if ids.len() < PARALLEL_FROM {
             delta.chunks_mut(d * DELTA_ROWS).enumerate().for_each(delta_rows);
         } else {

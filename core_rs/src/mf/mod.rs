@@ -771,25 +771,17 @@ fn exact_st(q: &[f32], pop_w: &[f64], d: usize) -> (Vec<f64>, f64) {
 }
 
 /// `Σ_k a_k x_k x_k^T` over the rows `x_k` of `m` (`a_k = 1` without weights; rows with
-/// `a_k <= 0` are skipped). Output rows are computed in parallel, each summing over `k` in
-/// order on one thread, so the result does not depend on the number of threads.
+/// `a_k <= 0` are skipped), in row order. One thread: it runs beside the event loop and the
+/// queries, and its cost amortises to O(dim²) per event anyway.
 fn exact_gramian(m: &[f32], weights: Option<&[f64]>, d: usize) -> Vec<f64> {
-    use rayon::prelude::*;
     let mut s = vec![0.0; d * d];
-    s.par_chunks_mut(d).enumerate().for_each(|(r, out)| {
-        for (k, row) in m.chunks_exact(d).enumerate() {
-            let a = weights.map_or(1.0, |w| w.get(k).copied().unwrap_or(0.0));
-            if a <= 0.0 {
-                continue;
-            }
-            let xr = a * row[r] as f64;
-            if xr != 0.0 {
-                for (o, &x) in out.iter_mut().zip(row) {
-                    *o += xr * x as f64;
-                }
-            }
+    let mut tmp = vec![0.0; d];
+    for (k, row) in m.chunks_exact(d).enumerate() {
+        let a = weights.map_or(1.0, |w| w.get(k).copied().unwrap_or(0.0));
+        if a > 0.0 {
+            add_outer(&mut s, d, a, row, &mut tmp);
         }
-    });
+    }
     s
 }
 
