@@ -82,13 +82,17 @@ fn bump_list(list: &mut Vec<Entry>, b: u32, delta: f32, cap: usize) {
         list.push(Entry { id: b, count: delta });
         return;
     }
-    let (pos, min) = list.iter().enumerate().fold((0, f32::INFINITY), |acc, (p, e)| {
-        if e.count < acc.1 {
-            (p, e.count)
-        } else {
-            acc
-        }
-    });
+    let (pos, min) =
+        list.iter().enumerate().fold(
+            (0, f32::INFINITY),
+            |acc, (p, e)| {
+                if e.count < acc.1 {
+                    (p, e.count)
+                } else {
+                    acc
+                }
+            },
+        );
     list[pos] = Entry { id: b, count: min + delta };
 }
 
@@ -153,7 +157,11 @@ impl Neighbours {
         let window = self.window;
         fn paired(window: usize, (item, recent): &(u32, Vec<u32>)) -> impl Iterator<Item = (u32, u32)> + '_ {
             let item = *item;
-            recent[recent.len().saturating_sub(window)..].iter().copied().filter(move |&h| h != item).map(move |h| (item, h))
+            recent[recent.len().saturating_sub(window)..]
+                .iter()
+                .copied()
+                .filter(move |&h| h != item)
+                .map(move |h| (item, h))
         }
         for (item, h) in adds.iter().flat_map(|a| paired(window, a)) {
             starts[item as usize + 1] += 1;

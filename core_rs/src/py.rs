@@ -629,7 +629,7 @@ impl PyModel {
                                 Some(id) => ext_to_py(py, id)?,
                                 None => py.None(),
                             };
-                            Ok(PyTuple::new(py, [ext_to_py(py, u)?, id])?)
+                            PyTuple::new(py, [ext_to_py(py, u)?, id])
                         })
                         .collect::<PyResult<Vec<_>>>()?;
                     let erased =

@@ -149,7 +149,10 @@ impl Mf {
                 solve_one(&mut sc, item);
             }
         } else {
-            rows.par_chunks_mut(d).zip(coefs.par_iter_mut()).zip(ids.par_iter()).for_each_init(Scratch::default, solve_one);
+            rows.par_chunks_mut(d)
+                .zip(coefs.par_iter_mut())
+                .zip(ids.par_iter())
+                .for_each_init(Scratch::default, solve_one);
         }
         // Σ_k a_k (new_k new_kᵀ − old_k old_kᵀ), summed over k in order for every element:
         // the matrix is split into blocks of rows for the threads, which never changes a sum.

@@ -142,7 +142,7 @@ fn replace_outer_impl<const FMA: bool>(
     a_old: f64,
     y: &[f64],
 ) {
-    debug_assert!(s.len() % dim == 0 && x.len() == dim && y.len() == dim);
+    debug_assert!(s.len().is_multiple_of(dim) && x.len() == dim && y.len() == dim);
     for (r, row) in s.chunks_exact_mut(dim).enumerate() {
         let xr = a_new * x[first + r];
         let yr = -a_old * y[first + r];

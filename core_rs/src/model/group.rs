@@ -103,7 +103,15 @@ impl Model {
                     }
                     let result = if barrier {
                         let erased = &mut report.erased_users;
-                        self.apply_one(&mut st, rec, batch.producer, batch.accepted_at, &mut moved, touched, erased)
+                        self.apply_one(
+                            &mut st,
+                            rec,
+                            batch.producer,
+                            batch.accepted_at,
+                            &mut moved,
+                            touched,
+                            erased,
+                        )
                     } else {
                         self.record(&mut st, rec, batch.producer, batch.accepted_at, &mut pending, touched)
                     };
@@ -182,7 +190,8 @@ impl Model {
         pending: &mut Pending,
         touched: &mut HashMap<ExtId, Option<ExtId>>,
     ) -> Result<bool, String> {
-        let Some((u, i, w, ts)) = self.admit(st, rec, producer, accepted_at, Some(&mut pending.pairs))? else {
+        let Some((u, i, w, ts)) = self.admit(st, rec, producer, accepted_at, Some(&mut pending.pairs))?
+        else {
             return Ok(false);
         };
         if let Some(held) = st.mf.record_event(u, i, w, ts) {
@@ -197,7 +206,12 @@ impl Model {
 
     /// Solves the pending users, then items (`online_iters` times), and settles the items'
     /// attribute state as the per-event path does after each update.
-    fn solve_pending<'a>(&'a self, mut g: Shared<'a>, pending: &mut Pending, moved: &mut Vec<u32>) -> Shared<'a> {
+    fn solve_pending<'a>(
+        &'a self,
+        mut g: Shared<'a>,
+        pending: &mut Pending,
+        moved: &mut Vec<u32>,
+    ) -> Shared<'a> {
         let Pending { mut users, mut items, pairs, .. } = std::mem::take(pending);
         // Ascending ids: neighbouring rows, and one fixed order for the installs.
         users.sort_unstable();
@@ -301,10 +315,16 @@ mod tests {
         let st = m.state.read();
         let mut out = String::new();
         for u in 0..st.mf.n_users() as u32 {
-            out += &format!("u{u} {:?} {:?} {}\n", st.mf.user_items(u), st.seen[u as usize], st.mf.user_count(u));
+            out += &format!(
+                "u{u} {:?} {:?} {}\n",
+                st.mf.user_items(u),
+                st.seen[u as usize],
+                st.mf.user_count(u)
+            );
         }
         for i in 0..st.mf.n_items() as u32 {
-            let sims: Vec<f32> = (0..st.mf.n_items() as u32).map(|j| st.neighbours.similarity(i, j)).collect();
+            let sims: Vec<f32> =
+                (0..st.mf.n_items() as u32).map(|j| st.neighbours.similarity(i, j)).collect();
             out += &format!(
                 "i{i} {:?} {} {} {:?}\n",
                 st.mf.item_users(i),
@@ -314,7 +334,14 @@ mod tests {
             );
         }
         let s = m.stats();
-        out += &format!("{} {} {} {:?} {}", s.events_applied, s.duplicates, s.rejected, st.fresh.as_slice(), st.dedup.len());
+        out += &format!(
+            "{} {} {} {:?} {}",
+            s.events_applied,
+            s.duplicates,
+            s.rejected,
+            st.fresh.as_slice(),
+            st.dedup.len()
+        );
         out
     }
 
@@ -370,7 +397,8 @@ mod tests {
     /// half the largest one, while the users' top items agree).
     #[test]
     fn group_with_repeats_is_close_to_per_event() {
-        let group: Vec<Record> = (0..200).map(|n| ev((n % 12) as i64, (n * 7 % 9) as i64, 2000 + n)).collect();
+        let group: Vec<Record> =
+            (0..200).map(|n| ev((n % 12) as i64, (n * 7 % 9) as i64, 2000 + n)).collect();
         let (per, _) = model_after(false, std::slice::from_ref(&group));
         let (bat, _) = model_after(true, std::slice::from_ref(&group));
         assert_eq!(non_vector_state(&per), non_vector_state(&bat));
@@ -378,7 +406,8 @@ mod tests {
         let q = crate::model::Query { k: 5, exact: true, ..Default::default() };
         let mut same = 0;
         for u in 0..12 {
-            let top = |m: &Model| m.recommend(&ExtId::Int(u), &q).into_iter().map(|r| r.item).collect::<Vec<_>>();
+            let top =
+                |m: &Model| m.recommend(&ExtId::Int(u), &q).into_iter().map(|r| r.item).collect::<Vec<_>>();
             let (a, b) = (top(&per), top(&bat));
             same += a.iter().filter(|x| b.contains(x)).count();
         }
@@ -442,7 +471,11 @@ mod tests {
     #[test]
     fn thread_count_does_not_change_the_model() {
         let groups: Vec<Vec<Record>> = (0..4)
-            .map(|g| (0..3000).map(|n| ev((n * 13 % 997) as i64, (n * n % 401) as i64, 10_000 * (g + 1) + n)).collect())
+            .map(|g| {
+                (0..3000)
+                    .map(|n| ev((n * 13 % 997) as i64, (n * n % 401) as i64, 10_000 * (g + 1) + n))
+                    .collect()
+            })
             .collect();
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
