@@ -303,6 +303,7 @@ def run(args: argparse.Namespace) -> int:
                 "cpu_s": ours64["cpu_s"],
                 "wall_s": ours64["wall_s"],
                 "peer_is": "bar: 100k events/s on two cores",
+                "peer_name": "bar, two cores",
                 "note": "wall time on a machine shared with other work counts its waits for a core",
             },
         ),

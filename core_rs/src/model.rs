@@ -1,10 +1,16 @@
 //! The model the engine serves: ids, the factorization, trending counts, item attributes, the
 //! redelivery window and the HNSW index, behind locks that let queries run while events apply.
 //!
+//! # Applying events
+//! With [`Config::batch_apply`] (the default) a batch of records is applied as one group
+//! ([`group`]): every record in order, but each touched user and item solved once, in
+//! parallel; otherwise every event's user and item are solved right after it.
+//!
 //! # Locking
 //! `state` (everything but the index) and `index` are separate `RwLock`s, always taken in that
-//! order. Writers hold a lock for one small chunk of events or one index update, never for a
-//! whole batch, so a query waits at most for one chunk. The index trails the factorization by
+//! order. Writers hold the write lock for one small chunk of events or one index update, never
+//! for a whole batch, so a query waits at most for one chunk (a group's parallel solves run
+//! under the shared lock, see [`group`]). The index trails the factorization by
 //! the items in `dirty` (bounded staleness); queries re-score the index's candidates with the
 //! current vectors, so a stale index can only miss an item, never misreport a score.
 //!
@@ -48,7 +54,7 @@ use crate::rng::Rng;
 use crate::scan;
 use crate::trending::Trending;
 
-mod group;
+pub mod group;
 pub use group::{Batch, MAX_COALESCED};
 
 /// Largest weight an event may carry; larger ones are almost certainly unit mistakes.

@@ -16,7 +16,7 @@
 //! # Locking
 //! The group holds the state's upgradable read lock throughout, so no other writer runs
 //! meanwhile, while queries do: the records are written under the write lock in chunks of
-//! [`RECORD_CHUNK`] (readers get in between chunks), the parallel solves run under the shared
+//! `RECORD_CHUNK` (readers get in between chunks), the parallel solves run under the shared
 //! lock, and their results are installed under short write locks. The exact Gramian
 //! recomputation, when due, is also computed under the shared lock and installed under a
 //! short write lock.
@@ -31,7 +31,7 @@ use crate::ids::ExtId;
 
 /// Most events whose solves are coalesced into one: bounds the memory of a solve and how far
 /// the vectors may lag the histories within one group.
-pub const MAX_COALESCED: usize = 1 << 17;
+pub const MAX_COALESCED: usize = 1 << 16;
 /// Records written under one write-lock acquisition while a group is recorded (~1 µs each).
 const RECORD_CHUNK: usize = 256;
 
