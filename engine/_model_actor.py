@@ -1,8 +1,10 @@
 """The model actor: applies durable journal records to the model, in journal order.
 
 It is the only writer of the model. Each group of records from the journal actor is applied in
-one worker-thread call (the extension releases the GIL), then the users those records touched
-are reported to the publisher and the index actor is told that vectors moved. Snapshots are
+one worker-thread call (``Model.apply_journal``: the extension decodes the records, releases
+the GIL and, with ``batch_apply``, solves the group's users and items once each on every core),
+then the users those records touched are reported to the publisher and the index actor is told
+that vectors moved. Snapshots are
 taken between groups, so a snapshot reflects exactly the records up to its sequence number.
 """
 
