@@ -152,6 +152,8 @@ impl Mf {
             rows.par_chunks_mut(d)
                 .zip(coefs.par_iter_mut())
                 .zip(ids.par_iter())
+                // Each task's scratch grows to its longest history: few, long tasks.
+                .with_min_len(32)
                 .for_each_init(Scratch::default, solve_one);
         }
         // Σ_k a_k (new_k new_kᵀ − old_k old_kᵀ), summed over k in order for every element:
