@@ -5,21 +5,25 @@ journal (``wal/``) holds Forward-mode frames of ``--frame-events`` events each, 
 record per frame exactly as ingestion journals them. Then ``python -m connectors serve`` is
 started on it and timed from the spawn to the first ``/readyz`` 200.
 
-Three restarts, each on its own data directory:
+Four restarts, each on its own data directory:
 
 1. ``empty``: no data at all; what a restart costs before any replay (interpreter, imports,
    listeners). Its time is the floor of the others.
 2. ``journal``: ``--events`` events in the journal and no snapshot: everything is replayed.
-3. ``snapshot``: a snapshot reflecting ``--snapshot-events`` events (written by the same
+   The replay applies groups of journal records in one call each, with coalesced solves on
+   every core (the model's default ``batch_apply``).
+3. ``journal_per_event``: the same journal replayed with ``batch_apply=False`` (the user and
+   the item solved after every event), for comparison.
+4. ``snapshot``: a snapshot reflecting ``--snapshot-events`` events (written by the same
    model code the server runs, ``Model.save``), and ``--behind`` events in the journal after
    it; the segments the snapshot covers are dropped as the server drops them.
 
 For each: wall seconds to ready, and the server's CPU seconds at that moment (user + system,
 every thread, from ``/proc/PID/stat``). The replay rate is the events replayed over the
 seconds the server itself logs for its replay (read, decode, apply, and the final index
-build), which leaves out the fixed start-up cost; the rate per CPU second (the replay
-thread's CPU time, also logged) is the figure to compare on a loaded machine, where wall
-time also counts the waits for a core.
+build), which leaves out the fixed start-up cost; the rate per CPU second (the server
+process's CPU time over the replay, every thread, also logged) is the figure to compare on a
+loaded machine, where wall time also counts the waits for a core.
 
 Goals (``peer`` in the ``_vs_goal`` rows; ratio >= 1 means met): a replay of at least
 300,000 events/s, and a restart with 10 million events behind the newest snapshot within
@@ -127,9 +131,12 @@ def write_data_dir(
         journal.sync()
 
 
-def restart(data: Path, seed: int) -> dict[str, Any]:
-    """Starts a server on ``data``; seconds and CPU seconds until ``/readyz`` answers 200."""
-    config = {"sync": "off", "snapshot_interval": 3600.0, "model": {"seed": seed}}
+def restart(data: Path, seed: int, model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Starts a server on ``data``; seconds and CPU seconds until ``/readyz`` answers 200.
+
+    ``model`` holds further model settings of the restarted server.
+    """
+    config = {"sync": "off", "snapshot_interval": 3600.0, "model": {"seed": seed, **(model or {})}}
     began = time.perf_counter()
     with ServerProcess(config, startup_timeout=1800.0, data_dir=data) as server:
         while True:
@@ -159,14 +166,18 @@ def restart(data: Path, seed: int) -> dict[str, Any]:
 
 
 def measure(
-    name: str, snapshot_frames: list[bytes], behind_frames: list[bytes], seed: int
+    name: str,
+    snapshot_frames: list[bytes],
+    behind_frames: list[bytes],
+    seed: int,
+    model: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="recstream-recovery-") as tmp:
         data = Path(tmp) / "data"
         t = time.perf_counter()
         write_data_dir(data, snapshot_frames, behind_frames, seed)
         print(f"  {name}: data directory written in {time.perf_counter() - t:.1f} s", flush=True)
-        out = restart(data, seed)
+        out = restart(data, seed, model)
     print(
         f"  {name}: ready in {out['ready_s']:.2f} s, {out['cpu_s']:.2f} s CPU; replayed "
         f"{out['records_replayed']:,} records in {out['replay_s']:.2f} s",
@@ -192,9 +203,16 @@ def run(args: argparse.Namespace) -> int:
     runs = {
         "empty": measure("empty", [], [], args.seed),
         "journal": measure("journal", [], journal_frames, args.seed),
+        "journal_per_event": measure(
+            "journal_per_event", [], journal_frames, args.seed, {"batch_apply": False}
+        ),
         "snapshot": measure("snapshot", snap_frames, behind_frames, args.seed),
     }
-    for name, events in (("journal", args.events), ("snapshot", args.behind)):
+    for name, events in (
+        ("journal", args.events),
+        ("journal_per_event", args.events),
+        ("snapshot", args.behind),
+    ):
         r = runs[name]
         r["events_replayed"] = events
         r["replay_events_per_s"] = events / r["replay_s"]
@@ -206,6 +224,10 @@ def run(args: argparse.Namespace) -> int:
     ]
     for name, params in (
         ("journal", {**base, "events": args.events, "snapshot": None}),
+        (
+            "journal_per_event",
+            {**base, "events": args.events, "snapshot": None, "batch_apply": False},
+        ),
         ("snapshot", {**base, "events": args.behind, "snapshot_events": args.snapshot_events}),
     ):
         r = runs[name]

@@ -78,6 +78,20 @@ class Model:
         producer: str = "",
     ) -> Report: ...
     def ingest_forward(self, frame: bytes, accepted_at: float | None = None) -> FrameReport: ...
+    def apply_journal(
+        self, payloads: Sequence[bytes], collect: bool = True
+    ) -> list[
+        str
+        | tuple[
+            float,
+            int,
+            int,
+            tuple[tuple[int, str], ...],
+            tuple[tuple[Id, Id | None], ...],
+            tuple[Id, ...],
+        ]
+        | None
+    ]: ...
     def check_frame(self, buf: bytes, offset: int = 0) -> FrameCheck | None: ...
     def recommend(
         self,

@@ -90,6 +90,11 @@ class ModelConfig:
             score the user's list; bounds the cost of an event.
         neighbour_cap: Neighbours kept per item (Space-Saving eviction); bounds memory and the
             cost of an event.
+        batch_apply: Apply each group of events (one ``ingest`` call, one frame, a group of
+            journal records) with coalesced solves: every event still counts in histories,
+            counts, trending, neighbours and de-duplication, but each touched user is solved
+            once, then each touched item once, in parallel on all cores. False solves the
+            user and the item after every event (the per-event online path).
     """
 
     dim: int = _DEFAULTS["dim"]
@@ -121,3 +126,4 @@ class ModelConfig:
     neighbour_weight: float = _DEFAULTS["neighbour_weight"]
     neighbour_window: int = _DEFAULTS["neighbour_window"]
     neighbour_cap: int = _DEFAULTS["neighbour_cap"]
+    batch_apply: bool = _DEFAULTS["batch_apply"]

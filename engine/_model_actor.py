@@ -1,8 +1,10 @@
 """The model actor: applies durable journal records to the model, in journal order.
 
 It is the only writer of the model. Each group of records from the journal actor is applied in
-one worker-thread call (the extension releases the GIL), then the users those records touched
-are reported to the publisher and the index actor is told that vectors moved. Snapshots are
+one worker-thread call (``Model.apply_journal``: the extension decodes the records, releases
+the GIL and, with ``batch_apply``, solves the group's users and items once each on every core),
+then the users those records touched are reported to the publisher and the index actor is told
+that vectors moved. Snapshots are
 taken between groups, so a snapshot reflects exactly the records up to its sequence number.
 """
 
@@ -12,11 +14,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
 import trio
 
-from ._events import parse_journal_record
 from ._messages import Appended, Applied
 from ._model import Model
 
@@ -28,7 +27,10 @@ log = logging.getLogger("recstream.model")
 def apply_records(
     model: Model, first_seq: int, payloads: Sequence[bytes], *, collect: bool = True
 ) -> list[Applied]:
-    """Applies journal payloads in order (blocking; call it in a worker thread).
+    """Applies journal payloads in order as one group (blocking; call it in a worker thread).
+
+    The whole group goes to the extension in one call, which releases the GIL and, with
+    ``batch_apply`` on, coalesces the group's vector solves (see ``ModelConfig``).
 
     A record that cannot be decoded is logged and skipped: it was validated before it was
     journaled, so this means a bug or a changed limit, and one bad record must not stop
@@ -42,28 +44,16 @@ def apply_records(
         One :class:`Applied` per payload, in order; nothing without ``collect``.
     """
     out: list[Applied] = []
-    for seq, payload in enumerate(payloads, first_seq):
-        try:
-            accepted_at, frame = parse_journal_record(payload)
-            report = model.ingest_forward(frame, accepted_at)
-        except Exception as e:  # noqa: BLE001 - logged and counted, the stream goes on
-            log.error("journal record %d could not be applied: %s", seq, e)
+    results = model.apply_journal(payloads, collect)
+    for seq, result in enumerate(results, first_seq):
+        if isinstance(result, str):
+            log.error("journal record %d could not be applied: %s", seq, result)
             if collect:
-                out.append(Applied(seq, time.time(), 0, 0, ((0, f"unreadable record: {e}"),), ()))
-            continue
-        if not collect:
-            continue
-        out.append(
-            Applied(
-                seq,
-                accepted_at,
-                report["applied"],
-                report["duplicates"],
-                tuple(report["rejected"]),
-                tuple(report["users"]),
-                tuple(report["erased"]),
-            )
-        )
+                out.append(
+                    Applied(seq, time.time(), 0, 0, ((0, f"unreadable record: {result}"),), ())
+                )
+        elif result is not None:
+            out.append(Applied(seq, *result))
     return out
 
 
@@ -123,10 +113,6 @@ class ModelActor:
 
 
 def _save(model: Model, path: Path, seq: int, position: bytes) -> None:
-    """Writes ``model`` to ``path`` at (seq, log position); an empty position (the local
-    journal's) is what every snapshot format stores."""
-    if position:
-        save: Any = model.save  # the log_position argument comes with snapshot format 2
-        save(path, seq, log_position=position)
-    else:
-        model.save(path, seq)
+    """Writes ``model`` to ``path`` at (seq, log position); the local journal's position is
+    empty."""
+    model.save(path, seq, log_position=position)

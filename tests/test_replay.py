@@ -32,3 +32,36 @@ def test_replay_applies_like_the_live_path_and_skips_a_bad_record(
     assert [a.applied for a in reported] == [2, 0, 1]
     assert replayed.stats()["events_applied"] == live.stats()["events_applied"] == 3
     assert sorted(replayed.seen("a")) == sorted(live.seen("a")) == ["x", "y"]
+
+
+def test_a_batched_group_reports_and_counts_like_the_per_event_path() -> None:
+    """One group with repeats, a redelivery, a refused entry, an item write and an erasure:
+    the batched path (one coalesced call for the group) reports every record as the
+    per-event path does and leaves the same histories; only the vectors may differ."""
+    events = [
+        {"user": f"u{n % 7}", "item": f"i{n * n % 11}", "type": "click", "id": n} for n in range(60)
+    ]
+    payloads = [
+        _payload(events[:30]),
+        _payload([*events[25:35], {"user": "u1", "item": "i1", "type": "nope"}]),
+        _payload([{"item": "i3", "category": "c", "tags": ["t"]}, {"erase_user": "u2"}]),
+        _payload(events[35:]),
+    ]
+    per_event = Model(ModelConfig(seed=1, batch_apply=False))
+    batched = Model(ModelConfig(seed=1))
+    assert batched.config()["batch_apply"] is True
+    expect = apply_records(per_event, 1, payloads)
+    got = apply_records(batched, 1, payloads)
+
+    def comparable(applied: list) -> list:
+        return [
+            (a.seq, a.applied, a.duplicates, a.rejected, sorted(a.users), a.erased) for a in applied
+        ]
+
+    assert comparable(got) == comparable(expect)
+    assert [a.duplicates for a in got] == [0, 5, 0, 0]
+    assert got[2].erased == ("u2",)
+    assert batched.stats()["events_applied"] == per_event.stats()["events_applied"]
+    for user in [f"u{n}" for n in range(7)]:
+        assert sorted(batched.seen(user)) == sorted(per_event.seen(user))
+    assert batched.trending(k=11) == per_event.trending(k=11)

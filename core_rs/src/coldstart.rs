@@ -13,7 +13,13 @@
 //! `fit`, which moves every vector and is followed by [`AttrVectors::rebuild`]. Sums are `f64`
 //! so that millions of small shifts do not accumulate rounding.
 
-use crate::model::ItemMeta;
+/// An item's attributes (dense category and tag ids) and whether it may be recommended.
+#[derive(Clone, Debug, Default)]
+pub struct ItemMeta {
+    pub category: Option<u32>,
+    pub tags: Vec<u32>,
+    pub available: bool,
+}
 
 /// Pseudo-count of the ridge prior on attribute vectors (see the module docs).
 pub const ATTR_PRIOR: f64 = 1.0;

@@ -1,10 +1,16 @@
 //! The model the engine serves: ids, the factorization, trending counts, item attributes, the
 //! redelivery window and the HNSW index, behind locks that let queries run while events apply.
 //!
+//! # Applying events
+//! With [`Config::batch_apply`] (the default) a batch of records is applied as one group
+//! ([`group`]): every record in order, but each touched user and item solved once, in
+//! parallel; otherwise every event's user and item are solved right after it.
+//!
 //! # Locking
 //! `state` (everything but the index) and `index` are separate `RwLock`s, always taken in that
-//! order. Writers hold a lock for one small chunk of events or one index update, never for a
-//! whole batch, so a query waits at most for one chunk. The index trails the factorization by
+//! order. Writers hold the write lock for one small chunk of events or one index update, never
+//! for a whole batch, so a query waits at most for one chunk (a group's parallel solves run
+//! under the shared lock, see [`group`]). The index trails the factorization by
 //! the items in `dirty` (bounded staleness); queries re-score the index's candidates with the
 //! current vectors, so a stale index can only miss an item, never misreport a score.
 //!
@@ -35,6 +41,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 
+pub use crate::coldstart::ItemMeta;
 use crate::coldstart::{AttrVectors, SortedIds};
 use crate::decode::{self, DecodeError, Limits, Record};
 use crate::dedup::Dedup;
@@ -46,6 +53,9 @@ use crate::rerank;
 use crate::rng::Rng;
 use crate::scan;
 use crate::trending::Trending;
+
+pub mod group;
+pub use group::{Batch, MAX_COALESCED};
 
 /// Largest weight an event may carry; larger ones are almost certainly unit mistakes.
 pub const MAX_WEIGHT: f32 = 1e6;
@@ -119,6 +129,9 @@ pub struct Config {
     pub neighbour_window: usize,
     /// Neighbours kept per item.
     pub neighbour_cap: usize,
+    /// Apply a group of records with coalesced, parallel vector solves (see [`group`]);
+    /// false: solve after every event (the per-event online path).
+    pub batch_apply: bool,
 }
 
 impl Default for Config {
@@ -146,6 +159,7 @@ impl Default for Config {
             neighbour_weight: 0.5,
             neighbour_window: neighbours::DEFAULT_WINDOW,
             neighbour_cap: neighbours::DEFAULT_CAP,
+            batch_apply: true,
         }
     }
 }
@@ -192,13 +206,6 @@ struct Published {
     index_size: AtomicUsize,
     stale: AtomicUsize,
     newest_ts: AtomicU64,
-}
-
-#[derive(Clone, Debug, Default)]
-pub struct ItemMeta {
-    pub category: Option<u32>,
-    pub tags: Vec<u32>,
-    pub available: bool,
 }
 
 /// What `apply` did with a batch of records.
@@ -450,6 +457,17 @@ pub struct Model {
 fn entry_indices(frame: &decode::Frame) -> Vec<usize> {
     let refused: HashSet<usize> = frame.rejected.iter().map(|r| r.0).collect();
     (0..frame.records.len() + frame.rejected.len()).filter(|e| !refused.contains(e)).collect()
+}
+
+/// `report` of applying `frame`'s records, with refusals numbered by frame entry (as the
+/// decoder numbers them) and the decoder's own refusals added.
+fn frame_report(frame: decode::Frame, mut report: ApplyReport) -> ApplyReport {
+    let entries = entry_indices(&frame);
+    let mut rejected = frame.rejected;
+    rejected.extend(report.rejected.drain(..).map(|(n, reason)| (entries[n], reason)));
+    rejected.sort();
+    report.rejected = rejected;
+    report
 }
 
 fn now_secs() -> f64 {
@@ -808,6 +826,10 @@ impl Model {
     /// never moves the clock back. `accepted_at` is journaled with each frame, so replay
     /// after a restart applies every event exactly as it was applied live.
     pub fn apply_at(&self, records: &[Record], producer: &str, accepted_at: f64) -> ApplyReport {
+        if self.cfg.batch_apply {
+            let batch = Batch { records, producer, accepted_at };
+            return self.apply_group(std::slice::from_ref(&batch)).pop().unwrap_or_default();
+        }
         let mut report = ApplyReport::default();
         let mut touched = HashMap::new();
         for (chunk_no, chunk) in records.chunks(APPLY_CHUNK).enumerate() {
@@ -860,30 +882,16 @@ impl Model {
         erased: &mut Vec<ExtId>,
     ) -> Result<bool, String> {
         match rec {
-            Record::Interaction { user, item, kind, weight, id, ts } => {
-                let w = self.weight_of(kind.as_deref(), *weight)?;
-                self.check_time(*ts, accepted_at)?;
-                // The time the event counts at: never ahead of the server's clock.
-                let ts = &ts.min(accepted_at);
-                if let Some(id) = id {
-                    if !st.dedup.first_time(producer, id, Some(user)) {
-                        return Ok(false);
-                    }
-                }
-                let u = st.user_dense(user);
-                let i = st.item_dense(item, self.cfg.explore_max_events);
-                st.newest_ts = st.newest_ts.max(*ts);
+            Record::Interaction { user, id, .. } => {
+                let Some((u, i, w, ts)) = self.admit(st, rec, producer, accepted_at, None)? else {
+                    return Ok(false);
+                };
                 let was_member = st.attrs.is_member(i);
                 // Only items with attributes feed attribute vectors: skip the copy otherwise.
                 let m = &st.meta[i as usize];
                 let tracked = was_member && (m.category.is_some() || !m.tags.is_empty());
                 let old = if tracked { st.mf.item_vector(i).to_vec() } else { Vec::new() };
-                if self.cfg.neighbour_weight > 0.0 && !st.has_seen(u, i) {
-                    let recent = st.mf.recent_items(u, self.cfg.neighbour_window);
-                    st.neighbours.add(i, &recent);
-                }
-                st.mf.update(u, i, w, *ts);
-                st.trending.add(i, w, *ts);
+                st.mf.update(u, i, w, ts);
                 if tracked {
                     let new = st.mf.item_vector(i).to_vec();
                     let State { attrs, meta, .. } = &mut *st;
@@ -891,11 +899,7 @@ impl Model {
                 } else if !was_member {
                     st.settle_item(i, None);
                 }
-                st.update_fresh(i, self.cfg.explore_max_events);
-                let seen = &mut st.seen[u as usize];
-                if let Err(pos) = seen.binary_search(&i) {
-                    seen.insert(pos, i);
-                }
+                self.note_event(st, u, i, w, ts);
                 moved.push(i);
                 touched.insert(user.clone(), id.clone());
                 Ok(true)
@@ -912,6 +916,55 @@ impl Model {
                 touched.insert(user.clone(), None);
                 Ok(true)
             }
+        }
+    }
+
+    /// The part of applying an interaction that comes before its vector updates: checks it,
+    /// skips a redelivery (Ok(None)), assigns dense ids, moves the clock and pairs the item
+    /// with the user's recent ones. Returns (user, item, weight, the time it counts at).
+    /// With `pairs`, the item and the user's recent items are pushed there for a later
+    /// [`Neighbours::add_all`] instead of being counted now.
+    fn admit(
+        &self,
+        st: &mut State,
+        rec: &Record,
+        producer: &str,
+        accepted_at: f64,
+        pairs: Option<&mut Vec<(u32, Vec<u32>)>>,
+    ) -> Result<Option<(u32, u32, f32, f64)>, String> {
+        let Record::Interaction { user, item, kind, weight, id, ts } = rec else {
+            return Err("not an interaction".into());
+        };
+        let w = self.weight_of(kind.as_deref(), *weight)?;
+        self.check_time(*ts, accepted_at)?;
+        // The time the event counts at: never ahead of the server's clock.
+        let ts = ts.min(accepted_at);
+        if let Some(id) = id {
+            if !st.dedup.first_time(producer, id, Some(user)) {
+                return Ok(None);
+            }
+        }
+        let u = st.user_dense(user);
+        let i = st.item_dense(item, self.cfg.explore_max_events);
+        st.newest_ts = st.newest_ts.max(ts);
+        if self.cfg.neighbour_weight > 0.0 && !st.has_seen(u, i) {
+            let recent = st.mf.recent_items(u, self.cfg.neighbour_window);
+            match pairs {
+                Some(pairs) => pairs.push((i, recent)),
+                None => st.neighbours.add(i, &recent),
+            }
+        }
+        Ok(Some((u, i, w, ts)))
+    }
+
+    /// The part of applying an interaction that comes after its vector updates: trending
+    /// counts, the fresh set, the user's seen items.
+    fn note_event(&self, st: &mut State, u: u32, i: u32, w: f32, ts: f64) {
+        st.trending.add(i, w, ts);
+        st.update_fresh(i, self.cfg.explore_max_events);
+        let seen = &mut st.seen[u as usize];
+        if let Err(pos) = seen.binary_search(&i) {
+            seen.insert(pos, i);
         }
     }
 
@@ -951,14 +1004,9 @@ impl Model {
         accepted_at: Option<f64>,
     ) -> Result<(ApplyReport, Option<String>, usize), DecodeError> {
         let (frame, used) = decode::decode_frame(buf, &self.cfg.limits)?;
-        let mut report = self.apply_at(&frame.records, &frame.tag, accepted_at.unwrap_or_else(now_secs));
-        // apply() numbers records; report entries of the frame, as the decoder does.
-        let entries = entry_indices(&frame);
-        let mut rejected = frame.rejected;
-        rejected.extend(report.rejected.drain(..).map(|(n, reason)| (entries[n], reason)));
-        rejected.sort();
-        report.rejected = rejected;
-        Ok((report, frame.chunk, used))
+        let report = self.apply_at(&frame.records, &frame.tag, accepted_at.unwrap_or_else(now_secs));
+        let chunk = frame.chunk.clone();
+        Ok((frame_report(frame, report), chunk, used))
     }
 
     fn upsert_item_locked(

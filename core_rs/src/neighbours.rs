@@ -44,6 +44,10 @@ pub const DEFAULT_CAP: usize = 100;
 /// Default number of a user's most recent items paired with a new one, and used to score.
 pub const DEFAULT_WINDOW: usize = 20;
 
+/// Fewest additions [`Neighbours::add_all`] spreads over the thread pool (it passes over
+/// every list); fewer are added one by one.
+const ADD_ALL_PARALLEL_FROM: usize = 1024;
+
 /// One neighbour and its Space-Saving count.
 #[derive(Clone, Copy, Debug)]
 struct Entry {
@@ -59,6 +63,37 @@ pub struct Neighbours {
     users: Vec<f32>,
     /// Per item: neighbours, unordered, at most `cap` long.
     lists: Vec<Vec<Entry>>,
+}
+
+/// Adds `delta` to the count of `b` in `list`; a positive delta on a full list uses the
+/// Space-Saving rule.
+fn bump_list(list: &mut Vec<Entry>, b: u32, delta: f32, cap: usize) {
+    if let Some(e) = list.iter_mut().find(|e| e.id == b) {
+        e.count = (e.count + delta).max(0.0);
+        if e.count == 0.0 {
+            list.retain(|e| e.count > 0.0);
+        }
+        return;
+    }
+    if delta <= 0.0 {
+        return;
+    }
+    if list.len() < cap {
+        list.push(Entry { id: b, count: delta });
+        return;
+    }
+    let (pos, min) =
+        list.iter().enumerate().fold(
+            (0, f32::INFINITY),
+            |acc, (p, e)| {
+                if e.count < acc.1 {
+                    (p, e.count)
+                } else {
+                    acc
+                }
+            },
+        );
+    list[pos] = Entry { id: b, count: min + delta };
 }
 
 impl Neighbours {
@@ -85,30 +120,7 @@ impl Neighbours {
 
     /// Adds `delta` to `c(a, b)`; a positive delta on a full list uses the Space-Saving rule.
     fn bump(&mut self, a: u32, b: u32, delta: f32) {
-        let cap = self.cap;
-        let list = &mut self.lists[a as usize];
-        if let Some(e) = list.iter_mut().find(|e| e.id == b) {
-            e.count = (e.count + delta).max(0.0);
-            if e.count == 0.0 {
-                list.retain(|e| e.count > 0.0);
-            }
-            return;
-        }
-        if delta <= 0.0 {
-            return;
-        }
-        if list.len() < cap {
-            list.push(Entry { id: b, count: delta });
-            return;
-        }
-        let (pos, min) = list.iter().enumerate().fold((0, f32::INFINITY), |acc, (p, e)| {
-            if e.count < acc.1 {
-                (p, e.count)
-            } else {
-                acc
-            }
-        });
-        list[pos] = Entry { id: b, count: min + delta };
+        bump_list(&mut self.lists[a as usize], b, delta, self.cap);
     }
 
     /// User took `item` for the first time; `recent` are its previously held items, oldest
@@ -125,6 +137,56 @@ impl Neighbours {
             self.bump(item, h, 1.0);
             self.bump(h, item, 1.0);
         }
+    }
+
+    /// [`Neighbours::add`] for each `(item, recent)` in order, with the same result: a list
+    /// only ever changes by bumps of its own item, so each list takes its bumps in their
+    /// order, and the lists are updated in parallel.
+    pub fn add_all(&mut self, adds: &[(u32, Vec<u32>)]) {
+        use rayon::prelude::*;
+        if adds.len() < ADD_ALL_PARALLEL_FROM {
+            for (item, recent) in adds {
+                self.add(*item, recent);
+            }
+            return;
+        }
+        let Some(top) = adds.iter().flat_map(|(i, r)| std::iter::once(i).chain(r)).max() else { return };
+        self.grow(*top);
+        // Bumps by list, in order (a counting sort on the list's item).
+        let mut starts = vec![0usize; self.lists.len() + 1];
+        let window = self.window;
+        fn paired(window: usize, (item, recent): &(u32, Vec<u32>)) -> impl Iterator<Item = (u32, u32)> + '_ {
+            let item = *item;
+            recent[recent.len().saturating_sub(window)..]
+                .iter()
+                .copied()
+                .filter(move |&h| h != item)
+                .map(move |h| (item, h))
+        }
+        for (item, h) in adds.iter().flat_map(|a| paired(window, a)) {
+            starts[item as usize + 1] += 1;
+            starts[h as usize + 1] += 1;
+        }
+        for k in 1..starts.len() {
+            starts[k] += starts[k - 1];
+        }
+        let mut next = starts.clone();
+        let mut bumps = vec![0u32; starts[starts.len() - 1]];
+        for (item, h) in adds.iter().flat_map(|a| paired(window, a)) {
+            bumps[next[item as usize]] = h;
+            next[item as usize] += 1;
+            bumps[next[h as usize]] = item;
+            next[h as usize] += 1;
+        }
+        for (item, _) in adds {
+            self.users[*item as usize] += 1.0;
+        }
+        let cap = self.cap;
+        self.lists.par_iter_mut().enumerate().with_min_len(256).for_each(|(a, list)| {
+            for &b in &bumps[starts[a]..starts[a + 1]] {
+                bump_list(list, b, 1.0, cap);
+            }
+        });
     }
 
     /// Subtracts what [`Neighbours::add`] counted for a user whose held items were `history`
@@ -207,6 +269,32 @@ impl Neighbours {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counting many additions at once (in parallel, by list) gives exactly the counts of
+    /// adding them one by one, evictions included.
+    #[test]
+    fn add_all_matches_adding_one_by_one() {
+        let mut rng = crate::rng::Rng::new(5);
+        let adds: Vec<(u32, Vec<u32>)> = (0..3000)
+            .map(|_| {
+                let item = (rng.next_u64() % 400) as u32;
+                let recent = (0..rng.next_u64() % 30).map(|_| (rng.next_u64() % 400) as u32).collect();
+                (item, recent)
+            })
+            .collect();
+        let (mut one, mut all) = (Neighbours::new(8, 5), Neighbours::new(8, 5));
+        for (item, recent) in &adds {
+            one.add(*item, recent);
+        }
+        all.add_all(&adds[..1000]);
+        all.add_all(&adds[1000..]);
+        assert_eq!(one.users, all.users);
+        for (a, b) in one.lists.iter().zip(&all.lists) {
+            let key = |l: &Vec<Entry>| l.iter().map(|e| (e.id, e.count.to_bits())).collect::<Vec<_>>();
+            assert_eq!(key(a), key(b));
+        }
+        assert!(one.lists.iter().any(|l| l.len() == 8), "some list is full: evictions happened");
+    }
 
     #[test]
     fn cosine_of_co_occurrence() {

@@ -141,6 +141,7 @@ const KNOWN_KEYS: &[&str] = &[
     "neighbour_weight",
     "neighbour_window",
     "neighbour_cap",
+    "batch_apply",
 ];
 
 /// A share or weight that must lie in [0, 1].
@@ -246,6 +247,7 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
         )?,
         neighbour_window: opt(cfg, "neighbour_window", d.neighbour_window)?,
         neighbour_cap: opt(cfg, "neighbour_cap", d.neighbour_cap)?,
+        batch_apply: opt(cfg, "batch_apply", d.batch_apply)?,
     })
 }
 
@@ -292,6 +294,7 @@ fn config_to_dict<'py>(py: Python<'py>, c: &model::Config) -> PyResult<Bound<'py
     d.set_item("neighbour_weight", f32_setting(c.neighbour_weight))?;
     d.set_item("neighbour_window", c.neighbour_window)?;
     d.set_item("neighbour_cap", c.neighbour_cap)?;
+    d.set_item("batch_apply", c.batch_apply)?;
     Ok(d)
 }
 
@@ -595,6 +598,58 @@ impl PyModel {
         d.set_item("chunk", chunk)?;
         d.set_item("consumed", used)?;
         Ok(d)
+    }
+
+    /// Applies journal records (`[accepted_at, frame]` as msgpack, the journal's payloads)
+    /// in order as one group: the batched path coalesces the vector solves of the whole
+    /// group (config `batch_apply`). Returns one entry per record: a string saying why it
+    /// could not be read (it was skipped), else with `collect` the tuple
+    /// `(accepted_at, applied, duplicates, rejected, users, erased)` with `rejected` as
+    /// ((entry, reason), ...), `users` as ((user, newest event id or None), ...) and `erased`
+    /// as (user, ...), and without `collect` None.
+    #[pyo3(signature = (payloads, collect=true))]
+    fn apply_journal<'py>(
+        &self,
+        py: Python<'py>,
+        payloads: Vec<Vec<u8>>,
+        collect: bool,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let results = py.detach(|| {
+            let slices: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+            self.inner.apply_journal(&slices)
+        });
+        let out = PyList::empty(py);
+        for r in results {
+            match r {
+                Err(why) => out.append(why)?,
+                Ok(_) if !collect => out.append(py.None())?,
+                Ok((at, report)) => {
+                    let users = report
+                        .touched_users
+                        .iter()
+                        .map(|(u, id)| {
+                            let id = match id {
+                                Some(id) => ext_to_py(py, id)?,
+                                None => py.None(),
+                            };
+                            PyTuple::new(py, [ext_to_py(py, u)?, id])
+                        })
+                        .collect::<PyResult<Vec<_>>>()?;
+                    let erased =
+                        report.erased_users.iter().map(|u| ext_to_py(py, u)).collect::<PyResult<Vec<_>>>()?;
+                    let rejected: Vec<(usize, String)> = report.rejected;
+                    out.append((
+                        at,
+                        report.applied,
+                        report.duplicates,
+                        PyTuple::new(py, rejected)?,
+                        PyTuple::new(py, users)?,
+                        PyTuple::new(py, erased)?,
+                    ))?;
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Checks the frame that starts at `offset` in `buf` as `ingest_forward` would, changing nothing.

@@ -168,6 +168,39 @@ pub fn decode_frame(buf: &[u8], limits: &Limits) -> Result<(Frame, usize), Decod
     Ok((frame, layout.len))
 }
 
+/// Reads a journal record, `[accepted_at, frame]` (msgpack: a number of unix seconds and
+/// the frame's bytes as `bin`): the time the server accepted the frame, and the frame.
+pub fn decode_journal_record(payload: &[u8]) -> Result<(f64, &[u8]), DecodeError> {
+    let read = || {
+        let mut r = Reader::whole(payload);
+        if r.head()? != Head::Array(2) {
+            return Err(DecodeError::Invalid("not a two-element array".into()));
+        }
+        let at = match r.head()? {
+            Head::F64(x) => x,
+            Head::F32(x) => x as f64,
+            Head::Uint(x) => x as f64,
+            Head::Int(x) => x as f64,
+            _ => return Err(DecodeError::Invalid("the acceptance time is not a number".into())),
+        };
+        if !at.is_finite() {
+            return Err(DecodeError::Invalid("the acceptance time is not finite".into()));
+        }
+        let frame = match r.head()? {
+            Head::Bin(n) => r.take(n)?,
+            _ => return Err(DecodeError::Invalid("the frame is not binary".into())),
+        };
+        if !r.at_end() {
+            return Err(DecodeError::Invalid("bytes after the frame".into()));
+        }
+        Ok((at, frame))
+    };
+    read().map_err(|e| match e {
+        DecodeError::Invalid(why) => DecodeError::Invalid(format!("journal record: {why}")),
+        incomplete => incomplete,
+    })
+}
+
 /// Length of the first complete frame in `buf`, without building any record.
 ///
 /// It runs exactly the checks [`decode_frame`] runs before that builds records, so

@@ -93,34 +93,59 @@ fn dot64<const FMA: bool>(a: &[f64], b: &[f64]) -> f64 {
 /// `s += a_new * x x^T - a_old * y y^T` over a full `dim x dim` row-major matrix: the O(dim^2)
 /// replacement of one row's contribution to a Gramian in a single pass.
 pub(crate) fn replace_outer(s: &mut [f64], dim: usize, a_new: f64, x: &[f64], a_old: f64, y: &[f64]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        unsafe { replace_outer_avx2(s, dim, a_new, x, a_old, y) };
-        return;
-    }
-    replace_outer_impl::<false>(s, dim, a_new, x, a_old, y)
+    debug_assert!(s.len() == dim * dim);
+    replace_outer_rows(s, 0, dim, a_new, x, a_old, y)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn replace_outer_avx2(s: &mut [f64], dim: usize, a_new: f64, x: &[f64], a_old: f64, y: &[f64]) {
-    replace_outer_impl::<true>(s, dim, a_new, x, a_old, y)
-}
-
-#[inline(always)]
-fn replace_outer_impl<const FMA: bool>(
+/// [`replace_outer`] on the rows `first, first + 1, ...` of the matrix that `s` holds (whole
+/// rows of `dim`). Every element is computed by the same operations as in [`replace_outer`],
+/// so splitting a matrix into row blocks never changes a result.
+pub(crate) fn replace_outer_rows(
     s: &mut [f64],
+    first: usize,
     dim: usize,
     a_new: f64,
     x: &[f64],
     a_old: f64,
     y: &[f64],
 ) {
-    debug_assert!(s.len() == dim * dim && x.len() == dim && y.len() == dim);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        unsafe { replace_outer_avx2(s, first, dim, a_new, x, a_old, y) };
+        return;
+    }
+    replace_outer_impl::<false>(s, first, dim, a_new, x, a_old, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn replace_outer_avx2(
+    s: &mut [f64],
+    first: usize,
+    dim: usize,
+    a_new: f64,
+    x: &[f64],
+    a_old: f64,
+    y: &[f64],
+) {
+    replace_outer_impl::<true>(s, first, dim, a_new, x, a_old, y)
+}
+
+#[inline(always)]
+fn replace_outer_impl<const FMA: bool>(
+    s: &mut [f64],
+    first: usize,
+    dim: usize,
+    a_new: f64,
+    x: &[f64],
+    a_old: f64,
+    y: &[f64],
+) {
+    debug_assert!(s.len().is_multiple_of(dim) && x.len() == dim && y.len() == dim);
     for (r, row) in s.chunks_exact_mut(dim).enumerate() {
-        let xr = a_new * x[r];
-        let yr = -a_old * y[r];
+        let xr = a_new * x[first + r];
+        let yr = -a_old * y[first + r];
         for ((v, &xc), &yc) in row.iter_mut().zip(x).zip(y) {
             *v = fma64::<FMA>(xr, xc, fma64::<FMA>(yr, yc, *v));
         }

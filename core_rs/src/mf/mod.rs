@@ -56,12 +56,15 @@
 //! - **New rows** are drawn N(0, init_std²) from a generator seeded by `(seed, side, row)`, so a
 //!   row's initial vector does not depend on the order in which rows were created.
 
+mod batch;
 mod kernels;
 mod persist;
 #[cfg(test)]
 mod tests;
 
 use std::collections::VecDeque;
+
+pub use batch::Solved;
 
 use crate::rng::Rng;
 use kernels::{add_outer, coord_sweep, dot, prefetch, replace_outer, Rank1, Scratch};
@@ -627,7 +630,8 @@ impl Mf {
         }
         let (uu, ii) = (u as usize, i as usize);
         let hist = &mut self.user_hist[uu];
-        let entry = match hist.iter().position(|e| e.id == i) {
+        let held = hist.iter().position(|e| e.id == i);
+        let entry = match held {
             Some(pos) => {
                 let old = hist.remove(pos).expect("position is in range");
                 let t = old.ts.max(ts);
@@ -644,8 +648,12 @@ impl Mf {
         }
         // The item's copy mirrors the user's entry, so both sides see the same w_ui.
         let ih = &mut self.item_hist[ii];
-        if let Some(pos) = ih.iter().position(|e| e.id == u) {
-            ih.remove(pos);
+        // Only a pair the user's history held can be in the item's (see the module docs):
+        // a first interaction skips the scan of up to `item_history_cap` entries.
+        if held.is_some() {
+            if let Some(pos) = ih.iter().position(|e| e.id == u) {
+                ih.remove(pos);
+            }
         }
         ih.push_back(Entry { id: u, ..entry });
         if ih.len() > self.cfg.item_history_cap {
@@ -656,14 +664,11 @@ impl Mf {
         self.set_count(ii, f, defer_pop)
     }
 
-    /// Solves `p_u` by one coordinate sweep against `S^q`; with `keep_sp`, swaps its outer
-    /// product in `S^p` (online path; the batch path recomputes `S^p` instead). `pending =
-    /// (Δ, i)` adds `Δ q_i q_i^T` to `S~` for this sweep only (a popularity change not yet
-    /// folded in).
-    fn solve_user(&mut self, u: usize, keep_sp: bool, pending: Option<(f64, usize)>) {
+    /// Gathers user `u`'s held history into `sc` for a sweep against `S^q`; returns the
+    /// history length and `g = c0 / Z`.
+    fn gather_user(&self, u: usize, sc: &mut Scratch) -> (usize, f64) {
         let d = self.cfg.dim;
         let g = if self.z > 0.0 { self.cfg.c0 as f64 / self.z } else { 0.0 };
-        let mut sc = std::mem::take(&mut self.scratch);
         let hist = &self.user_hist[u];
         let n = hist.len();
         sc.reset(n, d);
@@ -679,6 +684,39 @@ impl Mf {
             sc.wc.push(w - c);
             sc.put(j, n, &self.q[i * d..(i + 1) * d]);
         }
+        (n, g)
+    }
+
+    /// Gathers item `i`'s held history into `sc` for a sweep against `c_i S^p`; returns the
+    /// history length and `c_i`.
+    fn gather_item(&self, i: usize, sc: &mut Scratch) -> (usize, f64) {
+        let d = self.cfg.dim;
+        let c = if self.z > 0.0 { self.cfg.c0 as f64 * self.pop_w[i] / self.z } else { 0.0 };
+        let hist = &self.item_hist[i];
+        let n = hist.len();
+        sc.reset(n, d);
+        let s = truncation_scale(self.counts[i], hist);
+        for e in hist {
+            prefetch(&self.p[e.id as usize * d..(e.id as usize + 1) * d]);
+        }
+        for (j, e) in hist.iter().enumerate() {
+            let u = e.id as usize;
+            let w = s * self.decayed(e);
+            sc.w.push(w);
+            sc.wc.push(w - c as f32);
+            sc.put(j, n, &self.p[u * d..(u + 1) * d]);
+        }
+        (n, c)
+    }
+
+    /// Solves `p_u` by one coordinate sweep against `S^q`; with `keep_sp`, swaps its outer
+    /// product in `S^p` (online path; the batch path recomputes `S^p` instead). `pending =
+    /// (Δ, i)` adds `Δ q_i q_i^T` to `S~` for this sweep only (a popularity change not yet
+    /// folded in).
+    fn solve_user(&mut self, u: usize, keep_sp: bool, pending: Option<(f64, usize)>) {
+        let d = self.cfg.dim;
+        let mut sc = std::mem::take(&mut self.scratch);
+        let (n, g) = self.gather_user(u, &mut sc);
         let mut v = std::mem::take(&mut sc.v64);
         let extra = match pending {
             Some((coef, i)) if coef != 0.0 => {
@@ -702,22 +740,8 @@ impl Mf {
     fn solve_item(&mut self, i: usize, keep_st: Option<f64>) {
         let d = self.cfg.dim;
         let a = self.pop_w[i];
-        let c = if self.z > 0.0 { self.cfg.c0 as f64 * a / self.z } else { 0.0 };
         let mut sc = std::mem::take(&mut self.scratch);
-        let hist = &self.item_hist[i];
-        let n = hist.len();
-        sc.reset(n, d);
-        let s = truncation_scale(self.counts[i], hist);
-        for e in hist {
-            prefetch(&self.p[e.id as usize * d..(e.id as usize + 1) * d]);
-        }
-        for (j, e) in hist.iter().enumerate() {
-            let u = e.id as usize;
-            let w = s * self.decayed(e);
-            sc.w.push(w);
-            sc.wc.push(w - c as f32);
-            sc.put(j, n, &self.p[u * d..(u + 1) * d]);
-        }
+        let (n, c) = self.gather_item(i, &mut sc);
         let row = &mut self.q[i * d..(i + 1) * d];
         coord_sweep(row, n, &mut sc, &self.sp, None, c, self.cfg.reg as f64);
         if let Some(held) = keep_st {
@@ -737,26 +761,28 @@ impl Mf {
 
 /// `S^p = Σ_u p_u p_u^T` from the user matrix.
 fn exact_sp(p: &[f32], d: usize) -> Vec<f64> {
-    let mut s = vec![0.0; d * d];
-    let mut tmp = vec![0.0; d];
-    for row in p.chunks_exact(d) {
-        add_outer(&mut s, d, 1.0, row, &mut tmp);
-    }
-    s
+    exact_gramian(p, None, d)
 }
 
 /// `S~ = Σ_i f_i^α q_i q_i^T` and `Z = Σ_i f_i^α` from the item matrix.
 fn exact_st(q: &[f32], pop_w: &[f64], d: usize) -> (Vec<f64>, f64) {
+    let z = pop_w.iter().filter(|&&a| a > 0.0).sum();
+    (exact_gramian(q, Some(pop_w), d), z)
+}
+
+/// `Σ_k a_k x_k x_k^T` over the rows `x_k` of `m` (`a_k = 1` without weights; rows with
+/// `a_k <= 0` are skipped), in row order. One thread: it runs beside the event loop and the
+/// queries, and its cost amortises to O(dim²) per event anyway.
+fn exact_gramian(m: &[f32], weights: Option<&[f64]>, d: usize) -> Vec<f64> {
     let mut s = vec![0.0; d * d];
     let mut tmp = vec![0.0; d];
-    let mut z = 0.0;
-    for (row, &a) in q.chunks_exact(d).zip(pop_w) {
+    for (k, row) in m.chunks_exact(d).enumerate() {
+        let a = weights.map_or(1.0, |w| w.get(k).copied().unwrap_or(0.0));
         if a > 0.0 {
             add_outer(&mut s, d, a, row, &mut tmp);
-            z += a;
         }
     }
-    (s, z)
+    s
 }
 
 /// `total events / held events` (≥ 1): the factor on held observation weights that keeps the
