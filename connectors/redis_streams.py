@@ -406,6 +406,8 @@ class RedisStreamsLog:
         keys: The partition stream keys (known once ``run`` has started).
     """
 
+    replicated = True  # every node applies the whole log
+
     def __init__(
         self,
         config: RedisLogConfig,

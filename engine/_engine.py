@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from ._config import ServerConfig
@@ -156,6 +157,12 @@ class Engine:
                 on_fault=lambda e: self.metrics.io_errors.labels("journal").inc(),
             )
         )
+        if self.log.replicated and cfg.model.coalesce_records:
+            # Replicas group what they read differently; per-record solves keep their models
+            # identical (see ModelConfig.coalesce_records).
+            self.config = cfg = attrs.evolve(
+                cfg, model=attrs.evolve(cfg.model, coalesce_records=False)
+            )
         self.model: Model = Model(cfg.model)
         self.model_actor: ModelActor | None = None
         self.index_actor: IndexActor | None = None

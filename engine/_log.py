@@ -46,7 +46,14 @@ class Log(Protocol):
     """The durable, ordered record of accepted frames (see the module docstring).
 
     ``fault`` may be a plain attribute or a property.
+
+    Attributes:
+        replicated: Whether other nodes apply the same log. Their models must then depend on
+            the records alone, not on how a node happened to group them: the engine turns
+            ``ModelConfig.coalesce_records`` off.
     """
+
+    replicated: bool
 
     @property
     def fault(self) -> str | None:
@@ -126,6 +133,8 @@ class JournalLog:
         recovery: What opening the journal found and cut (None before :meth:`open`).
         interrupted_erasures: Erase records found by the replay, user -> newest seq.
     """
+
+    replicated = False
 
     def __init__(
         self,

@@ -95,6 +95,11 @@ class ModelConfig:
             counts, trending, neighbours and de-duplication, but each touched user is solved
             once, then each touched item once, in parallel on all cores. False solves the
             user and the item after every event (the per-event online path).
+        coalesce_records: With ``batch_apply``, coalesce the solves of all the journal records
+            (frames) of a group. False solves at the end of every record: the model then
+            depends on the records alone, not on how many were grouped on their way to it, so
+            replicas that read one shared log in different groups compute the same vectors
+            (``recstream serve --log`` turns it off).
     """
 
     dim: int = _DEFAULTS["dim"]
@@ -127,3 +132,4 @@ class ModelConfig:
     neighbour_window: int = _DEFAULTS["neighbour_window"]
     neighbour_cap: int = _DEFAULTS["neighbour_cap"]
     batch_apply: bool = _DEFAULTS["batch_apply"]
+    coalesce_records: bool = _DEFAULTS["coalesce_records"]

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
 import trio
 
 from ._messages import Appended, Applied

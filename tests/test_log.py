@@ -38,6 +38,8 @@ class _Records:
 class SharedLog:
     """A :class:`engine.Log` over :class:`_Records` (its seq is the record's index + 1)."""
 
+    replicated = True
+
     def __init__(self, records: _Records, *, group: int = 1 << 30) -> None:
         self.records = records
         self.group = group  # records per forwarded group
@@ -114,6 +116,9 @@ async def test_engines_on_a_shared_log_apply_each_others_events(tmp_path: Path) 
         second = Engine(server_config(tmp_path / "b"), log=second_log)
         await nursery.start(second.run)
         assert second.model.seen("u1") == ["i1"]
+        # Replicas solve per record, so their models do not depend on how they grouped it.
+        assert second.model.config()["coalesce_records"] is False
+        assert Engine(server_config(tmp_path / "c")).model.config()["coalesce_records"] is True
         # ... and applies what the first appends afterwards, and the other way round.
         seq = await second.submit(json_to_frame({"user": "u2", "item": "i2"}, "t", 1)[0], "test")
         assert seq == 2

@@ -141,11 +141,17 @@ def forward_send(node: ServerProcess, tag: str, first: int, n: int) -> None:
 
 
 def converge(nodes_: list[ServerProcess], total: int, timeout: float = 60) -> list[dict[str, Any]]:
-    """Waits until every node applied ``total`` events and the log lag is 0; returns stats."""
+    """Waits until every node applied ``total`` events and everything it read, at the same
+    log position with no lag; returns stats."""
     deadline = time.monotonic() + timeout
     while True:
         stats = [n.stats() for n in nodes_]
-        if all(s["events_applied"] >= total and s["log"]["lag"] == 0 for s in stats):
+        if all(
+            s["events_applied"] >= total
+            and s["log"]["lag"] == 0
+            and s["applied_seq"] == s["wal_seq"]
+            for s in stats
+        ):
             positions = {json.dumps(s["log"]["position"], sort_keys=True) for s in stats}
             if len(positions) == 1:
                 return stats

@@ -65,3 +65,27 @@ def test_a_batched_group_reports_and_counts_like_the_per_event_path() -> None:
     for user in [f"u{n}" for n in range(7)]:
         assert sorted(batched.seen(user)) == sorted(per_event.seen(user))
     assert batched.trending(k=11) == per_event.trending(k=11)
+
+
+def test_per_record_solves_do_not_depend_on_the_grouping() -> None:
+    """With ``coalesce_records`` off, records applied in groups of any size give the same
+    vectors (what replicas reading one log in different groups rely on); with it on, the
+    vectors depend on the grouping."""
+    events = [
+        {"user": f"u{n % 9}", "item": f"i{n * 7 % 13}", "type": "click", "id": n}
+        for n in range(120)
+    ]
+    payloads = [_payload(events[n : n + 10]) for n in range(0, 120, 10)]
+
+    def vectors(coalesce: bool, sizes: list[int]) -> list[list[float]]:
+        model = Model(ModelConfig(seed=1, coalesce_records=coalesce))
+        first = 0
+        for size in sizes:
+            apply_records(model, first + 1, payloads[first : first + size])
+            first += size
+        return [model.user_vector(f"u{n}").tolist() for n in range(9)]
+
+    one_by_one = vectors(False, [1] * 12)
+    assert vectors(False, [12]) == one_by_one
+    assert vectors(False, [5, 4, 3]) == one_by_one
+    assert vectors(True, [12]) != vectors(True, [1] * 12)

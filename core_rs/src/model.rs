@@ -132,6 +132,11 @@ pub struct Config {
     /// Apply a group of records with coalesced, parallel vector solves (see [`group`]);
     /// false: solve after every event (the per-event online path).
     pub batch_apply: bool,
+    /// With `batch_apply`, coalesce solves across the records (frames) of a group; false:
+    /// solve at the end of every record, so the model depends on the records alone, not on
+    /// how they were grouped on their way to it (replicas reading one log in different
+    /// groups then compute the same vectors).
+    pub coalesce_records: bool,
 }
 
 impl Default for Config {
@@ -160,6 +165,7 @@ impl Default for Config {
             neighbour_window: neighbours::DEFAULT_WINDOW,
             neighbour_cap: neighbours::DEFAULT_CAP,
             batch_apply: true,
+            coalesce_records: true,
         }
     }
 }

@@ -142,6 +142,7 @@ const KNOWN_KEYS: &[&str] = &[
     "neighbour_window",
     "neighbour_cap",
     "batch_apply",
+    "coalesce_records",
 ];
 
 /// A share or weight that must lie in [0, 1].
@@ -248,6 +249,7 @@ fn config_from_dict(cfg: &Bound<'_, PyDict>) -> PyResult<model::Config> {
         neighbour_window: opt(cfg, "neighbour_window", d.neighbour_window)?,
         neighbour_cap: opt(cfg, "neighbour_cap", d.neighbour_cap)?,
         batch_apply: opt(cfg, "batch_apply", d.batch_apply)?,
+        coalesce_records: opt(cfg, "coalesce_records", d.coalesce_records)?,
     })
 }
 
@@ -295,6 +297,7 @@ fn config_to_dict<'py>(py: Python<'py>, c: &model::Config) -> PyResult<Bound<'py
     d.set_item("neighbour_window", c.neighbour_window)?;
     d.set_item("neighbour_cap", c.neighbour_cap)?;
     d.set_item("batch_apply", c.batch_apply)?;
+    d.set_item("coalesce_records", c.coalesce_records)?;
     Ok(d)
 }
 

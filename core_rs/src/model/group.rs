@@ -127,6 +127,9 @@ impl Model {
                 self.publish(&st);
                 g = downgrade(st);
             }
+            if !self.cfg.coalesce_records && !pending.is_empty() {
+                g = self.solve_pending(g, &mut pending, &mut moved);
+            }
         }
         if !pending.is_empty() {
             g = self.solve_pending(g, &mut pending, &mut moved);
