@@ -35,7 +35,7 @@ from typing import IO, Any, NoReturn
 
 import trio
 
-from engine import ConfigError, ServerConfig, load_config, parse_hostport
+from engine import ConfigError, JournalFailed, ServerConfig, load_config, parse_hostport
 from engine.datasets import add_load_arguments, load_from_args
 
 from ._auth import issue_token
@@ -272,6 +272,12 @@ def _serve(args: argparse.Namespace) -> int:
             trio.run(serve, cfg, args.demo_rate if args.demo else 0.0, log)
         except KeyboardInterrupt:
             pass
+        except JournalFailed as e:
+            # A sync failed after the model applied its records (apply_before_sync): the node
+            # stopped so that a restart recovers exactly what is durable.
+            raise CommandError(
+                f"stopped: {e}; restart to recover from the snapshot and the journal"
+            ) from None
         except BaseExceptionGroup as group:
             # Binding races the check above; report the cause, not a traceback of tasks.
             leaf = _first_os_error(group)

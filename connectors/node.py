@@ -24,7 +24,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import wrap_app
 
-from engine import ConfigError, Engine, FileOps, Log, ServerConfig
+from engine import ConfigError, Engine, FileOps, JournalFailed, Log, ServerConfig
 
 from ._connections import ConnectionGate, default_connection_limits, raise_nofile_limit
 from .forward import ForwardServer
@@ -213,16 +213,19 @@ async def serve(config: ServerConfig, demo_rate: float = 0.0, log: Log | None = 
                     server.shutdown()
                     break
     except BaseExceptionGroup as group:
-        # A refused start is one ConfigError: raise it as such, so the CLI prints one line.
-        refused = group.subgroup(ConfigError)
-        leaves = list(_leaves(refused)) if refused is not None else []
-        if (
-            len(leaves) == 1
-            and group.subgroup(lambda e: not isinstance(e, (ConfigError, BaseExceptionGroup)))
-            is None
-        ):
-            raise leaves[0] from None
+        # A refused start is one ConfigError, and a node stopped by a sync fault after
+        # apply one JournalFailed: raise it as such, so the CLI prints one line.
+        for kind in (ConfigError, JournalFailed):
+            found = group.subgroup(kind)
+            leaves = list(_leaves(found)) if found is not None else []
+            if len(leaves) == 1 and _only(group, kind):
+                raise leaves[0] from None
         raise
+
+
+def _only(group: BaseExceptionGroup[Any], kind: type[BaseException]) -> bool:
+    """Whether every exception in ``group`` is a ``kind``."""
+    return group.subgroup(lambda e: not isinstance(e, (kind, BaseExceptionGroup))) is None
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> Any:

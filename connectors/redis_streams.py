@@ -681,6 +681,9 @@ class RedisStreamsLog:
             "fault": self.fault,
         }
 
+    async def wait_durable(self, seq: int) -> None:
+        """Returns at once: only entries Redis confirmed are read back and forwarded."""
+
     async def aclose(self) -> None:
         """Stops taking appends, lets queued ones finish (written and read back), then ends
         ``run`` (which closes its output)."""

@@ -74,6 +74,10 @@ class ServerConfig:
             without keys refuses to start unless this is set explicitly.
         sync: Journal durability: "batch" (fsync every group commit, the default),
             "interval" (at most every ``sync_interval_ms``), "off".
+        apply_before_sync: Hand each journaled group to the model as soon as it is written,
+            while its sync runs (default): pushes do not wait for the disk, and may reflect
+            an event that is not durable yet; producers are still acknowledged only after
+            the sync. False: the strict order (apply, then push, only once durable).
         snapshot_interval: Seconds between snapshots (journal segments before one are deleted).
         push_k: Default list length for subscribers.
         refresh_interval: Seconds between budgeted re-computations of subscribed users'
@@ -122,6 +126,9 @@ class ServerConfig:
         default="batch", validator=attrs.validators.in_(("batch", "interval", "off"))
     )
     sync_interval_ms: float = 5.0
+    apply_before_sync: bool = attrs.field(
+        default=True, validator=attrs.validators.instance_of(bool)
+    )
     wal_segment_bytes: int = 64 * 1024 * 1024
     snapshot_interval: float = 300.0
     push_k: int = 10

@@ -155,6 +155,7 @@ class Engine:
                 segment_bytes=cfg.wal_segment_bytes,
                 file_ops=self.file_ops,
                 on_fault=lambda e: self.metrics.io_errors.labels("journal").inc(),
+                apply_before_sync=cfg.apply_before_sync,
             )
         )
         if self.log.replicated and cfg.model.coalesce_records:
@@ -223,6 +224,7 @@ class Engine:
             applied_seq=loaded.seq,
             applied_position=loaded.position,
             on_applied=self._on_applied,
+            wait_durable=self.log.wait_durable,
         )
         self._forwarded_seq = loaded.seq
         self.index_actor = IndexActor(model, on_indexed=self._on_indexed)

@@ -6,20 +6,37 @@ everything waiting in the inbox at once, writes it in one go and syncs once, so 
 producers cost one ``fdatasync`` instead of N ("group commit"). Disk calls run in a worker
 thread (``trio.to_thread.run_sync``) so the event loop never blocks on the disk.
 
-Once a group is durable the actor acknowledges its producers and forwards it, in sequence
-order, to the model actor's bounded channel. When the model actor falls behind, that send
-blocks, the actor stops draining its inbox, the inbox fills and producers wait in ``append``:
-backpressure reaches the network instead of piling up in memory.
+Each group goes, in sequence order, to the model actor's bounded channel. With
+``apply_before_sync`` (the server's default) a group is forwarded as soon as it is written, and
+the ``fdatasync`` runs while the model applies it: the model and the pushes do not wait for the
+disk, and producers are still acknowledged only after the sync. A push may therefore reflect an
+event that is not durable yet (a crash in that window loses the event, which was never
+acknowledged). Without it (strict order) a group is forwarded only once it is durable. When the
+model actor falls behind, the send blocks, the actor stops draining its inbox, the inbox fills
+and producers wait in ``append``: backpressure reaches the network instead of piling up in
+memory. The actor never blocks on that send while records it forwarded are not durable: it
+syncs them first, so :meth:`JournalActor.wait_durable` (the snapshot's guard: no snapshot may
+hold a record the log could still lose) always makes progress.
 
-An I/O error while writing or syncing does not stop the actor. The producers of every record
-not yet acknowledged get :class:`JournalFailed`, the journal cuts those records (see
-``engine._journal``), ``fault`` describes the error, and the actor keeps taking requests: each
-later group first repairs the log, and while no traffic comes it retries the repair every
-``retry_interval`` seconds, so the fault clears as soon as the disk accepts writes again.
+An I/O error while writing (or syncing records the model has not been given) does not stop the
+actor. The producers of every record not yet acknowledged get :class:`JournalFailed`, the
+journal cuts those records (see ``engine._journal``), ``fault`` describes the error, and the
+actor keeps taking requests: each later group first repairs the log, and while no traffic comes
+it retries the repair every ``retry_interval`` seconds, so the fault clears as soon as the disk
+accepts writes again.
+
+A failed sync of records already forwarded is different: the model applied events that the log
+is about to cut, and nothing can take them out of the model. The actor fails fast: it fails the
+waiting producers, cuts the log, and ``run`` raises :class:`JournalFailed`, which stops the
+node; the restart recovers from the newest snapshot and the log, which hold exactly the durable
+records (no snapshot covers a record that was not durable). Retrying the ``fdatasync`` instead
+would not be safe: after a failed ``fdatasync`` the kernel may have dropped the dirty pages and
+a second call can report success for data that never reached the disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -37,6 +54,10 @@ __all__ = ["Appended", "JournalActor"]
 log = logging.getLogger("recstream.journal")
 
 T = TypeVar("T")
+
+
+class _AppliedRecordsLost(JournalFailed):
+    """A sync failed after its records were forwarded: the node must stop (see the module)."""
 
 
 class _Request:
@@ -78,10 +99,14 @@ class JournalActor:
         on_fault: Called with each I/O error (for metrics), in the actor's task.
         retry_interval: Seconds between repair attempts while a fault persists and no
             request arrives.
+        apply_before_sync: Forward each group to ``output`` once written, before its sync
+            (see the module); False: only once durable (strict order).
 
     Attributes:
         fault: Why the journal refuses writes (the last I/O error), or None while healthy.
         faults: I/O errors met since start.
+        durable_seq: The newest seq acknowledged to producers (durable under the sync
+            policy); every record up to it is in the log for good.
     """
 
     def __init__(
@@ -92,6 +117,7 @@ class JournalActor:
         max_pending: int = 256,
         on_fault: Callable[[OSError], None] | None = None,
         retry_interval: float = 1.0,
+        apply_before_sync: bool = False,
     ) -> None:
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
@@ -103,6 +129,10 @@ class JournalActor:
         self._fault_at = -math.inf
         self.groups = 0
         self._output = output
+        self._apply_before_sync = apply_before_sync and output is not None
+        self.durable_seq = journal.last_seq
+        self._forwarded_seq = journal.last_seq  # newest seq handed to ``output``
+        self._durable = trio.Event()  # set (and replaced) whenever durable_seq grows
         self._send, self._receive = trio.open_memory_channel[_Request](max_pending)
         self._unacked: list[_Request] = []  # written, waiting for a sync (interval policy)
         self._in_flight: list[_Request] = []  # taken from the inbox, not yet written
@@ -153,6 +183,19 @@ class JournalActor:
         async with self._io:
             return await trio.to_thread.run_sync(fn, self.journal)
 
+    async def wait_durable(self, seq: int) -> None:
+        """Returns once every record up to ``seq`` is durable (acknowledged).
+
+        Raises:
+            JournalFailed, JournalClosed: The actor stopped before that.
+        """
+        while self.durable_seq < seq:
+            if self._stopped.is_set():
+                raise self._stopped_error()
+            event = self._durable
+            with trio.move_on_after(self._retry_interval):
+                await event.wait()
+
     def close(self) -> None:
         """Stops taking requests; ``run`` writes what is queued and then returns.
 
@@ -181,6 +224,13 @@ class JournalActor:
             await self._loop()
             # Clean shutdown: whatever was written is synced (even with "off") and acked.
             await self._sync_and_ack()
+        except _AppliedRecordsLost as exc:
+            self._error = exc
+            # Best effort: cut the refused records now, so a restart does not replay them.
+            with contextlib.suppress(Exception):
+                async with self._io:
+                    await trio.to_thread.run_sync(self.journal.sync)
+            raise
         except Exception as exc:
             self._error = exc
             raise
@@ -216,16 +266,19 @@ class JournalActor:
         sync_now = policy == "batch" or (
             policy == "interval" and trio.current_time() >= self._last_sync + interval
         )
+        early = self._apply_before_sync and policy != "off"
         payloads = [p for request in group for p in request.payloads]
         self._in_flight = group
         try:
             async with self._io:
-                last = await trio.to_thread.run_sync(self._write_in_thread, payloads, sync_now)
+                last = await trio.to_thread.run_sync(
+                    self._write_in_thread, payloads, sync_now and not early
+                )
         except OSError as exc:
             self._failed(exc)
             return
         self._in_flight = []
-        if sync_now or policy == "off":
+        if (sync_now and not early) or policy == "off":
             self._healthy()
         self.groups += 1
         seq = last - len(payloads)
@@ -233,6 +286,12 @@ class JournalActor:
             seq += len(request.payloads)
             request.last_seq = seq
         self._unacked.extend(group)
+        if early:
+            # The model applies the group while the disk syncs it.
+            await self._forward(group)
+            if sync_now:
+                await self._sync_and_ack()
+            return
         if sync_now:
             self._last_sync = trio.current_time()
         if sync_now or policy == "off":
@@ -244,19 +303,27 @@ class JournalActor:
             self.journal.sync()
         return last
 
-    async def _sync_and_ack(self) -> None:
+    async def _sync_and_ack(self, *, forward: bool = True) -> bool:
+        """Syncs what is written and acknowledges it; False if the sync failed."""
         try:
             async with self._io:
                 await trio.to_thread.run_sync(self.journal.sync)
         except OSError as exc:
             self._failed(exc)
-            return
+            return False
         self._healthy()
         self._last_sync = trio.current_time()
-        await self._ack()
+        await self._ack(forward=forward)
+        return True
 
     def _failed(self, exc: OSError) -> None:
-        """Fails every request not yet acknowledged; the journal cuts their records."""
+        """Fails every request not yet acknowledged; the journal cuts their records.
+
+        Raises:
+            JournalFailed: Some of those records were already forwarded (applied before
+                their sync): the model holds events the log is cutting, so the node must stop
+                and recover (see the module).
+        """
         waiting = self._in_flight + self._unacked
         self._in_flight, self._unacked = [], []
         self.faults += 1
@@ -272,23 +339,66 @@ class JournalActor:
             request.done.set()
         if self._on_fault is not None:
             self._on_fault(exc)
+        if self._forwarded_seq > self.durable_seq:
+            log.critical(
+                "journal %s after records up to seq %d were applied: stopping so that a "
+                "restart recovers exactly the durable records",
+                name,
+                self._forwarded_seq,
+            )
+            raise _AppliedRecordsLost(
+                f"records applied before their sync were lost: {self.fault}"
+            ) from exc
 
     def _healthy(self) -> None:
         if self.fault is not None:
             log.warning("journal writable again after: %s", self.fault)
             self.fault = None
 
-    async def _ack(self) -> None:
-        """Wakes the producers of every written request, then forwards their records."""
+    async def _ack(self, *, forward: bool = True) -> None:
+        """Wakes the producers of every written request, then forwards their records (unless
+        they went to the model before their sync)."""
         if not self._unacked:
             return
         done, self._unacked = self._unacked, []
         for request in done:
             request.done.set()
-        if self._output is not None:
-            first_seq = done[0].last_seq - len(done[0].payloads) + 1
-            payloads = tuple(p for request in done for p in request.payloads)
-            await self._output.send(Appended(first_seq, payloads))
+        self.durable_seq = done[-1].last_seq
+        self._durable.set()
+        self._durable = trio.Event()
+        if forward:
+            await self._forward(done)
+
+    async def _forward(self, requests: list[_Request]) -> None:
+        """Hands the records of ``requests`` not yet forwarded to the model, in seq order.
+
+        Before a send that would block (the model is behind), everything written is synced
+        and acknowledged, so the actor never waits on the model while holding forwarded
+        records that are not durable.
+        """
+        if self._output is None:
+            return
+        last_seq = requests[-1].last_seq
+        if last_seq <= self._forwarded_seq:
+            return
+        payloads = tuple(p for request in requests for p in request.payloads)
+        first_seq = last_seq - len(payloads) + 1
+        skip = self._forwarded_seq + 1 - first_seq
+        if skip > 0:
+            first_seq, payloads = first_seq + skip, payloads[skip:]
+        appended = Appended(first_seq, payloads)
+        self._forwarded_seq = last_seq
+        try:
+            self._output.send_nowait(appended)
+            return
+        except trio.WouldBlock:
+            pass
+        if self._unacked:
+            self._forwarded_seq = first_seq - 1  # not handed over yet
+            if not await self._sync_and_ack(forward=False):
+                return  # the records were cut and their producers failed
+            self._forwarded_seq = last_seq
+        await self._output.send(appended)
 
     def _stopped_error(self) -> Exception:
         if self._error is not None:

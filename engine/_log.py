@@ -100,6 +100,17 @@ class Log(Protocol):
         3 of an erasure, see ``engine._erasure``); returns the records changed."""
         ...
 
+    async def wait_durable(self, seq: int) -> None:
+        """Returns once every record up to ``seq`` is durable. A log that forwards records
+        only once they are durable returns at once; the local journal may forward a group
+        while its sync runs (``apply_before_sync``), and snapshots wait here so that none
+        holds a record a crash could still take out of the log.
+
+        Raises:
+            JournalFailed, JournalClosed: The log stopped before that.
+        """
+        ...
+
     def stats(self) -> dict[str, Any]:
         """For ``/v1/stats``: at least ``log`` (its kind), ``position``, ``head`` and ``lag``
         (records behind the head)."""
@@ -145,8 +156,10 @@ class JournalLog:
         segment_bytes: int = 64 << 20,
         file_ops: FileOps | None = None,
         on_fault: Callable[[OSError], None] | None = None,
+        apply_before_sync: bool = False,
     ) -> None:
         self.path = path
+        self._apply_before_sync = apply_before_sync
         self._sync = sync
         self._interval_ms = interval_ms
         self._segment_bytes = segment_bytes
@@ -214,7 +227,12 @@ class JournalLog:
                 replay_chunk, records, after_seq, erasures
             ):
                 await output.send(Appended(chunk[0][0], tuple(p for _, p in chunk)))
-            self._actor = JournalActor(journal, output=output, on_fault=self._on_fault)
+            self._actor = JournalActor(
+                journal,
+                output=output,
+                on_fault=self._on_fault,
+                apply_before_sync=self._apply_before_sync,
+            )
             actor_started = True
             async with trio.open_nursery() as nursery:
                 await nursery.start(self._actor.run)
@@ -244,6 +262,11 @@ class JournalLog:
         if self._actor is None:
             raise JournalClosed("the journal is not open")
         return await self._actor.maintain(lambda j: j.rewrite(_erasing(users)))
+
+    async def wait_durable(self, seq: int) -> None:
+        """See :meth:`Log.wait_durable`; what the replay forwarded was durable already."""
+        if self._actor is not None:
+            await self._actor.wait_durable(seq)
 
     def stats(self) -> dict[str, Any]:
         """``{"log": "journal", "position": head, "head": last seq, "lag": 0}``."""

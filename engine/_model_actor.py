@@ -6,13 +6,16 @@ the GIL and, with ``batch_apply``, solves the group's users and items once each 
 then the users those records touched are reported to the publisher and the index actor is told
 that vectors moved. Snapshots are
 taken between groups, so a snapshot reflects exactly the records up to its sequence number.
+Groups may arrive before they are durable (the journal's ``apply_before_sync``); a snapshot
+then waits until the journal has synced every record it reflects, so no snapshot ever holds an
+event that a crash could still take out of the log.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -68,6 +71,8 @@ class ModelActor:
         applied_position: The log's position at ``applied_seq`` (empty for the journal).
         on_applied: Called in the event loop with each group's results (publisher, metrics,
             index wake-up). Must not block.
+        wait_durable: Returns once the journal holds every record up to the given seq
+            durably (``JournalActor.wait_durable``); None when groups arrive durable.
     """
 
     def __init__(
@@ -78,12 +83,14 @@ class ModelActor:
         applied_seq: int = 0,
         applied_position: bytes = b"",
         on_applied: Callable[[list[Applied]], None] | None = None,
+        wait_durable: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self.model = model
         self.applied_seq = applied_seq
         self.applied_position = applied_position  # the log's position at applied_seq
         self._inbox = inbox
         self._on_applied = on_applied
+        self._wait_durable = wait_durable
         self._lock = trio.Lock()  # held while a group applies; snapshots take it in between
         self.last_apply_seconds = 0.0  # wall time of the newest group's apply (metrics)
         self.drained = trio.Event()
@@ -106,9 +113,16 @@ class ModelActor:
         self.drained.set()
 
     async def snapshot(self, path: Path) -> tuple[int, bytes]:
-        """Writes a snapshot between groups; returns the seq and log position it reflects."""
+        """Writes a snapshot between groups; returns the seq and log position it reflects.
+
+        Raises:
+            JournalFailed, JournalClosed: The log stopped before the records the snapshot
+                would reflect were durable; nothing was written.
+        """
         async with self._lock:
             seq, position = self.applied_seq, self.applied_position
+            if self._wait_durable is not None:
+                await self._wait_durable(seq)
             await trio.to_thread.run_sync(_save, self.model, path, seq, position)
         return seq, position
 

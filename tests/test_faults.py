@@ -19,6 +19,7 @@ import trio
 
 from connectors import Node
 from engine import Model, recover
+from engine._exceptions import JournalFailed
 from engine._journal import FaultyFileOps, Journal
 
 from .conftest import server_config
@@ -97,14 +98,17 @@ def test_journal_refuses_writes_while_the_repair_fails(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("error", ["EIO", "ENOSPC"])
-@pytest.mark.parametrize("kind", ["write", "sync"])
+@pytest.mark.parametrize(
+    ("kind", "apply_before_sync"), [("write", True), ("write", False), ("sync", False)]
+)
 @pytest.mark.parametrize("k", [1, 3])
 async def test_journal_fault_is_refused_reported_and_recovered(
-    tmp_path: Path, kind: str, error: str, k: int
+    tmp_path: Path, kind: str, apply_before_sync: bool, error: str, k: int
 ) -> None:
+    """A write fault, or a sync fault in the strict order: nothing reached the model yet."""
     data_dir = tmp_path / "data"
     ops = FaultyFileOps(scope=data_dir / "wal", error=ERRORS[error], sticky=True)
-    server = Node(server_config(data_dir), file_ops=ops)
+    server = Node(server_config(data_dir, apply_before_sync=apply_before_sync), file_ops=ops)
     acked: set[int] = set()
     refused: set[int] = set()
     n = 0
@@ -151,6 +155,52 @@ async def test_journal_fault_is_refused_reported_and_recovered(
     restarted = recover(server_config(data_dir)).model
     assert _seen_items(restarted) == acked
     assert restarted.stats()["events_applied"] == len(acked)
+
+
+@pytest.mark.parametrize(("error", "sticky"), [("EIO", False), ("ENOSPC", True)])
+async def test_sync_fault_after_apply_stops_the_node_and_recovers_the_durable_records(
+    tmp_path: Path, error: str, sticky: bool
+) -> None:
+    """Applied before its sync failed: the model holds what the log cuts, so the node stops
+    (``run`` raises) instead of serving it, and a restart holds every acknowledged event
+    once; the snapshot taken before the fault covers only durable records. The refused
+    events are cut before the node stops when the disk allows it (a one-off fault); when
+    it refuses the cut too, a restart may replay them (never acknowledged, never twice)."""
+    data_dir = tmp_path / "data"
+    ops = FaultyFileOps(scope=data_dir / "wal", error=ERRORS[error], sticky=sticky)
+    server = Node(server_config(data_dir, apply_before_sync=True), file_ops=ops)
+    acked: set[int] = set()
+    refused: set[int] = set()
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+                for n in range(0, 20, 2):
+                    r = await http.post("/v1/events", json=[_event(n), _event(n + 1)])
+                    assert r.status_code == 202
+                    acked.update((n, n + 1))
+                last_acked = r.json()["seq"]
+                assert await server.engine.take_snapshot() == last_acked
+                ops.fail_at["sync"] = ops.calls.get("sync", 0) + 1
+                try:
+                    r = await http.post("/v1/events", json=[_event(100), _event(101)])
+                    assert r.status_code == 503, r.text
+                except httpx.TransportError:
+                    pass  # the node stopped before it answered
+                refused.update((100, 101))
+                with trio.fail_after(10):
+                    await trio.sleep_forever()  # run() must raise
+    assert info.value.subgroup(JournalFailed) is not None, info.value
+    assert server.engine.snapshot_seq == last_acked
+
+    ops.clear()
+    restarted = recover(server_config(data_dir)).model
+    seen = _seen_items(restarted)
+    if sticky:
+        assert acked <= seen <= acked | refused
+    else:
+        assert seen == acked
+    assert restarted.stats()["events_applied"] == len(seen)
 
 
 async def test_snapshot_fault_keeps_the_journal_and_clears(tmp_path: Path) -> None:

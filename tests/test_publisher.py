@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
+from connectors import Node
 from engine import Model, ModelConfig
+from engine._journal import FileOps
 from engine._publisher import Cause, Publisher, Push, Slot, Subscription, rec_json
 
-from .conftest import running_server, websocket, ws_url
+from .conftest import running_server, server_config, websocket, ws_url
 
 
 async def test_slot_keeps_only_the_newest_message() -> None:
@@ -374,3 +377,56 @@ async def test_the_collector_ignores_start_up_objects_while_serving(tmp_path: Pa
         stats = server.engine.stats()
         assert stats["gc_collections"] >= 1 and stats["gc_seconds"] > 0
     assert gc.get_freeze_count() == 0
+
+
+# --- apply while syncing ----------------------------------------------------------------------
+
+
+class _SlowSync(FileOps):
+    """Real system calls, with every ``fdatasync`` held for ``delay`` seconds (a slow disk)."""
+
+    delay = 0.0
+
+    def fdatasync(self, fd: int) -> None:
+        time.sleep(self.delay)
+        super().fdatasync(fd)
+
+
+@pytest.mark.parametrize("apply_before_sync", [True, False])
+async def test_with_apply_before_sync_the_push_arrives_before_the_ack(
+    tmp_path: Path, apply_before_sync: bool
+) -> None:
+    ops = _SlowSync()
+    config = server_config(
+        tmp_path / "data", apply_before_sync=apply_before_sync, refresh_interval=3600.0
+    )
+    server = Node(config, file_ops=ops)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+            events = [{"user": f"o{n}", "item": f"i{n % 9}"} for n in range(30)]
+            r = await http.post("/v1/events", json=events)
+            await server.engine.wait_applied(r.json()["seq"])
+            async with websocket(ws_url(server, "/v1/ws/recommendations?user=me&k=3")) as ws:
+                first = json.loads(await ws.get_message())
+                ops.delay = 0.4
+                order: list[str] = []
+
+                async def post() -> None:
+                    item = first["items"][0]["item"]  # seen now: the list changes
+                    r = await http.post("/v1/events", json={"user": "me", "item": item})
+                    assert r.status_code == 202
+                    order.append("ack")
+
+                async def listen() -> None:
+                    msg = json.loads(await ws.get_message())
+                    assert msg["cause"] is not None
+                    order.append("push")
+
+                with trio.fail_after(10):
+                    async with trio.open_nursery() as both:
+                        both.start_soon(post)
+                        both.start_soon(listen)
+                ops.delay = 0.0
+        assert order == (["push", "ack"] if apply_before_sync else ["ack", "push"])
+        server.shutdown()
