@@ -18,8 +18,13 @@ Method:
    receipt time minus that event's send time. Events folded into a later push of the same
    user have no sample of their own.
 
-Both journal durabilities are measured: ``sync = "batch"`` (fdatasync per group commit before
-the event is applied) and ``sync = "off"``. The server's own
+5. Idle latency, before the loaded run: one subscriber, one event at a time on its top item
+   (so each event changes its list), the next sent once the previous push arrived:
+   ``idle_p50``/``idle_p99`` over ``--idle-events`` events (goal for p50: 1.5 ms).
+
+Both journal durabilities are measured: ``sync = "batch"`` (fdatasync per group commit; the
+event is applied while the sync runs and acknowledged after it, or with ``--strict-order``
+applied only after it) and ``sync = "off"``. The server's own
 ``recstream_push_latency_seconds`` (from accepting the event to handing the list to the
 subscriber's mailbox, without the network either side) is reported beside ours.
 
@@ -69,6 +74,7 @@ from engine import ModelConfig
 from engine._config import parse_hostport
 
 GOALS_MS = {"p50": 1.0, "p99": 5.0}
+IDLE_GOAL_MS = 1.5  # one idle subscriber, one event at a time, default durability: p50
 MAX_FRAME_EVENTS = 500
 CONNECT_AT_ONCE = 64  # websocket handshakes in flight while subscribing
 # Server CPU over the measured window (from sending the first event to 1 s after the last).
@@ -130,6 +136,17 @@ def register(subparsers: Any) -> None:
         "--forward", metavar="HOST:PORT", help="the running server's Fluent Forward listener"
     )
     p.add_argument("--key", help="the running server's producer key, if it requires one")
+    p.add_argument(
+        "--idle-events",
+        type=int,
+        default=200,
+        help="events of the one-subscriber, one-event-at-a-time run (default 200; 0: skip)",
+    )
+    p.add_argument(
+        "--strict-order",
+        action="store_true",
+        help="start the server with apply_before_sync = false (applied only once durable)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--quick",
@@ -165,6 +182,41 @@ class Recorder:
         sent = self.sent_at.pop(cause["id"], None)
         if sent is not None:
             self.samples.append(received - sent)
+
+
+async def idle_latency(
+    url: str, address: tuple[str, int], user: int, n: int, key: str | None
+) -> list[float]:
+    """One subscriber, one event at a time on its top item (so that every event changes
+    its list), the next sent 10 ms after the previous push arrived: receipt minus send, in
+    seconds."""
+    from trio_websocket import open_websocket_url
+
+    from connectors.client import ForwardProducer
+
+    out: list[float] = []
+    query = f"user={user}&k=10" + (f"&key={urllib.parse.quote(key)}" if key else "")
+    async with (
+        open_websocket_url(f"{url.replace('http', 'ws', 1)}/v1/ws/recommendations?{query}") as ws,
+        ForwardProducer(*address, tag="bench.idle", shared_key=key) as producer,
+    ):
+        msg = json.loads(await ws.get_message())
+        for n_event in range(n):
+            if not msg["items"]:
+                break
+            event_id = f"idle-{n_event}"
+            top = msg["items"][0]["item"]
+            sent = time.perf_counter()
+            await producer.send([{"user": user, "item": top, "type": "click", "id": event_id}])
+            with trio.move_on_after(5):
+                while True:
+                    msg = json.loads(await ws.get_message())
+                    if (msg.get("cause") or {}).get("id") == event_id:
+                        out.append(time.perf_counter() - sent)
+                        break
+            await trio.sleep(0.01)
+        await producer.flush()
+    return out
 
 
 async def subscriber(
@@ -365,6 +417,8 @@ def run_once(
     }
     if args.refresh_interval is not None:
         config["refresh_interval"] = args.refresh_interval
+    if args.strict_order:
+        config["apply_before_sync"] = False
     server: ServerProcess
     if args.target is None:
         server = ServerProcess(config)
@@ -374,6 +428,18 @@ def run_once(
         base = server.stats()["events_applied"] if args.target is not None else 0
         trio.run(warm_up, server.forward_address, warm, args.key)
         server.wait_applied(base + len(warm.users))
+        idle = (
+            trio.run(
+                idle_latency,
+                server.http_url,
+                server.forward_address,
+                users[0],
+                args.idle_events,
+                args.key,
+            )
+            if args.idle_events > 0
+            else []
+        )
         out = trio.run(measure, server, users, items, rate, args)
     rec: Recorder = out["rec"]
     hist = HdrHistogram(1, 120_000_000, 3)  # microseconds, 3 significant digits
@@ -383,9 +449,15 @@ def run_once(
         f"p{q:g}": hist.get_value_at_percentile(q) / 1e3 if rec.samples else None
         for q in (50, 99, 99.9)
     }
+    idle_ms = sorted(1e3 * x for x in idle)
     result = {
         "sync": sync,
         "rate": rate,
+        "idle_p50_ms": idle_ms[len(idle_ms) // 2] if idle_ms else None,
+        "idle_p99_ms": idle_ms[min(len(idle_ms) - 1, int(0.99 * len(idle_ms)))]
+        if idle_ms
+        else None,
+        "idle_samples": len(idle_ms),
         "p50_ms": pct["p50"],
         "p99_ms": pct["p99"],
         "p999_ms": pct["p99.9"],
@@ -411,7 +483,8 @@ def run_once(
         f"{out['sent']:,} events at {result['achieved_rate']:,.0f}/s); server-side p50 "
         f"{_ms(server_ms['p50'])} p99 {_ms(server_ms['p99'])}; server CPU "
         f"{_us(result['server_cpu_per_push_us'])}/push, {_us(result['server_cpu_per_event_us'])}"
-        f"/event, {_cores(result['server_cpu_share'])}"
+        f"/event, {_cores(result['server_cpu_share'])}; idle p50 "
+        f"{_ms(result['idle_p50_ms'])} p99 {_ms(result['idle_p99_ms'])}"
         + (
             f", {result['server_gc_share']:.1%} in GC"
             if result["server_gc_share"] is not None
@@ -590,6 +663,22 @@ def run(args: argparse.Namespace) -> int:
                     lower_is_better=True,
                 )
             )
+        for q in ("p50", "p99"):
+            if r["idle_samples"]:
+                rows.append(
+                    row(
+                        f"{label}_idle_{q}",
+                        r[f"idle_{q}_ms"],
+                        IDLE_GOAL_MS if q == "p50" else None,
+                        "ms",
+                        {
+                            **params,
+                            "samples": r["idle_samples"],
+                            "peer_is": "goal" if q == "p50" else None,
+                        },
+                        lower_is_better=True,
+                    )
+                )
         rows.append(
             row(
                 f"{label}_pushes",
@@ -654,6 +743,8 @@ def run(args: argparse.Namespace) -> int:
                     "list_fraction",
                     "dim",
                     "refresh_interval",
+                    "idle_events",
+                    "strict_order",
                     "target",
                     "forward",
                     "seed",
