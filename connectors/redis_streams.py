@@ -178,6 +178,10 @@ def parse_log_url(url: str, **settings: Any) -> RedisLogConfig:
     """The configuration for ``redis://[:password@]host:port[/db][?name=N]`` or
     ``redis+cluster://[:password@]host:port[?name=N]``.
 
+    Besides ``name``, the query may set the trimming bounds: ``keep`` (newest entries per
+    partition never trimmed) and ``liveness`` (seconds a node's checkpoint holds the log
+    back), e.g. ``?keep=100000&liveness=86400``.
+
     Args:
         url: The ``--log`` value.
         settings: Further :class:`RedisLogConfig` fields (``partitions=``, ``replicas=``...).
@@ -198,11 +202,15 @@ def parse_log_url(url: str, **settings: Any) -> RedisLogConfig:
     if path and not path.isdigit():
         raise ValueError(f"log URL {url!r}: the path must be a database number")
     query = parse_qs(parts.query)
-    unknown = set(query) - {"name"}
+    unknown = set(query) - {"name", "keep", "liveness"}
     if unknown:
         raise ValueError(f"log URL {url!r}: unknown parameters {sorted(unknown)}")
-    if "name" in query:
-        settings.setdefault("name", query["name"][-1])
+    for key, kind in (("name", str), ("keep", int), ("liveness", float)):
+        if key in query:
+            try:
+                settings.setdefault(key, kind(query[key][-1]))
+            except ValueError:
+                raise ValueError(f"log URL {url!r}: {key} must be a number") from None
     return RedisLogConfig(
         cluster=parts.scheme == "redis+cluster",
         host=parts.hostname,

@@ -117,6 +117,9 @@ def test_log_urls_parse_and_bad_ones_are_refused() -> None:
     )  # fmt: skip
     c = parse_log_url("redis+cluster://127.0.0.1:7000")
     assert (c.cluster, c.port, c.db, c.partitions) == (True, 7000, 0, None)
+    assert (c.keep, c.liveness) == (10_000, 3600.0)
+    c = parse_log_url("redis://h:1?keep=100000&liveness=86400")
+    assert (c.keep, c.liveness) == (100_000, 86_400.0)
     for bad in [
         "http://x:1",
         "redis://",
@@ -125,6 +128,9 @@ def test_log_urls_parse_and_bad_ones_are_refused() -> None:
         "redis+cluster://h:1/2",
         "redis://h:1?nmae=x",
         "redis://h:1?name=a:b",
+        "redis://h:1?keep=many",
+        "redis://h:1?keep=-1",
+        "redis://h:1?liveness=0",
     ]:
         with pytest.raises(ValueError):
             parse_log_url(bad)
