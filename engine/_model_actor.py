@@ -13,6 +13,7 @@ event that a crash could still take out of the log.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -123,11 +124,7 @@ class ModelActor:
             seq, position = self.applied_seq, self.applied_position
             if self._wait_durable is not None:
                 await self._wait_durable(seq)
-            await trio.to_thread.run_sync(_save, self.model, path, seq, position)
+            await trio.to_thread.run_sync(
+                functools.partial(self.model.save, path, seq, log_position=position)
+            )
         return seq, position
-
-
-def _save(model: Model, path: Path, seq: int, position: bytes) -> None:
-    """Writes ``model`` to ``path`` at (seq, log position); the local journal's position is
-    empty."""
-    model.save(path, seq, log_position=position)
