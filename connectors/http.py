@@ -30,6 +30,7 @@ from typing import Any
 
 import trio
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -48,6 +49,7 @@ from engine import (
     rec_json,
 )
 
+from ._direct import KeepServerSend
 from ._ratelog import RateLimitedLog
 from ._requests import DEFAULT_TAG, Requests, TooLarge, parse_json, printable
 from .websocket import events_socket, recommendations_socket
@@ -270,4 +272,4 @@ def build_app(engine: Engine) -> Starlette:
         WebSocketRoute("/v1/ws/events", ws_events),
         WebSocketRoute("/v1/ws/recommendations", ws_recommendations),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, middleware=[Middleware(KeepServerSend)])

@@ -33,6 +33,7 @@ from engine import (
     TooManySubscribers,
 )
 
+from ._direct import SERVER_SEND, DirectWriter
 from ._ratelog import RateLimitedLog
 from ._requests import (
     DEFAULT_TAG,
@@ -142,9 +143,12 @@ async def recommendations_socket(r: Requests, ws: WebSocket) -> None:
     except BadRequest as e:
         await ws.close(POLICY_VIOLATION, str(e)[:120])
         return
+    writer = DirectWriter.find(ws.scope.get(SERVER_SEND))
+    if writer is not None:
+        sub.deliver = writer.try_write
     try:
         async with r.engine.subscribe(sub):
-            await _push_loop(r.engine, ws, sub)
+            await _push_loop(r.engine, ws, sub, writer)
     except TooManySubscribers as e:  # raised by subscribe(), before any push
         await ws.close(TRY_AGAIN_LATER, str(e)[:120])
 
@@ -156,8 +160,14 @@ async def receive_within(ws: WebSocket, seconds: float) -> Any:
     return None
 
 
-async def _push_loop(engine: Engine, ws: WebSocket, sub: Subscription) -> None:
+async def _push_loop(
+    engine: Engine, ws: WebSocket, sub: Subscription, writer: DirectWriter | None
+) -> None:
     """Sends the current list, then every change, until the client leaves or is too slow.
+
+    With a ``writer``, the publisher writes most changes itself (see ``_direct``); this loop
+    sends the first list and those the writer could not take, and the writer stays out of
+    the way while it does.
 
     A send that does not finish within ``send_timeout`` closes the connection: the client
     stopped reading, and holding its socket would hold its buffers forever. A client that
@@ -187,6 +197,8 @@ async def _push_loop(engine: Engine, ws: WebSocket, sub: Subscription) -> None:
                 while push is not None:
                     sending_since = trio.current_time()
                     sending.deadline = sending_since + timeout
+                    if writer is not None:
+                        writer.busy = True
                     await ws.send_text(push.text)
                     sending.deadline = math.inf
                     # Hypercorn shields its socket write, so a stuck send may only end when
@@ -194,6 +206,8 @@ async def _push_loop(engine: Engine, ws: WebSocket, sub: Subscription) -> None:
                     if trio.current_time() - sending_since >= timeout:
                         break
                     sending_since = None
+                    if writer is not None:
+                        writer.busy = False
                     push = await sub.slot.get()
             if sending_since is not None:
                 log.info("subscriber for %r stopped reading; closing", sub.user)
@@ -203,6 +217,8 @@ async def _push_loop(engine: Engine, ws: WebSocket, sub: Subscription) -> None:
                 await ws.close(GOING_AWAY, "server shutting down")
             nursery.cancel_scope.cancel()
     finally:
+        if writer is not None:
+            writer.busy = True  # the session is ending: nothing more is written
         # However the loop ended (the timeout above, the send failing once the kernel gave
         # up, the disconnect watcher), a send that outlasted the timeout dropped a stuck
         # subscriber and the list it was sending.

@@ -357,9 +357,11 @@ class Engine:
         for r in results:
             self.publisher.notify(r.users, r.seq, r.accepted_at)
 
-    def _on_push(self, sub: Subscription, push: Push) -> None:
+    def _on_push(self, sub: Subscription, push: Push, delivered: bool) -> None:
         assert self.publisher is not None
         self.metrics.pushes.inc()
+        if delivered:
+            self.metrics.delivered_at_once.inc()
         coalesced = self.publisher.coalesced - self._coalesced_reported
         if coalesced:
             self.metrics.coalesced.inc(coalesced)
@@ -591,7 +593,7 @@ class Engine:
         applied (so an erasure the live check missed still completes). Idempotent.
         """
         assert self.publisher is not None and self.erasure is not None
-        dropped = self.publisher.erase(user)
+        dropped = self.publisher.erase(user, seq)
         if dropped:
             self.metrics.dropped_pushes.inc(dropped)
         self.experiments.forget(user)

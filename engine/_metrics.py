@@ -79,6 +79,11 @@ class Metrics:
             "recstream_subscribers", "Live websocket subscriptions", registry=r
         )
         self.pushes = Counter("recstream_pushes", "Lists handed to subscribers", registry=r)
+        self.delivered_at_once = Counter(
+            "recstream_pushes_delivered_at_once",
+            "Lists written to the subscriber's connection by the task that computed them",
+            registry=r,
+        )
         self.coalesced = Counter(
             "recstream_pushes_coalesced",
             "Lists replaced before a slow subscriber read them",

@@ -107,6 +107,11 @@ class Slot(Generic[T]):
         self._ready.set()
         return replaced
 
+    @property
+    def empty(self) -> bool:
+        """Whether no message waits to be read."""
+        return self._value is None
+
     def discard(self) -> bool:
         """Drops the unread message, if any (erasure); True if there was one."""
         had = self._value is not None
@@ -170,6 +175,10 @@ class Subscription:
     # stores pseudonyms); None: ``user``.
     shown: Id | None = None
     pushed_at: dict[Id, float] = attrs.field(factory=dict)
+    # Delivers a message's text at once if it can (True), without waiting: the connector's
+    # direct write. A message it declines, or one that finds an unread message in the slot,
+    # goes to the slot instead, so messages never overtake one another.
+    deliver: Callable[[str], bool] | None = None
     # The user's A/B variant (named in every message) and its extra recommend() arguments.
     variant: str | None = None
     params: dict[str, Any] = attrs.field(factory=dict)
@@ -242,8 +251,8 @@ class Publisher:
         max_subscribers: Subscriptions accepted at once; more raise TooManySubscribers.
         refresh_interval: Seconds between drift refreshes.
         refresh_budget: Users re-computed per refresh.
-        on_push: Called with (subscription, message) for every list handed to a slot
-            (metrics hook).
+        on_push: Called with (subscription, message, whether ``deliver`` took it at once) for
+            every list handed over (metrics hook).
         applied_seq: The journal sequence the model reflects at start (after recovery).
     """
 
@@ -254,7 +263,7 @@ class Publisher:
         max_subscribers: int = 10_000,
         refresh_interval: float = 1.0,
         refresh_budget: int = 200,
-        on_push: Callable[[Subscription, Push], None] | None = None,
+        on_push: Callable[[Subscription, Push, bool], None] | None = None,
         applied_seq: int = 0,
     ) -> None:
         self._model = model
@@ -274,10 +283,12 @@ class Publisher:
         # list computed while the count stood lower predates the erasure.
         self._erasures = 0
         self._erased_at: dict[Id, int] = {}
+        self._erase_seq: dict[Id, int] = {}  # per subscribed user, its latest erase record
         self._wake = trio.Event()
         self._round_robin: Iterable[Id] = iter(())
         self.pushes = 0
         self.coalesced = 0  # pushes that replaced an unread one
+        self.delivered = 0  # pushes the subscription's ``deliver`` took at once
         self.dropped = 0  # pushes discarded unread (erasure)
 
     @property
@@ -305,6 +316,7 @@ class Publisher:
                 self._pending.pop(sub.user, None)
                 self._stale.pop(sub.user, None)
                 self._erased_at.pop(sub.user, None)
+                self._erase_seq.pop(sub.user, None)
 
     def notify(self, users: Iterable[tuple[Id, Id | None]], seq: int, accepted_at: float) -> None:
         """Marks users whose own events were applied (called by the model actor; never blocks)."""
@@ -318,10 +330,20 @@ class Publisher:
         if woke:
             self._wake.set()
 
-    def erase(self, user: Id) -> int:
+    def erase(self, user: Id, seq: int | None = None) -> int:
         """Forgets pending work and unread lists of ``user`` (erasure); returns the number of
         unread lists dropped. The subscriptions stay: their next list is computed from what
-        the model holds now."""
+        the model holds now.
+
+        Args:
+            seq: The erase record's sequence. A second report of the same erasure (or of an
+                older one) changes nothing: the lists computed since are free of the user.
+        """
+        if seq is not None:
+            if self._erase_seq.get(user, 0) >= seq:
+                return 0
+            if user in self._subs:
+                self._erase_seq[user] = seq
         self._pending.pop(user, None)
         self._stale.pop(user, None)
         self._erasures += 1
@@ -444,10 +466,14 @@ class Publisher:
             if listing[0] == sub.last_items:
                 continue
             push = self._record(sub, listing, pending[sub.user], seq)
-            self.coalesced += sub.slot.put(push)
+            delivered = sub.slot.empty and sub.deliver is not None and sub.deliver(push.text)
+            if delivered:
+                self.delivered += 1
+            else:
+                self.coalesced += sub.slot.put(push)
             self.pushes += 1
             if self._on_push is not None:
-                self._on_push(sub, push)
+                self._on_push(sub, push, delivered)
 
     async def _refresh_loop(self) -> None:
         refreshed_at = -1

@@ -161,7 +161,7 @@ async def test_a_list_computed_before_an_erasure_is_never_pushed_after_it() -> N
     model = _popular_and_personal()
     gated = _Gated(model)
     pushed: list[Push] = []
-    publisher = Publisher(gated, on_push=lambda sub, msg: pushed.append(msg))  # type: ignore[arg-type]
+    publisher = Publisher(gated, on_push=lambda sub, msg, _: pushed.append(msg))  # type: ignore[arg-type]
     sub = Subscription(user="u", k=3)
     publisher.subscribe(sub)
     before = [r[0] for r in model.recommend("u", k=3)]
@@ -327,7 +327,7 @@ async def test_one_model_call_per_group_of_equal_query_options() -> None:
     model = _catalog()
     counting = _Counting(model)
     pushed: list[tuple[Subscription, Push]] = []
-    publisher = Publisher(counting, on_push=lambda s, m: pushed.append((s, m)))  # type: ignore[arg-type]
+    publisher = Publisher(counting, on_push=lambda s, m, _: pushed.append((s, m)))  # type: ignore[arg-type]
     subs = [Subscription(user=f"u{n}", k=3) for n in range(4)]  # one group
     subs += [Subscription(user=f"u{n}", k=5) for n in range(4, 6)]  # another k
     subs.append(Subscription(user="u6", k=3, exploration=0.5))

@@ -1,0 +1,76 @@
+"""Pushes the publisher writes straight to the subscriber's socket (connectors/_direct.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import websockets.sync.client
+from wsproto import ConnectionType
+from wsproto.connection import Connection
+from wsproto.events import TextMessage
+
+from connectors._direct import text_frame
+
+from ..conftest import running_server, ws_url
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65_535, 65_536, 70_000])
+def test_text_frames_decode_with_a_third_party_websocket_client(size: int) -> None:
+    text = ("é" * size)[: max(0, size - 1)] + "x" * min(size, 1)  # multi-byte characters
+    client = Connection(ConnectionType.CLIENT)
+    client.receive_data(text_frame(text))
+    [event] = list(client.events())
+    assert isinstance(event, TextMessage)
+    assert event.data == text and event.message_finished
+
+
+def _read_pushes(url: str, stop_at: str, out: list[dict[str, Any]], ready: threading.Event) -> None:
+    """A `websockets` client (permessage-deflate offered, as it does by default) collecting
+    messages until one names the event ``stop_at`` as its cause."""
+    with websockets.sync.client.connect(url, open_timeout=10) as ws:
+        out.append(json.loads(ws.recv(timeout=10)))
+        ready.set()
+        while True:
+            message = json.loads(ws.recv(timeout=10))
+            out.append(message)
+            if (message.get("cause") or {}).get("id") == stop_at:
+                return
+
+
+async def test_pushes_are_written_at_once_and_arrive_whole_and_in_order(tmp_path: Path) -> None:
+    async with running_server(tmp_path, refresh_interval=3600.0) as server:
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+            warm = [{"user": f"u{n % 20}", "item": f"i{n * 7 % 300}"} for n in range(900)]
+            r = await http.post("/v1/events", json=warm)
+            await server.engine.wait_applied(r.json()["seq"])
+            got: list[dict[str, Any]] = []
+            ready = threading.Event()
+            url = ws_url(server, "/v1/ws/recommendations?user=u1&k=5")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, _read_pushes, url, "e-last", got, ready)
+                with trio.fail_after(10):
+                    while not ready.is_set():
+                        await trio.sleep(0.01)
+                for n in range(40):
+                    # The user's top item, once seen, leaves the list: every event changes it.
+                    top = got[-1]["items"][0]["item"]
+                    event_id = "e-last" if n == 39 else f"e-{n}"
+                    r = await http.post(
+                        "/v1/events", json=[{"user": "u1", "item": top, "id": event_id}]
+                    )
+                    with trio.fail_after(10):
+                        while (got[-1].get("cause") or {}).get("id") != event_id:
+                            await trio.sleep(0.005)
+    versions = [m["version"] for m in got]
+    assert versions == sorted(versions) and len(got) == 41
+    assert all(m["user"] == "u1" and len(m["items"]) == 5 for m in got)
+    metrics = server.engine.metrics
+    delivered = metrics.delivered_at_once._value.get()
+    # Every push but the first list was written by the publisher itself.
+    assert delivered == metrics.pushes._value.get() == 40
