@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +29,13 @@ def test_text_frames_decode_with_a_third_party_websocket_client(size: int) -> No
     assert event.data == text and event.message_finished
 
 
-def _read_pushes(url: str, stop_at: str, out: list[dict[str, Any]], ready: threading.Event) -> None:
-    """A `websockets` client (permessage-deflate offered, as it does by default) collecting
-    messages until one names the event ``stop_at`` as its cause."""
+def _read_pushes(url: str, stop_at: str, out: trio.MemorySendChannel[dict[str, Any]]) -> None:
+    """A `websockets` client (permessage-deflate offered, as it does by default) handing
+    messages to the test until one names the event ``stop_at`` as its cause."""
     with websockets.sync.client.connect(url, open_timeout=10) as ws:
-        out.append(json.loads(ws.recv(timeout=10)))
-        ready.set()
         while True:
             message = json.loads(ws.recv(timeout=10))
-            out.append(message)
+            trio.from_thread.run(out.send, message)
             if (message.get("cause") or {}).get("id") == stop_at:
                 return
 
@@ -50,13 +47,12 @@ async def test_pushes_are_written_at_once_and_arrive_whole_and_in_order(tmp_path
             r = await http.post("/v1/events", json=warm)
             await server.engine.wait_applied(r.json()["seq"])
             got: list[dict[str, Any]] = []
-            ready = threading.Event()
+            send, receive = trio.open_memory_channel[dict[str, Any]](100)
             url = ws_url(server, "/v1/ws/recommendations?user=u1&k=5")
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio.to_thread.run_sync, _read_pushes, url, "e-last", got, ready)
+                nursery.start_soon(trio.to_thread.run_sync, _read_pushes, url, "e-last", send)
                 with trio.fail_after(10):
-                    while not ready.is_set():
-                        await trio.sleep(0.01)
+                    got.append(await receive.receive())
                 for n in range(40):
                     # The user's top item, once seen, leaves the list: every event changes it.
                     top = got[-1]["items"][0]["item"]
@@ -65,12 +61,15 @@ async def test_pushes_are_written_at_once_and_arrive_whole_and_in_order(tmp_path
                         "/v1/events", json=[{"user": "u1", "item": top, "id": event_id}]
                     )
                     with trio.fail_after(10):
-                        while (got[-1].get("cause") or {}).get("id") != event_id:
-                            await trio.sleep(0.005)
+                        got.append(await receive.receive())
+                        # (a list the warm-up events changed may come first)
+                        while (got[-1]["cause"] or {}).get("id") != event_id:
+                            got.append(await receive.receive())
     versions = [m["version"] for m in got]
-    assert versions == sorted(versions) and len(got) == 41
+    assert versions == sorted(versions) and len(got) >= 41
     assert all(m["user"] == "u1" and len(m["items"]) == 5 for m in got)
     metrics = server.engine.metrics
-    delivered = metrics.delivered_at_once._value.get()
-    # Every push but the first list was written by the publisher itself.
-    assert delivered == metrics.pushes._value.get() == 40
+    assert metrics.pushes._value.get() == len(got) - 1  # all but the first list
+    # Each event's push found the connection idle and was written by the publisher itself
+    # (a list the warm-up changed may have come while the first list was being sent).
+    assert metrics.delivered_at_once._value.get() >= 40
