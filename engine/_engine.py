@@ -235,6 +235,7 @@ class Engine:
             refresh_budget=cfg.refresh_budget,
             on_push=self._on_push,
             applied_seq=loaded.seq,
+            idle=self._model_idle,
         )
         self.snapshots = SnapshotActor(
             cfg.data_dir,
@@ -356,6 +357,11 @@ class Engine:
         assert self.publisher is not None
         for r in results:
             self.publisher.notify(r.users, r.seq, r.accepted_at)
+
+    def _model_idle(self) -> bool:
+        """Whether neither the model actor nor the index actor works in a worker thread."""
+        model, index = self.model_actor, self.index_actor
+        return model is not None and index is not None and not (model.busy or index.busy)
 
     def _on_push(self, sub: Subscription, push: Push, delivered: bool) -> None:
         assert self.publisher is not None

@@ -24,6 +24,10 @@ from ._model import Model
 
 __all__ = ["IndexActor"]
 
+# This few moved items are re-linked on the event loop (a worker thread's round trip costs
+# more); more go to a worker thread, ``budget`` at a time.
+INLINE_ITEMS = 4
+
 
 class IndexActor:
     """Args:
@@ -55,6 +59,7 @@ class IndexActor:
         self._pending: list[Applied] = []
         self._wake = trio.Event()
         self.stale = 0
+        self.busy = False  # re-linking in a worker thread
 
     def wake(self) -> None:
         """Tells the actor that vectors moved (called by the model actor; never blocks)."""
@@ -80,7 +85,17 @@ class IndexActor:
             waiting = len(self._pending)
             rounds = 0
             while True:
-                self.stale = await trio.to_thread.run_sync(self._model.reindex, self._budget)
+                if rounds == 0 and self._model.stats()["index_stale"] <= INLINE_ITEMS:
+                    # A worker thread's round trip costs more than re-linking these few.
+                    self.stale = self._model.reindex(INLINE_ITEMS)
+                else:
+                    self.busy = True
+                    try:
+                        self.stale = await trio.to_thread.run_sync(
+                            self._model.reindex, self._budget
+                        )
+                    finally:
+                        self.busy = False
                 rounds += 1
                 if self.stale == 0 or not waiting or rounds >= self._max_rounds:
                     break

@@ -28,6 +28,10 @@ __all__ = ["Applied", "ModelActor", "apply_records"]
 
 log = logging.getLogger("recstream.model")
 
+# Groups up to this many bytes of records are applied on the event loop (tens of
+# microseconds), larger ones in a worker thread.
+INLINE_GROUP_BYTES = 2048
+
 
 def apply_records(
     model: Model, first_seq: int, payloads: Sequence[bytes], *, collect: bool = True
@@ -95,6 +99,7 @@ class ModelActor:
         self._lock = trio.Lock()  # held while a group applies; snapshots take it in between
         self.last_apply_seconds = 0.0  # wall time of the newest group's apply (metrics)
         self.drained = trio.Event()
+        self.busy = False  # a group is being applied in a worker thread
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Applies groups until the journal actor closes the channel."""
@@ -103,9 +108,17 @@ class ModelActor:
             async for group in self._inbox:
                 async with self._lock:
                     started = time.perf_counter()
-                    results = await trio.to_thread.run_sync(
-                        apply_records, self.model, group.first_seq, group.payloads
-                    )
+                    if sum(len(p) for p in group.payloads) <= INLINE_GROUP_BYTES:
+                        # A worker thread's round trip costs more than these few events.
+                        results = apply_records(self.model, group.first_seq, group.payloads)
+                    else:
+                        self.busy = True
+                        try:
+                            results = await trio.to_thread.run_sync(
+                                apply_records, self.model, group.first_seq, group.payloads
+                            )
+                        finally:
+                            self.busy = False
                     self.last_apply_seconds = time.perf_counter() - started
                     self.applied_seq = group.last_seq
                     self.applied_position = group.position

@@ -38,6 +38,9 @@ log = logging.getLogger("recstream.publisher")
 
 # Drift refreshes computed per worker-thread call; events that arrive meanwhile go next.
 REFRESH_CHUNK = 8
+# Lists computed on the event loop when ``idle`` allows (a worker thread's round trip costs
+# more than one list).
+INLINE_JOBS = 2
 
 Id = str | int
 T = TypeVar("T")
@@ -254,6 +257,9 @@ class Publisher:
         on_push: Called with (subscription, message, whether ``deliver`` took it at once) for
             every list handed over (metrics hook).
         applied_seq: The journal sequence the model reflects at start (after recovery).
+        idle: Whether no writer works on the model in a worker thread now: then a list or
+            two are computed on the event loop (no lock wait can block it), else in a worker
+            thread. None: always in a worker thread.
     """
 
     def __init__(
@@ -265,8 +271,10 @@ class Publisher:
         refresh_budget: int = 200,
         on_push: Callable[[Subscription, Push, bool], None] | None = None,
         applied_seq: int = 0,
+        idle: Callable[[], bool] | None = None,
     ) -> None:
         self._model = model
+        self._idle = idle
         self._max = max_subscribers
         self._refresh_interval = refresh_interval
         self._refresh_budget = refresh_budget
@@ -375,13 +383,18 @@ class Publisher:
         while True:
             recent = sub.recently_pushed(time.monotonic())
             seq, erasures = self._seq, self._erasures
-            [listing] = await trio.to_thread.run_sync(self._listings, [(sub, recent)])
+            [listing] = await self._compute_listings([(sub, recent)])
             if not self._erased_since(sub.user, erasures):
                 break
         if seq < sub.version:
             _, shown, entries = listing
             return Push(sub.message(entries, seq, None), shown, seq, None)
         return self._record(sub, listing, None, seq)
+
+    async def _compute_listings(self, jobs: list[tuple[Subscription, list[Id]]]) -> list[Listing]:
+        if len(jobs) <= INLINE_JOBS and self._idle is not None and self._idle():
+            return self._listings(jobs)
+        return await trio.to_thread.run_sync(self._listings, jobs)
 
     def _listings(self, jobs: list[tuple[Subscription, list[Id]]]) -> list[Listing]:
         """Computes the lists of ``jobs`` (subscription, items to leave out) in a worker thread:
@@ -455,7 +468,7 @@ class Publisher:
         if not jobs:
             return
         seq, erasures = self._seq, self._erasures
-        listings = await trio.to_thread.run_sync(self._listings, jobs)
+        listings = await self._compute_listings(jobs)
         for (sub, _), listing in zip(jobs, listings, strict=True):
             if sub not in self._subs.get(sub.user, ()):
                 continue  # unsubscribed while we computed
