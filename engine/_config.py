@@ -80,9 +80,11 @@ class ServerConfig:
             the sync. False: the strict order (apply, then push, only once durable).
         snapshot_interval: Seconds between snapshots (journal segments before one are deleted).
         push_k: Default list length for subscribers.
-        refresh_interval: Seconds between budgeted re-computations of subscribed users'
-            lists, which catch drift caused by other users' events.
-        refresh_budget: Subscribed users re-computed per refresh (round robin).
+        refresh_interval: Age in seconds at which a subscribed list is recomputed to catch
+            drift caused by other users' events (see ``engine.Publisher``).
+        refresh_budget: Lists recomputed for drift per quarter ``refresh_interval`` at most.
+        drift_rank_slack: A drift recompute is pushed only when the list's membership
+            changed or an item moved more than this many places.
         max_subscribers: Websocket subscriptions accepted at once.
         send_timeout: Seconds a push may take before the subscriber is dropped as stuck.
         tcp_user_timeout_ms: Set on the listening sockets so the kernel drops peers that stop
@@ -132,8 +134,9 @@ class ServerConfig:
     wal_segment_bytes: int = 64 * 1024 * 1024
     snapshot_interval: float = 300.0
     push_k: int = 10
-    refresh_interval: float = 1.0
-    refresh_budget: int = 200
+    refresh_interval: float = attrs.field(default=0.2, validator=attrs.validators.gt(0))
+    refresh_budget: int = attrs.field(default=250, validator=attrs.validators.ge(1))
+    drift_rank_slack: int = attrs.field(default=2, validator=attrs.validators.ge(0))
     max_subscribers: int = 10_000
     send_timeout: float = 10.0
     tcp_user_timeout_ms: int = 10_000

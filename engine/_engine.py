@@ -233,6 +233,7 @@ class Engine:
             max_subscribers=cfg.max_subscribers,
             refresh_interval=cfg.refresh_interval,
             refresh_budget=cfg.refresh_budget,
+            drift_rank_slack=cfg.drift_rank_slack,
             on_push=self._on_push,
             applied_seq=loaded.seq,
             idle=self._model_idle,

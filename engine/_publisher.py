@@ -2,9 +2,18 @@
 
 Two things make a subscribed user's list change: that user's own events (the model actor
 reports them through :meth:`Publisher.notify`; recomputed at once, coalesced with whatever else
-is pending) and drift from other users' events moving item vectors (caught by a budgeted
-round-robin refresh every ``refresh_interval`` seconds). A list is pushed only when its items or
-their order changed.
+is pending) and drift from other users' events moving item vectors. A list caused by the
+user's own events is pushed when its items or their order changed.
+
+Drift: a subscribed list that is ``refresh_interval`` old (own events recompute it sooner) is
+recomputed once the model has applied anything since, oldest first, at most ``refresh_budget``
+lists per quarter interval, so a list lags the model by about ``refresh_interval`` at most
+while the budget lasts (it bounds the cost: ``4 * refresh_budget / refresh_interval`` lists per
+second at most). A drift recompute is pushed only when the list's membership changed or an
+item moved more than ``drift_rank_slack`` places from where the last push showed it: item
+vectors move a little on every event, and a reshuffle of near-equal scores is not news. So a
+subscriber receives at most one drift push per ``refresh_interval``, and each one changes what
+it would show.
 
 Each subscription owns one :class:`Slot`, a latest-wins mailbox: the publisher never waits for
 a subscriber, and a slow subscriber receives the newest list rather than a backlog.
@@ -252,8 +261,11 @@ class Publisher:
     Args:
         model: The model to query (read-only here).
         max_subscribers: Subscriptions accepted at once; more raise TooManySubscribers.
-        refresh_interval: Seconds between drift refreshes.
-        refresh_budget: Users re-computed per refresh.
+        refresh_interval: Age at which a subscribed list is recomputed for drift (see the
+            module).
+        refresh_budget: Lists recomputed for drift per quarter ``refresh_interval`` at most.
+        drift_rank_slack: A drift recompute is pushed when the list's membership changed or
+            an item moved more than this many places.
         on_push: Called with (subscription, message, whether ``deliver`` took it at once) for
             every list handed over (metrics hook).
         applied_seq: The journal sequence the model reflects at start (after recovery).
@@ -267,8 +279,9 @@ class Publisher:
         model: Model,
         *,
         max_subscribers: int = 10_000,
-        refresh_interval: float = 1.0,
-        refresh_budget: int = 200,
+        refresh_interval: float = 0.2,
+        refresh_budget: int = 250,
+        drift_rank_slack: int = 2,
         on_push: Callable[[Subscription, Push, bool], None] | None = None,
         applied_seq: int = 0,
         idle: Callable[[], bool] | None = None,
@@ -278,6 +291,10 @@ class Publisher:
         self._max = max_subscribers
         self._refresh_interval = refresh_interval
         self._refresh_budget = refresh_budget
+        self._rank_slack = drift_rank_slack
+        # Per subscribed user, oldest first: when its list was last computed and the model's
+        # sequence then (a list computed since the last apply cannot have drifted).
+        self._computed: dict[Id, tuple[float, int]] = {}
         self._on_push = on_push
         self._subs: dict[Id, set[Subscription]] = {}
         self._count = 0
@@ -293,7 +310,6 @@ class Publisher:
         self._erased_at: dict[Id, int] = {}
         self._erase_seq: dict[Id, int] = {}  # per subscribed user, its latest erase record
         self._wake = trio.Event()
-        self._round_robin: Iterable[Id] = iter(())
         self.pushes = 0
         self.coalesced = 0  # pushes that replaced an unread one
         self.delivered = 0  # pushes the subscription's ``deliver`` took at once
@@ -313,6 +329,7 @@ class Publisher:
             raise TooManySubscribers(f"{self._max} subscribers already connected")
         self._subs.setdefault(sub.user, set()).add(sub)
         self._count += 1
+        self._computed.setdefault(sub.user, (time.monotonic(), self._seq))
 
     def unsubscribe(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.user)
@@ -325,6 +342,7 @@ class Publisher:
                 self._stale.pop(sub.user, None)
                 self._erased_at.pop(sub.user, None)
                 self._erase_seq.pop(sub.user, None)
+                self._computed.pop(sub.user, None)
 
     def notify(self, users: Iterable[tuple[Id, Id | None]], seq: int, accepted_at: float) -> None:
         """Marks users whose own events were applied (called by the model actor; never blocks)."""
@@ -455,12 +473,12 @@ class Publisher:
         while self._pending or self._stale:
             if self._pending:
                 batch, self._pending = self._pending, {}
+                await self._compute(batch, drift=False)
             else:
                 users = list(itertools.islice(self._stale, REFRESH_CHUNK))
-                batch = {user: self._stale.pop(user) for user in users}
-            await self._compute(batch)
+                await self._compute({user: self._stale.pop(user) for user in users}, drift=True)
 
-    async def _compute(self, pending: dict[Id, Cause | None]) -> None:
+    async def _compute(self, pending: dict[Id, Cause | None], *, drift: bool) -> None:
         now = time.monotonic()
         jobs = [
             (sub, sub.recently_pushed(now)) for user in pending for sub in self._subs.get(user, ())
@@ -469,6 +487,11 @@ class Publisher:
             return
         seq, erasures = self._seq, self._erasures
         listings = await self._compute_listings(jobs)
+        computed = self._computed
+        for user in pending:
+            if user in computed:
+                del computed[user]  # re-inserted: the dict stays oldest first
+                computed[user] = (now, seq)
         for (sub, _), listing in zip(jobs, listings, strict=True):
             if sub not in self._subs.get(sub.user, ()):
                 continue  # unsubscribed while we computed
@@ -477,6 +500,8 @@ class Publisher:
             if seq < sub.version:
                 continue  # a list from a newer state was handed over meanwhile
             if listing[0] == sub.last_items:
+                continue
+            if drift and not self._drifted(sub.last_items, listing[0]):
                 continue
             push = self._record(sub, listing, pending[sub.user], seq)
             delivered = sub.slot.empty and sub.deliver is not None and sub.deliver(push.text)
@@ -488,29 +513,34 @@ class Publisher:
             if self._on_push is not None:
                 self._on_push(sub, push, delivered)
 
+    def _drifted(self, shown: list[Id] | None, now: list[Id]) -> bool:
+        """Whether a drift recompute ``now`` differs enough from the list last pushed
+        (``shown``) to be pushed: other members, or an item more than the slack away."""
+        if shown is None or len(shown) != len(now):
+            return True
+        was = {item: rank for rank, item in enumerate(shown)}
+        for rank, item in enumerate(now):
+            before = was.get(item)
+            if before is None or abs(before - rank) > self._rank_slack:
+                return True
+        return False
+
     async def _refresh_loop(self) -> None:
-        refreshed_at = -1
         while True:
-            await trio.sleep(self._refresh_interval)
-            if self._seq == refreshed_at:
-                continue  # nothing was applied since the last refresh: no list can differ
-            refreshed_at = self._seq
-            users = [u for u in self._next_refresh_batch() if u not in self._pending]
+            await trio.sleep(self._refresh_interval / 4)
+            users = self._due_for_refresh(time.monotonic() - self._refresh_interval)
             for user in users:
                 self._stale.setdefault(user, None)
             if users:
                 self._wake.set()
 
-    def _next_refresh_batch(self) -> list[Id]:
-        """Up to ``refresh_budget`` subscribed users, continuing round robin across calls."""
+    def _due_for_refresh(self, horizon: float) -> list[Id]:
+        """Up to ``refresh_budget`` subscribed users, oldest first, whose list was computed
+        before ``horizon`` and before the model's newest apply, and is not queued already."""
         out: list[Id] = []
-        if not self._subs:
-            return out
-        for _ in range(2):  # at most one restart of the cycle per call
-            for user in self._round_robin:
-                if user in self._subs:
-                    out.append(user)
-                    if len(out) >= min(self._refresh_budget, len(self._subs)):
-                        return out
-            self._round_robin = iter(list(self._subs))
+        for user, (at, seq) in self._computed.items():
+            if at >= horizon or len(out) >= self._refresh_budget:
+                break
+            if seq < self._seq and user not in self._pending and user not in self._stale:
+                out.append(user)
         return out

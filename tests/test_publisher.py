@@ -430,3 +430,67 @@ async def test_with_apply_before_sync_the_push_arrives_before_the_ack(
                 ops.delay = 0.0
         assert order == (["push", "ack"] if apply_before_sync else ["ack", "push"])
         server.shutdown()
+
+
+class _Scripted:
+    """A model whose lists the test sets (``lists[user]``), for the publisher's decisions."""
+
+    def __init__(self) -> None:
+        self.lists: dict[Any, list[Any]] = {}
+
+    def recommend_batch_json(self, users: list[Any], **query: Any) -> Any:
+        out = []
+        for user in users:
+            items = list(self.lists[user])
+            entries = json.dumps([{"item": i, "score": 1.0} for i in items])
+            out.append((items, entries))
+        return out
+
+
+async def test_drift_is_pushed_for_new_members_or_moves_beyond_the_slack_own_events_always() -> (
+    None
+):
+    model = _Scripted()
+    base = list(range(10))
+    model.lists["a"] = base
+    pushed: list[Push] = []
+    publisher = Publisher(model, drift_rank_slack=2, on_push=lambda s, m, _: pushed.append(m))  # type: ignore[arg-type]
+    sub = Subscription(user="a", k=10)
+    publisher.subscribe(sub)
+    await publisher.current(sub)
+
+    async def drift(items: list[int]) -> bool:
+        model.lists["a"] = items
+        before = len(pushed)
+        await publisher._compute({"a": None}, drift=True)
+        return len(pushed) > before
+
+    assert not await drift([1, 0, *base[2:]])  # neighbours swapped
+    assert not await drift([2, 0, 1, *base[3:]])  # an item two places down
+    assert await drift([3, 0, 1, 2, *base[4:]])  # three places: pushed
+    assert not await drift([3, 0, 2, 1, *base[4:]])  # compared with the last push
+    assert await drift([*base[:9], 99])  # a new member
+    assert pushed[-1].items == [*base[:9], 99]
+    # The user's own event: any change of order is pushed.
+    model.lists["a"] = [0, 1, 2, 3, 4, 5, 6, 7, 99, 8]
+    publisher.notify([("a", "e1")], 7, 0.0)
+    await publisher.flush()
+    assert pushed[-1].items == model.lists["a"] and pushed[-1].cause is not None
+
+
+async def test_drift_refresh_takes_the_oldest_lists_older_than_the_interval_within_budget() -> None:
+    model = _Scripted()
+    publisher = Publisher(model, refresh_budget=2)  # type: ignore[arg-type]
+    users = ["a", "b", "c"]
+    for user in users:
+        model.lists[user] = [1, 2, 3]
+        publisher.subscribe(Subscription(user=user, k=3))
+    later = time.monotonic() + 60
+    assert publisher._due_for_refresh(later) == []  # nothing applied since they were computed
+    publisher.notify([], 5, 0.0)  # the model applied other users' events
+    assert publisher._due_for_refresh(time.monotonic() - 60) == []  # all younger than that
+    assert publisher._due_for_refresh(later) == ["a", "b"]  # oldest first, within budget
+    await publisher._compute({"a": None}, drift=True)
+    assert publisher._due_for_refresh(later) == ["b", "c"]  # "a" is now the youngest
+    publisher.notify([], 6, 0.0)
+    assert publisher._due_for_refresh(later) == ["b", "c"]
