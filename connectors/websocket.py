@@ -143,7 +143,7 @@ async def recommendations_socket(r: Requests, ws: WebSocket) -> None:
     except BadRequest as e:
         await ws.close(POLICY_VIOLATION, str(e)[:120])
         return
-    writer = DirectWriter.find(ws.scope.get(SERVER_SEND))
+    writer = DirectWriter.find(ws.scope.get(SERVER_SEND)) if r.config.direct_push else None
     if writer is not None:
         sub.deliver = writer.try_write
     try:

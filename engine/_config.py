@@ -87,6 +87,9 @@ class ServerConfig:
             changed or an item moved more than this many places.
         max_subscribers: Websocket subscriptions accepted at once.
         send_timeout: Seconds a push may take before the subscriber is dropped as stuck.
+        direct_push: Let the publisher write a push straight to the subscriber's socket when
+            nothing else is writing to it (``connectors._direct``); False: every push goes
+            through the websocket layer's own send, from the subscriber's task.
         tcp_user_timeout_ms: Set on the listening sockets so the kernel drops peers that stop
             acknowledging data (a stuck reader cannot hold a connection forever).
         max_body_bytes: Largest HTTP body and websocket message accepted.
@@ -139,6 +142,7 @@ class ServerConfig:
     drift_rank_slack: int = attrs.field(default=2, validator=attrs.validators.ge(0))
     max_subscribers: int = 10_000
     send_timeout: float = 10.0
+    direct_push: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
     tcp_user_timeout_ms: int = 10_000
     max_body_bytes: int = 4 * 1024 * 1024
     max_events_per_request: int = 10_000
