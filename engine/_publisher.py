@@ -46,7 +46,7 @@ __all__ = ["Publisher", "Slot", "Subscription", "Cause", "Push", "rec_json"]
 log = logging.getLogger("recstream.publisher")
 
 # Drift refreshes computed per worker-thread call; events that arrive meanwhile go next.
-REFRESH_CHUNK = 8
+REFRESH_CHUNK = 16
 # Lists computed on the event loop when ``idle`` allows (a worker thread's round trip costs
 # more than one list).
 INLINE_JOBS = 2
