@@ -5,12 +5,14 @@ The model actor moves item vectors on every event; re-linking each one in the gr
 more than the move, so it is done here, off the event path, a batch of ``budget`` items per
 worker-thread call (the extension locks the graph per item, so queries keep running).
 
-Pipeline order: the groups the model actor applied (:meth:`IndexActor.applied`) are handed on
-(``on_indexed``, to the publisher) only after the items moved until then are re-linked, so a
-subscriber's list is not computed from a graph that misses the moves it reflects. Staleness is
-bounded: under a stream that keeps moving items faster than they are re-linked, the groups go
-on after ``max_rounds`` batches anyway (queries re-score candidates with current vectors, so a
-stale link can only hide an item briefly), and at most ``max_pending`` applied records wait.
+Pipeline order: while the graph keeps up, the groups the model actor applied
+(:meth:`IndexActor.applied`) are handed on (``on_indexed``, to the publisher) only after the
+items moved until then are re-linked, so a subscriber's list is not computed from a graph
+that misses the moves it reflects. That wait is bounded by ``max_wait_items``: with more
+items waiting for a re-link, the groups go on at once and the re-links follow (queries
+re-score candidates with current vectors, so a stale link can only hide an item briefly,
+while waiting for hundreds of re-links would hold every push for tens of milliseconds), and
+at most ``max_pending`` applied records wait.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class IndexActor:
     idle_wait: Seconds to wait for a wake-up before checking again when nothing is stale.
     on_indexed: Called in the event loop with the applied records whose moved items are
         re-linked now (in apply order). Must not block.
-    max_rounds: Batches re-linked at most before waiting records are handed on.
+    max_wait_items: Moved items re-linked at most before waiting records are handed on;
+        with more waiting, the records go on first.
     max_pending: Applied records waiting at most; beyond, they are handed on at once.
     """
 
@@ -47,14 +50,14 @@ class IndexActor:
         budget: int = 512,
         idle_wait: float = 0.05,
         on_indexed: Callable[[list[Applied]], None] | None = None,
-        max_rounds: int = 8,
+        max_wait_items: int = 128,
         max_pending: int = 65_536,
     ) -> None:
         self._model = model
         self._budget = budget
         self._idle_wait = idle_wait
         self._on_indexed = on_indexed
-        self._max_rounds = max_rounds
+        self._max_wait_items = max_wait_items
         self._max_pending = max_pending
         self._pending: list[Applied] = []
         self._wake = trio.Event()
@@ -82,10 +85,13 @@ class IndexActor:
         task_status.started()
         while True:
             self._wake = trio.Event()
+            stale = self._model.stats()["index_stale"]
             waiting = len(self._pending)
-            rounds = 0
+            if waiting and stale > self._max_wait_items:
+                self._hand_on()  # behind: the lists go now, the re-links follow
+                waiting = 0
             while True:
-                if rounds == 0 and self._model.stats()["index_stale"] <= INLINE_ITEMS:
+                if stale <= INLINE_ITEMS:
                     # A worker thread's round trip costs more than re-linking these few.
                     self.stale = self._model.reindex(INLINE_ITEMS)
                 else:
@@ -96,11 +102,11 @@ class IndexActor:
                         )
                     finally:
                         self.busy = False
-                rounds += 1
-                if self.stale == 0 or not waiting or rounds >= self._max_rounds:
+                if self.stale == 0 or not waiting:
                     break
-            # Everything moved by the first ``waiting`` records is re-linked (or the round
-            # limit was reached): those go on; records applied meanwhile wait for the next pass.
+                stale = self.stale
+            # Everything moved by the first ``waiting`` records is re-linked: those go on;
+            # records applied meanwhile wait for the next pass.
             if waiting:
                 ready, self._pending = self._pending[:waiting], self._pending[waiting:]
                 if self._on_indexed is not None:

@@ -23,6 +23,7 @@ async def test_groups_reach_the_publisher_after_their_items_are_relinked() -> No
     actor = IndexActor(
         model,
         budget=16,  # several batches for the moved items
+        max_wait_items=100,
         on_indexed=lambda rs: seen.append(([r.seq for r in rs], model.stats()["index_stale"])),
     )
     async with trio.open_nursery() as nursery:
@@ -50,3 +51,28 @@ def test_waiting_records_are_bounded() -> None:
     assert handed == []
     actor.applied(_apply(model, 3, 5))  # a third waiting record: over the bound
     assert handed == [1, 2, 3]
+
+
+async def test_records_go_on_first_when_more_items_wait_than_max_wait_items() -> None:
+    model = Model(ModelConfig(dim=8, seed=1, auto_reindex=False))
+    seen: list[tuple[list[int], int]] = []
+    actor = IndexActor(
+        model,
+        budget=16,
+        max_wait_items=20,
+        on_indexed=lambda rs: seen.append(([r.seq for r in rs], model.stats()["index_stale"])),
+    )
+    async with trio.open_nursery() as nursery:
+        results = _apply(model, 1, 60)
+        stale = model.stats()["index_stale"]
+        assert stale > 20
+        actor.applied(results)
+        await nursery.start(actor.run)
+        with trio.fail_after(10):
+            while not seen:  # noqa: ASYNC110 - the callback is the event
+                await trio.sleep(0.01)
+        assert seen == [([1], stale)], "handed on before the re-links"
+        with trio.fail_after(10):
+            while model.stats()["index_stale"]:  # noqa: ASYNC110 - the re-links follow
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
