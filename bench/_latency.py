@@ -1,8 +1,13 @@
 """Push-latency benchmark: from a producer's send to a websocket subscriber's receipt.
 
-One process tree on loopback: the server is a subprocess (``python -m connectors serve`` with a
-temporary data directory and a TOML config); the producer and every subscriber are trio tasks
-of this process, so send and receipt times come from one clock (``time.perf_counter``).
+Three kinds of process on loopback: the server is a subprocess (``python -m connectors
+serve`` with a temporary data directory and a TOML config); the subscribers live in one or
+two load-generator processes (``--client-processes``, see :mod:`bench._loadgen`: one epoll
+loop over raw sockets each, a minimal websocket client, no JSON decode per push); the
+producer is a trio task of this process. Send and receipt times are ``time.perf_counter``
+(CLOCK_MONOTONIC, one clock for every process on Linux). The load generator's CPU (this
+process and its subscriber processes, from /proc) is reported beside the server's, per push
+and per event, so that a run shows whether it measured the server or itself.
 
 Method:
 
@@ -16,11 +21,20 @@ Method:
    push; the others target a random catalog item, which may or may not change the list.
 4. A push names the newest event reflected in the list (``cause.id``); its latency is the
    receipt time minus that event's send time. Events folded into a later push of the same
-   user have no sample of their own.
-
+   user have no sample of their own. The subscribers send the lists that changed to the
+   producer every 50 ms, so a click on "an item of the current list" may miss a list that
+   changed within the last 50 ms. ``pushes`` counts the messages after the first list
+   each subscriber gets on subscribing, within the measured window.
 5. Idle latency, before the loaded run: one subscriber, one event at a time on its top item
    (so each event changes its list), the next sent once the previous push arrived:
    ``idle_p50``/``idle_p99`` over ``--idle-events`` events (goal for p50: 1.5 ms).
+6. Staleness oracle (``--oracle-interval``, default a sweep every 5 s; ``--oracle-rate``
+   GETs/s at most): during the run every subscriber's exact list is fetched and compared
+   with the last list pushed to it; ``drift_stale_share`` is the share of comparisons that
+   found it stale, ``drift_p50``/``drift_p99`` the length of the stale episodes (goal for
+   p99: 250 ms). What "stale" means, and what the figures miss, is in :mod:`bench._loadgen`.
+   Its GETs load the server too (each a list computed like a push's): the server CPU
+   figures include them, and the summary gives their rate and the client CPU they took.
 
 Both journal durabilities are measured: ``sync = "batch"`` (fdatasync per group commit; the
 event is applied while the sync runs and acknowledged after it, or with ``--strict-order``
@@ -49,6 +63,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import random
 import re
 import time
@@ -56,7 +72,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-import attrs
+import numpy as np
 import trio
 
 from bench._common import (
@@ -70,11 +86,13 @@ from bench._common import (
     row,
     write_results,
 )
+from bench._loadgen import SubscriberPlan, raise_fd_limit, run_subscribers
 from engine import ModelConfig
 from engine._config import parse_hostport
 
 GOALS_MS = {"p50": 1.0, "p99": 5.0}
 IDLE_GOAL_MS = 1.5  # one idle subscriber, one event at a time, default durability: p50
+DRIFT_GOAL_MS = 250.0  # p99 of the stale episodes the oracle sees
 MAX_FRAME_EVENTS = 500
 CONNECT_AT_ONCE = 64  # websocket handshakes in flight while subscribing
 # Server CPU over the measured window (from sending the first event to 1 s after the last).
@@ -84,6 +102,10 @@ CPU_KEYS = (
     "server_cpu_per_push_us",
     "server_cpu_per_event_us",
     "server_gc_share",
+    "client_cpu_s",
+    "client_cpu_share",
+    "client_cpu_per_push_us",
+    "client_cpu_per_event_us",
 )
 
 
@@ -137,6 +159,24 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--key", help="the running server's producer key, if it requires one")
     p.add_argument(
+        "--oracle-interval",
+        type=float,
+        default=5.0,
+        help="seconds between staleness-oracle sweeps over every subscriber (default 5; 0: off)",
+    )
+    p.add_argument(
+        "--oracle-rate",
+        type=float,
+        default=200.0,
+        help="the staleness oracle's GETs per second, at most (default 200)",
+    )
+    p.add_argument(
+        "--client-processes",
+        type=int,
+        default=0,
+        help="subscriber processes (default: one per 5,000 subscribers, at most 2)",
+    )
+    p.add_argument(
         "--idle-events",
         type=int,
         default=200,
@@ -151,37 +191,93 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="small run: 50 subscribers, 500 events/s, 2 s, 1000 items, 3000 warm-up events",
+        help="small run: 50 subscribers, 500 events/s, 2 s, 1000 items, 3000 warm-up events, "
+        "an oracle sweep every 0.5 s",
     )
     p.set_defaults(func=run)
 
 
-@attrs.define
-class Recorder:
-    """What the producer and the subscribers share: send times, lists, and the samples."""
+class Subscribers:
+    """The subscriber processes of one run, seen from the benchmark's trio loop.
 
-    sent_at: dict[int, float] = attrs.field(factory=dict)
-    lists: dict[int, list[Any]] = attrs.field(factory=dict)
-    samples: list[float] = attrs.field(factory=list)  # seconds
-    pushes: int = 0
-    pushes_with_cause: int = 0
-    subscribed: int = 0
-    ended: int = 0
-    all_subscribed: trio.Event = attrs.field(factory=trio.Event)
-    all_ended: trio.Event = attrs.field(factory=trio.Event)
+    Each process (:func:`bench._loadgen.run_subscribers`) gets a share of the users and a
+    pipe; :meth:`pump` reads one pipe for as long as it lives, keeping :attr:`lists` (the
+    users' current lists, for the producer) and the progress counts, and handing every other
+    answer to :meth:`expect`.
 
-    def on_message(self, user: int, message: dict[str, Any], received: float) -> None:
-        self.lists[user] = [x["item"] for x in message["items"]]
-        if message.get("version", 0) <= 1:
-            return  # the list sent on subscribing, not a push
-        self.pushes += 1
-        cause = message.get("cause")
-        if cause is None or cause.get("id") is None:
-            return  # a drift refresh: other users' events moved this list
-        self.pushes_with_cause += 1
-        sent = self.sent_at.pop(cause["id"], None)
-        if sent is not None:
-            self.samples.append(received - sent)
+    Args:
+        plans: One per process.
+    """
+
+    def __init__(self, plans: list[SubscriberPlan]) -> None:
+        ctx = multiprocessing.get_context("spawn")  # nothing of this process's threads
+        self.lists: dict[int, list[Any]] = {}
+        self.pushes = [0] * len(plans)
+        self.timed = [0] * len(plans)
+        self._conns: list[Any] = []
+        self._procs: list[Any] = []
+        self._answers = [trio.open_memory_channel[tuple[Any, ...]](4) for _ in plans]
+        for plan in plans:
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=run_subscribers, args=(theirs, plan), daemon=True)
+            proc.start()
+            theirs.close()
+            self._conns.append(ours)
+            self._procs.append(proc)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds of every subscriber process so far (they must be alive)."""
+        return sum(cpu_seconds(pid) for pid in self.pids)
+
+    def command(self, *command: Any) -> None:
+        for conn in self._conns:
+            conn.send(command)
+
+    async def pump(self, n: int) -> None:
+        conn, send = self._conns[n], self._answers[n][0]
+        while True:
+            await trio.lowlevel.wait_readable(conn.fileno())
+            while conn.poll():
+                try:
+                    message = conn.recv()
+                except EOFError:
+                    return
+                if message[0] == "lists":
+                    self.lists.update(message[1])
+                    self.pushes[n], self.timed[n] = message[2], message[3]
+                else:
+                    await send.send(message)
+
+    async def expect(self, kind: str, within: float) -> list[tuple[Any, ...]]:
+        """Every process's next answer, which must be of ``kind``.
+
+        Raises:
+            RuntimeError: A process answered something else, or not within ``within`` s.
+        """
+        out = []
+        with trio.move_on_after(within):
+            for _, receive in self._answers:
+                message = await receive.receive()
+                if message[0] != kind:
+                    raise RuntimeError(f"expected {kind!r} from a subscriber process: {message}")
+                out.append(message)
+            return out
+        raise RuntimeError(f"no {kind!r} from every subscriber process within {within:g} s")
+
+    def join(self) -> None:
+        """Waits for the processes to exit (they do after ``close``); kills any that do not
+        (by its pid)."""
+        for proc in self._procs:
+            proc.join(timeout=15)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self._conns:
+            conn.close()
 
 
 async def idle_latency(
@@ -219,58 +315,17 @@ async def idle_latency(
     return out
 
 
-async def subscriber(
-    url: str,
-    user: int,
-    rec: Recorder,
-    gate: trio.Semaphore,
-    expected: int,
-    key: str | None = None,
-) -> None:
-    """Subscribes to ``user``'s list and records every push until the server closes."""
-    from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
-
-    released = False
-    query = f"user={user}&k=10" + (f"&key={urllib.parse.quote(key)}" if key else "")
-    await gate.acquire()
-    try:
-        async with open_websocket_url(
-            f"{url.replace('http', 'ws', 1)}/v1/ws/recommendations?{query}"
-        ) as ws:
-            try:
-                rec.on_message(user, json.loads(await ws.get_message()), time.perf_counter())
-                gate.release()
-                released = True
-                rec.subscribed += 1
-                if rec.subscribed == expected:
-                    rec.all_subscribed.set()
-                while True:
-                    text = await ws.get_message()
-                    rec.on_message(user, json.loads(text), time.perf_counter())
-            except ConnectionClosed:
-                pass
-            finally:
-                await ws._stream.aclose()  # trio-websocket leaves it to the GC otherwise
-    except (HandshakeError, OSError, trio.BrokenResourceError):
-        pass
-    finally:
-        if not released:
-            gate.release()
-        rec.ended += 1
-        if rec.ended == expected:
-            rec.all_ended.set()
-
-
 async def produce(
     address: tuple[str, int],
-    rec: Recorder,
+    subs: Subscribers,
     users: list[int],
     items: list[int],
     rate: float,
     args: argparse.Namespace,
     rng: random.Random,
-) -> tuple[int, float]:
-    """Sends ``rate`` events/s for ``seconds``; returns (events sent, seconds taken).
+) -> tuple[int, float, np.ndarray]:
+    """Sends ``rate`` events/s for ``seconds``; returns (events sent, seconds taken, the send
+    time of each event by its id).
 
     When the server pushes back (acks wait while its model catches up) sends fall behind the
     schedule; each event's time is still taken when its frame is sent, so the latency counts
@@ -279,7 +334,9 @@ async def produce(
     from connectors.client import ForwardProducer
 
     total = int(rate * args.seconds)
+    sent_at = np.zeros(total)
     sent = 0
+    lists = subs.lists
     async with ForwardProducer(
         *address, tag="bench.latency", window=512, shared_key=args.key
     ) as producer:
@@ -292,9 +349,10 @@ async def produce(
                 await trio.sleep(sent / rate - (now - start))
                 continue
             events = []
+            first = sent
             for _ in range(min(due, MAX_FRAME_EVENTS)):
                 user = users[rng.randrange(len(users))]
-                current = rec.lists.get(user)
+                current = lists.get(user)
                 if current and rng.random() < args.list_fraction:
                     item = current[rng.randrange(len(current))]
                 else:
@@ -302,19 +360,55 @@ async def produce(
                 events.append({"user": user, "item": item, "type": "click", "id": sent})
                 sent += 1
             t = time.perf_counter()
-            for e in events:
-                rec.sent_at[e["id"]] = t
+            sent_at[first:sent] = t
             await producer.send(events)
             if t > next_report:
                 next_report = t + 1.0
                 print(
-                    f"    {sent:,}/{total:,} events, {rec.pushes:,} pushes, "
-                    f"{len(rec.samples):,} timed",
+                    f"    {sent:,}/{total:,} events, {sum(subs.pushes):,} pushes, "
+                    f"{sum(subs.timed):,} timed",
                     flush=True,
                 )
         elapsed = time.perf_counter() - start
         await producer.flush()
-    return sent, elapsed
+    return sent, elapsed, sent_at[:sent]
+
+
+def latencies(reports: list[dict[str, Any]], sent_at: np.ndarray) -> list[float]:
+    """Receipt minus send time, seconds, of each event named as a push's cause (the first
+    receipt of each: a later push naming the same event is not a sample of its own)."""
+    ids = np.concatenate([np.frombuffer(r["ids"], dtype=np.int64) for r in reports])
+    times = np.concatenate([np.frombuffer(r["times"], dtype=np.float64) for r in reports])
+    ours = (ids >= 0) & (ids < len(sent_at))
+    ids, times = ids[ours], times[ours]
+    ids, first = np.unique(ids, return_index=True)
+    return [float(x) for x in times[first] - sent_at[ids]]
+
+
+def merge_oracles(reports: list[dict[str, Any]], interval: float) -> dict[str, Any] | None:
+    """The subscriber processes' oracle figures as one (None when the oracle was off)."""
+    parts = [r["oracle"] for r in reports if r["oracle"] is not None]
+    if not parts:
+        return None
+    total = {
+        k: sum(p[k] for p in parts)
+        for k in parts[0]
+        if k not in ("episodes_s", "sweeps", "client_cpu_s")
+    }
+    episodes = sorted(1e3 * e for p in parts for e in p["episodes_s"])
+    seconds = max(r["seconds"] for r in reports)
+    return {
+        **total,
+        "interval_s": interval,
+        "sweeps": min(p["sweeps"] for p in parts),  # complete sweeps over every subscriber
+        "gets_per_s": total["gets"] / seconds if seconds else None,
+        "client_cpu_s": sum(p["client_cpu_s"] for p in parts),
+        "stale_share": total["stale"] / total["compared"] if total["compared"] else None,
+        "differs_share": total["differs"] / total["compared"] if total["compared"] else None,
+        "episodes": len(episodes),
+        "stale_p50_ms": _quantile(episodes, 0.5),
+        "stale_p99_ms": _quantile(episodes, 0.99),
+    }
 
 
 async def warm_up(address: tuple[str, int], stream: Any, key: str | None = None) -> None:
@@ -334,6 +428,13 @@ async def warm_up(address: tuple[str, int], stream: Any, key: str | None = None)
         await producer.flush()
 
 
+def client_processes(args: argparse.Namespace, subscribers: int) -> int:
+    """``--client-processes``, or one per 5,000 subscribers, at most 2."""
+    if args.client_processes > 0:
+        return int(args.client_processes)
+    return min(2, max(1, -(-subscribers // 5000)))
+
+
 async def measure(
     server: ServerProcess,
     users: list[int],
@@ -341,41 +442,76 @@ async def measure(
     rate: float,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    rec = Recorder()
     rng = random.Random(args.seed)
-    gate = trio.Semaphore(CONNECT_AT_ONCE)
-    async with trio.open_nursery() as nursery:
-        t0 = time.perf_counter()
-        before = await trio.to_thread.run_sync(server.metrics)
-        for u in users:
-            nursery.start_soon(subscriber, server.http_url, u, rec, gate, len(users), args.key)
-        with trio.move_on_after(120):
-            await rec.all_subscribed.wait()
-        print(
-            f"    {rec.subscribed} subscribers connected in {time.perf_counter() - t0:.1f} s",
-            flush=True,
+    host, port = urllib.parse.urlsplit(server.http_url).hostname, server.http_url.rsplit(":", 1)
+    n_procs = min(client_processes(args, len(users)), len(users))
+    plans = [
+        SubscriberPlan(
+            host=str(host),
+            port=int(port[1]),
+            users=tuple(users[n::n_procs]),
+            key=args.key,
+            connect_at_once=CONNECT_AT_ONCE,
+            oracle_interval=args.oracle_interval,
+            oracle_rate=args.oracle_rate / n_procs,
         )
-        await trio.sleep(0.5)
-        gc0 = (await trio.to_thread.run_sync(server.stats)).get("gc_seconds")
-        # A server started elsewhere (--target) has no process here to read its CPU from.
-        cpu0 = cpu_seconds(server.pid) if server.pid else None
-        wall0, pushes0 = time.perf_counter(), rec.pushes
-        sent, elapsed = await produce(server.forward_address, rec, users, items, rate, args, rng)
-        await trio.sleep(1.0)  # the last pushes
-        cpu = cpu_seconds(server.pid) - cpu0 if cpu0 is not None else None
-        wall = time.perf_counter() - wall0
-        pushes = rec.pushes - pushes0
-        exposition = await trio.to_thread.run_sync(server.metrics)
-        stats = await trio.to_thread.run_sync(server.stats)
-        if args.target is None:
-            server.terminate()  # the orderly shutdown closes every subscriber with 1001
-            with trio.move_on_after(20):
-                await rec.all_ended.wait()
-        else:
-            exposition = histogram_delta(before, exposition, "recstream_push_latency_seconds")
-        nursery.cancel_scope.cancel()
+        for n in range(n_procs)
+    ]
+    subs = Subscribers(plans)
+    try:
+        async with trio.open_nursery() as nursery:
+            for n in range(n_procs):
+                nursery.start_soon(subs.pump, n)
+            t0 = time.perf_counter()
+            before = await trio.to_thread.run_sync(server.metrics)
+            answers = await subs.expect("subscribed", 180)
+            subscribed = sum(a[1] for a in answers)
+            failures: dict[str, int] = {}
+            for a in answers:
+                for why, count in a[3].items():
+                    failures[why] = failures.get(why, 0) + count
+            print(
+                f"    {subscribed} subscribers connected in {time.perf_counter() - t0:.1f} s "
+                f"by {n_procs} process(es)"
+                + (f"; {sum(a[2] for a in answers)} failed: {failures}" if failures else ""),
+                flush=True,
+            )
+            await trio.sleep(0.5)
+            gc0 = (await trio.to_thread.run_sync(server.stats)).get("gc_seconds")
+            # A server started elsewhere (--target) has no process here to read its CPU from.
+            cpu0 = cpu_seconds(server.pid) if server.pid else None
+            client0 = subs.cpu_seconds() + cpu_seconds(os.getpid())
+            subs.command("start", args.oracle_interval > 0)
+            wall0 = time.perf_counter()
+            sent, elapsed, sent_at = await produce(
+                server.forward_address, subs, users, items, rate, args, rng
+            )
+            await trio.sleep(1.0)  # the last pushes
+            cpu = cpu_seconds(server.pid) - cpu0 if cpu0 is not None else None
+            client = subs.cpu_seconds() + cpu_seconds(os.getpid()) - client0
+            wall = time.perf_counter() - wall0
+            subs.command("stop")
+            reports = [a[1] for a in await subs.expect("report", 60)]
+            exposition = await trio.to_thread.run_sync(server.metrics)
+            stats = await trio.to_thread.run_sync(server.stats)
+            if args.target is not None:
+                exposition = histogram_delta(before, exposition, "recstream_push_latency_seconds")
+            subs.command("close")
+            closed = [a[1] for a in await subs.expect("closed", 60)]
+            nursery.cancel_scope.cancel()
+    finally:
+        subs.join()
+    pushes = sum(r["pushes"] for r in reports)
     return {
-        "rec": rec,
+        "samples": latencies(reports, sent_at),
+        "pushes": pushes,
+        "pushes_with_cause": sum(r["pushes_with_cause"] for r in reports),
+        "subscribed": subscribed,
+        "subscribe_failures": failures,
+        "open_at_end": sum(r["open"] for r in reports),
+        "closes": closed,
+        "client_processes": n_procs,
+        "oracle": merge_oracles(reports, args.oracle_interval),
         "sent": sent,
         "elapsed": elapsed,
         "server_push": histogram_quantiles(
@@ -390,6 +526,11 @@ async def measure(
         # Share of that CPU spent in the cyclic garbage collector (servers that report it);
         # in the summary only, not a row: a short run may see no collection at all.
         "server_gc_share": ((stats["gc_seconds"] - gc0) / cpu if gc0 is not None and cpu else None),
+        # The load generator: this process (the producer) and the subscriber processes.
+        "client_cpu_s": client,
+        "client_cpu_share": client / wall,
+        "client_cpu_per_push_us": 1e6 * client / pushes if pushes else None,
+        "client_cpu_per_event_us": 1e6 * client / sent if sent else None,
     }
 
 
@@ -441,49 +582,55 @@ def run_once(
             else []
         )
         out = trio.run(measure, server, users, items, rate, args)
-    rec: Recorder = out["rec"]
+    samples: list[float] = out["samples"]
     hist = HdrHistogram(1, 120_000_000, 3)  # microseconds, 3 significant digits
-    for s in rec.samples:
-        hist.record_value(max(1, round(s * 1e6)))
+    for x in samples:
+        hist.record_value(max(1, round(x * 1e6)))
     pct = {
-        f"p{q:g}": hist.get_value_at_percentile(q) / 1e3 if rec.samples else None
+        f"p{q:g}": hist.get_value_at_percentile(q) / 1e3 if samples else None
         for q in (50, 99, 99.9)
     }
     idle_ms = sorted(1e3 * x for x in idle)
+    oracle = out["oracle"]
     result = {
         "sync": sync,
         "rate": rate,
-        "idle_p50_ms": idle_ms[len(idle_ms) // 2] if idle_ms else None,
-        "idle_p99_ms": idle_ms[min(len(idle_ms) - 1, int(0.99 * len(idle_ms)))]
-        if idle_ms
-        else None,
+        "idle_p50_ms": _quantile(idle_ms, 0.5),
+        "idle_p99_ms": _quantile(idle_ms, 0.99),
         "idle_samples": len(idle_ms),
         "p50_ms": pct["p50"],
         "p99_ms": pct["p99"],
         "p999_ms": pct["p99.9"],
-        "max_ms": hist.get_max_value() / 1e3 if rec.samples else None,
-        "samples": len(rec.samples),
-        "pushes": rec.pushes,
-        "pushes_with_cause": rec.pushes_with_cause,
+        "max_ms": hist.get_max_value() / 1e3 if samples else None,
+        "samples": len(samples),
+        "pushes": out["pushes"],
+        "pushes_with_cause": out["pushes_with_cause"],
         "events_sent": out["sent"],
         "achieved_rate": out["sent"] / out["elapsed"],
-        "subscribers": rec.subscribed,
+        "subscribers": out["subscribed"],
+        "subscribe_failures": out["subscribe_failures"],
+        "subscribers_open_at_end": out["open_at_end"],
+        "closes": out["closes"],
+        "client_processes": out["client_processes"],
         "subscribers_seen_by_server": out["subscribers_seen_by_server"],
         "server_push_latency_ms": {
             k: (v * 1e3 if isinstance(v, float) and k != "count" else v)
             for k, v in out["server_push"].items()
         },
-        "latencies_s": sorted(rec.samples),
+        "oracle": oracle,
+        "latencies_s": sorted(samples),
         **{k: out[k] for k in CPU_KEYS},
     }
     server_ms = result["server_push_latency_ms"]
     print(
         f"  sync={sync}, {rate:g}/s: p50 {_ms(result['p50_ms'])}  p99 {_ms(result['p99_ms'])}  "
-        f"p999 {_ms(result['p999_ms'])}  ({result['samples']:,} timed of {rec.pushes:,} pushes, "
-        f"{out['sent']:,} events at {result['achieved_rate']:,.0f}/s); server-side p50 "
+        f"p999 {_ms(result['p999_ms'])}  ({result['samples']:,} timed of {out['pushes']:,} "
+        f"pushes, {out['sent']:,} events at {result['achieved_rate']:,.0f}/s); server-side p50 "
         f"{_ms(server_ms['p50'])} p99 {_ms(server_ms['p99'])}; server CPU "
         f"{_us(result['server_cpu_per_push_us'])}/push, {_us(result['server_cpu_per_event_us'])}"
-        f"/event, {_cores(result['server_cpu_share'])}; idle p50 "
+        f"/event, {_cores(result['server_cpu_share'])}; load generator CPU "
+        f"{_us(result['client_cpu_per_push_us'])}/push, {_us(result['client_cpu_per_event_us'])}"
+        f"/event, {_cores(result['client_cpu_share'])}; idle p50 "
         f"{_ms(result['idle_p50_ms'])} p99 {_ms(result['idle_p99_ms'])}"
         + (
             f", {result['server_gc_share']:.1%} in GC"
@@ -492,6 +639,16 @@ def run_once(
         ),
         flush=True,
     )
+    if oracle is not None:
+        print(
+            f"  sync={sync}, {rate:g}/s: oracle {oracle['compared']:,} compared "
+            f"({oracle['gets_per_s'] or 0:.0f} GETs/s, {oracle['sweeps']} sweeps, "
+            f"{oracle['skipped_push_newer']} skipped, {oracle['errors']} errors), stale "
+            f"{oracle['stale_share'] or 0:.2%} (differs {oracle['differs_share'] or 0:.2%}), "
+            f"{oracle['episodes']} episodes p50 {_ms(oracle['stale_p50_ms'])} p99 "
+            f"{_ms(oracle['stale_p99_ms'])}",
+            flush=True,
+        )
     return result
 
 
@@ -546,6 +703,13 @@ def histogram_delta(before: str, after: str, metric: str) -> str:
         if m:
             out.append(f"{m.group(1)} {float(m.group(2)) - earlier.get(m.group(1), 0.0)}")
     return "\n".join(out)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (nearest rank) of already sorted values; None when empty."""
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 def _ms(v: float | None) -> str:
@@ -604,6 +768,15 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.subscribers, args.rate, args.low_rate, args.seconds = 50, 500.0, 0.0, 2.0
         args.catalog, args.warmup = 1000, 3000
+        args.oracle_interval = min(args.oracle_interval, 0.5)
+    # Thousands of sockets here, in the subscriber processes and in a server started here
+    # (they inherit the limit).
+    limit = raise_fd_limit()
+    if limit < args.subscribers + 256:
+        raise SystemExit(
+            f"{args.subscribers} subscribers need more open files than the limit of {limit}; "
+            "raise the hard limit (ulimit -Hn)"
+        )
     warm = engine.datasets.generate(
         engine.datasets.SyntheticConfig(
             n_events=args.warmup,
@@ -710,20 +883,59 @@ def run(args: argparse.Namespace) -> int:
             ("server_cpu_per_push_us", "µs/push"),
             ("server_cpu_per_event_us", "µs/event"),
             ("server_cpu_share", "cores"),
+            ("client_cpu_per_push_us", "µs/push"),
+            ("client_cpu_per_event_us", "µs/event"),
+            ("client_cpu_share", "cores"),
         ):
             if r[key] is None:
                 continue  # a --target server's CPU cannot be read from here
             name = key.removesuffix("_us")
+            side = key.split("_", 1)[0]
             rows.append(
                 row(
                     f"{label}_{name}",
                     r[key],
                     None,
                     unit,
-                    {**params, "cpu_seconds": r["server_cpu_s"]},
+                    {
+                        **params,
+                        "cpu_seconds": r[f"{side}_cpu_s"],
+                        "processes": r["client_processes"] + 1 if side == "client" else 1,
+                    },
                     lower_is_better=True,
                 )
             )
+        o = r["oracle"]
+        if o is not None:
+            oracle_params = {
+                **params,
+                **{k: v for k, v in o.items() if not k.endswith("_ms")},
+            }
+            if o["stale_share"] is not None:
+                rows.append(
+                    row(
+                        f"{label}_drift_stale_share",
+                        o["stale_share"],
+                        None,
+                        "share",
+                        oracle_params,
+                        lower_is_better=True,
+                    )
+                )
+            for q in ("p50", "p99"):
+                if o[f"stale_{q}_ms"] is None:
+                    continue  # no stale episode at all
+                goal = DRIFT_GOAL_MS if q == "p99" else None
+                rows.append(
+                    row(
+                        f"{label}_drift_{q}",
+                        o[f"stale_{q}_ms"],
+                        goal,
+                        "ms",
+                        {**oracle_params, "peer_is": "goal" if goal else None},
+                        lower_is_better=True,
+                    )
+                )
     summary = {
         label: {k: v for k, v in r.items() if k != "latencies_s"} for label, r in runs.items()
     }
@@ -743,6 +955,9 @@ def run(args: argparse.Namespace) -> int:
                     "list_fraction",
                     "dim",
                     "refresh_interval",
+                    "oracle_interval",
+                    "oracle_rate",
+                    "client_processes",
                     "idle_events",
                     "strict_order",
                     "target",
@@ -755,8 +970,10 @@ def run(args: argparse.Namespace) -> int:
             "runs": summary,
             "plot": png,
             "note": (
-                "server, producer and subscribers share the machine's cores; the producer and "
-                "all subscribers are tasks of one Python process. When the server cannot keep "
+                "server, producer and subscribers share the machine's cores; the subscribers "
+                "live in client_processes processes of their own (raw sockets, one epoll loop "
+                "each), the producer in the benchmark's process; client_cpu_* is all of them. "
+                "When the server cannot keep "
                 "up, acks slow the producer (achieved_rate < rate) and the latency is the "
                 "queue inside the server. The server's drift refresh recomputes up to "
                 "refresh_budget subscribed lists every refresh_interval in the same batch as "
