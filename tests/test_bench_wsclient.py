@@ -79,7 +79,7 @@ async def test_subscription_to_a_real_server_pushes_and_pings(tmp_path: Path) ->
                 while True:
                     await exchange(stream, ws)
             top = items_of(items)[0]
-            event = {"user": "u1", "item": top, "type": "click", "id": "e-\"1\"-é"}
+            event = {"user": "u1", "item": top, "type": "click", "id": 'e-"1"-é'}
             assert (await http.post("/v1/events", content=json.dumps([event]))).status_code == 202
             cause = None
             while cause != event["id"]:
