@@ -1,13 +1,14 @@
 """Push-latency benchmark: from a producer's send to a websocket subscriber's receipt.
 
-Three kinds of process on loopback: the server is a subprocess (``python -m connectors
-serve`` with a temporary data directory and a TOML config); the subscribers live in one or
-two load-generator processes (``--client-processes``, see :mod:`bench._loadgen`: one epoll
-loop over raw sockets each, a minimal websocket client, no JSON decode per push); the
-producer is a trio task of this process. Send and receipt times are ``time.perf_counter``
-(CLOCK_MONOTONIC, one clock for every process on Linux). The load generator's CPU (this
-process and its subscriber processes, from /proc) is reported beside the server's, per push
-and per event, so that a run shows whether it measured the server or itself.
+Processes on loopback: the server is a subprocess (``python -m connectors serve`` with a
+temporary data directory and a TOML config); the subscribers live in one or two processes
+(``--client-processes``, see :mod:`bench._loadgen`: one epoll loop over raw sockets each, a
+minimal websocket client, no JSON decode per push); the producer is a process of its own
+(:mod:`bench._producer`: a blocking Forward socket, no event loop); this process only
+coordinates them. Send and receipt times are ``time.perf_counter`` (CLOCK_MONOTONIC, one
+clock for every process on Linux). The load generator's CPU (all those processes, from
+/proc) is reported beside the server's, per push and per event (``client_cpu_*`` rows), so
+that a run shows whether it measured the server or itself.
 
 Method:
 
@@ -15,7 +16,8 @@ Method:
    Forward and waited for in ``/v1/stats``, so users have histories and non-trivial lists.
 2. ``--subscribers`` websockets subscribe to distinct warmed-up users (top 10 each).
 3. The producer sends ``--rate`` events/s for ``--seconds`` over Forward (PackedForward frames
-   of whatever events fell due since the previous frame), each for a random subscribed user,
+   of whatever events fell due since the previous frame, at most one frame every 2 ms; the
+   send time of an event is its frame's), each for a random subscribed user,
    each with a unique ``"id"``. Half the events (``--list-fraction``) target an item in the
    user's current list, which makes it seen and so drops it from the list: a change, hence a
    push; the others target a random catalog item, which may or may not change the list.
@@ -87,6 +89,7 @@ from bench._common import (
     write_results,
 )
 from bench._loadgen import SubscriberPlan, raise_fd_limit, run_subscribers
+from bench._producer import ProducerPlan, run_producer
 from engine import ModelConfig
 from engine._config import parse_hostport
 
@@ -103,6 +106,9 @@ CPU_KEYS = (
     "server_cpu_per_event_us",
     "server_gc_share",
     "client_cpu_s",
+    "client_cpu_s_producer",
+    "client_cpu_s_subscribers",
+    "client_cpu_s_coordinator",
     "client_cpu_share",
     "client_cpu_per_push_us",
     "client_cpu_per_event_us",
@@ -197,47 +203,63 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-class Subscribers:
-    """The subscriber processes of one run, seen from the benchmark's trio loop.
+class LoadGenerator:
+    """The load generator's processes for one run, seen from the benchmark's trio loop: the
+    subscriber processes (:func:`bench._loadgen.run_subscribers`, a share of the users
+    each) and the producer process (:func:`bench._producer.run_producer`).
 
-    Each process (:func:`bench._loadgen.run_subscribers`) gets a share of the users and a
-    pipe; :meth:`pump` reads one pipe for as long as it lives, keeping :attr:`lists` (the
-    users' current lists, for the producer) and the progress counts, and handing every other
-    answer to :meth:`expect`.
+    Each subscriber process has a control pipe to this process and a lists pipe to the
+    producer; the producer has a control pipe. :meth:`pump` reads one control pipe for as
+    long as it lives and hands its answers to :meth:`expect`.
 
     Args:
-        plans: One per process.
+        plans: One per subscriber process.
+        producer: The producer's plan.
     """
 
-    def __init__(self, plans: list[SubscriberPlan]) -> None:
+    def __init__(self, plans: list[SubscriberPlan], producer: ProducerPlan) -> None:
         ctx = multiprocessing.get_context("spawn")  # nothing of this process's threads
-        self.lists: dict[int, list[Any]] = {}
-        self.pushes = [0] * len(plans)
-        self.timed = [0] * len(plans)
         self._conns: list[Any] = []
         self._procs: list[Any] = []
-        self._answers = [trio.open_memory_channel[tuple[Any, ...]](4) for _ in plans]
+        lists_ends = []
         for plan in plans:
             ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=run_subscribers, args=(theirs, plan), daemon=True)
+            lists_out, lists_in = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=run_subscribers, args=(theirs, plan, lists_in), daemon=True)
             proc.start()
             theirs.close()
+            lists_in.close()
+            lists_ends.append(lists_out)
             self._conns.append(ours)
             self._procs.append(proc)
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(target=run_producer, args=(theirs, lists_ends, producer), daemon=True)
+        proc.start()
+        theirs.close()
+        for end in lists_ends:
+            end.close()
+        self._conns.append(ours)
+        self._procs.append(proc)
+        self.subscribers = range(len(plans))
+        self.producer = len(plans)
+        self._answers = [trio.open_memory_channel[tuple[Any, ...]](4) for _ in self._conns]
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds so far of (the producer, the subscriber processes)."""
+        pids = [p.pid for p in self._procs]
+        return cpu_seconds(pids[self.producer]), sum(cpu_seconds(pids[n]) for n in self.subscribers)
 
-    def cpu_seconds(self) -> float:
-        """CPU seconds of every subscriber process so far (they must be alive)."""
-        return sum(cpu_seconds(pid) for pid in self.pids)
+    def command(self, to: range | int, *command: Any) -> None:
+        for n in [to] if isinstance(to, int) else to:
+            self._conns[n].send(command)
 
-    def command(self, *command: Any) -> None:
-        for conn in self._conns:
-            conn.send(command)
+    async def pump(self) -> None:
+        """Reads every control pipe until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for n in range(len(self._conns)):
+                nursery.start_soon(self._pump_one, n)
 
-    async def pump(self, n: int) -> None:
+    async def _pump_one(self, n: int) -> None:
         conn, send = self._conns[n], self._answers[n][0]
         while True:
             await trio.lowlevel.wait_readable(conn.fileno())
@@ -246,31 +268,29 @@ class Subscribers:
                     message = conn.recv()
                 except EOFError:
                     return
-                if message[0] == "lists":
-                    self.lists.update(message[1])
-                    self.pushes[n], self.timed[n] = message[2], message[3]
-                else:
-                    await send.send(message)
+                await send.send(message)
 
-    async def expect(self, kind: str, within: float) -> list[tuple[Any, ...]]:
-        """Every process's next answer, which must be of ``kind``.
+    async def expect(self, of: range | int, kind: str, within: float) -> list[tuple[Any, ...]]:
+        """The next answer of each process in ``of``, which must be of ``kind``.
 
         Raises:
             RuntimeError: A process answered something else, or not within ``within`` s.
         """
         out = []
         with trio.move_on_after(within):
-            for _, receive in self._answers:
-                message = await receive.receive()
+            for n in [of] if isinstance(of, int) else of:
+                message = await self._answers[n][1].receive()
                 if message[0] != kind:
-                    raise RuntimeError(f"expected {kind!r} from a subscriber process: {message}")
+                    raise RuntimeError(
+                        f"expected {kind!r} from a load-generator process: {message}"
+                    )
                 out.append(message)
             return out
-        raise RuntimeError(f"no {kind!r} from every subscriber process within {within:g} s")
+        raise RuntimeError(f"no {kind!r} from every load-generator process within {within:g} s")
 
     def join(self) -> None:
-        """Waits for the processes to exit (they do after ``close``); kills any that do not
-        (by its pid)."""
+        """Waits for the processes to exit (they do once told to); kills any that do not (by
+        its pid)."""
         for proc in self._procs:
             proc.join(timeout=15)
             if proc.is_alive():
@@ -313,65 +333,6 @@ async def idle_latency(
             await trio.sleep(0.01)
         await producer.flush()
     return out
-
-
-async def produce(
-    address: tuple[str, int],
-    subs: Subscribers,
-    users: list[int],
-    items: list[int],
-    rate: float,
-    args: argparse.Namespace,
-    rng: random.Random,
-) -> tuple[int, float, np.ndarray]:
-    """Sends ``rate`` events/s for ``seconds``; returns (events sent, seconds taken, the send
-    time of each event by its id).
-
-    When the server pushes back (acks wait while its model catches up) sends fall behind the
-    schedule; each event's time is still taken when its frame is sent, so the latency counts
-    the queueing inside the server but not the producer's own delay.
-    """
-    from connectors.client import ForwardProducer
-
-    total = int(rate * args.seconds)
-    sent_at = np.zeros(total)
-    sent = 0
-    lists = subs.lists
-    async with ForwardProducer(
-        *address, tag="bench.latency", window=512, shared_key=args.key
-    ) as producer:
-        start = time.perf_counter()
-        next_report = start + 1.0
-        while sent < total and time.perf_counter() - start < args.seconds:
-            now = time.perf_counter()
-            due = min(total, int((now - start) * rate) + 1) - sent
-            if due <= 0:
-                await trio.sleep(sent / rate - (now - start))
-                continue
-            events = []
-            first = sent
-            for _ in range(min(due, MAX_FRAME_EVENTS)):
-                user = users[rng.randrange(len(users))]
-                current = lists.get(user)
-                if current and rng.random() < args.list_fraction:
-                    item = current[rng.randrange(len(current))]
-                else:
-                    item = items[rng.randrange(len(items))]
-                events.append({"user": user, "item": item, "type": "click", "id": sent})
-                sent += 1
-            t = time.perf_counter()
-            sent_at[first:sent] = t
-            await producer.send(events)
-            if t > next_report:
-                next_report = t + 1.0
-                print(
-                    f"    {sent:,}/{total:,} events, {sum(subs.pushes):,} pushes, "
-                    f"{sum(subs.timed):,} timed",
-                    flush=True,
-                )
-        elapsed = time.perf_counter() - start
-        await producer.flush()
-    return sent, elapsed, sent_at[:sent]
 
 
 def latencies(reports: list[dict[str, Any]], sent_at: np.ndarray) -> list[float]:
@@ -442,13 +403,13 @@ async def measure(
     rate: float,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    rng = random.Random(args.seed)
-    host, port = urllib.parse.urlsplit(server.http_url).hostname, server.http_url.rsplit(":", 1)
+    url = urllib.parse.urlsplit(server.http_url)
+    host, port = str(url.hostname), int(url.port or 80)
     n_procs = min(client_processes(args, len(users)), len(users))
     plans = [
         SubscriberPlan(
-            host=str(host),
-            port=int(port[1]),
+            host=host,
+            port=port,
             users=tuple(users[n::n_procs]),
             key=args.key,
             connect_at_once=CONNECT_AT_ONCE,
@@ -457,14 +418,26 @@ async def measure(
         )
         for n in range(n_procs)
     ]
-    subs = Subscribers(plans)
+    producer_plan = ProducerPlan(
+        host=server.forward_address[0],
+        port=server.forward_address[1],
+        users=tuple(users),
+        items=tuple(items),
+        rate=rate,
+        seconds=args.seconds,
+        list_fraction=args.list_fraction,
+        seed=args.seed,
+        key=args.key,
+        max_frame_events=MAX_FRAME_EVENTS,
+    )
+    gen = LoadGenerator(plans, producer_plan)
     try:
         async with trio.open_nursery() as nursery:
-            for n in range(n_procs):
-                nursery.start_soon(subs.pump, n)
+            nursery.start_soon(gen.pump)
             t0 = time.perf_counter()
             before = await trio.to_thread.run_sync(server.metrics)
-            answers = await subs.expect("subscribed", 180)
+            await gen.expect(gen.producer, "ready", 60)
+            answers = await gen.expect(gen.subscribers, "subscribed", 180)
             subscribed = sum(a[1] for a in answers)
             failures: dict[str, int] = {}
             for a in answers:
@@ -480,30 +453,36 @@ async def measure(
             gc0 = (await trio.to_thread.run_sync(server.stats)).get("gc_seconds")
             # A server started elsewhere (--target) has no process here to read its CPU from.
             cpu0 = cpu_seconds(server.pid) if server.pid else None
-            client0 = subs.cpu_seconds() + cpu_seconds(os.getpid())
-            subs.command("start", args.oracle_interval > 0)
+            (producer0, subscribers0), here0 = gen.cpu_seconds(), cpu_seconds(os.getpid())
+            gen.command(gen.subscribers, "start", args.oracle_interval > 0)
             wall0 = time.perf_counter()
-            sent, elapsed, sent_at = await produce(
-                server.forward_address, subs, users, items, rate, args, rng
+            gen.command(gen.producer, "go")
+            [(_, sent, elapsed, sent_at)] = await gen.expect(
+                gen.producer, "done", args.seconds + 120
             )
             await trio.sleep(1.0)  # the last pushes
             cpu = cpu_seconds(server.pid) - cpu0 if cpu0 is not None else None
-            client = subs.cpu_seconds() + cpu_seconds(os.getpid()) - client0
+            producer, subscribers = (
+                a - b for a, b in zip(gen.cpu_seconds(), (producer0, subscribers0), strict=True)
+            )
+            here = cpu_seconds(os.getpid()) - here0
+            client = producer + subscribers + here
             wall = time.perf_counter() - wall0
-            subs.command("stop")
-            reports = [a[1] for a in await subs.expect("report", 60)]
+            gen.command(gen.subscribers, "stop")
+            reports = [a[1] for a in await gen.expect(gen.subscribers, "report", 60)]
             exposition = await trio.to_thread.run_sync(server.metrics)
             stats = await trio.to_thread.run_sync(server.stats)
             if args.target is not None:
                 exposition = histogram_delta(before, exposition, "recstream_push_latency_seconds")
-            subs.command("close")
-            closed = [a[1] for a in await subs.expect("closed", 60)]
+            gen.command(gen.subscribers, "close")
+            closed = [a[1] for a in await gen.expect(gen.subscribers, "closed", 60)]
+            gen.command(gen.producer, "exit")
             nursery.cancel_scope.cancel()
     finally:
-        subs.join()
+        gen.join()
     pushes = sum(r["pushes"] for r in reports)
     return {
-        "samples": latencies(reports, sent_at),
+        "samples": latencies(reports, np.frombuffer(sent_at, dtype=np.float64)),
         "pushes": pushes,
         "pushes_with_cause": sum(r["pushes_with_cause"] for r in reports),
         "subscribed": subscribed,
@@ -526,8 +505,11 @@ async def measure(
         # Share of that CPU spent in the cyclic garbage collector (servers that report it);
         # in the summary only, not a row: a short run may see no collection at all.
         "server_gc_share": ((stats["gc_seconds"] - gc0) / cpu if gc0 is not None and cpu else None),
-        # The load generator: this process (the producer) and the subscriber processes.
+        # The load generator: the producer, the subscriber processes and this one.
         "client_cpu_s": client,
+        "client_cpu_s_producer": producer,
+        "client_cpu_s_subscribers": subscribers,
+        "client_cpu_s_coordinator": here,
         "client_cpu_share": client / wall,
         "client_cpu_per_push_us": 1e6 * client / pushes if pushes else None,
         "client_cpu_per_event_us": 1e6 * client / sent if sent else None,
@@ -630,7 +612,10 @@ def run_once(
         f"{_us(result['server_cpu_per_push_us'])}/push, {_us(result['server_cpu_per_event_us'])}"
         f"/event, {_cores(result['server_cpu_share'])}; load generator CPU "
         f"{_us(result['client_cpu_per_push_us'])}/push, {_us(result['client_cpu_per_event_us'])}"
-        f"/event, {_cores(result['client_cpu_share'])}; idle p50 "
+        f"/event, {_cores(result['client_cpu_share'])} (producer "
+        f"{result['client_cpu_s_producer']:.2f} s, subscribers "
+        f"{result['client_cpu_s_subscribers']:.2f} s, coordinator "
+        f"{result['client_cpu_s_coordinator']:.2f} s); idle p50 "
         f"{_ms(result['idle_p50_ms'])} p99 {_ms(result['idle_p99_ms'])}"
         + (
             f", {result['server_gc_share']:.1%} in GC"
@@ -900,7 +885,7 @@ def run(args: argparse.Namespace) -> int:
                     {
                         **params,
                         "cpu_seconds": r[f"{side}_cpu_s"],
-                        "processes": r["client_processes"] + 1 if side == "client" else 1,
+                        "processes": r["client_processes"] + 2 if side == "client" else 1,
                     },
                     lower_is_better=True,
                 )
@@ -972,7 +957,8 @@ def run(args: argparse.Namespace) -> int:
             "note": (
                 "server, producer and subscribers share the machine's cores; the subscribers "
                 "live in client_processes processes of their own (raw sockets, one epoll loop "
-                "each), the producer in the benchmark's process; client_cpu_* is all of them. "
+                "each), the producer in another; client_cpu_* is all of them and the "
+                "coordinating benchmark process. "
                 "When the server cannot keep "
                 "up, acks slow the producer (achieved_rate < rate) and the latency is the "
                 "queue inside the server. The server's drift refresh recomputes up to "

@@ -7,11 +7,13 @@ costs it a ``recv``, a frame parse and one compiled-regex match (:func:`parse_pu
 decode; receipt times are ``time.perf_counter()`` (CLOCK_MONOTONIC, the same clock in every
 process on Linux), so the producer's send times in another process compare with them.
 
-It talks to the benchmark over a ``multiprocessing`` pipe, in bulk and never per message:
+It talks to the benchmark over a ``multiprocessing`` pipe, in bulk and never per message
+(and to the producer over a second one, which carries only the lists):
 
 * ``("subscribed", ok, failed, errors)`` once every subscription was tried;
-* ``("lists", {user: items}, pushes, timed)`` every ``list_interval``: the lists that changed
-  since the last one (the producer clicks items of the current lists), with progress counts;
+* ``("lists", {user: items}, pushes, timed)`` every ``list_interval``, to the producer: the
+  lists that changed since the last one (it clicks items of the current lists), with
+  progress counts;
 * on ``("start", oracle)`` it starts a measured window (counters and samples from zero, the
   staleness oracle running when asked), on ``("stop",)`` it ends it and answers
   ``("report", {...})``: the window's counts, its samples (cause ids and receipt times as
@@ -301,8 +303,9 @@ class _Http:
 class _Loop:
     """The subscriber process's state and its one event loop."""
 
-    def __init__(self, conn: Any, plan: SubscriberPlan) -> None:
+    def __init__(self, conn: Any, lists_conn: Any, plan: SubscriberPlan) -> None:
         self.conn = conn
+        self.lists_conn = lists_conn
         self.plan = plan
         self.sel = selectors.DefaultSelector()
         self.sel.register(conn.fileno(), selectors.EVENT_READ, None)
@@ -581,7 +584,7 @@ class _Loop:
     def send_lists(self) -> None:
         lists = {user: items_of(items) for user, items in self.changed.items()}
         self.changed.clear()
-        self.conn.send(("lists", lists, self.pushes, len(self.ids)))
+        self.lists_conn.send(("lists", lists, self.pushes, len(self.ids)))
 
     def on_command(self) -> None:
         command = self.conn.recv()
@@ -677,8 +680,9 @@ class _Loop:
                         self.on_http_readable(obj)
 
 
-def run_subscribers(conn: Any, plan: SubscriberPlan) -> None:
-    """The subscriber process's entry point (see the module docstring)."""
+def run_subscribers(conn: Any, plan: SubscriberPlan, lists_conn: Any = None) -> None:
+    """The subscriber process's entry point (see the module docstring): commands and
+    answers over ``conn``, the lists over ``lists_conn`` (default ``conn``)."""
     limit = raise_fd_limit()
     if len(plan.users) + ORACLE_CONNECTIONS + 16 > limit:
         conn.send(
@@ -690,4 +694,4 @@ def run_subscribers(conn: Any, plan: SubscriberPlan) -> None:
             )
         )
         return
-    _Loop(conn, plan).run()
+    _Loop(conn, conn if lists_conn is None else lists_conn, plan).run()
