@@ -536,6 +536,10 @@ def run_once(
         "sync": sync,
         "snapshot_interval": 3600.0,
         "max_subscribers": max(10_000, 2 * args.subscribers),
+        # Every subscriber is an HTTP connection: the default share of the open-file limit
+        # (half of it, less a reserve) may be too few.
+        "max_http_connections": args.subscribers + 256,
+        "max_forward_connections": 64,
         "model": {"dim": args.dim, "seed": args.seed},
     }
     if args.refresh_interval is not None:

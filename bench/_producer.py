@@ -15,9 +15,9 @@ snapshots of the lists that changed (with their progress counts); the producer r
 between frames, and keeps reading them until told to exit, so that no subscriber process
 ever blocks on a full pipe.
 
-Over its control pipe: ``("ready",)`` once connected (and through the shared-key handshake
-when there is a key), then on ``("go",)`` the run, answered by ``("done", sent, seconds,
-send times)`` once every frame is acknowledged; ``("exit",)`` ends it.
+Over its control pipe: ``("ready",)`` once started, then on ``("go",)`` the run (connecting
+first, through the shared-key handshake when there is a key), answered by ``("done", sent,
+seconds, send times)`` once every frame is acknowledged; ``("exit",)`` ends it.
 """
 
 from __future__ import annotations
@@ -88,14 +88,21 @@ class _Producer:
         self.progress = [(0, 0)] * len(lists_conns)
         self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=1 << 20)
         self.unacked = 0
-        self.sock = socket.create_connection((plan.host, plan.port), timeout=30)
+        self.sock: socket.socket | None = None
+
+    def connect(self) -> socket.socket:
+        """Connects (and goes through the shared-key handshake when there is a key): at the
+        start of the run, so that a long wait for the subscribers cannot idle it out."""
+        self.sock = socket.create_connection((self.plan.host, self.plan.port), timeout=30)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if plan.key is not None:
-            self.handshake(plan.key)
+        if self.plan.key is not None:
+            self.handshake(self.plan.key)
         self.sock.setblocking(False)
+        return self.sock
 
     def handshake(self, key: str) -> None:
         """The Forward shared-key handshake (HELO, PING, PONG), blocking."""
+        assert self.sock is not None
         helo = self.read_message()
         if not (isinstance(helo, list) and helo and helo[0] == "HELO"):
             raise ConnectionError(f"expected HELO, got {helo!r}")
@@ -109,6 +116,7 @@ class _Producer:
             raise PermissionError(f"the server refused the shared key: {pong!r}")
 
     def read_message(self) -> Any:
+        assert self.sock is not None
         while True:
             for message in self.unpacker:
                 return message
@@ -119,6 +127,8 @@ class _Producer:
 
     def read_acks(self, timeout: float) -> None:
         """Reads the acks that arrived (waiting up to ``timeout`` for the first)."""
+        if self.sock is None:
+            return
         ready, _, _ = select.select([self.sock], [], [], timeout)
         if not ready:
             return
@@ -152,6 +162,7 @@ class _Producer:
         self.read_acks(0)
 
     def send(self, frame: bytes) -> None:
+        assert self.sock is not None
         view = memoryview(frame)
         while view:
             try:
@@ -175,6 +186,7 @@ class _Producer:
         packer = msgpack.Packer(use_bin_type=True)
         prefix = base64.b64encode(os.urandom(6)).decode()
         sent = frames = 0
+        self.connect()
         start = time.perf_counter()
         next_report, next_frame = start + 1.0, start
         while sent < total:
@@ -254,7 +266,8 @@ def run_producer(conn: Any, lists_conns: list[Any], plan: ProducerPlan) -> None:
             sent, elapsed, sent_at = producer.run()
             conn.send(("done", sent, elapsed, sent_at.tobytes()))
         elif command[0] == "exit":
-            producer.sock.close()
+            if producer.sock is not None:
+                producer.sock.close()
             return
         else:
             raise ValueError(f"unknown command {command!r}")
