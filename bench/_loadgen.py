@@ -275,7 +275,7 @@ class SubscriberPlan:
     connect_timeout: float = 120.0
     list_interval: float = 0.05
     oracle_interval: float = 5.0
-    oracle_rate: float = 200.0
+    oracle_rate: float = 100.0
     close_timeout: float = 10.0
 
 
