@@ -461,9 +461,8 @@ class _Loop:
         self.sweeping = False
         self.next_sweep = time.perf_counter()
         self.next_get = self.next_sweep
-        if not self.oracle_http:
-            for _ in range(ORACLE_CONNECTIONS):
-                self.oracle_http.append(self.http_connect())
+        while len(self.oracle_http) < ORACLE_CONNECTIONS:
+            self.oracle_http.append(self.http_connect())
 
     def http_connect(self) -> _Http:
         sock = socket.create_connection((self.plan.host, self.plan.port), timeout=10)
@@ -528,10 +527,17 @@ class _Loop:
         self.sel.modify(h.sock, want, h)
 
     def http_failed(self, h: _Http) -> None:
-        if self.oracle is not None:
+        """The connection broke or closed. Only a request in flight is an error: the server
+        closes idle keep-alive connections of its own accord."""
+        if self.oracle is not None and h.user is not None:
             self.oracle.errors += 1
         h.user, h.buffer, h.pending = None, b"", b""
-        self.http_reconnect(h)
+        if self.oracle is not None:
+            self.http_reconnect(h)
+        else:
+            self.sel.unregister(h.sock)
+            h.sock.close()
+            self.oracle_http.remove(h)
 
     def on_http_readable(self, h: _Http) -> None:
         cpu0 = time.thread_time()
@@ -570,14 +576,19 @@ class _Loop:
             if len(status) < 2 or status[1] != "200":
                 oracle.errors += 1
             else:
-                doc = json.loads(body)
-                exact = [x["item"] for x in doc["items"]]
-                last = self.last.get(user)
-                pushed = (items_of(last[0]), last[1]) if last is not None else None
-                oracle.observe(user, exact, int(doc["version"]), pushed, now)
+                try:
+                    doc = json.loads(body)
+                    exact = [x["item"] for x in doc["items"]]
+                    version = int(doc["version"])
+                except (ValueError, KeyError, TypeError):
+                    oracle.errors += 1
+                else:
+                    last = self.last.get(user)
+                    pushed = (items_of(last[0]), last[1]) if last is not None else None
+                    oracle.observe(user, exact, version, pushed, now)
             oracle.cpu_s += time.thread_time() - cpu0
         if fields.get("connection", "").lower() == "close":
-            self.http_reconnect(h)
+            self.http_failed(h)  # nothing in flight any more: not an error
 
     # --- the pipe --------------------------------------------------------------------------
 
@@ -632,10 +643,10 @@ class _Loop:
         while self.running:
             now = time.perf_counter()
             if not self.announced and now > deadline:
+                self.failed += len(self.queue)  # never tried
+                self.queue.clear()  # first: a drop would start the next connection
                 for s in [s for s in self.sockets if not s.got_first]:
                     self.drop(s, "no first list within the connect timeout")
-                self.failed += len(self.queue)
-                self.queue.clear()
                 self.maybe_announce()
             if self.closing_deadline is not None and (
                 not self.sockets or now > self.closing_deadline
