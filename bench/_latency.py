@@ -76,6 +76,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+import attrs
 import numpy as np
 import trio
 
@@ -203,6 +204,78 @@ def register(subparsers: Any) -> None:
         "an oracle sweep every 0.5 s",
     )
     p.set_defaults(func=run)
+
+
+@attrs.define
+class Recorder:
+    """What a producer and in-process subscribers (:func:`subscriber`, trio tasks) share:
+    send times, lists, and the samples. The latency benchmark runs its subscribers in
+    processes of their own; the reliability benchmark's slow-reader drill uses these."""
+
+    sent_at: dict[int, float] = attrs.field(factory=dict)
+    lists: dict[int, list[Any]] = attrs.field(factory=dict)
+    samples: list[float] = attrs.field(factory=list)  # seconds
+    pushes: int = 0
+    pushes_with_cause: int = 0
+    subscribed: int = 0
+    ended: int = 0
+    all_subscribed: trio.Event = attrs.field(factory=trio.Event)
+    all_ended: trio.Event = attrs.field(factory=trio.Event)
+
+    def on_message(self, user: int, message: dict[str, Any], received: float) -> None:
+        self.lists[user] = [x["item"] for x in message["items"]]
+        if message.get("version", 0) <= 1:
+            return  # the list sent on subscribing, not a push
+        self.pushes += 1
+        cause = message.get("cause")
+        if cause is None or cause.get("id") is None:
+            return  # a drift refresh: other users' events moved this list
+        self.pushes_with_cause += 1
+        sent = self.sent_at.pop(cause["id"], None)
+        if sent is not None:
+            self.samples.append(received - sent)
+
+
+async def subscriber(
+    url: str,
+    user: int,
+    rec: Recorder,
+    gate: trio.Semaphore,
+    expected: int,
+    key: str | None = None,
+) -> None:
+    """Subscribes to ``user``'s list and records every push until the server closes."""
+    from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+    released = False
+    query = f"user={user}&k=10" + (f"&key={urllib.parse.quote(key)}" if key else "")
+    await gate.acquire()
+    try:
+        async with open_websocket_url(
+            f"{url.replace('http', 'ws', 1)}/v1/ws/recommendations?{query}"
+        ) as ws:
+            try:
+                rec.on_message(user, json.loads(await ws.get_message()), time.perf_counter())
+                gate.release()
+                released = True
+                rec.subscribed += 1
+                if rec.subscribed == expected:
+                    rec.all_subscribed.set()
+                while True:
+                    text = await ws.get_message()
+                    rec.on_message(user, json.loads(text), time.perf_counter())
+            except ConnectionClosed:
+                pass
+            finally:
+                await ws._stream.aclose()  # trio-websocket leaves it to the GC otherwise
+    except (HandshakeError, OSError, trio.BrokenResourceError):
+        pass
+    finally:
+        if not released:
+            gate.release()
+        rec.ended += 1
+        if rec.ended == expected:
+            rec.all_ended.set()
 
 
 class LoadGenerator:
