@@ -66,6 +66,7 @@ goal / ours, so a ratio of at least 1 means the goal is met.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import multiprocessing
 import os
@@ -91,8 +92,9 @@ from bench._common import (
     row,
     write_results,
 )
-from bench._loadgen import SubscriberPlan, raise_fd_limit, run_subscribers
+from bench._loadgen import SubscriberPlan, items_of, parse_push, raise_fd_limit, run_subscribers
 from bench._producer import ProducerPlan, run_producer
+from bench._wsclient import Client
 from engine import ModelConfig
 from engine._config import parse_hostport
 
@@ -380,33 +382,55 @@ async def idle_latency(
 ) -> list[float]:
     """One subscriber, one event at a time on its top item (so that every event changes
     its list), the next sent 10 ms after the previous push arrived: receipt minus send, in
-    seconds."""
-    from trio_websocket import open_websocket_url
-
+    seconds. The subscriber is the load generator's raw websocket client (no JSON decode),
+    so its own cost adds as little as it can to the figure."""
     from connectors.client import ForwardProducer
 
-    out: list[float] = []
+    parts = urllib.parse.urlsplit(url)
+    host, port = str(parts.hostname), int(parts.port or 80)
     query = f"user={user}&k=10" + (f"&key={urllib.parse.quote(key)}" if key else "")
+    ws = Client(f"{host}:{port}", f"/v1/ws/recommendations?{query}")
+    ready: collections.deque[tuple[bytes, float]] = collections.deque()
+    out: list[float] = []
+
+    async def receive(stream: trio.SocketStream) -> tuple[bytes, float]:
+        """The next message and when its bytes arrived."""
+        while not ready:
+            pending = ws.take_outgoing()
+            if pending:
+                await stream.send_all(pending)  # a pong
+            data = await stream.receive_some(65536)
+            if not data:
+                raise ConnectionError("the server closed the subscription")
+            received = time.perf_counter()
+            ready.extend((message, received) for message in ws.receive(data))
+        return ready.popleft()
+
     async with (
-        open_websocket_url(f"{url.replace('http', 'ws', 1)}/v1/ws/recommendations?{query}") as ws,
+        await trio.open_tcp_stream(host, port) as stream,
         ForwardProducer(*address, tag="bench.idle", shared_key=key) as producer,
     ):
-        msg = json.loads(await ws.get_message())
+        await stream.send_all(ws.take_outgoing())
+        items = items_of(parse_push((await receive(stream))[0])[2])
         for n_event in range(n):
-            if not msg["items"]:
+            if not items:
                 break
             event_id = f"idle-{n_event}"
-            top = msg["items"][0]["item"]
             sent = time.perf_counter()
-            await producer.send([{"user": user, "item": top, "type": "click", "id": event_id}])
+            await producer.send([{"user": user, "item": items[0], "type": "click", "id": event_id}])
             with trio.move_on_after(5):
                 while True:
-                    msg = json.loads(await ws.get_message())
-                    if (msg.get("cause") or {}).get("id") == event_id:
-                        out.append(time.perf_counter() - sent)
+                    message, received = await receive(stream)
+                    _, cause, raw = parse_push(message)
+                    items = items_of(raw)
+                    if cause == event_id:
+                        out.append(received - sent)
                         break
             await trio.sleep(0.01)
         await producer.flush()
+        ws.close(1000)
+        with trio.move_on_after(1):
+            await stream.send_all(ws.take_outgoing())
     return out
 
 
