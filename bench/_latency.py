@@ -1,8 +1,14 @@
 """Push-latency benchmark: from a producer's send to a websocket subscriber's receipt.
 
-One process tree on loopback: the server is a subprocess (``python -m connectors serve`` with a
-temporary data directory and a TOML config); the producer and every subscriber are trio tasks
-of this process, so send and receipt times come from one clock (``time.perf_counter``).
+Processes on loopback: the server is a subprocess (``python -m connectors serve`` with a
+temporary data directory and a TOML config); the subscribers live in one or two processes
+(``--client-processes``, see :mod:`bench._loadgen`: one epoll loop over raw sockets each, a
+minimal websocket client, no JSON decode per push); the producer is a process of its own
+(:mod:`bench._producer`: a blocking Forward socket, no event loop); this process only
+coordinates them. Send and receipt times are ``time.perf_counter`` (CLOCK_MONOTONIC, one
+clock for every process on Linux). The load generator's CPU (all those processes, from
+/proc) is reported beside the server's, per push and per event (``client_cpu_*`` rows), so
+that a run shows whether it measured the server or itself.
 
 Method:
 
@@ -10,17 +16,29 @@ Method:
    Forward and waited for in ``/v1/stats``, so users have histories and non-trivial lists.
 2. ``--subscribers`` websockets subscribe to distinct warmed-up users (top 10 each).
 3. The producer sends ``--rate`` events/s for ``--seconds`` over Forward (PackedForward frames
-   of whatever events fell due since the previous frame), each for a random subscribed user,
+   of whatever events fell due since the previous frame, at most one frame every 2 ms; the
+   send time of an event is its frame's), each for a random subscribed user,
    each with a unique ``"id"``. Half the events (``--list-fraction``) target an item in the
    user's current list, which makes it seen and so drops it from the list: a change, hence a
    push; the others target a random catalog item, which may or may not change the list.
 4. A push names the newest event reflected in the list (``cause.id``); its latency is the
    receipt time minus that event's send time. Events folded into a later push of the same
-   user have no sample of their own.
-
+   user have no sample of their own. The subscribers send the lists that changed to the
+   producer every 50 ms, so a click on "an item of the current list" may miss a list that
+   changed within the last 50 ms. ``pushes`` counts the messages after the first list
+   each subscriber gets on subscribing, within the measured window.
 5. Idle latency, before the loaded run: one subscriber, one event at a time on its top item
    (so each event changes its list), the next sent once the previous push arrived:
    ``idle_p50``/``idle_p99`` over ``--idle-events`` events (goal for p50: 1.5 ms).
+6. Staleness oracle (``--oracle-interval``, default a sweep every 5 s; ``--oracle-rate``,
+   default at most 100 GETs/s, so 1,000 subscribers take 10 s a sweep): during the run
+   every subscriber's exact list is fetched and compared
+   with the last list pushed to it; ``drift_stale_share`` is the share of comparisons that
+   found it stale, ``drift_p50``/``drift_p99`` the length of the stale episodes (goal for
+   p99: 250 ms). What "stale" means, and what the figures miss, is in :mod:`bench._loadgen`.
+   Its GETs load the server too (each a list computed like a push's): the server CPU
+   figures include them, and the summary gives their rate and the client CPU they took;
+   ``--oracle-interval 0`` measures the server without them.
 
 Both journal durabilities are measured: ``sync = "batch"`` (fdatasync per group commit; the
 event is applied while the sync runs and acknowledged after it, or with ``--strict-order``
@@ -48,7 +66,10 @@ goal / ours, so a ratio of at least 1 means the goal is met.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import multiprocessing
+import os
 import random
 import re
 import time
@@ -57,6 +78,7 @@ import urllib.request
 from typing import Any
 
 import attrs
+import numpy as np
 import trio
 
 from bench._common import (
@@ -70,11 +92,15 @@ from bench._common import (
     row,
     write_results,
 )
+from bench._loadgen import SubscriberPlan, items_of, parse_push, raise_fd_limit, run_subscribers
+from bench._producer import ProducerPlan, run_producer
+from bench._wsclient import Client
 from engine import ModelConfig
 from engine._config import parse_hostport
 
 GOALS_MS = {"p50": 1.0, "p99": 5.0}
 IDLE_GOAL_MS = 1.5  # one idle subscriber, one event at a time, default durability: p50
+DRIFT_GOAL_MS = 250.0  # p99 of the stale episodes the oracle sees
 MAX_FRAME_EVENTS = 500
 CONNECT_AT_ONCE = 64  # websocket handshakes in flight while subscribing
 # Server CPU over the measured window (from sending the first event to 1 s after the last).
@@ -84,6 +110,13 @@ CPU_KEYS = (
     "server_cpu_per_push_us",
     "server_cpu_per_event_us",
     "server_gc_share",
+    "client_cpu_s",
+    "client_cpu_s_producer",
+    "client_cpu_s_subscribers",
+    "client_cpu_s_coordinator",
+    "client_cpu_share",
+    "client_cpu_per_push_us",
+    "client_cpu_per_event_us",
 )
 
 
@@ -137,6 +170,24 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--key", help="the running server's producer key, if it requires one")
     p.add_argument(
+        "--oracle-interval",
+        type=float,
+        default=5.0,
+        help="seconds between staleness-oracle sweeps over every subscriber (default 5; 0: off)",
+    )
+    p.add_argument(
+        "--oracle-rate",
+        type=float,
+        default=100.0,
+        help="the staleness oracle's GETs per second, at most (default 100)",
+    )
+    p.add_argument(
+        "--client-processes",
+        type=int,
+        default=0,
+        help="subscriber processes (default: one per 5,000 subscribers, at most 2)",
+    )
+    p.add_argument(
         "--idle-events",
         type=int,
         default=200,
@@ -151,14 +202,17 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="small run: 50 subscribers, 500 events/s, 2 s, 1000 items, 3000 warm-up events",
+        help="small run: 50 subscribers, 500 events/s, 2 s, 1000 items, 3000 warm-up events, "
+        "an oracle sweep every 0.5 s",
     )
     p.set_defaults(func=run)
 
 
 @attrs.define
 class Recorder:
-    """What the producer and the subscribers share: send times, lists, and the samples."""
+    """What a producer and in-process subscribers (:func:`subscriber`, trio tasks) share:
+    send times, lists, and the samples. The latency benchmark runs its subscribers in
+    processes of their own; the reliability benchmark's slow-reader drill uses these."""
 
     sent_at: dict[int, float] = attrs.field(factory=dict)
     lists: dict[int, list[Any]] = attrs.field(factory=dict)
@@ -182,41 +236,6 @@ class Recorder:
         sent = self.sent_at.pop(cause["id"], None)
         if sent is not None:
             self.samples.append(received - sent)
-
-
-async def idle_latency(
-    url: str, address: tuple[str, int], user: int, n: int, key: str | None
-) -> list[float]:
-    """One subscriber, one event at a time on its top item (so that every event changes
-    its list), the next sent 10 ms after the previous push arrived: receipt minus send, in
-    seconds."""
-    from trio_websocket import open_websocket_url
-
-    from connectors.client import ForwardProducer
-
-    out: list[float] = []
-    query = f"user={user}&k=10" + (f"&key={urllib.parse.quote(key)}" if key else "")
-    async with (
-        open_websocket_url(f"{url.replace('http', 'ws', 1)}/v1/ws/recommendations?{query}") as ws,
-        ForwardProducer(*address, tag="bench.idle", shared_key=key) as producer,
-    ):
-        msg = json.loads(await ws.get_message())
-        for n_event in range(n):
-            if not msg["items"]:
-                break
-            event_id = f"idle-{n_event}"
-            top = msg["items"][0]["item"]
-            sent = time.perf_counter()
-            await producer.send([{"user": user, "item": top, "type": "click", "id": event_id}])
-            with trio.move_on_after(5):
-                while True:
-                    msg = json.loads(await ws.get_message())
-                    if (msg.get("cause") or {}).get("id") == event_id:
-                        out.append(time.perf_counter() - sent)
-                        break
-            await trio.sleep(0.01)
-        await producer.flush()
-    return out
 
 
 async def subscriber(
@@ -261,60 +280,195 @@ async def subscriber(
             rec.all_ended.set()
 
 
-async def produce(
-    address: tuple[str, int],
-    rec: Recorder,
-    users: list[int],
-    items: list[int],
-    rate: float,
-    args: argparse.Namespace,
-    rng: random.Random,
-) -> tuple[int, float]:
-    """Sends ``rate`` events/s for ``seconds``; returns (events sent, seconds taken).
+class LoadGenerator:
+    """The load generator's processes for one run, seen from the benchmark's trio loop: the
+    subscriber processes (:func:`bench._loadgen.run_subscribers`, a share of the users
+    each) and the producer process (:func:`bench._producer.run_producer`).
 
-    When the server pushes back (acks wait while its model catches up) sends fall behind the
-    schedule; each event's time is still taken when its frame is sent, so the latency counts
-    the queueing inside the server but not the producer's own delay.
+    Each subscriber process has a control pipe to this process and a lists pipe to the
+    producer; the producer has a control pipe. :meth:`pump` reads one control pipe for as
+    long as it lives and hands its answers to :meth:`expect`.
+
+    Args:
+        plans: One per subscriber process.
+        producer: The producer's plan.
     """
+
+    def __init__(self, plans: list[SubscriberPlan], producer: ProducerPlan) -> None:
+        ctx = multiprocessing.get_context("spawn")  # nothing of this process's threads
+        self._conns: list[Any] = []
+        self._procs: list[Any] = []
+        lists_ends = []
+        for plan in plans:
+            ours, theirs = ctx.Pipe()
+            lists_out, lists_in = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=run_subscribers, args=(theirs, plan, lists_in), daemon=True)
+            proc.start()
+            theirs.close()
+            lists_in.close()
+            lists_ends.append(lists_out)
+            self._conns.append(ours)
+            self._procs.append(proc)
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(target=run_producer, args=(theirs, lists_ends, producer), daemon=True)
+        proc.start()
+        theirs.close()
+        for end in lists_ends:
+            end.close()
+        self._conns.append(ours)
+        self._procs.append(proc)
+        self.subscribers = range(len(plans))
+        self.producer = len(plans)
+        self._answers = [trio.open_memory_channel[tuple[Any, ...]](4) for _ in self._conns]
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds so far of (the producer, the subscriber processes)."""
+        pids = [p.pid for p in self._procs]
+        return cpu_seconds(pids[self.producer]), sum(cpu_seconds(pids[n]) for n in self.subscribers)
+
+    def command(self, to: range | int, *command: Any) -> None:
+        for n in [to] if isinstance(to, int) else to:
+            self._conns[n].send(command)
+
+    async def pump(self) -> None:
+        """Reads every control pipe until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for n in range(len(self._conns)):
+                nursery.start_soon(self._pump_one, n)
+
+    async def _pump_one(self, n: int) -> None:
+        conn, send = self._conns[n], self._answers[n][0]
+        while True:
+            await trio.lowlevel.wait_readable(conn.fileno())
+            while conn.poll():
+                try:
+                    message = conn.recv()
+                except EOFError:
+                    return
+                await send.send(message)
+
+    async def expect(self, of: range | int, kind: str, within: float) -> list[tuple[Any, ...]]:
+        """The next answer of each process in ``of``, which must be of ``kind``.
+
+        Raises:
+            RuntimeError: A process answered something else, or not within ``within`` s.
+        """
+        out = []
+        with trio.move_on_after(within):
+            for n in [of] if isinstance(of, int) else of:
+                message = await self._answers[n][1].receive()
+                if message[0] != kind:
+                    raise RuntimeError(
+                        f"expected {kind!r} from a load-generator process: {message}"
+                    )
+                out.append(message)
+            return out
+        raise RuntimeError(f"no {kind!r} from every load-generator process within {within:g} s")
+
+    def join(self) -> None:
+        """Waits for the processes to exit (they do once told to); kills any that do not (by
+        its pid)."""
+        for proc in self._procs:
+            proc.join(timeout=15)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self._conns:
+            conn.close()
+
+
+async def idle_latency(
+    url: str, address: tuple[str, int], user: int, n: int, key: str | None
+) -> list[float]:
+    """One subscriber, one event at a time on its top item (so that every event changes
+    its list), the next sent 10 ms after the previous push arrived: receipt minus send, in
+    seconds. The subscriber is the load generator's raw websocket client (no JSON decode),
+    so its own cost adds as little as it can to the figure."""
     from connectors.client import ForwardProducer
 
-    total = int(rate * args.seconds)
-    sent = 0
-    async with ForwardProducer(
-        *address, tag="bench.latency", window=512, shared_key=args.key
-    ) as producer:
-        start = time.perf_counter()
-        next_report = start + 1.0
-        while sent < total and time.perf_counter() - start < args.seconds:
-            now = time.perf_counter()
-            due = min(total, int((now - start) * rate) + 1) - sent
-            if due <= 0:
-                await trio.sleep(sent / rate - (now - start))
-                continue
-            events = []
-            for _ in range(min(due, MAX_FRAME_EVENTS)):
-                user = users[rng.randrange(len(users))]
-                current = rec.lists.get(user)
-                if current and rng.random() < args.list_fraction:
-                    item = current[rng.randrange(len(current))]
-                else:
-                    item = items[rng.randrange(len(items))]
-                events.append({"user": user, "item": item, "type": "click", "id": sent})
-                sent += 1
-            t = time.perf_counter()
-            for e in events:
-                rec.sent_at[e["id"]] = t
-            await producer.send(events)
-            if t > next_report:
-                next_report = t + 1.0
-                print(
-                    f"    {sent:,}/{total:,} events, {rec.pushes:,} pushes, "
-                    f"{len(rec.samples):,} timed",
-                    flush=True,
-                )
-        elapsed = time.perf_counter() - start
+    parts = urllib.parse.urlsplit(url)
+    host, port = str(parts.hostname), int(parts.port or 80)
+    query = f"user={user}&k=10" + (f"&key={urllib.parse.quote(key)}" if key else "")
+    ws = Client(f"{host}:{port}", f"/v1/ws/recommendations?{query}")
+    ready: collections.deque[tuple[bytes, float]] = collections.deque()
+    out: list[float] = []
+
+    async def receive(stream: trio.SocketStream) -> tuple[bytes, float]:
+        """The next message and when its bytes arrived."""
+        while not ready:
+            pending = ws.take_outgoing()
+            if pending:
+                await stream.send_all(pending)  # a pong
+            data = await stream.receive_some(65536)
+            if not data:
+                raise ConnectionError("the server closed the subscription")
+            received = time.perf_counter()
+            ready.extend((message, received) for message in ws.receive(data))
+        return ready.popleft()
+
+    async with (
+        await trio.open_tcp_stream(host, port) as stream,
+        ForwardProducer(*address, tag="bench.idle", shared_key=key) as producer,
+    ):
+        await stream.send_all(ws.take_outgoing())
+        items = items_of(parse_push((await receive(stream))[0])[2])
+        for n_event in range(n):
+            if not items:
+                break
+            event_id = f"idle-{n_event}"
+            sent = time.perf_counter()
+            await producer.send([{"user": user, "item": items[0], "type": "click", "id": event_id}])
+            with trio.move_on_after(5):
+                while True:
+                    message, received = await receive(stream)
+                    _, cause, raw = parse_push(message)
+                    items = items_of(raw)
+                    if cause == event_id:
+                        out.append(received - sent)
+                        break
+            await trio.sleep(0.01)
         await producer.flush()
-    return sent, elapsed
+        ws.close(1000)
+        with trio.move_on_after(1):
+            await stream.send_all(ws.take_outgoing())
+    return out
+
+
+def latencies(reports: list[dict[str, Any]], sent_at: np.ndarray) -> list[float]:
+    """Receipt minus send time, seconds, of each event named as a push's cause (the first
+    receipt of each: a later push naming the same event is not a sample of its own)."""
+    ids = np.concatenate([np.frombuffer(r["ids"], dtype=np.int64) for r in reports])
+    times = np.concatenate([np.frombuffer(r["times"], dtype=np.float64) for r in reports])
+    ours = (ids >= 0) & (ids < len(sent_at))
+    ids, times = ids[ours], times[ours]
+    ids, first = np.unique(ids, return_index=True)
+    return [float(x) for x in times[first] - sent_at[ids]]
+
+
+def merge_oracles(reports: list[dict[str, Any]], interval: float) -> dict[str, Any] | None:
+    """The subscriber processes' oracle figures as one (None when the oracle was off)."""
+    parts = [r["oracle"] for r in reports if r["oracle"] is not None]
+    if not parts:
+        return None
+    total = {
+        k: sum(p[k] for p in parts)
+        for k in parts[0]
+        if k not in ("episodes_s", "sweeps", "client_cpu_s")
+    }
+    episodes = sorted(1e3 * e for p in parts for e in p["episodes_s"])
+    seconds = max(r["seconds"] for r in reports)
+    return {
+        **total,
+        "interval_s": interval,
+        "sweeps": min(p["sweeps"] for p in parts),  # complete sweeps over every subscriber
+        "gets_per_s": total["gets"] / seconds if seconds else None,
+        "client_cpu_s": sum(p["client_cpu_s"] for p in parts),
+        "stale_share": total["stale"] / total["compared"] if total["compared"] else None,
+        "differs_share": total["differs"] / total["compared"] if total["compared"] else None,
+        "episodes": len(episodes),
+        "stale_p50_ms": _quantile(episodes, 0.5),
+        "stale_p99_ms": _quantile(episodes, 0.99),
+    }
 
 
 async def warm_up(address: tuple[str, int], stream: Any, key: str | None = None) -> None:
@@ -334,6 +488,13 @@ async def warm_up(address: tuple[str, int], stream: Any, key: str | None = None)
         await producer.flush()
 
 
+def client_processes(args: argparse.Namespace, subscribers: int) -> int:
+    """``--client-processes``, or one per 5,000 subscribers, at most 2."""
+    if args.client_processes > 0:
+        return int(args.client_processes)
+    return min(2, max(1, -(-subscribers // 5000)))
+
+
 async def measure(
     server: ServerProcess,
     users: list[int],
@@ -341,41 +502,94 @@ async def measure(
     rate: float,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    rec = Recorder()
-    rng = random.Random(args.seed)
-    gate = trio.Semaphore(CONNECT_AT_ONCE)
-    async with trio.open_nursery() as nursery:
-        t0 = time.perf_counter()
-        before = await trio.to_thread.run_sync(server.metrics)
-        for u in users:
-            nursery.start_soon(subscriber, server.http_url, u, rec, gate, len(users), args.key)
-        with trio.move_on_after(120):
-            await rec.all_subscribed.wait()
-        print(
-            f"    {rec.subscribed} subscribers connected in {time.perf_counter() - t0:.1f} s",
-            flush=True,
+    url = urllib.parse.urlsplit(server.http_url)
+    host, port = str(url.hostname), int(url.port or 80)
+    n_procs = min(client_processes(args, len(users)), len(users))
+    plans = [
+        SubscriberPlan(
+            host=host,
+            port=port,
+            users=tuple(users[n::n_procs]),
+            key=args.key,
+            connect_at_once=CONNECT_AT_ONCE,
+            oracle_interval=args.oracle_interval,
+            oracle_rate=args.oracle_rate / n_procs,
         )
-        await trio.sleep(0.5)
-        gc0 = (await trio.to_thread.run_sync(server.stats)).get("gc_seconds")
-        # A server started elsewhere (--target) has no process here to read its CPU from.
-        cpu0 = cpu_seconds(server.pid) if server.pid else None
-        wall0, pushes0 = time.perf_counter(), rec.pushes
-        sent, elapsed = await produce(server.forward_address, rec, users, items, rate, args, rng)
-        await trio.sleep(1.0)  # the last pushes
-        cpu = cpu_seconds(server.pid) - cpu0 if cpu0 is not None else None
-        wall = time.perf_counter() - wall0
-        pushes = rec.pushes - pushes0
-        exposition = await trio.to_thread.run_sync(server.metrics)
-        stats = await trio.to_thread.run_sync(server.stats)
-        if args.target is None:
-            server.terminate()  # the orderly shutdown closes every subscriber with 1001
-            with trio.move_on_after(20):
-                await rec.all_ended.wait()
-        else:
-            exposition = histogram_delta(before, exposition, "recstream_push_latency_seconds")
-        nursery.cancel_scope.cancel()
+        for n in range(n_procs)
+    ]
+    producer_plan = ProducerPlan(
+        host=server.forward_address[0],
+        port=server.forward_address[1],
+        users=tuple(users),
+        items=tuple(items),
+        rate=rate,
+        seconds=args.seconds,
+        list_fraction=args.list_fraction,
+        seed=args.seed,
+        key=args.key,
+        max_frame_events=MAX_FRAME_EVENTS,
+    )
+    gen = LoadGenerator(plans, producer_plan)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gen.pump)
+            t0 = time.perf_counter()
+            before = await trio.to_thread.run_sync(server.metrics)
+            await gen.expect(gen.producer, "ready", 60)
+            answers = await gen.expect(gen.subscribers, "subscribed", 180)
+            subscribed = sum(a[1] for a in answers)
+            failures: dict[str, int] = {}
+            for a in answers:
+                for why, count in a[3].items():
+                    failures[why] = failures.get(why, 0) + count
+            print(
+                f"    {subscribed} subscribers connected in {time.perf_counter() - t0:.1f} s "
+                f"by {n_procs} process(es)"
+                + (f"; {sum(a[2] for a in answers)} failed: {failures}" if failures else ""),
+                flush=True,
+            )
+            await trio.sleep(0.5)
+            gc0 = (await trio.to_thread.run_sync(server.stats)).get("gc_seconds")
+            # A server started elsewhere (--target) has no process here to read its CPU from.
+            cpu0 = cpu_seconds(server.pid) if server.pid else None
+            (producer0, subscribers0), here0 = gen.cpu_seconds(), cpu_seconds(os.getpid())
+            gen.command(gen.subscribers, "start", args.oracle_interval > 0)
+            wall0 = time.perf_counter()
+            gen.command(gen.producer, "go")
+            [(_, sent, elapsed, sent_at)] = await gen.expect(
+                gen.producer, "done", args.seconds + 120
+            )
+            await trio.sleep(1.0)  # the last pushes
+            cpu = cpu_seconds(server.pid) - cpu0 if cpu0 is not None else None
+            producer, subscribers = (
+                a - b for a, b in zip(gen.cpu_seconds(), (producer0, subscribers0), strict=True)
+            )
+            here = cpu_seconds(os.getpid()) - here0
+            client = producer + subscribers + here
+            wall = time.perf_counter() - wall0
+            gen.command(gen.subscribers, "stop")
+            reports = [a[1] for a in await gen.expect(gen.subscribers, "report", 60)]
+            exposition = await trio.to_thread.run_sync(server.metrics)
+            stats = await trio.to_thread.run_sync(server.stats)
+            if args.target is not None:
+                exposition = histogram_delta(before, exposition, "recstream_push_latency_seconds")
+            gen.command(gen.subscribers, "close")
+            closed = [a[1] for a in await gen.expect(gen.subscribers, "closed", 60)]
+            gen.command(gen.producer, "exit")
+            nursery.cancel_scope.cancel()
+    finally:
+        gen.join()
+    pushes = sum(r["pushes"] for r in reports)
     return {
-        "rec": rec,
+        "samples": latencies(reports, np.frombuffer(sent_at, dtype=np.float64)),
+        "pushes": pushes,
+        "pushes_with_cause": sum(r["pushes_with_cause"] for r in reports),
+        "subscribed": subscribed,
+        "subscribe_failures": failures,
+        "open_at_end": sum(r["open"] for r in reports),
+        "closes": closed,
+        "client_processes": n_procs,
+        "oracle": merge_oracles(reports, args.oracle_interval),
         "sent": sent,
         "elapsed": elapsed,
         "server_push": histogram_quantiles(
@@ -390,6 +604,14 @@ async def measure(
         # Share of that CPU spent in the cyclic garbage collector (servers that report it);
         # in the summary only, not a row: a short run may see no collection at all.
         "server_gc_share": ((stats["gc_seconds"] - gc0) / cpu if gc0 is not None and cpu else None),
+        # The load generator: the producer, the subscriber processes and this one.
+        "client_cpu_s": client,
+        "client_cpu_s_producer": producer,
+        "client_cpu_s_subscribers": subscribers,
+        "client_cpu_s_coordinator": here,
+        "client_cpu_share": client / wall,
+        "client_cpu_per_push_us": 1e6 * client / pushes if pushes else None,
+        "client_cpu_per_event_us": 1e6 * client / sent if sent else None,
     }
 
 
@@ -413,6 +635,10 @@ def run_once(
         "sync": sync,
         "snapshot_interval": 3600.0,
         "max_subscribers": max(10_000, 2 * args.subscribers),
+        # Every subscriber is an HTTP connection: the default share of the open-file limit
+        # (half of it, less a reserve) may be too few.
+        "max_http_connections": args.subscribers + 256,
+        "max_forward_connections": 64,
         "model": {"dim": args.dim, "seed": args.seed},
     }
     if args.refresh_interval is not None:
@@ -441,49 +667,58 @@ def run_once(
             else []
         )
         out = trio.run(measure, server, users, items, rate, args)
-    rec: Recorder = out["rec"]
+    samples: list[float] = out["samples"]
     hist = HdrHistogram(1, 120_000_000, 3)  # microseconds, 3 significant digits
-    for s in rec.samples:
-        hist.record_value(max(1, round(s * 1e6)))
+    for x in samples:
+        hist.record_value(max(1, round(x * 1e6)))
     pct = {
-        f"p{q:g}": hist.get_value_at_percentile(q) / 1e3 if rec.samples else None
+        f"p{q:g}": hist.get_value_at_percentile(q) / 1e3 if samples else None
         for q in (50, 99, 99.9)
     }
     idle_ms = sorted(1e3 * x for x in idle)
+    oracle = out["oracle"]
     result = {
         "sync": sync,
         "rate": rate,
-        "idle_p50_ms": idle_ms[len(idle_ms) // 2] if idle_ms else None,
-        "idle_p99_ms": idle_ms[min(len(idle_ms) - 1, int(0.99 * len(idle_ms)))]
-        if idle_ms
-        else None,
+        "idle_p50_ms": _quantile(idle_ms, 0.5),
+        "idle_p99_ms": _quantile(idle_ms, 0.99),
         "idle_samples": len(idle_ms),
         "p50_ms": pct["p50"],
         "p99_ms": pct["p99"],
         "p999_ms": pct["p99.9"],
-        "max_ms": hist.get_max_value() / 1e3 if rec.samples else None,
-        "samples": len(rec.samples),
-        "pushes": rec.pushes,
-        "pushes_with_cause": rec.pushes_with_cause,
+        "max_ms": hist.get_max_value() / 1e3 if samples else None,
+        "samples": len(samples),
+        "pushes": out["pushes"],
+        "pushes_with_cause": out["pushes_with_cause"],
         "events_sent": out["sent"],
         "achieved_rate": out["sent"] / out["elapsed"],
-        "subscribers": rec.subscribed,
+        "subscribers": out["subscribed"],
+        "subscribe_failures": out["subscribe_failures"],
+        "subscribers_open_at_end": out["open_at_end"],
+        "closes": out["closes"],
+        "client_processes": out["client_processes"],
         "subscribers_seen_by_server": out["subscribers_seen_by_server"],
         "server_push_latency_ms": {
             k: (v * 1e3 if isinstance(v, float) and k != "count" else v)
             for k, v in out["server_push"].items()
         },
-        "latencies_s": sorted(rec.samples),
+        "oracle": oracle,
+        "latencies_s": sorted(samples),
         **{k: out[k] for k in CPU_KEYS},
     }
     server_ms = result["server_push_latency_ms"]
     print(
         f"  sync={sync}, {rate:g}/s: p50 {_ms(result['p50_ms'])}  p99 {_ms(result['p99_ms'])}  "
-        f"p999 {_ms(result['p999_ms'])}  ({result['samples']:,} timed of {rec.pushes:,} pushes, "
-        f"{out['sent']:,} events at {result['achieved_rate']:,.0f}/s); server-side p50 "
+        f"p999 {_ms(result['p999_ms'])}  ({result['samples']:,} timed of {out['pushes']:,} "
+        f"pushes, {out['sent']:,} events at {result['achieved_rate']:,.0f}/s); server-side p50 "
         f"{_ms(server_ms['p50'])} p99 {_ms(server_ms['p99'])}; server CPU "
         f"{_us(result['server_cpu_per_push_us'])}/push, {_us(result['server_cpu_per_event_us'])}"
-        f"/event, {_cores(result['server_cpu_share'])}; idle p50 "
+        f"/event, {_cores(result['server_cpu_share'])}; load generator CPU "
+        f"{_us(result['client_cpu_per_push_us'])}/push, {_us(result['client_cpu_per_event_us'])}"
+        f"/event, {_cores(result['client_cpu_share'])} (producer "
+        f"{result['client_cpu_s_producer']:.2f} s, subscribers "
+        f"{result['client_cpu_s_subscribers']:.2f} s, coordinator "
+        f"{result['client_cpu_s_coordinator']:.2f} s); idle p50 "
         f"{_ms(result['idle_p50_ms'])} p99 {_ms(result['idle_p99_ms'])}"
         + (
             f", {result['server_gc_share']:.1%} in GC"
@@ -492,6 +727,16 @@ def run_once(
         ),
         flush=True,
     )
+    if oracle is not None:
+        print(
+            f"  sync={sync}, {rate:g}/s: oracle {oracle['compared']:,} compared "
+            f"({oracle['gets_per_s'] or 0:.0f} GETs/s, {oracle['sweeps']} sweeps, "
+            f"{oracle['skipped_push_newer']} skipped, {oracle['errors']} errors), stale "
+            f"{oracle['stale_share'] or 0:.2%} (differs {oracle['differs_share'] or 0:.2%}), "
+            f"{oracle['episodes']} episodes p50 {_ms(oracle['stale_p50_ms'])} p99 "
+            f"{_ms(oracle['stale_p99_ms'])}",
+            flush=True,
+        )
     return result
 
 
@@ -546,6 +791,13 @@ def histogram_delta(before: str, after: str, metric: str) -> str:
         if m:
             out.append(f"{m.group(1)} {float(m.group(2)) - earlier.get(m.group(1), 0.0)}")
     return "\n".join(out)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (nearest rank) of already sorted values; None when empty."""
+    if not sorted_values:
+        return None
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 def _ms(v: float | None) -> str:
@@ -604,6 +856,15 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.subscribers, args.rate, args.low_rate, args.seconds = 50, 500.0, 0.0, 2.0
         args.catalog, args.warmup = 1000, 3000
+        args.oracle_interval = min(args.oracle_interval, 0.5)
+    # Thousands of sockets here, in the subscriber processes and in a server started here
+    # (they inherit the limit).
+    limit = raise_fd_limit()
+    if limit < args.subscribers + 256:
+        raise SystemExit(
+            f"{args.subscribers} subscribers need more open files than the limit of {limit}; "
+            "raise the hard limit (ulimit -Hn)"
+        )
     warm = engine.datasets.generate(
         engine.datasets.SyntheticConfig(
             n_events=args.warmup,
@@ -710,20 +971,59 @@ def run(args: argparse.Namespace) -> int:
             ("server_cpu_per_push_us", "µs/push"),
             ("server_cpu_per_event_us", "µs/event"),
             ("server_cpu_share", "cores"),
+            ("client_cpu_per_push_us", "µs/push"),
+            ("client_cpu_per_event_us", "µs/event"),
+            ("client_cpu_share", "cores"),
         ):
             if r[key] is None:
                 continue  # a --target server's CPU cannot be read from here
             name = key.removesuffix("_us")
+            side = key.split("_", 1)[0]
             rows.append(
                 row(
                     f"{label}_{name}",
                     r[key],
                     None,
                     unit,
-                    {**params, "cpu_seconds": r["server_cpu_s"]},
+                    {
+                        **params,
+                        "cpu_seconds": r[f"{side}_cpu_s"],
+                        "processes": r["client_processes"] + 2 if side == "client" else 1,
+                    },
                     lower_is_better=True,
                 )
             )
+        o = r["oracle"]
+        if o is not None:
+            oracle_params = {
+                **params,
+                **{k: v for k, v in o.items() if not k.endswith("_ms")},
+            }
+            if o["stale_share"] is not None:
+                rows.append(
+                    row(
+                        f"{label}_drift_stale_share",
+                        o["stale_share"],
+                        None,
+                        "share",
+                        oracle_params,
+                        lower_is_better=True,
+                    )
+                )
+            for q in ("p50", "p99"):
+                if o[f"stale_{q}_ms"] is None:
+                    continue  # no stale episode at all
+                goal = DRIFT_GOAL_MS if q == "p99" else None
+                rows.append(
+                    row(
+                        f"{label}_drift_{q}",
+                        o[f"stale_{q}_ms"],
+                        goal,
+                        "ms",
+                        {**oracle_params, "peer_is": "goal" if goal else None},
+                        lower_is_better=True,
+                    )
+                )
     summary = {
         label: {k: v for k, v in r.items() if k != "latencies_s"} for label, r in runs.items()
     }
@@ -743,6 +1043,9 @@ def run(args: argparse.Namespace) -> int:
                     "list_fraction",
                     "dim",
                     "refresh_interval",
+                    "oracle_interval",
+                    "oracle_rate",
+                    "client_processes",
                     "idle_events",
                     "strict_order",
                     "target",
@@ -755,8 +1058,11 @@ def run(args: argparse.Namespace) -> int:
             "runs": summary,
             "plot": png,
             "note": (
-                "server, producer and subscribers share the machine's cores; the producer and "
-                "all subscribers are tasks of one Python process. When the server cannot keep "
+                "server, producer and subscribers share the machine's cores; the subscribers "
+                "live in client_processes processes of their own (raw sockets, one epoll loop "
+                "each), the producer in another; client_cpu_* is all of them and the "
+                "coordinating benchmark process. "
+                "When the server cannot keep "
                 "up, acks slow the producer (achieved_rate < rate) and the latency is the "
                 "queue inside the server. The server's drift refresh recomputes up to "
                 "refresh_budget subscribed lists every refresh_interval in the same batch as "
