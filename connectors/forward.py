@@ -33,7 +33,7 @@ import hmac
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 import trio
@@ -42,9 +42,6 @@ from engine import Engine, InvalidFrame, JournalClosed, JournalFailed
 
 from ._connections import ConnectionGate
 from ._ratelog import RateLimitedLog
-
-if TYPE_CHECKING:
-    from engine._core import FrameCheck
 
 __all__ = ["ForwardServer"]
 
@@ -251,7 +248,7 @@ class ForwardServer:
                 gzip_at = data.find(b"gzip", offset)
                 if gzip_at < 0:
                     gzip_at = len(data)
-            checks: list[FrameCheck] = []
+            checks: list[Any] = []  # check_frame's dicts
             if gzip_at > offset:
                 # Every complete frame before the "gzip" is plain: all of them are checked
                 # in one call, on the event loop when that is cheaper than a thread hop.
@@ -266,7 +263,7 @@ class ForwardServer:
                 # The next frame holds "gzip" and may be compressed: checking gunzips it,
                 # so it is checked alone, within the budget and off the event loop.
                 at = offset + sum(c["used"] for c in checks)
-                checked: FrameCheck | None = None
+                checked: Any = None
                 try:
                     checked = await trio.to_thread.run_sync(
                         model.check_frame, data, at, limiter=self._decompressing
@@ -292,7 +289,7 @@ class ForwardServer:
         del buf[:offset]
         return frames, chunks, entries, error
 
-    def _take(self, checked: FrameCheck, peer: str, admin: bool) -> str | None:
+    def _take(self, checked: Any, peer: str, admin: bool) -> str | None:
         """Why a checked frame is refused on this connection (None: it is taken); logs the
         events the decoder refused inside it."""
         if checked["admin"] and not admin:
