@@ -7,6 +7,10 @@ each, with a ``chunk`` id) in flight; an event counts only once its frame's ack 
 the deadline. The frames are packed before the clock starts and resent in rotation (without
 event ids, so every copy is applied), so the producer's own cost is a socket write per frame.
 
+Beside each rate, the server's CPU per acknowledged event: user plus system seconds of the
+server process (all its threads, from ``/proc``) over the measured interval, divided by the
+events acknowledged in it; for Redis, of the ``redis-server`` process alike.
+
 Acks mean durable in the journal, not applied to the model; but the model actor's inbox is
 bounded, so when the model falls behind the journal waits and so do the acks. The first
 seconds' acks fill that inbox; the rate over the run's second half is the steady one, and the
@@ -36,6 +40,7 @@ import trio
 from bench._common import (
     ServerProcess,
     child_process,
+    cpu_seconds,
     free_port,
     histogram_quantiles,
     print_rows,
@@ -164,11 +169,14 @@ def run_ours(sync: str, bodies: list[bytes], args: argparse.Namespace, dim: int)
     config = {"sync": sync, "snapshot_interval": 3600.0, "model": {"dim": dim}}
     with ServerProcess(config) as server:
         applied0 = server.stats()["events_applied"]
+        cpu0 = cpu_seconds(server.pid)
         clock = Window(time.perf_counter(), args.seconds)
         applied_at_deadline: list[int] = []
+        cpu_at_deadline: list[float] = []
 
         def sample_applied() -> None:
             time.sleep(max(0.0, clock.deadline - time.perf_counter()))
+            cpu_at_deadline.append(cpu_seconds(server.pid))
             applied_at_deadline.append(server.stats()["events_applied"])
 
         sampler = threading.Thread(target=sample_applied)
@@ -205,14 +213,18 @@ def run_ours(sync: str, bodies: list[bytes], args: argparse.Namespace, dim: int)
         server.kill()  # the backlog queued for the model is of no interest
     rate = clock.acked / args.seconds
     applied_rate = (applied_at_deadline[0] - applied0) / args.seconds
+    cpu = cpu_at_deadline[0] - cpu0
     print(
-        f"  ours sync={sync} dim {dim}: {rate:,.0f} acked ev/s, model applied {applied_rate:,.0f} ev/s "
-        f"during the run; journal append p50 {1e3 * (wal['p50'] or 0):.2f} ms",
+        f"  ours sync={sync} dim {dim}: {rate:,.0f} acked ev/s, {_us(cpu, clock.acked)} server "
+        f"CPU/event ({cpu:.1f} CPU s), model applied {applied_rate:,.0f} ev/s during the run; "
+        f"journal append p50 {1e3 * (wal['p50'] or 0):.2f} ms",
         flush=True,
     )
     return {
         "acked_events": clock.acked,
         "rate": rate,
+        "server_cpu_s": cpu,
+        "server_cpu_per_event_us": _per_event_us(cpu, clock.acked),
         "rate_second_half": clock.acked_second_half / (args.seconds / 2),
         "applied_rate": applied_rate,
         "wal_append_p50_s": wal["p50"],
@@ -220,6 +232,15 @@ def run_ours(sync: str, bodies: list[bytes], args: argparse.Namespace, dim: int)
         "wal_appends": wal["count"],
         "events_applied_after_run": stats["events_applied"],
     }
+
+
+def _per_event_us(cpu: float, events: int) -> float | None:
+    return 1e6 * cpu / events if events else None
+
+
+def _us(cpu: float, events: int) -> str:
+    per = _per_event_us(cpu, events)
+    return "n/a" if per is None else f"{per:.2f} µs"
 
 
 # --- peer ---------------------------------------------------------------------------------
@@ -246,7 +267,7 @@ def run_redis(
     with tempfile.TemporaryDirectory(prefix="recstream-bench-redis-") as tmp:
         cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp]
         cmd += ["--appendonly", "yes", "--appendfsync", appendfsync, "--save", ""]
-        with child_process(cmd, stdout=open(f"{tmp}/redis.log", "w")):  # noqa: SIM115
+        with child_process(cmd, stdout=open(f"{tmp}/redis.log", "w")) as proc:  # noqa: SIM115
             client = redis.Redis(port=port)
             for _ in range(200):
                 try:
@@ -254,8 +275,14 @@ def run_redis(
                     break
                 except redis.ConnectionError:
                     time.sleep(0.05)
+            cpu0 = cpu_seconds(proc.pid)
             clock = Window(time.perf_counter(), args.seconds)
             lock = threading.Lock()
+            cpu_at_deadline: list[float] = []
+
+            def sample_cpu() -> None:
+                time.sleep(max(0.0, clock.deadline - time.perf_counter()))
+                cpu_at_deadline.append(cpu_seconds(proc.pid))
 
             def producer(conn: int) -> None:
                 r = redis.Redis(port=port)
@@ -273,6 +300,7 @@ def run_redis(
             threads = [
                 threading.Thread(target=producer, args=(c,)) for c in range(args.connections)
             ]
+            threads.append(threading.Thread(target=sample_cpu))
             for t in threads:
                 t.start()
             for t in threads:
@@ -280,13 +308,17 @@ def run_redis(
             length = client.xlen("events")
             client.close()
     rate = clock.acked / args.seconds
+    cpu = cpu_at_deadline[0] - cpu0
     print(
-        f"  Redis Streams appendfsync={appendfsync}: {rate:,.0f} acked ev/s ({length:,} in the stream)",
+        f"  Redis Streams appendfsync={appendfsync}: {rate:,.0f} acked ev/s, "
+        f"{_us(cpu, clock.acked)} redis-server CPU/event ({length:,} in the stream)",
         flush=True,
     )
     return {
         "acked_events": clock.acked,
         "rate": rate,
+        "server_cpu_s": cpu,
+        "server_cpu_per_event_us": _per_event_us(cpu, clock.acked),
         "rate_second_half": clock.acked_second_half / (args.seconds / 2),
         "stream_length": length,
     }
@@ -357,6 +389,21 @@ def run(args: argparse.Namespace) -> int:
                     "peer_is": f"Redis Streams XADD, appendfsync {mode}" if p else None,
                     "window": "the run's second half only: the steady rate once buffers are full",
                 },
+            )
+        )
+        rows.append(
+            row(
+                f"ingest_sync_{sync}_cpu_per_event_vs_redis",
+                o["server_cpu_per_event_us"],
+                p["server_cpu_per_event_us"] if p else None,
+                "server CPU µs/acked event",
+                {
+                    **detail,
+                    "peer_is": f"redis-server CPU, appendfsync {mode}" if p else None,
+                    "cpu": "user+system seconds of the server process (every thread) over the "
+                    "measured interval, per event acknowledged in it",
+                },
+                lower_is_better=True,
             )
         )
     if light is not None:

@@ -93,6 +93,9 @@ class Model:
         | None
     ]: ...
     def check_frame(self, buf: bytes, offset: int = 0) -> FrameCheck | None: ...
+    def check_frames(
+        self, buf: bytes, offset: int = 0, end: int | None = None
+    ) -> tuple[list[FrameCheck], str | None]: ...
     def recommend(
         self,
         user: Id,

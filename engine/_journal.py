@@ -193,7 +193,7 @@ def _fsync_dir(path: Path, ops: FileOps = _OS) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, data: bytes, ops: FileOps = _OS) -> None:
+def _write_all(fd: int, data: bytes | bytearray, ops: FileOps = _OS) -> None:
     """``write`` until done: a regular file may accept less than asked (signals, >2 GiB)."""
     view = memoryview(data)
     while view:
@@ -697,18 +697,19 @@ class Journal:
         batch = self.check_payloads(payloads)
         seq = self._last_seq
         try:
-            chunk: list[bytes] = []
-            chunk_size = 0
+            # The records for one segment, built in a single buffer: each payload is copied
+            # once, and the buffer goes out in one write.
+            chunk = bytearray()
             for p in batch:
                 seq += 1
-                rec = _encode(seq, p)
+                size = RECORD_HEADER_SIZE + len(p)
                 segment_has_records = self._size > HEADER_SIZE or bool(chunk)
-                if segment_has_records and self._size + chunk_size + len(rec) > self.segment_bytes:
+                if segment_has_records and self._size + len(chunk) + size > self.segment_bytes:
                     self._write_chunk(chunk, seq - 1)
-                    chunk, chunk_size = [], 0
+                    chunk = bytearray()
                     self._rollover(seq)
-                chunk.append(rec)
-                chunk_size += len(rec)
+                chunk += _RECORD.pack(len(p), _crc(seq, p), seq)
+                chunk += p
             self._write_chunk(chunk, seq)
         except OSError as exc:
             self._fail(exc)
@@ -717,12 +718,11 @@ class Journal:
             self._keep()  # acknowledged once written
         return seq
 
-    def _write_chunk(self, chunk: list[bytes], last_seq: int) -> None:
+    def _write_chunk(self, chunk: bytearray, last_seq: int) -> None:
         if not chunk:
             return
-        data = b"".join(chunk)
-        _write_all(self._fd, data, self._ops)
-        self._size += len(data)
+        _write_all(self._fd, chunk, self._ops)
+        self._size += len(chunk)
         self._last_seq = last_seq
         self._dirty = True
 

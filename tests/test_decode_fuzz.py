@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import msgpack
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -323,6 +324,53 @@ def test_valid_frames_are_checked_exactly(case: tuple[bytes, dict[str, Any]], af
     step = max(1, len(frame) // 64)
     for end in range(0, len(frame), step):
         assert check(frame[:end]) is None, end
+
+
+def check_one_by_one(data: bytes, offset: int, end: int) -> tuple[list[Any], str | None]:
+    """What ``check_frames`` must return, from ``check_frame`` called frame after frame."""
+    out: list[Any] = []
+    window = data[:end]
+    while offset < end:
+        try:
+            checked = CHECKER.check_frame(window, offset)
+        except InvalidFrame as e:
+            return out, str(e)
+        if checked is None:
+            break
+        out.append(checked)
+        offset += checked["used"]
+    return out, None
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(
+    st.lists(frames(), max_size=5),
+    st.binary(max_size=16),
+    st.binary(max_size=4),
+    st.integers(0, 2**16),
+)
+def test_check_frames_agrees_with_check_frame_frame_by_frame(
+    cases: list[tuple[bytes, dict[str, Any]]], after: bytes, before: bytes, cut: int
+) -> None:
+    data = before + b"".join(frame for frame, _ in cases) + after
+    for offset, end in (
+        (len(before), len(data)),
+        (len(before), len(before) + cut % (len(data) + 1 - len(before))),
+    ):
+        assert CHECKER.check_frames(data, offset, end) == check_one_by_one(data, offset, end)
+    whole = b"".join(frame for frame, _ in cases)
+    checks, error = CHECKER.check_frames(whole)
+    assert error is None
+    assert [c["used"] for c in checks] == [len(frame) for frame, _ in cases]
+
+
+def test_check_frames_refuses_a_window_outside_the_buffer() -> None:
+    with pytest.raises(ValueError):
+        CHECKER.check_frames(b"\x90", 2)
+    with pytest.raises(ValueError):
+        CHECKER.check_frames(b"\x90\x90", 1, 0)
+    with pytest.raises(ValueError):
+        CHECKER.check_frames(b"\x90", 0, 5)
 
 
 mutation = st.one_of(

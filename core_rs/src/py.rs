@@ -11,7 +11,7 @@ use pyo3::exceptions::{PyKeyError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString, PyTuple};
 
-use crate::decode::{DecodeError, Record};
+use crate::decode::{self, DecodeError, Record};
 use crate::hnsw::HnswConfig;
 use crate::ids::ExtId;
 use crate::mf::MfConfig;
@@ -84,6 +84,18 @@ fn frame_err(e: DecodeError) -> PyErr {
         DecodeError::Incomplete => IncompleteFrame::new_err("the frame is incomplete"),
         DecodeError::Invalid(reason) => InvalidFrame::new_err(reason),
     }
+}
+
+/// A [`model::FrameCheck`] as the dict `check_frame` returns.
+fn frame_check_to_py(py: Python<'_>, checked: model::FrameCheck) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("used", checked.used)?;
+    d.set_item("entries", checked.entries)?;
+    d.set_item("rejected", checked.rejected)?;
+    d.set_item("admin", checked.admin)?;
+    d.set_item("chunk", checked.chunk)?;
+    d.set_item("tag", checked.tag)?;
+    Ok(d)
 }
 
 fn snapshot_err(e: std::io::Error) -> PyErr {
@@ -668,19 +680,44 @@ impl PyModel {
         offset: usize,
     ) -> PyResult<Option<Bound<'py, PyDict>>> {
         let buf = buf.get(offset..).ok_or_else(|| PyValueError::new_err("offset is past the end of buf"))?;
-        let checked = match py.detach(|| self.inner.check_frame(buf)) {
-            Ok(c) => c,
-            Err(DecodeError::Incomplete) => return Ok(None),
-            Err(e) => return Err(frame_err(e)),
-        };
-        let d = PyDict::new(py);
-        d.set_item("used", checked.used)?;
-        d.set_item("entries", checked.entries)?;
-        d.set_item("rejected", checked.rejected)?;
-        d.set_item("admin", checked.admin)?;
-        d.set_item("chunk", checked.chunk)?;
-        d.set_item("tag", checked.tag)?;
-        Ok(Some(d))
+        match py.detach(|| self.inner.check_frame(buf)) {
+            Ok(c) => frame_check_to_py(py, c).map(Some),
+            Err(DecodeError::Incomplete) => Ok(None),
+            Err(e) => Err(frame_err(e)),
+        }
+    }
+
+    /// Checks every complete frame in `buf[offset:end]` as `check_frame` does, in one call
+    /// that releases the GIL once: the way to check all the frames one read brought.
+    ///
+    /// Returns `(checks, error)`: a `check_frame` dict per complete frame, in order, and the
+    /// reason the bytes after them can never be a frame, or None when they are a frame still
+    /// arriving (or nothing). Frames before an invalid one are still returned.
+    #[pyo3(signature = (buf, offset=0, end=None))]
+    fn check_frames<'py>(
+        &self,
+        py: Python<'py>,
+        buf: &[u8],
+        offset: usize,
+        end: Option<usize>,
+    ) -> PyResult<(Bound<'py, PyList>, Option<String>)> {
+        let end = end.unwrap_or(buf.len());
+        let buf = buf
+            .get(offset..end)
+            .ok_or_else(|| PyValueError::new_err("offset and end must satisfy offset <= end <= len(buf)"))?;
+        let (checks, _, error) = py.detach(|| {
+            decode::split_frames(buf, |frame| {
+                self.inner.check_frame(frame).map(|c| {
+                    let used = c.used;
+                    (c, used)
+                })
+            })
+        });
+        let out = PyList::empty(py);
+        for c in checks {
+            out.append(frame_check_to_py(py, c)?)?;
+        }
+        Ok((out, error))
     }
 
     #[pyo3(signature = (user, k=10, exclude_seen=true, exclude=None, category=None, exact=false, explain=false, ef=None, *, exclude_category=None, diversity=None, exploration=None, detail=false))]

@@ -311,6 +311,31 @@ async def test_several_frames_in_one_write(server: Node) -> None:
     assert sorted(server.engine.model.seen("multi")) == ["a", "b", "c", "d", "e"]
 
 
+async def test_a_long_write_of_plain_and_compressed_frames_then_garbage(server: Node) -> None:
+    # Hundreds of KiB in one write: frames are checked many per call (some calls on a worker
+    # thread), compressed ones alone, reads end inside frames; all before the garbage stand.
+    frames, chunks, items = [], [], []
+    for n in range(300):
+        names = [f"x{n}-{k}" for k in range(40)]
+        items += names
+        chunk = f"c{n}"
+        chunks.append(chunk)
+        if n % 37 == 5:
+            frames.append(packed(clicks("long", names), chunk=chunk, members=1 + n % 2))
+        elif n % 2:
+            frames.append(packed(clicks("long", names), chunk=chunk))
+        else:
+            frames.append(forward(clicks("long", names), chunk=chunk))
+    data = b"".join(frames)
+    assert len(data) > 256 * 1024  # more than one read
+    async with connect(server) as peer:
+        await peer.send(data + b"\xc1" + forward(clicks("long", ["never"]), chunk="never"))
+        assert await peer.expect_closed() == [{"ack": c} for c in chunks]
+    assert server.engine.stats()["wal_seq"] == len(frames)
+    await server.engine.wait_applied(len(frames))
+    assert sorted(server.engine.model.seen("long")) == sorted(items)
+
+
 async def test_one_frame_split_into_single_bytes(server: Node) -> None:
     frame = forward(clicks("slow", ["x", "y"]), chunk="drip")
     async with connect(server) as peer:

@@ -168,6 +168,34 @@ pub fn decode_frame(buf: &[u8], limits: &Limits) -> Result<(Frame, usize), Decod
     Ok((frame, layout.len))
 }
 
+/// Runs `check` on each frame in turn from the start of `buf`, where `check` returns what it
+/// found and the bytes the frame used (as [`decode_frame`] does).
+///
+/// Stops at the end of `buf`, at a frame that is still incomplete, or at bytes that can
+/// never be a frame. Returns the results of the complete frames in order, the bytes they
+/// used together, and the reason the bytes after them are invalid (None when they are only
+/// incomplete, or when nothing follows). Frames before an invalid one stand: a listener
+/// acknowledges them and then closes the connection.
+pub fn split_frames<T>(
+    buf: &[u8],
+    mut check: impl FnMut(&[u8]) -> Result<(T, usize), DecodeError>,
+) -> (Vec<T>, usize, Option<String>) {
+    let mut found = Vec::new();
+    let mut used = 0;
+    while used < buf.len() {
+        match check(&buf[used..]) {
+            Ok((t, n)) => {
+                debug_assert!(n > 0, "a complete frame uses at least one byte");
+                found.push(t);
+                used += n;
+            }
+            Err(DecodeError::Incomplete) => break,
+            Err(DecodeError::Invalid(why)) => return (found, used, Some(why)),
+        }
+    }
+    (found, used, None)
+}
+
 /// Reads a journal record, `[accepted_at, frame]` (msgpack: a number of unix seconds and
 /// the frame's bytes as `bin`): the time the server accepted the frame, and the frame.
 pub fn decode_journal_record(payload: &[u8]) -> Result<(f64, &[u8]), DecodeError> {

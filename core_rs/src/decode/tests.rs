@@ -320,6 +320,37 @@ fn back_to_back_frames_decode_one_at_a_time() {
     assert_eq!(decode_frame(rest, &lim()).map(|_| ()), Err(DecodeError::Incomplete));
 }
 
+#[test]
+fn split_frames_takes_every_complete_frame_and_stops_at_a_partial_or_invalid_one() {
+    let fixtures = all_fixtures();
+    let stream: Vec<u8> = fixtures.iter().flat_map(|(_, f)| f.clone()).collect();
+    let decode = |b: &[u8]| decode_frame(b, &lim()).map(|(f, n)| (f.records, n));
+    let lens: Vec<usize> = fixtures.iter().map(|(_, f)| f.len()).collect();
+
+    let (found, used, error) = split_frames(&stream, decode);
+    assert_eq!(found.len(), fixtures.len());
+    assert_eq!(used, stream.len());
+    assert_eq!(error, None);
+    for ((name, f), records) in fixtures.iter().zip(&found) {
+        assert_eq!(records, &decode_frame(f, &lim()).unwrap().0.records, "{name}");
+    }
+
+    // Cut inside the third frame: two frames, their bytes, and no error (more may come).
+    let cut = lens[0] + lens[1] + lens[2] / 2;
+    let (found, used, error) = split_frames(&stream[..cut], decode);
+    assert_eq!((found.len(), used, error), (2, lens[0] + lens[1], None));
+
+    // Garbage after two frames: the two stand, and the reason comes back.
+    let mut bad = stream[..lens[0] + lens[1]].to_vec();
+    bad.extend_from_slice(&[0xc1, 0, 0, 0]);
+    let (found, used, error) = split_frames(&bad, decode);
+    assert_eq!((found.len(), used), (2, lens[0] + lens[1]));
+    assert!(error.is_some());
+
+    let (found, used, error) = split_frames(&[], decode);
+    assert_eq!((found.len(), used, error), (0, 0, None));
+}
+
 // ---------------------------------------------------------------------------------------
 // Garbage is Invalid, never Incomplete, and is refused from its length field alone.
 
