@@ -55,6 +55,9 @@ log = logging.getLogger("recstream.journal")
 
 T = TypeVar("T")
 
+# Groups up to this many bytes are written (without a sync) on the event loop.
+INLINE_WRITE_BYTES = 16 * 1024
+
 
 class _AppliedRecordsLost(JournalFailed):
     """A sync failed after its records were forwarded: the node must stop (see the module)."""
@@ -269,11 +272,14 @@ class JournalActor:
         early = self._apply_before_sync and policy != "off"
         payloads = [p for request in group for p in request.payloads]
         self._in_flight = group
+        sync_here = sync_now and not early
         try:
             async with self._io:
-                last = await trio.to_thread.run_sync(
-                    self._write_in_thread, payloads, sync_now and not early
-                )
+                if not sync_here and sum(len(p) for p in payloads) <= INLINE_WRITE_BYTES:
+                    # Into the page cache: cheaper than a worker thread's round trip.
+                    last = self.journal.append(payloads)
+                else:
+                    last = await trio.to_thread.run_sync(self._write_in_thread, payloads, sync_here)
         except OSError as exc:
             self._failed(exc)
             return
