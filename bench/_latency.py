@@ -198,6 +198,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="start the server with apply_before_sync = false (applied only once durable)",
     )
+    p.add_argument(
+        "--no-direct-push",
+        action="store_true",
+        help="start the server with direct_push = false (every push through Hypercorn's send, "
+        "from the subscriber's task): the websocket layer's own cost, for comparison",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--quick",
@@ -645,6 +651,8 @@ def run_once(
         config["refresh_interval"] = args.refresh_interval
     if args.strict_order:
         config["apply_before_sync"] = False
+    if args.no_direct_push:
+        config["direct_push"] = False
     server: ServerProcess
     if args.target is None:
         server = ServerProcess(config)
