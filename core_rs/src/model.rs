@@ -39,7 +39,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use crate::coldstart::ItemMeta;
 use crate::coldstart::{AttrVectors, SortedIds};
@@ -415,6 +415,32 @@ impl Dirty {
                 self.flagged[i as usize] = false;
             }
         }
+    }
+}
+
+/// Per-thread working memory of [`Model::recommend`]: the neighbourhood scores and the
+/// candidate set of a list live in arrays reused from list to list instead of hash maps
+/// built per call.
+#[derive(Default)]
+struct Scratch {
+    near: rerank::SparseScores,
+    known: rerank::SparseScores,
+    cands: Vec<(u32, f32)>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Option<Box<Scratch>>> = const { std::cell::Cell::new(None) };
+}
+
+impl Scratch {
+    /// This thread's scratch (a new one if it is in use or was never made).
+    fn take() -> Box<Scratch> {
+        SCRATCH.with(|c| c.take()).unwrap_or_default()
+    }
+
+    /// Returns the scratch for the thread's next list.
+    fn give_back(self: Box<Self>) {
+        SCRATCH.with(|c| c.set(Some(self)));
     }
 }
 
@@ -1196,11 +1222,21 @@ impl Model {
         self.recommend_locked(&st, u, id_salt(user), q)
     }
 
-    /// [`Model::recommend`] for each of `users` under one query. The state lock is taken per
-    /// user, so a long batch never holds back the writer applying events for longer than one
-    /// list takes.
+    /// [`Model::recommend`] for each of `users` under one query. The state lock is handed
+    /// over fairly between users (`bump`: released and re-taken only when a writer waits), so
+    /// a long batch never holds back the writer applying events for longer than one list
+    /// takes, and costs one acquisition when none does.
     pub fn recommend_many(&self, users: &[ExtId], q: &Query) -> Vec<Vec<Rec>> {
-        users.iter().map(|u| self.recommend(u, q)).collect()
+        let mut out = Vec::with_capacity(users.len());
+        let mut st = self.state.read();
+        for (n, user) in users.iter().enumerate() {
+            if n > 0 {
+                RwLockReadGuard::bump(&mut st);
+            }
+            let u = st.users.get(user);
+            out.push(self.recommend_locked(&st, u, id_salt(user), q));
+        }
+        out
     }
 
     /// The trending list (decayed popularity) under the query's filters, without re-ranking
@@ -1257,20 +1293,27 @@ impl Model {
                     // Candidates from every side, each scored on every side.
                     let m = k_main * POOL_FACTOR;
                     let sub = Query { k: m, exact: q.exact, ef: q.ef, ..Query::default() };
-                    let mut ids: Vec<u32> =
-                        self.top_k(st, pu, &sub, &keep_main).into_iter().map(|h| h.0).collect();
-                    let mut known: HashSet<u32> = ids.iter().copied().collect();
-                    let near = if gamma > 0.0 {
+                    let hits = self.top_k(st, pu, &sub, &keep_main);
+                    // The search's hits come re-scored with the current vectors: their personal
+                    // scores are known already.
+                    let mut personal: Vec<f32> = hits.iter().map(|h| h.1).collect();
+                    let mut ids: Vec<u32> = hits.into_iter().map(|h| h.0).collect();
+                    let n_items = st.items.capacity();
+                    let mut scratch = Scratch::take();
+                    let Scratch { near, known, cands } = &mut *scratch;
+                    known.reset(n_items);
+                    near.reset(n_items);
+                    ids.iter().for_each(|&i| {
+                        known.insert(i);
+                    });
+                    if gamma > 0.0 {
                         let recent = st.mf.recent_items(u, self.cfg.neighbour_window);
-                        let near = st.neighbours.scores(&recent);
-                        let mut top: Vec<(u32, f32)> =
-                            near.iter().map(|(&i, &s)| (i, s)).filter(|&(i, _)| keep_main(i)).collect();
-                        rerank::sort_desc(&mut top);
-                        ids.extend(top.into_iter().take(m).map(|h| h.0).filter(|&i| known.insert(i)));
-                        near
-                    } else {
-                        HashMap::new()
-                    };
+                        st.neighbours.each_term(&recent, |j, s| near.add(j, s));
+                        cands.clear();
+                        cands.extend(near.ids().iter().map(|&j| (j, near.get(j).unwrap_or(0.0))));
+                        let top = rerank::top_kept(cands, m, &keep_main);
+                        ids.extend(top.into_iter().map(|h| h.0).filter(|&i| known.insert(i)));
+                    }
                     if beta >= MIN_BLEND {
                         ids.extend(
                             st.trending
@@ -1280,15 +1323,16 @@ impl Model {
                                 .filter(|&i| known.insert(i)),
                         );
                     }
-                    let mut personal: Vec<f32> =
-                        ids.iter().map(|&i| scan::dot(pu, st.mf.item_vector(i))).collect();
+                    personal
+                        .extend(ids[personal.len()..].iter().map(|&i| scan::dot(pu, st.mf.item_vector(i))));
                     if gamma > 0.0 {
-                        let hood: Vec<f32> =
-                            ids.iter().map(|i| near.get(i).copied().unwrap_or(0.0)).collect();
+                        let hood: Vec<f32> = ids.iter().map(|&i| near.get(i).unwrap_or(0.0)).collect();
                         personal = rerank::blend(&personal, &hood, gamma);
                     }
+                    scratch.give_back();
                     let scores = if beta >= MIN_BLEND {
-                        let trend: Vec<f32> = ids.iter().map(|&i| st.trending.score(i, now) as f32).collect();
+                        let trending = st.trending.scorer(now);
+                        let trend: Vec<f32> = ids.iter().map(|&i| trending(i) as f32).collect();
                         if q.explain {
                             let led = rerank::trending_led(&personal, &trend, beta);
                             trend_led = ids.iter().zip(led).filter(|x| x.1).map(|x| *x.0).collect();

@@ -236,6 +236,14 @@ impl Neighbours {
     /// last `window` of `recent` (oldest first), unsorted.
     pub fn scores(&self, recent: &[u32]) -> HashMap<u32, f32> {
         let mut out: HashMap<u32, f32> = HashMap::new();
+        self.each_term(recent, |j, s| *out.entry(j).or_insert(0.0) += s);
+        out
+    }
+
+    /// Calls `add(j, sim(h, j))` for every positive term of [`Neighbours::scores`], in the
+    /// order the sums are taken (by `h` oldest first), so a caller accumulating into its own
+    /// storage gets the same sums bit for bit. Every term is positive.
+    pub fn each_term(&self, recent: &[u32], mut add: impl FnMut(u32, f32)) {
         let from = recent.len().saturating_sub(self.window);
         for &h in &recent[from..] {
             let Some(list) = self.lists.get(h as usize) else { continue };
@@ -247,11 +255,10 @@ impl Neighbours {
                 let (j, c) = (e.id, e.count);
                 let nj = self.users.get(j as usize).copied().unwrap_or(0.0);
                 if nj > 0.0 && c > 0.0 {
-                    *out.entry(j).or_insert(0.0) += (c / (nh * nj).sqrt()).min(1.0);
+                    add(j, (c / (nh * nj).sqrt()).min(1.0));
                 }
             }
         }
-        out
     }
 
     /// Neighbourhood score of one item `j` for a user whose recent items are `recent`.
