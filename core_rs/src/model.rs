@@ -426,7 +426,12 @@ struct Scratch {
     near: rerank::SparseScores,
     known: rerank::SparseScores,
     cands: Vec<(u32, f32)>,
+    /// The user's seen items, when there are at most [`MARK_SEEN_MAX`].
+    seen: rerank::SparseScores,
 }
+
+/// Longest seen list marked per list (see [`Scratch::seen`]); longer ones are binary-searched.
+const MARK_SEEN_MAX: usize = 512;
 
 thread_local! {
     static SCRATCH: std::cell::Cell<Option<Box<Scratch>>> = const { std::cell::Cell::new(None) };
@@ -676,6 +681,15 @@ impl State {
 
     /// Whether item `i` may be shown under `q` to user `u` (if known).
     fn admissible(&self, i: u32, u: Option<u32>, q: &Query, f: &Filters) -> bool {
+        self.allowed(i, f)
+            && match u {
+                Some(u) if q.exclude_seen => !self.has_seen(u, i),
+                _ => true,
+            }
+    }
+
+    /// Whether item `i` passes the filters that do not depend on the user.
+    fn allowed(&self, i: u32, f: &Filters) -> bool {
         let Some(m) = self.meta.get(i as usize) else { return false };
         if !m.available || f.exclude.contains(&i) {
             return false;
@@ -685,13 +699,7 @@ impl State {
                 return false;
             }
         }
-        if m.category.is_some_and(|c| f.exclude_categories.contains(&c)) {
-            return false;
-        }
-        match u {
-            Some(u) if q.exclude_seen => !self.has_seen(u, i),
-            _ => true,
-        }
+        !m.category.is_some_and(|c| f.exclude_categories.contains(&c))
     }
 
     /// The user's items that support `item`'s score most: each held item's share of the
@@ -1267,7 +1275,29 @@ impl Model {
 
     fn recommend_locked(&self, st: &State, u: Option<u32>, salt: u64, q: &Query) -> Vec<Rec> {
         let Some(filters) = Self::resolve_filters(st, q) else { return Vec::new() };
-        let keep = |i: u32| st.admissible(i, u, q, &filters);
+        let n_items = st.items.capacity();
+        let mut scratch = Scratch::take();
+        let Scratch { near, known, cands: near_list, seen } = &mut *scratch;
+        // A short seen list is marked in a stamped set: one lookup per candidate instead of a
+        // binary search (the candidates of a search are tested by the hundred).
+        let marked = match u {
+            Some(u) if q.exclude_seen && st.seen[u as usize].len() <= MARK_SEEN_MAX => {
+                seen.reset(n_items);
+                st.seen[u as usize].iter().for_each(|&i| {
+                    seen.insert(i);
+                });
+                true
+            }
+            _ => false,
+        };
+        let seen = &*seen;
+        let keep = |i: u32| {
+            if marked {
+                seen.get(i).is_none() && st.allowed(i, &filters)
+            } else {
+                st.admissible(i, u, q, &filters)
+            }
+        };
         let lambda = q.diversity.unwrap_or(self.cfg.diversity).clamp(0.0, 1.0);
         let share = q.exploration.unwrap_or(self.cfg.exploration).clamp(0.0, 1.0);
         let n_explore = ((share * q.k as f32).round() as usize).min(q.k);
@@ -1298,9 +1328,6 @@ impl Model {
                     // scores are known already.
                     let mut personal: Vec<f32> = hits.iter().map(|h| h.1).collect();
                     let mut ids: Vec<u32> = hits.into_iter().map(|h| h.0).collect();
-                    let n_items = st.items.capacity();
-                    let mut scratch = Scratch::take();
-                    let Scratch { near, known, cands } = &mut *scratch;
                     known.reset(n_items);
                     near.reset(n_items);
                     ids.iter().for_each(|&i| {
@@ -1309,9 +1336,9 @@ impl Model {
                     if gamma > 0.0 {
                         let recent = st.mf.recent_items(u, self.cfg.neighbour_window);
                         st.neighbours.each_term(&recent, |j, s| near.add(j, s));
-                        cands.clear();
-                        cands.extend(near.ids().iter().map(|&j| (j, near.get(j).unwrap_or(0.0))));
-                        let top = rerank::top_kept(cands, m, &keep_main);
+                        near_list.clear();
+                        near_list.extend(near.ids().iter().map(|&j| (j, near.get(j).unwrap_or(0.0))));
+                        let top = rerank::top_kept(near_list, m, &keep_main);
                         ids.extend(top.into_iter().map(|h| h.0).filter(|&i| known.insert(i)));
                     }
                     if beta >= MIN_BLEND {
@@ -1323,13 +1350,13 @@ impl Model {
                                 .filter(|&i| known.insert(i)),
                         );
                     }
-                    personal
-                        .extend(ids[personal.len()..].iter().map(|&i| scan::dot(pu, st.mf.item_vector(i))));
+                    let rest = &ids[personal.len()..];
+                    rest.iter().for_each(|&i| scan::prefetch_row(st.mf.item_vector(i)));
+                    personal.extend(rest.iter().map(|&i| scan::dot(pu, st.mf.item_vector(i))));
                     if gamma > 0.0 {
                         let hood: Vec<f32> = ids.iter().map(|&i| near.get(i).unwrap_or(0.0)).collect();
                         personal = rerank::blend(&personal, &hood, gamma);
                     }
-                    scratch.give_back();
                     let scores = if beta >= MIN_BLEND {
                         let trending = st.trending.scorer(now);
                         let trend: Vec<f32> = ids.iter().map(|&i| trending(i) as f32).collect();
@@ -1375,7 +1402,8 @@ impl Model {
             }
         }
         out.extend(extra.map(|(i, s)| (i, s, true)));
-        out.into_iter()
+        let recs = out
+            .into_iter()
             .filter_map(|(i, score, explore)| {
                 let item = st.items.ext(i)?.clone();
                 let because = match u {
@@ -1395,7 +1423,9 @@ impl Model {
                 };
                 Some(Rec { item, score, because, explore, reason })
             })
-            .collect()
+            .collect();
+        scratch.give_back();
+        recs
     }
 
     /// Up to `n` fresh items (fewer than `explore_max_events` events) for exploration slots:
@@ -1455,6 +1485,7 @@ impl Model {
         }
         let ef = q.ef.unwrap_or(self.cfg.hnsw.ef_search).max(q.k);
         let mut hits = self.index.read().search(v, q.k, ef, keep);
+        hits.iter().for_each(|h| scan::prefetch_row(st.mf.item_vector(h.0)));
         for h in &mut hits {
             h.1 = scan::dot(st.mf.item_vector(h.0), v);
         }
