@@ -15,7 +15,8 @@
 //! current vectors, so a stale index can only miss an item, never misreport a score.
 //!
 //! No lock is held across a slow step: the index re-link keeps one write guard but hands it
-//! over fairly between items (`RwLockWriteGuard::bump`), the exact Gramian recomputation
+//! over fairly between items (`RwLockWriteGuard::bump`), a batch of lists keeps one read guard
+//! and hands it over the same way between users, the exact Gramian recomputation
 //! runs on a copy of the matrices and is swapped in, and a snapshot copies the model under the
 //! read locks and serialises the copy after releasing them. An item stays marked dirty until
 //! its re-link is done, so a snapshot taken meanwhile still lists it. [`Model::stats`] reads
