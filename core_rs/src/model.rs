@@ -15,7 +15,8 @@
 //! current vectors, so a stale index can only miss an item, never misreport a score.
 //!
 //! No lock is held across a slow step: the index re-link keeps one write guard but hands it
-//! over fairly between items (`RwLockWriteGuard::bump`), the exact Gramian recomputation
+//! over fairly between items (`RwLockWriteGuard::bump`), a batch of lists keeps one read guard
+//! and hands it over the same way between users, the exact Gramian recomputation
 //! runs on a copy of the matrices and is swapped in, and a snapshot copies the model under the
 //! read locks and serialises the copy after releasing them. An item stays marked dirty until
 //! its re-link is done, so a snapshot taken meanwhile still lists it. [`Model::stats`] reads
@@ -39,7 +40,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 pub use crate::coldstart::ItemMeta;
 use crate::coldstart::{AttrVectors, SortedIds};
@@ -418,6 +419,37 @@ impl Dirty {
     }
 }
 
+/// Per-thread working memory of [`Model::recommend`]: the neighbourhood scores and the
+/// candidate set of a list live in arrays reused from list to list instead of hash maps
+/// built per call.
+#[derive(Default)]
+struct Scratch {
+    near: rerank::SparseScores,
+    known: rerank::SparseScores,
+    cands: Vec<(u32, f32)>,
+    /// The user's seen items, when there are at most [`MARK_SEEN_MAX`].
+    seen: rerank::SparseScores,
+}
+
+/// Longest seen list marked per list (see [`Scratch::seen`]); longer ones are binary-searched.
+const MARK_SEEN_MAX: usize = 512;
+
+thread_local! {
+    static SCRATCH: std::cell::Cell<Option<Box<Scratch>>> = const { std::cell::Cell::new(None) };
+}
+
+impl Scratch {
+    /// This thread's scratch (a new one if it is in use or was never made).
+    fn take() -> Box<Scratch> {
+        SCRATCH.with(|c| c.take()).unwrap_or_default()
+    }
+
+    /// Returns the scratch for the thread's next list.
+    fn give_back(self: Box<Self>) {
+        SCRATCH.with(|c| c.set(Some(self)));
+    }
+}
+
 /// A query's filters in dense ids.
 struct Filters {
     exclude: HashSet<u32>,
@@ -650,6 +682,15 @@ impl State {
 
     /// Whether item `i` may be shown under `q` to user `u` (if known).
     fn admissible(&self, i: u32, u: Option<u32>, q: &Query, f: &Filters) -> bool {
+        self.allowed(i, f)
+            && match u {
+                Some(u) if q.exclude_seen => !self.has_seen(u, i),
+                _ => true,
+            }
+    }
+
+    /// Whether item `i` passes the filters that do not depend on the user.
+    fn allowed(&self, i: u32, f: &Filters) -> bool {
         let Some(m) = self.meta.get(i as usize) else { return false };
         if !m.available || f.exclude.contains(&i) {
             return false;
@@ -659,13 +700,7 @@ impl State {
                 return false;
             }
         }
-        if m.category.is_some_and(|c| f.exclude_categories.contains(&c)) {
-            return false;
-        }
-        match u {
-            Some(u) if q.exclude_seen => !self.has_seen(u, i),
-            _ => true,
-        }
+        !m.category.is_some_and(|c| f.exclude_categories.contains(&c))
     }
 
     /// The user's items that support `item`'s score most: each held item's share of the
@@ -1196,11 +1231,21 @@ impl Model {
         self.recommend_locked(&st, u, id_salt(user), q)
     }
 
-    /// [`Model::recommend`] for each of `users` under one query. The state lock is taken per
-    /// user, so a long batch never holds back the writer applying events for longer than one
-    /// list takes.
+    /// [`Model::recommend`] for each of `users` under one query. The state lock is handed
+    /// over fairly between users (`bump`: released and re-taken only when a writer waits), so
+    /// a long batch never holds back the writer applying events for longer than one list
+    /// takes, and costs one acquisition when none does.
     pub fn recommend_many(&self, users: &[ExtId], q: &Query) -> Vec<Vec<Rec>> {
-        users.iter().map(|u| self.recommend(u, q)).collect()
+        let mut out = Vec::with_capacity(users.len());
+        let mut st = self.state.read();
+        for (n, user) in users.iter().enumerate() {
+            if n > 0 {
+                RwLockReadGuard::bump(&mut st);
+            }
+            let u = st.users.get(user);
+            out.push(self.recommend_locked(&st, u, id_salt(user), q));
+        }
+        out
     }
 
     /// The trending list (decayed popularity) under the query's filters, without re-ranking
@@ -1231,7 +1276,29 @@ impl Model {
 
     fn recommend_locked(&self, st: &State, u: Option<u32>, salt: u64, q: &Query) -> Vec<Rec> {
         let Some(filters) = Self::resolve_filters(st, q) else { return Vec::new() };
-        let keep = |i: u32| st.admissible(i, u, q, &filters);
+        let n_items = st.items.capacity();
+        let mut scratch = Scratch::take();
+        let Scratch { near, known, cands: near_list, seen } = &mut *scratch;
+        // A short seen list is marked in a stamped set: one lookup per candidate instead of a
+        // binary search (the candidates of a search are tested by the hundred).
+        let marked = match u {
+            Some(u) if q.exclude_seen && st.seen[u as usize].len() <= MARK_SEEN_MAX => {
+                seen.reset(n_items);
+                st.seen[u as usize].iter().for_each(|&i| {
+                    seen.insert(i);
+                });
+                true
+            }
+            _ => false,
+        };
+        let seen = &*seen;
+        let keep = |i: u32| {
+            if marked {
+                seen.get(i).is_none() && st.allowed(i, &filters)
+            } else {
+                st.admissible(i, u, q, &filters)
+            }
+        };
         let lambda = q.diversity.unwrap_or(self.cfg.diversity).clamp(0.0, 1.0);
         let share = q.exploration.unwrap_or(self.cfg.exploration).clamp(0.0, 1.0);
         let n_explore = ((share * q.k as f32).round() as usize).min(q.k);
@@ -1257,20 +1324,24 @@ impl Model {
                     // Candidates from every side, each scored on every side.
                     let m = k_main * POOL_FACTOR;
                     let sub = Query { k: m, exact: q.exact, ef: q.ef, ..Query::default() };
-                    let mut ids: Vec<u32> =
-                        self.top_k(st, pu, &sub, &keep_main).into_iter().map(|h| h.0).collect();
-                    let mut known: HashSet<u32> = ids.iter().copied().collect();
-                    let near = if gamma > 0.0 {
+                    let hits = self.top_k(st, pu, &sub, &keep_main);
+                    // The search's hits come re-scored with the current vectors: their personal
+                    // scores are known already.
+                    let mut personal: Vec<f32> = hits.iter().map(|h| h.1).collect();
+                    let mut ids: Vec<u32> = hits.into_iter().map(|h| h.0).collect();
+                    known.reset(n_items);
+                    near.reset(n_items);
+                    ids.iter().for_each(|&i| {
+                        known.insert(i);
+                    });
+                    if gamma > 0.0 {
                         let recent = st.mf.recent_items(u, self.cfg.neighbour_window);
-                        let near = st.neighbours.scores(&recent);
-                        let mut top: Vec<(u32, f32)> =
-                            near.iter().map(|(&i, &s)| (i, s)).filter(|&(i, _)| keep_main(i)).collect();
-                        rerank::sort_desc(&mut top);
-                        ids.extend(top.into_iter().take(m).map(|h| h.0).filter(|&i| known.insert(i)));
-                        near
-                    } else {
-                        HashMap::new()
-                    };
+                        st.neighbours.each_term(&recent, |j, s| near.add(j, s));
+                        near_list.clear();
+                        near_list.extend(near.ids().iter().map(|&j| (j, near.get(j).unwrap_or(0.0))));
+                        let top = rerank::top_kept(near_list, m, &keep_main);
+                        ids.extend(top.into_iter().map(|h| h.0).filter(|&i| known.insert(i)));
+                    }
                     if beta >= MIN_BLEND {
                         ids.extend(
                             st.trending
@@ -1280,15 +1351,16 @@ impl Model {
                                 .filter(|&i| known.insert(i)),
                         );
                     }
-                    let mut personal: Vec<f32> =
-                        ids.iter().map(|&i| scan::dot(pu, st.mf.item_vector(i))).collect();
+                    let rest = &ids[personal.len()..];
+                    rest.iter().for_each(|&i| scan::prefetch_row(st.mf.item_vector(i)));
+                    personal.extend(rest.iter().map(|&i| scan::dot(pu, st.mf.item_vector(i))));
                     if gamma > 0.0 {
-                        let hood: Vec<f32> =
-                            ids.iter().map(|i| near.get(i).copied().unwrap_or(0.0)).collect();
+                        let hood: Vec<f32> = ids.iter().map(|&i| near.get(i).unwrap_or(0.0)).collect();
                         personal = rerank::blend(&personal, &hood, gamma);
                     }
                     let scores = if beta >= MIN_BLEND {
-                        let trend: Vec<f32> = ids.iter().map(|&i| st.trending.score(i, now) as f32).collect();
+                        let trending = st.trending.scorer(now);
+                        let trend: Vec<f32> = ids.iter().map(|&i| trending(i) as f32).collect();
                         if q.explain {
                             let led = rerank::trending_led(&personal, &trend, beta);
                             trend_led = ids.iter().zip(led).filter(|x| x.1).map(|x| *x.0).collect();
@@ -1331,7 +1403,8 @@ impl Model {
             }
         }
         out.extend(extra.map(|(i, s)| (i, s, true)));
-        out.into_iter()
+        let recs = out
+            .into_iter()
             .filter_map(|(i, score, explore)| {
                 let item = st.items.ext(i)?.clone();
                 let because = match u {
@@ -1351,7 +1424,9 @@ impl Model {
                 };
                 Some(Rec { item, score, because, explore, reason })
             })
-            .collect()
+            .collect();
+        scratch.give_back();
+        recs
     }
 
     /// Up to `n` fresh items (fewer than `explore_max_events` events) for exploration slots:
@@ -1411,6 +1486,7 @@ impl Model {
         }
         let ef = q.ef.unwrap_or(self.cfg.hnsw.ef_search).max(q.k);
         let mut hits = self.index.read().search(v, q.k, ef, keep);
+        hits.iter().for_each(|h| scan::prefetch_row(st.mf.item_vector(h.0)));
         for h in &mut hits {
             h.1 = scan::dot(st.mf.item_vector(h.0), v);
         }

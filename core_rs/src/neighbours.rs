@@ -236,6 +236,23 @@ impl Neighbours {
     /// last `window` of `recent` (oldest first), unsorted.
     pub fn scores(&self, recent: &[u32]) -> HashMap<u32, f32> {
         let mut out: HashMap<u32, f32> = HashMap::new();
+        self.each_term(recent, |j, s| *out.entry(j).or_insert(0.0) += s);
+        out
+    }
+
+    /// Calls `add(j, sim(h, j))` for every positive term of [`Neighbours::scores`], in the
+    /// order the sums are taken (by `h` oldest first), so a caller accumulating into its own
+    /// storage gets the same sums bit for bit. Every term is positive.
+    ///
+    /// A list is taken in blocks: the user counts gathered, then every term of the block
+    /// computed in one loop the compiler vectorises (IEEE square roots and quotients are
+    /// correctly rounded in SIMD lanes too, so the terms are the scalar ones), then the
+    /// positive ones handed over.
+    pub fn each_term(&self, recent: &[u32], mut add: impl FnMut(u32, f32)) {
+        const BLOCK: usize = 64;
+        let mut nj = [0.0f32; BLOCK];
+        let mut count = [0.0f32; BLOCK];
+        let mut term = [0.0f32; BLOCK];
         let from = recent.len().saturating_sub(self.window);
         for &h in &recent[from..] {
             let Some(list) = self.lists.get(h as usize) else { continue };
@@ -243,15 +260,22 @@ impl Neighbours {
             if nh <= 0.0 {
                 continue;
             }
-            for e in list {
-                let (j, c) = (e.id, e.count);
-                let nj = self.users.get(j as usize).copied().unwrap_or(0.0);
-                if nj > 0.0 && c > 0.0 {
-                    *out.entry(j).or_insert(0.0) += (c / (nh * nj).sqrt()).min(1.0);
+            for block in list.chunks(BLOCK) {
+                let n = block.len();
+                for ((x, c), e) in nj.iter_mut().zip(&mut count).zip(block) {
+                    *x = self.users.get(e.id as usize).copied().unwrap_or(0.0);
+                    *c = e.count;
+                }
+                for ((t, &c), &x) in term[..n].iter_mut().zip(&count[..n]).zip(&nj[..n]) {
+                    *t = (c / (nh * x).sqrt()).min(1.0);
+                }
+                for (k, e) in block.iter().enumerate() {
+                    if nj[k] > 0.0 && count[k] > 0.0 {
+                        add(e.id, term[k]);
+                    }
                 }
             }
         }
-        out
     }
 
     /// Neighbourhood score of one item `j` for a user whose recent items are `recent`.
@@ -294,6 +318,31 @@ mod tests {
             assert_eq!(key(a), key(b));
         }
         assert!(one.lists.iter().any(|l| l.len() == 8), "some list is full: evictions happened");
+    }
+
+    /// The blocked sums of `scores` are, bit for bit, the pairwise similarities summed in
+    /// window order, over lists longer than a block.
+    #[test]
+    fn scores_are_the_summed_similarities_exactly() {
+        let mut rng = crate::rng::Rng::new(11);
+        let mut n = Neighbours::new(150, 20);
+        for _ in 0..20_000 {
+            let item = (rng.next_u64() % 300) as u32;
+            let recent: Vec<u32> = (0..rng.next_u64() % 25).map(|_| (rng.next_u64() % 300) as u32).collect();
+            n.add(item, &recent);
+        }
+        assert!(n.longest_list() > 64, "lists span several blocks");
+        for r in 0..20 {
+            let recent: Vec<u32> = (0..r * 2).map(|_| (rng.next_u64() % 320) as u32).collect();
+            let got = n.scores(&recent);
+            for j in 0..320u32 {
+                let want = n.score(&recent, j);
+                match got.get(&j) {
+                    Some(s) => assert_eq!(s.to_bits(), want.to_bits(), "item {j}"),
+                    None => assert_eq!(want, 0.0, "item {j}"),
+                }
+            }
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! Every method that does real work copies its arguments out of Python objects first, then
 //! runs under `py.detach` so other Python threads (the trio event loop) keep running.
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use numpy::{PyArray1, PyReadonlyArray1};
@@ -441,28 +442,27 @@ fn recs_to_py(py: Python<'_>, recs: &[model::Rec], explain: bool, detail: bool) 
     Ok(out.unbind())
 }
 
-/// A list as a JSON array of entries (see `Model.recommend_batch_json`).
-fn entries_json(recs: &[model::Rec], explain: bool) -> String {
-    let mut out = String::with_capacity(2 + recs.len() * 48);
+/// Appends a list as a JSON array of entries (see `Model.recommend_batch_json`) to `out`.
+fn entries_json(out: &mut String, recs: &[model::Rec], explain: bool) {
     out.push('[');
     for (n, r) in recs.iter().enumerate() {
         if n > 0 {
             out.push(',');
         }
         out.push_str("{\"item\":");
-        json_id(&mut out, &r.item);
+        json_id(out, &r.item);
         out.push_str(",\"score\":");
-        json_f32(&mut out, r.score);
+        json_f32(out, r.score);
         if explain {
             out.push_str(",\"because\":[");
             for (m, b) in r.because.iter().enumerate() {
                 if m > 0 {
                     out.push(',');
                 }
-                json_id(&mut out, b);
+                json_id(out, b);
             }
             out.push_str("],\"reason\":");
-            json_str(&mut out, r.reason.as_str());
+            json_str(out, r.reason.as_str());
         }
         if r.explore {
             out.push_str(",\"explore\":true");
@@ -470,12 +470,11 @@ fn entries_json(recs: &[model::Rec], explain: bool) -> String {
         out.push('}');
     }
     out.push(']');
-    out
 }
 
 fn json_id(out: &mut String, id: &ExtId) {
     match id {
-        ExtId::Int(i) => out.push_str(&i.to_string()),
+        ExtId::Int(i) => _ = write!(out, "{i}"),
         ExtId::Str(s) => json_str(out, s),
     }
 }
@@ -484,7 +483,7 @@ fn json_id(out: &mut String, id: &ExtId) {
 /// Python's `json.dumps` gives for the same float; `null` when not finite.
 fn json_f32(out: &mut String, x: f32) {
     if x.is_finite() {
-        out.push_str(&(x as f64).to_string());
+        _ = write!(out, "{}", x as f64);
     } else {
         out.push_str("null");
     }
@@ -500,7 +499,7 @@ fn json_str(out: &mut String, s: &str) {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c if (c as u32) < 0x20 => _ = write!(out, "\\u{:04x}", c as u32),
             c => out.push(c),
         }
     }
@@ -805,23 +804,24 @@ impl PyModel {
         let users = ids_from_py(users)?;
         let q = query(k, exclude_seen, exclude, category, exact, explain, ef)?;
         let q = with_options(q, exclude_category, diversity, exploration)?;
-        let all: Vec<(Vec<model::Rec>, String)> = py.detach(|| {
-            self.inner
-                .recommend_many(&users, &q)
-                .into_iter()
-                .map(|recs| {
-                    let text = entries_json(&recs, explain);
-                    (recs, text)
-                })
-                .collect()
+        // Every list's text in one buffer, cut at `ends`; the GIL is released once for all.
+        let (all, text, ends) = py.detach(|| {
+            let all = self.inner.recommend_many(&users, &q);
+            let mut text = String::with_capacity(all.iter().map(|r| 2 + 40 * r.len()).sum());
+            let mut ends = Vec::with_capacity(all.len());
+            for recs in &all {
+                entries_json(&mut text, recs, explain);
+                ends.push(text.len());
+            }
+            (all, text, ends)
         });
         let out = PyList::empty(py);
-        for (recs, text) in &all {
-            let items = PyList::empty(py);
-            for r in recs {
-                items.append(ext_to_py(py, &r.item)?)?;
-            }
-            out.append((items, PyString::new(py, text)))?;
+        let mut start = 0;
+        for (recs, end) in all.iter().zip(ends) {
+            let items =
+                PyList::new(py, recs.iter().map(|r| ext_to_py(py, &r.item)).collect::<PyResult<Vec<_>>>()?)?;
+            out.append((items, PyString::new(py, &text[start..end])))?;
+            start = end;
         }
         Ok(out.unbind())
     }

@@ -39,6 +39,91 @@ pub fn sort_desc(hits: &mut [(u32, f32)]) {
     hits.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
 }
 
+/// The `m` best of `cands` (by [`sort_desc`] order) among those `keep` accepts, best first:
+/// the same as filtering every candidate, sorting and truncating, but `keep` is asked only
+/// about candidates in contention and nothing beyond them is sorted. Each round selects the
+/// best `need` of the rest in O(rest) and keeps what passes; `cands` is reordered.
+pub fn top_kept(cands: &mut [(u32, f32)], m: usize, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
+    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut out = Vec::with_capacity(m.min(cands.len()));
+    let mut rest = cands;
+    while out.len() < m && !rest.is_empty() {
+        let need = m - out.len();
+        if rest.len() > need {
+            rest.select_nth_unstable_by(need - 1, order);
+        }
+        let (head, tail) = rest.split_at_mut(need.min(rest.len()));
+        out.extend(head.iter().copied().filter(|c| keep(c.0)));
+        rest = tail;
+    }
+    out.sort_unstable_by(order);
+    out
+}
+
+/// Scores of a sparse set of dense ids, summed in place: a stamped array reused from list to
+/// list, so gathering a few thousand terms allocates nothing and [`SparseScores::reset`] is
+/// O(1) (the stamps of one generation mark the ids present). Also serves as a set of ids.
+#[derive(Debug, Default)]
+pub struct SparseScores {
+    /// Per id its (generation stamp, score): one cache line holds both.
+    slots: Vec<(u32, f32)>,
+    gen: u32,
+    ids: Vec<u32>,
+}
+
+impl SparseScores {
+    /// Empties the set, ready for ids below `n` (larger ones grow it).
+    pub fn reset(&mut self, n: usize) {
+        self.ids.clear();
+        self.gen = self.gen.wrapping_add(1);
+        if self.gen == 0 {
+            self.slots.iter_mut().for_each(|s| s.0 = 0);
+            self.gen = 1;
+        }
+        if self.slots.len() < n {
+            self.slots.resize(n, (0, 0.0));
+        }
+    }
+
+    #[inline]
+    fn slot(&mut self, i: u32) -> (&mut f32, bool) {
+        let iu = i as usize;
+        if iu >= self.slots.len() {
+            self.slots.resize(iu + 1, (0, 0.0));
+        }
+        let s = &mut self.slots[iu];
+        let new = s.0 != self.gen;
+        if new {
+            *s = (self.gen, 0.0);
+            self.ids.push(i);
+        }
+        (&mut s.1, new)
+    }
+
+    /// Puts `i` in the set with score 0 if it is not there; true if it was not.
+    #[inline]
+    pub fn insert(&mut self, i: u32) -> bool {
+        self.slot(i).1
+    }
+
+    /// Adds `s` to the score of `i` (starting from 0).
+    #[inline]
+    pub fn add(&mut self, i: u32, s: f32) {
+        *self.slot(i).0 += s;
+    }
+
+    /// The score of `i`, or None when it is not in the set.
+    #[inline]
+    pub fn get(&self, i: u32) -> Option<f32> {
+        self.slots.get(i as usize).filter(|s| s.0 == self.gen).map(|s| s.1)
+    }
+
+    /// The ids in the set, in first-insertion order.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+}
+
 /// Maximal marginal relevance (Carbonell & Goldstein, "The use of MMR, diversity-based
 /// reranking for reordering documents and producing summaries", SIGIR 1998): greedily picks
 /// `argmax λ·rel(i) − (1 − λ)·max_{j selected} sim(i, j)` until `k` items are chosen.
@@ -148,6 +233,49 @@ mod tests {
         // P(7 first) = 50 / 59 ≈ 0.85.
         assert!(wins > 150, "{wins}");
         assert!(weighted_sample(&[(1, 0.0)], 1, &mut Rng::new(1)).is_empty());
+    }
+
+    /// `top_kept` is filtering everything, sorting and truncating, for every cut and filter.
+    #[test]
+    fn top_kept_matches_filter_sort_truncate() {
+        let mut rng = Rng::new(3);
+        for n in [0usize, 1, 7, 50, 400] {
+            // Scores from a small set, so ties (broken by id) are common.
+            let cands: Vec<(u32, f32)> =
+                (0..n as u32).map(|i| (i * 7 % 1009, (rng.next_u64() % 13) as f32 / 4.0)).collect();
+            let filters: [&dyn Fn(u32) -> bool; 4] =
+                [&|_| true, &|i| i % 3 != 0, &|i| i % 10 == 1, &|_| false];
+            for keep in filters {
+                for m in [0usize, 1, 5, 40, 500] {
+                    let mut want: Vec<(u32, f32)> = cands.iter().copied().filter(|c| keep(c.0)).collect();
+                    sort_desc(&mut want);
+                    want.truncate(m);
+                    let mut work = cands.clone();
+                    assert_eq!(top_kept(&mut work, m, keep), want, "n {n}, m {m}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sparse_scores_sum_and_forget_on_reset() {
+        let mut s = SparseScores::default();
+        s.reset(4);
+        s.add(2, 0.5);
+        s.add(9, 1.0);
+        s.add(2, 0.25);
+        assert!(!s.insert(9) && s.insert(3));
+        assert_eq!((s.get(2), s.get(9), s.get(3), s.get(0)), (Some(0.75), Some(1.0), Some(0.0), None));
+        assert_eq!(s.ids(), &[2, 9, 3]);
+        s.reset(4);
+        assert!(s.ids().is_empty() && s.get(2).is_none() && s.get(100).is_none());
+        s.add(2, 1.0);
+        assert_eq!(s.get(2), Some(1.0));
+        // The generation wraps: every stamp is cleared, nothing old comes back.
+        s.gen = u32::MAX;
+        s.slots[5].0 = 1;
+        s.reset(0);
+        assert!(s.get(5).is_none() && s.get(2).is_none());
     }
 
     #[test]

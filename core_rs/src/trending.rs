@@ -142,10 +142,14 @@ impl Trending {
 
     /// Decayed count of `item` at `now`.
     pub fn score(&self, item: u32, now: f64) -> f64 {
-        match self.values.get(item as usize) {
-            Some(&v) => v * self.deflation(now),
-            None => 0.0,
-        }
+        self.scorer(now)(item)
+    }
+
+    /// [`Trending::score`] at `now` for many items: the decay factor, common to all, is
+    /// computed once.
+    pub fn scorer(&self, now: f64) -> impl Fn(u32) -> f64 + '_ {
+        let d = self.deflation(now);
+        move |item| self.values.get(item as usize).map_or(0.0, |&v| v * d)
     }
 
     /// The `k` items with the highest decayed count, best first (ties: lower id first),
