@@ -1150,15 +1150,43 @@ impl Model {
         }
         between();
         if !taken.is_empty() {
+            // Items new to the index are inserted last, in batches searched in parallel
+            // under the shared lock (see `hnsw::batch`); the rest one by one, as are the new
+            // items while the graph is small.
+            let mut fresh = Vec::new();
             let mut index = self.index.write();
             for (n, &i) in taken.iter().enumerate() {
+                let row = &vecs[n * dim..(n + 1) * dim];
+                if live[n] && !index.has_node(i) {
+                    fresh.push((i, row));
+                    continue;
+                }
                 if live[n] {
-                    index.upsert(i, &vecs[n * dim..(n + 1) * dim]);
+                    index.upsert(i, row);
                 } else {
                     index.delete(i);
                 }
                 // Waiting queries go first (then the re-link continues where it was).
                 RwLockWriteGuard::bump(&mut index);
+            }
+            let mut rest = &fresh[..];
+            while !rest.is_empty() {
+                let (now, later) = rest.split_at(index.insert_batch_len().min(rest.len()));
+                rest = later;
+                if let [(i, row)] = now {
+                    index.upsert(*i, row);
+                    RwLockWriteGuard::bump(&mut index);
+                    continue;
+                }
+                // No other writer meanwhile: re-links hold `relinking`.
+                let shared = RwLockWriteGuard::downgrade(index);
+                let plans = shared.plan_inserts(now);
+                drop(shared);
+                index = self.index.write();
+                for (plan, (_, row)) in plans.iter().zip(now) {
+                    index.link_planned(plan, row);
+                    RwLockWriteGuard::bump(&mut index);
+                }
             }
             self.published.index_size.store(index.len(), Ordering::Relaxed);
         }
