@@ -24,7 +24,7 @@
 
 use rayon::prelude::*;
 
-use super::kernels::{coord_sweep, replace_outer, replace_outer_rows, Scratch};
+use super::kernels::{coord_sweep, replace_outer_rows, Scratch};
 use super::Mf;
 
 /// Fewest rows solved on the thread pool; fewer are solved on the calling thread (a live
@@ -86,17 +86,31 @@ impl Mf {
     /// Moves each item's share of `S~` from the popularity weight it was held at (`held`,
     /// from [`Mf::record_event`] before the item's first event of the group) to its current
     /// one. Call once the group is recorded, before [`Mf::solve_users`].
+    ///
+    /// The matrix is split into blocks of rows for the threads, each block taking the items'
+    /// terms in order: every element gets the same operations in the same order as one
+    /// `replace_outer` per item would give it, whatever the number of threads.
     pub fn fold_popularity(&mut self, items: &[(u32, f64)]) {
         let d = self.cfg.dim;
-        let mut x = vec![0.0f64; d];
+        let mut coefs = Vec::new();
+        let mut xs: Vec<f64> = Vec::new();
         for &(i, held) in items {
             let a = self.pop_w[i as usize];
             if a != held {
-                for (t, &v) in x.iter_mut().zip(self.item_vector(i)) {
-                    *t = v as f64;
-                }
-                replace_outer(&mut self.st, d, a - held, &x, 0.0, &x);
+                coefs.push(a - held);
+                xs.extend(self.item_vector(i).iter().map(|&v| v as f64));
             }
+        }
+        let fold = |(block, out): (usize, &mut [f64])| {
+            for (k, &c) in coefs.iter().enumerate() {
+                let x = &xs[k * d..(k + 1) * d];
+                replace_outer_rows(out, block * DELTA_ROWS, d, c, x, 0.0, x);
+            }
+        };
+        if coefs.len() < PARALLEL_FROM {
+            self.st.chunks_mut(d * DELTA_ROWS).enumerate().for_each(fold);
+        } else {
+            self.st.par_chunks_mut(d * DELTA_ROWS).enumerate().for_each(fold);
         }
         self.epoch += 1;
     }

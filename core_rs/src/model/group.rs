@@ -86,6 +86,12 @@ impl Model {
     /// Applies batches in order as one group (see the module docs); one report per batch,
     /// numbering refusals by record within the batch.
     pub fn apply_group(&self, batches: &[Batch<'_>]) -> Vec<ApplyReport> {
+        self.apply_group_reporting(batches, true)
+    }
+
+    /// [`Model::apply_group`]; without `users` the reports leave `touched_users` empty (a
+    /// replay at start-up has nobody to tell, and skips noting every event's user).
+    pub fn apply_group_reporting(&self, batches: &[Batch<'_>], users: bool) -> Vec<ApplyReport> {
         let mut reports: Vec<ApplyReport> = vec![ApplyReport::default(); batches.len()];
         let mut touched: Vec<HashMap<ExtId, Option<ExtId>>> = vec![HashMap::new(); batches.len()];
         let mut moved = Vec::new();
@@ -113,6 +119,7 @@ impl Model {
                             erased,
                         )
                     } else {
+                        let touched = users.then_some(&mut *touched);
                         self.record(&mut st, rec, batch.producer, batch.accepted_at, &mut pending, touched)
                     };
                     match result {
@@ -136,8 +143,10 @@ impl Model {
         }
         drop(g);
         self.mark_dirty(moved);
-        for (report, t) in reports.iter_mut().zip(touched) {
-            report.touched_users = t.into_iter().collect();
+        if users {
+            for (report, t) in reports.iter_mut().zip(touched) {
+                report.touched_users = t.into_iter().collect();
+            }
         }
         if self.cfg.auto_reindex {
             self.reindex(usize::MAX);
@@ -147,8 +156,9 @@ impl Model {
 
     /// Applies journal records (`[accepted_at, frame]`, see [`decode::decode_journal_record`])
     /// in order as one group; per record, its acceptance time and report (refusals numbered
-    /// by frame entry), or why it could not be read (it is then skipped).
-    pub fn apply_journal(&self, payloads: &[&[u8]]) -> Vec<Result<(f64, ApplyReport), String>> {
+    /// by frame entry), or why it could not be read (it is then skipped). Without `users`,
+    /// the batched path leaves the reports' `touched_users` empty.
+    pub fn apply_journal(&self, payloads: &[&[u8]], users: bool) -> Vec<Result<(f64, ApplyReport), String>> {
         use rayon::prelude::*;
         let decoded: Vec<Result<(f64, decode::Frame), String>> = payloads
             .par_iter()
@@ -168,7 +178,7 @@ impl Model {
             .map(|(at, f)| Batch { records: &f.records, producer: &f.tag, accepted_at: *at })
             .collect();
         let reports = if self.cfg.batch_apply {
-            self.apply_group(&batches)
+            self.apply_group_reporting(&batches, users)
         } else {
             batches.iter().map(|b| self.apply_at(b.records, b.producer, b.accepted_at)).collect()
         };
@@ -191,7 +201,7 @@ impl Model {
         producer: &str,
         accepted_at: f64,
         pending: &mut Pending,
-        touched: &mut HashMap<ExtId, Option<ExtId>>,
+        touched: Option<&mut HashMap<ExtId, Option<ExtId>>>,
     ) -> Result<bool, String> {
         let Some((u, i, w, ts)) = self.admit(st, rec, producer, accepted_at, Some(&mut pending.pairs))?
         else {
@@ -201,7 +211,7 @@ impl Model {
             pending.add(u, i, held);
         }
         self.note_event(st, u, i, w, ts);
-        if let Record::Interaction { user, id, .. } = rec {
+        if let (Record::Interaction { user, id, .. }, Some(touched)) = (rec, touched) {
             touched.insert(user.clone(), id.clone());
         }
         Ok(true)
@@ -513,11 +523,19 @@ mod tests {
         good.extend_from_slice(&[0xc4, frame.len() as u8]);
         good.extend_from_slice(&frame);
         let m = Model::new(cfg(true));
-        let out = m.apply_journal(&[&good, b"\x92\x01", &good]);
+        let out = m.apply_journal(&[&good, b"\x92\x01", &good], true);
         let (at, r) = out[0].as_ref().unwrap();
         assert_eq!((*at, r.applied, r.touched_users.clone()), (T0 + 0.5, 1, vec![(ExtId::Int(1), None)]));
         assert!(out[1].as_ref().unwrap_err().contains("journal record"), "{:?}", out[1]);
         assert_eq!(out[2].as_ref().unwrap().1.applied, 1);
         assert_eq!(m.stats().events_applied, 2);
+        // Without users: the same counts and model, no users noted.
+        let quiet = Model::new(cfg(true));
+        let out = quiet.apply_journal(&[&good, b"\x92\x01", &good], false);
+        let (at, r) = out[0].as_ref().unwrap();
+        assert_eq!((*at, r.applied, r.touched_users.len()), (T0 + 0.5, 1, 0));
+        assert!(out[1].is_err());
+        assert_eq!(non_vector_state(&quiet), non_vector_state(&m));
+        assert_eq!(vectors(&quiet), vectors(&m));
     }
 }
