@@ -73,16 +73,22 @@ impl Hnsw {
                         eps = w;
                     }
                 }
-                // The batch's earlier nodes: in the graph by the time this one is linked.
+                // The batch's earlier nodes: in the graph by the time this one is linked. A
+                // full layer only takes those that beat its worst candidate.
+                let ef = self.cfg.ef_construction;
+                let floor: Vec<Option<Cand>> =
+                    layers.iter().map(|w| if w.len() >= ef { w.last().copied() } else { None }).collect();
                 for (j, &(mate, mv)) in batch[..k].iter().enumerate() {
-                    let s = dot(v, mv);
-                    for layer in layers.iter_mut().take(level.min(levels[j]) + 1) {
-                        layer.push(Cand { s, id: mate });
+                    let c = Cand { s: dot(v, mv), id: mate };
+                    for (layer, worst) in layers.iter_mut().zip(&floor).take(level.min(levels[j]) + 1) {
+                        if worst.is_none_or(|w| c > w) {
+                            layer.push(c);
+                        }
                     }
                 }
                 for layer in &mut layers {
                     layer.sort_unstable_by(|a, b| b.cmp(a));
-                    layer.truncate(self.cfg.ef_construction);
+                    layer.truncate(ef);
                 }
                 Planned { id, level, layers }
             })
