@@ -172,9 +172,25 @@ impl Mf {
         }
         // Σ_k a_k (new_k new_kᵀ − old_k old_kᵀ), summed over k in order for every element:
         // the matrix is split into blocks of rows for the threads, which never changes a sum.
-        let wide = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
-        let new64 = wide(&rows);
-        let old64: Vec<f64> = ids.iter().flat_map(|&id| current(id).iter().map(|&x| x as f64)).collect();
+        // The rows widened to f64, new and old (on the pool for a large group: tens of MB).
+        let mut new64 = vec![0.0f64; rows.len()];
+        let mut old64 = vec![0.0f64; rows.len()];
+        let widen = |((new, old), (row, &id)): ((&mut [f64], &mut [f64]), (&[f32], &u32))| {
+            for ((n, o), (&x, &y)) in new.iter_mut().zip(old.iter_mut()).zip(row.iter().zip(current(id))) {
+                *n = x as f64;
+                *o = y as f64;
+            }
+        };
+        if ids.len() < PARALLEL_FROM {
+            new64.chunks_mut(d).zip(old64.chunks_mut(d)).zip(rows.chunks(d).zip(ids)).for_each(widen);
+        } else {
+            new64
+                .par_chunks_mut(d)
+                .zip(old64.par_chunks_mut(d))
+                .zip(rows.par_chunks(d).zip(ids.par_iter()))
+                .with_min_len(256)
+                .for_each(widen);
+        }
         let delta_rows = |(block, out): (usize, &mut [f64])| {
             for (k, &a) in coefs.iter().enumerate() {
                 let (x, y) = (&new64[k * d..(k + 1) * d], &old64[k * d..(k + 1) * d]);

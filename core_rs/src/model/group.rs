@@ -21,7 +21,7 @@
 //! recomputation, when due, is also computed under the shared lock and installed under a
 //! short write lock.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use parking_lot::{RwLockUpgradableReadGuard, RwLockWriteGuard};
 
@@ -49,21 +49,31 @@ pub struct Batch<'a> {
 #[derive(Default)]
 struct Pending {
     users: Vec<u32>,
-    user_set: HashSet<u32>,
+    /// By dense id: whether the user or item is pending (kept across takes, all false then).
+    user_marks: Vec<bool>,
     /// Each item with the popularity weight it was held at in `S~` before its first event.
     items: Vec<(u32, f64)>,
-    item_set: HashSet<u32>,
+    item_marks: Vec<bool>,
     events: usize,
     /// New (item, the user's recent items) pairs for the neighbour counts.
     pairs: Vec<(u32, Vec<u32>)>,
 }
 
+/// Marks `id`; true if it was not marked yet.
+fn mark(marks: &mut Vec<bool>, id: u32) -> bool {
+    let id = id as usize;
+    if id >= marks.len() {
+        marks.resize((id + 1).next_power_of_two(), false);
+    }
+    !std::mem::replace(&mut marks[id], true)
+}
+
 impl Pending {
     fn add(&mut self, u: u32, i: u32, held: f64) {
-        if self.user_set.insert(u) {
+        if mark(&mut self.user_marks, u) {
             self.users.push(u);
         }
-        if self.item_set.insert(i) {
+        if mark(&mut self.item_marks, i) {
             self.items.push((i, held));
         }
         self.events += 1;
@@ -71,6 +81,18 @@ impl Pending {
 
     fn is_empty(&self) -> bool {
         self.events == 0 && self.pairs.is_empty()
+    }
+
+    /// The pending users, items and pairs; leaves nothing pending.
+    fn take(&mut self) -> (Vec<u32>, Vec<(u32, f64)>, Vec<(u32, Vec<u32>)>) {
+        for &u in &self.users {
+            self.user_marks[u as usize] = false;
+        }
+        for &(i, _) in &self.items {
+            self.item_marks[i as usize] = false;
+        }
+        self.events = 0;
+        (std::mem::take(&mut self.users), std::mem::take(&mut self.items), std::mem::take(&mut self.pairs))
     }
 }
 
@@ -225,7 +247,7 @@ impl Model {
         pending: &mut Pending,
         moved: &mut Vec<u32>,
     ) -> Shared<'a> {
-        let Pending { mut users, mut items, pairs, .. } = std::mem::take(pending);
+        let (mut users, mut items, pairs) = pending.take();
         // Ascending ids: neighbouring rows, and one fixed order for the installs.
         users.sort_unstable();
         items.sort_unstable_by_key(|x| x.0);
