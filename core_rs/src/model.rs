@@ -936,7 +936,7 @@ impl Model {
         rec: &Record,
         producer: &str,
         accepted_at: f64,
-        pairs: Option<&mut Vec<(u32, Vec<u32>)>>,
+        pairs: Option<&mut crate::neighbours::Adds>,
     ) -> Result<Option<(u32, u32, f32, f64)>, String> {
         let Record::Interaction { user, item, kind, weight, id, ts } = rec else {
             return Err("not an interaction".into());
@@ -954,10 +954,13 @@ impl Model {
         let i = st.item_dense(item, self.cfg.explore_max_events);
         st.newest_ts = st.newest_ts.max(ts);
         if self.cfg.neighbour_weight > 0.0 && !st.has_seen(u, i) {
-            let recent = st.mf.recent_items(u, self.cfg.neighbour_window);
+            let window = self.cfg.neighbour_window;
             match pairs {
-                Some(pairs) => pairs.push((i, recent)),
-                None => st.neighbours.add(i, &recent),
+                Some(pairs) => pairs.push_with(i, |out| st.mf.extend_recent_items(u, window, out)),
+                None => {
+                    let recent = st.mf.recent_items(u, window);
+                    st.neighbours.add(i, &recent);
+                }
             }
         }
         Ok(Some((u, i, w, ts)))

@@ -28,6 +28,7 @@ use parking_lot::{RwLockUpgradableReadGuard, RwLockWriteGuard};
 use super::{ApplyReport, Model, State};
 use crate::decode::{self, Record};
 use crate::ids::ExtId;
+use crate::neighbours::Adds;
 
 /// Most events whose solves are coalesced into one: bounds the memory of a solve and how far
 /// the vectors may lag the histories within one group.
@@ -56,7 +57,7 @@ struct Pending {
     item_marks: Vec<bool>,
     events: usize,
     /// New (item, the user's recent items) pairs for the neighbour counts.
-    pairs: Vec<(u32, Vec<u32>)>,
+    pairs: Adds,
 }
 
 /// Marks `id`; true if it was not marked yet.
@@ -84,7 +85,7 @@ impl Pending {
     }
 
     /// The pending users, items and pairs; leaves nothing pending.
-    fn take(&mut self) -> (Vec<u32>, Vec<(u32, f64)>, Vec<(u32, Vec<u32>)>) {
+    fn take(&mut self) -> (Vec<u32>, Vec<(u32, f64)>, Adds) {
         for &u in &self.users {
             self.user_marks[u as usize] = false;
         }
