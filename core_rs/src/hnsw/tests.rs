@@ -382,6 +382,6 @@ fn batched_inserts_match_single_inserts_in_recall_and_ignore_the_thread_count() 
     }
     h.insert_many(&rows[2_000..]);
     h.check_invariants().unwrap();
-    let alive = |id: u32| id >= 2_000 || id % 7 != 0;
+    let alive = |id: u32| id >= 2_000 || !id.is_multiple_of(7);
     assert!(recall(&h, &data, dim, &queries, 10, 64, &alive) >= base - 0.02);
 }

@@ -175,7 +175,8 @@ impl Mf {
         // The rows widened to f64, new and old (on the pool for a large group: tens of MB).
         let mut new64 = vec![0.0f64; rows.len()];
         let mut old64 = vec![0.0f64; rows.len()];
-        let widen = |((new, old), (row, &id)): ((&mut [f64], &mut [f64]), (&[f32], &u32))| {
+        type Widen<'a> = ((&'a mut [f64], &'a mut [f64]), (&'a [f32], &'a u32));
+        let widen = |((new, old), (row, &id)): Widen<'_>| {
             for ((n, o), (&x, &y)) in new.iter_mut().zip(old.iter_mut()).zip(row.iter().zip(current(id))) {
                 *n = x as f64;
                 *o = y as f64;
