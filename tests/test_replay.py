@@ -125,12 +125,17 @@ async def test_the_model_actor_reports_users_once_told_to() -> None:
     model = Model(ModelConfig(seed=3))
     send, inbox = trio.open_memory_channel[Appended](4)
     reported: list[list[Applied]] = []
-    actor = ModelActor(model, inbox, on_applied=reported.append, report_users=False)
+    first = trio.Event()
+
+    def on_applied(results: list[Applied]) -> None:
+        reported.append(results)
+        first.set()
+
+    actor = ModelActor(model, inbox, on_applied=on_applied, report_users=False)
     async with trio.open_nursery() as nursery:
         await nursery.start(actor.run)
         await send.send(Appended(1, (_payload([{"user": "a", "item": "x"}]),)))
-        while not reported:
-            await trio.sleep(0.001)
+        await first.wait()
         actor.report_users = True
         await send.send(Appended(2, (_payload([{"user": "b", "item": "y"}]),)))
         await send.aclose()
