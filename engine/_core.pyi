@@ -79,7 +79,7 @@ class Model:
     ) -> Report: ...
     def ingest_forward(self, frame: bytes, accepted_at: float | None = None) -> FrameReport: ...
     def apply_journal(
-        self, payloads: Sequence[bytes], collect: bool = True
+        self, payloads: Sequence[bytes], collect: bool = True, users: bool = True
     ) -> list[
         str
         | tuple[

@@ -225,6 +225,7 @@ class Engine:
             applied_position=loaded.position,
             on_applied=self._on_applied,
             wait_durable=self.log.wait_durable,
+            report_users=False,  # nobody subscribes while catching up
         )
         self._forwarded_seq = loaded.seq
         self.index_actor = IndexActor(model, on_indexed=self._on_indexed)
@@ -266,6 +267,7 @@ class Engine:
                 await marker.send(_CAUGHT_UP)
             await caught_up.wait()
             await self.wait_applied(self._forwarded_seq)
+            self.model_actor.report_users = True
             await trio.to_thread.run_sync(model.reindex, None)
             if isinstance(self.log, JournalLog):
                 self.recovery = self.log.recovery

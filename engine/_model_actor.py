@@ -4,8 +4,9 @@ It is the only writer of the model. Each group of records from the journal actor
 one worker-thread call (``Model.apply_journal``: the extension decodes the records, releases
 the GIL and, with ``batch_apply``, solves the group's users and items once each on every core),
 then the users those records touched are reported to the publisher and the index actor is told
-that vectors moved. Snapshots are
-taken between groups, so a snapshot reflects exactly the records up to its sequence number.
+that vectors moved. While the engine catches up at start-up nobody subscribes yet, so the
+groups are applied without noting their users (``report_users``). Snapshots are taken between
+groups, so a snapshot reflects exactly the records up to its sequence number.
 Groups may arrive before they are durable (the journal's ``apply_before_sync``); a snapshot
 then waits until the journal has synced every record it reflects, so no snapshot ever holds an
 event that a crash could still take out of the log.
@@ -34,7 +35,12 @@ INLINE_GROUP_BYTES = 2048
 
 
 def apply_records(
-    model: Model, first_seq: int, payloads: Sequence[bytes], *, collect: bool = True
+    model: Model,
+    first_seq: int,
+    payloads: Sequence[bytes],
+    *,
+    collect: bool = True,
+    users: bool = True,
 ) -> list[Applied]:
     """Applies journal payloads in order as one group (blocking; call it in a worker thread).
 
@@ -46,14 +52,16 @@ def apply_records(
     recovery or the live stream.
 
     Args:
-        collect: Whether to return what each record did. A replay at start-up has nobody to
+        collect: Whether to return what each record did. An offline replay has nobody to
             tell, and skips building one :class:`Applied` per record.
+        users: Whether the :class:`Applied` name the users each record touched; without,
+            ``users`` is empty (counts, refusals and erasures are still reported).
 
     Returns:
         One :class:`Applied` per payload, in order; nothing without ``collect``.
     """
     out: list[Applied] = []
-    results = model.apply_journal(payloads, collect)
+    results = model.apply_journal(payloads, collect, users)
     for seq, result in enumerate(results, first_seq):
         if isinstance(result, str):
             log.error("journal record %d could not be applied: %s", seq, result)
@@ -78,6 +86,9 @@ class ModelActor:
             index wake-up). Must not block.
         wait_durable: Returns once the journal holds every record up to the given seq
             durably (``JournalActor.wait_durable``); None when groups arrive durable.
+        report_users: Whether each group's results name the users it touched. The engine
+            starts with False while it catches up (nobody subscribes before it is ready) and
+            sets :attr:`report_users` once caught up.
     """
 
     def __init__(
@@ -89,6 +100,7 @@ class ModelActor:
         applied_position: bytes = b"",
         on_applied: Callable[[list[Applied]], None] | None = None,
         wait_durable: Callable[[int], Awaitable[None]] | None = None,
+        report_users: bool = True,
     ) -> None:
         self.model = model
         self.applied_seq = applied_seq
@@ -96,6 +108,7 @@ class ModelActor:
         self._inbox = inbox
         self._on_applied = on_applied
         self._wait_durable = wait_durable
+        self.report_users = report_users
         self._lock = trio.Lock()  # held while a group applies; snapshots take it in between
         self.last_apply_seconds = 0.0  # wall time of the newest group's apply (metrics)
         self.drained = trio.Event()
@@ -108,15 +121,20 @@ class ModelActor:
             async for group in self._inbox:
                 async with self._lock:
                     started = time.perf_counter()
+                    apply = functools.partial(
+                        apply_records,
+                        self.model,
+                        group.first_seq,
+                        group.payloads,
+                        users=self.report_users,
+                    )
                     if sum(len(p) for p in group.payloads) <= INLINE_GROUP_BYTES:
                         # A worker thread's round trip costs more than these few events.
-                        results = apply_records(self.model, group.first_seq, group.payloads)
+                        results = apply()
                     else:
                         self.busy = True
                         try:
-                            results = await trio.to_thread.run_sync(
-                                apply_records, self.model, group.first_seq, group.payloads
-                            )
+                            results = await trio.to_thread.run_sync(apply)
                         finally:
                             self.busy = False
                     self.last_apply_seconds = time.perf_counter() - started

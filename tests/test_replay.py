@@ -1,14 +1,17 @@
-"""Replaying journal records without reporting them (``apply_records(collect=False)``)."""
+"""Replaying journal records without reporting them (``apply_records(collect=False)``), or
+without naming their users (``users=False``, the engine catching up at start-up)."""
 
 from __future__ import annotations
 
 import logging
 
 import pytest
+import trio
 
 from engine import Model, ModelConfig
 from engine._events import journal_record, json_to_frame
-from engine._model_actor import apply_records
+from engine._messages import Appended, Applied
+from engine._model_actor import ModelActor, apply_records
 
 
 def _payload(events: list[dict[str, object]]) -> bytes:
@@ -89,3 +92,55 @@ def test_per_record_solves_do_not_depend_on_the_grouping() -> None:
     assert vectors(False, [12]) == one_by_one
     assert vectors(False, [5, 4, 3]) == one_by_one
     assert vectors(True, [12]) != vectors(True, [1] * 12)
+
+
+def test_a_replay_without_users_reports_everything_else_and_builds_the_same_model() -> None:
+    """``users=False`` (the engine catching up at start-up) leaves the users out of the
+    reports, and nothing else: counts, refusals, erasures and the model are the same."""
+    events = [{"user": f"u{n % 5}", "item": f"i{n % 8}", "id": n} for n in range(40)]
+    payloads = [
+        _payload(events[:20]),
+        _payload([*events[15:25], {"user": "u1", "item": "i1", "type": "nope"}]),
+        _payload([{"erase_user": "u3"}]),
+        _payload(events[25:]),
+    ]
+    full, quiet = Model(ModelConfig(seed=2)), Model(ModelConfig(seed=2))
+    expect = apply_records(full, 1, payloads)
+    got = apply_records(quiet, 1, payloads, users=False)
+    assert all(a.users for a in expect if a.applied) and all(not a.users for a in got)
+    assert [attrs_without_users(a) for a in got] == [attrs_without_users(a) for a in expect]
+    assert got[2].erased == ("u3",) and got[1].duplicates == 5 and len(got[1].rejected) == 1
+    for user in [f"u{n}" for n in range(5)]:
+        assert sorted(quiet.seen(user)) == sorted(full.seen(user))
+        assert quiet.recommend(user, k=5) == full.recommend(user, k=5)
+
+
+def attrs_without_users(a: Applied) -> tuple[object, ...]:
+    return (a.seq, a.applied, a.duplicates, a.rejected, a.erased)
+
+
+async def test_the_model_actor_reports_users_once_told_to() -> None:
+    """The engine starts its model actor without user reports while it catches up, then
+    turns them on: groups after that name their users again."""
+    model = Model(ModelConfig(seed=3))
+    send, inbox = trio.open_memory_channel[Appended](4)
+    reported: list[list[Applied]] = []
+    first = trio.Event()
+
+    def on_applied(results: list[Applied]) -> None:
+        reported.append(results)
+        first.set()
+
+    actor = ModelActor(model, inbox, on_applied=on_applied, report_users=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        await send.send(Appended(1, (_payload([{"user": "a", "item": "x"}]),)))
+        await first.wait()
+        actor.report_users = True
+        await send.send(Appended(2, (_payload([{"user": "b", "item": "y"}]),)))
+        await send.aclose()
+    assert [[(a.seq, a.applied, a.users) for a in r] for r in reported] == [
+        [(1, 1, ())],
+        [(2, 1, (("b", None),))],
+    ]
+    assert actor.applied_seq == 2

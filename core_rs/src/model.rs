@@ -971,7 +971,7 @@ impl Model {
         rec: &Record,
         producer: &str,
         accepted_at: f64,
-        pairs: Option<&mut Vec<(u32, Vec<u32>)>>,
+        pairs: Option<&mut crate::neighbours::Adds>,
     ) -> Result<Option<(u32, u32, f32, f64)>, String> {
         let Record::Interaction { user, item, kind, weight, id, ts } = rec else {
             return Err("not an interaction".into());
@@ -989,10 +989,13 @@ impl Model {
         let i = st.item_dense(item, self.cfg.explore_max_events);
         st.newest_ts = st.newest_ts.max(ts);
         if self.cfg.neighbour_weight > 0.0 && !st.has_seen(u, i) {
-            let recent = st.mf.recent_items(u, self.cfg.neighbour_window);
+            let window = self.cfg.neighbour_window;
             match pairs {
-                Some(pairs) => pairs.push((i, recent)),
-                None => st.neighbours.add(i, &recent),
+                Some(pairs) => pairs.push_with(i, |out| st.mf.extend_recent_items(u, window, out)),
+                None => {
+                    let recent = st.mf.recent_items(u, window);
+                    st.neighbours.add(i, &recent);
+                }
             }
         }
         Ok(Some((u, i, w, ts)))
@@ -1185,15 +1188,43 @@ impl Model {
         }
         between();
         if !taken.is_empty() {
+            // Items new to the index are inserted last, in batches searched in parallel
+            // under the shared lock (see `hnsw::batch`); the rest one by one, as are the new
+            // items while the graph is small.
+            let mut fresh = Vec::new();
             let mut index = self.index.write();
             for (n, &i) in taken.iter().enumerate() {
+                let row = &vecs[n * dim..(n + 1) * dim];
+                if live[n] && !index.has_node(i) {
+                    fresh.push((i, row));
+                    continue;
+                }
                 if live[n] {
-                    index.upsert(i, &vecs[n * dim..(n + 1) * dim]);
+                    index.upsert(i, row);
                 } else {
                     index.delete(i);
                 }
                 // Waiting queries go first (then the re-link continues where it was).
                 RwLockWriteGuard::bump(&mut index);
+            }
+            let mut rest = &fresh[..];
+            while !rest.is_empty() {
+                let (now, later) = rest.split_at(index.insert_batch_len().min(rest.len()));
+                rest = later;
+                if let [(i, row)] = now {
+                    index.upsert(*i, row);
+                    RwLockWriteGuard::bump(&mut index);
+                    continue;
+                }
+                // No other writer meanwhile: re-links hold `relinking`.
+                let shared = RwLockWriteGuard::downgrade(index);
+                let plans = shared.plan_inserts(now);
+                drop(shared);
+                index = self.index.write();
+                for (plan, (_, row)) in plans.iter().zip(now) {
+                    index.link_planned(plan, row);
+                    RwLockWriteGuard::bump(&mut index);
+                }
             }
             self.published.index_size.store(index.len(), Ordering::Relaxed);
         }

@@ -55,6 +55,39 @@ struct Entry {
     count: f32,
 }
 
+/// Additions for [`Neighbours::add_all`], held flat: each item with the recent items it is
+/// paired with (no allocation per addition).
+#[derive(Clone, Debug, Default)]
+pub struct Adds {
+    items: Vec<u32>,
+    /// End of each addition's recent items in `recent`.
+    ends: Vec<usize>,
+    recent: Vec<u32>,
+}
+
+impl Adds {
+    /// Adds `item` with the recent items `fill` appends (oldest first).
+    pub fn push_with(&mut self, item: u32, fill: impl FnOnce(&mut Vec<u32>)) {
+        fill(&mut self.recent);
+        self.items.push(item);
+        self.ends.push(self.recent.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Each addition's item and recent items, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &[u32])> + '_ {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        self.items.iter().zip(starts.zip(&self.ends)).map(|(&i, (a, &b))| (i, &self.recent[a..b]))
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Neighbours {
     cap: usize,
@@ -142,21 +175,20 @@ impl Neighbours {
     /// [`Neighbours::add`] for each `(item, recent)` in order, with the same result: a list
     /// only ever changes by bumps of its own item, so each list takes its bumps in their
     /// order, and the lists are updated in parallel.
-    pub fn add_all(&mut self, adds: &[(u32, Vec<u32>)]) {
+    pub fn add_all(&mut self, adds: &Adds) {
         use rayon::prelude::*;
         if adds.len() < ADD_ALL_PARALLEL_FROM {
-            for (item, recent) in adds {
-                self.add(*item, recent);
+            for (item, recent) in adds.iter() {
+                self.add(item, recent);
             }
             return;
         }
-        let Some(top) = adds.iter().flat_map(|(i, r)| std::iter::once(i).chain(r)).max() else { return };
-        self.grow(*top);
+        let Some(top) = adds.items.iter().chain(&adds.recent).copied().max() else { return };
+        self.grow(top);
         // Bumps by list, in order (a counting sort on the list's item).
         let mut starts = vec![0usize; self.lists.len() + 1];
         let window = self.window;
-        fn paired(window: usize, (item, recent): &(u32, Vec<u32>)) -> impl Iterator<Item = (u32, u32)> + '_ {
-            let item = *item;
+        fn paired(window: usize, (item, recent): (u32, &[u32])) -> impl Iterator<Item = (u32, u32)> + '_ {
             recent[recent.len().saturating_sub(window)..]
                 .iter()
                 .copied()
@@ -178,8 +210,8 @@ impl Neighbours {
             bumps[next[h as usize]] = item;
             next[h as usize] += 1;
         }
-        for (item, _) in adds {
-            self.users[*item as usize] += 1.0;
+        for &item in &adds.items {
+            self.users[item as usize] += 1.0;
         }
         let cap = self.cap;
         self.lists.par_iter_mut().enumerate().with_min_len(256).for_each(|(a, list)| {
@@ -310,8 +342,17 @@ mod tests {
         for (item, recent) in &adds {
             one.add(*item, recent);
         }
-        all.add_all(&adds[..1000]);
-        all.add_all(&adds[1000..]);
+        let flat = |part: &[(u32, Vec<u32>)]| {
+            let mut out = Adds::default();
+            for (item, recent) in part {
+                out.push_with(*item, |r| r.extend_from_slice(recent));
+            }
+            out
+        };
+        let (first, rest) = (flat(&adds[..1000]), flat(&adds[1000..]));
+        assert_eq!(first.iter().map(|(i, r)| (i, r.to_vec())).collect::<Vec<_>>(), adds[..1000].to_vec());
+        all.add_all(&first);
+        all.add_all(&rest);
         assert_eq!(one.users, all.users);
         for (a, b) in one.lists.iter().zip(&all.lists) {
             let key = |l: &Vec<Entry>| l.iter().map(|e| (e.id, e.count.to_bits())).collect::<Vec<_>>();

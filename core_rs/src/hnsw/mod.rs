@@ -7,7 +7,8 @@
 //! - this file: storage, INSERT, the in-place re-link of a moved vector, delete, search and
 //!   `check_invariants`;
 //! - `search`: SEARCH-LAYER, SELECT-NEIGHBORS-HEURISTIC and the thread-local visited set;
-//! - `save`: the checksummed binary format.
+//! - `save`: the checksummed binary format;
+//! - `batch`: inserting many new nodes with their searches in parallel.
 //!
 //! # Why native inner product
 //! The classic reduction of MIPS to L2 (append `sqrt(M² - |x|²)` to every item) measured
@@ -29,6 +30,7 @@
 //! drifted by `RELINK_DRIFT` of its norm since its links were chosen; the re-link searches
 //! from the old neighbours with a narrow beam (`UPDATE_EF`) on each layer the node is on.
 
+mod batch;
 mod save;
 mod search;
 #[cfg(test)]
@@ -157,6 +159,10 @@ impl Hnsw {
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// Whether `id` is a node of the graph, deleted or not.
+    pub fn has_node(&self, id: u32) -> bool {
+        self.present(id)
     }
     pub fn contains(&self, id: u32) -> bool {
         self.present(id) && !self.deleted[id as usize]

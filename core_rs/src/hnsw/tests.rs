@@ -347,3 +347,41 @@ fn greedy_descent_stops_at_a_local_maximum_of_its_layer() {
         assert_eq!(cur, h.descend(q, start, 0));
     }
 }
+
+/// New nodes inserted in parallel-searched batches give a graph as good as single inserts,
+/// with every invariant, and the same graph whatever the number of threads.
+#[test]
+fn batched_inserts_match_single_inserts_in_recall_and_ignore_the_thread_count() {
+    let (n, dim) = (8_000, 32);
+    let cfg = HnswConfig { ef_construction: 100, ..HnswConfig::default() };
+    let data = mf_vectors(n, dim, 11);
+    let queries = mf_vectors(200, dim, 12);
+    let rows: Vec<(u32, &[f32])> = data.chunks_exact(dim).enumerate().map(|(i, v)| (i as u32, v)).collect();
+    let batched = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let mut h = Hnsw::new(dim, cfg.clone());
+            h.insert_many(&rows);
+            h
+        })
+    };
+    let (one, four) = (batched(1), batched(4));
+    one.check_invariants().unwrap();
+    assert_eq!(one.len(), n);
+    assert!(one.insert_batch_len() > 1, "the build never reached a parallel batch");
+    assert_eq!(saved(&one), saved(&four));
+    let single = build(&data, dim, cfg);
+    let base = recall(&single, &data, dim, &queries, 10, 64, &|_| true);
+    let got = recall(&one, &data, dim, &queries, 10, 64, &|_| true);
+    assert!(got >= base - 0.01, "batched {got}, single inserts {base}");
+    // Inserts into a graph that already holds nodes, some of them deleted.
+    let mut h =
+        build(&data[..2_000 * dim], dim, HnswConfig { ef_construction: 100, ..HnswConfig::default() });
+    for id in (0..2_000).step_by(7) {
+        h.delete(id);
+    }
+    h.insert_many(&rows[2_000..]);
+    h.check_invariants().unwrap();
+    let alive = |id: u32| id >= 2_000 || !id.is_multiple_of(7);
+    assert!(recall(&h, &data, dim, &queries, 10, 64, &alive) >= base - 0.02);
+}

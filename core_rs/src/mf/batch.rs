@@ -24,7 +24,7 @@
 
 use rayon::prelude::*;
 
-use super::kernels::{coord_sweep, replace_outer, replace_outer_rows, Scratch};
+use super::kernels::{coord_sweep, replace_outer_rows, Scratch};
 use super::Mf;
 
 /// Fewest rows solved on the thread pool; fewer are solved on the calling thread (a live
@@ -86,17 +86,31 @@ impl Mf {
     /// Moves each item's share of `S~` from the popularity weight it was held at (`held`,
     /// from [`Mf::record_event`] before the item's first event of the group) to its current
     /// one. Call once the group is recorded, before [`Mf::solve_users`].
+    ///
+    /// The matrix is split into blocks of rows for the threads, each block taking the items'
+    /// terms in order: every element gets the same operations in the same order as one
+    /// `replace_outer` per item would give it, whatever the number of threads.
     pub fn fold_popularity(&mut self, items: &[(u32, f64)]) {
         let d = self.cfg.dim;
-        let mut x = vec![0.0f64; d];
+        let mut coefs = Vec::new();
+        let mut xs: Vec<f64> = Vec::new();
         for &(i, held) in items {
             let a = self.pop_w[i as usize];
             if a != held {
-                for (t, &v) in x.iter_mut().zip(self.item_vector(i)) {
-                    *t = v as f64;
-                }
-                replace_outer(&mut self.st, d, a - held, &x, 0.0, &x);
+                coefs.push(a - held);
+                xs.extend(self.item_vector(i).iter().map(|&v| v as f64));
             }
+        }
+        let fold = |(block, out): (usize, &mut [f64])| {
+            for (k, &c) in coefs.iter().enumerate() {
+                let x = &xs[k * d..(k + 1) * d];
+                replace_outer_rows(out, block * DELTA_ROWS, d, c, x, 0.0, x);
+            }
+        };
+        if coefs.len() < PARALLEL_FROM {
+            self.st.chunks_mut(d * DELTA_ROWS).enumerate().for_each(fold);
+        } else {
+            self.st.par_chunks_mut(d * DELTA_ROWS).enumerate().for_each(fold);
         }
         self.epoch += 1;
     }
@@ -158,9 +172,26 @@ impl Mf {
         }
         // Σ_k a_k (new_k new_kᵀ − old_k old_kᵀ), summed over k in order for every element:
         // the matrix is split into blocks of rows for the threads, which never changes a sum.
-        let wide = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
-        let new64 = wide(&rows);
-        let old64: Vec<f64> = ids.iter().flat_map(|&id| current(id).iter().map(|&x| x as f64)).collect();
+        // The rows widened to f64, new and old (on the pool for a large group: tens of MB).
+        let mut new64 = vec![0.0f64; rows.len()];
+        let mut old64 = vec![0.0f64; rows.len()];
+        type Widen<'a> = ((&'a mut [f64], &'a mut [f64]), (&'a [f32], &'a u32));
+        let widen = |((new, old), (row, &id)): Widen<'_>| {
+            for ((n, o), (&x, &y)) in new.iter_mut().zip(old.iter_mut()).zip(row.iter().zip(current(id))) {
+                *n = x as f64;
+                *o = y as f64;
+            }
+        };
+        if ids.len() < PARALLEL_FROM {
+            new64.chunks_mut(d).zip(old64.chunks_mut(d)).zip(rows.chunks(d).zip(ids)).for_each(widen);
+        } else {
+            new64
+                .par_chunks_mut(d)
+                .zip(old64.par_chunks_mut(d))
+                .zip(rows.par_chunks(d).zip(ids.par_iter()))
+                .with_min_len(256)
+                .for_each(widen);
+        }
         let delta_rows = |(block, out): (usize, &mut [f64])| {
             for (k, &a) in coefs.iter().enumerate() {
                 let (x, y) = (&new64[k * d..(k + 1) * d], &old64[k * d..(k + 1) * d]);

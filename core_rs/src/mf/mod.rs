@@ -434,9 +434,15 @@ impl Mf {
 
     /// The last `n` items of the user's held history (most recently touched last).
     pub fn recent_items(&self, u: u32, n: usize) -> Vec<u32> {
-        match self.user_hist.get(u as usize) {
-            Some(h) => h.iter().skip(h.len().saturating_sub(n)).map(|e| e.id).collect(),
-            None => Vec::new(),
+        let mut out = Vec::new();
+        self.extend_recent_items(u, n, &mut out);
+        out
+    }
+
+    /// Appends [`Mf::recent_items`] to `out`.
+    pub fn extend_recent_items(&self, u: u32, n: usize, out: &mut Vec<u32>) {
+        if let Some(h) = self.user_hist.get(u as usize) {
+            out.extend(h.iter().skip(h.len().saturating_sub(n)).map(|e| e.id));
         }
     }
 

@@ -569,3 +569,39 @@ fn exact_gramians_from_a_copy_install_only_when_current() {
     let (ep, eq) = check_gramians(&mut m);
     assert!(ep < 1e-12 && eq < 1e-12, "{ep} {eq}");
 }
+
+/// Folding the popularity changes of a group (in row blocks on the thread pool) leaves `S~`
+/// bit for bit as one `replace_outer` per item in order does, with any number of threads.
+#[test]
+fn fold_popularity_matches_one_update_per_item() {
+    let build = || {
+        let mut m = Mf::new(MfConfig { dim: 24, ..cfg() });
+        for n in 0..4000u32 {
+            m.update(n % 97, n * n % 400, 1.0, n as f64);
+        }
+        let held: Vec<(u32, f64)> = (0..400u32)
+            .map(|i| {
+                let held = m.record_event(1000 + i % 50, i, 1.0, 5000.0).unwrap();
+                (i, held)
+            })
+            .collect();
+        (m, held)
+    };
+    let (mut manual, held) = build();
+    let d = manual.cfg.dim;
+    for &(i, h) in &held {
+        let a = manual.pop_w[i as usize];
+        if a != h {
+            let x: Vec<f64> = manual.item_vector(i).iter().map(|&v| v as f64).collect();
+            kernels::replace_outer(&mut manual.st, d, a - h, &x, 0.0, &x);
+        }
+    }
+    let bits = |m: &Mf| m.st.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for threads in [1, 4] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let (mut folded, same) = build();
+        assert_eq!(same, held);
+        pool.install(|| folded.fold_popularity(&held));
+        assert_eq!(bits(&folded), bits(&manual), "{threads} thread(s)");
+    }
+}

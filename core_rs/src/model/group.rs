@@ -21,13 +21,14 @@
 //! recomputation, when due, is also computed under the shared lock and installed under a
 //! short write lock.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use parking_lot::{RwLockUpgradableReadGuard, RwLockWriteGuard};
 
 use super::{ApplyReport, Model, State};
 use crate::decode::{self, Record};
 use crate::ids::ExtId;
+use crate::neighbours::Adds;
 
 /// Most events whose solves are coalesced into one: bounds the memory of a solve and how far
 /// the vectors may lag the histories within one group.
@@ -49,21 +50,31 @@ pub struct Batch<'a> {
 #[derive(Default)]
 struct Pending {
     users: Vec<u32>,
-    user_set: HashSet<u32>,
+    /// By dense id: whether the user or item is pending (kept across takes, all false then).
+    user_marks: Vec<bool>,
     /// Each item with the popularity weight it was held at in `S~` before its first event.
     items: Vec<(u32, f64)>,
-    item_set: HashSet<u32>,
+    item_marks: Vec<bool>,
     events: usize,
     /// New (item, the user's recent items) pairs for the neighbour counts.
-    pairs: Vec<(u32, Vec<u32>)>,
+    pairs: Adds,
+}
+
+/// Marks `id`; true if it was not marked yet.
+fn mark(marks: &mut Vec<bool>, id: u32) -> bool {
+    let id = id as usize;
+    if id >= marks.len() {
+        marks.resize((id + 1).next_power_of_two(), false);
+    }
+    !std::mem::replace(&mut marks[id], true)
 }
 
 impl Pending {
     fn add(&mut self, u: u32, i: u32, held: f64) {
-        if self.user_set.insert(u) {
+        if mark(&mut self.user_marks, u) {
             self.users.push(u);
         }
-        if self.item_set.insert(i) {
+        if mark(&mut self.item_marks, i) {
             self.items.push((i, held));
         }
         self.events += 1;
@@ -71,6 +82,18 @@ impl Pending {
 
     fn is_empty(&self) -> bool {
         self.events == 0 && self.pairs.is_empty()
+    }
+
+    /// The pending users, items and pairs; leaves nothing pending.
+    fn take(&mut self) -> (Vec<u32>, Vec<(u32, f64)>, Adds) {
+        for &u in &self.users {
+            self.user_marks[u as usize] = false;
+        }
+        for &(i, _) in &self.items {
+            self.item_marks[i as usize] = false;
+        }
+        self.events = 0;
+        (std::mem::take(&mut self.users), std::mem::take(&mut self.items), std::mem::take(&mut self.pairs))
     }
 }
 
@@ -86,6 +109,12 @@ impl Model {
     /// Applies batches in order as one group (see the module docs); one report per batch,
     /// numbering refusals by record within the batch.
     pub fn apply_group(&self, batches: &[Batch<'_>]) -> Vec<ApplyReport> {
+        self.apply_group_reporting(batches, true)
+    }
+
+    /// [`Model::apply_group`]; without `users` the reports leave `touched_users` empty (a
+    /// replay at start-up has nobody to tell, and skips noting every event's user).
+    pub fn apply_group_reporting(&self, batches: &[Batch<'_>], users: bool) -> Vec<ApplyReport> {
         let mut reports: Vec<ApplyReport> = vec![ApplyReport::default(); batches.len()];
         let mut touched: Vec<HashMap<ExtId, Option<ExtId>>> = vec![HashMap::new(); batches.len()];
         let mut moved = Vec::new();
@@ -113,6 +142,7 @@ impl Model {
                             erased,
                         )
                     } else {
+                        let touched = users.then_some(&mut *touched);
                         self.record(&mut st, rec, batch.producer, batch.accepted_at, &mut pending, touched)
                     };
                     match result {
@@ -136,8 +166,10 @@ impl Model {
         }
         drop(g);
         self.mark_dirty(moved);
-        for (report, t) in reports.iter_mut().zip(touched) {
-            report.touched_users = t.into_iter().collect();
+        if users {
+            for (report, t) in reports.iter_mut().zip(touched) {
+                report.touched_users = t.into_iter().collect();
+            }
         }
         if self.cfg.auto_reindex {
             self.reindex(usize::MAX);
@@ -147,8 +179,9 @@ impl Model {
 
     /// Applies journal records (`[accepted_at, frame]`, see [`decode::decode_journal_record`])
     /// in order as one group; per record, its acceptance time and report (refusals numbered
-    /// by frame entry), or why it could not be read (it is then skipped).
-    pub fn apply_journal(&self, payloads: &[&[u8]]) -> Vec<Result<(f64, ApplyReport), String>> {
+    /// by frame entry), or why it could not be read (it is then skipped). Without `users`,
+    /// the batched path leaves the reports' `touched_users` empty.
+    pub fn apply_journal(&self, payloads: &[&[u8]], users: bool) -> Vec<Result<(f64, ApplyReport), String>> {
         use rayon::prelude::*;
         let decoded: Vec<Result<(f64, decode::Frame), String>> = payloads
             .par_iter()
@@ -168,7 +201,7 @@ impl Model {
             .map(|(at, f)| Batch { records: &f.records, producer: &f.tag, accepted_at: *at })
             .collect();
         let reports = if self.cfg.batch_apply {
-            self.apply_group(&batches)
+            self.apply_group_reporting(&batches, users)
         } else {
             batches.iter().map(|b| self.apply_at(b.records, b.producer, b.accepted_at)).collect()
         };
@@ -191,7 +224,7 @@ impl Model {
         producer: &str,
         accepted_at: f64,
         pending: &mut Pending,
-        touched: &mut HashMap<ExtId, Option<ExtId>>,
+        touched: Option<&mut HashMap<ExtId, Option<ExtId>>>,
     ) -> Result<bool, String> {
         let Some((u, i, w, ts)) = self.admit(st, rec, producer, accepted_at, Some(&mut pending.pairs))?
         else {
@@ -201,7 +234,7 @@ impl Model {
             pending.add(u, i, held);
         }
         self.note_event(st, u, i, w, ts);
-        if let Record::Interaction { user, id, .. } = rec {
+        if let (Record::Interaction { user, id, .. }, Some(touched)) = (rec, touched) {
             touched.insert(user.clone(), id.clone());
         }
         Ok(true)
@@ -215,7 +248,7 @@ impl Model {
         pending: &mut Pending,
         moved: &mut Vec<u32>,
     ) -> Shared<'a> {
-        let Pending { mut users, mut items, pairs, .. } = std::mem::take(pending);
+        let (mut users, mut items, pairs) = pending.take();
         // Ascending ids: neighbouring rows, and one fixed order for the installs.
         users.sort_unstable();
         items.sort_unstable_by_key(|x| x.0);
@@ -513,11 +546,19 @@ mod tests {
         good.extend_from_slice(&[0xc4, frame.len() as u8]);
         good.extend_from_slice(&frame);
         let m = Model::new(cfg(true));
-        let out = m.apply_journal(&[&good, b"\x92\x01", &good]);
+        let out = m.apply_journal(&[&good, b"\x92\x01", &good], true);
         let (at, r) = out[0].as_ref().unwrap();
         assert_eq!((*at, r.applied, r.touched_users.clone()), (T0 + 0.5, 1, vec![(ExtId::Int(1), None)]));
         assert!(out[1].as_ref().unwrap_err().contains("journal record"), "{:?}", out[1]);
         assert_eq!(out[2].as_ref().unwrap().1.applied, 1);
         assert_eq!(m.stats().events_applied, 2);
+        // Without users: the same counts and model, no users noted.
+        let quiet = Model::new(cfg(true));
+        let out = quiet.apply_journal(&[&good, b"\x92\x01", &good], false);
+        let (at, r) = out[0].as_ref().unwrap();
+        assert_eq!((*at, r.applied, r.touched_users.len()), (T0 + 0.5, 1, 0));
+        assert!(out[1].is_err());
+        assert_eq!(non_vector_state(&quiet), non_vector_state(&m));
+        assert_eq!(vectors(&quiet), vectors(&m));
     }
 }
