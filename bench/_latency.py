@@ -46,10 +46,11 @@ applied only after it) and ``sync = "off"``. The server's own
 ``recstream_push_latency_seconds`` (from accepting the event to handing the list to the
 subscriber's mailbox, without the network either side) is reported beside ours.
 
-With the server's defaults the drift refresh recomputes every subscribed list (up to
-``refresh_budget``) each ``refresh_interval``, in the same batch as the lists of users whose
-own events just arrived, so those pushes wait for the whole batch; ``--refresh-interval 3600``
-(with ``--name``, to keep the results apart) measures the event-caused path alone.
+With the server's defaults the drift refresh recomputes every subscribed list once it is
+``refresh_interval`` old (in chunks behind the event-caused recomputes, up to
+``refresh_budget`` per quarter interval), which costs CPU the event-caused pushes share;
+``--refresh-interval 3600`` (with ``--name``, to keep the results apart) measures the
+event-caused path alone.
 
 ``--target URL --forward HOST:PORT`` drives a server that is already running instead of
 starting one (``--key``: its producer key, sent as the Forward shared key and with every
@@ -1072,9 +1073,9 @@ def run(args: argparse.Namespace) -> int:
                 "coordinating benchmark process. "
                 "When the server cannot keep "
                 "up, acks slow the producer (achieved_rate < rate) and the latency is the "
-                "queue inside the server. The server's drift refresh recomputes up to "
-                "refresh_budget subscribed lists every refresh_interval in the same batch as "
-                "the event-caused recomputes; --refresh-interval 3600 isolates the latter."
+                "queue inside the server. The server's drift refresh recomputes every subscribed "
+                "list once it is refresh_interval old, behind the event-caused recomputes; "
+                "--refresh-interval 3600 isolates the latter."
             ),
         },
     )
