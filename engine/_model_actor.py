@@ -29,9 +29,11 @@ __all__ = ["Applied", "ModelActor", "apply_records"]
 
 log = logging.getLogger("recstream.model")
 
-# Groups up to this many bytes of records are applied on the event loop (tens of
-# microseconds), larger ones in a worker thread.
-INLINE_GROUP_BYTES = 2048
+# Groups up to this many bytes of records (a few events) are applied on the event loop (tens
+# of microseconds), larger ones in a worker thread.
+INLINE_GROUP_BYTES = 512
+# Groups queued behind the one being applied are applied with the next, up to this many bytes.
+MERGE_BYTES = 8 * 1024 * 1024
 
 
 def apply_records(
@@ -118,7 +120,11 @@ class ModelActor:
         """Applies groups until the journal actor closes the channel."""
         task_status.started()
         async with self._inbox:
-            async for group in self._inbox:
+            while True:
+                try:
+                    group = self._merge_waiting(await self._inbox.receive())
+                except trio.EndOfChannel:
+                    break
                 async with self._lock:
                     started = time.perf_counter()
                     apply = functools.partial(
@@ -143,6 +149,27 @@ class ModelActor:
                 if self._on_applied is not None:
                     self._on_applied(results)
         self.drained.set()
+
+    def _merge_waiting(self, group: Appended) -> Appended:
+        """``group`` and the groups queued behind it, as one (up to ``MERGE_BYTES``): while
+        a group applies, the next ones wait, and one call for all of them coalesces more
+        solves and costs one worker-thread round trip."""
+        payloads = list(group.payloads)
+        size = sum(len(p) for p in payloads)
+        last = group
+        while size < MERGE_BYTES:
+            try:
+                queued = self._inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            if queued.first_seq != last.last_seq + 1:
+                raise AssertionError(f"the log skipped from {last.last_seq} to {queued.first_seq}")
+            payloads.extend(queued.payloads)
+            size += sum(len(p) for p in queued.payloads)
+            last = queued
+        if last is group:
+            return group
+        return Appended(group.first_seq, tuple(payloads), last.position)
 
     async def snapshot(self, path: Path) -> tuple[int, bytes]:
         """Writes a snapshot between groups; returns the seq and log position it reflects.

@@ -144,3 +144,21 @@ async def test_the_model_actor_reports_users_once_told_to() -> None:
         [(2, 1, (("b", None),))],
     ]
     assert actor.applied_seq == 2
+
+
+async def test_groups_queued_behind_an_apply_are_applied_with_the_next_one() -> None:
+    model = Model(ModelConfig(seed=3))
+    send, inbox = trio.open_memory_channel[Appended](4)
+    reported: list[list[int]] = []
+    actor = ModelActor(model, inbox, on_applied=lambda rs: reported.append([a.seq for a in rs]))
+    # Three groups wait before the actor starts, as they do behind a long apply.
+    for seq, user in ((1, "a"), (2, "b"), (4, "c")):
+        events = [{"user": user, "item": "x"}] * (2 if seq == 2 else 1)
+        payloads = (_payload(events[:1]),) * len(events)
+        await send.send(Appended(seq, payloads, f"p{seq}".encode()))
+    await send.aclose()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+    assert reported == [[1, 2, 3, 4]]  # one apply, in order
+    assert actor.applied_seq == 4 and actor.applied_position == b"p4"
+    assert model.stats()["events_applied"] == 4
