@@ -99,16 +99,7 @@ impl Hnsw {
     pub fn link_planned(&mut self, plan: &Planned, v: &[f32]) {
         let Planned { id, level, ref layers } = *plan;
         assert!(!self.present(id), "node {id} was inserted after its plan");
-        self.grow(id as usize + 1);
-        let i = id as usize;
-        self.vectors[i * self.dim..(i + 1) * self.dim].copy_from_slice(v);
-        self.levels[i] = level as u8;
-        self.deleted[i] = false;
-        self.drift[i] = 0.0;
-        self.anchor_norm[i] = dot(v, v).sqrt();
-        self.upper[i] = vec![0; level * (self.cfg.m + 1)];
-        self.nodes += 1;
-        self.live += 1;
+        self.place(id, v, level);
         let Some(entry) = self.entry else {
             self.entry = Some(id);
             self.max_level = level;

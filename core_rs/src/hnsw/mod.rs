@@ -438,12 +438,11 @@ impl Hnsw {
         cur
     }
 
-    /// INSERT (algorithm 1) of a new node.
-    fn insert(&mut self, id: u32, v: &[f32]) {
+    /// Stores a new node's vector and level, with no links yet (the start of an insert).
+    fn place(&mut self, id: u32, v: &[f32], level: usize) {
         self.grow(id as usize + 1);
         let i = id as usize;
         self.vectors[i * self.dim..(i + 1) * self.dim].copy_from_slice(v);
-        let level = self.random_level(id);
         self.levels[i] = level as u8;
         self.deleted[i] = false;
         self.drift[i] = 0.0;
@@ -451,6 +450,12 @@ impl Hnsw {
         self.upper[i] = vec![0; level * (self.cfg.m + 1)];
         self.nodes += 1;
         self.live += 1;
+    }
+
+    /// INSERT (algorithm 1) of a new node.
+    fn insert(&mut self, id: u32, v: &[f32]) {
+        let level = self.random_level(id);
+        self.place(id, v, level);
         let Some(entry) = self.entry else {
             self.entry = Some(id);
             self.max_level = level;
