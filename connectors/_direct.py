@@ -65,19 +65,21 @@ class DirectWriter:
     Args:
         stream: Hypercorn's websocket stream (the ASGI ``send``'s owner).
         lock: The connection's send lock, held by Hypercorn while it writes.
-        fd: The connection's socket.
+        sock: The connection's socket. Its descriptor is read at every write: once the
+            socket is closed it is -1, where a number kept from before could already
+            belong to another connection.
     """
 
-    def __init__(self, stream: Any, lock: trio.Lock, fd: int) -> None:
+    def __init__(self, stream: Any, lock: trio.Lock, sock: trio.socket.SocketType) -> None:
         from hypercorn.protocol.ws_stream import ASGIWebsocketState
         from wsproto.connection import ConnectionState
 
         self._stream = stream
         self._lock = lock
-        self._fd = fd
+        self._socket = sock
         self._connected = ASGIWebsocketState.CONNECTED
         self._open = ConnectionState.OPEN
-        self._limit = _send_buffer(fd) // BUFFER_SHARE
+        self._limit = _send_buffer(sock.fileno()) // BUFFER_SHARE
         # True while the subscriber's task sends (its first list, or one this writer could
         # not take): a later message must not overtake it.
         self.busy = True
@@ -106,7 +108,7 @@ class DirectWriter:
         lock = getattr(server, "send_lock", None)
         if not isinstance(lock, trio.Lock):
             return None
-        return cls(stream, lock, server.stream.socket.fileno())
+        return cls(stream, lock, server.stream.socket)
 
     def try_write(self, text: str) -> bool:
         """Writes ``text`` as one message if that can be done at once and whole; False:
@@ -121,26 +123,30 @@ class DirectWriter:
         ):
             self.declined += 1
             return False
+        fd = self._socket.fileno()
+        if fd < 0:  # closed
+            self.declined += 1
+            return False
         frame = text_frame(text)
         try:
-            if _unsent(self._fd) + len(frame) > self._limit:
+            if _unsent(fd) + len(frame) > self._limit:
                 self.declined += 1
                 return False
-            written = os.write(self._fd, frame)
+            written = os.write(fd, frame)
         except OSError:  # broken or full: the subscriber's task finds out by itself
             self.declined += 1
             return False
         if written < len(frame):
             log.warning("a push was cut short by the kernel; closing that subscriber")
-            self._abort()
+            self._abort(fd)
             return True  # nothing more can be sent on this connection
         self.written += 1
         return True
 
-    def _abort(self) -> None:
+    def _abort(self, fd: int) -> None:
         self.busy = True
         try:
-            with socket.socket(fileno=os.dup(self._fd)) as sock:
+            with socket.socket(fileno=os.dup(fd)) as sock:
                 sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +79,41 @@ async def test_pushes_arrive_whole_and_in_order_written_at_once_or_not(
     # (a list the warm-up changed may have come while the first list was being sent).
     delivered = metrics.delivered_at_once._value.get()
     assert delivered >= 40 if direct else delivered == 0
+
+
+async def test_a_closed_socket_is_never_written_whatever_its_number_became() -> None:
+    from types import SimpleNamespace
+
+    from hypercorn.protocol.ws_stream import ASGIWebsocketState
+    from wsproto.connection import ConnectionState
+
+    from connectors._direct import DirectWriter
+
+    ours, peer = trio.socket.socketpair()
+    stream = SimpleNamespace(
+        closed=False,
+        state=ASGIWebsocketState.CONNECTED,
+        connection=SimpleNamespace(state=ConnectionState.OPEN),
+    )
+    writer = DirectWriter(stream, trio.Lock(), ours)
+    writer.busy = False
+    assert writer.try_write("first")
+    assert await peer.recv(100) == text_frame("first")
+    number = ours.fileno()
+    ours.close()
+    # Another connection now holds the closed socket's number.
+    other, other_peer = socket.socketpair()
+    duplicated = other.fileno() != number
+    if duplicated:
+        os.dup2(other.fileno(), number)
+    try:
+        assert not writer.try_write("second")
+        other_peer.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            other_peer.recv(100)  # nothing was written to the other connection
+    finally:
+        if duplicated:
+            os.close(number)
+        for s in (other, other_peer, peer):
+            s.close()
+    assert (writer.written, writer.declined) == (1, 1)
