@@ -26,7 +26,7 @@ from ._model import Model
 
 __all__ = ["IndexActor"]
 
-# This few moved items are re-linked on the event loop (a worker thread's round trip costs
+# Up to this many moved items are re-linked on the event loop (a worker thread's round trip costs
 # more); more go to a worker thread, ``budget`` at a time.
 INLINE_ITEMS = 4
 
