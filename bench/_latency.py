@@ -14,7 +14,12 @@ Method:
 
 1. Warm-up: a synthetic stream (``--warmup`` events over ``--catalog`` items) is sent over
    Forward and waited for in ``/v1/stats``, so users have histories and non-trivial lists.
-2. ``--subscribers`` websockets subscribe to distinct warmed-up users (top 10 each).
+   The stream is made longer when it reaches fewer users than there are subscribers.
+2. ``--subscribers`` websockets subscribe to distinct warmed-up users (top 10 each), at most
+   64 upgrade handshakes in flight per subscriber process. ``connect`` is the time from the
+   first connect to the last first list received (the processes connect side by side),
+   ``server_cpu_per_connect`` the server's CPU over that phase per subscriber: accept,
+   upgrade, subscription and the first list.
 3. The producer sends ``--rate`` events/s for ``--seconds`` over Forward (PackedForward frames
    of whatever events fell due since the previous frame, at most one frame every 2 ms; the
    send time of an event is its frame's), each for a random subscribed user,
@@ -422,7 +427,7 @@ async def idle_latency(
         for n_event in range(n):
             if not items:
                 break
-            event_id = f"idle-{n_event}"
+            event_id = f"idle-{user}-{n_event}"
             sent = time.perf_counter()
             await producer.send([{"user": user, "item": items[0], "type": "click", "id": event_id}])
             with trio.move_on_after(5):
@@ -495,6 +500,51 @@ async def warm_up(address: tuple[str, int], stream: Any, key: str | None = None)
         await producer.flush()
 
 
+def warm_up_stream(args: argparse.Namespace) -> tuple[Any, list[int]]:
+    """The warm-up stream and the users it gives events to (sorted).
+
+    Every subscriber is a user with a history, so the stream must reach at least
+    ``--subscribers`` users. User activity is skewed (a few users send many events), so
+    ``--warmup`` events over ``2 * subscribers`` users may reach too few (20,000 events reach
+    8,832 of 20,000 users): the stream is then doubled until it reaches enough, and the
+    larger size is said. Subscribers are never quietly dropped.
+
+    Raises:
+        SystemExit: Even 64 times ``--warmup`` events reach too few users.
+    """
+    import engine.datasets
+
+    n_events = args.warmup
+    while True:
+        warm = engine.datasets.generate(
+            engine.datasets.SyntheticConfig(
+                n_events=n_events,
+                n_users=2 * args.subscribers,
+                n_items=args.catalog,
+                new_user_fraction=0.0,
+                new_item_fraction=0.0,
+                seed=args.seed,
+            )
+        )
+        active = sorted({int(u) for u in warm.users})
+        if len(active) >= args.subscribers:
+            break
+        if n_events >= 64 * args.warmup:
+            raise SystemExit(
+                f"{n_events:,} warm-up events reach only {len(active):,} users, fewer than "
+                f"the {args.subscribers:,} subscribers"
+            )
+        n_events *= 2
+    if n_events != args.warmup:
+        print(
+            f"latency: {args.warmup:,} warm-up events reach fewer than {args.subscribers:,} "
+            f"users; warming up with {n_events:,}",
+            flush=True,
+        )
+        args.warmup = n_events
+    return warm, active
+
+
 def client_processes(args: argparse.Namespace, subscribers: int) -> int:
     """``--client-processes``, or one per 5,000 subscribers, at most 2."""
     if args.client_processes > 0:
@@ -536,6 +586,9 @@ async def measure(
         key=args.key,
         max_frame_events=MAX_FRAME_EVENTS,
     )
+    # The subscribe phase's server CPU: from before the load generator starts to the last
+    # subscription (the server does nothing else meanwhile).
+    connect_cpu0 = cpu_seconds(server.pid) if server.pid else None
     gen = LoadGenerator(plans, producer_plan)
     try:
         async with trio.open_nursery() as nursery:
@@ -544,14 +597,23 @@ async def measure(
             before = await trio.to_thread.run_sync(server.metrics)
             await gen.expect(gen.producer, "ready", 60)
             answers = await gen.expect(gen.subscribers, "subscribed", 180)
+            connect_cpu = (
+                cpu_seconds(server.pid) - connect_cpu0 if connect_cpu0 is not None else None
+            )
             subscribed = sum(a[1] for a in answers)
+            connect_s = max(a[4] for a in answers)  # the processes connect side by side
             failures: dict[str, int] = {}
             for a in answers:
                 for why, count in a[3].items():
                     failures[why] = failures.get(why, 0) + count
+            per_connect = (
+                f", {1e6 * connect_cpu / subscribed:.0f} µs of server CPU each"
+                if connect_cpu is not None and subscribed
+                else ""
+            )
             print(
-                f"    {subscribed} subscribers connected in {time.perf_counter() - t0:.1f} s "
-                f"by {n_procs} process(es)"
+                f"    {subscribed} subscribers connected in {connect_s:.2f} s{per_connect} "
+                f"by {n_procs} process(es) ({time.perf_counter() - t0:.1f} s with their start)"
                 + (f"; {sum(a[2] for a in answers)} failed: {failures}" if failures else ""),
                 flush=True,
             )
@@ -593,6 +655,10 @@ async def measure(
         "pushes_with_cause": sum(r["pushes_with_cause"] for r in reports),
         "subscribed": subscribed,
         "subscribe_failures": failures,
+        "connect_s": connect_s,
+        "server_cpu_per_connect_us": (
+            1e6 * connect_cpu / subscribed if connect_cpu is not None and subscribed else None
+        ),
         "open_at_end": sum(r["open"] for r in reports),
         "closes": closed,
         "client_processes": n_procs,
@@ -703,6 +769,8 @@ def run_once(
         "achieved_rate": out["sent"] / out["elapsed"],
         "subscribers": out["subscribed"],
         "subscribe_failures": out["subscribe_failures"],
+        "connect_s": out["connect_s"],
+        "server_cpu_per_connect_us": out["server_cpu_per_connect_us"],
         "subscribers_open_at_end": out["open_at_end"],
         "closes": out["closes"],
         "client_processes": out["client_processes"],
@@ -855,7 +923,6 @@ def plot(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> str | Non
 
 def run(args: argparse.Namespace) -> int:
     require_release()
-    import engine.datasets
 
     if (args.target is None) != (args.forward is None):
         raise SystemExit("--target and --forward go together: the running server's two listeners")
@@ -874,18 +941,8 @@ def run(args: argparse.Namespace) -> int:
             f"{args.subscribers} subscribers need more open files than the limit of {limit}; "
             "raise the hard limit (ulimit -Hn)"
         )
-    warm = engine.datasets.generate(
-        engine.datasets.SyntheticConfig(
-            n_events=args.warmup,
-            n_users=2 * args.subscribers,
-            n_items=args.catalog,
-            new_user_fraction=0.0,
-            new_item_fraction=0.0,
-            seed=args.seed,
-        )
-    )
+    warm, active = warm_up_stream(args)
     rng = random.Random(args.seed)
-    active = sorted({int(u) for u in warm.users})
     users = sorted(rng.sample(active, min(args.subscribers, len(active))))
     items = sorted({int(i) for i in warm.items})
     args.subscribers = len(users)
@@ -958,6 +1015,27 @@ def run(args: argparse.Namespace) -> int:
                 {**params, "with_cause": r["pushes_with_cause"]},
             )
         )
+        rows.append(
+            row(
+                f"{label}_connect",
+                r["connect_s"],
+                None,
+                "s",
+                {**params, "failures": r["subscribe_failures"]},
+                lower_is_better=True,
+            )
+        )
+        if r["server_cpu_per_connect_us"] is not None:
+            rows.append(
+                row(
+                    f"{label}_server_cpu_per_connect",
+                    r["server_cpu_per_connect_us"],
+                    None,
+                    "µs/connect",
+                    params,
+                    lower_is_better=True,
+                )
+            )
         rows.append(
             row(
                 f"{label}_events_sent",

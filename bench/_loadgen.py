@@ -10,7 +10,8 @@ process on Linux), so the producer's send times in another process compare with 
 It talks to the benchmark over a ``multiprocessing`` pipe, in bulk and never per message
 (and to the producer over a second one, which carries only the lists):
 
-* ``("subscribed", ok, failed, errors)`` once every subscription was tried;
+* ``("subscribed", ok, failed, errors, seconds)`` once every subscription was tried,
+  ``seconds`` from the first connect to the last first list (or the last failure);
 * ``("lists", {user: items}, pushes, timed)`` every ``list_interval``, to the producer: the
   lists that changed since the last one (it clicks items of the current lists), with
   progress counts;
@@ -316,6 +317,7 @@ class _Loop:
         self.failed = 0
         self.errors: collections.Counter[str] = collections.Counter()
         self.announced = False
+        self.connect_started = 0.0
         self.last: dict[Any, tuple[bytes | list[Any], int]] = {}
         self.changed: dict[Any, bytes | list[Any]] = {}
         self.pushes = 0
@@ -365,7 +367,8 @@ class _Loop:
     def maybe_announce(self) -> None:
         if not self.announced and not self.queue and self.connecting == 0:
             self.announced = True
-            self.conn.send(("subscribed", self.ok, self.failed, dict(self.errors)))
+            seconds = time.perf_counter() - self.connect_started
+            self.conn.send(("subscribed", self.ok, self.failed, dict(self.errors), seconds))
 
     def drop(self, s: _Socket, why: str | None) -> None:
         """Forgets a websocket (closed by either side or broken)."""
@@ -637,6 +640,7 @@ class _Loop:
             raise ValueError(f"unknown command {command!r}")
 
     def run(self) -> None:
+        self.connect_started = time.perf_counter()
         self.connect_more()
         deadline = time.perf_counter() + self.plan.connect_timeout
         next_lists = time.perf_counter() + self.plan.list_interval
@@ -702,6 +706,7 @@ def run_subscribers(conn: Any, plan: SubscriberPlan, lists_conn: Any = None) -> 
                 0,
                 len(plan.users),
                 {f"{len(plan.users)} sockets exceed the open-file limit {limit}": 1},
+                0.0,
             )
         )
         return

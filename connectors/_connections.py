@@ -6,7 +6,8 @@ uses them all: ``accept`` then fails with EMFILE, and so does everything else th
 at most a configured number of connections at once; beyond that a connection is accepted and
 closed at once (the peer sees the close, not a hang, and the backlog keeps draining), counted
 in ``recstream_connections_refused_total`` and reported by at most one log line per
-``LOG_EVERY`` seconds. The defaults split the descriptor limit between the two listeners and
+``LOG_EVERY`` seconds. The defaults share the descriptor limit between the two listeners,
+most of it for HTTP (every websocket subscriber holds a connection, producers are few), and
 keep a reserve for the journal, snapshots, worker threads and the interpreter.
 """
 
@@ -30,6 +31,8 @@ LOG_EVERY = 10.0
 # Descriptors kept back from the listeners: journal segments, snapshots, worker threads,
 # the interpreter's own files, plus a tenth of the limit.
 RESERVED_FDS = 128
+# The Forward listener's share of the descriptors left for connections; HTTP gets the rest.
+FORWARD_SHARE = 8
 
 
 def raise_nofile_limit() -> int:
@@ -53,11 +56,16 @@ def raise_nofile_limit() -> int:
 def default_connection_limits(nofile: int) -> tuple[int, int]:
     """Forward and HTTP connection limits for a process allowed ``nofile`` descriptors.
 
-    A reserve (``RESERVED_FDS`` plus a tenth) stays free for everything but connections; the
-    rest is split evenly, so a flood on one listener cannot starve the other.
+    A reserve (``RESERVED_FDS`` plus a tenth) stays free for everything but connections. Of
+    the rest, an eighth goes to Forward (a few producers, each sending many events) and the
+    others to HTTP, where every subscriber holds a websocket: 20,000 descriptors give 2,234
+    Forward and 15,638 HTTP connections, room for the default ``max_subscribers`` (10,000)
+    beside the requests (an even split gave HTTP 8,936). Each listener has its own limit, so a flood on one
+    cannot starve the other.
     """
     spare = max(nofile - RESERVED_FDS - nofile // 10, 32)
-    return max(spare // 2, 16), max(spare // 2, 16)
+    forward = max(spare // FORWARD_SHARE, 16)
+    return forward, max(spare - forward, 16)
 
 
 @attrs.define

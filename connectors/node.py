@@ -34,6 +34,12 @@ __all__ = ["Node", "serve"]
 
 log = logging.getLogger("recstream.server")
 
+# Connections the kernel completes while the server has not accepted them yet. A burst of
+# thousands of subscribers connecting at once (a restart, a reconnect storm) overflows a
+# short queue; the kernel then drops handshakes and clients retry only after a second or
+# more. The kernel caps this at net.core.somaxconn (4096 on current Linux).
+LISTEN_BACKLOG = 65535
+
 
 def _listening_socket(host: str, port: int, user_timeout_ms: int) -> socket.socket:
     """A bound, listening TCP socket; accepted connections inherit TCP_USER_TIMEOUT, so the
@@ -44,7 +50,7 @@ def _listening_socket(host: str, port: int, user_timeout_ms: int) -> socket.sock
     if hasattr(socket, "TCP_USER_TIMEOUT"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
     sock.bind((host, port))
-    sock.listen(1024)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 

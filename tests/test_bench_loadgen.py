@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -155,18 +157,39 @@ def test_oracle_episodes_and_skips() -> None:
     assert oracle.episodes == [2.5, 0.25]
 
 
-def command(conn: Any, lists: dict[Any, list[Any]], *message: Any) -> Any:
+def command(conn: Any, lists: dict[Any, list[Any]], *message: Any, within: float = WAIT) -> Any:
     """Sends a command and returns the next answer that is not a list snapshot (those go
-    into ``lists``)."""
+    into ``lists``); fails when none comes within ``within`` seconds."""
     if message:
         conn.send(message)
-    assert conn.poll(WAIT), "the subscriber process did not answer"
+    assert conn.poll(within), "the subscriber process did not answer"
     while True:
         answer = conn.recv()
         if answer[0] != "lists":
             return answer
         lists.update(answer[1])
-        assert conn.poll(WAIT)
+        assert conn.poll(within)
+
+
+@asynccontextmanager
+async def subscriber_process(plan: SubscriberPlan) -> AsyncIterator[Any]:
+    """Runs ``plan`` in a subscriber process; yields this side of its command pipe. On the
+    way out, waits for the process to exit (it does once told to close) and checks it ended
+    cleanly; kills it if it does not exit."""
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=run_subscribers, args=(theirs, plan), daemon=True)
+    proc.start()
+    theirs.close()
+    try:
+        yield ours
+    finally:
+        await trio.to_thread.run_sync(proc.join, WAIT)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        ours.close()
+    assert proc.exitcode == 0
 
 
 async def test_subscriber_process_against_a_real_server(tmp_path: Path) -> None:
@@ -186,15 +209,11 @@ async def test_subscriber_process_against_a_real_server(tmp_path: Path) -> None:
             plan = SubscriberPlan(
                 host=host, port=int(port), users=tuple(users), k=3, oracle_interval=0.2
             )
-            ctx = multiprocessing.get_context("spawn")
-            ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=run_subscribers, args=(theirs, plan), daemon=True)
-            proc.start()
-            theirs.close()
-            try:
+            async with subscriber_process(plan) as ours:
                 lists: dict[Any, list[Any]] = {}
                 answer = await trio.to_thread.run_sync(command, ours, lists)
-                assert answer == ("subscribed", 5, 0, {})
+                assert answer[:4] == ("subscribed", 5, 0, {})
+                assert answer[4] > 0  # seconds the subscriptions took
                 ours.send(("start", True))
                 await trio.sleep(0.3)  # a list snapshot or more
                 while ours.poll():
@@ -228,9 +247,3 @@ async def test_subscriber_process_against_a_real_server(tmp_path: Path) -> None:
                 kind, closed = await trio.to_thread.run_sync(command, ours, lists, "close")
                 assert kind == "closed"
                 assert closed["closed_by_server"] == {1000: 5} and closed["unanswered_closes"] == 0
-            finally:
-                await trio.to_thread.run_sync(proc.join, WAIT)
-                if proc.is_alive():
-                    proc.kill()
-                ours.close()
-            assert proc.exitcode == 0

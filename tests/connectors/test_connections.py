@@ -3,11 +3,14 @@ connections, and gzip bombs. Limits and timeouts are set small so each test take
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,11 +23,16 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
+from bench._loadgen import SubscriberPlan
 from connectors import Node
+from connectors._connections import RESERVED_FDS, default_connection_limits
+from connectors.node import LISTEN_BACKLOG, _listening_socket
+from engine import ServerConfig
 from engine._config import load_config
 from engine._exceptions import ConfigError
 
 from ..conftest import running_server, websocket, ws_url
+from ..test_bench_loadgen import command, subscriber_process
 from .test_forward import WAIT, Peer, clicks, connect, forward, pack
 
 # --- helpers ------------------------------------------------------------------------------
@@ -396,3 +404,66 @@ def test_limits_must_be_positive(tmp_path: Path) -> None:
             load_config(data_dir=tmp_path, **{field: 0})
     cfg = load_config(data_dir=tmp_path, max_forward_connections=5, idle_timeout=0.5)
     assert (cfg.max_forward_connections, cfg.idle_timeout) == (5, 0.5)
+
+
+# --- 3. many subscribers at once ----------------------------------------------------------
+
+STORM = 2000  # websockets opened at once
+
+
+def test_listen_backlog_holds_a_connection_storm() -> None:
+    """The listening socket queues thousands of completed handshakes (up to the kernel's
+    cap), so a burst of subscribers is not met with dropped SYNs and second-long retries."""
+    sock = _listening_socket("127.0.0.1", 0, 1000)
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        # On a listening socket tcpi_sacked holds the accept queue's capacity.
+        (capacity,) = struct.unpack_from("I", info, 28)
+    finally:
+        sock.close()
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert capacity == min(LISTEN_BACKLOG, somaxconn)
+    assert capacity >= min(somaxconn, 4096)
+
+
+def test_default_limits_leave_room_for_the_default_subscribers() -> None:
+    for nofile in (1024, 20_000, 65_536, 1 << 20):
+        forward, http = default_connection_limits(nofile)
+        assert forward >= 16 and http > forward
+        assert forward + http <= nofile - RESERVED_FDS  # the reserve stays free
+    forward, http = default_connection_limits(20_000)
+    assert http >= ServerConfig().max_subscribers + 1000
+
+
+async def test_thousands_of_subscribers_connecting_at_once(tmp_path: Path) -> None:
+    """A subscriber process opens ``STORM`` websockets at once (every handshake in flight
+    together); each gets its first list, the server keeps answering, and they all close
+    cleanly."""
+    async with running_server(tmp_path / "d", refresh_interval=3600.0) as server:
+        host, port = http_address(server)
+        plan = SubscriberPlan(
+            host=host,
+            port=port,
+            users=tuple(f"storm{n}" for n in range(STORM)),
+            k=3,
+            connect_at_once=STORM,
+        )
+        async with subscriber_process(plan) as conn:
+            lists: dict[Any, list[Any]] = {}
+            subscribed = await trio.to_thread.run_sync(
+                functools.partial(command, conn, lists, within=60)
+            )
+            # Each subscription counts once its first list arrived.
+            assert subscribed[:4] == ("subscribed", STORM, 0, {})
+            publisher = server.engine.publisher
+            assert publisher is not None and publisher.subscribers == STORM
+            assert server.http_gate is not None and server.http_gate.refused == 0
+            async with httpx.AsyncClient(base_url=server.http_url, timeout=WAIT) as http:
+                assert (await http.get("/healthz")).status_code == 200
+            kind, closed = await trio.to_thread.run_sync(
+                functools.partial(command, conn, lists, "close", within=60)
+            )
+            assert kind == "closed"
+            assert closed["closed_by_server"] == {1000: STORM}, closed
+            assert closed["unanswered_closes"] == 0 and closed["errors"] == {}
+            await wait_until(lambda: publisher.subscribers == 0)
