@@ -79,7 +79,7 @@ class DirectWriter:
         self._socket = sock
         self._connected = ASGIWebsocketState.CONNECTED
         self._open = ConnectionState.OPEN
-        self._limit = _send_buffer(sock.fileno()) // BUFFER_SHARE
+        self._limit = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // BUFFER_SHARE
         # True while the subscriber's task sends (its first list, or one this writer could
         # not take): a later message must not overtake it.
         self.busy = True
@@ -170,9 +170,3 @@ def _unsent(fd: int) -> int:
     out = fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0")
     value: int = struct.unpack("i", out)[0]
     return value
-
-
-def _send_buffer(fd: int) -> int:
-    with socket.socket(fileno=os.dup(fd)) as sock:
-        size: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-    return size
