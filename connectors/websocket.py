@@ -50,6 +50,10 @@ from ._requests import (
 __all__ = ["events_socket", "recommendations_socket"]
 
 log = logging.getLogger("recstream.web")
+
+# A first list of at most this many characters (16 KiB encoded, what a new TCP connection's
+# send buffer holds by default) is written straight to the new connection's socket.
+FIRST_DIRECT_CHARS = 4096
 _errors = RateLimitedLog(log)
 
 
@@ -166,10 +170,10 @@ async def _push_loop(
     """Sends the current list, then every change, until the client leaves or is too slow.
 
     With a ``writer``, the publisher writes most changes itself (see ``_direct``); this loop
-    sends the first list and those the writer could not take, itself through the writer
-    when it can (the first list of a new subscriber too: Hypercorn's own send costs about
-    as much again as the write), else through the ASGI send, while the writer stays out of
-    the way.
+    sends the first list and the changes the writer could not take, through the ASGI send,
+    while the writer stays out of the way. A small first list goes through the writer:
+    nothing was sent on the new connection yet, so its send buffer takes it whole, and
+    Hypercorn's own send costs about as much again as the write.
 
     A send that does not finish within ``send_timeout`` closes the connection: the client
     stopped reading, and holding its socket would hold its buffers forever. A client that
@@ -196,13 +200,11 @@ async def _push_loop(
             # One scope for every send, armed only while one is under way: cheaper per push
             # than a scope of its own.
             with trio.CancelScope() as sending:
+                if writer is not None and len(first.text) <= FIRST_DIRECT_CHARS:
+                    writer.busy = False
+                    if writer.try_write(first.text):
+                        push = await sub.slot.get()
                 while push is not None:
-                    if writer is not None:
-                        # Nothing is being sent here: the writer may take it at once.
-                        writer.busy = False
-                        if writer.try_write(push.text):
-                            push = await sub.slot.get()
-                            continue
                     sending_since = trio.current_time()
                     sending.deadline = sending_since + timeout
                     if writer is not None:

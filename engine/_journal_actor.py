@@ -11,12 +11,15 @@ Each group goes, in sequence order, to the model actor's bounded channel. With
 the ``fdatasync`` runs while the model applies it: the model and the pushes do not wait for the
 disk, and producers are still acknowledged only after the sync. A push may therefore reflect an
 event that is not durable yet (a crash in that window loses the event, which was never
-acknowledged). Without it (strict order) a group is forwarded only once it is durable. When the
-model actor falls behind, the send blocks, the actor stops draining its inbox, the inbox fills
-and producers wait in ``append``: backpressure reaches the network instead of piling up in
-memory. The actor never blocks on that send while records it forwarded are not durable: it
-syncs them first, so :meth:`JournalActor.wait_durable` (the snapshot's guard: no snapshot may
-hold a record the log could still lose) always makes progress.
+acknowledged). A small group on a quiet server is even applied and pushed before its sync
+starts (see ``JournalActor._let_quiet_group_through``): a worker thread starting meanwhile
+would compete with the event loop for the interpreter. Without it (strict order) a group is
+forwarded only once it is durable. When the model actor falls behind, the send blocks, the
+actor stops draining its inbox, the inbox fills and producers wait in ``append``:
+backpressure reaches the network instead of piling up in memory. The actor never blocks on
+that send while records it forwarded are not durable: it syncs them first, so
+:meth:`JournalActor.wait_durable` (the snapshot's guard: no snapshot may hold a record the log
+could still lose) always makes progress.
 
 An I/O error while writing (or syncing records the model has not been given) does not stop the
 actor. The producers of every record not yet acknowledged get :class:`JournalFailed`, the
@@ -44,6 +47,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import trio
+import trio.testing
 
 from ._exceptions import JournalClosed, JournalFailed
 from ._journal import Journal
@@ -57,6 +61,9 @@ T = TypeVar("T")
 
 # Groups up to this many bytes are written (without a sync) on the event loop.
 INLINE_WRITE_BYTES = 16 * 1024
+# Seconds a small group's sync waits at most for the event loop to apply and push it first
+# (see ``JournalActor._let_quiet_group_through``).
+QUIET_WAIT = 0.002
 
 
 class _AppliedRecordsLost(JournalFailed):
@@ -146,6 +153,8 @@ class JournalActor:
         # Held around every worker-thread call that touches the journal, so maintenance
         # (drop_before, rewrite) never runs while a group is being written.
         self._io = trio.Lock()
+        # Set while a small group's sync waits for the event loop to go quiet.
+        self._quiet: trio.CancelScope | None = None
 
     async def append(self, payloads: Sequence[bytes]) -> int:
         """Appends payloads and returns once they are durable under the sync policy.
@@ -172,6 +181,8 @@ class JournalActor:
             await self._send.send(request)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise self._stopped_error() from None
+        if self._quiet is not None:
+            self._quiet.cancel()  # the actor has work again: its pending sync goes now
         await request.done.wait()
         if request.error is not None:
             raise request.error
@@ -273,9 +284,10 @@ class JournalActor:
         payloads = [p for request in group for p in request.payloads]
         self._in_flight = group
         sync_here = sync_now and not early
+        inline = not sync_here and sum(len(p) for p in payloads) <= INLINE_WRITE_BYTES
         try:
             async with self._io:
-                if not sync_here and sum(len(p) for p in payloads) <= INLINE_WRITE_BYTES:
+                if inline:
                     # Into the page cache: cheaper than a worker thread's round trip.
                     last = self.journal.append(payloads)
                 else:
@@ -296,12 +308,31 @@ class JournalActor:
             # The model applies the group while the disk syncs it.
             await self._forward(group)
             if sync_now:
+                if inline and self._receive.statistics().current_buffer_used == 0:
+                    await self._let_quiet_group_through()
                 await self._sync_and_ack()
             return
         if sync_now:
             self._last_sync = trio.current_time()
         if sync_now or policy == "off":
             await self._ack()
+
+    async def _let_quiet_group_through(self) -> None:
+        """Waits until no task can run (the small group just forwarded has been applied and
+        pushed on the event loop), a new append arrives, or ``QUIET_WAIT`` passes.
+
+        The sync's worker thread needs the interpreter lock to start and to report back.
+        Started while the event loop applies the group and writes the push, it takes the
+        lock whenever the loop lets go of it (a system call, a call into the model), and
+        on a busy machine a thread holding it may wait for a core: the loop then stalls
+        for milliseconds in the middle of the push. Started once the loop is idle, it costs
+        the push nothing; the producers' acks come that much later, and still only after
+        the sync. Under load the loop is never idle: a new append ends the wait at once, so
+        the next group is not held back.
+        """
+        with trio.move_on_after(QUIET_WAIT) as self._quiet:
+            await trio.testing.wait_all_tasks_blocked()
+        self._quiet = None
 
     def _write_in_thread(self, payloads: list[bytes], sync_now: bool) -> int:
         last = self.journal.append(payloads)

@@ -477,6 +477,53 @@ async def test_group_commit_of_concurrent_appends(tmp_path: Path) -> None:
         assert dict(replay_all(journal)) == acked
 
 
+class _RecordingOps(_journal.FileOps):
+    """The real system calls, noting each ``fdatasync`` in ``order``."""
+
+    def __init__(self, order: list[str]) -> None:
+        self.order = order
+
+    def fdatasync(self, fd: int) -> None:
+        self.order.append("sync")
+        super().fdatasync(fd)
+
+
+async def test_quiet_group_reaches_the_model_before_its_sync_and_is_acked_after(
+    tmp_path: Path,
+) -> None:
+    """With ``apply_before_sync``, a small group on a quiet actor is handed to the model
+    and the consumer works on it before the sync starts (its worker thread would compete
+    with that work); the producer is still acknowledged only once the sync covers it."""
+    order: list[str] = []
+    journal, _ = Journal.open(tmp_path, sync="batch", ops=_RecordingOps(order))
+    send, receive = trio.open_memory_channel[Appended](16)
+    actor = JournalActor(journal, output=send, apply_before_sync=True)
+
+    async def consumer() -> None:
+        async for group in receive:
+            order.append(f"applied {group.last_seq}")
+            # The model actor hands on to the index actor, which hands on to the publisher.
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
+            order.append(f"pushed {group.last_seq}")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(consumer)
+        await nursery.start(actor.run)
+        for n in range(1, 4):
+            seq = await actor.append([payload(n)])
+            assert journal.synced_seq >= seq  # acknowledged means durable
+            order.append(f"acked {seq}")
+        await actor.aclose()
+    for n in range(1, 4):
+        assert order[4 * n - 4 : 4 * n] == [
+            f"applied {n}",
+            f"pushed {n}",
+            "sync",
+            f"acked {n}",
+        ], order
+
+
 async def test_slow_consumer_blocks_producers_until_it_reads(tmp_path: Path) -> None:
     journal, _ = Journal.open(tmp_path)
     send, receive = trio.open_memory_channel[Appended](1)
