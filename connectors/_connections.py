@@ -60,8 +60,8 @@ def default_connection_limits(nofile: int) -> tuple[int, int]:
     the rest, an eighth goes to Forward (a few producers, each sending many events) and the
     others to HTTP, where every subscriber holds a websocket: 20,000 descriptors give 2,234
     Forward and 15,638 HTTP connections, room for the default ``max_subscribers`` (10,000)
-    beside the requests (an even split gave HTTP 8,936). Each listener has its own limit, so a flood on one
-    cannot starve the other.
+    beside the requests (an even split gave HTTP 8,936). Each listener has its own limit,
+    so a flood on one cannot starve the other.
     """
     spare = max(nofile - RESERVED_FDS - nofile // 10, 32)
     forward = max(spare // FORWARD_SHARE, 16)

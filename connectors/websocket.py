@@ -50,11 +50,11 @@ from ._requests import (
 __all__ = ["events_socket", "recommendations_socket"]
 
 log = logging.getLogger("recstream.web")
+_errors = RateLimitedLog(log)
 
 # A first list of at most this many characters (16 KiB encoded, what a new TCP connection's
 # send buffer holds by default) is written straight to the new connection's socket.
 FIRST_DIRECT_CHARS = 4096
-_errors = RateLimitedLog(log)
 
 
 async def events_socket(r: Requests, ws: WebSocket) -> None:
