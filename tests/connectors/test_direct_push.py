@@ -16,7 +16,8 @@ from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import TextMessage
 
-from connectors._direct import text_frame
+from connectors._direct import DirectWriter, text_frame
+from connectors.websocket import FIRST_DIRECT_CHARS
 
 from ..conftest import running_server, ws_url
 
@@ -79,6 +80,44 @@ async def test_pushes_arrive_whole_and_in_order_written_at_once_or_not(
     # (a list the warm-up changed may have come while the first list was being sent).
     delivered = metrics.delivered_at_once._value.get()
     assert delivered >= 40 if direct else delivered == 0
+
+
+def _first_message(url: str) -> dict[str, Any]:
+    with websockets.sync.client.connect(url, open_timeout=10) as ws:
+        message: dict[str, Any] = json.loads(ws.recv(timeout=10))
+    return message
+
+
+@pytest.mark.parametrize("k", [5, 400])
+async def test_a_small_first_list_is_written_at_once_a_large_one_sent_by_the_server(
+    tmp_path: Path, k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new subscriber's first list goes out through the direct writer when it is small
+    (nothing is queued on a new connection), through Hypercorn's send when it is not; both
+    arrive whole."""
+    writers: list[DirectWriter | None] = []
+    find = DirectWriter.find
+
+    def recording_find(send: Any) -> DirectWriter | None:
+        writer = find(send)
+        writers.append(writer)
+        return writer
+
+    monkeypatch.setattr(DirectWriter, "find", staticmethod(recording_find))
+    async with running_server(tmp_path, refresh_interval=3600.0) as server:
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+            seed = [{"user": f"s{n}", "item": f"item{n:04d}"} for n in range(600)]
+            r = await http.post("/v1/events", json=seed)
+            await server.engine.wait_applied(r.json()["seq"])
+        url = ws_url(server, f"/v1/ws/recommendations?user=u1&k={k}&explain=1")
+        with trio.fail_after(10):
+            first = await trio.to_thread.run_sync(_first_message, url)
+    assert first["user"] == "u1" and len(first["items"]) == k
+    [writer] = writers
+    assert writer is not None
+    small = len(json.dumps(first, separators=(",", ":"))) <= FIRST_DIRECT_CHARS
+    assert small == (k == 5)
+    assert writer.written == (1 if small else 0)
 
 
 async def test_a_closed_socket_is_never_written_whatever_its_number_became() -> None:
