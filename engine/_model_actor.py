@@ -25,7 +25,7 @@ import trio
 from ._messages import Appended, Applied
 from ._model import Model
 
-__all__ = ["Applied", "ModelActor", "apply_records"]
+__all__ = ["REPLAY_MERGE_BYTES", "Applied", "ModelActor", "apply_records"]
 
 log = logging.getLogger("recstream.model")
 
@@ -34,6 +34,11 @@ log = logging.getLogger("recstream.model")
 INLINE_GROUP_BYTES = 512
 # Groups queued behind the one being applied are applied with the next, up to this many bytes.
 MERGE_BYTES = 8 * 1024 * 1024
+# The same bound while the engine catches up at start-up (``report_users`` off): nobody waits
+# for a push then, and a larger group solves each of its users and items once for more events
+# (a replay spends most of its time in those solves). It bounds the memory of one apply: the
+# payloads and their decoded records.
+REPLAY_MERGE_BYTES = 16 * 1024 * 1024
 
 
 def apply_records(
@@ -151,13 +156,15 @@ class ModelActor:
         self.drained.set()
 
     def _merge_waiting(self, group: Appended) -> Appended:
-        """``group`` and the groups queued behind it, as one (up to ``MERGE_BYTES``): while
-        a group applies, the next ones wait, and one call for all of them coalesces more
-        solves and costs one worker-thread round trip."""
+        """``group`` and the groups queued behind it, as one (up to ``MERGE_BYTES``, or
+        ``REPLAY_MERGE_BYTES`` while catching up): while a group applies, the next ones
+        wait, and one call for all of them coalesces more solves and costs one worker-thread
+        round trip."""
         payloads = list(group.payloads)
         size = sum(len(p) for p in payloads)
         last = group
-        while size < MERGE_BYTES:
+        limit = MERGE_BYTES if self.report_users else REPLAY_MERGE_BYTES
+        while size < limit:
             try:
                 queued = self._inbox.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):

@@ -101,12 +101,20 @@ pub struct Neighbours {
 /// Adds `delta` to the count of `b` in `list`; a positive delta on a full list uses the
 /// Space-Saving rule.
 fn bump_list(list: &mut Vec<Entry>, b: u32, delta: f32, cap: usize) {
-    if let Some(e) = list.iter_mut().find(|e| e.id == b) {
-        e.count = (e.count + delta).max(0.0);
-        if e.count == 0.0 {
-            list.retain(|e| e.count > 0.0);
+    // One pass finds `b` or, failing that, the first entry with the smallest count (a list is
+    // full most of the time for popular items, and this runs for every pair of every event).
+    let (mut pos, mut min) = (0, f32::INFINITY);
+    for (p, e) in list.iter_mut().enumerate() {
+        if e.id == b {
+            e.count = (e.count + delta).max(0.0);
+            if e.count == 0.0 {
+                list.retain(|e| e.count > 0.0);
+            }
+            return;
         }
-        return;
+        if e.count < min {
+            (pos, min) = (p, e.count);
+        }
     }
     if delta <= 0.0 {
         return;
@@ -115,17 +123,6 @@ fn bump_list(list: &mut Vec<Entry>, b: u32, delta: f32, cap: usize) {
         list.push(Entry { id: b, count: delta });
         return;
     }
-    let (pos, min) =
-        list.iter().enumerate().fold(
-            (0, f32::INFINITY),
-            |acc, (p, e)| {
-                if e.count < acc.1 {
-                    (p, e.count)
-                } else {
-                    acc
-                }
-            },
-        );
     list[pos] = Entry { id: b, count: min + delta };
 }
 
@@ -403,6 +400,44 @@ mod tests {
         assert!((s[&0] - want).abs() < 1e-6);
         assert!(!s.contains_key(&2));
         assert!((n.score(&[1, 2], 0) - want - 1.0 / 3.0f32.sqrt()).abs() < 1e-6);
+    }
+
+    /// The one-pass bump does what the rule says step by step: bump the entry if held
+    /// (dropping it at zero), else append while the list has room, else replace the first
+    /// entry with the smallest count, the newcomer inheriting it.
+    #[test]
+    fn one_pass_bump_follows_the_space_saving_rule() {
+        fn by_the_rule(list: &mut Vec<Entry>, b: u32, delta: f32, cap: usize) {
+            if let Some(e) = list.iter_mut().find(|e| e.id == b) {
+                e.count = (e.count + delta).max(0.0);
+                list.retain(|e| e.count > 0.0);
+                return;
+            }
+            if delta <= 0.0 {
+                return;
+            }
+            if list.len() < cap {
+                list.push(Entry { id: b, count: delta });
+                return;
+            }
+            let min = list.iter().map(|e| e.count).fold(f32::INFINITY, f32::min);
+            let pos = list.iter().position(|e| e.count == min).expect("a full list has entries");
+            list[pos] = Entry { id: b, count: min + delta };
+        }
+        let mut rng = crate::rng::Rng::new(11);
+        let (mut fast, mut slow) = (Vec::new(), Vec::new());
+        let mut evictions = 0;
+        for _ in 0..20_000 {
+            let b = (rng.next_u64() % 24) as u32;
+            let delta = if rng.next_u64() % 5 == 0 { -1.0 } else { 1.0 };
+            let full = fast.len() == 8 && !fast.iter().any(|e: &Entry| e.id == b);
+            evictions += usize::from(full && delta > 0.0);
+            bump_list(&mut fast, b, delta, 8);
+            by_the_rule(&mut slow, b, delta, 8);
+            let pairs = |l: &[Entry]| l.iter().map(|e| (e.id, e.count.to_bits())).collect::<Vec<_>>();
+            assert_eq!(pairs(&fast), pairs(&slow));
+        }
+        assert!(evictions > 1000, "the run must exercise evictions ({evictions})");
     }
 
     #[test]

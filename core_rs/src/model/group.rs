@@ -30,9 +30,12 @@ use crate::decode::{self, Record};
 use crate::ids::ExtId;
 use crate::neighbours::Adds;
 
-/// Most events whose solves are coalesced into one: bounds the memory of a solve and how far
-/// the vectors may lag the histories within one group.
-pub const MAX_COALESCED: usize = 1 << 16;
+/// Most events whose solves are coalesced into one: bounds the memory of a solve (the pending
+/// neighbour pairs, up to `neighbour_window` per event) and how far the vectors may lag the
+/// histories within one group. Live groups are far smaller; a replay's groups (up to
+/// `REPLAY_MERGE_BYTES` of journal, a few hundred thousand events) are solved once each, which
+/// halves a replay's solve work against solving every 65,536 events.
+pub const MAX_COALESCED: usize = 1 << 20;
 /// Records written under one write-lock acquisition while a group is recorded (~1 µs each).
 const RECORD_CHUNK: usize = 256;
 
