@@ -48,8 +48,10 @@ pub const DEFAULT_WINDOW: usize = 20;
 /// every list); fewer are added one by one.
 const ADD_ALL_PARALLEL_FROM: usize = 1024;
 
-/// One neighbour and its Space-Saving count.
+/// One neighbour and its Space-Saving count (`repr(C)`: [`held_or_min`] reads a list as
+/// pairs of 32-bit words, id then count).
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 struct Entry {
     id: u32,
     count: f32,
@@ -101,20 +103,14 @@ pub struct Neighbours {
 /// Adds `delta` to the count of `b` in `list`; a positive delta on a full list uses the
 /// Space-Saving rule.
 fn bump_list(list: &mut Vec<Entry>, b: u32, delta: f32, cap: usize) {
-    // One pass finds `b` or, failing that, the first entry with the smallest count (a list is
-    // full most of the time for popular items, and this runs for every pair of every event).
-    let (mut pos, mut min) = (0, f32::INFINITY);
-    for (p, e) in list.iter_mut().enumerate() {
-        if e.id == b {
-            e.count = (e.count + delta).max(0.0);
-            if e.count == 0.0 {
-                list.retain(|e| e.count > 0.0);
-            }
-            return;
+    let (held, min_pos) = held_or_min(list, b);
+    if let Some(p) = held {
+        let e = &mut list[p];
+        e.count = (e.count + delta).max(0.0);
+        if e.count == 0.0 {
+            list.retain(|e| e.count > 0.0);
         }
-        if e.count < min {
-            (pos, min) = (p, e.count);
-        }
+        return;
     }
     if delta <= 0.0 {
         return;
@@ -123,7 +119,85 @@ fn bump_list(list: &mut Vec<Entry>, b: u32, delta: f32, cap: usize) {
         list.push(Entry { id: b, count: delta });
         return;
     }
-    list[pos] = Entry { id: b, count: min + delta };
+    let min = list[min_pos].count;
+    list[min_pos] = Entry { id: b, count: min + delta };
+}
+
+/// One pass over `list`: the position of `b` if held, else None and the position of the first
+/// entry with the smallest count (0 for an empty list). This runs for each of the
+/// `2 · window` pairs of every event, over lists of up to `cap` entries, most of them full.
+fn held_or_min(list: &[Entry], b: u32) -> (Option<usize>, usize) {
+    #[cfg(target_arch = "x86_64")]
+    if list.len() >= 8 && is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU reported AVX2.
+        return unsafe { held_or_min_avx2(list, b) };
+    }
+    held_or_min_scalar(list, b)
+}
+
+fn held_or_min_scalar(list: &[Entry], b: u32) -> (Option<usize>, usize) {
+    let (mut pos, mut min) = (0, f32::INFINITY);
+    for (p, e) in list.iter().enumerate() {
+        if e.id == b {
+            return (Some(p), pos);
+        }
+        if e.count < min {
+            (pos, min) = (p, e.count);
+        }
+    }
+    (None, pos)
+}
+
+/// [`held_or_min_scalar`], four entries (eight words: id, count, id, count...) at a time:
+/// ids compared in the even lanes, the minimum count kept in the odd ones. Counts on a list
+/// are positive, so their bit patterns order as the counts do and an unsigned integer minimum
+/// finds the smallest; the even lanes are forced to all ones so no id takes part in it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn held_or_min_avx2(list: &[Entry], b: u32) -> (Option<usize>, usize) {
+    use std::arch::x86_64::*;
+    let blocks = list.len() / 4;
+    let words = list.as_ptr().cast::<__m256i>();
+    let want = _mm256_set1_epi32(b as i32);
+    let ids = _mm256_set_epi32(0, -1, 0, -1, 0, -1, 0, -1);
+    let mut min = _mm256_set1_epi32(-1);
+    for k in 0..blocks {
+        // SAFETY: block `k` is four whole entries of `list` (32 bytes, `repr(C)` pairs of
+        // 32-bit words), read unaligned.
+        let v = unsafe { _mm256_loadu_si256(words.add(k)) };
+        let hit = _mm256_and_si256(_mm256_cmpeq_epi32(v, want), ids);
+        if _mm256_testz_si256(hit, hit) == 0 {
+            let found = list[4 * k..].iter().position(|e| e.id == b).map(|p| 4 * k + p);
+            return (found, 0);
+        }
+        min = _mm256_min_epu32(min, _mm256_or_si256(v, ids));
+    }
+    let mut lanes = [0u32; 8];
+    // SAFETY: `lanes` is 32 writable bytes.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), min) };
+    let mut min = lanes.iter().copied().min().unwrap_or(u32::MAX);
+    for (p, e) in list.iter().enumerate().skip(4 * blocks) {
+        if e.id == b {
+            return (Some(p), 0);
+        }
+        min = min.min(e.count.to_bits());
+    }
+    // The first entry holding it, again four at a time (a mask bit per lane).
+    let want = _mm256_andnot_si256(ids, _mm256_set1_epi32(min as i32));
+    for k in 0..blocks {
+        // SAFETY: as above.
+        let v = unsafe { _mm256_loadu_si256(words.add(k)) };
+        let lanes =
+            _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_andnot_si256(ids, v), want)));
+        // The id lanes (zeroed on both sides) always compare equal: keep the count lanes.
+        let lanes = lanes & 0xaa;
+        if lanes != 0 {
+            return (None, 4 * k + lanes.trailing_zeros() as usize / 2);
+        }
+    }
+    let pos =
+        list.iter().skip(4 * blocks).position(|e| e.count.to_bits() == min).map_or(0, |p| 4 * blocks + p);
+    (None, pos)
 }
 
 impl Neighbours {
@@ -402,11 +476,11 @@ mod tests {
         assert!((n.score(&[1, 2], 0) - want - 1.0 / 3.0f32.sqrt()).abs() < 1e-6);
     }
 
-    /// The one-pass bump does what the rule says step by step: bump the entry if held
+    /// The one-pass (and vector) bump does what the rule says step by step: bump the entry if held
     /// (dropping it at zero), else append while the list has room, else replace the first
     /// entry with the smallest count, the newcomer inheriting it.
     #[test]
-    fn one_pass_bump_follows_the_space_saving_rule() {
+    fn bump_follows_the_space_saving_rule_step_by_step() {
         fn by_the_rule(list: &mut Vec<Entry>, b: u32, delta: f32, cap: usize) {
             if let Some(e) = list.iter_mut().find(|e| e.id == b) {
                 e.count = (e.count + delta).max(0.0);
@@ -428,12 +502,13 @@ mod tests {
         let (mut fast, mut slow) = (Vec::new(), Vec::new());
         let mut evictions = 0;
         for _ in 0..20_000 {
-            let b = (rng.next_u64() % 24) as u32;
+            let b = (rng.next_u64() % 30) as u32;
             let delta = if rng.next_u64() % 5 == 0 { -1.0 } else { 1.0 };
-            let full = fast.len() == 8 && !fast.iter().any(|e: &Entry| e.id == b);
+            // 11: lists long enough for the vector scan, with a tail after its blocks.
+            let full = fast.len() == 11 && !fast.iter().any(|e: &Entry| e.id == b);
             evictions += usize::from(full && delta > 0.0);
-            bump_list(&mut fast, b, delta, 8);
-            by_the_rule(&mut slow, b, delta, 8);
+            bump_list(&mut fast, b, delta, 11);
+            by_the_rule(&mut slow, b, delta, 11);
             let pairs = |l: &[Entry]| l.iter().map(|e| (e.id, e.count.to_bits())).collect::<Vec<_>>();
             assert_eq!(pairs(&fast), pairs(&slow));
         }
