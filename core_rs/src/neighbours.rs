@@ -44,6 +44,8 @@ pub const DEFAULT_CAP: usize = 100;
 /// Default number of a user's most recent items paired with a new one, and used to score.
 pub const DEFAULT_WINDOW: usize = 20;
 
+/// Most pairs [`Neighbours::rebuild`] collects before counting them (bounds its memory).
+const REBUILD_BATCH: usize = 1 << 22;
 /// Fewest additions [`Neighbours::add_all`] spreads over the thread pool (it passes over
 /// every list); fewer are added one by one.
 const ADD_ALL_PARALLEL_FROM: usize = 1024;
@@ -310,15 +312,26 @@ impl Neighbours {
         }
     }
 
-    /// Recounts from every user's held items (each oldest first).
+    /// Recounts from every user's held items (each oldest first), as [`Neighbours::add`] of
+    /// each item after the ones before it would, counted by [`Neighbours::add_all`] (in
+    /// parallel) in batches of at most [`REBUILD_BATCH`] pairs.
     pub fn rebuild<'a>(&mut self, histories: impl Iterator<Item = &'a [u32]>) {
+        self.rebuild_batched(histories, REBUILD_BATCH);
+    }
+
+    fn rebuild_batched<'a>(&mut self, histories: impl Iterator<Item = &'a [u32]>, batch: usize) {
         self.users.clear();
         self.lists.clear();
+        let mut adds = Adds::default();
         for h in histories {
             for p in 0..h.len() {
-                self.add(h[p], &h[..p]);
+                adds.push_with(h[p], |out| out.extend_from_slice(&h[p.saturating_sub(self.window)..p]));
+            }
+            if adds.recent.len() >= batch {
+                self.add_all(&std::mem::take(&mut adds));
             }
         }
+        self.add_all(&adds);
     }
 
     /// `sim(a, b)`: cosine of the two items' user sets as counted (0 if never together).
@@ -541,6 +554,39 @@ mod tests {
         }
         assert!(n.similarity(4, 3) > 0.0 && n.similarity(4, 2) > 0.0);
         assert_eq!(n.similarity(4, 1), 0.0, "item 1 is outside the window of 2");
+    }
+
+    /// A rebuild (counted by list in parallel, batch after batch) gives exactly the counts
+    /// of adding every user's items one by one, evictions included.
+    #[test]
+    fn rebuild_matches_adding_one_by_one() {
+        let mut rng = crate::rng::Rng::new(7);
+        let histories: Vec<Vec<u32>> = (0..300)
+            .map(|_| {
+                let mut h: Vec<u32> =
+                    (0..rng.next_u64() % 40).map(|_| (rng.next_u64() % 200) as u32).collect();
+                h.sort_unstable();
+                h.dedup();
+                h.reverse(); // any order of distinct items
+                h
+            })
+            .collect();
+        let mut one = Neighbours::new(6, 5);
+        for h in &histories {
+            for p in 0..h.len() {
+                one.add(h[p], &h[..p]);
+            }
+        }
+        for batch in [usize::MAX, 5000, 1] {
+            let mut rebuilt = Neighbours::new(6, 5);
+            rebuilt.rebuild_batched(histories.iter().map(Vec::as_slice), batch);
+            assert_eq!(one.users, rebuilt.users, "batch {batch}");
+            for (a, b) in one.lists.iter().zip(&rebuilt.lists) {
+                let pairs = |l: &[Entry]| l.iter().map(|e| (e.id, e.count.to_bits())).collect::<Vec<_>>();
+                assert_eq!(pairs(a), pairs(b), "batch {batch}");
+            }
+        }
+        assert!(one.longest_list() == 6, "the lists must fill up and evict");
     }
 
     #[test]
