@@ -123,7 +123,8 @@ def recover(config: ServerConfig, *, file_ops: FileOps | None = None) -> Recover
         records = journal.replay(after_seq=0)
         erasures = wal.interrupted_erasures
         while chunk := replay_chunk(records, loaded.seq, erasures, max_bytes=REPLAY_MERGE_BYTES):
-            apply_records(loaded.model, chunk[0][0], [p for _, p in chunk], collect=False)
+            payloads = [p for _, p in chunk]
+            apply_records(loaded.model, chunk[0][0], payloads, collect=False, replay=True)
             seq = chunk[-1][0]
     finally:
         journal.close(sync=False)

@@ -210,3 +210,25 @@ def test_replay_chunks_are_bounded_by_bytes_and_note_every_erasure() -> None:
     assert erasures == {"gone": 1}
     one = replay_chunk(iter([(1, event), (2, event)]), 0, {}, max_bytes=1)
     assert [seq for seq, _ in one] == [1]
+
+
+def test_a_replay_builds_the_model_of_the_live_apply() -> None:
+    """``replay=True`` (the engine catching up, ``recover``) only allows more events per
+    solve: for groups under the live bound it reports and builds the same model, vectors
+    included."""
+    events = [{"user": f"u{n % 6}", "item": f"i{n * 5 % 17}", "id": n} for n in range(80)]
+    payloads = [
+        _payload(events[:40]),
+        _payload([{"item": "i2", "category": "c"}, {"erase_user": "u4"}]),
+        _payload(events[30:]),
+    ]
+    live, replayed = Model(ModelConfig(seed=4)), Model(ModelConfig(seed=4))
+    expect = apply_records(live, 1, payloads, users=False)
+    got = apply_records(replayed, 1, payloads, users=False, replay=True)
+    assert [attrs_without_users(a) for a in got] == [attrs_without_users(a) for a in expect]
+    # Ids 30..39 come again, but u4's (34) left the redelivery window with its erasure.
+    assert got[2].duplicates == 9 and got[1].erased == ("u4",)
+    for user in [f"u{n}" for n in range(6)]:
+        assert sorted(replayed.seen(user)) == sorted(live.seen(user))
+        assert replayed.user_vector(user).tolist() == live.user_vector(user).tolist()
+        assert replayed.recommend(user, k=5) == live.recommend(user, k=5)
