@@ -7,8 +7,8 @@ then the users those records touched are reported to the publisher and the index
 that vectors moved. While the engine catches up at start-up nobody subscribes yet, so the
 groups are applied without noting their users (``report_users``), as a replay: merged into
 larger groups whose solves are coalesced further (see ``REPLAY_MERGE_BYTES``, ``apply_records``).
-Snapshots are taken between
-groups, so a snapshot reflects exactly the records up to its sequence number.
+Snapshots are taken between groups, so a snapshot reflects exactly the records up to its
+sequence number.
 Groups may arrive before they are durable (the journal's ``apply_before_sync``); a snapshot
 then waits until the journal has synced every record it reflects, so no snapshot ever holds an
 event that a crash could still take out of the log.
