@@ -516,7 +516,7 @@ mod tests {
         let mut evictions = 0;
         for _ in 0..20_000 {
             let b = (rng.next_u64() % 30) as u32;
-            let delta = if rng.next_u64() % 5 == 0 { -1.0 } else { 1.0 };
+            let delta = if rng.next_u64().is_multiple_of(5) { -1.0 } else { 1.0 };
             // 11: lists long enough for the vector scan, with a tail after its blocks.
             let full = fast.len() == 11 && !fast.iter().any(|e: &Entry| e.id == b);
             evictions += usize::from(full && delta > 0.0);
