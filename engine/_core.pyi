@@ -79,7 +79,11 @@ class Model:
     ) -> Report: ...
     def ingest_forward(self, frame: bytes, accepted_at: float | None = None) -> FrameReport: ...
     def apply_journal(
-        self, payloads: Sequence[bytes], collect: bool = True, users: bool = True
+        self,
+        payloads: Sequence[bytes],
+        collect: bool = True,
+        users: bool = True,
+        replay: bool = False,
     ) -> list[
         str
         | tuple[

@@ -32,13 +32,16 @@ from ._journal import FileOps, Journal, RecoveryReport, SyncPolicy
 from ._journal_actor import JournalActor
 from ._messages import Appended
 
-__all__ = ["REPLAY_CHUNK", "JournalLog", "Log", "replay_chunk"]
+__all__ = ["REPLAY_CHUNK", "REPLAY_CHUNK_BYTES", "JournalLog", "Log", "replay_chunk"]
 
 log = logging.getLogger("recstream.journal")
 
 Id = str | int
-# Records per group forwarded while replaying (the model actor applies a group in one call).
-REPLAY_CHUNK = 1024
+# Bounds of one group forwarded while replaying: at most this many records or bytes of them,
+# whichever comes first (the model actor merges queued groups into larger applies; a journal of
+# one-event records needs the record bound high for its groups to carry many events).
+REPLAY_CHUNK = 16_384
+REPLAY_CHUNK_BYTES = 4 << 20
 
 
 @runtime_checkable
@@ -281,11 +284,21 @@ class JournalLog:
 
 
 def replay_chunk(
-    records: Iterator[tuple[int, bytes]], after_seq: int, erasures: dict[Id, int]
+    records: Iterator[tuple[int, bytes]],
+    after_seq: int,
+    erasures: dict[Id, int],
+    *,
+    max_bytes: int = REPLAY_CHUNK_BYTES,
 ) -> list[tuple[int, bytes]]:
-    """The next records after ``after_seq`` from a journal replay (blocking, at most
-    ``REPLAY_CHUNK``), noting the erase records of every record read in ``erasures``."""
+    """The next records after ``after_seq`` from a journal replay (blocking), noting the
+    erase records of every record read in ``erasures``.
+
+    Args:
+        max_bytes: Payload bytes after which the chunk ends (it holds at least one record
+            and at most ``REPLAY_CHUNK``).
+    """
     chunk: list[tuple[int, bytes]] = []
+    size = 0
     for seq, payload in records:
         if b"erase_user" in payload or b"gzip" in payload:
             for user in _erase_requests(payload):
@@ -293,7 +306,8 @@ def replay_chunk(
         if seq <= after_seq:
             continue
         chunk.append((seq, payload))
-        if len(chunk) >= REPLAY_CHUNK:
+        size += len(payload)
+        if len(chunk) >= REPLAY_CHUNK or size >= max_bytes:
             break
     return chunk
 

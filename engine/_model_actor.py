@@ -5,8 +5,10 @@ one worker-thread call (``Model.apply_journal``: the extension decodes the recor
 the GIL and, with ``batch_apply``, solves the group's users and items once each on every core),
 then the users those records touched are reported to the publisher and the index actor is told
 that vectors moved. While the engine catches up at start-up nobody subscribes yet, so the
-groups are applied without noting their users (``report_users``). Snapshots are taken between
-groups, so a snapshot reflects exactly the records up to its sequence number.
+groups are applied without noting their users (``report_users``), as a replay: merged into
+larger groups whose solves are coalesced further (see ``REPLAY_MERGE_BYTES``, ``apply_records``).
+Snapshots are taken between groups, so a snapshot reflects exactly the records up to its
+sequence number.
 Groups may arrive before they are durable (the journal's ``apply_before_sync``); a snapshot
 then waits until the journal has synced every record it reflects, so no snapshot ever holds an
 event that a crash could still take out of the log.
@@ -25,7 +27,7 @@ import trio
 from ._messages import Appended, Applied
 from ._model import Model
 
-__all__ = ["Applied", "ModelActor", "apply_records"]
+__all__ = ["REPLAY_MERGE_BYTES", "Applied", "ModelActor", "apply_records"]
 
 log = logging.getLogger("recstream.model")
 
@@ -34,6 +36,11 @@ log = logging.getLogger("recstream.model")
 INLINE_GROUP_BYTES = 512
 # Groups queued behind the one being applied are applied with the next, up to this many bytes.
 MERGE_BYTES = 8 * 1024 * 1024
+# The same bound while the engine catches up at start-up (``report_users`` off): nobody waits
+# for a push then, and a larger group solves each of its users and items once for more events
+# (a replay spends most of its time in those solves). It bounds the memory of one apply: the
+# payloads and their decoded records.
+REPLAY_MERGE_BYTES = 16 * 1024 * 1024
 
 
 def apply_records(
@@ -43,6 +50,7 @@ def apply_records(
     *,
     collect: bool = True,
     users: bool = True,
+    replay: bool = False,
 ) -> list[Applied]:
     """Applies journal payloads in order as one group (blocking; call it in a worker thread).
 
@@ -58,12 +66,15 @@ def apply_records(
             tell, and skips building one :class:`Applied` per record.
         users: Whether the :class:`Applied` name the users each record touched; without,
             ``users`` is empty (counts, refusals and erasures are still reported).
+        replay: The records are a replay at start-up (nobody waits for their pushes): the
+            extension then solves each user and item once for up to a million events of the
+            group instead of 65,536.
 
     Returns:
         One :class:`Applied` per payload, in order; nothing without ``collect``.
     """
     out: list[Applied] = []
-    results = model.apply_journal(payloads, collect, users)
+    results = model.apply_journal(payloads, collect, users, replay)
     for seq, result in enumerate(results, first_seq):
         if isinstance(result, str):
             log.error("journal record %d could not be applied: %s", seq, result)
@@ -90,7 +101,8 @@ class ModelActor:
             durably (``JournalActor.wait_durable``); None when groups arrive durable.
         report_users: Whether each group's results name the users it touched. The engine
             starts with False while it catches up (nobody subscribes before it is ready) and
-            sets :attr:`report_users` once caught up.
+            sets :attr:`report_users` once caught up. While False, groups are applied as a
+            replay (larger, with more events per solve).
     """
 
     def __init__(
@@ -133,6 +145,7 @@ class ModelActor:
                         group.first_seq,
                         group.payloads,
                         users=self.report_users,
+                        replay=not self.report_users,
                     )
                     if sum(len(p) for p in group.payloads) <= INLINE_GROUP_BYTES:
                         # A worker thread's round trip costs more than these few events.
@@ -151,13 +164,15 @@ class ModelActor:
         self.drained.set()
 
     def _merge_waiting(self, group: Appended) -> Appended:
-        """``group`` and the groups queued behind it, as one (up to ``MERGE_BYTES``): while
-        a group applies, the next ones wait, and one call for all of them coalesces more
-        solves and costs one worker-thread round trip."""
+        """``group`` and the groups queued behind it, as one (up to ``MERGE_BYTES``, or
+        ``REPLAY_MERGE_BYTES`` while catching up): while a group applies, the next ones
+        wait, and one call for all of them coalesces more solves and costs one worker-thread
+        round trip."""
         payloads = list(group.payloads)
         size = sum(len(p) for p in payloads)
         last = group
-        while size < MERGE_BYTES:
+        limit = MERGE_BYTES if self.report_users else REPLAY_MERGE_BYTES
+        while size < limit:
             try:
                 queued = self._inbox.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):

@@ -26,7 +26,7 @@ from ._exceptions import ConfigError
 from ._journal import FileOps, RecoveryReport
 from ._log import JournalLog, replay_chunk
 from ._model import Model, ModelConfig
-from ._model_actor import apply_records
+from ._model_actor import REPLAY_MERGE_BYTES, apply_records
 
 __all__ = ["PREVIOUS_SNAPSHOT", "SNAPSHOT", "Loaded", "Recovered", "load_snapshot", "recover"]
 
@@ -121,8 +121,10 @@ def recover(config: ServerConfig, *, file_ops: FileOps | None = None) -> Recover
     began, seq = time.perf_counter(), loaded.seq
     try:
         records = journal.replay(after_seq=0)
-        while chunk := replay_chunk(records, loaded.seq, wal.interrupted_erasures):
-            apply_records(loaded.model, chunk[0][0], [p for _, p in chunk], collect=False)
+        erasures = wal.interrupted_erasures
+        while chunk := replay_chunk(records, loaded.seq, erasures, max_bytes=REPLAY_MERGE_BYTES):
+            payloads = [p for _, p in chunk]
+            apply_records(loaded.model, chunk[0][0], payloads, collect=False, replay=True)
             seq = chunk[-1][0]
     finally:
         journal.close(sync=False)

@@ -9,7 +9,9 @@ import pytest
 import trio
 
 from engine import Model, ModelConfig
+from engine import _model_actor as model_actor
 from engine._events import journal_record, json_to_frame
+from engine._log import replay_chunk
 from engine._messages import Appended, Applied
 from engine._model_actor import ModelActor, apply_records
 
@@ -162,3 +164,71 @@ async def test_groups_queued_behind_an_apply_are_applied_with_the_next_one() -> 
     assert reported == [[1, 2, 3, 4]]  # one apply, in order
     assert actor.applied_seq == 4 and actor.applied_position == b"p4"
     assert model.stats()["events_applied"] == 4
+
+
+@pytest.mark.parametrize("report_users", [True, False])
+async def test_a_catching_up_actor_merges_up_to_the_replay_bound(
+    monkeypatch: pytest.MonkeyPatch, report_users: bool
+) -> None:
+    """Live, queued groups merge up to ``MERGE_BYTES``; while the engine catches up (no user
+    reports) up to the larger ``REPLAY_MERGE_BYTES``, with the same resulting counts."""
+    payload = _payload([{"user": "a", "item": "x"}])
+    monkeypatch.setattr(model_actor, "MERGE_BYTES", 2 * len(payload))
+    monkeypatch.setattr(model_actor, "REPLAY_MERGE_BYTES", 100 * len(payload))
+    model = Model(ModelConfig(seed=3))
+    send, inbox = trio.open_memory_channel[Appended](8)
+    applies: list[list[int]] = []
+    actor = ModelActor(
+        model,
+        inbox,
+        on_applied=lambda rs: applies.append([a.seq for a in rs]),
+        report_users=report_users,
+    )
+    for seq in range(1, 7):
+        await send.send(Appended(seq, (payload,)))
+    await send.aclose()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+    if report_users:
+        assert applies == [[1, 2], [3, 4], [5, 6]]
+    else:
+        assert applies == [[1, 2, 3, 4, 5, 6]]
+    assert actor.applied_seq == 6 and model.stats()["events_applied"] == 6
+
+
+def test_replay_chunks_are_bounded_by_bytes_and_note_every_erasure() -> None:
+    """A chunk ends once it holds ``max_bytes`` of payloads (at least one record); records
+    up to the snapshot are skipped, yet their erase records are still noted."""
+    event = _payload([{"user": "a", "item": "x", "id": 1}])
+    erase = _payload([{"erase_user": "gone"}])
+    records = iter([(1, erase), *((seq, event) for seq in range(2, 12))])
+    erasures: dict[str | int, int] = {}
+    sizes = []
+    while chunk := replay_chunk(records, 3, erasures, max_bytes=3 * len(event)):
+        sizes.append([seq for seq, _ in chunk])
+    assert sizes == [[4, 5, 6], [7, 8, 9], [10, 11]]
+    assert erasures == {"gone": 1}
+    one = replay_chunk(iter([(1, event), (2, event)]), 0, {}, max_bytes=1)
+    assert [seq for seq, _ in one] == [1]
+
+
+def test_a_replay_builds_the_model_of_the_live_apply() -> None:
+    """``replay=True`` (the engine catching up, ``recover``) only allows more events per
+    solve: for groups under the live bound it reports and builds the same model, vectors
+    included."""
+    events = [{"user": f"u{n % 6}", "item": f"i{n * 5 % 17}", "id": n} for n in range(80)]
+    payloads = [
+        _payload(events[:40]),
+        _payload([{"item": "i2", "category": "c"}, {"erase_user": "u4"}]),
+        _payload(events[30:]),
+    ]
+    live, replayed = Model(ModelConfig(seed=4)), Model(ModelConfig(seed=4))
+    expect = apply_records(live, 1, payloads, users=False)
+    got = apply_records(replayed, 1, payloads, users=False, replay=True)
+    assert [attrs_without_users(a) for a in got] == [attrs_without_users(a) for a in expect]
+    # Ids 30..39 come again, but u4's (34) left the redelivery window with its erasure.
+    assert got[2].duplicates == 9 and got[1].erased == ("u4",)
+    for user in [f"u{n}" for n in range(6)]:
+        assert sorted(replayed.seen(user)) == sorted(live.seen(user))
+        assert replayed.user_vector(user).tolist() == live.user_vector(user).tolist()
+        assert replayed.recommend(user, k=5) == live.recommend(user, k=5)

@@ -56,7 +56,7 @@ use crate::scan;
 use crate::trending::Trending;
 
 pub mod group;
-pub use group::{Batch, MAX_COALESCED};
+pub use group::{Batch, MAX_COALESCED, REPLAY_COALESCED};
 
 /// Largest weight an event may carry; larger ones are almost certainly unit mistakes.
 pub const MAX_WEIGHT: f32 = 1e6;

@@ -44,12 +44,16 @@ pub const DEFAULT_CAP: usize = 100;
 /// Default number of a user's most recent items paired with a new one, and used to score.
 pub const DEFAULT_WINDOW: usize = 20;
 
+/// Most pairs [`Neighbours::rebuild`] collects before counting them (bounds its memory).
+const REBUILD_BATCH: usize = 1 << 22;
 /// Fewest additions [`Neighbours::add_all`] spreads over the thread pool (it passes over
 /// every list); fewer are added one by one.
 const ADD_ALL_PARALLEL_FROM: usize = 1024;
 
-/// One neighbour and its Space-Saving count.
+/// One neighbour and its Space-Saving count (`repr(C)`: [`held_or_min`] reads a list as
+/// pairs of 32-bit words, id then count).
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 struct Entry {
     id: u32,
     count: f32,
@@ -101,7 +105,9 @@ pub struct Neighbours {
 /// Adds `delta` to the count of `b` in `list`; a positive delta on a full list uses the
 /// Space-Saving rule.
 fn bump_list(list: &mut Vec<Entry>, b: u32, delta: f32, cap: usize) {
-    if let Some(e) = list.iter_mut().find(|e| e.id == b) {
+    let (held, min_pos) = held_or_min(list, b);
+    if let Some(p) = held {
+        let e = &mut list[p];
         e.count = (e.count + delta).max(0.0);
         if e.count == 0.0 {
             list.retain(|e| e.count > 0.0);
@@ -115,18 +121,85 @@ fn bump_list(list: &mut Vec<Entry>, b: u32, delta: f32, cap: usize) {
         list.push(Entry { id: b, count: delta });
         return;
     }
-    let (pos, min) =
-        list.iter().enumerate().fold(
-            (0, f32::INFINITY),
-            |acc, (p, e)| {
-                if e.count < acc.1 {
-                    (p, e.count)
-                } else {
-                    acc
-                }
-            },
-        );
-    list[pos] = Entry { id: b, count: min + delta };
+    let min = list[min_pos].count;
+    list[min_pos] = Entry { id: b, count: min + delta };
+}
+
+/// One pass over `list`: the position of `b` if held, else None and the position of the first
+/// entry with the smallest count (0 for an empty list). This runs for each of the
+/// `2 · window` pairs of every event, over lists of up to `cap` entries, most of them full.
+fn held_or_min(list: &[Entry], b: u32) -> (Option<usize>, usize) {
+    #[cfg(target_arch = "x86_64")]
+    if list.len() >= 8 && is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU reported AVX2.
+        return unsafe { held_or_min_avx2(list, b) };
+    }
+    held_or_min_scalar(list, b)
+}
+
+fn held_or_min_scalar(list: &[Entry], b: u32) -> (Option<usize>, usize) {
+    let (mut pos, mut min) = (0, f32::INFINITY);
+    for (p, e) in list.iter().enumerate() {
+        if e.id == b {
+            return (Some(p), pos);
+        }
+        if e.count < min {
+            (pos, min) = (p, e.count);
+        }
+    }
+    (None, pos)
+}
+
+/// [`held_or_min_scalar`], four entries (eight words: id, count, id, count...) at a time:
+/// ids compared in the even lanes, the minimum count kept in the odd ones. Counts on a list
+/// are positive, so their bit patterns order as the counts do and an unsigned integer minimum
+/// finds the smallest; the even lanes are forced to all ones so no id takes part in it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn held_or_min_avx2(list: &[Entry], b: u32) -> (Option<usize>, usize) {
+    use std::arch::x86_64::*;
+    let blocks = list.len() / 4;
+    let words = list.as_ptr().cast::<__m256i>();
+    let want = _mm256_set1_epi32(b as i32);
+    let ids = _mm256_set_epi32(0, -1, 0, -1, 0, -1, 0, -1);
+    let mut min = _mm256_set1_epi32(-1);
+    for k in 0..blocks {
+        // SAFETY: block `k` is four whole entries of `list` (32 bytes, `repr(C)` pairs of
+        // 32-bit words), read unaligned.
+        let v = unsafe { _mm256_loadu_si256(words.add(k)) };
+        let hit = _mm256_and_si256(_mm256_cmpeq_epi32(v, want), ids);
+        if _mm256_testz_si256(hit, hit) == 0 {
+            let found = list[4 * k..].iter().position(|e| e.id == b).map(|p| 4 * k + p);
+            return (found, 0);
+        }
+        min = _mm256_min_epu32(min, _mm256_or_si256(v, ids));
+    }
+    let mut lanes = [0u32; 8];
+    // SAFETY: `lanes` is 32 writable bytes.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), min) };
+    let mut min = lanes.iter().copied().min().unwrap_or(u32::MAX);
+    for (p, e) in list.iter().enumerate().skip(4 * blocks) {
+        if e.id == b {
+            return (Some(p), 0);
+        }
+        min = min.min(e.count.to_bits());
+    }
+    // The first entry holding it, again four at a time (a mask bit per lane).
+    let want = _mm256_andnot_si256(ids, _mm256_set1_epi32(min as i32));
+    for k in 0..blocks {
+        // SAFETY: as above.
+        let v = unsafe { _mm256_loadu_si256(words.add(k)) };
+        let lanes =
+            _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_andnot_si256(ids, v), want)));
+        // The id lanes (zeroed on both sides) always compare equal: keep the count lanes.
+        let lanes = lanes & 0xaa;
+        if lanes != 0 {
+            return (None, 4 * k + lanes.trailing_zeros() as usize / 2);
+        }
+    }
+    let pos =
+        list.iter().skip(4 * blocks).position(|e| e.count.to_bits() == min).map_or(0, |p| 4 * blocks + p);
+    (None, pos)
 }
 
 impl Neighbours {
@@ -239,15 +312,26 @@ impl Neighbours {
         }
     }
 
-    /// Recounts from every user's held items (each oldest first).
+    /// Recounts from every user's held items (each oldest first), as [`Neighbours::add`] of
+    /// each item after the ones before it would, counted by [`Neighbours::add_all`] (in
+    /// parallel) in batches of at most [`REBUILD_BATCH`] pairs.
     pub fn rebuild<'a>(&mut self, histories: impl Iterator<Item = &'a [u32]>) {
+        self.rebuild_batched(histories, REBUILD_BATCH);
+    }
+
+    fn rebuild_batched<'a>(&mut self, histories: impl Iterator<Item = &'a [u32]>, batch: usize) {
         self.users.clear();
         self.lists.clear();
+        let mut adds = Adds::default();
         for h in histories {
             for p in 0..h.len() {
-                self.add(h[p], &h[..p]);
+                adds.push_with(h[p], |out| out.extend_from_slice(&h[p.saturating_sub(self.window)..p]));
+            }
+            if adds.recent.len() >= batch {
+                self.add_all(&std::mem::take(&mut adds));
             }
         }
+        self.add_all(&adds);
     }
 
     /// `sim(a, b)`: cosine of the two items' user sets as counted (0 if never together).
@@ -405,6 +489,45 @@ mod tests {
         assert!((n.score(&[1, 2], 0) - want - 1.0 / 3.0f32.sqrt()).abs() < 1e-6);
     }
 
+    /// The one-pass (and vector) bump does what the rule says step by step: bump the entry if held
+    /// (dropping it at zero), else append while the list has room, else replace the first
+    /// entry with the smallest count, the newcomer inheriting it.
+    #[test]
+    fn bump_follows_the_space_saving_rule_step_by_step() {
+        fn by_the_rule(list: &mut Vec<Entry>, b: u32, delta: f32, cap: usize) {
+            if let Some(e) = list.iter_mut().find(|e| e.id == b) {
+                e.count = (e.count + delta).max(0.0);
+                list.retain(|e| e.count > 0.0);
+                return;
+            }
+            if delta <= 0.0 {
+                return;
+            }
+            if list.len() < cap {
+                list.push(Entry { id: b, count: delta });
+                return;
+            }
+            let min = list.iter().map(|e| e.count).fold(f32::INFINITY, f32::min);
+            let pos = list.iter().position(|e| e.count == min).expect("a full list has entries");
+            list[pos] = Entry { id: b, count: min + delta };
+        }
+        let mut rng = crate::rng::Rng::new(11);
+        let (mut fast, mut slow) = (Vec::new(), Vec::new());
+        let mut evictions = 0;
+        for _ in 0..20_000 {
+            let b = (rng.next_u64() % 30) as u32;
+            let delta = if rng.next_u64().is_multiple_of(5) { -1.0 } else { 1.0 };
+            // 11: lists long enough for the vector scan, with a tail after its blocks.
+            let full = fast.len() == 11 && !fast.iter().any(|e: &Entry| e.id == b);
+            evictions += usize::from(full && delta > 0.0);
+            bump_list(&mut fast, b, delta, 11);
+            by_the_rule(&mut slow, b, delta, 11);
+            let pairs = |l: &[Entry]| l.iter().map(|e| (e.id, e.count.to_bits())).collect::<Vec<_>>();
+            assert_eq!(pairs(&fast), pairs(&slow));
+        }
+        assert!(evictions > 1000, "the run must exercise evictions ({evictions})");
+    }
+
     #[test]
     fn lists_stay_capped_and_keep_heavy_hitters() {
         let mut n = Neighbours::new(4, 50);
@@ -431,6 +554,39 @@ mod tests {
         }
         assert!(n.similarity(4, 3) > 0.0 && n.similarity(4, 2) > 0.0);
         assert_eq!(n.similarity(4, 1), 0.0, "item 1 is outside the window of 2");
+    }
+
+    /// A rebuild (counted by list in parallel, batch after batch) gives exactly the counts
+    /// of adding every user's items one by one, evictions included.
+    #[test]
+    fn rebuild_matches_adding_one_by_one() {
+        let mut rng = crate::rng::Rng::new(7);
+        let histories: Vec<Vec<u32>> = (0..300)
+            .map(|_| {
+                let mut h: Vec<u32> =
+                    (0..rng.next_u64() % 40).map(|_| (rng.next_u64() % 200) as u32).collect();
+                h.sort_unstable();
+                h.dedup();
+                h.reverse(); // any order of distinct items
+                h
+            })
+            .collect();
+        let mut one = Neighbours::new(6, 5);
+        for h in &histories {
+            for p in 0..h.len() {
+                one.add(h[p], &h[..p]);
+            }
+        }
+        for batch in [usize::MAX, 5000, 1] {
+            let mut rebuilt = Neighbours::new(6, 5);
+            rebuilt.rebuild_batched(histories.iter().map(Vec::as_slice), batch);
+            assert_eq!(one.users, rebuilt.users, "batch {batch}");
+            for (a, b) in one.lists.iter().zip(&rebuilt.lists) {
+                let pairs = |l: &[Entry]| l.iter().map(|e| (e.id, e.count.to_bits())).collect::<Vec<_>>();
+                assert_eq!(pairs(a), pairs(b), "batch {batch}");
+            }
+        }
+        assert!(one.longest_list() == 6, "the lists must fill up and evict");
     }
 
     #[test]

@@ -621,18 +621,20 @@ impl PyModel {
     /// `(accepted_at, applied, duplicates, rejected, users, erased)` with `rejected` as
     /// ((entry, reason), ...), `users` as ((user, newest event id or None), ...) and `erased`
     /// as (user, ...), and without `collect` None. Without `users` (and with `batch_apply`)
-    /// `users` is always empty: a replay before anyone subscribes skips noting them.
-    #[pyo3(signature = (payloads, collect=true, users=true))]
+    /// `users` is always empty: a replay before anyone subscribes skips noting them. A
+    /// `replay` (catching up at start-up) coalesces more events per solve.
+    #[pyo3(signature = (payloads, collect=true, users=true, replay=false))]
     fn apply_journal<'py>(
         &self,
         py: Python<'py>,
         payloads: Vec<Vec<u8>>,
         collect: bool,
         users: bool,
+        replay: bool,
     ) -> PyResult<Bound<'py, PyList>> {
         let results = py.detach(|| {
             let slices: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
-            self.inner.apply_journal(&slices, collect && users)
+            self.inner.apply_journal(&slices, collect && users, replay)
         });
         let out = PyList::empty(py);
         for r in results {

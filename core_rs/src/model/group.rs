@@ -11,7 +11,7 @@
 //! Erase and item-attribute records are barriers: the events before one are solved, then it
 //! is applied, then the rest, so an erasure never lands between an event and its solve and
 //! attribute changes see the vectors they would see per event. At most [`MAX_COALESCED`]
-//! events are coalesced into one solve.
+//! events are coalesced into one solve ([`REPLAY_COALESCED`] while replaying at start-up).
 //!
 //! # Locking
 //! The group holds the state's upgradable read lock throughout, so no other writer runs
@@ -33,6 +33,11 @@ use crate::neighbours::Adds;
 /// Most events whose solves are coalesced into one: bounds the memory of a solve and how far
 /// the vectors may lag the histories within one group.
 pub const MAX_COALESCED: usize = 1 << 16;
+/// [`MAX_COALESCED`] for a replay at start-up ([`Model::apply_journal`] with `replay`): its
+/// groups (up to `REPLAY_MERGE_BYTES` of journal, a few hundred thousand events) are solved
+/// once each, which halves a replay's solve work against solving every 65,536 events. It bounds
+/// the pending neighbour pairs (up to `neighbour_window` per event) held meanwhile.
+pub const REPLAY_COALESCED: usize = 1 << 20;
 /// Records written under one write-lock acquisition while a group is recorded (~1 µs each).
 const RECORD_CHUNK: usize = 256;
 
@@ -109,12 +114,18 @@ impl Model {
     /// Applies batches in order as one group (see the module docs); one report per batch,
     /// numbering refusals by record within the batch.
     pub fn apply_group(&self, batches: &[Batch<'_>]) -> Vec<ApplyReport> {
-        self.apply_group_reporting(batches, true)
+        self.apply_group_reporting(batches, true, MAX_COALESCED)
     }
 
     /// [`Model::apply_group`]; without `users` the reports leave `touched_users` empty (a
-    /// replay at start-up has nobody to tell, and skips noting every event's user).
-    pub fn apply_group_reporting(&self, batches: &[Batch<'_>], users: bool) -> Vec<ApplyReport> {
+    /// replay at start-up has nobody to tell, and skips noting every event's user). At most
+    /// `max_coalesced` events are solved together.
+    pub fn apply_group_reporting(
+        &self,
+        batches: &[Batch<'_>],
+        users: bool,
+        max_coalesced: usize,
+    ) -> Vec<ApplyReport> {
         let mut reports: Vec<ApplyReport> = vec![ApplyReport::default(); batches.len()];
         let mut touched: Vec<HashMap<ExtId, Option<ExtId>>> = vec![HashMap::new(); batches.len()];
         let mut moved = Vec::new();
@@ -127,7 +138,7 @@ impl Model {
                 let before = (report.applied, report.duplicates, report.rejected.len());
                 for (j, rec) in chunk.iter().enumerate() {
                     let barrier = !matches!(rec, Record::Interaction { .. });
-                    if (barrier && !pending.is_empty()) || pending.events >= MAX_COALESCED {
+                    if (barrier && !pending.is_empty()) || pending.events >= max_coalesced {
                         st = upgrade(self.solve_pending(downgrade(st), &mut pending, &mut moved));
                     }
                     let result = if barrier {
@@ -180,8 +191,14 @@ impl Model {
     /// Applies journal records (`[accepted_at, frame]`, see [`decode::decode_journal_record`])
     /// in order as one group; per record, its acceptance time and report (refusals numbered
     /// by frame entry), or why it could not be read (it is then skipped). Without `users`,
-    /// the batched path leaves the reports' `touched_users` empty.
-    pub fn apply_journal(&self, payloads: &[&[u8]], users: bool) -> Vec<Result<(f64, ApplyReport), String>> {
+    /// the batched path leaves the reports' `touched_users` empty. A `replay` (the engine
+    /// catching up at start-up) coalesces up to [`REPLAY_COALESCED`] events per solve.
+    pub fn apply_journal(
+        &self,
+        payloads: &[&[u8]],
+        users: bool,
+        replay: bool,
+    ) -> Vec<Result<(f64, ApplyReport), String>> {
         use rayon::prelude::*;
         let decoded: Vec<Result<(f64, decode::Frame), String>> = payloads
             .par_iter()
@@ -201,7 +218,8 @@ impl Model {
             .map(|(at, f)| Batch { records: &f.records, producer: &f.tag, accepted_at: *at })
             .collect();
         let reports = if self.cfg.batch_apply {
-            self.apply_group_reporting(&batches, users)
+            let most = if replay { REPLAY_COALESCED } else { MAX_COALESCED };
+            self.apply_group_reporting(&batches, users, most)
         } else {
             batches.iter().map(|b| self.apply_at(b.records, b.producer, b.accepted_at)).collect()
         };
@@ -530,6 +548,31 @@ mod tests {
         assert_eq!(bits64(&one.2), bits64(&four.2));
     }
 
+    /// The coalescing bound changes only how often a group stops to solve: with a bound of
+    /// 7 events instead of the whole group, every report and all the non-vector state are the
+    /// same, the vectors are not (one solve per user for the group against several); a group
+    /// under both bounds gives the same model bit for bit.
+    #[test]
+    fn the_coalescing_bound_changes_only_the_vectors() {
+        let group: Vec<Record> =
+            (0..300).map(|n| ev((n % 20) as i64, (n * 7 % 23) as i64, 6000 + n)).collect();
+        let run = |most: usize, records: &[Record]| {
+            let m = Model::new(cfg(true));
+            m.apply_at(&warm(), "p", T0 + 1e4);
+            let batch = Batch { records, producer: "p", accepted_at: T0 + 1e4 };
+            let reports = m.apply_group_reporting(&[batch], true, most);
+            (m, reports)
+        };
+        let (small, rs) = run(7, &group);
+        let (whole, rw) = run(REPLAY_COALESCED, &group);
+        assert_eq!(non_vector_state(&small), non_vector_state(&whole));
+        assert_eq!((rs[0].applied, rs[0].duplicates), (rw[0].applied, rw[0].duplicates));
+        assert_eq!(sorted_users(&rs[0]), sorted_users(&rw[0]));
+        assert_ne!(vectors(&small), vectors(&whole));
+        let (live, _) = run(MAX_COALESCED, &group);
+        assert_eq!(vectors(&live), vectors(&whole));
+    }
+
     /// Journal records are decoded in Rust; an unreadable one is reported and skipped while
     /// the rest of the group applies.
     #[test]
@@ -546,7 +589,7 @@ mod tests {
         good.extend_from_slice(&[0xc4, frame.len() as u8]);
         good.extend_from_slice(&frame);
         let m = Model::new(cfg(true));
-        let out = m.apply_journal(&[&good, b"\x92\x01", &good], true);
+        let out = m.apply_journal(&[&good, b"\x92\x01", &good], true, false);
         let (at, r) = out[0].as_ref().unwrap();
         assert_eq!((*at, r.applied, r.touched_users.clone()), (T0 + 0.5, 1, vec![(ExtId::Int(1), None)]));
         assert!(out[1].as_ref().unwrap_err().contains("journal record"), "{:?}", out[1]);
@@ -554,7 +597,7 @@ mod tests {
         assert_eq!(m.stats().events_applied, 2);
         // Without users: the same counts and model, no users noted.
         let quiet = Model::new(cfg(true));
-        let out = quiet.apply_journal(&[&good, b"\x92\x01", &good], false);
+        let out = quiet.apply_journal(&[&good, b"\x92\x01", &good], false, true);
         let (at, r) = out[0].as_ref().unwrap();
         assert_eq!((*at, r.applied, r.touched_users.len()), (T0 + 0.5, 1, 0));
         assert!(out[1].is_err());
