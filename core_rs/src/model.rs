@@ -1341,9 +1341,8 @@ impl Model {
         let searched: Vec<(u32, usize)> = wanted.iter().flatten().copied().collect();
         let queries: Vec<&[f32]> = searched.iter().map(|&(u, _)| st.mf.user_vector(u)).collect();
         let ks: Vec<usize> = searched.iter().map(|s| s.1).collect();
-        let keep = |n: usize, i: u32| {
-            st.allowed(i, &filters) && !(q.exclude_seen && st.has_seen(searched[n].0, i))
-        };
+        let keep =
+            |n: usize, i: u32| st.allowed(i, &filters) && !(q.exclude_seen && st.has_seen(searched[n].0, i));
         let mut hits =
             scan::exact_top_k_batch(st.mf.item_matrix(), self.cfg.mf.dim, &queries, &ks, &keep).into_iter();
         wanted
@@ -1745,6 +1744,45 @@ mod tests {
 
     fn close(a: &[f32], b: &[f32], tol: f32) -> bool {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol * (1.0 + x.abs()))
+    }
+
+    /// A batch of lists takes its candidates from one shared exact scan: every list is the
+    /// user's exact one, under filters and re-ranking alike, while single lists of this model
+    /// search its index (left empty here, so they differ).
+    #[test]
+    fn batched_lists_are_the_exact_per_user_lists() {
+        let m = planted(Config { auto_reindex: false, exact_below: 0, ..cfg() });
+        // 60 users with events, then unknown ones (trending).
+        let users: Vec<ExtId> = (0..70).map(ExtId::Int).collect();
+        let queries = [
+            Query { k: 5, exclude_seen: true, ..Query::default() },
+            Query { k: 5, exclude_seen: true, category: Some("even".into()), ..Query::default() },
+            Query {
+                k: 4,
+                exclude_seen: true,
+                exclude: vec![ExtId::Int(2), ExtId::Int(3)],
+                diversity: Some(0.5),
+                ..Query::default()
+            },
+            Query { k: 6, exclude_seen: false, explain: true, ..Query::default() },
+        ];
+        let mut differs = 0;
+        for q in &queries {
+            let batch = m.recommend_many(&users, q);
+            assert_eq!(batch.len(), users.len());
+            let exact = Query { exact: true, ..q.clone() };
+            for (user, got) in users.iter().zip(&batch) {
+                assert!(!got.is_empty(), "user {user:?}");
+                assert_eq!(*got, m.recommend(user, &exact), "user {user:?} under {q:?}");
+                differs += (*got != m.recommend(user, q)) as usize;
+            }
+            // Fewer users than a shared scan needs: each list searches on its own.
+            assert_eq!(
+                m.recommend_many(&users[..3], q),
+                users[..3].iter().map(|u| m.recommend(u, q)).collect::<Vec<_>>()
+            );
+        }
+        assert!(differs > 0, "the index's lists differ from the exact ones");
     }
 
     #[test]

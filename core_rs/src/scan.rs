@@ -313,7 +313,8 @@ pub fn exact_top_k_batch(
             }
             // Rows scoring below the current k-th best cannot enter: only the others (ties
             // and NaN included) are compared in full. The bound only rises within the block.
-            let bound = if heap.len() == k { heap.peek().expect("heap is full").0 } else { f32::NEG_INFINITY };
+            let bound =
+                if heap.len() == k { heap.peek().expect("heap is full").0 } else { f32::NEG_INFINITY };
             // SAFETY: `score` suits this CPU and `dim`; `block` holds `n` rows of `dim` floats
             // and `q` holds `dim` floats (asserted above).
             let mut open = unsafe { score(block, q, bound, &mut scores) };
