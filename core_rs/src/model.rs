@@ -713,7 +713,8 @@ impl State {
     /// Whether item `i` passes the filters that do not depend on the user.
     fn allowed(&self, i: u32, f: &Filters) -> bool {
         let Some(m) = self.meta.get(i as usize) else { return false };
-        if !m.available || f.exclude.contains(&i) {
+        // An empty exclude set is not hashed into (the common query has none).
+        if !m.available || (!f.exclude.is_empty() && f.exclude.contains(&i)) {
             return false;
         }
         if let Some(c) = f.category {
@@ -1518,8 +1519,7 @@ impl Model {
                         personal
                     };
                     let mut hits: Vec<(u32, f32)> = ids.into_iter().zip(scores).collect();
-                    rerank::sort_desc(&mut hits);
-                    hits.truncate(pool);
+                    rerank::top_sorted(&mut hits, pool);
                     hits
                 } else {
                     search(pool)

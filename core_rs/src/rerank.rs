@@ -39,6 +39,20 @@ pub fn sort_desc(hits: &mut [(u32, f32)]) {
     hits.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
 }
 
+/// Keeps the `n` best of `hits`, sorted as [`sort_desc`] sorts (the same as sorting all and
+/// truncating, for distinct ids): the rest is cut off by a selection, never sorted.
+pub fn top_sorted(hits: &mut Vec<(u32, f32)>, n: usize) {
+    if n == 0 {
+        hits.clear();
+        return;
+    }
+    if hits.len() > n {
+        hits.select_nth_unstable_by(n - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        hits.truncate(n);
+    }
+    sort_desc(hits);
+}
+
 /// The `m` best of `cands` (by [`sort_desc`] order) among those `keep` accepts, best first:
 /// the same as filtering every candidate, sorting and truncating, but `keep` is asked only
 /// about candidates in contention and nothing beyond them is sorted. Each round selects the
@@ -253,6 +267,24 @@ mod tests {
                     let mut work = cands.clone();
                     assert_eq!(top_kept(&mut work, m, keep), want, "n {n}, m {m}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn top_sorted_matches_sort_truncate() {
+        let mut rng = Rng::new(8);
+        for n in [0usize, 1, 9, 120] {
+            // Few distinct scores: ties are broken by id.
+            let hits: Vec<(u32, f32)> =
+                (0..n as u32).map(|i| (i * 13 % 211, (rng.next_u64() % 7) as f32)).collect();
+            for keep in [0usize, 1, 10, 40, 200] {
+                let mut want = hits.clone();
+                sort_desc(&mut want);
+                want.truncate(keep);
+                let mut got = hits.clone();
+                top_sorted(&mut got, keep);
+                assert_eq!(got, want, "n {n}, keep {keep}");
             }
         }
     }

@@ -327,8 +327,8 @@ pub fn exact_top_k_batch(
                     if cand >= *heap.peek().expect("heap is full") || !keep(qn, id) {
                         continue;
                     }
-                    heap.pop();
-                    heap.push(cand);
+                    // The worst replaced in place: one sift instead of a pop and a push.
+                    *heap.peek_mut().expect("heap is full") = cand;
                 } else if keep(qn, id) {
                     heap.push(cand);
                 }
@@ -385,18 +385,44 @@ unsafe fn score_block_portable(block: &[f32], q: &[f32], bound: f32, out: &mut [
 /// Eight rows at a time: eight 8-lane FMA accumulators (one per row) over the width, then one
 /// transpose-and-add (`hadd` twice, then the two 128-bit halves added) gives the eight sums in
 /// one register, compared with `bound` in one instruction. Rows past the last multiple of
-/// eight go through [`dot`].
+/// eight go through [`dot`]. The model's usual width (32) has its own copy, with the query
+/// held in four registers for the whole block.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `q.len()` is a multiple of 8; see [`BlockKernel`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn score_block_avx2(block: &[f32], q: &[f32], bound: f32, out: &mut [f32; BATCH_BLOCK]) -> u64 {
+    // SAFETY: the caller's guarantees are this function's.
+    unsafe {
+        if q.len() == 32 {
+            score_rows_avx2(block, q, 32, bound, out)
+        } else {
+            score_rows_avx2(block, q, q.len(), bound, out)
+        }
+    }
+}
+
+/// [`score_block_avx2`] for a width `dim` (= `q.len()`); always inlined into it, so that the
+/// AVX2 instructions are compiled with its target features, and with a constant `dim` the
+/// compiler unrolls the width loop and keeps the query in registers.
+///
+/// # Safety
+/// As [`score_block_avx2`], and `dim == q.len()`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn score_rows_avx2(
+    block: &[f32],
+    q: &[f32],
+    dim: usize,
+    bound: f32,
+    out: &mut [f32; BATCH_BLOCK],
+) -> u64 {
     use std::arch::x86_64::*;
-    let dim = q.len();
     let n = block.len() / dim;
     let mut open = 0u64;
-    let bounds = _mm256_set1_ps(bound);
+    // SAFETY: the caller runs with AVX2 enabled.
+    let bounds = unsafe { _mm256_set1_ps(bound) };
     let mut g = 0;
     // SAFETY: rows `g..g + 8` are in the block (`g + 8 <= n`), each `dim` floats long, and
     // every load reads 8 floats at an offset `d < dim` with `dim % 8 == 0`; the store writes
