@@ -24,7 +24,9 @@
 //!
 //! # From candidates to a list
 //! [`Model::recommend`] retrieves a candidate pool (the index or the exact scan for the
-//! user's vector, the trending list for users without one), then:
+//! user's vector, the trending list for users without one; a batch of lists over a catalog
+//! below [`BATCH_SCAN_BELOW`] items takes its users' candidates from one exact scan shared
+//! by the batch, see [`Model::recommend_many`]), then:
 //! 1. **cold-start blend** for users with few events: personal and trending scores, each
 //!    min-max normalised over a pool of both, mixed as `(1 − β)·personal + β·trending` with
 //!    `β = n0 / (n0 + events)` (`n0` = [`Config::cold_start_events`]), so a list moves

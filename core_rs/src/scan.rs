@@ -1,4 +1,5 @@
-//! Exact maximum-inner-product scan over a row-major matrix (the small-catalog path and the
+//! Exact maximum-inner-product scan over a row-major matrix (the small-catalog path, the scan a
+//! batch of lists shares, and the
 //! brute-force oracle for recall tests). AVX2+FMA when the CPU has it, portable otherwise.
 
 use std::cmp::Ordering;
@@ -219,12 +220,9 @@ impl Ord for Worst {
     }
 }
 
-/// Rows scored per block: the block's scores stay in L1 while the heap is consulted, and the
-/// threshold check against the current k-th best skips the heap for most rows.
-const BLOCK: usize = 256;
-
 /// The `k` rows of `matrix` (row-major, `dim` columns) with the largest inner product with `q`,
-/// best first, skipping rows for which `keep(row)` is false.
+/// best first, skipping rows for which `keep(row)` is false: [`exact_top_k_batch`] for one
+/// query (its kernel scores eight rows per step, a query alone as well).
 pub fn exact_top_k(
     matrix: &[f32],
     dim: usize,
@@ -233,39 +231,7 @@ pub fn exact_top_k(
     keep: &dyn Fn(u32) -> bool,
 ) -> Vec<(u32, f32)> {
     assert_eq!(q.len(), dim, "query length differs from the matrix width");
-    if k == 0 || dim == 0 {
-        return Vec::new();
-    }
-    let rows = matrix.len() / dim;
-    let mut heap: BinaryHeap<Worst> = BinaryHeap::with_capacity(k + 1);
-    let mut scores = [0.0f32; BLOCK];
-    let mut start = 0;
-    while start < rows {
-        let end = (start + BLOCK).min(rows);
-        for r in start..end {
-            scores[r - start] = dot(&matrix[r * dim..(r + 1) * dim], q);
-        }
-        for r in start..end {
-            let cand = Worst(scores[r - start], r as u32);
-            if heap.len() == k {
-                // `cand` must rank strictly better than the current worst to enter.
-                if cand >= *heap.peek().expect("heap is full") {
-                    continue;
-                }
-                if !keep(r as u32) {
-                    continue;
-                }
-                heap.pop();
-                heap.push(cand);
-            } else if keep(r as u32) {
-                heap.push(cand);
-            }
-        }
-        start = end;
-    }
-    let mut out: Vec<(u32, f32)> = heap.into_iter().map(|w| (w.1, w.0)).collect();
-    out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    out
+    exact_top_k_batch(matrix, dim, &[q], &[k], &|_, row| keep(row)).pop().unwrap_or_default()
 }
 
 /// Rows per block of [`exact_top_k_batch`]: a block (64 rows of a 32-d matrix is 8 KB) stays
@@ -530,8 +496,9 @@ mod tests {
         let got = exact_top_k(&m, 2, &[1.0, 0.5], 2, &|_| true);
         assert_eq!(got, vec![(2, 3.0), (0, 1.0)]);
     }
-    /// The batched scan keeps, per query, the rows the one-query scan keeps, with the same
-    /// scores: per-query `k` and filters, blocks cut mid-matrix, `k` beyond the kept rows.
+    /// The batched scan keeps, per query, the rows that sorting every kept row gives, with
+    /// [`dot`]'s scores: per-query `k` and filters, blocks cut mid-matrix, `k` beyond the kept
+    /// rows, widths on and off the SIMD kernel's.
     #[test]
     fn exact_top_k_batch_matches_one_query_at_a_time() {
         let mut r = Rng::new(9);
@@ -544,8 +511,14 @@ mod tests {
             let got = exact_top_k_batch(&m, dim, &refs, &ks, &keep);
             assert_eq!(got.len(), n_queries);
             for n in 0..n_queries {
-                let want = exact_top_k(&m, dim, &qs[n], ks[n], &|id| keep(n, id));
+                let mut want: Vec<(u32, f32)> = (0..rows)
+                    .filter(|&i| keep(n, i as u32))
+                    .map(|i| (i as u32, dot(&m[i * dim..(i + 1) * dim], &qs[n])))
+                    .collect();
+                want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                want.truncate(ks[n]);
                 assert_eq!(got[n], want, "rows={rows} dim={dim} query {n}");
+                assert_eq!(exact_top_k(&m, dim, &qs[n], ks[n], &|id| keep(n, id)), want);
             }
         }
     }
