@@ -25,8 +25,8 @@
 //! # From candidates to a list
 //! [`Model::recommend`] retrieves a candidate pool (the index or the exact scan for the
 //! user's vector, the trending list for users without one; a batch of lists over a catalog
-//! below [`BATCH_SCAN_BELOW`] items takes its users' candidates from one exact scan shared
-//! by the batch, see [`Model::recommend_many`]), then:
+//! whose item matrix is below [`BATCH_SCAN_BELOW`] numbers takes its users' candidates from
+//! one exact scan shared by the batch, see [`Model::recommend_many`]), then:
 //! 1. **cold-start blend** for users with few events: personal and trending scores, each
 //!    min-max normalised over a pool of both, mixed as `(1 − β)·personal + β·trending` with
 //!    `β = n0 / (n0 + events)` (`n0` = [`Config::cold_start_events`]), so a list moves
@@ -71,18 +71,20 @@ const APPLY_CHUNK: usize = 32;
 /// Catalog size below which the exact scan answers queries: `python -m bench crossover` puts
 /// the point where the index (at recall@10 >= 0.95) overtakes the scan at 1k-2k items here.
 pub const DEFAULT_EXACT_BELOW: usize = 2_000;
-/// Catalog size below which a batch of lists ([`Model::recommend_many`]) retrieves its
-/// candidates by one exact scan shared by the batch ([`scan::exact_top_k_batch`]) instead of
-/// one index search per user: the scan reads each item row once for the whole batch, so its
-/// cost per user is a few cycles per item, against an index search whose cost barely depends
-/// on the catalog. `python -m bench served` (dimension 32, batches of 100) measured the
-/// batched scan at ~15 µs per user for 18k items against ~37 µs for the index search.
-pub const BATCH_SCAN_BELOW: usize = 30_000;
+/// Size of the item matrix (items × dimension) below which a batch of lists
+/// ([`Model::recommend_many`]) retrieves its candidates by one exact scan shared by the batch
+/// ([`scan::exact_top_k_batch`]) instead of one index search per user: the scan reads each
+/// item row from memory once for the whole batch, so its cost per user is about two cycles
+/// per item at dimension 32, against an index search whose cost grows slowly with the
+/// catalog. `python -m bench served --items N` (dimension 32, batches of 100) measured lists
+/// of a batch at 52 µs per user for 17.9k items against 70 µs for `recommend` through the
+/// index, and the two paths even at 25k items: 25k items of dimension 32.
+pub const BATCH_SCAN_BELOW: usize = 25_000 * 32;
 /// Fewest lists of a batch that take the shared scan: for fewer, each user's scan streams the
 /// item matrix from memory nearly alone, which the index search beats.
 const BATCH_SCAN_MIN_USERS: usize = 8;
 /// Users whose candidates one shared scan retrieves: bounds how long the scan holds the read
-/// lock without handing it over (32 users of an 18k-item catalog: ~0.5 ms).
+/// lock without handing it over (32 users of an 18k-item catalog: ~0.6 ms).
 const BATCH_SCAN_CHUNK: usize = 32;
 /// How many of a user's past items an explanation names.
 const MAX_BECAUSE: usize = 3;
@@ -1291,7 +1293,7 @@ impl Model {
     /// a long batch never holds back the writer applying events for longer than one list
     /// takes, and costs one acquisition when none does.
     ///
-    /// For catalogs below [`BATCH_SCAN_BELOW`] (or `exact` queries) the candidates of every
+    /// For item matrices below [`BATCH_SCAN_BELOW`] (or `exact` queries) the candidates of every
     /// [`BATCH_SCAN_CHUNK`] users come from one shared exact scan ([`Model::scan_batch`]), taken
     /// before their lists; a list whose user changed in between (the lock may be handed over)
     /// re-filters and re-scores them with the current state, as it does an index's hits.
@@ -1327,7 +1329,7 @@ impl Model {
         // Exploration picks are drawn per list and excluded from its search: such lists search
         // on their own.
         if users.len() < BATCH_SCAN_MIN_USERS
-            || !(q.exact || n_items < BATCH_SCAN_BELOW)
+            || !(q.exact || n_items * self.cfg.mf.dim < BATCH_SCAN_BELOW)
             || (explore * q.k as f32).round() >= 0.5
         {
             return Vec::new();

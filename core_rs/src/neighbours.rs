@@ -307,7 +307,7 @@ impl Neighbours {
         let window = &recent[recent.len().saturating_sub(self.window)..];
         // The lists are scattered on the heap and each is a miss: their headers are asked for
         // all at once, and each list's entries two lists ahead of their turn.
-        window.iter().filter_map(|&h| self.lists.get(h as usize)).for_each(|l| prefetch(l));
+        window.iter().filter_map(|&h| self.lists.get(h as usize)).for_each(prefetch);
         for (p, &h) in window.iter().enumerate() {
             if let Some(ahead) = window.get(p + LIST_PREFETCH_AHEAD).and_then(|&a| self.lists.get(a as usize))
             {

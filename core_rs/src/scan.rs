@@ -325,10 +325,17 @@ pub fn exact_top_k_batch(
 /// [`block_scorer`]); `block.len()` is a multiple of `q.len()`, at most [`BATCH_BLOCK`] rows.
 type BlockKernel = unsafe fn(&[f32], &[f32], f32, &mut [f32; BATCH_BLOCK]) -> u64;
 
+/// Whether `s` is not below `bound`: NaN counts as not below, so the full comparison (which
+/// ranks NaN first, as [`exact_top_k`] always has) decides.
+#[inline(always)]
+fn not_below(s: f32, bound: f32) -> bool {
+    s.partial_cmp(&bound) != Some(Ordering::Less)
+}
+
 /// The block kernel for this CPU and matrix width.
 fn block_scorer(dim: usize) -> BlockKernel {
     #[cfg(target_arch = "x86_64")]
-    if kernel() >= 2 && dim % 8 == 0 {
+    if kernel() >= 2 && dim.is_multiple_of(8) {
         return score_block_avx2;
     }
     let _ = dim;
@@ -343,7 +350,7 @@ unsafe fn score_block_portable(block: &[f32], q: &[f32], bound: f32, out: &mut [
     let mut open = 0u64;
     for (r, row) in block.chunks_exact(q.len()).enumerate() {
         out[r] = dot(row, q);
-        open |= ((!(out[r] < bound)) as u64) << r;
+        open |= (not_below(out[r], bound) as u64) << r;
     }
     open
 }
@@ -424,7 +431,7 @@ unsafe fn score_rows_avx2(
     }
     for r in g..n {
         out[r] = dot(&block[r * dim..(r + 1) * dim], q);
-        open |= ((!(out[r] < bound)) as u64) << r;
+        open |= (not_below(out[r], bound) as u64) << r;
     }
     open
 }
@@ -533,7 +540,7 @@ mod tests {
             let q = randv(&mut r, dim);
             let mut kernels: Vec<BlockKernel> = vec![score_block_portable, block_scorer(dim)];
             #[cfg(target_arch = "x86_64")]
-            if dim % 8 == 0 && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if dim.is_multiple_of(8) && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 kernels.push(score_block_avx2);
             }
             for score in kernels {
