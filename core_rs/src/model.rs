@@ -1491,7 +1491,7 @@ impl Model {
                         let recent = st.mf.recent_items(u, self.cfg.neighbour_window);
                         st.neighbours.each_term(&recent, |j, s| near.add(j, s));
                         near_list.clear();
-                        near_list.extend(near.ids().iter().map(|&j| (j, near.get(j).unwrap_or(0.0))));
+                        near_list.extend(near.entries());
                         let top = rerank::top_kept(near_list, m, &keep_main);
                         ids.extend(top.into_iter().map(|h| h.0).filter(|&i| known.insert(i)));
                     }
