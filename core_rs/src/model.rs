@@ -24,9 +24,8 @@
 //!
 //! # From candidates to a list
 //! [`Model::recommend`] retrieves a candidate pool (the index or the exact scan for the
-//! user's vector, the trending list for users without one; a batch of lists over a catalog
-//! whose item matrix is below [`BATCH_SCAN_BELOW`] numbers takes its users' candidates from
-//! one exact scan shared by the batch, see [`Model::recommend_many`]), then:
+//! user's vector, the trending list for users without one; a batch of lists answered by the
+//! exact scan shares one scan, see [`Model::recommend_many`]), then:
 //! 1. **cold-start blend** for users with few events: personal and trending scores, each
 //!    min-max normalised over a pool of both, mixed as `(1 − β)·personal + β·trending` with
 //!    `β = n0 / (n0 + events)` (`n0` = [`Config::cold_start_events`]), so a list moves
@@ -68,21 +67,15 @@ pub const DEFAULT_MAX_CLOCK_SKEW: f64 = 300.0;
 /// Events applied under one write-lock acquisition: small enough that a query waits well
 /// under a millisecond behind a writer (an online update costs ~10-20 µs at dim 64).
 const APPLY_CHUNK: usize = 32;
-/// Catalog size below which the exact scan answers queries: `python -m bench crossover` puts
-/// the point where the index (at recall@10 >= 0.95) overtakes the scan at 1k-2k items here.
-pub const DEFAULT_EXACT_BELOW: usize = 2_000;
-/// Size of the item matrix (items × dimension) below which a batch of lists
-/// ([`Model::recommend_many`]) retrieves its candidates by one exact scan shared by the batch
-/// ([`scan::exact_top_k_batch`]) instead of one index search per user: the scan reads each
-/// item row from memory once for the whole batch, so its cost per user is about two cycles
-/// per item at dimension 32, against an index search whose cost grows slowly with the
-/// catalog. `python -m bench served --items N` (dimension 32, batches of 100) measured lists
-/// of a batch at 52 µs per user for 17.9k items against 70 µs for `recommend` through the
-/// index, and the two paths even at 25k items: 25k items of dimension 32.
-pub const BATCH_SCAN_BELOW: usize = 25_000 * 32;
-/// Fewest lists of a batch that take the shared scan: for fewer, each user's scan streams the
-/// item matrix from memory nearly alone, which the index search beats.
-const BATCH_SCAN_MIN_USERS: usize = 8;
+/// Catalog size below which the exact scan answers queries (and a batch of lists shares one
+/// scan, see [`Model::recommend_many`]). The scan scores eight rows per SIMD step, about two
+/// cycles per item at the default dimension 32, and its lists are exact; the index's cost
+/// grows slowly with the catalog. In the model (its filters, 4·k candidates at `ef_search`),
+/// a list through the scan cost 35 µs against 50 µs through the index at 5k items, and
+/// 68 against 70 µs at 17.9k; a batch's lists 52 µs at 17.9k, and even with the index's at
+/// 25k (`python -m bench served --items N`, whose rows are single lists and batches of 100).
+/// Larger dimensions make the scan dearer in proportion: lower it for them.
+pub const DEFAULT_EXACT_BELOW: usize = 20_000;
 /// Users whose candidates one shared scan retrieves: bounds how long the scan holds the read
 /// lock without handing it over (32 users of an 18k-item catalog: ~0.6 ms).
 const BATCH_SCAN_CHUNK: usize = 32;
@@ -1293,15 +1286,15 @@ impl Model {
     /// a long batch never holds back the writer applying events for longer than one list
     /// takes, and costs one acquisition when none does.
     ///
-    /// For item matrices below [`BATCH_SCAN_BELOW`] (or `exact` queries) the candidates of every
+    /// Where the exact scan answers (catalogs under [`Config::exact_below`], `exact` queries)
+    /// the candidates of every
     /// [`BATCH_SCAN_CHUNK`] users come from one shared exact scan ([`Model::scan_batch`]), taken
     /// before their lists; a list whose user changed in between (the lock may be handed over)
     /// re-filters and re-scores them with the current state, as it does an index's hits.
     pub fn recommend_many(&self, users: &[ExtId], q: &Query) -> Vec<Vec<Rec>> {
         let mut out = Vec::with_capacity(users.len());
         let mut st = self.state.read();
-        // Chunks of equal size (at most `BATCH_SCAN_CHUNK`), so no remainder is too small for
-        // the shared scan.
+        // Chunks of equal size (at most `BATCH_SCAN_CHUNK`): no small remainder on its own.
         let size = users.len().div_ceil(users.len().div_ceil(BATCH_SCAN_CHUNK).max(1)).max(1);
         for (c, chunk) in users.chunks(size).enumerate() {
             if c > 0 {
@@ -1321,17 +1314,15 @@ impl Model {
     }
 
     /// The search of each of `users`' lists (see [`Model::recommend_locked`]) as one exact scan
-    /// of the item matrix, when the batch is large enough and the catalog small enough (or the
-    /// query exact); empty otherwise, and None for users whose list needs no search.
+    /// of the item matrix, where the exact scan answers (see [`Model::top_k`]); empty
+    /// otherwise, and None for users whose list needs no search. The shared scan finds what
+    /// each user's own scan finds, so a list is the same in a batch of any size and alone.
     fn scan_batch(&self, st: &State, users: &[ExtId], q: &Query) -> Vec<Option<Found>> {
         let n_items = st.items.capacity();
         let explore = q.exploration.unwrap_or(self.cfg.exploration).clamp(0.0, 1.0);
         // Exploration picks are drawn per list and excluded from its search: such lists search
         // on their own.
-        if users.len() < BATCH_SCAN_MIN_USERS
-            || !(q.exact || n_items * self.cfg.mf.dim < BATCH_SCAN_BELOW)
-            || (explore * q.k as f32).round() >= 0.5
-        {
+        if !(q.exact || n_items < self.cfg.exact_below) || (explore * q.k as f32).round() >= 0.5 {
             return Vec::new();
         }
         let Some(filters) = Self::resolve_filters(st, q) else { return Vec::new() };
@@ -1750,12 +1741,11 @@ mod tests {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol * (1.0 + x.abs()))
     }
 
-    /// A batch of lists takes its candidates from one shared exact scan: every list is the
-    /// user's exact one, under filters and re-ranking alike, while single lists of this model
-    /// search its index (left empty here, so they differ).
+    /// A batch's lists are its users' single lists, whatever the batch: where the exact scan
+    /// answers, the batch shares one scan (exact queries too); elsewhere (`exact_below` 0, the
+    /// index left empty here) each list searches the index. Under filters and re-ranking alike.
     #[test]
-    fn batched_lists_are_the_exact_per_user_lists() {
-        let m = planted(Config { auto_reindex: false, exact_below: 0, ..cfg() });
+    fn batched_lists_are_the_single_lists() {
         // 60 users with events, then unknown ones (trending).
         let users: Vec<ExtId> = (0..70).map(ExtId::Int).collect();
         let queries = [
@@ -1770,23 +1760,31 @@ mod tests {
             },
             Query { k: 6, exclude_seen: false, explain: true, ..Query::default() },
         ];
-        let mut differs = 0;
-        for q in &queries {
-            let batch = m.recommend_many(&users, q);
-            assert_eq!(batch.len(), users.len());
-            let exact = Query { exact: true, ..q.clone() };
-            for (user, got) in users.iter().zip(&batch) {
-                assert!(!got.is_empty(), "user {user:?}");
-                assert_eq!(*got, m.recommend(user, &exact), "user {user:?} under {q:?}");
-                differs += (*got != m.recommend(user, q)) as usize;
+        let mut differs = false;
+        for exact_below in [DEFAULT_EXACT_BELOW, 0] {
+            let m = planted(Config { auto_reindex: false, exact_below, ..cfg() });
+            for q in &queries {
+                let mut lists = Vec::new();
+                for q in [q.clone(), Query { exact: true, ..q.clone() }] {
+                    let batch = m.recommend_many(&users, &q);
+                    assert_eq!(batch.len(), users.len());
+                    for (user, got) in users.iter().zip(&batch) {
+                        assert!(!got.is_empty(), "user {user:?}");
+                        assert_eq!(*got, m.recommend(user, &q), "user {user:?} under {q:?}");
+                    }
+                    for n in [1, 3] {
+                        assert_eq!(m.recommend_many(&users[..n], &q), batch[..n].to_vec());
+                    }
+                    lists.push(batch);
+                }
+                if exact_below == 0 {
+                    differs |= lists[0] != lists[1];
+                } else {
+                    assert_eq!(lists[0], lists[1], "the scan answers either way");
+                }
             }
-            // Fewer users than a shared scan needs: each list searches on its own.
-            assert_eq!(
-                m.recommend_many(&users[..3], q),
-                users[..3].iter().map(|u| m.recommend(u, q)).collect::<Vec<_>>()
-            );
         }
-        assert!(differs > 0, "the index's lists differ from the exact ones");
+        assert!(differs, "the index's lists differ from the exact ones");
     }
 
     #[test]
