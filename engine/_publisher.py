@@ -73,7 +73,13 @@ class Cause:
 
     def json_text(self) -> str:
         """``as_json()`` encoded, the way ``json.dumps`` would."""
-        event_id = "null" if self.event_id is None else json.dumps(self.event_id)
+        event_id = self.event_id
+        if event_id is None:
+            event_id = "null"
+        elif type(event_id) is int:  # noqa: E721 (not bool, whose JSON is true/false)
+            event_id = str(event_id)
+        else:
+            event_id = json.dumps(event_id)
         return f'{{"seq":{self.seq},"id":{event_id},"accepted_at":{self.accepted_at!r}}}'
 
 

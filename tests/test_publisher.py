@@ -517,3 +517,9 @@ async def test_drift_refresh_takes_the_oldest_lists_older_than_the_interval_with
     assert publisher._due_for_refresh(later) == ["b", "c"]  # "a" is now the youngest
     publisher.notify([], 6, 0.0)
     assert publisher._due_for_refresh(later) == ["b", "c"]
+
+
+@pytest.mark.parametrize("event_id", [None, 7, -3, 2**70, 'ev"1\n', "é", True])
+def test_cause_text_is_its_json(event_id: Any) -> None:
+    cause = Cause(9, event_id, 1234.5)
+    assert json.loads(cause.json_text()) == cause.as_json()
