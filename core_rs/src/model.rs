@@ -778,7 +778,7 @@ impl Model {
         };
         m.publish(&m.state.read());
         m.published.index_size.store(m.index.read().len(), Ordering::Relaxed);
-        m.published.stale.store(m.dirty.lock().len(), Ordering::Relaxed);
+        m.publish_stale(m.dirty.lock().len());
         m
     }
 
@@ -799,7 +799,21 @@ impl Model {
         for i in moved {
             dirty.mark(i);
         }
-        self.published.stale.store(dirty.len(), Ordering::Relaxed);
+        self.publish_stale(dirty.len());
+    }
+
+    /// Whether queries on a catalog of `n_items` are answered by the exact scan rather than
+    /// the index (`exact_below`). The index of a scanned catalog is not kept up to date, as
+    /// nothing reads it: moved items wait, still marked, and are re-linked once the catalog
+    /// outgrows the scan.
+    fn scans(&self, n_items: usize) -> bool {
+        n_items < self.cfg.exact_below
+    }
+
+    /// Publishes how many items wait for a re-link: none while the catalog is scanned.
+    fn publish_stale(&self, dirty: usize) {
+        let waiting = if self.scans(self.published.items.load(Ordering::Relaxed)) { 0 } else { dirty };
+        self.published.stale.store(waiting, Ordering::Relaxed);
     }
 
     /// The exact Gramian recomputation when due: the matrices are copied under the read
@@ -1194,6 +1208,10 @@ impl Model {
         if !refreshed.is_empty() {
             self.mark_dirty(refreshed);
         }
+        if self.scans(self.state.read().items.len()) {
+            self.publish_stale(0);
+            return 0;
+        }
         let taken = self.dirty.lock().start(budget);
         let dim = self.cfg.mf.dim;
         let mut vecs = Vec::with_capacity(taken.len() * dim);
@@ -1249,7 +1267,7 @@ impl Model {
         }
         let mut dirty = self.dirty.lock();
         dirty.finish();
-        self.published.stale.store(dirty.len(), Ordering::Relaxed);
+        self.publish_stale(dirty.len());
         dirty.len()
     }
 
@@ -1322,7 +1340,7 @@ impl Model {
         let explore = q.exploration.unwrap_or(self.cfg.exploration).clamp(0.0, 1.0);
         // Exploration picks are drawn per list and excluded from its search: such lists search
         // on their own.
-        if !(q.exact || n_items < self.cfg.exact_below) || (explore * q.k as f32).round() >= 0.5 {
+        if !(q.exact || self.scans(n_items)) || (explore * q.k as f32).round() >= 0.5 {
             return Vec::new();
         }
         let Some(filters) = Self::resolve_filters(st, q) else { return Vec::new() };
@@ -1623,7 +1641,7 @@ impl Model {
     /// otherwise, its candidates re-scored with the current vectors.
     fn top_k(&self, st: &State, v: &[f32], q: &Query, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
         let n_items = st.items.capacity();
-        if q.exact || n_items < self.cfg.exact_below {
+        if q.exact || self.scans(n_items) {
             return scan::exact_top_k(st.mf.item_matrix(), self.cfg.mf.dim, v, q.k, keep);
         }
         let ef = q.ef.unwrap_or(self.cfg.hnsw.ef_search).max(q.k);
@@ -1983,10 +2001,27 @@ mod tests {
         assert_eq!(loaded.index.read().len(), m.index.read().len());
     }
 
+    /// A catalog below `exact_below` is scanned: its moved items wait for the index, unlisted
+    /// as stale, and are linked once the catalog outgrows the scan.
+    #[test]
+    fn a_scanned_catalog_is_linked_once_it_outgrows_the_scan() {
+        let m = Model::new(Config { auto_reindex: false, exact_below: 30, ..cfg() });
+        m.apply(&(0..100).map(|n| ev(n % 7, n % 20, T0)).collect::<Vec<_>>(), "");
+        assert_eq!((m.stale(), m.reindex(usize::MAX)), (0, 0));
+        assert_eq!(m.index.read().len(), 0);
+        assert_eq!(m.dirty.lock().len(), 20);
+        let q = Query { k: 5, ..Query::default() };
+        assert!((0..7).all(|u| m.recommend(&ExtId::Int(u), &q).len() == 5));
+        m.apply(&(0..40).map(|n| ev(n % 7, 20 + n % 20, T0 + 1.0)).collect::<Vec<_>>(), "");
+        assert_eq!(m.stale(), 40);
+        assert_eq!(m.reindex(usize::MAX), 0);
+        assert_eq!(m.index.read().len(), 40);
+    }
+
     /// An item that moves again while its re-link is under way stays dirty afterwards.
     #[test]
     fn items_moved_during_a_reindex_stay_dirty() {
-        let m = Model::new(Config { auto_reindex: false, ..cfg() });
+        let m = Model::new(Config { auto_reindex: false, exact_below: 0, ..cfg() });
         m.apply(&[ev(1, 10, T0), ev(2, 11, T0)], "");
         m.reindex_with(usize::MAX, || {
             m.apply(&[ev(3, 10, T0 + 1.0)], "");
