@@ -375,9 +375,10 @@ class Engine:
         if coalesced:
             self.metrics.coalesced.inc(coalesced)
             self._coalesced_reported = self.publisher.coalesced
-        self.experiments.impression(sub.user, push.items, time.time())
+        now = time.time()
+        self.experiments.impression(sub.user, push.items, now)
         if push.cause is not None:
-            self.metrics.push_latency.observe(max(0.0, time.time() - push.cause.accepted_at))
+            self.metrics.push_latency.observe(max(0.0, now - push.cause.accepted_at))
 
     # --- ingestion --------------------------------------------------------------------------
 

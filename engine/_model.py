@@ -63,7 +63,9 @@ class ModelConfig:
             trending) is the newest of ``min(event time, time the server accepted it)``, so
             no producer can move it past the server's clock, and old events never move it
             back. Times before 1990 or after the year 9999 are always refused.
-        exact_below: Catalogs smaller than this are answered by an exact scan.
+        exact_below: Catalogs smaller than this are answered by an exact scan (a batch of
+            lists shares one); their index is not kept up to date meanwhile (moved items are
+            re-linked once the catalog reaches this size).
         dedup_window: How many recent event ids (per producer) are remembered to drop
             redeliveries.
         auto_reindex: Re-link moved items in the index after every call that moves them; the

@@ -73,7 +73,13 @@ class Cause:
 
     def json_text(self) -> str:
         """``as_json()`` encoded, the way ``json.dumps`` would."""
-        event_id = "null" if self.event_id is None else json.dumps(self.event_id)
+        event_id = self.event_id
+        if event_id is None:
+            event_id = "null"
+        elif type(event_id) is int:  # noqa: E721 (not bool, whose JSON is true/false)
+            event_id = str(event_id)
+        else:
+            event_id = json.dumps(event_id)
         return f'{{"seq":{self.seq},"id":{event_id},"accepted_at":{self.accepted_at!r}}}'
 
 
@@ -181,6 +187,8 @@ class Subscription:
     repush_after: float | None = None
     slot: Slot[Push] = attrs.field(factory=Slot)
     last_items: list[Id] | None = None
+    # Whether the newest push was a drift refresh (see ``Publisher._compute``).
+    drift_pushed: bool = False
     # Journal sequence of the newest list recorded for this subscription (see the module).
     version: int = 0
     # The id messages name: the one the subscriber asked for (the raw id when the engine
@@ -499,11 +507,17 @@ class Publisher:
                 continue  # computed before the erasure: erase() queued a new computation
             if seq < sub.version:
                 continue  # a list from a newer state was handed over meanwhile
-            if listing[0] == sub.last_items:
+            # An own event's list equal to the one last pushed is not pushed again, unless a
+            # drift refresh pushed that one: the model may have applied the event before the
+            # publisher heard of it, so the drift push may have carried the event without
+            # naming it, and the push that names it must still go out.
+            cause = pending[sub.user]
+            if listing[0] == sub.last_items and (drift or cause is None or not sub.drift_pushed):
                 continue
             if drift and not self._drifted(sub.last_items, listing[0]):
                 continue
-            push = self._record(sub, listing, pending[sub.user], seq)
+            push = self._record(sub, listing, cause, seq)
+            sub.drift_pushed = drift
             delivered = sub.slot.empty and sub.deliver is not None and sub.deliver(push.text)
             if delivered:
                 self.delivered += 1

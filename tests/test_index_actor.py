@@ -18,7 +18,7 @@ def _apply(model: Model, first_seq: int, n_items: int) -> list[Applied]:
 
 
 async def test_groups_reach_the_publisher_after_their_items_are_relinked() -> None:
-    model = Model(ModelConfig(dim=8, seed=1, auto_reindex=False))
+    model = Model(ModelConfig(dim=8, seed=1, auto_reindex=False, exact_below=0))
     seen: list[tuple[list[int], int]] = []
     actor = IndexActor(
         model,
@@ -44,7 +44,7 @@ async def test_groups_reach_the_publisher_after_their_items_are_relinked() -> No
 
 
 def test_waiting_records_are_bounded() -> None:
-    model = Model(ModelConfig(dim=8, seed=1, auto_reindex=False))
+    model = Model(ModelConfig(dim=8, seed=1, auto_reindex=False, exact_below=0))
     handed: list[int] = []
     actor = IndexActor(model, on_indexed=lambda rs: handed.extend(r.seq for r in rs), max_pending=2)
     actor.applied(_apply(model, 1, 5) + _apply(model, 2, 5))
@@ -54,7 +54,7 @@ def test_waiting_records_are_bounded() -> None:
 
 
 async def test_records_go_on_first_when_more_items_wait_than_max_wait_items() -> None:
-    model = Model(ModelConfig(dim=8, seed=1, auto_reindex=False))
+    model = Model(ModelConfig(dim=8, seed=1, auto_reindex=False, exact_below=0))
     seen: list[tuple[list[int], int]] = []
     actor = IndexActor(
         model,

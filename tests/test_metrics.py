@@ -9,6 +9,7 @@ import httpx
 import trio
 
 from connectors import Node
+from engine import ModelConfig
 from engine._publisher import Subscription
 
 from .conftest import running_server, websocket, ws_url
@@ -27,7 +28,9 @@ async def _until(predicate: object, seconds: float = 5.0) -> None:
 
 
 async def test_each_metric_moves_after_its_action(tmp_path: Path) -> None:
-    async with running_server(tmp_path / "data", max_body_bytes=4096) as server:
+    # An index kept up to date whatever the catalog's size, so that staleness shows.
+    model = ModelConfig(dim=16, seed=5, auto_reindex=False, exact_below=0)
+    async with running_server(tmp_path / "data", max_body_bytes=4096, model=model) as server:
         async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
             # Events by source and result; WAL sync and model apply latency.
             r = await http.post(

@@ -478,6 +478,29 @@ async def test_drift_is_pushed_for_new_members_or_moves_beyond_the_slack_own_eve
     assert pushed[-1].items == model.lists["a"] and pushed[-1].cause is not None
 
 
+async def test_an_own_event_is_named_even_when_a_drift_push_carried_it_first() -> None:
+    """The model may apply an event before the publisher hears of it: a drift refresh then
+    pushes the new list without a cause, and the own event's push must still name it, with
+    the same list; a second unchanged recompute pushes nothing."""
+    model = _Scripted()
+    model.lists["a"] = [1, 2, 3]
+    pushed: list[Push] = []
+    publisher = Publisher(model, on_push=lambda s, m, _: pushed.append(m))  # type: ignore[arg-type]
+    sub = Subscription(user="a", k=3)
+    publisher.subscribe(sub)
+    await publisher.current(sub)
+    model.lists["a"] = [9, 1, 2]  # the event is applied; the publisher has not heard of it
+    await publisher._compute({"a": None}, drift=True)
+    assert [(p.items, p.cause) for p in pushed] == [([9, 1, 2], None)]
+    publisher.notify([("a", "e1")], 7, 0.0)
+    await publisher.flush()
+    assert len(pushed) == 2 and pushed[-1].items == [9, 1, 2]
+    assert pushed[-1].cause is not None and pushed[-1].cause.event_id == "e1"
+    publisher.notify([("a", "e2")], 8, 0.0)  # an event that leaves the list as it is
+    await publisher.flush()
+    assert len(pushed) == 2
+
+
 async def test_drift_refresh_takes_the_oldest_lists_older_than_the_interval_within_budget() -> None:
     model = _Scripted()
     publisher = Publisher(model, refresh_budget=2)  # type: ignore[arg-type]
@@ -494,3 +517,9 @@ async def test_drift_refresh_takes_the_oldest_lists_older_than_the_interval_with
     assert publisher._due_for_refresh(later) == ["b", "c"]  # "a" is now the youngest
     publisher.notify([], 6, 0.0)
     assert publisher._due_for_refresh(later) == ["b", "c"]
+
+
+@pytest.mark.parametrize("event_id", [None, 7, -3, 2**70, 'ev"1\n', "é", True])
+def test_cause_text_is_its_json(event_id: Any) -> None:
+    cause = Cause(9, event_id, 1234.5)
+    assert json.loads(cause.json_text()) == cause.as_json()

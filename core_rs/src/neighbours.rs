@@ -50,6 +50,25 @@ const REBUILD_BATCH: usize = 1 << 22;
 /// every list); fewer are added one by one.
 const ADD_ALL_PARALLEL_FROM: usize = 1024;
 
+/// How many lists ahead of the one being scored [`Neighbours::each_term`] starts loading.
+const LIST_PREFETCH_AHEAD: usize = 2;
+/// Cache lines (eight entries each) of a list asked for ahead; the CPU's stream prefetcher
+/// follows the rest of a list once its first lines are read.
+const LIST_PREFETCH_LINES: usize = 4;
+
+/// Asks the CPU to start loading the cache line holding `x`: a hint, it changes no result.
+#[inline(always)]
+fn prefetch<T>(x: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: a prefetch is only a hint and never faults; the address is a live reference.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>((x as *const T).cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
+}
+
 /// One neighbour and its Space-Saving count (`repr(C)`: [`held_or_min`] reads a list as
 /// pairs of 32-bit words, id then count).
 #[derive(Clone, Copy, Debug)]
@@ -369,8 +388,15 @@ impl Neighbours {
         let mut nj = [0.0f32; BLOCK];
         let mut count = [0.0f32; BLOCK];
         let mut term = [0.0f32; BLOCK];
-        let from = recent.len().saturating_sub(self.window);
-        for &h in &recent[from..] {
+        let window = &recent[recent.len().saturating_sub(self.window)..];
+        // The lists are scattered on the heap and each is a miss: their headers are asked for
+        // all at once, and each list's entries two lists ahead of their turn.
+        window.iter().filter_map(|&h| self.lists.get(h as usize)).for_each(prefetch);
+        for (p, &h) in window.iter().enumerate() {
+            if let Some(ahead) = window.get(p + LIST_PREFETCH_AHEAD).and_then(|&a| self.lists.get(a as usize))
+            {
+                ahead.chunks(8).take(LIST_PREFETCH_LINES).for_each(|line| prefetch(&line[0]));
+            }
             let Some(list) = self.lists.get(h as usize) else { continue };
             let nh = self.users[h as usize];
             if nh <= 0.0 {

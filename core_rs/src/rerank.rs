@@ -39,6 +39,20 @@ pub fn sort_desc(hits: &mut [(u32, f32)]) {
     hits.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
 }
 
+/// Keeps the `n` best of `hits`, sorted as [`sort_desc`] sorts (the same as sorting all and
+/// truncating, for distinct ids): the rest is cut off by a selection, never sorted.
+pub fn top_sorted(hits: &mut Vec<(u32, f32)>, n: usize) {
+    if n == 0 {
+        hits.clear();
+        return;
+    }
+    if hits.len() > n {
+        hits.select_nth_unstable_by(n - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        hits.truncate(n);
+    }
+    sort_desc(hits);
+}
+
 /// The `m` best of `cands` (by [`sort_desc`] order) among those `keep` accepts, best first:
 /// the same as filtering every candidate, sorting and truncating, but `keep` is asked only
 /// about candidates in contention and nothing beyond them is sorted. Each round selects the
@@ -63,41 +77,48 @@ pub fn top_kept(cands: &mut [(u32, f32)], m: usize, keep: &dyn Fn(u32) -> bool) 
 /// Scores of a sparse set of dense ids, summed in place: a stamped array reused from list to
 /// list, so gathering a few thousand terms allocates nothing and [`SparseScores::reset`] is
 /// O(1) (the stamps of one generation mark the ids present). Also serves as a set of ids.
+/// The scores are held densely in insertion order beside the ids, so reading them all
+/// ([`SparseScores::entries`]) is a sequential pass, not a lookup per id.
 #[derive(Debug, Default)]
 pub struct SparseScores {
-    /// Per id its (generation stamp, score): one cache line holds both.
-    slots: Vec<(u32, f32)>,
+    /// Per id its (generation stamp, position in `ids` and `scores`): one cache line holds
+    /// both.
+    slots: Vec<(u32, u32)>,
     gen: u32,
     ids: Vec<u32>,
+    scores: Vec<f32>,
 }
 
 impl SparseScores {
     /// Empties the set, ready for ids below `n` (larger ones grow it).
     pub fn reset(&mut self, n: usize) {
         self.ids.clear();
+        self.scores.clear();
         self.gen = self.gen.wrapping_add(1);
         if self.gen == 0 {
             self.slots.iter_mut().for_each(|s| s.0 = 0);
             self.gen = 1;
         }
         if self.slots.len() < n {
-            self.slots.resize(n, (0, 0.0));
+            self.slots.resize(n, (0, 0));
         }
     }
 
+    /// The position of `i`, and whether it was just inserted (with score 0).
     #[inline]
-    fn slot(&mut self, i: u32) -> (&mut f32, bool) {
+    fn slot(&mut self, i: u32) -> (usize, bool) {
         let iu = i as usize;
         if iu >= self.slots.len() {
-            self.slots.resize(iu + 1, (0, 0.0));
+            self.slots.resize(iu + 1, (0, 0));
         }
         let s = &mut self.slots[iu];
-        let new = s.0 != self.gen;
-        if new {
-            *s = (self.gen, 0.0);
-            self.ids.push(i);
+        if s.0 == self.gen {
+            return (s.1 as usize, false);
         }
-        (&mut s.1, new)
+        *s = (self.gen, self.ids.len() as u32);
+        self.ids.push(i);
+        self.scores.push(0.0);
+        (self.ids.len() - 1, true)
     }
 
     /// Puts `i` in the set with score 0 if it is not there; true if it was not.
@@ -109,18 +130,24 @@ impl SparseScores {
     /// Adds `s` to the score of `i` (starting from 0).
     #[inline]
     pub fn add(&mut self, i: u32, s: f32) {
-        *self.slot(i).0 += s;
+        let p = self.slot(i).0;
+        self.scores[p] += s;
     }
 
     /// The score of `i`, or None when it is not in the set.
     #[inline]
     pub fn get(&self, i: u32) -> Option<f32> {
-        self.slots.get(i as usize).filter(|s| s.0 == self.gen).map(|s| s.1)
+        self.slots.get(i as usize).filter(|s| s.0 == self.gen).map(|s| self.scores[s.1 as usize])
     }
 
     /// The ids in the set, in first-insertion order.
     pub fn ids(&self) -> &[u32] {
         &self.ids
+    }
+
+    /// The ids in the set with their scores, in first-insertion order.
+    pub fn entries(&self) -> impl Iterator<Item = (u32, f32)> + '_ {
+        self.ids.iter().copied().zip(self.scores.iter().copied())
     }
 }
 
@@ -258,6 +285,24 @@ mod tests {
     }
 
     #[test]
+    fn top_sorted_matches_sort_truncate() {
+        let mut rng = Rng::new(8);
+        for n in [0usize, 1, 9, 120] {
+            // Few distinct scores: ties are broken by id.
+            let hits: Vec<(u32, f32)> =
+                (0..n as u32).map(|i| (i * 13 % 211, (rng.next_u64() % 7) as f32)).collect();
+            for keep in [0usize, 1, 10, 40, 200] {
+                let mut want = hits.clone();
+                sort_desc(&mut want);
+                want.truncate(keep);
+                let mut got = hits.clone();
+                top_sorted(&mut got, keep);
+                assert_eq!(got, want, "n {n}, keep {keep}");
+            }
+        }
+    }
+
+    #[test]
     fn sparse_scores_sum_and_forget_on_reset() {
         let mut s = SparseScores::default();
         s.reset(4);
@@ -267,6 +312,7 @@ mod tests {
         assert!(!s.insert(9) && s.insert(3));
         assert_eq!((s.get(2), s.get(9), s.get(3), s.get(0)), (Some(0.75), Some(1.0), Some(0.0), None));
         assert_eq!(s.ids(), &[2, 9, 3]);
+        assert_eq!(s.entries().collect::<Vec<_>>(), vec![(2, 0.75), (9, 1.0), (3, 0.0)]);
         s.reset(4);
         assert!(s.ids().is_empty() && s.get(2).is_none() && s.get(100).is_none());
         s.add(2, 1.0);

@@ -1,4 +1,5 @@
-//! Exact maximum-inner-product scan over a row-major matrix (the small-catalog path and the
+//! Exact maximum-inner-product scan over a row-major matrix (the small-catalog path, the scan a
+//! batch of lists shares, and the
 //! brute-force oracle for recall tests). AVX2+FMA when the CPU has it, portable otherwise.
 
 use std::cmp::Ordering;
@@ -219,12 +220,9 @@ impl Ord for Worst {
     }
 }
 
-/// Rows scored per block: the block's scores stay in L1 while the heap is consulted, and the
-/// threshold check against the current k-th best skips the heap for most rows.
-const BLOCK: usize = 256;
-
 /// The `k` rows of `matrix` (row-major, `dim` columns) with the largest inner product with `q`,
-/// best first, skipping rows for which `keep(row)` is false.
+/// best first, skipping rows for which `keep(row)` is false: [`exact_top_k_batch`] for one
+/// query (its kernel scores eight rows per step, a query alone as well).
 pub fn exact_top_k(
     matrix: &[f32],
     dim: usize,
@@ -233,39 +231,209 @@ pub fn exact_top_k(
     keep: &dyn Fn(u32) -> bool,
 ) -> Vec<(u32, f32)> {
     assert_eq!(q.len(), dim, "query length differs from the matrix width");
-    if k == 0 || dim == 0 {
-        return Vec::new();
+    exact_top_k_batch(matrix, dim, &[q], &[k], &|_, row| keep(row)).pop().unwrap_or_default()
+}
+
+/// Rows per block of [`exact_top_k_batch`]: a block (64 rows of a 32-d matrix is 8 KB) stays
+/// in L1 while every query of the batch is scored against it, and a block's threshold test
+/// fits one 64-bit mask.
+const BATCH_BLOCK: usize = 64;
+
+/// [`exact_top_k`] for many queries at once, each with its own `k` and filter
+/// (`keep(query, row)`): the `ks[n]` rows with the largest inner product with `queries[n]`,
+/// best first, scores as [`dot`] gives them.
+///
+/// One query at a time, a scan streams the whole matrix through the cache and spends much of
+/// each row's inner product on its horizontal sum. Here the matrix is read in blocks of
+/// [`BATCH_BLOCK`] rows, each scored against every query of the batch while it is in L1, and
+/// the kernel scores eight rows at a time, summing their eight partial vectors with one
+/// transpose-and-add instead of eight horizontal sums. A row is compared with a query's k-th
+/// best only when its score is not below it (most rows are not, and the test is a SIMD
+/// compare). The kernel rounds differently from [`dot`], so the `k` rows kept are re-scored
+/// with [`dot`]; only rows within rounding of the k-th best can come out differently from
+/// [`exact_top_k`].
+pub fn exact_top_k_batch(
+    matrix: &[f32],
+    dim: usize,
+    queries: &[&[f32]],
+    ks: &[usize],
+    keep: &dyn Fn(usize, u32) -> bool,
+) -> Vec<Vec<(u32, f32)>> {
+    assert_eq!(queries.len(), ks.len(), "one k per query");
+    assert!(queries.iter().all(|q| q.len() == dim), "query length differs from the matrix width");
+    if dim == 0 {
+        return vec![Vec::new(); queries.len()];
     }
     let rows = matrix.len() / dim;
-    let mut heap: BinaryHeap<Worst> = BinaryHeap::with_capacity(k + 1);
-    let mut scores = [0.0f32; BLOCK];
+    let mut heaps: Vec<BinaryHeap<Worst>> = ks.iter().map(|&k| BinaryHeap::with_capacity(k + 1)).collect();
+    let mut scores = [0.0f32; BATCH_BLOCK];
+    let score = block_scorer(dim);
     let mut start = 0;
     while start < rows {
-        let end = (start + BLOCK).min(rows);
-        for r in start..end {
-            scores[r - start] = dot(&matrix[r * dim..(r + 1) * dim], q);
-        }
-        for r in start..end {
-            let cand = Worst(scores[r - start], r as u32);
-            if heap.len() == k {
-                // `cand` must rank strictly better than the current worst to enter.
-                if cand >= *heap.peek().expect("heap is full") {
-                    continue;
+        let n = BATCH_BLOCK.min(rows - start);
+        let block = &matrix[start * dim..(start + n) * dim];
+        for (qn, (q, heap)) in queries.iter().zip(&mut heaps).enumerate() {
+            let k = ks[qn];
+            if k == 0 {
+                continue;
+            }
+            // Rows scoring below the current k-th best cannot enter: only the others (ties
+            // and NaN included) are compared in full. The bound only rises within the block.
+            let bound =
+                if heap.len() == k { heap.peek().expect("heap is full").0 } else { f32::NEG_INFINITY };
+            // SAFETY: `score` suits this CPU and `dim`; `block` holds `n` rows of `dim` floats
+            // and `q` holds `dim` floats (asserted above).
+            let mut open = unsafe { score(block, q, bound, &mut scores) };
+            while open != 0 {
+                let r = open.trailing_zeros() as usize;
+                open &= open - 1;
+                let id = (start + r) as u32;
+                let cand = Worst(scores[r], id);
+                if heap.len() == k {
+                    if cand >= *heap.peek().expect("heap is full") || !keep(qn, id) {
+                        continue;
+                    }
+                    // The worst replaced in place: one sift instead of a pop and a push.
+                    *heap.peek_mut().expect("heap is full") = cand;
+                } else if keep(qn, id) {
+                    heap.push(cand);
                 }
-                if !keep(r as u32) {
-                    continue;
-                }
-                heap.pop();
-                heap.push(cand);
-            } else if keep(r as u32) {
-                heap.push(cand);
             }
         }
-        start = end;
+        start += n;
     }
-    let mut out: Vec<(u32, f32)> = heap.into_iter().map(|w| (w.1, w.0)).collect();
-    out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    out
+    heaps
+        .into_iter()
+        .zip(queries)
+        .map(|(heap, q)| {
+            let mut out: Vec<(u32, f32)> = heap
+                .into_iter()
+                .map(|w| (w.1, dot(&matrix[w.1 as usize * dim..(w.1 as usize + 1) * dim], q)))
+                .collect();
+            out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            out
+        })
+        .collect()
+}
+
+/// Scores of a block of at most [`BATCH_BLOCK`] rows (row-major, `q.len()` columns) against
+/// one query, written to the front of `out`, and the mask of the rows whose score is not
+/// below `bound` (bit `r` for row `r`; no bit beyond the block's rows).
+///
+/// # Safety
+/// The CPU supports the kernel's instructions and the kernel suits the width (see
+/// [`block_scorer`]); `block.len()` is a multiple of `q.len()`, at most [`BATCH_BLOCK`] rows.
+type BlockKernel = unsafe fn(&[f32], &[f32], f32, &mut [f32; BATCH_BLOCK]) -> u64;
+
+/// Whether `s` is not below `bound`: NaN counts as not below, so the full comparison (which
+/// ranks NaN first, as [`exact_top_k`] always has) decides.
+#[inline(always)]
+fn not_below(s: f32, bound: f32) -> bool {
+    s.partial_cmp(&bound) != Some(Ordering::Less)
+}
+
+/// The block kernel for this CPU and matrix width.
+fn block_scorer(dim: usize) -> BlockKernel {
+    #[cfg(target_arch = "x86_64")]
+    if kernel() >= 2 && dim.is_multiple_of(8) {
+        return score_block_avx2;
+    }
+    let _ = dim;
+    score_block_portable
+}
+
+/// Row by row with [`dot`].
+///
+/// # Safety
+/// None beyond [`BlockKernel`]'s (this kernel needs no CPU feature and suits any width).
+unsafe fn score_block_portable(block: &[f32], q: &[f32], bound: f32, out: &mut [f32; BATCH_BLOCK]) -> u64 {
+    let mut open = 0u64;
+    for (r, row) in block.chunks_exact(q.len()).enumerate() {
+        out[r] = dot(row, q);
+        open |= (not_below(out[r], bound) as u64) << r;
+    }
+    open
+}
+
+/// Eight rows at a time: eight 8-lane FMA accumulators (one per row) over the width, then one
+/// transpose-and-add (`hadd` twice, then the two 128-bit halves added) gives the eight sums in
+/// one register, compared with `bound` in one instruction. Rows past the last multiple of
+/// eight go through [`dot`]. The model's usual width (32) has its own copy, with the query
+/// held in four registers for the whole block.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA; `q.len()` is a multiple of 8; see [`BlockKernel`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn score_block_avx2(block: &[f32], q: &[f32], bound: f32, out: &mut [f32; BATCH_BLOCK]) -> u64 {
+    // SAFETY: the caller's guarantees are this function's.
+    unsafe {
+        if q.len() == 32 {
+            score_rows_avx2(block, q, 32, bound, out)
+        } else {
+            score_rows_avx2(block, q, q.len(), bound, out)
+        }
+    }
+}
+
+/// [`score_block_avx2`] for a width `dim` (= `q.len()`); always inlined into it, so that the
+/// AVX2 instructions are compiled with its target features, and with a constant `dim` the
+/// compiler unrolls the width loop and keeps the query in registers.
+///
+/// # Safety
+/// As [`score_block_avx2`], and `dim == q.len()`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn score_rows_avx2(
+    block: &[f32],
+    q: &[f32],
+    dim: usize,
+    bound: f32,
+    out: &mut [f32; BATCH_BLOCK],
+) -> u64 {
+    use std::arch::x86_64::*;
+    let n = block.len() / dim;
+    let mut open = 0u64;
+    // SAFETY: the caller runs with AVX2 enabled.
+    let bounds = unsafe { _mm256_set1_ps(bound) };
+    let mut g = 0;
+    // SAFETY: rows `g..g + 8` are in the block (`g + 8 <= n`), each `dim` floats long, and
+    // every load reads 8 floats at an offset `d < dim` with `dim % 8 == 0`; the store writes
+    // `out[g..g + 8]` with `g + 8 <= n <= BATCH_BLOCK`.
+    unsafe {
+        while g + 8 <= n {
+            let base = block.as_ptr().add(g * dim);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            let mut d = 0;
+            while d < dim {
+                let qv = _mm256_loadu_ps(q.as_ptr().add(d));
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(base.add(j * dim + d)), qv, *a);
+                }
+                d += 8;
+            }
+            // hadd pairs lanes within each 128-bit half: after two rounds, half h of `u0`
+            // holds the half-h sums of rows 0..4, and of `u1` those of rows 4..8.
+            let t0 = _mm256_hadd_ps(acc[0], acc[1]);
+            let t1 = _mm256_hadd_ps(acc[2], acc[3]);
+            let t2 = _mm256_hadd_ps(acc[4], acc[5]);
+            let t3 = _mm256_hadd_ps(acc[6], acc[7]);
+            let u0 = _mm256_hadd_ps(t0, t1);
+            let u1 = _mm256_hadd_ps(t2, t3);
+            let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
+            let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
+            let s = _mm256_add_ps(lo, hi);
+            _mm256_storeu_ps(out.as_mut_ptr().add(g), s);
+            let m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NLT_UQ>(s, bounds)) as u32 as u64;
+            open |= m << g;
+            g += 8;
+        }
+    }
+    for r in g..n {
+        out[r] = dot(&block[r * dim..(r + 1) * dim], q);
+        open |= (not_below(out[r], bound) as u64) << r;
+    }
+    open
 }
 
 #[cfg(test)]
@@ -334,5 +502,60 @@ mod tests {
         assert!(exact_top_k(&m, 2, &[1.0, 1.0], 3, &|_| false).is_empty());
         let got = exact_top_k(&m, 2, &[1.0, 0.5], 2, &|_| true);
         assert_eq!(got, vec![(2, 3.0), (0, 1.0)]);
+    }
+    /// The batched scan keeps, per query, the rows that sorting every kept row gives, with
+    /// [`dot`]'s scores: per-query `k` and filters, blocks cut mid-matrix, `k` beyond the kept
+    /// rows, widths on and off the SIMD kernel's.
+    #[test]
+    fn exact_top_k_batch_matches_one_query_at_a_time() {
+        let mut r = Rng::new(9);
+        for &(rows, dim, n_queries) in &[(1000, 32, 7), (130, 37, 3), (64, 8, 1), (5, 3, 2), (0, 4, 2)] {
+            let m = randv(&mut r, rows * dim);
+            let qs: Vec<Vec<f32>> = (0..n_queries).map(|_| randv(&mut r, dim)).collect();
+            let ks: Vec<usize> = (0..n_queries).map(|n| [10, 40, 1, 0, 300][n % 5]).collect();
+            let keep = |n: usize, id: u32| (id as usize + n) % 4 != 1;
+            let refs: Vec<&[f32]> = qs.iter().map(Vec::as_slice).collect();
+            let got = exact_top_k_batch(&m, dim, &refs, &ks, &keep);
+            assert_eq!(got.len(), n_queries);
+            for n in 0..n_queries {
+                let mut want: Vec<(u32, f32)> = (0..rows)
+                    .filter(|&i| keep(n, i as u32))
+                    .map(|i| (i as u32, dot(&m[i * dim..(i + 1) * dim], &qs[n])))
+                    .collect();
+                want.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                want.truncate(ks[n]);
+                assert_eq!(got[n], want, "rows={rows} dim={dim} query {n}");
+                assert_eq!(exact_top_k(&m, dim, &qs[n], ks[n], &|id| keep(n, id)), want);
+            }
+        }
+    }
+
+    /// Every block kernel gives the plain sums (to rounding) and the mask of the rows not
+    /// below the bound, for full and partial blocks.
+    #[test]
+    fn block_kernels_agree_with_dot() {
+        let mut r = Rng::new(4);
+        for &(dim, n) in &[(32, BATCH_BLOCK), (16, 13), (8, 7), (19, 30)] {
+            let block = randv(&mut r, dim * n);
+            let q = randv(&mut r, dim);
+            let mut kernels: Vec<BlockKernel> = vec![score_block_portable, block_scorer(dim)];
+            #[cfg(target_arch = "x86_64")]
+            if dim.is_multiple_of(8) && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                kernels.push(score_block_avx2);
+            }
+            for score in kernels {
+                let mut out = [0.0f32; BATCH_BLOCK];
+                // SAFETY: the AVX2 kernel is only listed when the CPU has AVX2 and FMA and the
+                // width is a multiple of 8.
+                let open = unsafe { score(&block, &q, 0.5, &mut out) };
+                for (i, row) in block.chunks_exact(dim).enumerate() {
+                    let want = naive_dot(row, &q);
+                    assert!((out[i] as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "dim {dim} row {i}");
+                    assert_eq!(open >> i & 1 == 1, out[i] >= 0.5, "dim {dim} row {i}");
+                }
+                assert_eq!(open.checked_shr(n as u32).unwrap_or(0), 0, "no bit beyond the block");
+                assert!(open != 0, "some row above the bound");
+            }
+        }
     }
 }
