@@ -1286,11 +1286,11 @@ impl Model {
     /// a long batch never holds back the writer applying events for longer than one list
     /// takes, and costs one acquisition when none does.
     ///
-    /// Where the exact scan answers (catalogs under [`Config::exact_below`], `exact` queries)
-    /// the candidates of every
-    /// [`BATCH_SCAN_CHUNK`] users come from one shared exact scan ([`Model::scan_batch`]), taken
-    /// before their lists; a list whose user changed in between (the lock may be handed over)
-    /// re-filters and re-scores them with the current state, as it does an index's hits.
+    /// Where the exact scan answers (catalogs under [`Config::exact_below`], `exact` queries),
+    /// the candidates of every [`BATCH_SCAN_CHUNK`] users come from one shared scan
+    /// ([`Model::scan_batch`]) taken before their lists; a list re-filters and re-scores them
+    /// with the state it is computed in (the lock may have been handed over since), as it does
+    /// an index's hits.
     pub fn recommend_many(&self, users: &[ExtId], q: &Query) -> Vec<Vec<Rec>> {
         let mut out = Vec::with_capacity(users.len());
         let mut st = self.state.read();
