@@ -10,9 +10,10 @@ one thread, for ``k = 10``:
 * ``Model.recommend_batch_json`` likewise: the batched recompute of the push path (the
   publisher computes every group of subscribers' lists with it), per user, with a goal row:
   at most 1.5× the CPU of the raw batched search below;
-* the raw search the model's list starts from: ``engine.Index`` (the extension's HNSW index)
-  built from the model's item vectors and queried with its user vectors, one query per call
-  and ``search_batch``;
+* the raw index search: ``engine.Index`` (the extension's HNSW index) built from the model's
+  item vectors and queried with its user vectors, one query per call and ``search_batch``
+  (the model's lists start from it for catalogs of ``exact_below`` items or more, and from
+  the exact scan below, which a batch's users share);
 * hnswlib on the same vectors with the same M, ef_construction and ef (the peer).
 
 For each: queries/s (wall) and CPU microseconds per query (``time.process_time``, every

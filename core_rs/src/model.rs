@@ -71,9 +71,9 @@ const APPLY_CHUNK: usize = 32;
 /// scan, see [`Model::recommend_many`]). The scan scores eight rows per SIMD step, about two
 /// cycles per item at the default dimension 32, and its lists are exact; the index's cost
 /// grows slowly with the catalog. In the model (its filters, 4·k candidates at `ef_search`),
-/// a list through the scan cost 35 µs against 50 µs through the index at 5k items, and
-/// 68 against 70 µs at 17.9k; a batch's lists 52 µs at 17.9k, and even with the index's at
-/// 25k (`python -m bench served --items N`, whose rows are single lists and batches of 100).
+/// a list through the scan cost 35 µs against 50 µs through the index at 5k items and as
+/// much as through it at 17.9k (74 µs each, alternating runs), while a batch's lists cost
+/// 53 µs there (`python -m bench served --items N`: single lists and batches of 100).
 /// Larger dimensions make the scan dearer in proportion: lower it for them.
 pub const DEFAULT_EXACT_BELOW: usize = 20_000;
 /// Users whose candidates one shared scan retrieves: bounds how long the scan holds the read
@@ -1304,11 +1304,11 @@ impl Model {
     /// a long batch never holds back the writer applying events for longer than one list
     /// takes, and costs one acquisition when none does.
     ///
-    /// Where the exact scan answers (catalogs under [`Config::exact_below`], `exact` queries)
-    /// the candidates of every
-    /// [`BATCH_SCAN_CHUNK`] users come from one shared exact scan ([`Model::scan_batch`]), taken
-    /// before their lists; a list whose user changed in between (the lock may be handed over)
-    /// re-filters and re-scores them with the current state, as it does an index's hits.
+    /// Where the exact scan answers (catalogs under [`Config::exact_below`], `exact` queries),
+    /// the candidates of every [`BATCH_SCAN_CHUNK`] users come from one shared scan
+    /// ([`Model::scan_batch`]) taken before their lists; a list re-filters and re-scores them
+    /// with the state it is computed in (the lock may have been handed over since), as it does
+    /// an index's hits.
     pub fn recommend_many(&self, users: &[ExtId], q: &Query) -> Vec<Vec<Rec>> {
         let mut out = Vec::with_capacity(users.len());
         let mut st = self.state.read();

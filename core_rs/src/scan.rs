@@ -1,6 +1,6 @@
-//! Exact maximum-inner-product scan over a row-major matrix (the small-catalog path, the scan a
-//! batch of lists shares, and the
-//! brute-force oracle for recall tests). AVX2+FMA when the CPU has it, portable otherwise.
+//! Exact maximum-inner-product scan over a row-major matrix (the small-catalog path, one scan
+//! shared by a batch of lists, and the brute-force oracle for recall tests). AVX2+FMA when the
+//! CPU has it, portable otherwise.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -250,8 +250,8 @@ const BATCH_BLOCK: usize = 64;
 /// transpose-and-add instead of eight horizontal sums. A row is compared with a query's k-th
 /// best only when its score is not below it (most rows are not, and the test is a SIMD
 /// compare). The kernel rounds differently from [`dot`], so the `k` rows kept are re-scored
-/// with [`dot`]; only rows within rounding of the k-th best can come out differently from
-/// [`exact_top_k`].
+/// with [`dot`]: only a row within rounding of the k-th best can be kept or left out
+/// otherwise than a selection by [`dot`] alone would.
 pub fn exact_top_k_batch(
     matrix: &[f32],
     dim: usize,
