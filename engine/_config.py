@@ -137,7 +137,7 @@ class ServerConfig:
     wal_segment_bytes: int = 64 * 1024 * 1024
     snapshot_interval: float = 300.0
     push_k: int = 10
-    refresh_interval: float = attrs.field(default=0.2, validator=attrs.validators.gt(0))
+    refresh_interval: float = attrs.field(default=0.15, validator=attrs.validators.gt(0))
     refresh_budget: int = attrs.field(default=250, validator=attrs.validators.ge(1))
     drift_rank_slack: int = attrs.field(default=2, validator=attrs.validators.ge(0))
     max_subscribers: int = 10_000

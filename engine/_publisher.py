@@ -287,7 +287,7 @@ class Publisher:
         model: Model,
         *,
         max_subscribers: int = 10_000,
-        refresh_interval: float = 0.2,
+        refresh_interval: float = 0.15,
         refresh_budget: int = 250,
         drift_rank_slack: int = 2,
         on_push: Callable[[Subscription, Push, bool], None] | None = None,
