@@ -53,6 +53,11 @@ REFRESH_CHUNK = 32
 # Lists computed on the event loop when ``idle`` allows (a worker thread's round trip costs
 # more than one list).
 INLINE_JOBS = 2
+# Tasks flushing at once (see ``Publisher.flush``), and the own-event users one takes per call:
+# all of them up to OWN_CHUNK_MIN, else a share of the pending ones, at most OWN_CHUNK_MAX.
+WORKERS = 2
+OWN_CHUNK_MIN = 16
+OWN_CHUNK_MAX = 128
 
 Id = str | int
 T = TypeVar("T")
@@ -468,22 +473,35 @@ class Publisher:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._refresh_loop)
+            for _ in range(WORKERS - 1):
+                nursery.start_soon(self._work)
             task_status.started()
-            while True:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                await self.flush()
+            await self._work()
+
+    async def _work(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            await self.flush()
 
     async def flush(self) -> None:
         """Recomputes pending users and pushes the lists that changed, until none is left.
 
-        Users whose own events arrived go first, all of them at once; drift refreshes go in
-        chunks of ``REFRESH_CHUNK``, and fresh events jump ahead of the remaining chunks, so
-        a refresh of every subscriber never delays a push caused by an event.
+        Users whose own events arrived go first; drift refreshes go in chunks of
+        ``REFRESH_CHUNK``, and fresh events jump ahead of the remaining chunks, so a refresh
+        of every subscriber never delays a push caused by an event. ``run`` flushes with
+        ``WORKERS`` tasks at once: while one task's chunk is computed in a worker thread,
+        another's is computed beside it or pushed.
         """
         while self._pending or self._stale:
             if self._pending:
-                batch, self._pending = self._pending, {}
+                n = len(self._pending)
+                take = n if n <= OWN_CHUNK_MIN else min(-(-n // WORKERS), OWN_CHUNK_MAX)
+                if take == n:
+                    batch, self._pending = self._pending, {}
+                else:
+                    users = list(itertools.islice(self._pending, take))
+                    batch = {user: self._pending.pop(user) for user in users}
                 await self._compute(batch, drift=False)
             else:
                 users = list(itertools.islice(self._stale, REFRESH_CHUNK))

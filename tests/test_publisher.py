@@ -19,7 +19,17 @@ import trio
 from connectors import Node
 from engine import Model, ModelConfig
 from engine._journal import FileOps
-from engine._publisher import Cause, Publisher, Push, Slot, Subscription, rec_json
+from engine._publisher import (
+    OWN_CHUNK_MIN,
+    WORKERS,
+    Cause,
+    Id,
+    Publisher,
+    Push,
+    Slot,
+    Subscription,
+    rec_json,
+)
 
 from .conftest import running_server, server_config, websocket, ws_url
 
@@ -181,6 +191,35 @@ async def test_a_list_computed_before_an_erasure_is_never_pushed_after_it() -> N
     assert [m.items for m in pushed] == [after]
     assert [[i["item"] for i in m.json()["items"]] for m in pushed] == [after]
     assert pushed[-1].version == pushed[-1].json()["version"] == 2
+
+
+async def test_a_second_chunk_is_pushed_while_the_first_is_still_computed() -> None:
+    model = Model(ModelConfig(dim=8, seed=1))
+    users = [f"u{n}" for n in range(2 * OWN_CHUNK_MIN + 2)]
+    model.ingest(
+        [u for u in users for _ in range(3)], [f"i{n % 23}" for n in range(3 * len(users))]
+    )
+    gated = _Gated(model)
+    pushed: list[Id] = []
+    publisher = Publisher(gated, on_push=lambda sub, _, __: pushed.append(sub.user))  # type: ignore[arg-type]
+    for user in users:
+        publisher.subscribe(Subscription(user=user, k=3))
+    gated.hold_next()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(publisher.run)
+        publisher.notify([(u, f"e-{u}") for u in users], 1, 0.0)
+        # The first chunk's call is held; the other worker computes and pushes the rest.
+        with trio.fail_after(10):
+            while len(pushed) < len(users) - len(users) // WORKERS:
+                await trio.sleep(0.01)
+        await trio.sleep(0.05)
+        assert sorted(pushed) == sorted(users[len(users) // WORKERS :])
+        gated.release()
+        with trio.fail_after(10):
+            while len(pushed) < len(users):
+                await trio.sleep(0.01)
+        assert sorted(pushed) == sorted(users)
+        nursery.cancel_scope.cancel()
 
 
 async def test_versions_never_go_back_between_the_first_list_and_pushes() -> None:
