@@ -201,7 +201,15 @@ async def test_a_second_chunk_is_pushed_while_the_first_is_still_computed() -> N
     )
     gated = _Gated(model)
     pushed: list[Id] = []
-    publisher = Publisher(gated, on_push=lambda sub, _, __: pushed.append(sub.user))  # type: ignore[arg-type]
+    rest = users[len(users) // WORKERS :]  # what the second worker takes
+    counts = {len(rest): trio.Event(), len(users): trio.Event()}
+
+    def on_push(sub: Subscription, _: Push, __: bool) -> None:
+        pushed.append(sub.user)
+        if len(pushed) in counts:
+            counts[len(pushed)].set()
+
+    publisher = Publisher(gated, on_push=on_push)  # type: ignore[arg-type]
     for user in users:
         publisher.subscribe(Subscription(user=user, k=3))
     gated.hold_next()
@@ -210,14 +218,12 @@ async def test_a_second_chunk_is_pushed_while_the_first_is_still_computed() -> N
         publisher.notify([(u, f"e-{u}") for u in users], 1, 0.0)
         # The first chunk's call is held; the other worker computes and pushes the rest.
         with trio.fail_after(10):
-            while len(pushed) < len(users) - len(users) // WORKERS:
-                await trio.sleep(0.01)
+            await counts[len(rest)].wait()
         await trio.sleep(0.05)
-        assert sorted(pushed) == sorted(users[len(users) // WORKERS :])
+        assert sorted(pushed) == sorted(rest)
         gated.release()
         with trio.fail_after(10):
-            while len(pushed) < len(users):
-                await trio.sleep(0.01)
+            await counts[len(users)].wait()
         assert sorted(pushed) == sorted(users)
         nursery.cancel_scope.cancel()
 
