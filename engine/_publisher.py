@@ -317,8 +317,9 @@ class Publisher:
         # Users waiting for a recompute, with the newest cause; bounded by the subscribed
         # users, since notify() keeps only those.
         self._pending: dict[Id, Cause | None] = {}
-        # Users due a drift refresh, oldest first; bounded like _pending.
-        self._stale: dict[Id, None] = {}
+        # Users due a drift refresh, oldest first, with the time each was found due; bounded
+        # like _pending.
+        self._stale: dict[Id, float] = {}
         self._seq = applied_seq  # newest journal sequence applied, from notify()
         # Erasures reported so far, and per subscribed user the count at its latest one: a
         # list computed while the count stood lower predates the erasure.
@@ -489,12 +490,14 @@ class Publisher:
 
         Users whose own events arrived go first; drift refreshes go in chunks of
         ``REFRESH_CHUNK``, and fresh events jump ahead of the remaining chunks, so a refresh
-        of every subscriber never delays a push caused by an event. ``run`` flushes with
+        of every subscriber delays a push caused by an event by one chunk at most: a chunk
+        of refreshes goes ahead only once the oldest has waited a quarter
+        ``refresh_interval`` (see :meth:`_refresh_overdue`). ``run`` flushes with
         ``WORKERS`` tasks at once: while one task's chunk is computed in a worker thread,
         another's is computed beside it or pushed.
         """
         while self._pending or self._stale:
-            if self._pending:
+            if self._pending and not self._refresh_overdue():
                 n = len(self._pending)
                 take = n if n <= OWN_CHUNK_MIN else min(-(-n // WORKERS), OWN_CHUNK_MAX)
                 if take == n:
@@ -505,7 +508,18 @@ class Publisher:
                 await self._compute(batch, drift=False)
             else:
                 users = list(itertools.islice(self._stale, REFRESH_CHUNK))
-                await self._compute({user: self._stale.pop(user) for user in users}, drift=True)
+                for user in users:
+                    del self._stale[user]
+                await self._compute(dict.fromkeys(users), drift=True)
+
+    def _refresh_overdue(self) -> bool:
+        """Whether the oldest drift refresh has waited a quarter ``refresh_interval`` behind
+        own events: then a chunk of refreshes goes first. Under a steady stream of events
+        there are always own-event users pending, and the refreshes would otherwise wait
+        until a subscriber's own next event, however long that takes."""
+        for due in self._stale.values():
+            return due < time.monotonic() - self._refresh_interval / 4
+        return False
 
     async def _compute(self, pending: dict[Id, Cause | None], *, drift: bool) -> None:
         now = time.monotonic()
@@ -563,9 +577,10 @@ class Publisher:
     async def _refresh_loop(self) -> None:
         while True:
             await trio.sleep(self._refresh_interval / 4)
-            users = self._due_for_refresh(time.monotonic() - self._refresh_interval)
+            now = time.monotonic()
+            users = self._due_for_refresh(now - self._refresh_interval)
             for user in users:
-                self._stale.setdefault(user, None)
+                self._stale.setdefault(user, now)
             if users:
                 self._wake.set()
 

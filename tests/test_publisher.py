@@ -16,6 +16,7 @@ import httpx
 import pytest
 import trio
 
+import engine._publisher as publisher_module
 from connectors import Node
 from engine import Model, ModelConfig
 from engine._journal import FileOps
@@ -226,6 +227,44 @@ async def test_a_second_chunk_is_pushed_while_the_first_is_still_computed() -> N
             await counts[len(users)].wait()
         assert sorted(pushed) == sorted(users)
         nursery.cancel_scope.cancel()
+
+
+async def test_drift_refreshes_are_not_starved_by_a_steady_stream_of_own_events(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One flushing task: a second one could take the refresh whenever the first holds every
+    # pending user, which would hide a starved refresh.
+    monkeypatch.setattr(publisher_module, "WORKERS", 1)
+    model = _popular_and_personal()
+    calls: list[list[Id]] = []
+    seq = [1]
+
+    class Busy:
+        """Every list of "u" takes a while, and another event of "u" is applied meanwhile:
+        there is always an own-event user pending."""
+
+        def recommend_batch_json(self, users: list[Id], **kwargs: Any) -> Any:
+            calls.append(list(users))
+            time.sleep(0.002)
+            if "v" not in {u for c in calls for u in c} and len(calls) < 500:
+                seq[0] += 1
+                trio.from_thread.run_sync(publisher.notify, [("u", None)], seq[0], 0.0)
+            return model.recommend_batch_json(users, **kwargs)
+
+    publisher = Publisher(Busy(), refresh_interval=0.04)  # type: ignore[arg-type]
+    for user in ("u", "v"):
+        publisher.subscribe(Subscription(user=user, k=3))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(publisher.run)
+        await trio.sleep(0.05)  # both lists are older than the interval now
+        publisher.notify([("u", None)], 1, 0.0)
+        with trio.fail_after(10):
+            while not any("v" in c for c in calls):  # noqa: ASYNC110 - the calls are the signal
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    first_v = next(n for n, c in enumerate(calls) if "v" in c)
+    # "v" waits for a quarter interval (10 ms) behind lists of 2 ms, not for the stream to end.
+    assert first_v < 100, first_v
 
 
 async def test_versions_never_go_back_between_the_first_list_and_pushes() -> None:
