@@ -202,7 +202,7 @@ async def test_a_second_chunk_is_pushed_while_the_first_is_still_computed() -> N
     )
     gated = _Gated(model)
     pushed: list[Id] = []
-    rest = users[len(users) // WORKERS :]  # what the second worker takes
+    rest = users[len(users) // WORKERS :]  # what the second task takes
     counts = {len(rest): trio.Event(), len(users): trio.Event()}
 
     def on_push(sub: Subscription, _: Push, __: bool) -> None:
@@ -221,7 +221,9 @@ async def test_a_second_chunk_is_pushed_while_the_first_is_still_computed() -> N
         with trio.fail_after(10):
             await counts[len(rest)].wait()
         await trio.sleep(0.05)
-        assert sorted(pushed) == sorted(rest)
+        # Either share may be the one held (the two calls race for the gate).
+        halves = (users[: len(users) // WORKERS], rest)
+        assert sorted(pushed) in [sorted(h) for h in halves]
         gated.release()
         with trio.fail_after(10):
             await counts[len(users)].wait()
