@@ -441,6 +441,9 @@ struct Scratch {
     seen: rerank::SparseScores,
 }
 
+/// Largest catalog (in 64-bit words, one bit per item) whose seen items a batched scan marks
+/// per user as a bitmap (see [`Model::scan_batch`]): 8 KiB per user, 2^16 items.
+const SEEN_BITMAP_WORDS: usize = 1024;
 /// Longest seen list marked per list (see [`Scratch::seen`]); longer ones are binary-searched.
 const MARK_SEEN_MAX: usize = 512;
 
@@ -1355,8 +1358,33 @@ impl Model {
         let searched: Vec<(u32, usize)> = wanted.iter().flatten().copied().collect();
         let queries: Vec<&[f32]> = searched.iter().map(|&(u, _)| st.mf.user_vector(u)).collect();
         let ks: Vec<usize> = searched.iter().map(|s| s.1).collect();
-        let keep =
-            |n: usize, i: u32| st.allowed(i, &filters) && !(q.exclude_seen && st.has_seen(searched[n].0, i));
+        // Each user's seen items as a bitmap over the catalog: the scan asks about every row
+        // that could still enter a list, and a user's best-scored rows are often items it has
+        // taken, so a binary search of the seen list per question cost more than the marking.
+        let words = n_items.div_ceil(64);
+        let seen_bits: Option<Vec<u64>> = (q.exclude_seen && words <= SEEN_BITMAP_WORDS).then(|| {
+            let mut bits = vec![0u64; words * searched.len()];
+            for (row, &(u, _)) in bits.chunks_exact_mut(words).zip(&searched) {
+                for &i in &st.seen[u as usize] {
+                    if let Some(word) = row.get_mut(i as usize / 64) {
+                        *word |= 1 << (i % 64);
+                    }
+                }
+            }
+            bits
+        });
+        let seen = |n: usize, i: u32| match &seen_bits {
+            Some(bits) => {
+                let word = i as usize / 64;
+                if word < words {
+                    bits[n * words + word] >> (i % 64) & 1 == 1
+                } else {
+                    st.has_seen(searched[n].0, i)
+                }
+            }
+            None => q.exclude_seen && st.has_seen(searched[n].0, i),
+        };
+        let keep = |n: usize, i: u32| st.allowed(i, &filters) && !seen(n, i);
         let mut hits =
             scan::exact_top_k_batch(st.mf.item_matrix(), self.cfg.mf.dim, &queries, &ks, &keep).into_iter();
         wanted

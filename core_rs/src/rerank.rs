@@ -54,24 +54,50 @@ pub fn top_sorted(hits: &mut Vec<(u32, f32)>, n: usize) {
 }
 
 /// The `m` best of `cands` (by [`sort_desc`] order) among those `keep` accepts, best first:
-/// the same as filtering every candidate, sorting and truncating, but `keep` is asked only
-/// about candidates in contention and nothing beyond them is sorted. Each round selects the
-/// best `need` of the rest in O(rest) and keeps what passes; `cands` is reordered.
-pub fn top_kept(cands: &mut [(u32, f32)], m: usize, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
-    let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    let mut out = Vec::with_capacity(m.min(cands.len()));
-    let mut rest = cands;
-    while out.len() < m && !rest.is_empty() {
-        let need = m - out.len();
-        if rest.len() > need {
-            rest.select_nth_unstable_by(need - 1, order);
-        }
-        let (head, tail) = rest.split_at_mut(need.min(rest.len()));
-        out.extend(head.iter().copied().filter(|c| keep(c.0)));
-        rest = tail;
+/// the same as filtering every candidate, sorting and truncating, in one pass that keeps the
+/// best `m` so far in a heap, so `keep` is asked only about candidates that beat the `m`-th
+/// best so far. A user's neighbourhood candidates are often items it has seen (the items
+/// taken with its own): selecting the best `m` and then filtering would repeat the
+/// selection over the rest for as many rounds as seen items crowd the top.
+pub fn top_kept(cands: &[(u32, f32)], m: usize, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    if m == 0 {
+        return Vec::new();
     }
-    out.sort_unstable_by(order);
-    out
+    let mut worst_first: BinaryHeap<Reverse<Better>> = BinaryHeap::with_capacity(m + 1);
+    for &c in cands {
+        if worst_first.len() == m {
+            let worst = &worst_first.peek().expect("m > 0 entries").0;
+            if Better(c) <= *worst || !keep(c.0) {
+                continue;
+            }
+            worst_first.pop();
+        } else if !keep(c.0) {
+            continue;
+        }
+        worst_first.push(Reverse(Better(c)));
+    }
+    worst_first.into_sorted_vec().into_iter().map(|r| r.0 .0).collect()
+}
+
+/// A candidate ordered as [`sort_desc`] ranks it: greater is better (a higher score, then a
+/// smaller id).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Better((u32, f32));
+
+impl Eq for Better {}
+
+impl PartialOrd for Better {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Better {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0 .1.total_cmp(&other.0 .1).then(other.0 .0.cmp(&self.0 .0))
+    }
 }
 
 /// Scores of a sparse set of dense ids, summed in place: a stamped array reused from list to
@@ -277,8 +303,7 @@ mod tests {
                     let mut want: Vec<(u32, f32)> = cands.iter().copied().filter(|c| keep(c.0)).collect();
                     sort_desc(&mut want);
                     want.truncate(m);
-                    let mut work = cands.clone();
-                    assert_eq!(top_kept(&mut work, m, keep), want, "n {n}, m {m}");
+                    assert_eq!(top_kept(&cands, m, keep), want, "n {n}, m {m}");
                 }
             }
         }
