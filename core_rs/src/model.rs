@@ -434,7 +434,7 @@ impl Dirty {
 /// built per call.
 #[derive(Default)]
 struct Scratch {
-    near: rerank::SparseScores,
+    near: rerank::TermSums,
     known: rerank::SparseScores,
     cands: Vec<(u32, f32)>,
     /// The user's seen items, when there are at most [`MARK_SEEN_MAX`].
@@ -1545,7 +1545,7 @@ impl Model {
                     rest.iter().for_each(|&i| scan::prefetch_row(st.mf.item_vector(i)));
                     personal.extend(rest.iter().map(|&i| scan::dot(pu, st.mf.item_vector(i))));
                     if gamma > 0.0 {
-                        let hood: Vec<f32> = ids.iter().map(|&i| near.get(i).unwrap_or(0.0)).collect();
+                        let hood: Vec<f32> = ids.iter().map(|&i| near.get(i)).collect();
                         personal = rerank::blend(&personal, &hood, gamma);
                     }
                     let scores = if beta >= MIN_BLEND {

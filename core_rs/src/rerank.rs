@@ -177,6 +177,66 @@ impl SparseScores {
     }
 }
 
+/// Sums of positive terms per dense id, added without a branch on whether the id is new: one
+/// `f32` per id (zero: absent) and the ids in first-insertion order. A list's neighbourhood
+/// terms are a few thousand additions over a catalog of a few thousand items, about half of
+/// them to an id not seen before and in no predictable order, so a branch on it would be
+/// mispredicted half the time.
+///
+/// Every term added must be positive (a sum of positive terms never returns to zero, so zero
+/// marks exactly the absent ids); the sums equal [`SparseScores`]'s for the same additions.
+#[derive(Debug, Default)]
+pub struct TermSums {
+    sums: Vec<f32>,
+    /// The ids present in `ids[..len]`; always one slot longer than `sums`, so the next id
+    /// can be written before it is known whether it is new.
+    ids: Vec<u32>,
+    len: usize,
+}
+
+impl TermSums {
+    /// Empties the set, ready for ids below `n` (larger ones grow it).
+    pub fn reset(&mut self, n: usize) {
+        for &i in &self.ids[..self.len] {
+            self.sums[i as usize] = 0.0;
+        }
+        self.len = 0;
+        if self.sums.len() < n {
+            self.grow(n);
+        }
+    }
+
+    fn grow(&mut self, n: usize) {
+        self.sums.resize(n, 0.0);
+        self.ids.resize(n + 1, 0);
+    }
+
+    /// Adds `s` (positive) to the sum of `i`.
+    #[inline]
+    pub fn add(&mut self, i: u32, s: f32) {
+        debug_assert!(s > 0.0, "a term of {s}");
+        let iu = i as usize;
+        if iu >= self.sums.len() {
+            self.grow(iu + 1);
+        }
+        let sum = self.sums[iu];
+        self.ids[self.len] = i;
+        self.len += usize::from(sum == 0.0);
+        self.sums[iu] = sum + s;
+    }
+
+    /// The sum of `i`, 0 when nothing was added to it.
+    #[inline]
+    pub fn get(&self, i: u32) -> f32 {
+        self.sums.get(i as usize).copied().unwrap_or(0.0)
+    }
+
+    /// The ids present with their sums, in first-insertion order.
+    pub fn entries(&self) -> impl Iterator<Item = (u32, f32)> + '_ {
+        self.ids[..self.len].iter().map(|&i| (i, self.sums[i as usize]))
+    }
+}
+
 /// Maximal marginal relevance (Carbonell & Goldstein, "The use of MMR, diversity-based
 /// reranking for reordering documents and producing summaries", SIGIR 1998): greedily picks
 /// `argmax λ·rel(i) − (1 − λ)·max_{j selected} sim(i, j)` until `k` items are chosen.
@@ -347,6 +407,32 @@ mod tests {
         s.slots[5].0 = 1;
         s.reset(0);
         assert!(s.get(5).is_none() && s.get(2).is_none());
+    }
+
+    #[test]
+    fn term_sums_equal_sparse_scores_and_forget_on_reset() {
+        let mut terms = TermSums::default();
+        let mut sparse = SparseScores::default();
+        let mut rng = Rng::new(7);
+        for round in 0..5 {
+            let n = 50 + 20 * round;
+            terms.reset(n);
+            sparse.reset(n);
+            for _ in 0..400 {
+                // Ids past `n` grow both.
+                let i = (rng.next_u64() % (n as u64 + 10)) as u32;
+                let s = (rng.next_u64() % 1000 + 1) as f32 / 997.0;
+                terms.add(i, s);
+                sparse.add(i, s);
+            }
+            assert_eq!(terms.entries().collect::<Vec<_>>(), sparse.entries().collect::<Vec<_>>());
+            for i in 0..(n as u32 + 20) {
+                assert_eq!(terms.get(i), sparse.get(i).unwrap_or(0.0));
+            }
+        }
+        terms.reset(0);
+        assert_eq!(terms.entries().count(), 0);
+        assert!(terms.sums.iter().all(|&s| s == 0.0), "reset clears every sum it held");
     }
 
     #[test]
