@@ -337,6 +337,40 @@ pub enum ModelError {
     Frame(DecodeError),
 }
 
+/// Dense id of `item` and whether it is new; a new item gets the default attributes.
+fn item_id(items: &mut IdMap, meta: &mut Vec<ItemMeta>, item: &ExtId) -> (u32, bool) {
+    let (i, new) = items.get_or_insert(item);
+    if new {
+        meta.push(ItemMeta { available: true, ..ItemMeta::default() });
+    }
+    (i, new)
+}
+
+/// Dense id of `user`; a new user gets an empty list of seen items.
+fn user_id(users: &mut IdMap, seen: &mut Vec<Vec<u32>>, user: &ExtId) -> u32 {
+    let (u, new) = users.get_or_insert(user);
+    if new {
+        seen.push(Vec::new());
+    }
+    u
+}
+
+/// Puts item `i` in or out of the fresh set after its event count became `count`.
+fn update_fresh(fresh: &mut SortedIds, i: u32, count: f64, fresh_below: u32) {
+    if count < fresh_below as f64 {
+        fresh.insert(i);
+    } else {
+        fresh.remove(i);
+    }
+}
+
+/// Adds `i` to a user's sorted seen items.
+fn mark_seen(seen: &mut Vec<u32>, i: u32) {
+    if let Err(pos) = seen.binary_search(&i) {
+        seen.insert(pos, i);
+    }
+}
+
 pub(crate) struct State {
     pub(crate) users: IdMap,
     pub(crate) items: IdMap,
@@ -556,9 +590,8 @@ impl State {
     }
 
     fn item_dense(&mut self, item: &ExtId, fresh_below: u32) -> u32 {
-        let (i, new) = self.items.get_or_insert(item);
+        let (i, new) = item_id(&mut self.items, &mut self.meta, item);
         if new {
-            self.meta.push(ItemMeta { available: true, ..ItemMeta::default() });
             if fresh_below > 0 {
                 self.fresh.insert(i);
             }
@@ -568,11 +601,7 @@ impl State {
 
     /// Puts item `i` in or out of the fresh set after its event count changed.
     fn update_fresh(&mut self, i: u32, fresh_below: u32) {
-        if self.mf.item_count(i) < fresh_below as f64 {
-            self.fresh.insert(i);
-        } else {
-            self.fresh.remove(i);
-        }
+        update_fresh(&mut self.fresh, i, self.mf.item_count(i), fresh_below);
     }
 
     /// Re-derives the cold-start state of item `i` after its feedback or attributes changed:
@@ -687,11 +716,7 @@ impl State {
     }
 
     fn user_dense(&mut self, user: &ExtId) -> u32 {
-        let (u, new) = self.users.get_or_insert(user);
-        if new {
-            self.seen.push(Vec::new());
-        }
-        u
+        user_id(&mut self.users, &mut self.seen, user)
     }
 
     fn has_seen(&self, u: u32, i: u32) -> bool {
@@ -848,6 +873,20 @@ impl Model {
             return Err(format!("weight {w} is not a finite number in (0, {MAX_WEIGHT}]"));
         }
         Ok(w)
+    }
+
+    /// Checks an interaction's weight and time: its weight, and the time it counts at (never
+    /// ahead of the server's clock, `accepted_at`).
+    fn weigh(
+        &self,
+        kind: Option<&str>,
+        weight: Option<f32>,
+        ts: f64,
+        accepted_at: f64,
+    ) -> Result<(f32, f64), String> {
+        let w = self.weight_of(kind, weight)?;
+        self.check_time(ts, accepted_at)?;
+        Ok((w, ts.min(accepted_at)))
     }
 
     /// Refuses an event time that is not a plausible date or is more than
@@ -1009,10 +1048,7 @@ impl Model {
         let Record::Interaction { user, item, kind, weight, id, ts } = rec else {
             return Err("not an interaction".into());
         };
-        let w = self.weight_of(kind.as_deref(), *weight)?;
-        self.check_time(*ts, accepted_at)?;
-        // The time the event counts at: never ahead of the server's clock.
-        let ts = ts.min(accepted_at);
+        let (w, ts) = self.weigh(kind.as_deref(), *weight, *ts, accepted_at)?;
         if let Some(id) = id {
             if !st.dedup.first_time(producer, id, Some(user)) {
                 return Ok(None);
@@ -1039,10 +1075,7 @@ impl Model {
     fn note_event(&self, st: &mut State, u: u32, i: u32, w: f32, ts: f64) {
         st.trending.add(i, w, ts);
         st.update_fresh(i, self.cfg.explore_max_events);
-        let seen = &mut st.seen[u as usize];
-        if let Err(pos) = seen.binary_search(&i) {
-            seen.insert(pos, i);
-        }
+        mark_seen(&mut st.seen[u as usize], i);
     }
 
     /// Decodes the first frame in `buf` and checks every record as `apply` would, changing

@@ -13,6 +13,20 @@
 //! attribute changes see the vectors they would see per event. At most [`MAX_COALESCED`]
 //! events are coalesced into one solve ([`REPLAY_COALESCED`] while replaying at start-up).
 //!
+//! # Pipelined recording
+//! A replay at start-up records its events in two stages on two threads
+//! ([`Recording::Pipelined`]): the first takes each record in order through everything but
+//! its item's side — validation, the redelivery window, ids, the clock, the neighbour pairs,
+//! the user's history, count and seen items (`UserSide` of the factorization) — and hands the
+//! admitted events on; the second applies, in the same order, their item sides: the item's
+//! history, count and popularity weight, `Z`, trending, the fresh set (`ItemSide`). Step `k`
+//! of the first stage runs beside step `k - 1` of the second (`rayon::join`). Each stage
+//! writes only its own fields, and the item side of an event needs nothing from the user side
+//! but the `UserStep` handed on, so every event is applied exactly as the serial recording
+//! applies it, in the same order on each side: the model is the same bit for bit. A new
+//! item joins the fresh set when the second stage takes its event (the serial path adds it
+//! when its id is assigned, and the same event then settles its membership).
+//!
 //! # Locking
 //! The group holds the state's upgradable read lock throughout, so no other writer runs
 //! meanwhile, while queries do: the records are written under the write lock in chunks of
@@ -25,10 +39,14 @@ use std::collections::HashMap;
 
 use parking_lot::{RwLockUpgradableReadGuard, RwLockWriteGuard};
 
-use super::{ApplyReport, Model, State};
+use super::{item_id, mark_seen, update_fresh, user_id, ApplyReport, ItemMeta, Model, State};
+use crate::coldstart::SortedIds;
 use crate::decode::{self, Record};
-use crate::ids::ExtId;
+use crate::dedup::Dedup;
+use crate::ids::{ExtId, IdMap};
+use crate::mf::{ItemSide, UserSide, UserStep};
 use crate::neighbours::Adds;
+use crate::trending::Trending;
 
 /// Most events whose solves are coalesced into one: bounds the memory of a solve and how far
 /// the vectors may lag the histories within one group.
@@ -40,6 +58,19 @@ pub const MAX_COALESCED: usize = 1 << 16;
 pub const REPLAY_COALESCED: usize = 1 << 20;
 /// Records written under one write-lock acquisition while a group is recorded (~1 µs each).
 const RECORD_CHUNK: usize = 256;
+/// Records the first stage of a pipelined recording takes per step (and the second stage
+/// then): a step is one write-lock acquisition and one hand-over between the two threads.
+const PIPELINE_STEP: usize = 2048;
+
+/// How the interactions of a group are recorded (the solves are the same either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recording {
+    /// Each record whole, one after another, on the calling thread.
+    Serial,
+    /// In two stages on two threads, the user's side and then the item's side of each event
+    /// (see the module docs); the same model as [`Recording::Serial`].
+    Pipelined,
+}
 
 type Shared<'a> = RwLockUpgradableReadGuard<'a, State>;
 
@@ -51,18 +82,30 @@ pub struct Batch<'a> {
     pub accepted_at: f64,
 }
 
-/// Users and items of recorded events whose solves are pending.
+/// Users of recorded events whose solves are pending, and the neighbour pairs to count.
 #[derive(Default)]
-struct Pending {
-    users: Vec<u32>,
-    /// By dense id: whether the user or item is pending (kept across takes, all false then).
-    user_marks: Vec<bool>,
-    /// Each item with the popularity weight it was held at in `S~` before its first event.
-    items: Vec<(u32, f64)>,
-    item_marks: Vec<bool>,
+struct PendingUsers {
+    ids: Vec<u32>,
+    /// By dense id: whether the user is pending (kept across takes, all false then).
+    marks: Vec<bool>,
     events: usize,
     /// New (item, the user's recent items) pairs for the neighbour counts.
     pairs: Adds,
+}
+
+/// Items of recorded events whose solves are pending.
+#[derive(Default)]
+struct PendingItems {
+    /// Each item with the popularity weight it was held at in `S~` before its first event.
+    ids: Vec<(u32, f64)>,
+    marks: Vec<bool>,
+}
+
+/// What is recorded and not solved yet.
+#[derive(Default)]
+struct Pending {
+    users: PendingUsers,
+    items: PendingItems,
 }
 
 /// Marks `id`; true if it was not marked yet.
@@ -74,13 +117,10 @@ fn mark(marks: &mut Vec<bool>, id: u32) -> bool {
     !std::mem::replace(&mut marks[id], true)
 }
 
-impl Pending {
-    fn add(&mut self, u: u32, i: u32, held: f64) {
-        if mark(&mut self.user_marks, u) {
-            self.users.push(u);
-        }
-        if mark(&mut self.item_marks, i) {
-            self.items.push((i, held));
+impl PendingUsers {
+    fn add(&mut self, u: u32) {
+        if mark(&mut self.marks, u) {
+            self.ids.push(u);
         }
         self.events += 1;
     }
@@ -88,17 +128,151 @@ impl Pending {
     fn is_empty(&self) -> bool {
         self.events == 0 && self.pairs.is_empty()
     }
+}
+
+impl PendingItems {
+    fn add(&mut self, i: u32, held: f64) {
+        if mark(&mut self.marks, i) {
+            self.ids.push((i, held));
+        }
+    }
+}
+
+impl Pending {
+    fn add(&mut self, u: u32, i: u32, held: f64) {
+        self.users.add(u);
+        self.items.add(i, held);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
 
     /// The pending users, items and pairs; leaves nothing pending.
     fn take(&mut self) -> (Vec<u32>, Vec<(u32, f64)>, Adds) {
-        for &u in &self.users {
-            self.user_marks[u as usize] = false;
+        for &u in &self.users.ids {
+            self.users.marks[u as usize] = false;
         }
-        for &(i, _) in &self.items {
-            self.item_marks[i as usize] = false;
+        for &(i, _) in &self.items.ids {
+            self.items.marks[i as usize] = false;
         }
-        self.events = 0;
-        (std::mem::take(&mut self.users), std::mem::take(&mut self.items), std::mem::take(&mut self.pairs))
+        self.users.events = 0;
+        (
+            std::mem::take(&mut self.users.ids),
+            std::mem::take(&mut self.items.ids),
+            std::mem::take(&mut self.users.pairs),
+        )
+    }
+}
+
+/// What the first stage of a pipelined recording writes.
+struct UserStage<'a> {
+    users: &'a mut IdMap,
+    items: &'a mut IdMap,
+    meta: &'a mut Vec<ItemMeta>,
+    seen: &'a mut Vec<Vec<u32>>,
+    dedup: &'a mut Dedup,
+    newest_ts: &'a mut f64,
+    /// The model's counts of applied, duplicate and refused records.
+    totals: [&'a mut u64; 3],
+    mf: UserSide<'a>,
+    pending: &'a mut PendingUsers,
+}
+
+/// What the second stage of a pipelined recording writes.
+struct ItemStage<'a> {
+    mf: ItemSide<'a>,
+    trending: &'a mut Trending,
+    fresh: &'a mut SortedIds,
+    pending: &'a mut PendingItems,
+}
+
+/// An admitted interaction on its way from the first stage to the second: without `user`,
+/// its weight or time was not a valid event for the factorization (only trending and the
+/// fresh set take it, as on the serial path).
+struct Step {
+    u: u32,
+    i: u32,
+    w: f32,
+    ts: f64,
+    user: Option<UserStep>,
+}
+
+/// A group being applied: what applying its batches has produced so far.
+struct Applying {
+    /// Whether the reports name the users each batch touched.
+    users: bool,
+    /// Most events solved together.
+    most: usize,
+    reports: Vec<ApplyReport>,
+    touched: Vec<HashMap<ExtId, Option<ExtId>>>,
+    /// Items whose vectors moved, for the index.
+    moved: Vec<u32>,
+    pending: Pending,
+}
+
+/// Why the first stage of a pipelined recording stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// It took its [`PIPELINE_STEP`] records; more follow.
+    Step,
+    /// The next record is an erasure or an item upsert.
+    Barrier,
+    /// The pending events reached the coalescing bound.
+    Full,
+    /// A batch ended and the model solves after each (`coalesce_records` off).
+    BatchEnd,
+    /// The group is recorded.
+    End,
+}
+
+fn stages<'a>(st: &'a mut State, pending: &'a mut Pending) -> (UserStage<'a>, ItemStage<'a>) {
+    let State {
+        users,
+        items,
+        meta,
+        seen,
+        dedup,
+        newest_ts,
+        events_applied,
+        duplicates,
+        rejected,
+        mf,
+        trending,
+        fresh,
+        ..
+    } = st;
+    let (user_side, item_side) = mf.sides();
+    let first = UserStage {
+        users,
+        items,
+        meta,
+        seen,
+        dedup,
+        newest_ts,
+        totals: [events_applied, duplicates, rejected],
+        mf: user_side,
+        pending: &mut pending.users,
+    };
+    (first, ItemStage { mf: item_side, trending, fresh, pending: &mut pending.items })
+}
+
+/// Counts a record's outcome in its batch's report (`j`: its place in the batch); returns
+/// which of the model's totals it adds to (applied, duplicates, refused).
+fn tally(report: &mut ApplyReport, j: usize, result: Result<bool, String>) -> usize {
+    match result {
+        Ok(true) => {
+            report.applied += 1;
+            0
+        }
+        Ok(false) => {
+            report.duplicates += 1;
+            1
+        }
+        Err(reason) => {
+            report.rejected.push((j, reason));
+            2
+        }
     }
 }
 
@@ -118,67 +292,48 @@ impl Model {
     }
 
     /// [`Model::apply_group`]; without `users` the reports leave `touched_users` empty (a
-    /// replay at start-up has nobody to tell, and skips noting every event's user). At most
-    /// `max_coalesced` events are solved together.
+    /// replay at start-up has nobody to tell, and skips noting every event's user) and the
+    /// group is recorded pipelined ([`Recording::Pipelined`]). At most `max_coalesced` events
+    /// are solved together.
     pub fn apply_group_reporting(
         &self,
         batches: &[Batch<'_>],
         users: bool,
         max_coalesced: usize,
     ) -> Vec<ApplyReport> {
-        let mut reports: Vec<ApplyReport> = vec![ApplyReport::default(); batches.len()];
-        let mut touched: Vec<HashMap<ExtId, Option<ExtId>>> = vec![HashMap::new(); batches.len()];
-        let mut moved = Vec::new();
-        let mut pending = Pending::default();
-        let mut g = self.state.upgradable_read();
-        for (b, batch) in batches.iter().enumerate() {
-            let (report, touched) = (&mut reports[b], &mut touched[b]);
-            for (chunk_no, chunk) in batch.records.chunks(RECORD_CHUNK).enumerate() {
-                let mut st = upgrade(g);
-                let before = (report.applied, report.duplicates, report.rejected.len());
-                for (j, rec) in chunk.iter().enumerate() {
-                    let barrier = !matches!(rec, Record::Interaction { .. });
-                    if (barrier && !pending.is_empty()) || pending.events >= max_coalesced {
-                        st = upgrade(self.solve_pending(downgrade(st), &mut pending, &mut moved));
-                    }
-                    let result = if barrier {
-                        let erased = &mut report.erased_users;
-                        self.apply_one(
-                            &mut st,
-                            rec,
-                            batch.producer,
-                            batch.accepted_at,
-                            &mut moved,
-                            touched,
-                            erased,
-                        )
-                    } else {
-                        let touched = users.then_some(&mut *touched);
-                        self.record(&mut st, rec, batch.producer, batch.accepted_at, &mut pending, touched)
-                    };
-                    match result {
-                        Ok(true) => report.applied += 1,
-                        Ok(false) => report.duplicates += 1,
-                        Err(reason) => report.rejected.push((chunk_no * RECORD_CHUNK + j, reason)),
-                    }
-                }
-                st.events_applied += (report.applied - before.0) as u64;
-                st.duplicates += (report.duplicates - before.1) as u64;
-                st.rejected += (report.rejected.len() - before.2) as u64;
-                self.publish(&st);
-                g = downgrade(st);
-            }
-            if !self.cfg.coalesce_records && !pending.is_empty() {
-                g = self.solve_pending(g, &mut pending, &mut moved);
-            }
-        }
-        if !pending.is_empty() {
-            g = self.solve_pending(g, &mut pending, &mut moved);
+        let recording = if users { Recording::Serial } else { Recording::Pipelined };
+        self.apply_group_recording(batches, users, max_coalesced, recording)
+    }
+
+    /// [`Model::apply_group_reporting`], recording as `recording` says.
+    pub fn apply_group_recording(
+        &self,
+        batches: &[Batch<'_>],
+        users: bool,
+        max_coalesced: usize,
+        recording: Recording,
+    ) -> Vec<ApplyReport> {
+        let mut a = Applying {
+            users,
+            most: max_coalesced,
+            reports: vec![ApplyReport::default(); batches.len()],
+            touched: vec![HashMap::new(); batches.len()],
+            moved: Vec::new(),
+            pending: Pending::default(),
+        };
+        let g = self.state.upgradable_read();
+        let mut g = match recording {
+            Recording::Serial => self.record_serial(g, batches, &mut a),
+            Recording::Pipelined => self.record_pipelined(g, batches, &mut a),
+        };
+        if !a.pending.is_empty() {
+            g = self.solve_pending(g, &mut a.pending, &mut a.moved);
         }
         drop(g);
-        self.mark_dirty(moved);
+        self.mark_dirty(a.moved);
+        let mut reports = a.reports;
         if users {
-            for (report, t) in reports.iter_mut().zip(touched) {
+            for (report, t) in reports.iter_mut().zip(a.touched) {
                 report.touched_users = t.into_iter().collect();
             }
         }
@@ -186,6 +341,211 @@ impl Model {
             self.reindex(usize::MAX);
         }
         reports
+    }
+
+    /// Applies the group's records one after another under write locks of [`RECORD_CHUNK`]
+    /// records, solving where a barrier, the coalescing bound or (`coalesce_records` off) a
+    /// batch's end says.
+    fn record_serial<'s>(&'s self, mut g: Shared<'s>, batches: &[Batch<'_>], a: &mut Applying) -> Shared<'s> {
+        for (b, batch) in batches.iter().enumerate() {
+            for (chunk_no, chunk) in batch.records.chunks(RECORD_CHUNK).enumerate() {
+                let mut st = upgrade(g);
+                let mut counts = [0u64; 3];
+                for (j, rec) in chunk.iter().enumerate() {
+                    let barrier = !matches!(rec, Record::Interaction { .. });
+                    if (barrier && !a.pending.is_empty()) || a.pending.users.events >= a.most {
+                        st = upgrade(self.solve_pending(downgrade(st), &mut a.pending, &mut a.moved));
+                    }
+                    let touched = &mut a.touched[b];
+                    let result = if barrier {
+                        let erased = &mut a.reports[b].erased_users;
+                        self.apply_one(
+                            &mut st,
+                            rec,
+                            batch.producer,
+                            batch.accepted_at,
+                            &mut a.moved,
+                            touched,
+                            erased,
+                        )
+                    } else {
+                        let touched = a.users.then_some(touched);
+                        self.record(&mut st, rec, batch.producer, batch.accepted_at, &mut a.pending, touched)
+                    };
+                    counts[tally(&mut a.reports[b], chunk_no * RECORD_CHUNK + j, result)] += 1;
+                }
+                st.events_applied += counts[0];
+                st.duplicates += counts[1];
+                st.rejected += counts[2];
+                self.publish(&st);
+                g = downgrade(st);
+            }
+            if !self.cfg.coalesce_records && !a.pending.is_empty() {
+                g = self.solve_pending(g, &mut a.pending, &mut a.moved);
+            }
+        }
+        g
+    }
+
+    /// Applies the group's records as [`Model::record_serial`] does, the runs of interactions
+    /// between two solves recorded in two stages on two threads (see the module docs).
+    fn record_pipelined<'s>(
+        &'s self,
+        mut g: Shared<'s>,
+        batches: &[Batch<'_>],
+        a: &mut Applying,
+    ) -> Shared<'s> {
+        // The next record: (batch, place in it).
+        let mut at = (0usize, 0usize);
+        // What the first stage recorded in the previous step, for the second stage now.
+        let mut handed: Vec<Step> = Vec::with_capacity(PIPELINE_STEP);
+        let mut taken: Vec<Step> = Vec::with_capacity(PIPELINE_STEP);
+        loop {
+            let mut st = upgrade(g);
+            let stop = {
+                let (mut first, mut second) = stages(&mut st, &mut a.pending);
+                let touched = a.users.then_some(&mut a.touched[..]);
+                let reports = &mut a.reports[..];
+                let (stop, ()) = rayon::join(
+                    || self.record_users(&mut first, batches, &mut at, reports, touched, a.most, &mut taken),
+                    || self.record_items(&mut second, &handed),
+                );
+                if stop != Stop::Step {
+                    // Nothing runs between the two stages past this point.
+                    self.record_items(&mut second, &taken);
+                    taken.clear();
+                }
+                stop
+            };
+            handed.clear();
+            std::mem::swap(&mut handed, &mut taken);
+            self.publish(&st);
+            g = downgrade(st);
+            match stop {
+                Stop::Step => {}
+                Stop::Full | Stop::BatchEnd => g = self.solve_pending(g, &mut a.pending, &mut a.moved),
+                Stop::Barrier => {
+                    if !a.pending.is_empty() {
+                        g = self.solve_pending(g, &mut a.pending, &mut a.moved);
+                    }
+                    let (b, j) = at;
+                    let batch = &batches[b];
+                    let mut st = upgrade(g);
+                    let report = &mut a.reports[b];
+                    let result = self.apply_one(
+                        &mut st,
+                        &batch.records[j],
+                        batch.producer,
+                        batch.accepted_at,
+                        &mut a.moved,
+                        &mut a.touched[b],
+                        &mut report.erased_users,
+                    );
+                    let total = tally(report, j, result);
+                    let State { events_applied, duplicates, rejected, .. } = &mut *st;
+                    *[events_applied, duplicates, rejected][total] += 1;
+                    self.publish(&st);
+                    g = downgrade(st);
+                    at = (b, j + 1);
+                }
+                Stop::End => return g,
+            }
+        }
+    }
+
+    /// The first stage: takes records from `at` on through everything but their item's
+    /// side, pushing the admitted events to `out`, until [`PIPELINE_STEP`] records are taken
+    /// or a solve or a barrier is due (see [`Stop`]); `at` is left at the next record.
+    #[allow(clippy::too_many_arguments)]
+    fn record_users(
+        &self,
+        s: &mut UserStage<'_>,
+        batches: &[Batch<'_>],
+        at: &mut (usize, usize),
+        reports: &mut [ApplyReport],
+        mut touched: Option<&mut [HashMap<ExtId, Option<ExtId>>]>,
+        most: usize,
+        out: &mut Vec<Step>,
+    ) -> Stop {
+        let mut taken = 0;
+        loop {
+            let (b, j) = *at;
+            let Some(batch) = batches.get(b) else { return Stop::End };
+            if j == batch.records.len() {
+                *at = (b + 1, 0);
+                if !self.cfg.coalesce_records && !s.pending.is_empty() {
+                    return Stop::BatchEnd;
+                }
+                continue;
+            }
+            let rec = &batch.records[j];
+            let Record::Interaction { user, id, .. } = rec else { return Stop::Barrier };
+            if s.pending.events >= most {
+                return Stop::Full;
+            }
+            if taken == PIPELINE_STEP {
+                return Stop::Step;
+            }
+            taken += 1;
+            *at = (b, j + 1);
+            let result = self.admit_user_side(s, rec, batch.producer, batch.accepted_at).map(|step| {
+                let Some(step) = step else { return false };
+                out.push(step);
+                if let Some(touched) = touched.as_deref_mut() {
+                    touched[b].insert(user.clone(), id.clone());
+                }
+                true
+            });
+            *s.totals[tally(&mut reports[b], j, result)] += 1;
+        }
+    }
+
+    /// The first stage's part of one interaction: [`Model::admit`] and the user's side of
+    /// [`Model::record`] (its history, count and seen items). None: a redelivery.
+    fn admit_user_side(
+        &self,
+        s: &mut UserStage<'_>,
+        rec: &Record,
+        producer: &str,
+        accepted_at: f64,
+    ) -> Result<Option<Step>, String> {
+        let Record::Interaction { user, item, kind, weight, id, ts } = rec else {
+            return Err("not an interaction".into());
+        };
+        let (w, ts) = self.weigh(kind.as_deref(), *weight, *ts, accepted_at)?;
+        if let Some(id) = id {
+            if !s.dedup.first_time(producer, id, Some(user)) {
+                return Ok(None);
+            }
+        }
+        let u = user_id(s.users, s.seen, user);
+        let (i, _) = item_id(s.items, s.meta, item);
+        *s.newest_ts = s.newest_ts.max(ts);
+        let seen = &mut s.seen[u as usize];
+        if self.cfg.neighbour_weight > 0.0 && seen.binary_search(&i).is_err() {
+            let window = self.cfg.neighbour_window;
+            let mf = &s.mf;
+            s.pending.pairs.push_with(i, |out| mf.extend_recent_items(u, window, out));
+        }
+        let user_step = s.mf.record_event(u, i, w, ts);
+        if user_step.is_some() {
+            s.pending.add(u);
+        }
+        mark_seen(seen, i);
+        Ok(Some(Step { u, i, w, ts, user: user_step }))
+    }
+
+    /// The second stage: the item's side of each event of `steps`, in order (the item's
+    /// history, count and popularity, trending, the fresh set).
+    fn record_items(&self, s: &mut ItemStage<'_>, steps: &[Step]) {
+        for step in steps {
+            if let Some(user_step) = step.user {
+                let held = s.mf.record_event(step.u, step.i, step.ts, user_step);
+                s.pending.add(step.i, held);
+            }
+            s.trending.add(step.i, step.w, step.ts);
+            update_fresh(s.fresh, step.i, s.mf.item_count(step.i), self.cfg.explore_max_events);
+        }
     }
 
     /// Applies journal records (`[accepted_at, frame]`, see [`decode::decode_journal_record`])
@@ -244,7 +604,8 @@ impl Model {
         pending: &mut Pending,
         touched: Option<&mut HashMap<ExtId, Option<ExtId>>>,
     ) -> Result<bool, String> {
-        let Some((u, i, w, ts)) = self.admit(st, rec, producer, accepted_at, Some(&mut pending.pairs))?
+        let Some((u, i, w, ts)) =
+            self.admit(st, rec, producer, accepted_at, Some(&mut pending.users.pairs))?
         else {
             return Ok(false);
         };
@@ -571,6 +932,114 @@ mod tests {
         assert_ne!(vectors(&small), vectors(&whole));
         let (live, _) = run(MAX_COALESCED, &group);
         assert_eq!(vectors(&live), vectors(&whole));
+    }
+
+    /// The whole model, vectors and Gramians bit for bit, and the ids' dense slots.
+    fn whole_state(m: &Model) -> String {
+        let st = m.state.read();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let bits64 = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        format!(
+            "{}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+            non_vector_state(m),
+            bits(st.mf.user_matrix()),
+            bits(st.mf.item_matrix()),
+            bits64(st.mf.gramian_p()),
+            bits64(&st.mf.gramian_q()),
+            st.users.slots(),
+            st.items.slots(),
+            st.meta.len(),
+            (st.newest_ts, st.trending.top(20, &|_| true)),
+        )
+    }
+
+    /// The pipelined recording applies a group exactly as the serial one: the same reports
+    /// and the same model bit for bit, through several batches, redeliveries, refusals, new
+    /// users and items, histories past their caps, an erasure and an item upsert (barriers),
+    /// with the coalescing bound reached inside the group or not, and without coalescing
+    /// across batches; runs long enough for many pipeline steps.
+    #[test]
+    fn pipelined_recording_equals_serial() {
+        let small = || {
+            let mut c = cfg(true);
+            (c.mf.user_history_cap, c.mf.item_history_cap) = (8, 16);
+            c
+        };
+        // Event `n` has the id `n` and a time within the server's clock.
+        let event = |n: usize| match ev((n * 13 % 701) as i64, (n * n % 257) as i64, n) {
+            Record::Interaction { user, item, kind, weight, id, .. } => {
+                Record::Interaction { user, item, kind, weight, id, ts: T0 + (n % 5000) as f64 }
+            }
+            _ => unreachable!("ev builds interactions"),
+        };
+        let mut records: Vec<Record> = (0..9000).map(event).collect();
+        // Redeliveries of earlier events, refusals, an erasure and an item upsert among them.
+        for n in (0..60).rev() {
+            records.insert(150 * n + 7, event(n));
+        }
+        let bad = Record::Interaction {
+            user: ExtId::Int(1),
+            item: ExtId::Int(1),
+            kind: Some("nope".into()),
+            weight: None,
+            id: None,
+            ts: T0,
+        };
+        records.insert(2500, bad.clone());
+        records.insert(4100, Record::EraseUser { user: ExtId::Int(13), ts: T0 });
+        records.insert(4101, Record::EraseUser { user: ExtId::Int(26), ts: T0 });
+        let upsert = Record::ItemUpsert {
+            item: ExtId::Int(5),
+            tags: vec!["t".into()],
+            category: Some("c".into()),
+            available: Some(true),
+            ts: T0,
+        };
+        records.insert(6000, upsert);
+        records.insert(8999, bad);
+        let sizes = [100, 1, 2900, 37, 5000, 413, 600];
+        let mut batches = Vec::new();
+        let mut rest = &records[..];
+        for (k, n) in sizes.iter().cycle().enumerate() {
+            // Each batch accepted a second after the one before.
+            let (head, tail) = rest.split_at((*n).min(rest.len()));
+            batches.push((head.to_vec(), k));
+            rest = tail;
+            if rest.is_empty() {
+                break;
+            }
+        }
+        for (users, most, coalesce) in
+            [(false, REPLAY_COALESCED, true), (false, 1000, true), (true, 3000, true), (false, 5000, false)]
+        {
+            let run = |recording: Recording| {
+                let mut c = small();
+                c.coalesce_records = coalesce;
+                let m = Model::new(small());
+                m.apply_at(&warm(), "p0", T0 + 1e4);
+                let m = Model { cfg: c, ..m };
+                let group: Vec<Batch<'_>> = batches
+                    .iter()
+                    .map(|(r, k)| Batch { records: r, producer: "q", accepted_at: T0 + 1e4 + *k as f64 })
+                    .collect();
+                let reports = m.apply_group_recording(&group, users, most, recording);
+                let reports: Vec<_> = reports
+                    .iter()
+                    .map(|r| {
+                        (r.applied, r.duplicates, r.rejected.clone(), r.erased_users.clone(), sorted_users(r))
+                    })
+                    .collect();
+                (whole_state(&m), reports)
+            };
+            let (serial, pipelined) = (run(Recording::Serial), run(Recording::Pipelined));
+            let total = |f: &dyn Fn(&(usize, usize, Vec<(usize, String)>, Vec<ExtId>, _)) -> usize| {
+                serial.1.iter().map(f).sum::<usize>()
+            };
+            let counts = (total(&|r| r.0), total(&|r| r.1), total(&|r| r.2.len()), total(&|r| r.3.len()));
+            assert_eq!(counts, (9003, 60, 2, 2), "users {users} most {most}");
+            assert_eq!(serial.1, pipelined.1, "users {users} most {most} coalesce {coalesce}");
+            assert!(serial.0 == pipelined.0, "users {users} most {most} coalesce {coalesce}");
+        }
     }
 
     /// Journal records are decoded in Rust; an unreadable one is reported and skipped while
