@@ -337,6 +337,17 @@ pub enum ModelError {
     Frame(DecodeError),
 }
 
+/// What admitting an interaction writes ([`Model::admit_ids`]): the ids, the users' seen
+/// items (a new user's empty list), the redelivery window and the clock.
+pub(crate) struct Book<'a> {
+    pub(crate) users: &'a mut IdMap,
+    pub(crate) items: &'a mut IdMap,
+    pub(crate) meta: &'a mut Vec<ItemMeta>,
+    pub(crate) seen: &'a mut Vec<Vec<u32>>,
+    pub(crate) dedup: &'a mut Dedup,
+    pub(crate) newest_ts: &'a mut f64,
+}
+
 /// Dense id of `item` and whether it is new; a new item gets the default attributes.
 fn item_id(items: &mut IdMap, meta: &mut Vec<ItemMeta>, item: &ExtId) -> (u32, bool) {
     let (i, new) = items.get_or_insert(item);
@@ -715,10 +726,6 @@ impl State {
         moved
     }
 
-    fn user_dense(&mut self, user: &ExtId) -> u32 {
-        user_id(&mut self.users, &mut self.seen, user)
-    }
-
     fn has_seen(&self, u: u32, i: u32) -> bool {
         self.seen.get(u as usize).is_some_and(|s| s.binary_search(&i).is_ok())
     }
@@ -1045,18 +1052,14 @@ impl Model {
         accepted_at: f64,
         pairs: Option<&mut crate::neighbours::Adds>,
     ) -> Result<Option<(u32, u32, f32, f64)>, String> {
-        let Record::Interaction { user, item, kind, weight, id, ts } = rec else {
-            return Err("not an interaction".into());
+        let State { users, items, meta, seen, dedup, newest_ts, .. } = st;
+        let mut book = Book { users, items, meta, seen, dedup, newest_ts };
+        let Some((u, i, w, ts, new)) = self.admit_ids(&mut book, rec, producer, accepted_at)? else {
+            return Ok(None);
         };
-        let (w, ts) = self.weigh(kind.as_deref(), *weight, *ts, accepted_at)?;
-        if let Some(id) = id {
-            if !st.dedup.first_time(producer, id, Some(user)) {
-                return Ok(None);
-            }
+        if new && self.cfg.explore_max_events > 0 {
+            st.fresh.insert(i);
         }
-        let u = st.user_dense(user);
-        let i = st.item_dense(item, self.cfg.explore_max_events);
-        st.newest_ts = st.newest_ts.max(ts);
         if self.cfg.neighbour_weight > 0.0 && !st.has_seen(u, i) {
             let window = self.cfg.neighbour_window;
             match pairs {
@@ -1068,6 +1071,31 @@ impl Model {
             }
         }
         Ok(Some((u, i, w, ts)))
+    }
+
+    /// The first part of [`Model::admit`]: checks the interaction, skips a redelivery
+    /// (Ok(None)), assigns dense ids and moves the clock. Returns (user, item, weight, the
+    /// time it counts at, whether the item is new).
+    fn admit_ids(
+        &self,
+        book: &mut Book<'_>,
+        rec: &Record,
+        producer: &str,
+        accepted_at: f64,
+    ) -> Result<Option<(u32, u32, f32, f64, bool)>, String> {
+        let Record::Interaction { user, item, kind, weight, id, ts } = rec else {
+            return Err("not an interaction".into());
+        };
+        let (w, ts) = self.weigh(kind.as_deref(), *weight, *ts, accepted_at)?;
+        if let Some(id) = id {
+            if !book.dedup.first_time(producer, id, Some(user)) {
+                return Ok(None);
+            }
+        }
+        let u = user_id(book.users, book.seen, user);
+        let (i, new) = item_id(book.items, book.meta, item);
+        *book.newest_ts = book.newest_ts.max(ts);
+        Ok(Some((u, i, w, ts, new)))
     }
 
     /// The part of applying an interaction that comes after its vector updates: trending

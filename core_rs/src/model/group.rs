@@ -39,11 +39,10 @@ use std::collections::HashMap;
 
 use parking_lot::{RwLockUpgradableReadGuard, RwLockWriteGuard};
 
-use super::{item_id, mark_seen, update_fresh, user_id, ApplyReport, ItemMeta, Model, State};
+use super::{mark_seen, update_fresh, ApplyReport, Book, Model, State};
 use crate::coldstart::SortedIds;
 use crate::decode::{self, Record};
-use crate::dedup::Dedup;
-use crate::ids::{ExtId, IdMap};
+use crate::ids::ExtId;
 use crate::mf::{ItemSide, UserSide, UserStep};
 use crate::neighbours::Adds;
 use crate::trending::Trending;
@@ -167,12 +166,7 @@ impl Pending {
 
 /// What the first stage of a pipelined recording writes.
 struct UserStage<'a> {
-    users: &'a mut IdMap,
-    items: &'a mut IdMap,
-    meta: &'a mut Vec<ItemMeta>,
-    seen: &'a mut Vec<Vec<u32>>,
-    dedup: &'a mut Dedup,
-    newest_ts: &'a mut f64,
+    book: Book<'a>,
     /// The model's counts of applied, duplicate and refused records.
     totals: [&'a mut u64; 3],
     mf: UserSide<'a>,
@@ -244,12 +238,7 @@ fn stages<'a>(st: &'a mut State, pending: &'a mut Pending) -> (UserStage<'a>, It
     } = st;
     let (user_side, item_side) = mf.sides();
     let first = UserStage {
-        users,
-        items,
-        meta,
-        seen,
-        dedup,
-        newest_ts,
+        book: Book { users, items, meta, seen, dedup, newest_ts },
         totals: [events_applied, duplicates, rejected],
         mf: user_side,
         pending: &mut pending.users,
@@ -509,19 +498,10 @@ impl Model {
         producer: &str,
         accepted_at: f64,
     ) -> Result<Option<Step>, String> {
-        let Record::Interaction { user, item, kind, weight, id, ts } = rec else {
-            return Err("not an interaction".into());
+        let Some((u, i, w, ts, _)) = self.admit_ids(&mut s.book, rec, producer, accepted_at)? else {
+            return Ok(None);
         };
-        let (w, ts) = self.weigh(kind.as_deref(), *weight, *ts, accepted_at)?;
-        if let Some(id) = id {
-            if !s.dedup.first_time(producer, id, Some(user)) {
-                return Ok(None);
-            }
-        }
-        let u = user_id(s.users, s.seen, user);
-        let (i, _) = item_id(s.items, s.meta, item);
-        *s.newest_ts = s.newest_ts.max(ts);
-        let seen = &mut s.seen[u as usize];
+        let seen = &mut s.book.seen[u as usize];
         if self.cfg.neighbour_weight > 0.0 && seen.binary_search(&i).is_err() {
             let window = self.cfg.neighbour_window;
             let mf = &s.mf;
@@ -858,18 +838,23 @@ mod tests {
         assert_eq!(non_vector_state(&per), non_vector_state(&bat));
     }
 
-    /// Batches of one group report separately, each numbering its own refusals.
-    #[test]
-    fn one_report_per_batch() {
-        let m = Model::new(cfg(true));
-        let bad = Record::Interaction {
+    /// An interaction of an unknown type: refused.
+    fn refused() -> Record {
+        Record::Interaction {
             user: ExtId::Int(1),
             item: ExtId::Int(1),
             kind: Some("nope".into()),
             weight: None,
             id: None,
             ts: T0,
-        };
+        }
+    }
+
+    /// Batches of one group report separately, each numbering its own refusals.
+    #[test]
+    fn one_report_per_batch() {
+        let m = Model::new(cfg(true));
+        let bad = refused();
         let (a, b) = (vec![ev(1, 1, 1), bad.clone()], vec![bad, ev(2, 1, 2), ev(1, 1, 1)]);
         let r = m.apply_group(&[
             Batch { records: &a, producer: "p", accepted_at: T0 + 10.0 },
@@ -977,15 +962,7 @@ mod tests {
         for n in (0..60).rev() {
             records.insert(150 * n + 7, event(n));
         }
-        let bad = Record::Interaction {
-            user: ExtId::Int(1),
-            item: ExtId::Int(1),
-            kind: Some("nope".into()),
-            weight: None,
-            id: None,
-            ts: T0,
-        };
-        records.insert(2500, bad.clone());
+        records.insert(2500, refused());
         records.insert(4100, Record::EraseUser { user: ExtId::Int(13), ts: T0 });
         records.insert(4101, Record::EraseUser { user: ExtId::Int(26), ts: T0 });
         let upsert = Record::ItemUpsert {
@@ -996,7 +973,7 @@ mod tests {
             ts: T0,
         };
         records.insert(6000, upsert);
-        records.insert(8999, bad);
+        records.insert(8999, refused());
         let sizes = [100, 1, 2900, 37, 5000, 413, 600];
         let mut batches = Vec::new();
         let mut rest = &records[..];
