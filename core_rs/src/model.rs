@@ -337,13 +337,12 @@ pub enum ModelError {
     Frame(DecodeError),
 }
 
-/// What admitting an interaction writes ([`Model::admit_ids`]): the ids, the users' seen
-/// items (a new user's empty list), the redelivery window and the clock.
+/// What admitting an interaction writes ([`Model::admit_ids`]): the ids, the redelivery
+/// window and the clock.
 pub(crate) struct Book<'a> {
     pub(crate) users: &'a mut IdMap,
     pub(crate) items: &'a mut IdMap,
     pub(crate) meta: &'a mut Vec<ItemMeta>,
-    pub(crate) seen: &'a mut Vec<Vec<u32>>,
     pub(crate) dedup: &'a mut Dedup,
     pub(crate) newest_ts: &'a mut f64,
 }
@@ -357,13 +356,13 @@ fn item_id(items: &mut IdMap, meta: &mut Vec<ItemMeta>, item: &ExtId) -> (u32, b
     (i, new)
 }
 
-/// Dense id of `user`; a new user gets an empty list of seen items.
-fn user_id(users: &mut IdMap, seen: &mut Vec<Vec<u32>>, user: &ExtId) -> u32 {
-    let (u, new) = users.get_or_insert(user);
-    if new {
-        seen.push(Vec::new());
+/// User `u`'s seen items; a new user (dense ids are assigned in turn) gets an empty list.
+fn seen_by(seen: &mut Vec<Vec<u32>>, u: u32) -> &mut Vec<u32> {
+    let u = u as usize;
+    if u >= seen.len() {
+        seen.resize_with(u + 1, Vec::new);
     }
-    u
+    &mut seen[u]
 }
 
 /// Puts item `i` in or out of the fresh set after its event count became `count`.
@@ -1052,11 +1051,12 @@ impl Model {
         accepted_at: f64,
         pairs: Option<&mut crate::neighbours::Adds>,
     ) -> Result<Option<(u32, u32, f32, f64)>, String> {
-        let State { users, items, meta, seen, dedup, newest_ts, .. } = st;
-        let mut book = Book { users, items, meta, seen, dedup, newest_ts };
+        let State { users, items, meta, dedup, newest_ts, .. } = st;
+        let mut book = Book { users, items, meta, dedup, newest_ts };
         let Some((u, i, w, ts, new)) = self.admit_ids(&mut book, rec, producer, accepted_at)? else {
             return Ok(None);
         };
+        seen_by(&mut st.seen, u);
         if new && self.cfg.explore_max_events > 0 {
             st.fresh.insert(i);
         }
@@ -1092,7 +1092,7 @@ impl Model {
                 return Ok(None);
             }
         }
-        let u = user_id(book.users, book.seen, user);
+        let (u, _) = book.users.get_or_insert(user);
         let (i, new) = item_id(book.items, book.meta, item);
         *book.newest_ts = book.newest_ts.max(ts);
         Ok(Some((u, i, w, ts, new)))

@@ -102,6 +102,13 @@ pub struct MfConfig {
 }
 
 impl MfConfig {
+    /// The weight an event of weight `w` at `ts` is recorded with (`w_new · w`), or None
+    /// when it is not a valid event and nothing is recorded.
+    pub fn recorded_weight(&self, w: f32, ts: f64) -> Option<f32> {
+        let w = self.w_new * w;
+        valid_event(w, ts).then_some(w)
+    }
+
     /// Checks the values a model cannot work with; the bindings call this before
     /// [`Mf::new`] so a bad configuration is reported instead of producing NaN vectors.
     pub fn validate(&self) -> Result<(), String> {
@@ -577,7 +584,7 @@ impl Mf {
     }
 
     fn grow_items(&mut self, n: usize) {
-        self.sides().1.grow(n);
+        self.sides().2.grow(n);
     }
 
     /// Sets `f_i`, moving `Z` and (unless `defer`) `q_i`'s share of `S~` to the new
@@ -608,7 +615,7 @@ impl Mf {
     /// `defer_pop` the caller takes over moving `q_i`'s term in `S~` to the new popularity.
     /// Returns the popularity weight `f_i^α` before the event.
     fn record(&mut self, u: u32, i: u32, w: f32, ts: f64, defer_pop: bool) -> f64 {
-        let (mut users, mut items) = self.sides();
+        let (_, mut users, mut items) = self.sides();
         let step = users.record(u, i, w, ts);
         let (a_old, a_new) = items.record(u, i, ts, step);
         if a_new != a_old && !defer_pop {

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 
 use super::kernels::add_outer;
-use super::{init_row, remove_id, valid_event, Entry, Mf, MfConfig, SIDE_ITEM, SIDE_USER};
+use super::{init_row, remove_id, Entry, Mf, MfConfig, SIDE_ITEM, SIDE_USER};
 
 /// The user half of [`Mf`], borrowed apart from the item half.
 pub struct UserSide<'a> {
@@ -45,8 +45,9 @@ pub struct UserStep {
 }
 
 impl Mf {
-    /// The user and item halves, to record events with (see the module docs).
-    pub fn sides(&mut self) -> (UserSide<'_>, ItemSide<'_>) {
+    /// The configuration, and the user and item halves to record events with (see the
+    /// module docs).
+    pub fn sides(&mut self) -> (&MfConfig, UserSide<'_>, ItemSide<'_>) {
         let Mf { cfg, n_users, n_items, p, q, user_hist, item_hist, counts, pop_w, user_counts, sp, .. } =
             self;
         let users = UserSide { cfg, n_users, p, sp, user_hist, user_counts };
@@ -62,7 +63,7 @@ impl Mf {
             updates_since_exact: &mut self.updates_since_exact,
             epoch: &mut self.epoch,
         };
-        (users, items)
+        (cfg, users, items)
     }
 }
 
@@ -116,8 +117,8 @@ impl UserSide<'_> {
     /// The user half of [`Mf::record_event`]; None when `w` or `ts` is not a valid event
     /// (nothing is recorded, and the item half is skipped).
     pub fn record_event(&mut self, u: u32, i: u32, w: f32, ts: f64) -> Option<UserStep> {
-        let w = self.cfg.w_new * w;
-        valid_event(w, ts).then(|| self.record(u, i, w, ts))
+        let w = self.cfg.recorded_weight(w, ts)?;
+        Some(self.record(u, i, w, ts))
     }
 
     /// Stores the event in the user's history (accumulating a repeat, evicting the oldest

@@ -39,11 +39,11 @@ use std::collections::HashMap;
 
 use parking_lot::{RwLockUpgradableReadGuard, RwLockWriteGuard};
 
-use super::{mark_seen, update_fresh, ApplyReport, Book, Model, State};
+use super::{mark_seen, seen_by, update_fresh, ApplyReport, Book, Model, State};
 use crate::coldstart::SortedIds;
 use crate::decode::{self, Record};
 use crate::ids::ExtId;
-use crate::mf::{ItemSide, UserSide, UserStep};
+use crate::mf::{ItemSide, MfConfig, UserSide, UserStep};
 use crate::neighbours::Adds;
 use crate::trending::Trending;
 
@@ -87,7 +87,6 @@ struct PendingUsers {
     ids: Vec<u32>,
     /// By dense id: whether the user is pending (kept across takes, all false then).
     marks: Vec<bool>,
-    events: usize,
     /// New (item, the user's recent items) pairs for the neighbour counts.
     pairs: Adds,
 }
@@ -103,6 +102,8 @@ struct PendingItems {
 /// What is recorded and not solved yet.
 #[derive(Default)]
 struct Pending {
+    /// Events recorded for the factorization.
+    events: usize,
     users: PendingUsers,
     items: PendingItems,
 }
@@ -121,11 +122,6 @@ impl PendingUsers {
         if mark(&mut self.marks, u) {
             self.ids.push(u);
         }
-        self.events += 1;
-    }
-
-    fn is_empty(&self) -> bool {
-        self.events == 0 && self.pairs.is_empty()
     }
 }
 
@@ -141,10 +137,11 @@ impl Pending {
     fn add(&mut self, u: u32, i: u32, held: f64) {
         self.users.add(u);
         self.items.add(i, held);
+        self.events += 1;
     }
 
     fn is_empty(&self) -> bool {
-        self.users.is_empty()
+        self.events == 0 && self.users.pairs.is_empty()
     }
 
     /// The pending users, items and pairs; leaves nothing pending.
@@ -155,7 +152,7 @@ impl Pending {
         for &(i, _) in &self.items.ids {
             self.items.marks[i as usize] = false;
         }
-        self.users.events = 0;
+        self.events = 0;
         (
             std::mem::take(&mut self.users.ids),
             std::mem::take(&mut self.items.ids),
@@ -164,16 +161,26 @@ impl Pending {
     }
 }
 
-/// What the first stage of a pipelined recording writes.
-struct UserStage<'a> {
+/// What the first stage of a pipelined recording writes: admission.
+struct IdStage<'a> {
     book: Book<'a>,
     /// The model's counts of applied, duplicate and refused records.
     totals: [&'a mut u64; 3],
+    mf: &'a MfConfig,
+    /// [`Pending::events`]: the first stage knows which events the factorization records.
+    events: &'a mut usize,
+    /// Records admitted since the last solve.
+    admitted: usize,
+}
+
+/// What the second stage writes: the user's side.
+struct UserStage<'a> {
+    seen: &'a mut Vec<Vec<u32>>,
     mf: UserSide<'a>,
     pending: &'a mut PendingUsers,
 }
 
-/// What the second stage of a pipelined recording writes.
+/// What the third stage writes: the item's side.
 struct ItemStage<'a> {
     mf: ItemSide<'a>,
     trending: &'a mut Trending,
@@ -181,9 +188,9 @@ struct ItemStage<'a> {
     pending: &'a mut PendingItems,
 }
 
-/// An admitted interaction on its way from the first stage to the second: without `user`,
-/// its weight or time was not a valid event for the factorization (only trending and the
-/// fresh set take it, as on the serial path).
+/// An interaction admitted by the first stage, and the user's side of it from the second
+/// (None: its weight or time is not a valid event for the factorization; only trending
+/// and the fresh set take it, as on the serial path).
 struct Step {
     u: u32,
     i: u32,
@@ -220,7 +227,7 @@ enum Stop {
     End,
 }
 
-fn stages<'a>(st: &'a mut State, pending: &'a mut Pending) -> (UserStage<'a>, ItemStage<'a>) {
+fn stages<'a>(st: &'a mut State, pending: &'a mut Pending) -> (IdStage<'a>, UserStage<'a>, ItemStage<'a>) {
     let State {
         users,
         items,
@@ -236,14 +243,16 @@ fn stages<'a>(st: &'a mut State, pending: &'a mut Pending) -> (UserStage<'a>, It
         fresh,
         ..
     } = st;
-    let (user_side, item_side) = mf.sides();
-    let first = UserStage {
-        book: Book { users, items, meta, seen, dedup, newest_ts },
+    let (cfg, user_side, item_side) = mf.sides();
+    let first = IdStage {
+        book: Book { users, items, meta, dedup, newest_ts },
         totals: [events_applied, duplicates, rejected],
-        mf: user_side,
-        pending: &mut pending.users,
+        mf: cfg,
+        events: &mut pending.events,
+        admitted: 0,
     };
-    (first, ItemStage { mf: item_side, trending, fresh, pending: &mut pending.items })
+    let second = UserStage { seen, mf: user_side, pending: &mut pending.users };
+    (first, second, ItemStage { mf: item_side, trending, fresh, pending: &mut pending.items })
 }
 
 /// Counts a record's outcome in its batch's report (`j`: its place in the batch); returns
@@ -342,7 +351,7 @@ impl Model {
                 let mut counts = [0u64; 3];
                 for (j, rec) in chunk.iter().enumerate() {
                     let barrier = !matches!(rec, Record::Interaction { .. });
-                    if (barrier && !a.pending.is_empty()) || a.pending.users.events >= a.most {
+                    if (barrier && !a.pending.is_empty()) || a.pending.events >= a.most {
                         st = upgrade(self.solve_pending(downgrade(st), &mut a.pending, &mut a.moved));
                     }
                     let touched = &mut a.touched[b];
@@ -376,8 +385,9 @@ impl Model {
         g
     }
 
-    /// Applies the group's records as [`Model::record_serial`] does, the runs of interactions
-    /// between two solves recorded in two stages on two threads (see the module docs).
+    /// Applies the group's records as [`Model::record_serial`] does, each run of interactions
+    /// between two solves or barriers in three stages on two threads (see the module docs),
+    /// under one write lock.
     fn record_pipelined<'s>(
         &'s self,
         mut g: Shared<'s>,
@@ -386,33 +396,59 @@ impl Model {
     ) -> Shared<'s> {
         // The next record: (batch, place in it).
         let mut at = (0usize, 0usize);
-        // What the first stage recorded in the previous step, for the second stage now.
-        let mut handed: Vec<Step> = Vec::with_capacity(PIPELINE_STEP);
-        let mut taken: Vec<Step> = Vec::with_capacity(PIPELINE_STEP);
+        let mut admitted: Vec<Step> = Vec::with_capacity(PIPELINE_STEP);
+        let mut for_users: Vec<Step> = Vec::with_capacity(PIPELINE_STEP);
+        let mut for_items: Vec<Step> = Vec::with_capacity(PIPELINE_STEP);
         loop {
             let mut st = upgrade(g);
-            let stop = {
-                let (mut first, mut second) = stages(&mut st, &mut a.pending);
-                let touched = a.users.then_some(&mut a.touched[..]);
+            let mut stop = Stop::Step;
+            {
+                let (mut first, mut second, mut third) = stages(&mut st, &mut a.pending);
+                let mut touched = a.users.then_some(&mut a.touched[..]);
                 let reports = &mut a.reports[..];
-                let (stop, ()) = rayon::join(
-                    || self.record_users(&mut first, batches, &mut at, reports, touched, a.most, &mut taken),
-                    || self.record_items(&mut second, &handed),
-                );
-                if stop != Stop::Step {
-                    // Nothing runs between the two stages past this point.
-                    self.record_items(&mut second, &taken);
-                    taken.clear();
+                // Step k: the first stage takes records while the second stage takes the
+                // user's side of step k - 1's and then the third the item's side of step
+                // k - 2's; after the first stage stops, two more steps drain the others.
+                loop {
+                    let running = stop == Stop::Step;
+                    (stop, ()) = rayon::join(
+                        || {
+                            let stop = if running {
+                                let touched = touched.as_deref_mut();
+                                self.admit_run(
+                                    &mut first,
+                                    batches,
+                                    &mut at,
+                                    reports,
+                                    touched,
+                                    a.most,
+                                    &mut admitted,
+                                )
+                            } else {
+                                stop
+                            };
+                            self.record_items(&mut third, &for_items);
+                            stop
+                        },
+                        || self.record_users(&mut second, &mut for_users),
+                    );
+                    for_items.clear();
+                    std::mem::swap(&mut for_items, &mut for_users);
+                    std::mem::swap(&mut for_users, &mut admitted);
+                    if stop != Stop::Step && for_users.is_empty() && for_items.is_empty() {
+                        break;
+                    }
                 }
-                stop
-            };
-            handed.clear();
-            std::mem::swap(&mut handed, &mut taken);
+            }
             self.publish(&st);
             g = downgrade(st);
             match stop {
-                Stop::Step => {}
-                Stop::Full | Stop::BatchEnd => g = self.solve_pending(g, &mut a.pending, &mut a.moved),
+                Stop::Step => unreachable!("the run ends at a stop"),
+                Stop::Full | Stop::BatchEnd => {
+                    if !a.pending.is_empty() {
+                        g = self.solve_pending(g, &mut a.pending, &mut a.moved);
+                    }
+                }
                 Stop::Barrier => {
                     if !a.pending.is_empty() {
                         g = self.solve_pending(g, &mut a.pending, &mut a.moved);
@@ -442,13 +478,13 @@ impl Model {
         }
     }
 
-    /// The first stage: takes records from `at` on through everything but their item's
-    /// side, pushing the admitted events to `out`, until [`PIPELINE_STEP`] records are taken
-    /// or a solve or a barrier is due (see [`Stop`]); `at` is left at the next record.
+    /// The first stage: admits records from `at` on ([`Model::admit_ids`]), pushing the
+    /// admitted interactions to `out`, until [`PIPELINE_STEP`] records are taken or a solve
+    /// or a barrier is due (see [`Stop`]); `at` is left at the next record.
     #[allow(clippy::too_many_arguments)]
-    fn record_users(
+    fn admit_run(
         &self,
-        s: &mut UserStage<'_>,
+        s: &mut IdStage<'_>,
         batches: &[Batch<'_>],
         at: &mut (usize, usize),
         reports: &mut [ApplyReport],
@@ -462,14 +498,15 @@ impl Model {
             let Some(batch) = batches.get(b) else { return Stop::End };
             if j == batch.records.len() {
                 *at = (b + 1, 0);
-                if !self.cfg.coalesce_records && !s.pending.is_empty() {
+                // Nothing admitted since the last solve: nothing is pending.
+                if !self.cfg.coalesce_records && s.admitted > 0 {
                     return Stop::BatchEnd;
                 }
                 continue;
             }
             let rec = &batch.records[j];
             let Record::Interaction { user, id, .. } = rec else { return Stop::Barrier };
-            if s.pending.events >= most {
+            if *s.events >= most {
                 return Stop::Full;
             }
             if taken == PIPELINE_STEP {
@@ -477,46 +514,44 @@ impl Model {
             }
             taken += 1;
             *at = (b, j + 1);
-            let result = self.admit_user_side(s, rec, batch.producer, batch.accepted_at).map(|step| {
-                let Some(step) = step else { return false };
-                out.push(step);
-                if let Some(touched) = touched.as_deref_mut() {
-                    touched[b].insert(user.clone(), id.clone());
-                }
-                true
-            });
+            let result =
+                self.admit_ids(&mut s.book, rec, batch.producer, batch.accepted_at).map(|admitted| {
+                    let Some((u, i, w, ts, _)) = admitted else { return false };
+                    s.admitted += 1;
+                    if s.mf.recorded_weight(w, ts).is_some() {
+                        *s.events += 1;
+                    }
+                    out.push(Step { u, i, w, ts, user: None });
+                    if let Some(touched) = touched.as_deref_mut() {
+                        touched[b].insert(user.clone(), id.clone());
+                    }
+                    true
+                });
             *s.totals[tally(&mut reports[b], j, result)] += 1;
         }
     }
 
-    /// The first stage's part of one interaction: [`Model::admit`] and the user's side of
-    /// [`Model::record`] (its history, count and seen items). None: a redelivery.
-    fn admit_user_side(
-        &self,
-        s: &mut UserStage<'_>,
-        rec: &Record,
-        producer: &str,
-        accepted_at: f64,
-    ) -> Result<Option<Step>, String> {
-        let Some((u, i, w, ts, _)) = self.admit_ids(&mut s.book, rec, producer, accepted_at)? else {
-            return Ok(None);
-        };
-        let seen = &mut s.book.seen[u as usize];
-        if self.cfg.neighbour_weight > 0.0 && seen.binary_search(&i).is_err() {
-            let window = self.cfg.neighbour_window;
-            let mf = &s.mf;
-            s.pending.pairs.push_with(i, |out| mf.extend_recent_items(u, window, out));
+    /// The second stage: the user's side of each admitted interaction, in order (the
+    /// neighbour pairs, the user's history, count and seen items), as [`Model::record`].
+    fn record_users(&self, s: &mut UserStage<'_>, steps: &mut [Step]) {
+        let window = self.cfg.neighbour_window;
+        for step in steps {
+            let (u, i) = (step.u, step.i);
+            let seen = seen_by(s.seen, u);
+            if self.cfg.neighbour_weight > 0.0 && seen.binary_search(&i).is_err() {
+                let mf = &s.mf;
+                s.pending.pairs.push_with(i, |out| mf.extend_recent_items(u, window, out));
+            }
+            step.user = s.mf.record_event(u, i, step.w, step.ts);
+            if step.user.is_some() {
+                s.pending.add(u);
+            }
+            mark_seen(seen, i);
         }
-        let user_step = s.mf.record_event(u, i, w, ts);
-        if user_step.is_some() {
-            s.pending.add(u);
-        }
-        mark_seen(seen, i);
-        Ok(Some(Step { u, i, w, ts, user: user_step }))
     }
 
-    /// The second stage: the item's side of each event of `steps`, in order (the item's
-    /// history, count and popularity, trending, the fresh set).
+    /// The third stage: the item's side of each interaction, in order (the item's history,
+    /// count and popularity, trending, the fresh set), as [`Model::record`].
     fn record_items(&self, s: &mut ItemStage<'_>, steps: &[Step]) {
         for step in steps {
             if let Some(user_step) = step.user {
