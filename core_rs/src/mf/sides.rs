@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 
 use super::kernels::add_outer;
 use super::{init_row, remove_id, Entry, Mf, MfConfig, SIDE_ITEM, SIDE_USER};
+use crate::neighbours::prefetch;
 
 /// The user half of [`Mf`], borrowed apart from the item half.
 pub struct UserSide<'a> {
@@ -104,6 +105,21 @@ impl UserSide<'_> {
             self.user_hist.push(VecDeque::new());
             self.user_counts.push(0.0);
             *self.n_users += 1;
+        }
+    }
+
+    /// Asks the CPU to start loading what recording an event of user `u` reads: its entry
+    /// (`history` false), or the history that entry points to (`history` true; ask for the
+    /// entry some events earlier). A hint: it changes nothing.
+    pub fn prefetch(&self, u: u32, history: bool) {
+        let Some(h) = self.user_hist.get(u as usize) else { return };
+        if history {
+            if let Some(e) = h.as_slices().0.first() {
+                prefetch(e);
+            }
+        } else {
+            prefetch(h);
+            prefetch(&self.user_counts[u as usize]);
         }
     }
 

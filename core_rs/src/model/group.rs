@@ -3,9 +3,9 @@
 //! Every record is applied in order as on the per-event path — validation, the redelivery
 //! window, histories, counts, trending, item neighbours, seen items and the per-batch reports —
 //! except the factorization's solves and the neighbour counts (collected in order and counted
-//! by list in parallel, with the same result: `Neighbours::add_all`): the events are recorded ([`crate::mf::Mf::record_event`])
-//! and, at the end of the group, each touched user is solved once and then each touched item
-//! once, in parallel (see `mf::batch`). A user with five events in the group is solved once
+//! by list in parallel, with the same result: `Neighbours::add_all`): the events are
+//! recorded ([`crate::mf::Mf::record_event`]) and, at the end of the group, each touched
+//! user is solved once and then each touched item once, in parallel (see `mf::batch`). A user with five events in the group is solved once
 //! with all five in its history; a hot item once, not once per event.
 //!
 //! Erase and item-attribute records are barriers: the events before one are solved, then it
@@ -14,18 +14,23 @@
 //! events are coalesced into one solve ([`REPLAY_COALESCED`] while replaying at start-up).
 //!
 //! # Pipelined recording
-//! A replay at start-up records its events in two stages on two threads
-//! ([`Recording::Pipelined`]): the first takes each record in order through everything but
-//! its item's side — validation, the redelivery window, ids, the clock, the neighbour pairs,
-//! the user's history, count and seen items (`UserSide` of the factorization) — and hands the
-//! admitted events on; the second applies, in the same order, their item sides: the item's
-//! history, count and popularity weight, `Z`, trending, the fresh set (`ItemSide`). Step `k`
-//! of the first stage runs beside step `k - 1` of the second (`rayon::join`). Each stage
-//! writes only its own fields, and the item side of an event needs nothing from the user side
-//! but the `UserStep` handed on, so every event is applied exactly as the serial recording
-//! applies it, in the same order on each side: the model is the same bit for bit. A new
-//! item joins the fresh set when the second stage takes its event (the serial path adds it
-//! when its id is assigned, and the same event then settles its membership).
+//! A replay at start-up ([`Recording::Pipelined`]) records each run of interactions between
+//! two solves or barriers in three stages, each taking every event in order: admission
+//! (validation, the redelivery window, ids, the clock, the reports), the user's side (the
+//! neighbour pairs, the user's history and count — `UserSide` of the factorization — and
+//! seen items), the item's side (the item's history, count and popularity weight, `Z`,
+//! trending, the fresh set — `ItemSide`). In step `k`, one thread admits the records of
+//! step `k` and then takes the item's side of step `k - 2`'s, while the other takes the
+//! user's side of step `k - 1`'s (`rayon::join`; the user's side, with a miss or two per
+//! event on a large user base, weighs about as much as the two others together). Each
+//! stage writes only its own fields, the user's side of an event needs only the ids
+//! admission assigned and the item's side only the `UserStep` the user's side returned, so
+//! every event is applied exactly as the serial recording applies it, in the same order on
+//! each side: the model is the same bit for bit. Two differences that leave no trace: a
+//! new user's seen list is made by the user's stage, and a new item joins the fresh set
+//! when the item's stage takes its event (the serial path adds it when its id is assigned,
+//! and the same event then settles its membership). The neighbour counts of the run are
+//! counted beside the first users' solve (they do not depend on the factorization).
 //!
 //! # Locking
 //! The group holds the state's upgradable read lock throughout, so no other writer runs
@@ -33,7 +38,10 @@
 //! `RECORD_CHUNK` (readers get in between chunks), the parallel solves run under the shared
 //! lock, and their results are installed under short write locks. The exact Gramian
 //! recomputation, when due, is also computed under the shared lock and installed under a
-//! short write lock.
+//! short write lock. A pipelined recording holds the write lock for a whole run (up to
+//! [`REPLAY_COALESCED`] events; the stages are in between steps at every step's end) and
+//! for the neighbour counts beside the first users' solve: it serves a replay at start-up,
+//! which nobody queries.
 
 use std::collections::HashMap;
 
@@ -44,7 +52,7 @@ use crate::coldstart::SortedIds;
 use crate::decode::{self, Record};
 use crate::ids::ExtId;
 use crate::mf::{ItemSide, MfConfig, UserSide, UserStep};
-use crate::neighbours::Adds;
+use crate::neighbours::{prefetch, Adds};
 use crate::trending::Trending;
 
 /// Most events whose solves are coalesced into one: bounds the memory of a solve and how far
@@ -57,17 +65,19 @@ pub const MAX_COALESCED: usize = 1 << 16;
 pub const REPLAY_COALESCED: usize = 1 << 20;
 /// Records written under one write-lock acquisition while a group is recorded (~1 µs each).
 const RECORD_CHUNK: usize = 256;
-/// Records the first stage of a pipelined recording takes per step (and the second stage
-/// then): a step is one write-lock acquisition and one hand-over between the two threads.
+/// Records each stage of a pipelined recording takes per step: a step is one hand-over
+/// between the stages and between the two threads.
 const PIPELINE_STEP: usize = 2048;
+/// How many events ahead the user stage asks for what the next events' users read.
+const USER_PREFETCH_AHEAD: usize = 8;
 
 /// How the interactions of a group are recorded (the solves are the same either way).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Recording {
     /// Each record whole, one after another, on the calling thread.
     Serial,
-    /// In two stages on two threads, the user's side and then the item's side of each event
-    /// (see the module docs); the same model as [`Recording::Serial`].
+    /// In three stages on two threads: admission, the user's side and the item's side of
+    /// each event (see the module docs); the same model as [`Recording::Serial`].
     Pipelined,
 }
 
@@ -325,7 +335,7 @@ impl Model {
             Recording::Pipelined => self.record_pipelined(g, batches, &mut a),
         };
         if !a.pending.is_empty() {
-            g = self.solve_pending(g, &mut a.pending, &mut a.moved);
+            g = self.solve_pending(g, &mut a.pending, &mut a.moved, recording == Recording::Pipelined);
         }
         drop(g);
         self.mark_dirty(a.moved);
@@ -352,7 +362,7 @@ impl Model {
                 for (j, rec) in chunk.iter().enumerate() {
                     let barrier = !matches!(rec, Record::Interaction { .. });
                     if (barrier && !a.pending.is_empty()) || a.pending.events >= a.most {
-                        st = upgrade(self.solve_pending(downgrade(st), &mut a.pending, &mut a.moved));
+                        st = upgrade(self.solve_pending(downgrade(st), &mut a.pending, &mut a.moved, false));
                     }
                     let touched = &mut a.touched[b];
                     let result = if barrier {
@@ -379,7 +389,7 @@ impl Model {
                 g = downgrade(st);
             }
             if !self.cfg.coalesce_records && !a.pending.is_empty() {
-                g = self.solve_pending(g, &mut a.pending, &mut a.moved);
+                g = self.solve_pending(g, &mut a.pending, &mut a.moved, false);
             }
         }
         g
@@ -446,12 +456,12 @@ impl Model {
                 Stop::Step => unreachable!("the run ends at a stop"),
                 Stop::Full | Stop::BatchEnd => {
                     if !a.pending.is_empty() {
-                        g = self.solve_pending(g, &mut a.pending, &mut a.moved);
+                        g = self.solve_pending(g, &mut a.pending, &mut a.moved, true);
                     }
                 }
                 Stop::Barrier => {
                     if !a.pending.is_empty() {
-                        g = self.solve_pending(g, &mut a.pending, &mut a.moved);
+                        g = self.solve_pending(g, &mut a.pending, &mut a.moved, true);
                     }
                     let (b, j) = at;
                     let batch = &batches[b];
@@ -535,7 +545,22 @@ impl Model {
     /// neighbour pairs, the user's history, count and seen items), as [`Model::record`].
     fn record_users(&self, s: &mut UserStage<'_>, steps: &mut [Step]) {
         let window = self.cfg.neighbour_window;
-        for step in steps {
+        for k in 0..steps.len() {
+            // The users are scattered over memory and each is a miss or two: their entries
+            // are asked for two distances ahead, what the entries point to one distance ahead.
+            if let Some(ahead) = steps.get(k + 2 * USER_PREFETCH_AHEAD) {
+                if let Some(seen) = s.seen.get(ahead.u as usize) {
+                    prefetch(seen);
+                }
+                s.mf.prefetch(ahead.u, false);
+            }
+            if let Some(ahead) = steps.get(k + USER_PREFETCH_AHEAD) {
+                if let Some(first) = s.seen.get(ahead.u as usize).and_then(|seen| seen.first()) {
+                    prefetch(first);
+                }
+                s.mf.prefetch(ahead.u, true);
+            }
+            let step = &mut steps[k];
             let (u, i) = (step.u, step.i);
             let seen = seen_by(s.seen, u);
             if self.cfg.neighbour_weight > 0.0 && seen.binary_search(&i).is_err() {
@@ -635,12 +660,15 @@ impl Model {
     }
 
     /// Solves the pending users, then items (`online_iters` times), and settles the items'
-    /// attribute state as the per-event path does after each update.
+    /// attribute state as the per-event path does after each update. With `beside`, the
+    /// neighbour counts (independent of the factorization) are counted beside the first
+    /// users' solve, under the write lock (a replay: nobody is waiting to read); else first.
     fn solve_pending<'a>(
         &'a self,
         mut g: Shared<'a>,
         pending: &mut Pending,
         moved: &mut Vec<u32>,
+        beside: bool,
     ) -> Shared<'a> {
         let (mut users, mut items, pairs) = pending.take();
         // Ascending ids: neighbouring rows, and one fixed order for the installs.
@@ -660,10 +688,17 @@ impl Model {
             .collect();
         let mut st = upgrade(g);
         st.mf.fold_popularity(&items);
-        st.neighbours.add_all(&pairs);
+        let mut users_solved = None;
+        if beside && self.cfg.mf.online_iters > 0 {
+            let State { mf, neighbours, .. } = &mut *st;
+            let ((), solved) = rayon::join(|| neighbours.add_all(&pairs), || mf.solve_users(&users));
+            users_solved = Some(solved);
+        } else {
+            st.neighbours.add_all(&pairs);
+        }
         g = downgrade(st);
         for _ in 0..self.cfg.mf.online_iters {
-            let solved = g.mf.solve_users(&users);
+            let solved = users_solved.take().unwrap_or_else(|| g.mf.solve_users(&users));
             let mut st = upgrade(g);
             let installed = st.mf.install(solved);
             debug_assert!(installed, "no other writer runs while a group holds the lock");
