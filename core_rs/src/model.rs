@@ -347,6 +347,16 @@ pub(crate) struct Book<'a> {
     pub(crate) newest_ts: &'a mut f64,
 }
 
+/// An interaction [`Model::admit_ids`] let in.
+pub(crate) struct Admitted {
+    pub(crate) u: u32,
+    pub(crate) i: u32,
+    pub(crate) w: f32,
+    /// The time it counts at.
+    pub(crate) ts: f64,
+    pub(crate) new_item: bool,
+}
+
 /// Dense id of `item` and whether it is new; a new item gets the default attributes.
 fn item_id(items: &mut IdMap, meta: &mut Vec<ItemMeta>, item: &ExtId) -> (u32, bool) {
     let (i, new) = items.get_or_insert(item);
@@ -601,10 +611,8 @@ impl State {
 
     fn item_dense(&mut self, item: &ExtId, fresh_below: u32) -> u32 {
         let (i, new) = item_id(&mut self.items, &mut self.meta, item);
-        if new {
-            if fresh_below > 0 {
-                self.fresh.insert(i);
-            }
+        if new && fresh_below > 0 {
+            self.fresh.insert(i);
         }
         i
     }
@@ -1053,11 +1061,13 @@ impl Model {
     ) -> Result<Option<(u32, u32, f32, f64)>, String> {
         let State { users, items, meta, dedup, newest_ts, .. } = st;
         let mut book = Book { users, items, meta, dedup, newest_ts };
-        let Some((u, i, w, ts, new)) = self.admit_ids(&mut book, rec, producer, accepted_at)? else {
+        let Some(Admitted { u, i, w, ts, new_item }) =
+            self.admit_ids(&mut book, rec, producer, accepted_at)?
+        else {
             return Ok(None);
         };
         seen_by(&mut st.seen, u);
-        if new && self.cfg.explore_max_events > 0 {
+        if new_item && self.cfg.explore_max_events > 0 {
             st.fresh.insert(i);
         }
         if self.cfg.neighbour_weight > 0.0 && !st.has_seen(u, i) {
@@ -1074,15 +1084,14 @@ impl Model {
     }
 
     /// The first part of [`Model::admit`]: checks the interaction, skips a redelivery
-    /// (Ok(None)), assigns dense ids and moves the clock. Returns (user, item, weight, the
-    /// time it counts at, whether the item is new).
+    /// (Ok(None)), assigns dense ids and moves the clock.
     fn admit_ids(
         &self,
         book: &mut Book<'_>,
         rec: &Record,
         producer: &str,
         accepted_at: f64,
-    ) -> Result<Option<(u32, u32, f32, f64, bool)>, String> {
+    ) -> Result<Option<Admitted>, String> {
         let Record::Interaction { user, item, kind, weight, id, ts } = rec else {
             return Err("not an interaction".into());
         };
@@ -1095,7 +1104,7 @@ impl Model {
         let (u, _) = book.users.get_or_insert(user);
         let (i, new) = item_id(book.items, book.meta, item);
         *book.newest_ts = book.newest_ts.max(ts);
-        Ok(Some((u, i, w, ts, new)))
+        Ok(Some(Admitted { u, i, w, ts, new_item: new }))
     }
 
     /// The part of applying an interaction that comes after its vector updates: trending

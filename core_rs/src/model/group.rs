@@ -47,7 +47,7 @@ use std::collections::HashMap;
 
 use parking_lot::{RwLockUpgradableReadGuard, RwLockWriteGuard};
 
-use super::{mark_seen, seen_by, update_fresh, ApplyReport, Book, Model, State};
+use super::{mark_seen, seen_by, update_fresh, Admitted, ApplyReport, Book, Model, State};
 use crate::coldstart::SortedIds;
 use crate::decode::{self, Record};
 use crate::ids::ExtId;
@@ -526,7 +526,7 @@ impl Model {
             *at = (b, j + 1);
             let result =
                 self.admit_ids(&mut s.book, rec, batch.producer, batch.accepted_at).map(|admitted| {
-                    let Some((u, i, w, ts, _)) = admitted else { return false };
+                    let Some(Admitted { u, i, w, ts, .. }) = admitted else { return false };
                     s.admitted += 1;
                     if s.mf.recorded_weight(w, ts).is_some() {
                         *s.events += 1;
@@ -1079,10 +1079,10 @@ mod tests {
                 (whole_state(&m), reports)
             };
             let (serial, pipelined) = (run(Recording::Serial), run(Recording::Pipelined));
-            let total = |f: &dyn Fn(&(usize, usize, Vec<(usize, String)>, Vec<ExtId>, _)) -> usize| {
-                serial.1.iter().map(f).sum::<usize>()
-            };
-            let counts = (total(&|r| r.0), total(&|r| r.1), total(&|r| r.2.len()), total(&|r| r.3.len()));
+            let counts = serial
+                .1
+                .iter()
+                .fold((0, 0, 0, 0), |(a, d, r, e), x| (a + x.0, d + x.1, r + x.2.len(), e + x.3.len()));
             assert_eq!(counts, (9003, 60, 2, 2), "users {users} most {most}");
             assert_eq!(serial.1, pipelined.1, "users {users} most {most} coalesce {coalesce}");
             assert!(serial.0 == pipelined.0, "users {users} most {most} coalesce {coalesce}");
