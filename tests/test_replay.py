@@ -4,6 +4,7 @@ without naming their users (``users=False``, the engine catching up at start-up)
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import trio
@@ -232,3 +233,26 @@ def test_a_replay_builds_the_model_of_the_live_apply() -> None:
         assert sorted(replayed.seen(user)) == sorted(live.seen(user))
         assert replayed.user_vector(user).tolist() == live.user_vector(user).tolist()
         assert replayed.recommend(user, k=5) == live.recommend(user, k=5)
+
+
+def test_a_replay_records_in_stages_to_the_same_snapshot(tmp_path: Path) -> None:
+    """A replay (``users=False``) records its groups in stages on two threads, the serial
+    recording (``users=True``) one record after another: over groups long enough for many
+    stage steps, with redeliveries, a refusal, an item write and an erasure inside, both
+    write the same snapshot byte for byte."""
+    events = [{"user": f"u{n * 7 % 301}", "item": f"i{n * n % 97}", "id": n} for n in range(9000)]
+    payloads = [_payload(events[s : s + 100]) for s in range(0, 9000, 100)]
+    payloads[20:20] = [
+        _payload([*events[100:150], {"user": "u1", "item": "i1", "type": "nope"}]),
+        _payload([{"item": "i3", "category": "c", "tags": ["t"]}, {"erase_user": "u14"}]),
+    ]
+    snapshots = []
+    for users in (True, False):
+        model = Model(ModelConfig(seed=3))
+        applied = apply_records(model, 1, payloads, users=users, replay=True)
+        assert sum(a.applied for a in applied) == 9002
+        assert sum(a.duplicates for a in applied) == 50
+        assert model.stats()["rejected"] == 1
+        model.save(tmp_path / f"{users}.rsnap", 1)
+        snapshots.append((tmp_path / f"{users}.rsnap").read_bytes())
+    assert snapshots[0] == snapshots[1]

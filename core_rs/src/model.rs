@@ -337,6 +337,60 @@ pub enum ModelError {
     Frame(DecodeError),
 }
 
+/// What admitting an interaction writes ([`Model::admit_ids`]): the ids, the redelivery
+/// window and the clock.
+pub(crate) struct Book<'a> {
+    pub(crate) users: &'a mut IdMap,
+    pub(crate) items: &'a mut IdMap,
+    pub(crate) meta: &'a mut Vec<ItemMeta>,
+    pub(crate) dedup: &'a mut Dedup,
+    pub(crate) newest_ts: &'a mut f64,
+}
+
+/// An interaction [`Model::admit_ids`] let in.
+pub(crate) struct Admitted {
+    pub(crate) u: u32,
+    pub(crate) i: u32,
+    pub(crate) w: f32,
+    /// The time it counts at.
+    pub(crate) ts: f64,
+    pub(crate) new_item: bool,
+}
+
+/// Dense id of `item` and whether it is new; a new item gets the default attributes.
+fn item_id(items: &mut IdMap, meta: &mut Vec<ItemMeta>, item: &ExtId) -> (u32, bool) {
+    let (i, new) = items.get_or_insert(item);
+    if new {
+        meta.push(ItemMeta { available: true, ..ItemMeta::default() });
+    }
+    (i, new)
+}
+
+/// User `u`'s seen items; a new user (dense ids are assigned in turn) gets an empty list.
+fn seen_by(seen: &mut Vec<Vec<u32>>, u: u32) -> &mut Vec<u32> {
+    let u = u as usize;
+    if u >= seen.len() {
+        seen.resize_with(u + 1, Vec::new);
+    }
+    &mut seen[u]
+}
+
+/// Puts item `i` in or out of the fresh set after its event count became `count`.
+fn update_fresh(fresh: &mut SortedIds, i: u32, count: f64, fresh_below: u32) {
+    if count < fresh_below as f64 {
+        fresh.insert(i);
+    } else {
+        fresh.remove(i);
+    }
+}
+
+/// Adds `i` to a user's sorted seen items.
+fn mark_seen(seen: &mut Vec<u32>, i: u32) {
+    if let Err(pos) = seen.binary_search(&i) {
+        seen.insert(pos, i);
+    }
+}
+
 pub(crate) struct State {
     pub(crate) users: IdMap,
     pub(crate) items: IdMap,
@@ -559,23 +613,16 @@ impl State {
     }
 
     fn item_dense(&mut self, item: &ExtId, fresh_below: u32) -> u32 {
-        let (i, new) = self.items.get_or_insert(item);
-        if new {
-            self.meta.push(ItemMeta { available: true, ..ItemMeta::default() });
-            if fresh_below > 0 {
-                self.fresh.insert(i);
-            }
+        let (i, new) = item_id(&mut self.items, &mut self.meta, item);
+        if new && fresh_below > 0 {
+            self.fresh.insert(i);
         }
         i
     }
 
     /// Puts item `i` in or out of the fresh set after its event count changed.
     fn update_fresh(&mut self, i: u32, fresh_below: u32) {
-        if self.mf.item_count(i) < fresh_below as f64 {
-            self.fresh.insert(i);
-        } else {
-            self.fresh.remove(i);
-        }
+        update_fresh(&mut self.fresh, i, self.mf.item_count(i), fresh_below);
     }
 
     /// Re-derives the cold-start state of item `i` after its feedback or attributes changed:
@@ -687,14 +734,6 @@ impl State {
         }
         self.cold_cursor = if end >= self.cold.len() { 0 } else { end };
         moved
-    }
-
-    fn user_dense(&mut self, user: &ExtId) -> u32 {
-        let (u, new) = self.users.get_or_insert(user);
-        if new {
-            self.seen.push(Vec::new());
-        }
-        u
     }
 
     fn has_seen(&self, u: u32, i: u32) -> bool {
@@ -853,6 +892,20 @@ impl Model {
         Ok(w)
     }
 
+    /// Checks an interaction's weight and time: its weight, and the time it counts at (never
+    /// ahead of the server's clock, `accepted_at`).
+    fn weigh(
+        &self,
+        kind: Option<&str>,
+        weight: Option<f32>,
+        ts: f64,
+        accepted_at: f64,
+    ) -> Result<(f32, f64), String> {
+        let w = self.weight_of(kind, weight)?;
+        self.check_time(ts, accepted_at)?;
+        Ok((w, ts.min(accepted_at)))
+    }
+
     /// Refuses an event time that is not a plausible date or is more than
     /// [`Config::max_clock_skew`] ahead of `clock` (the server's time when it arrived).
     fn check_time(&self, ts: f64, clock: f64) -> Result<(), String> {
@@ -1009,21 +1062,17 @@ impl Model {
         accepted_at: f64,
         pairs: Option<&mut crate::neighbours::Adds>,
     ) -> Result<Option<(u32, u32, f32, f64)>, String> {
-        let Record::Interaction { user, item, kind, weight, id, ts } = rec else {
-            return Err("not an interaction".into());
+        let State { users, items, meta, dedup, newest_ts, .. } = st;
+        let mut book = Book { users, items, meta, dedup, newest_ts };
+        let Some(Admitted { u, i, w, ts, new_item }) =
+            self.admit_ids(&mut book, rec, producer, accepted_at)?
+        else {
+            return Ok(None);
         };
-        let w = self.weight_of(kind.as_deref(), *weight)?;
-        self.check_time(*ts, accepted_at)?;
-        // The time the event counts at: never ahead of the server's clock.
-        let ts = ts.min(accepted_at);
-        if let Some(id) = id {
-            if !st.dedup.first_time(producer, id, Some(user)) {
-                return Ok(None);
-            }
+        seen_by(&mut st.seen, u);
+        if new_item && self.cfg.explore_max_events > 0 {
+            st.fresh.insert(i);
         }
-        let u = st.user_dense(user);
-        let i = st.item_dense(item, self.cfg.explore_max_events);
-        st.newest_ts = st.newest_ts.max(ts);
         if self.cfg.neighbour_weight > 0.0 && !st.has_seen(u, i) {
             let window = self.cfg.neighbour_window;
             match pairs {
@@ -1037,15 +1086,36 @@ impl Model {
         Ok(Some((u, i, w, ts)))
     }
 
+    /// The first part of [`Model::admit`]: checks the interaction, skips a redelivery
+    /// (Ok(None)), assigns dense ids and moves the clock.
+    fn admit_ids(
+        &self,
+        book: &mut Book<'_>,
+        rec: &Record,
+        producer: &str,
+        accepted_at: f64,
+    ) -> Result<Option<Admitted>, String> {
+        let Record::Interaction { user, item, kind, weight, id, ts } = rec else {
+            return Err("not an interaction".into());
+        };
+        let (w, ts) = self.weigh(kind.as_deref(), *weight, *ts, accepted_at)?;
+        if let Some(id) = id {
+            if !book.dedup.first_time(producer, id, Some(user)) {
+                return Ok(None);
+            }
+        }
+        let (u, _) = book.users.get_or_insert(user);
+        let (i, new) = item_id(book.items, book.meta, item);
+        *book.newest_ts = book.newest_ts.max(ts);
+        Ok(Some(Admitted { u, i, w, ts, new_item: new }))
+    }
+
     /// The part of applying an interaction that comes after its vector updates: trending
     /// counts, the fresh set, the user's seen items.
     fn note_event(&self, st: &mut State, u: u32, i: u32, w: f32, ts: f64) {
         st.trending.add(i, w, ts);
         st.update_fresh(i, self.cfg.explore_max_events);
-        let seen = &mut st.seen[u as usize];
-        if let Err(pos) = seen.binary_search(&i) {
-            seen.insert(pos, i);
-        }
+        mark_seen(&mut st.seen[u as usize], i);
     }
 
     /// Decodes the first frame in `buf` and checks every record as `apply` would, changing

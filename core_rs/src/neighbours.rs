@@ -58,7 +58,7 @@ const LIST_PREFETCH_LINES: usize = 4;
 
 /// Asks the CPU to start loading the cache line holding `x`: a hint, it changes no result.
 #[inline(always)]
-fn prefetch<T>(x: &T) {
+pub(crate) fn prefetch<T>(x: &T) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};

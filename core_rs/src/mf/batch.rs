@@ -73,10 +73,7 @@ impl Mf {
     /// deferred to [`Mf::fold_popularity`]. Returns the popularity weight `f_i^α` before the
     /// event, or None when `w` or `ts` is not a valid event (nothing is recorded).
     pub fn record_event(&mut self, u: u32, i: u32, w: f32, ts: f64) -> Option<f64> {
-        let w = self.cfg.w_new * w;
-        if !super::valid_event(w, ts) {
-            return None;
-        }
+        let w = self.cfg.recorded_weight(w, ts)?;
         let held = self.record(u, i, w, ts, true);
         self.updates_since_exact += 1;
         self.epoch += 1;

@@ -59,12 +59,14 @@
 mod batch;
 mod kernels;
 mod persist;
+mod sides;
 #[cfg(test)]
 mod tests;
 
 use std::collections::VecDeque;
 
 pub use batch::Solved;
+pub use sides::{ItemSide, UserSide, UserStep};
 
 use crate::rng::Rng;
 use kernels::{add_outer, coord_sweep, dot, prefetch, replace_outer, Rank1, Scratch};
@@ -100,6 +102,13 @@ pub struct MfConfig {
 }
 
 impl MfConfig {
+    /// The weight an event of weight `w` at `ts` is recorded with (`w_new · w`), or None
+    /// when it is not a valid event and nothing is recorded.
+    pub fn recorded_weight(&self, w: f32, ts: f64) -> Option<f32> {
+        let w = self.w_new * w;
+        valid_event(w, ts).then_some(w)
+    }
+
     /// Checks the values a model cannot work with; the bindings call this before
     /// [`Mf::new`] so a bad configuration is reported instead of producing NaN vectors.
     pub fn validate(&self) -> Result<(), String> {
@@ -566,10 +575,7 @@ impl Mf {
 
     #[inline]
     fn decay_factor(&self, age: f64) -> f64 {
-        match self.cfg.decay_half_life {
-            Some(h) if h > 0.0 && age > 0.0 => (-age / h).exp2(),
-            _ => 1.0,
-        }
+        sides::decay_factor(&self.cfg, age)
     }
 
     #[inline]
@@ -577,97 +583,45 @@ impl Mf {
         (e.w as f64 * self.decay_factor(self.now - e.ts)) as f32
     }
 
-    fn grow_users(&mut self, n: usize) {
-        let d = self.cfg.dim;
-        let mut tmp = vec![0.0; d];
-        while self.n_users < n {
-            let row = init_row(self.cfg.seed, SIDE_USER, self.n_users as u64, d, self.cfg.init_std);
-            add_outer(&mut self.sp, d, 1.0, &row, &mut tmp);
-            self.p.extend_from_slice(&row);
-            self.user_hist.push(VecDeque::new());
-            self.user_counts.push(0.0);
-            self.n_users += 1;
-        }
-    }
-
     fn grow_items(&mut self, n: usize) {
-        let d = self.cfg.dim;
-        while self.n_items < n {
-            // f_i = 0, so the new row adds nothing to S~ or Z until its first event.
-            let row = init_row(self.cfg.seed, SIDE_ITEM, self.n_items as u64, d, self.cfg.init_std);
-            self.q.extend_from_slice(&row);
-            self.item_hist.push(VecDeque::new());
-            self.counts.push(0.0);
-            self.pop_w.push(0.0);
-            self.n_items += 1;
-        }
+        self.sides().2.grow(n);
     }
 
     /// Sets `f_i`, moving `Z` and (unless `defer`) `q_i`'s share of `S~` to the new
     /// popularity. Returns the old popularity weight `f_i^α`.
     fn set_count(&mut self, i: usize, f_new: f64, defer: bool) -> f64 {
-        let d = self.cfg.dim;
-        let a_old = self.pop_w[i];
-        let a_new = self.pop(f_new);
-        self.counts[i] = f_new;
-        self.pop_w[i] = a_new;
-        self.z = (self.z + (a_new - a_old)).max(0.0);
+        let (a_old, a_new) =
+            sides::set_pop(self.cfg.alpha, &mut self.counts, &mut self.pop_w, &mut self.z, i, f_new);
         if a_new != a_old && !defer {
-            let x = &mut self.scratch.x64;
-            x.resize(d, 0.0);
-            for (t, &v) in x.iter_mut().zip(&self.q[i * d..(i + 1) * d]) {
-                *t = v as f64;
-            }
-            let x = std::mem::take(&mut self.scratch.x64);
-            replace_outer(&mut self.st, d, a_new - a_old, &x, 0.0, &x);
-            self.scratch.x64 = x;
+            self.move_popularity(i, a_new - a_old);
         }
         a_old
+    }
+
+    /// Adds `delta · q_i q_iᵀ` to `S~` (the item's popularity weight moved by `delta`).
+    fn move_popularity(&mut self, i: usize, delta: f64) {
+        let d = self.cfg.dim;
+        let x = &mut self.scratch.x64;
+        x.resize(d, 0.0);
+        for (t, &v) in x.iter_mut().zip(&self.q[i * d..(i + 1) * d]) {
+            *t = v as f64;
+        }
+        let x = std::mem::take(&mut self.scratch.x64);
+        replace_outer(&mut self.st, d, delta, &x, 0.0, &x);
+        self.scratch.x64 = x;
     }
 
     /// Stores the event in both histories (accumulating a repeat) and bumps `f_i`; with
     /// `defer_pop` the caller takes over moving `q_i`'s term in `S~` to the new popularity.
     /// Returns the popularity weight `f_i^α` before the event.
     fn record(&mut self, u: u32, i: u32, w: f32, ts: f64, defer_pop: bool) -> f64 {
-        self.grow_users(u as usize + 1);
-        self.grow_items(i as usize + 1);
-        if ts > self.now {
-            self.now = ts;
+        let (_, mut users, mut items) = self.sides();
+        let step = users.record(u, i, w, ts);
+        let (a_old, a_new) = items.record(u, i, ts, step);
+        if a_new != a_old && !defer_pop {
+            self.move_popularity(i as usize, a_new - a_old);
         }
-        let (uu, ii) = (u as usize, i as usize);
-        let hist = &mut self.user_hist[uu];
-        let held = hist.iter().position(|e| e.id == i);
-        let entry = match held {
-            Some(pos) => {
-                let old = hist.remove(pos).expect("position is in range");
-                let t = old.ts.max(ts);
-                let w = old.w as f64 * self.decay_factor(t - old.ts) + w as f64 * self.decay_factor(t - ts);
-                Entry { id: i, n: old.n.saturating_add(1), w: w as f32, ts: t }
-            }
-            None => Entry { id: i, n: 1, w, ts },
-        };
-        let hist = &mut self.user_hist[uu];
-        hist.push_back(entry);
-        if hist.len() > self.cfg.user_history_cap {
-            let evicted = hist.pop_front().expect("history is not empty");
-            remove_id(&mut self.item_hist[evicted.id as usize], u);
-        }
-        // The item's copy mirrors the user's entry, so both sides see the same w_ui.
-        let ih = &mut self.item_hist[ii];
-        // Only a pair the user's history held can be in the item's (see the module docs):
-        // a first interaction skips the scan of up to `item_history_cap` entries.
-        if held.is_some() {
-            if let Some(pos) = ih.iter().position(|e| e.id == u) {
-                ih.remove(pos);
-            }
-        }
-        ih.push_back(Entry { id: u, ..entry });
-        if ih.len() > self.cfg.item_history_cap {
-            ih.pop_front();
-        }
-        self.user_counts[uu] += 1.0;
-        let f = self.counts[ii] + 1.0;
-        self.set_count(ii, f, defer_pop)
+        a_old
     }
 
     /// Gathers user `u`'s held history into `sc` for a sweep against `S^q`; returns the

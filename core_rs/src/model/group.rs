@@ -3,9 +3,9 @@
 //! Every record is applied in order as on the per-event path — validation, the redelivery
 //! window, histories, counts, trending, item neighbours, seen items and the per-batch reports —
 //! except the factorization's solves and the neighbour counts (collected in order and counted
-//! by list in parallel, with the same result: `Neighbours::add_all`): the events are recorded ([`crate::mf::Mf::record_event`])
-//! and, at the end of the group, each touched user is solved once and then each touched item
-//! once, in parallel (see `mf::batch`). A user with five events in the group is solved once
+//! by list in parallel, with the same result: `Neighbours::add_all`): the events are
+//! recorded ([`crate::mf::Mf::record_event`]) and, at the end of the group, each touched
+//! user is solved once and then each touched item once, in parallel (see `mf::batch`). A user with five events in the group is solved once
 //! with all five in its history; a hot item once, not once per event.
 //!
 //! Erase and item-attribute records are barriers: the events before one are solved, then it
@@ -13,22 +13,47 @@
 //! attribute changes see the vectors they would see per event. At most [`MAX_COALESCED`]
 //! events are coalesced into one solve ([`REPLAY_COALESCED`] while replaying at start-up).
 //!
+//! # Pipelined recording
+//! A replay at start-up ([`Recording::Pipelined`]) records each run of interactions between
+//! two solves or barriers in three stages, each taking every event in order: admission
+//! (validation, the redelivery window, ids, the clock, the reports), the user's side (the
+//! neighbour pairs, the user's history and count — `UserSide` of the factorization — and
+//! seen items), the item's side (the item's history, count and popularity weight, `Z`,
+//! trending, the fresh set — `ItemSide`). In step `k`, one thread admits the records of
+//! step `k` and then takes the item's side of step `k - 2`'s, while the other takes the
+//! user's side of step `k - 1`'s (`rayon::join`; the user's side, with a miss or two per
+//! event on a large user base, weighs about as much as the two others together). Each
+//! stage writes only its own fields, the user's side of an event needs only the ids
+//! admission assigned and the item's side only the `UserStep` the user's side returned, so
+//! every event is applied exactly as the serial recording applies it, in the same order on
+//! each side: the model is the same bit for bit. Two differences that leave no trace: a
+//! new user's seen list is made by the user's stage, and a new item joins the fresh set
+//! when the item's stage takes its event (the serial path adds it when its id is assigned,
+//! and the same event then settles its membership). The neighbour counts of the run are
+//! counted beside the first users' solve (they do not depend on the factorization).
+//!
 //! # Locking
 //! The group holds the state's upgradable read lock throughout, so no other writer runs
 //! meanwhile, while queries do: the records are written under the write lock in chunks of
 //! `RECORD_CHUNK` (readers get in between chunks), the parallel solves run under the shared
 //! lock, and their results are installed under short write locks. The exact Gramian
 //! recomputation, when due, is also computed under the shared lock and installed under a
-//! short write lock.
+//! short write lock. A pipelined recording holds the write lock for a whole run (up to
+//! [`REPLAY_COALESCED`] events; the stages are in between steps at every step's end) and
+//! for the neighbour counts beside the first users' solve: it serves a replay at start-up,
+//! which nobody queries.
 
 use std::collections::HashMap;
 
 use parking_lot::{RwLockUpgradableReadGuard, RwLockWriteGuard};
 
-use super::{ApplyReport, Model, State};
+use super::{mark_seen, seen_by, update_fresh, Admitted, ApplyReport, Book, Model, State};
+use crate::coldstart::SortedIds;
 use crate::decode::{self, Record};
 use crate::ids::ExtId;
-use crate::neighbours::Adds;
+use crate::mf::{ItemSide, MfConfig, UserSide, UserStep};
+use crate::neighbours::{prefetch, Adds};
+use crate::trending::Trending;
 
 /// Most events whose solves are coalesced into one: bounds the memory of a solve and how far
 /// the vectors may lag the histories within one group.
@@ -40,6 +65,21 @@ pub const MAX_COALESCED: usize = 1 << 16;
 pub const REPLAY_COALESCED: usize = 1 << 20;
 /// Records written under one write-lock acquisition while a group is recorded (~1 µs each).
 const RECORD_CHUNK: usize = 256;
+/// Records each stage of a pipelined recording takes per step: a step is one hand-over
+/// between the stages and between the two threads.
+const PIPELINE_STEP: usize = 2048;
+/// How many events ahead the user stage asks for what the next events' users read.
+const USER_PREFETCH_AHEAD: usize = 8;
+
+/// How the interactions of a group are recorded (the solves are the same either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recording {
+    /// Each record whole, one after another, on the calling thread.
+    Serial,
+    /// In three stages on two threads: admission, the user's side and the item's side of
+    /// each event (see the module docs); the same model as [`Recording::Serial`].
+    Pipelined,
+}
 
 type Shared<'a> = RwLockUpgradableReadGuard<'a, State>;
 
@@ -51,18 +91,31 @@ pub struct Batch<'a> {
     pub accepted_at: f64,
 }
 
-/// Users and items of recorded events whose solves are pending.
+/// Users of recorded events whose solves are pending, and the neighbour pairs to count.
 #[derive(Default)]
-struct Pending {
-    users: Vec<u32>,
-    /// By dense id: whether the user or item is pending (kept across takes, all false then).
-    user_marks: Vec<bool>,
-    /// Each item with the popularity weight it was held at in `S~` before its first event.
-    items: Vec<(u32, f64)>,
-    item_marks: Vec<bool>,
-    events: usize,
+struct PendingUsers {
+    ids: Vec<u32>,
+    /// By dense id: whether the user is pending (kept across takes, all false then).
+    marks: Vec<bool>,
     /// New (item, the user's recent items) pairs for the neighbour counts.
     pairs: Adds,
+}
+
+/// Items of recorded events whose solves are pending.
+#[derive(Default)]
+struct PendingItems {
+    /// Each item with the popularity weight it was held at in `S~` before its first event.
+    ids: Vec<(u32, f64)>,
+    marks: Vec<bool>,
+}
+
+/// What is recorded and not solved yet.
+#[derive(Default)]
+struct Pending {
+    /// Events recorded for the factorization.
+    events: usize,
+    users: PendingUsers,
+    items: PendingItems,
 }
 
 /// Marks `id`; true if it was not marked yet.
@@ -74,31 +127,160 @@ fn mark(marks: &mut Vec<bool>, id: u32) -> bool {
     !std::mem::replace(&mut marks[id], true)
 }
 
+impl PendingUsers {
+    fn add(&mut self, u: u32) {
+        if mark(&mut self.marks, u) {
+            self.ids.push(u);
+        }
+    }
+}
+
+impl PendingItems {
+    fn add(&mut self, i: u32, held: f64) {
+        if mark(&mut self.marks, i) {
+            self.ids.push((i, held));
+        }
+    }
+}
+
 impl Pending {
     fn add(&mut self, u: u32, i: u32, held: f64) {
-        if mark(&mut self.user_marks, u) {
-            self.users.push(u);
-        }
-        if mark(&mut self.item_marks, i) {
-            self.items.push((i, held));
-        }
+        self.users.add(u);
+        self.items.add(i, held);
         self.events += 1;
     }
 
     fn is_empty(&self) -> bool {
-        self.events == 0 && self.pairs.is_empty()
+        self.events == 0 && self.users.pairs.is_empty()
     }
 
     /// The pending users, items and pairs; leaves nothing pending.
     fn take(&mut self) -> (Vec<u32>, Vec<(u32, f64)>, Adds) {
-        for &u in &self.users {
-            self.user_marks[u as usize] = false;
+        for &u in &self.users.ids {
+            self.users.marks[u as usize] = false;
         }
-        for &(i, _) in &self.items {
-            self.item_marks[i as usize] = false;
+        for &(i, _) in &self.items.ids {
+            self.items.marks[i as usize] = false;
         }
         self.events = 0;
-        (std::mem::take(&mut self.users), std::mem::take(&mut self.items), std::mem::take(&mut self.pairs))
+        (
+            std::mem::take(&mut self.users.ids),
+            std::mem::take(&mut self.items.ids),
+            std::mem::take(&mut self.users.pairs),
+        )
+    }
+}
+
+/// What the first stage of a pipelined recording writes: admission.
+struct IdStage<'a> {
+    book: Book<'a>,
+    /// The model's counts of applied, duplicate and refused records.
+    totals: [&'a mut u64; 3],
+    mf: &'a MfConfig,
+    /// [`Pending::events`]: the first stage knows which events the factorization records.
+    events: &'a mut usize,
+    /// Records admitted since the last solve.
+    admitted: usize,
+}
+
+/// What the second stage writes: the user's side.
+struct UserStage<'a> {
+    seen: &'a mut Vec<Vec<u32>>,
+    mf: UserSide<'a>,
+    pending: &'a mut PendingUsers,
+}
+
+/// What the third stage writes: the item's side.
+struct ItemStage<'a> {
+    mf: ItemSide<'a>,
+    trending: &'a mut Trending,
+    fresh: &'a mut SortedIds,
+    pending: &'a mut PendingItems,
+}
+
+/// An interaction admitted by the first stage, and the user's side of it from the second
+/// (None: its weight or time is not a valid event for the factorization; only trending
+/// and the fresh set take it, as on the serial path).
+struct Step {
+    u: u32,
+    i: u32,
+    w: f32,
+    ts: f64,
+    user: Option<UserStep>,
+}
+
+/// A group being applied: what applying its batches has produced so far.
+struct Applying {
+    /// Whether the reports name the users each batch touched.
+    users: bool,
+    /// Most events solved together.
+    most: usize,
+    reports: Vec<ApplyReport>,
+    touched: Vec<HashMap<ExtId, Option<ExtId>>>,
+    /// Items whose vectors moved, for the index.
+    moved: Vec<u32>,
+    pending: Pending,
+}
+
+/// Why the first stage of a pipelined recording stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// It took its [`PIPELINE_STEP`] records; more follow.
+    Step,
+    /// The next record is an erasure or an item upsert.
+    Barrier,
+    /// The pending events reached the coalescing bound.
+    Full,
+    /// A batch ended and the model solves after each (`coalesce_records` off).
+    BatchEnd,
+    /// The group is recorded.
+    End,
+}
+
+fn stages<'a>(st: &'a mut State, pending: &'a mut Pending) -> (IdStage<'a>, UserStage<'a>, ItemStage<'a>) {
+    let State {
+        users,
+        items,
+        meta,
+        seen,
+        dedup,
+        newest_ts,
+        events_applied,
+        duplicates,
+        rejected,
+        mf,
+        trending,
+        fresh,
+        ..
+    } = st;
+    let (cfg, user_side, item_side) = mf.sides();
+    let first = IdStage {
+        book: Book { users, items, meta, dedup, newest_ts },
+        totals: [events_applied, duplicates, rejected],
+        mf: cfg,
+        events: &mut pending.events,
+        admitted: 0,
+    };
+    let second = UserStage { seen, mf: user_side, pending: &mut pending.users };
+    (first, second, ItemStage { mf: item_side, trending, fresh, pending: &mut pending.items })
+}
+
+/// Counts a record's outcome in its batch's report (`j`: its place in the batch); returns
+/// which of the model's totals it adds to (applied, duplicates, refused).
+fn tally(report: &mut ApplyReport, j: usize, result: Result<bool, String>) -> usize {
+    match result {
+        Ok(true) => {
+            report.applied += 1;
+            0
+        }
+        Ok(false) => {
+            report.duplicates += 1;
+            1
+        }
+        Err(reason) => {
+            report.rejected.push((j, reason));
+            2
+        }
     }
 }
 
@@ -118,67 +300,48 @@ impl Model {
     }
 
     /// [`Model::apply_group`]; without `users` the reports leave `touched_users` empty (a
-    /// replay at start-up has nobody to tell, and skips noting every event's user). At most
-    /// `max_coalesced` events are solved together.
+    /// replay at start-up has nobody to tell, and skips noting every event's user) and the
+    /// group is recorded pipelined ([`Recording::Pipelined`]). At most `max_coalesced` events
+    /// are solved together.
     pub fn apply_group_reporting(
         &self,
         batches: &[Batch<'_>],
         users: bool,
         max_coalesced: usize,
     ) -> Vec<ApplyReport> {
-        let mut reports: Vec<ApplyReport> = vec![ApplyReport::default(); batches.len()];
-        let mut touched: Vec<HashMap<ExtId, Option<ExtId>>> = vec![HashMap::new(); batches.len()];
-        let mut moved = Vec::new();
-        let mut pending = Pending::default();
-        let mut g = self.state.upgradable_read();
-        for (b, batch) in batches.iter().enumerate() {
-            let (report, touched) = (&mut reports[b], &mut touched[b]);
-            for (chunk_no, chunk) in batch.records.chunks(RECORD_CHUNK).enumerate() {
-                let mut st = upgrade(g);
-                let before = (report.applied, report.duplicates, report.rejected.len());
-                for (j, rec) in chunk.iter().enumerate() {
-                    let barrier = !matches!(rec, Record::Interaction { .. });
-                    if (barrier && !pending.is_empty()) || pending.events >= max_coalesced {
-                        st = upgrade(self.solve_pending(downgrade(st), &mut pending, &mut moved));
-                    }
-                    let result = if barrier {
-                        let erased = &mut report.erased_users;
-                        self.apply_one(
-                            &mut st,
-                            rec,
-                            batch.producer,
-                            batch.accepted_at,
-                            &mut moved,
-                            touched,
-                            erased,
-                        )
-                    } else {
-                        let touched = users.then_some(&mut *touched);
-                        self.record(&mut st, rec, batch.producer, batch.accepted_at, &mut pending, touched)
-                    };
-                    match result {
-                        Ok(true) => report.applied += 1,
-                        Ok(false) => report.duplicates += 1,
-                        Err(reason) => report.rejected.push((chunk_no * RECORD_CHUNK + j, reason)),
-                    }
-                }
-                st.events_applied += (report.applied - before.0) as u64;
-                st.duplicates += (report.duplicates - before.1) as u64;
-                st.rejected += (report.rejected.len() - before.2) as u64;
-                self.publish(&st);
-                g = downgrade(st);
-            }
-            if !self.cfg.coalesce_records && !pending.is_empty() {
-                g = self.solve_pending(g, &mut pending, &mut moved);
-            }
-        }
-        if !pending.is_empty() {
-            g = self.solve_pending(g, &mut pending, &mut moved);
+        let recording = if users { Recording::Serial } else { Recording::Pipelined };
+        self.apply_group_recording(batches, users, max_coalesced, recording)
+    }
+
+    /// [`Model::apply_group_reporting`], recording as `recording` says.
+    pub fn apply_group_recording(
+        &self,
+        batches: &[Batch<'_>],
+        users: bool,
+        max_coalesced: usize,
+        recording: Recording,
+    ) -> Vec<ApplyReport> {
+        let mut a = Applying {
+            users,
+            most: max_coalesced,
+            reports: vec![ApplyReport::default(); batches.len()],
+            touched: vec![HashMap::new(); batches.len()],
+            moved: Vec::new(),
+            pending: Pending::default(),
+        };
+        let g = self.state.upgradable_read();
+        let mut g = match recording {
+            Recording::Serial => self.record_serial(g, batches, &mut a),
+            Recording::Pipelined => self.record_pipelined(g, batches, &mut a),
+        };
+        if !a.pending.is_empty() {
+            g = self.solve_pending(g, &mut a.pending, &mut a.moved, recording == Recording::Pipelined);
         }
         drop(g);
-        self.mark_dirty(moved);
+        self.mark_dirty(a.moved);
+        let mut reports = a.reports;
         if users {
-            for (report, t) in reports.iter_mut().zip(touched) {
+            for (report, t) in reports.iter_mut().zip(a.touched) {
                 report.touched_users = t.into_iter().collect();
             }
         }
@@ -186,6 +349,243 @@ impl Model {
             self.reindex(usize::MAX);
         }
         reports
+    }
+
+    /// Applies the group's records one after another under write locks of [`RECORD_CHUNK`]
+    /// records, solving where a barrier, the coalescing bound or (`coalesce_records` off) a
+    /// batch's end says.
+    fn record_serial<'s>(&'s self, mut g: Shared<'s>, batches: &[Batch<'_>], a: &mut Applying) -> Shared<'s> {
+        for (b, batch) in batches.iter().enumerate() {
+            for (chunk_no, chunk) in batch.records.chunks(RECORD_CHUNK).enumerate() {
+                let mut st = upgrade(g);
+                let mut counts = [0u64; 3];
+                for (j, rec) in chunk.iter().enumerate() {
+                    let barrier = !matches!(rec, Record::Interaction { .. });
+                    if (barrier && !a.pending.is_empty()) || a.pending.events >= a.most {
+                        st = upgrade(self.solve_pending(downgrade(st), &mut a.pending, &mut a.moved, false));
+                    }
+                    let touched = &mut a.touched[b];
+                    let result = if barrier {
+                        let erased = &mut a.reports[b].erased_users;
+                        self.apply_one(
+                            &mut st,
+                            rec,
+                            batch.producer,
+                            batch.accepted_at,
+                            &mut a.moved,
+                            touched,
+                            erased,
+                        )
+                    } else {
+                        let touched = a.users.then_some(touched);
+                        self.record(&mut st, rec, batch.producer, batch.accepted_at, &mut a.pending, touched)
+                    };
+                    counts[tally(&mut a.reports[b], chunk_no * RECORD_CHUNK + j, result)] += 1;
+                }
+                st.events_applied += counts[0];
+                st.duplicates += counts[1];
+                st.rejected += counts[2];
+                self.publish(&st);
+                g = downgrade(st);
+            }
+            if !self.cfg.coalesce_records && !a.pending.is_empty() {
+                g = self.solve_pending(g, &mut a.pending, &mut a.moved, false);
+            }
+        }
+        g
+    }
+
+    /// Applies the group's records as [`Model::record_serial`] does, each run of interactions
+    /// between two solves or barriers in three stages on two threads (see the module docs),
+    /// under one write lock.
+    fn record_pipelined<'s>(
+        &'s self,
+        mut g: Shared<'s>,
+        batches: &[Batch<'_>],
+        a: &mut Applying,
+    ) -> Shared<'s> {
+        // The next record: (batch, place in it).
+        let mut at = (0usize, 0usize);
+        let mut admitted: Vec<Step> = Vec::with_capacity(PIPELINE_STEP);
+        let mut for_users: Vec<Step> = Vec::with_capacity(PIPELINE_STEP);
+        let mut for_items: Vec<Step> = Vec::with_capacity(PIPELINE_STEP);
+        loop {
+            let mut st = upgrade(g);
+            let mut stop = Stop::Step;
+            {
+                let (mut first, mut second, mut third) = stages(&mut st, &mut a.pending);
+                let mut touched = a.users.then_some(&mut a.touched[..]);
+                let reports = &mut a.reports[..];
+                // Step k: the first stage takes records while the second stage takes the
+                // user's side of step k - 1's and then the third the item's side of step
+                // k - 2's; after the first stage stops, two more steps drain the others.
+                loop {
+                    let running = stop == Stop::Step;
+                    (stop, ()) = rayon::join(
+                        || {
+                            let stop = if running {
+                                let touched = touched.as_deref_mut();
+                                self.admit_run(
+                                    &mut first,
+                                    batches,
+                                    &mut at,
+                                    reports,
+                                    touched,
+                                    a.most,
+                                    &mut admitted,
+                                )
+                            } else {
+                                stop
+                            };
+                            self.record_items(&mut third, &for_items);
+                            stop
+                        },
+                        || self.record_users(&mut second, &mut for_users),
+                    );
+                    for_items.clear();
+                    std::mem::swap(&mut for_items, &mut for_users);
+                    std::mem::swap(&mut for_users, &mut admitted);
+                    if stop != Stop::Step && for_users.is_empty() && for_items.is_empty() {
+                        break;
+                    }
+                }
+            }
+            self.publish(&st);
+            g = downgrade(st);
+            match stop {
+                Stop::Step => unreachable!("the run ends at a stop"),
+                Stop::Full | Stop::BatchEnd => {
+                    if !a.pending.is_empty() {
+                        g = self.solve_pending(g, &mut a.pending, &mut a.moved, true);
+                    }
+                }
+                Stop::Barrier => {
+                    if !a.pending.is_empty() {
+                        g = self.solve_pending(g, &mut a.pending, &mut a.moved, true);
+                    }
+                    let (b, j) = at;
+                    let batch = &batches[b];
+                    let mut st = upgrade(g);
+                    let report = &mut a.reports[b];
+                    let result = self.apply_one(
+                        &mut st,
+                        &batch.records[j],
+                        batch.producer,
+                        batch.accepted_at,
+                        &mut a.moved,
+                        &mut a.touched[b],
+                        &mut report.erased_users,
+                    );
+                    let total = tally(report, j, result);
+                    let State { events_applied, duplicates, rejected, .. } = &mut *st;
+                    *[events_applied, duplicates, rejected][total] += 1;
+                    self.publish(&st);
+                    g = downgrade(st);
+                    at = (b, j + 1);
+                }
+                Stop::End => return g,
+            }
+        }
+    }
+
+    /// The first stage: admits records from `at` on ([`Model::admit_ids`]), pushing the
+    /// admitted interactions to `out`, until [`PIPELINE_STEP`] records are taken or a solve
+    /// or a barrier is due (see [`Stop`]); `at` is left at the next record.
+    #[allow(clippy::too_many_arguments)]
+    fn admit_run(
+        &self,
+        s: &mut IdStage<'_>,
+        batches: &[Batch<'_>],
+        at: &mut (usize, usize),
+        reports: &mut [ApplyReport],
+        mut touched: Option<&mut [HashMap<ExtId, Option<ExtId>>]>,
+        most: usize,
+        out: &mut Vec<Step>,
+    ) -> Stop {
+        let mut taken = 0;
+        loop {
+            let (b, j) = *at;
+            let Some(batch) = batches.get(b) else { return Stop::End };
+            if j == batch.records.len() {
+                *at = (b + 1, 0);
+                // Nothing admitted since the last solve: nothing is pending.
+                if !self.cfg.coalesce_records && s.admitted > 0 {
+                    return Stop::BatchEnd;
+                }
+                continue;
+            }
+            let rec = &batch.records[j];
+            let Record::Interaction { user, id, .. } = rec else { return Stop::Barrier };
+            if *s.events >= most {
+                return Stop::Full;
+            }
+            if taken == PIPELINE_STEP {
+                return Stop::Step;
+            }
+            taken += 1;
+            *at = (b, j + 1);
+            let result =
+                self.admit_ids(&mut s.book, rec, batch.producer, batch.accepted_at).map(|admitted| {
+                    let Some(Admitted { u, i, w, ts, .. }) = admitted else { return false };
+                    s.admitted += 1;
+                    if s.mf.recorded_weight(w, ts).is_some() {
+                        *s.events += 1;
+                    }
+                    out.push(Step { u, i, w, ts, user: None });
+                    if let Some(touched) = touched.as_deref_mut() {
+                        touched[b].insert(user.clone(), id.clone());
+                    }
+                    true
+                });
+            *s.totals[tally(&mut reports[b], j, result)] += 1;
+        }
+    }
+
+    /// The second stage: the user's side of each admitted interaction, in order (the
+    /// neighbour pairs, the user's history, count and seen items), as [`Model::record`].
+    fn record_users(&self, s: &mut UserStage<'_>, steps: &mut [Step]) {
+        let window = self.cfg.neighbour_window;
+        for k in 0..steps.len() {
+            // The users are scattered over memory and each is a miss or two: their entries
+            // are asked for two distances ahead, what the entries point to one distance ahead.
+            if let Some(ahead) = steps.get(k + 2 * USER_PREFETCH_AHEAD) {
+                if let Some(seen) = s.seen.get(ahead.u as usize) {
+                    prefetch(seen);
+                }
+                s.mf.prefetch(ahead.u, false);
+            }
+            if let Some(ahead) = steps.get(k + USER_PREFETCH_AHEAD) {
+                if let Some(first) = s.seen.get(ahead.u as usize).and_then(|seen| seen.first()) {
+                    prefetch(first);
+                }
+                s.mf.prefetch(ahead.u, true);
+            }
+            let step = &mut steps[k];
+            let (u, i) = (step.u, step.i);
+            let seen = seen_by(s.seen, u);
+            if self.cfg.neighbour_weight > 0.0 && seen.binary_search(&i).is_err() {
+                let mf = &s.mf;
+                s.pending.pairs.push_with(i, |out| mf.extend_recent_items(u, window, out));
+            }
+            step.user = s.mf.record_event(u, i, step.w, step.ts);
+            if step.user.is_some() {
+                s.pending.add(u);
+            }
+            mark_seen(seen, i);
+        }
+    }
+
+    /// The third stage: the item's side of each interaction, in order (the item's history,
+    /// count and popularity, trending, the fresh set), as [`Model::record`].
+    fn record_items(&self, s: &mut ItemStage<'_>, steps: &[Step]) {
+        for step in steps {
+            if let Some(user_step) = step.user {
+                let held = s.mf.record_event(step.u, step.i, step.ts, user_step);
+                s.pending.add(step.i, held);
+            }
+            s.trending.add(step.i, step.w, step.ts);
+            update_fresh(s.fresh, step.i, s.mf.item_count(step.i), self.cfg.explore_max_events);
+        }
     }
 
     /// Applies journal records (`[accepted_at, frame]`, see [`decode::decode_journal_record`])
@@ -244,7 +644,8 @@ impl Model {
         pending: &mut Pending,
         touched: Option<&mut HashMap<ExtId, Option<ExtId>>>,
     ) -> Result<bool, String> {
-        let Some((u, i, w, ts)) = self.admit(st, rec, producer, accepted_at, Some(&mut pending.pairs))?
+        let Some((u, i, w, ts)) =
+            self.admit(st, rec, producer, accepted_at, Some(&mut pending.users.pairs))?
         else {
             return Ok(false);
         };
@@ -259,12 +660,15 @@ impl Model {
     }
 
     /// Solves the pending users, then items (`online_iters` times), and settles the items'
-    /// attribute state as the per-event path does after each update.
+    /// attribute state as the per-event path does after each update. With `beside`, the
+    /// neighbour counts (independent of the factorization) are counted beside the first
+    /// users' solve, under the write lock (a replay: nobody is waiting to read); else first.
     fn solve_pending<'a>(
         &'a self,
         mut g: Shared<'a>,
         pending: &mut Pending,
         moved: &mut Vec<u32>,
+        beside: bool,
     ) -> Shared<'a> {
         let (mut users, mut items, pairs) = pending.take();
         // Ascending ids: neighbouring rows, and one fixed order for the installs.
@@ -284,10 +688,17 @@ impl Model {
             .collect();
         let mut st = upgrade(g);
         st.mf.fold_popularity(&items);
-        st.neighbours.add_all(&pairs);
+        let mut users_solved = None;
+        if beside && self.cfg.mf.online_iters > 0 {
+            let State { mf, neighbours, .. } = &mut *st;
+            let ((), solved) = rayon::join(|| neighbours.add_all(&pairs), || mf.solve_users(&users));
+            users_solved = Some(solved);
+        } else {
+            st.neighbours.add_all(&pairs);
+        }
         g = downgrade(st);
         for _ in 0..self.cfg.mf.online_iters {
-            let solved = g.mf.solve_users(&users);
+            let solved = users_solved.take().unwrap_or_else(|| g.mf.solve_users(&users));
             let mut st = upgrade(g);
             let installed = st.mf.install(solved);
             debug_assert!(installed, "no other writer runs while a group holds the lock");
@@ -497,18 +908,23 @@ mod tests {
         assert_eq!(non_vector_state(&per), non_vector_state(&bat));
     }
 
-    /// Batches of one group report separately, each numbering its own refusals.
-    #[test]
-    fn one_report_per_batch() {
-        let m = Model::new(cfg(true));
-        let bad = Record::Interaction {
+    /// An interaction of an unknown type: refused.
+    fn refused() -> Record {
+        Record::Interaction {
             user: ExtId::Int(1),
             item: ExtId::Int(1),
             kind: Some("nope".into()),
             weight: None,
             id: None,
             ts: T0,
-        };
+        }
+    }
+
+    /// Batches of one group report separately, each numbering its own refusals.
+    #[test]
+    fn one_report_per_batch() {
+        let m = Model::new(cfg(true));
+        let bad = refused();
         let (a, b) = (vec![ev(1, 1, 1), bad.clone()], vec![bad, ev(2, 1, 2), ev(1, 1, 1)]);
         let r = m.apply_group(&[
             Batch { records: &a, producer: "p", accepted_at: T0 + 10.0 },
@@ -571,6 +987,106 @@ mod tests {
         assert_ne!(vectors(&small), vectors(&whole));
         let (live, _) = run(MAX_COALESCED, &group);
         assert_eq!(vectors(&live), vectors(&whole));
+    }
+
+    /// The whole model, vectors and Gramians bit for bit, and the ids' dense slots.
+    fn whole_state(m: &Model) -> String {
+        let st = m.state.read();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let bits64 = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        format!(
+            "{}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+            non_vector_state(m),
+            bits(st.mf.user_matrix()),
+            bits(st.mf.item_matrix()),
+            bits64(st.mf.gramian_p()),
+            bits64(&st.mf.gramian_q()),
+            st.users.slots(),
+            st.items.slots(),
+            st.meta.len(),
+            (st.newest_ts, st.trending.top(20, &|_| true)),
+        )
+    }
+
+    /// The pipelined recording applies a group exactly as the serial one: the same reports
+    /// and the same model bit for bit, through several batches, redeliveries, refusals, new
+    /// users and items, histories past their caps, an erasure and an item upsert (barriers),
+    /// with the coalescing bound reached inside the group or not, and without coalescing
+    /// across batches; runs long enough for many pipeline steps.
+    #[test]
+    fn pipelined_recording_equals_serial() {
+        let small = || {
+            let mut c = cfg(true);
+            (c.mf.user_history_cap, c.mf.item_history_cap) = (8, 16);
+            c
+        };
+        // Event `n` has the id `n` and a time within the server's clock.
+        let event = |n: usize| match ev((n * 13 % 701) as i64, (n * n % 257) as i64, n) {
+            Record::Interaction { user, item, kind, weight, id, .. } => {
+                Record::Interaction { user, item, kind, weight, id, ts: T0 + (n % 5000) as f64 }
+            }
+            _ => unreachable!("ev builds interactions"),
+        };
+        let mut records: Vec<Record> = (0..9000).map(event).collect();
+        // Redeliveries of earlier events, refusals, an erasure and an item upsert among them.
+        for n in (0..60).rev() {
+            records.insert(150 * n + 7, event(n));
+        }
+        records.insert(2500, refused());
+        records.insert(4100, Record::EraseUser { user: ExtId::Int(13), ts: T0 });
+        records.insert(4101, Record::EraseUser { user: ExtId::Int(26), ts: T0 });
+        let upsert = Record::ItemUpsert {
+            item: ExtId::Int(5),
+            tags: vec!["t".into()],
+            category: Some("c".into()),
+            available: Some(true),
+            ts: T0,
+        };
+        records.insert(6000, upsert);
+        records.insert(8999, refused());
+        let sizes = [100, 1, 2900, 37, 5000, 413, 600];
+        let mut batches = Vec::new();
+        let mut rest = &records[..];
+        for (k, n) in sizes.iter().cycle().enumerate() {
+            // Each batch accepted a second after the one before.
+            let (head, tail) = rest.split_at((*n).min(rest.len()));
+            batches.push((head.to_vec(), k));
+            rest = tail;
+            if rest.is_empty() {
+                break;
+            }
+        }
+        for (users, most, coalesce) in
+            [(false, REPLAY_COALESCED, true), (false, 1000, true), (true, 3000, true), (false, 5000, false)]
+        {
+            let run = |recording: Recording| {
+                let mut c = small();
+                c.coalesce_records = coalesce;
+                let m = Model::new(small());
+                m.apply_at(&warm(), "p0", T0 + 1e4);
+                let m = Model { cfg: c, ..m };
+                let group: Vec<Batch<'_>> = batches
+                    .iter()
+                    .map(|(r, k)| Batch { records: r, producer: "q", accepted_at: T0 + 1e4 + *k as f64 })
+                    .collect();
+                let reports = m.apply_group_recording(&group, users, most, recording);
+                let reports: Vec<_> = reports
+                    .iter()
+                    .map(|r| {
+                        (r.applied, r.duplicates, r.rejected.clone(), r.erased_users.clone(), sorted_users(r))
+                    })
+                    .collect();
+                (whole_state(&m), reports)
+            };
+            let (serial, pipelined) = (run(Recording::Serial), run(Recording::Pipelined));
+            let counts = serial
+                .1
+                .iter()
+                .fold((0, 0, 0, 0), |(a, d, r, e), x| (a + x.0, d + x.1, r + x.2.len(), e + x.3.len()));
+            assert_eq!(counts, (9003, 60, 2, 2), "users {users} most {most}");
+            assert_eq!(serial.1, pipelined.1, "users {users} most {most} coalesce {coalesce}");
+            assert!(serial.0 == pipelined.0, "users {users} most {most} coalesce {coalesce}");
+        }
     }
 
     /// Journal records are decoded in Rust; an unreadable one is reported and skipped while
