@@ -1432,17 +1432,18 @@ impl Model {
         // that could still enter a list, and a user's best-scored rows are often items it has
         // taken, so a binary search of the seen list per question cost more than the marking.
         let words = n_items.div_ceil(64);
-        let seen_bits: Option<Vec<u64>> = (q.exclude_seen && words <= SEEN_BITMAP_WORDS).then(|| {
-            let mut bits = vec![0u64; words * searched.len()];
-            for (row, &(u, _)) in bits.chunks_exact_mut(words).zip(&searched) {
-                for &i in &st.seen[u as usize] {
-                    if let Some(word) = row.get_mut(i as usize / 64) {
-                        *word |= 1 << (i % 64);
+        let seen_bits: Option<Vec<u64>> =
+            (q.exclude_seen && (1..=SEEN_BITMAP_WORDS).contains(&words)).then(|| {
+                let mut bits = vec![0u64; words * searched.len()];
+                for (row, &(u, _)) in bits.chunks_exact_mut(words).zip(&searched) {
+                    for &i in &st.seen[u as usize] {
+                        if let Some(word) = row.get_mut(i as usize / 64) {
+                            *word |= 1 << (i % 64);
+                        }
                     }
                 }
-            }
-            bits
-        });
+                bits
+            });
         let seen = |n: usize, i: u32| match &seen_bits {
             Some(bits) => {
                 let word = i as usize / 64;
@@ -1855,6 +1856,16 @@ mod tests {
 
     fn close(a: &[f32], b: &[f32], tol: f32) -> bool {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol * (1.0 + x.abs()))
+    }
+
+    /// A model without items answers a batch with empty lists (the scan has no rows to mark).
+    #[test]
+    fn an_empty_catalog_answers_a_batch_with_empty_lists() {
+        let m = Model::new(Config::default());
+        let q = Query { k: 5, exclude_seen: true, ..Query::default() };
+        let lists = m.recommend_many(&[ExtId::Int(1), ExtId::Str("u".into())], &q);
+        assert_eq!(lists.len(), 2);
+        assert!(lists.iter().all(Vec::is_empty));
     }
 
     /// A batch's lists are its users' single lists, whatever the batch: where the exact scan
