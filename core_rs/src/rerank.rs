@@ -4,9 +4,10 @@
 //! the candidates come from.
 
 use std::cmp::Ordering;
+use std::collections::BinaryHeap;
 
 use crate::rng::Rng;
-use crate::scan::dot;
+use crate::scan::{dot, Worst};
 
 /// Min-max normalisation to [0, 1]. A constant list (a lone candidate among them) carries no
 /// ranking signal and maps to ones: its best is as good as the pool gets, and a blend then
@@ -60,44 +61,23 @@ pub fn top_sorted(hits: &mut Vec<(u32, f32)>, n: usize) {
 /// taken with its own): selecting the best `m` and then filtering would repeat the
 /// selection over the rest for as many rounds as seen items crowd the top.
 pub fn top_kept(cands: &[(u32, f32)], m: usize, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
-    use std::cmp::Reverse;
-    use std::collections::BinaryHeap;
     if m == 0 {
         return Vec::new();
     }
-    let mut worst_first: BinaryHeap<Reverse<Better>> = BinaryHeap::with_capacity(m + 1);
-    for &c in cands {
-        if worst_first.len() == m {
-            let worst = &worst_first.peek().expect("m > 0 entries").0;
-            if Better(c) <= *worst || !keep(c.0) {
+    let mut held: BinaryHeap<Worst> = BinaryHeap::with_capacity(m + 1);
+    for &(id, s) in cands {
+        let cand = Worst(s, id);
+        if held.len() == m {
+            if cand >= *held.peek().expect("m > 0 entries") || !keep(id) {
                 continue;
             }
-            worst_first.pop();
-        } else if !keep(c.0) {
-            continue;
+            // The worst replaced in place: one sift instead of a pop and a push.
+            *held.peek_mut().expect("m > 0 entries") = cand;
+        } else if keep(id) {
+            held.push(cand);
         }
-        worst_first.push(Reverse(Better(c)));
     }
-    worst_first.into_sorted_vec().into_iter().map(|r| r.0 .0).collect()
-}
-
-/// A candidate ordered as [`sort_desc`] ranks it: greater is better (a higher score, then a
-/// smaller id).
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Better((u32, f32));
-
-impl Eq for Better {}
-
-impl PartialOrd for Better {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Better {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.0 .1.total_cmp(&other.0 .1).then(other.0 .0.cmp(&self.0 .0))
-    }
+    held.into_sorted_vec().into_iter().map(|w| (w.1, w.0)).collect()
 }
 
 /// Scores of a sparse set of dense ids, summed in place: a stamped array reused from list to

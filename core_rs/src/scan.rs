@@ -203,9 +203,10 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// A scored row ordered by score, ties broken by the smaller id ranking higher, so results
-/// are deterministic. Reversed so that `BinaryHeap` is a min-heap on the score.
+/// are deterministic. Reversed so that `BinaryHeap` is a min-heap on the score: its top is
+/// the worst row held, and `into_sorted_vec` lists the best first.
 #[derive(Clone, Copy, PartialEq)]
-struct Worst(f32, u32);
+pub(crate) struct Worst(pub(crate) f32, pub(crate) u32);
 
 impl Eq for Worst {}
 impl PartialOrd for Worst {
