@@ -490,7 +490,6 @@ impl Dirty {
 struct Scratch {
     near: rerank::TermSums,
     known: rerank::SparseScores,
-    cands: Vec<(u32, f32)>,
     /// The user's seen items, when there are at most [`MARK_SEEN_MAX`].
     seen: rerank::SparseScores,
 }
@@ -1524,7 +1523,7 @@ impl Model {
         let Some(filters) = Self::resolve_filters(st, q) else { return Vec::new() };
         let n_items = st.items.capacity();
         let mut scratch = Scratch::take();
-        let Scratch { near, known, cands: near_list, seen } = &mut *scratch;
+        let Scratch { near, known, seen } = &mut *scratch;
         // A short seen list is marked in a stamped set: one lookup per candidate instead of a
         // binary search (the candidates of a search are tested by the hundred).
         let marked = match u {
@@ -1598,9 +1597,7 @@ impl Model {
                     if gamma > 0.0 {
                         let recent = st.mf.recent_items(u, self.cfg.neighbour_window);
                         st.neighbours.each_term(&recent, |j, s| near.add(j, s));
-                        near_list.clear();
-                        near_list.extend(near.entries());
-                        let top = rerank::top_kept(near_list, m, &keep_main);
+                        let top = rerank::top_kept(near.entries(), m, &keep_main);
                         ids.extend(top.into_iter().map(|h| h.0).filter(|&i| known.insert(i)));
                     }
                     if beta >= MIN_BLEND {

@@ -60,12 +60,16 @@ pub fn top_sorted(hits: &mut Vec<(u32, f32)>, n: usize) {
 /// best so far. A user's neighbourhood candidates are often items it has seen (the items
 /// taken with its own): selecting the best `m` and then filtering would repeat the
 /// selection over the rest for as many rounds as seen items crowd the top.
-pub fn top_kept(cands: &[(u32, f32)], m: usize, keep: &dyn Fn(u32) -> bool) -> Vec<(u32, f32)> {
+pub fn top_kept(
+    cands: impl IntoIterator<Item = (u32, f32)>,
+    m: usize,
+    keep: &dyn Fn(u32) -> bool,
+) -> Vec<(u32, f32)> {
     if m == 0 {
         return Vec::new();
     }
     let mut held: BinaryHeap<Worst> = BinaryHeap::with_capacity(m + 1);
-    for &(id, s) in cands {
+    for (id, s) in cands {
         let cand = Worst(s, id);
         if held.len() == m {
             if cand >= *held.peek().expect("m > 0 entries") || !keep(id) {
@@ -343,7 +347,7 @@ mod tests {
                     let mut want: Vec<(u32, f32)> = cands.iter().copied().filter(|c| keep(c.0)).collect();
                     sort_desc(&mut want);
                     want.truncate(m);
-                    assert_eq!(top_kept(&cands, m, keep), want, "n {n}, m {m}");
+                    assert_eq!(top_kept(cands.iter().copied(), m, keep), want, "n {n}, m {m}");
                 }
             }
         }
