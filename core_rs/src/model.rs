@@ -1427,10 +1427,11 @@ impl Model {
         let searched: Vec<(u32, usize)> = wanted.iter().flatten().copied().collect();
         let queries: Vec<&[f32]> = searched.iter().map(|&(u, _)| st.mf.user_vector(u)).collect();
         let ks: Vec<usize> = searched.iter().map(|s| s.1).collect();
-        // Each user's seen items as a bitmap over the catalog: the scan asks about every row
-        // that could still enter a list, and a user's best-scored rows are often items it has
+        // Each user's seen items as a bitmap, one bit per row of the matrix the scan reads (a
+        // seen item without a row is never asked about): the scan asks about every row that
+        // could still enter a list, and a user's best-scored rows are often items it has
         // taken, so a binary search of the seen list per question cost more than the marking.
-        let words = n_items.div_ceil(64);
+        let words = (st.mf.item_matrix().len() / self.cfg.mf.dim.max(1)).div_ceil(64);
         let seen_bits: Option<Vec<u64>> =
             (q.exclude_seen && (1..=SEEN_BITMAP_WORDS).contains(&words)).then(|| {
                 let mut bits = vec![0u64; words * searched.len()];
@@ -1444,14 +1445,7 @@ impl Model {
                 bits
             });
         let seen = |n: usize, i: u32| match &seen_bits {
-            Some(bits) => {
-                let word = i as usize / 64;
-                if word < words {
-                    bits[n * words + word] >> (i % 64) & 1 == 1
-                } else {
-                    st.has_seen(searched[n].0, i)
-                }
-            }
+            Some(bits) => bits[n * words + i as usize / 64] >> (i % 64) & 1 == 1,
             None => q.exclude_seen && st.has_seen(searched[n].0, i),
         };
         let keep = |n: usize, i: u32| st.allowed(i, &filters) && !seen(n, i);
