@@ -263,12 +263,13 @@ class Engine:
                     )
                 )
                 # The log forwarded what it held; a marker behind it tells when the relay
-                # has passed all of it on; then the model applies it, the index is rebuilt.
+                # has passed all of it on; then the model applies it. The graph takes in the
+                # replayed items in the background (the index actor): until it holds the
+                # catalog, the exact scan answers queries, so serving starts at once.
                 await marker.send(_CAUGHT_UP)
             await caught_up.wait()
             await self.wait_applied(self._forwarded_seq)
             self.model_actor.report_users = True
-            await trio.to_thread.run_sync(model.reindex, None)
             if isinstance(self.log, JournalLog):
                 self.recovery = self.log.recovery
             log.info(

@@ -65,7 +65,9 @@ class ModelConfig:
             back. Times before 1990 or after the year 9999 are always refused.
         exact_below: Catalogs smaller than this are answered by an exact scan (a batch of
             lists shares one); their index is not kept up to date meanwhile (moved items are
-            re-linked once the catalog reaches this size).
+            re-linked once the catalog reaches this size). Larger catalogs are scanned too
+            while the graph lacks more than 1 % of the items (and more than 64): after a
+            restart, until the replayed items are linked.
         dedup_window: How many recent event ids (per producer) are remembered to drop
             redeliveries.
         auto_reindex: Re-link moved items in the index after every call that moves them; the

@@ -76,6 +76,11 @@ const APPLY_CHUNK: usize = 32;
 /// 53 µs there (`python -m bench served --items N`: single lists and batches of 100).
 /// Larger dimensions make the scan dearer in proportion: lower it for them.
 pub const DEFAULT_EXACT_BELOW: usize = 20_000;
+
+/// The exact scan answers while more than `1 / UNLINKED_SHARE` of the catalog (and more than
+/// [`UNLINKED_MIN`] items) is missing from the graph (see [`Model::scans`]).
+const UNLINKED_SHARE: usize = 100;
+const UNLINKED_MIN: usize = 64;
 /// Users whose candidates one shared scan retrieves: bounds how long the scan holds the read
 /// lock without handing it over (32 users of an 18k-item catalog: ~0.6 ms).
 const BATCH_SCAN_CHUNK: usize = 32;
@@ -221,6 +226,8 @@ struct Published {
     users: AtomicUsize,
     items: AtomicUsize,
     index_size: AtomicUsize,
+    /// Nodes of the graph, deleted or not: every item the index has taken in.
+    index_nodes: AtomicUsize,
     stale: AtomicUsize,
     newest_ts: AtomicU64,
 }
@@ -818,7 +825,7 @@ impl Model {
             published: Published::default(),
         };
         m.publish(&m.state.read());
-        m.published.index_size.store(m.index.read().len(), Ordering::Relaxed);
+        m.publish_index(&m.index.read());
         m.publish_stale(m.dirty.lock().len());
         m
     }
@@ -843,17 +850,36 @@ impl Model {
         self.publish_stale(dirty.len());
     }
 
-    /// Whether queries on a catalog of `n_items` are answered by the exact scan rather than
-    /// the index (`exact_below`). The index of a scanned catalog is not kept up to date, as
-    /// nothing reads it: moved items wait, still marked, and are re-linked once the catalog
-    /// outgrows the scan.
-    fn scans(&self, n_items: usize) -> bool {
+    /// Publishes the index's sizes (call with a lock on `index` held).
+    fn publish_index(&self, index: &Hnsw) {
+        self.published.index_size.store(index.len(), Ordering::Relaxed);
+        self.published.index_nodes.store(index.nodes(), Ordering::Relaxed);
+    }
+
+    /// Whether a catalog of `n_items` is small enough for the exact scan to answer every
+    /// query (`exact_below`). The index of such a catalog is not kept up to date, as nothing
+    /// reads it: moved items wait, still marked, and are linked once the catalog outgrows the
+    /// scan.
+    fn small(&self, n_items: usize) -> bool {
         n_items < self.cfg.exact_below
     }
 
-    /// Publishes how many items wait for a re-link: none while the catalog is scanned.
+    /// Whether queries on a catalog of `n_items` are answered by the exact scan rather than
+    /// the index: when the catalog is [`small`](Model::small), and while the graph lacks more
+    /// than [`UNLINKED_SHARE`] of the items — after a restart that replayed events the
+    /// snapshot's graph has not seen, or when a catalog first outgrows the scan. An item
+    /// missing from the graph can never be found through it, while an item whose links are
+    /// merely stale still is (hits are re-scored with current vectors), so the lists stay
+    /// exact while the graph is built in the background; the scan costs more per list on a
+    /// large catalog.
+    fn scans(&self, n_items: usize) -> bool {
+        let nodes = self.published.index_nodes.load(Ordering::Relaxed);
+        self.small(n_items) || n_items.saturating_sub(nodes) > (n_items / UNLINKED_SHARE).max(UNLINKED_MIN)
+    }
+
+    /// Publishes how many items wait for a re-link: none while the catalog is small.
     fn publish_stale(&self, dirty: usize) {
-        let waiting = if self.scans(self.published.items.load(Ordering::Relaxed)) { 0 } else { dirty };
+        let waiting = if self.small(self.published.items.load(Ordering::Relaxed)) { 0 } else { dirty };
         self.published.stale.store(waiting, Ordering::Relaxed);
     }
 
@@ -1280,7 +1306,7 @@ impl Model {
         if !refreshed.is_empty() {
             self.mark_dirty(refreshed);
         }
-        if self.scans(self.state.read().items.len()) {
+        if self.small(self.state.read().items.len()) {
             self.publish_stale(0);
             return 0;
         }
@@ -1299,13 +1325,20 @@ impl Model {
         if !taken.is_empty() {
             // Items new to the index are inserted last, in batches searched in parallel
             // under the shared lock (see `hnsw::batch`); the rest one by one, as are the new
-            // items while the graph is small.
+            // items while the graph is small. An unavailable item new to the index goes in
+            // too, deleted at once (a routing node): so the graph takes in every item of the
+            // catalog, and its node count tells how much of the catalog it lacks (see
+            // [`Model::scans`]).
             let mut fresh = Vec::new();
+            let mut hidden = Vec::new();
             let mut index = self.index.write();
             for (n, &i) in taken.iter().enumerate() {
                 let row = &vecs[n * dim..(n + 1) * dim];
-                if live[n] && !index.has_node(i) {
+                if !index.has_node(i) {
                     fresh.push((i, row));
+                    if !live[n] {
+                        hidden.push(i);
+                    }
                     continue;
                 }
                 if live[n] {
@@ -1335,7 +1368,10 @@ impl Model {
                     RwLockWriteGuard::bump(&mut index);
                 }
             }
-            self.published.index_size.store(index.len(), Ordering::Relaxed);
+            for i in hidden {
+                index.delete(i);
+            }
+            self.publish_index(&index);
         }
         let mut dirty = self.dirty.lock();
         dirty.finish();
@@ -2116,6 +2152,47 @@ mod tests {
         assert_eq!(m.stale(), 40);
         assert_eq!(m.reindex(usize::MAX), 0);
         assert_eq!(m.index.read().len(), 40);
+    }
+
+    /// While the graph lacks much of the catalog (a restart replayed events its snapshot's
+    /// graph never saw, or the catalog just outgrew the scan) the exact scan answers, so the
+    /// lists are the exact ones; the index answers once it holds the catalog, unavailable
+    /// items included as deleted routing nodes, and reports what waits meanwhile.
+    #[test]
+    fn the_scan_answers_until_the_graph_holds_the_catalog() {
+        let m = Model::new(Config { auto_reindex: false, exact_below: 0, ..cfg() });
+        let n_items = 600i64;
+        let hidden: Vec<i64> = (0..n_items).filter(|i| i % 10 == 3).collect();
+        for &i in &hidden {
+            m.upsert_item(&ExtId::Int(i), &[], None, Some(false));
+        }
+        let recs: Vec<Record> = (0..6000).map(|n| ev(n % 50, (n * 7 + n / 50) % n_items, T0)).collect();
+        m.apply(&recs, "");
+        let users: Vec<ExtId> = (0..50).map(ExtId::Int).collect();
+        let q = Query { k: 10, exclude_seen: true, ..Query::default() };
+        let exact = Query { exact: true, ..q.clone() };
+        let n = n_items as usize;
+        assert!(m.scans(n));
+        assert_eq!(m.stale(), n, "every item waits for the graph");
+        let scanned = m.recommend_many(&users, &q);
+        assert!(scanned.iter().all(|l| l.len() == 10));
+        assert_eq!(scanned, m.recommend_many(&users, &exact));
+        // Half linked: still scanning.
+        m.reindex(n / 2);
+        assert!(m.scans(n));
+        assert_eq!(m.recommend_many(&users, &q), m.recommend_many(&users, &exact));
+        assert_eq!(m.reindex(usize::MAX), 0);
+        assert!(!m.scans(n));
+        let index = m.index.read();
+        assert_eq!((index.nodes(), index.len()), (n, n - hidden.len()));
+        drop(index);
+        let lists = m.recommend_many(&users, &q);
+        assert!(lists.iter().all(|l| l.len() == 10));
+        let hidden_ext: Vec<ExtId> = hidden.iter().map(|&i| ExtId::Int(i)).collect();
+        assert!(
+            lists.iter().flatten().all(|r| !hidden_ext.contains(&r.item)),
+            "an unavailable item was listed"
+        );
     }
 
     /// An item that moves again while its re-link is under way stays dirty afterwards.

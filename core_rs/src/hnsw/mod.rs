@@ -160,6 +160,10 @@ impl Hnsw {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Nodes in the graph, deleted or not.
+    pub fn nodes(&self) -> usize {
+        self.nodes
+    }
     /// Whether `id` is a node of the graph, deleted or not.
     pub fn has_node(&self, id: u32) -> bool {
         self.present(id)
