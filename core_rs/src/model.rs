@@ -815,7 +815,15 @@ impl Model {
         Model::assemble(cfg, state, index, Dirty::default())
     }
 
-    pub(crate) fn assemble(cfg: Config, state: State, index: Hnsw, dirty: Dirty) -> Self {
+    pub(crate) fn assemble(cfg: Config, state: State, index: Hnsw, mut dirty: Dirty) -> Self {
+        // Every item the graph has not taken in waits for it: so a graph saved before
+        // unavailable items went in as routing nodes (they were left out then, unmarked) still
+        // comes to hold the whole catalog, and [`Model::scans`] to let the index answer.
+        for i in 0..state.items.capacity() as u32 {
+            if !index.has_node(i) {
+                dirty.mark(i);
+            }
+        }
         let m = Model {
             cfg,
             state: RwLock::new(state),
@@ -2193,6 +2201,32 @@ mod tests {
             lists.iter().flatten().all(|r| !hidden_ext.contains(&r.item)),
             "an unavailable item was listed"
         );
+    }
+
+    /// A graph saved without the unavailable items (as graphs were before they went in as
+    /// routing nodes) takes them in after a load, and the index answers again once it has.
+    #[test]
+    fn a_loaded_graph_lacking_items_takes_them_in() {
+        let c = Config { auto_reindex: false, exact_below: 0, ..cfg() };
+        let m = Model::new(c.clone());
+        let n = 1000usize;
+        for i in 0..n as i64 {
+            m.upsert_item(&ExtId::Int(i), &[], None, Some(i % 10 != 3));
+        }
+        m.apply(&(0..3000).map(|k| ev(k % 40, (k * 13) % n as i64, T0)).collect::<Vec<_>>(), "");
+        let st = m.state.into_inner();
+        let mut index = Hnsw::new(c.mf.dim, c.hnsw.clone());
+        for i in 0..n as u32 {
+            if st.meta[i as usize].available {
+                index.upsert(i, st.mf.item_vector(i));
+            }
+        }
+        let loaded = Model::assemble(c, st, index, Dirty::default());
+        assert!(loaded.scans(n), "a tenth of the catalog is missing from the graph");
+        assert_eq!(loaded.stale(), n / 10);
+        assert_eq!(loaded.reindex(usize::MAX), 0);
+        assert!(!loaded.scans(n));
+        assert_eq!((loaded.index.read().nodes(), loaded.index.read().len()), (n, n - n / 10));
     }
 
     /// An item that moves again while its re-link is under way stays dirty afterwards.
