@@ -874,8 +874,9 @@ impl Model {
 
     /// Whether queries on a catalog of `n_items` are answered by the exact scan rather than
     /// the index: when the catalog is [`small`](Model::small), and while the graph lacks more
-    /// than [`UNLINKED_SHARE`] of the items — after a restart that replayed events the
-    /// snapshot's graph has not seen, or when a catalog first outgrows the scan. An item
+    /// than `1 / UNLINKED_SHARE` of the items (and more than [`UNLINKED_MIN`]) — after a
+    /// restart that replayed events the snapshot's graph has not seen, or when a catalog first
+    /// outgrows the scan. An item
     /// missing from the graph can never be found through it, while an item whose links are
     /// merely stale still is (hits are re-scored with current vectors), so the lists stay
     /// exact while the graph is built in the background; the scan costs more per list on a
