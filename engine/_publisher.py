@@ -327,6 +327,9 @@ class Publisher:
         self._erased_at: dict[Id, int] = {}
         self._erase_seq: dict[Id, int] = {}  # per subscribed user, its latest erase record
         self._wake = trio.Event()
+        # Whether the newest turn of flush() went to a chunk of drift refreshes: the next
+        # goes to own events if any are pending.
+        self._refreshed_last = False
         self.pushes = 0
         self.coalesced = 0  # pushes that replaced an unread one
         self.delivered = 0  # pushes the subscription's ``deliver`` took at once
@@ -492,12 +495,16 @@ class Publisher:
         ``REFRESH_CHUNK``, and fresh events jump ahead of the remaining chunks, so a refresh
         of every subscriber delays a push caused by an event by one chunk at most: a chunk
         of refreshes goes ahead only once the oldest has waited a quarter
-        ``refresh_interval`` (see :meth:`_refresh_overdue`). ``run`` flushes with
-        ``WORKERS`` tasks at once: while one task's chunk is computed in a worker thread,
-        another's is computed beside it or pushed.
+        ``refresh_interval`` (see :meth:`_refresh_overdue`), and own events take the next
+        turn after it. The refreshes then get at most every other turn however far behind
+        they fall (as on a machine too slow to refresh every list each interval), so they
+        never hold back the pushes of events. ``run`` flushes with ``WORKERS`` tasks at
+        once: while one task's chunk is computed in a worker thread, another's is computed
+        beside it or pushed.
         """
         while self._pending or self._stale:
-            if self._pending and not self._refresh_overdue():
+            if self._pending and (self._refreshed_last or not self._refresh_overdue()):
+                self._refreshed_last = False
                 n = len(self._pending)
                 take = n if n <= OWN_CHUNK_MIN else min(-(-n // WORKERS), OWN_CHUNK_MAX)
                 if take == n:
@@ -507,6 +514,7 @@ class Publisher:
                     batch = {user: self._pending.pop(user) for user in users}
                 await self._compute(batch, drift=False)
             else:
+                self._refreshed_last = True
                 users = list(itertools.islice(self._stale, REFRESH_CHUNK))
                 for user in users:
                     del self._stale[user]

@@ -268,6 +268,45 @@ async def test_drift_refreshes_are_not_starved_by_a_steady_stream_of_own_events(
     assert first_v < 100, first_v
 
 
+async def test_own_events_are_not_held_back_by_a_backlog_of_drift_refreshes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One flushing task, so that the order of its turns is what is tested.
+    monkeypatch.setattr(publisher_module, "WORKERS", 1)
+    model = _popular_and_personal()
+    calls: list[list[Id]] = []
+    notified_at: list[int] = []
+
+    class Slow:
+        """Lists take longer than a quarter refresh interval: the refreshes fall behind, as
+        on a machine too slow to refresh every list each interval. The first refresh chunk
+        brings an event of "u"."""
+
+        def recommend_batch_json(self, users: list[Id], **kwargs: Any) -> Any:
+            calls.append(list(users))
+            time.sleep(0.02)
+            if not notified_at and len(users) > 1:
+                notified_at.append(len(calls))
+                trio.from_thread.run_sync(publisher.notify, [("u", None)], 2, 0.0)
+            return model.recommend_batch_json(users, **kwargs)
+
+    publisher = Publisher(Slow(), refresh_interval=0.04, refresh_budget=1000)  # type: ignore[arg-type]
+    subscribers = [f"s{n}" for n in range(200)] + ["u"]
+    for user in subscribers:
+        publisher.subscribe(Subscription(user=user, k=3))
+    publisher.notify([("nobody", None)], 1, 0.0)  # the model moved: every list is due
+    async with trio.open_nursery() as nursery:
+        await nursery.start(publisher.run)
+        with trio.fail_after(10):
+            while ["u"] not in calls:  # noqa: ASYNC110 - the calls are the signal
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    # Six chunks of refreshes were still due, every one of them overdue: the event's list goes
+    # right after the chunk that was being computed, not after them.
+    assert len(subscribers) > 3 * publisher_module.REFRESH_CHUNK
+    assert calls.index(["u"]) == notified_at[0], (calls.index(["u"]), notified_at)
+
+
 async def test_versions_never_go_back_between_the_first_list_and_pushes() -> None:
     model = _popular_and_personal()
     gated = _Gated(model)
