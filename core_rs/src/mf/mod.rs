@@ -636,14 +636,14 @@ impl Mf {
         for e in hist {
             prefetch(&self.q[e.id as usize * d..(e.id as usize + 1) * d]);
         }
-        for (j, e) in hist.iter().enumerate() {
-            let i = e.id as usize;
-            let c = (g * self.pop_w[i]) as f32;
+        for e in hist {
+            let c = (g * self.pop_w[e.id as usize]) as f32;
             let w = s * self.decayed(e);
             sc.w.push(w);
             sc.wc.push(w - c);
-            sc.put(j, n, &self.q[i * d..(i + 1) * d]);
         }
+        let q = &self.q;
+        sc.put_all(n, d, |j| &q[hist[j].id as usize * d..]);
         (n, g)
     }
 
@@ -659,13 +659,13 @@ impl Mf {
         for e in hist {
             prefetch(&self.p[e.id as usize * d..(e.id as usize + 1) * d]);
         }
-        for (j, e) in hist.iter().enumerate() {
-            let u = e.id as usize;
+        for e in hist {
             let w = s * self.decayed(e);
             sc.w.push(w);
             sc.wc.push(w - c as f32);
-            sc.put(j, n, &self.p[u * d..(u + 1) * d]);
         }
+        let p = &self.p;
+        sc.put_all(n, d, |j| &p[hist[j].id as usize * d..]);
         (n, c)
     }
 

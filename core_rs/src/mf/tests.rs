@@ -537,12 +537,10 @@ fn bench_kernels() {
     let t_outer = (thread_cpu_secs() - c0) / reps as f64;
     let mut sc = Scratch::default();
     sc.reset(n, d);
-    for j in 0..n {
-        sc.w.push(1.0);
-        sc.wc.push(0.9);
-        let v: Vec<f32> = (0..d).map(|_| r.normal() as f32 * 0.1).collect();
-        sc.put(j, n, &v);
-    }
+    let rows: Vec<Vec<f32>> = (0..n).map(|_| (0..d).map(|_| r.normal() as f32 * 0.1).collect()).collect();
+    sc.w.resize(n, 1.0);
+    sc.wc.resize(n, 0.9);
+    sc.put_all(n, d, |j| &rows[j]);
     let mut row: Vec<f32> = (0..d).map(|_| r.normal() as f32 * 0.1).collect();
     let c0 = thread_cpu_secs();
     for _ in 0..reps {
@@ -603,5 +601,24 @@ fn fold_popularity_matches_one_update_per_item() {
         assert_eq!(same, held);
         pool.install(|| folded.fold_popularity(&held));
         assert_eq!(bits(&folded), bits(&manual), "{threads} thread(s)");
+    }
+}
+
+#[test]
+fn put_all_transposes_every_vector_whatever_the_block_remainder() {
+    let d = 5;
+    for n in [0, 1, 15, 16, 17, 37] {
+        // Rows read as slices running on past their `dim` values, as the model's matrices are.
+        let matrix: Vec<f32> = (0..(n + 1) * d).map(|x| x as f32).collect();
+        let order: Vec<usize> = (0..n).map(|j| (j * 7) % n.max(1)).collect();
+        let mut sc = Scratch::default();
+        sc.reset(n, d);
+        sc.put_all(n, d, |j| &matrix[order[j] * d..]);
+        for j in 0..n {
+            for f in 0..d {
+                assert_eq!(sc.ot[f * n + j], matrix[order[j] * d + f], "n {n}, entry {j}, coordinate {f}");
+            }
+        }
+        assert_eq!(sc.ot.len(), n * d);
     }
 }
