@@ -876,11 +876,10 @@ impl Model {
     /// the index: when the catalog is [`small`](Model::small), and while the graph lacks more
     /// than `1 / UNLINKED_SHARE` of the items (and more than [`UNLINKED_MIN`]) — after a
     /// restart that replayed events the snapshot's graph has not seen, or when a catalog first
-    /// outgrows the scan. An item
-    /// missing from the graph can never be found through it, while an item whose links are
-    /// merely stale still is (hits are re-scored with current vectors), so the lists stay
-    /// exact while the graph is built in the background; the scan costs more per list on a
-    /// large catalog.
+    /// outgrows the scan. An item missing from the graph can never be found through it, while
+    /// an item whose links are merely stale still is (hits are re-scored with current
+    /// vectors), so the lists stay exact while the graph is built in the background; the scan
+    /// costs more per list on a large catalog.
     fn scans(&self, n_items: usize) -> bool {
         let nodes = self.published.index_nodes.load(Ordering::Relaxed);
         self.small(n_items) || n_items.saturating_sub(nodes) > (n_items / UNLINKED_SHARE).max(UNLINKED_MIN)
