@@ -485,7 +485,10 @@ class Publisher:
     async def _work(self) -> None:
         while True:
             await self._wake.wait()
-            self._wake = trio.Event()
+            # Only the first worker to wake replaces the event: another may already wait on
+            # the new one, and replacing that would leave it waiting on an event nobody sets.
+            if self._wake.is_set():
+                self._wake = trio.Event()
             await self.flush()
 
     async def flush(self) -> None:

@@ -230,6 +230,46 @@ async def test_a_second_chunk_is_pushed_while_the_first_is_still_computed() -> N
         nursery.cancel_scope.cancel()
 
 
+async def test_every_flush_task_keeps_working_after_a_flush_that_never_waited() -> None:
+    """A list computed on the event loop ends a task's flush without a checkpoint; the other
+    task, woken by the same notification, must not leave it waiting on a forgotten event."""
+    model = Model(ModelConfig(dim=8, seed=1))
+    users = ["a", "b", "c"]
+    model.ingest([u for u in users for _ in range(3)], [f"i{n % 7}" for n in range(9)])
+    gated = _Gated(model)
+    idle = True
+    pushed: list[Id] = []
+    arrived = {user: trio.Event() for user in users}
+
+    def on_push(sub: Subscription, _: Push, __: bool) -> None:
+        pushed.append(sub.user)
+        arrived[sub.user].set()
+
+    publisher = Publisher(gated, on_push=on_push, idle=lambda: idle)  # type: ignore[arg-type]
+    for user in users:
+        publisher.subscribe(Subscription(user=user, k=3))
+    assert WORKERS > 1
+    async with trio.open_nursery() as nursery:
+        await nursery.start(publisher.run)
+        await trio.sleep(0.01)  # every task waits for work
+        publisher.notify([("a", "e1")], 1, 0.0)  # computed inline, on the event loop
+        await trio.sleep(0.05)
+        assert pushed == ["a"]
+        idle = False  # from now on in worker threads
+        gated.hold_next()
+        publisher.notify([("b", "e2")], 2, 0.0)
+        await trio.to_thread.run_sync(gated.entered.wait, 10)
+        # One task is held inside the model with "b"; another must take "c" meanwhile.
+        publisher.notify([("c", "e3")], 3, 0.0)
+        with trio.move_on_after(5):
+            await arrived["c"].wait()
+        gated.release()
+        assert pushed[:2] == ["a", "c"], "a second task computed c while b was held"
+        with trio.fail_after(10):
+            await arrived["b"].wait()
+        nursery.cancel_scope.cancel()
+
+
 async def test_drift_refreshes_are_not_starved_by_a_steady_stream_of_own_events(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
