@@ -28,8 +28,13 @@ use super::kernels::{coord_sweep, replace_outer_rows, Scratch};
 use super::Mf;
 
 /// Fewest rows solved on the thread pool; fewer are solved on the calling thread (a live
-/// stream's small groups neither wait for the pool nor keep its threads busy).
-const PARALLEL_FROM: usize = 128;
+/// stream's small groups neither wait for the pool nor keep its threads busy). Each hand-over
+/// to the pool wakes its threads, which then spin (`sched_yield`) looking for more work: at
+/// 10,000 events/s with 1,000 subscribers (groups of about 150 events, as many users and
+/// items) that spinning took the cores from the threads computing lists, and with 128 here
+/// an own event's push waited 141 ms at the median against 107 ms with 1,024 (`bench
+/// latency`, three runs each, alternating).
+pub(super) const PARALLEL_FROM: usize = 1024;
 /// Gramian rows per task when a side's Gramian change is summed: a block stays in L1 while
 /// every solved row streams past it once.
 const DELTA_ROWS: usize = 8;

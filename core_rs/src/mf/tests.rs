@@ -577,7 +577,8 @@ fn fold_popularity_matches_one_update_per_item() {
         for n in 0..4000u32 {
             m.update(n % 97, n * n % 400, 1.0, n as f64);
         }
-        let held: Vec<(u32, f64)> = (0..400u32)
+        // Enough items for the thread pool to take the fold.
+        let held: Vec<(u32, f64)> = (0..batch::PARALLEL_FROM as u32 + 100)
             .map(|i| {
                 let held = m.record_event(1000 + i % 50, i, 1.0, 5000.0).unwrap();
                 (i, held)

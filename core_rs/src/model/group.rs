@@ -87,6 +87,13 @@ const PIPELINE_FROM: usize = 2 * PIPELINE_STEP;
 /// recording. A replay at start-up, which nobody queries, holds the lock for a whole run.
 const LIVE_STEPS_PER_LOCK: usize = 4;
 
+/// Fewest bytes of journal records [`Model::apply_journal`] decodes on the thread pool; less
+/// (a live stream's groups, a few kilobytes) is decoded on the calling thread. Handing a small
+/// group's decode to the pool cost more than the decode: each hand-over wakes the pool's
+/// threads, which then spin (`sched_yield`) looking for more work, taking the cores from the
+/// threads computing lists.
+const DECODE_PARALLEL_FROM: usize = 1 << 20;
+
 /// How the interactions of a group are recorded (the solves are the same either way).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Recording {
@@ -644,18 +651,21 @@ impl Model {
         replay: bool,
     ) -> Vec<Result<(f64, ApplyReport), String>> {
         use rayon::prelude::*;
-        let decoded: Vec<Result<(f64, decode::Frame), String>> = payloads
-            .par_iter()
-            .map(|p| {
-                let why = |e: decode::DecodeError| match e {
-                    decode::DecodeError::Incomplete => "the frame is incomplete".to_string(),
-                    decode::DecodeError::Invalid(reason) => reason,
-                };
-                let (at, bytes) = decode::decode_journal_record(p).map_err(why)?;
-                let (frame, _) = decode::decode_frame(bytes, &self.cfg.limits).map_err(why)?;
-                Ok((at, frame))
-            })
-            .collect();
+        let decode = |p: &&[u8]| {
+            let why = |e: decode::DecodeError| match e {
+                decode::DecodeError::Incomplete => "the frame is incomplete".to_string(),
+                decode::DecodeError::Invalid(reason) => reason,
+            };
+            let (at, bytes) = decode::decode_journal_record(p).map_err(why)?;
+            let (frame, _) = decode::decode_frame(bytes, &self.cfg.limits).map_err(why)?;
+            Ok((at, frame))
+        };
+        let decoded: Vec<Result<(f64, decode::Frame), String>> =
+            if payloads.iter().map(|p| p.len()).sum::<usize>() < DECODE_PARALLEL_FROM {
+                payloads.iter().map(decode).collect()
+            } else {
+                payloads.par_iter().map(decode).collect()
+            };
         let batches: Vec<Batch<'_>> = decoded
             .iter()
             .filter_map(|d| d.as_ref().ok())
@@ -986,8 +996,10 @@ mod tests {
     fn thread_count_does_not_change_the_model() {
         let groups: Vec<Vec<Record>> = (0..4)
             .map(|g| {
+                // 1,999 users and 1,027 items (the squares modulo 2,053) a group: enough for
+                // the thread pool to solve both sides.
                 (0..3000)
-                    .map(|n| ev((n * 13 % 997) as i64, (n * n % 401) as i64, 10_000 * (g + 1) + n))
+                    .map(|n| ev((n * 13 % 1999) as i64, (n * n % 2053) as i64, 10_000 * (g + 1) + n))
                     .collect()
             })
             .collect();
