@@ -382,6 +382,16 @@ def child_process(cmd: list[str], **popen: Any) -> Iterator[subprocess.Popen[byt
                 proc.wait()
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(busy, all) clock ticks of every CPU of this machine so far, from the first line of
+    ``/proc/stat``: busy is everything but idle and iowait (guest time is inside user time,
+    so it is not counted twice)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:9]]
+    idle = ticks[3] + ticks[4]
+    return sum(ticks) - idle, sum(ticks)
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU seconds of every thread of process ``pid`` so far, from
     ``/proc/PID/stat`` (fields 14 and 15 of proc(5), counted after the ")" closing the name)."""

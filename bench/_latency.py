@@ -91,6 +91,7 @@ from bench._common import (
     ServerProcess,
     cpu_seconds,
     histogram_quantiles,
+    machine_ticks,
     print_rows,
     pyplot,
     require_release,
@@ -123,6 +124,7 @@ CPU_KEYS = (
     "client_cpu_share",
     "client_cpu_per_push_us",
     "client_cpu_per_event_us",
+    "machine_busy_share",
 )
 
 
@@ -622,6 +624,7 @@ async def measure(
             # A server started elsewhere (--target) has no process here to read its CPU from.
             cpu0 = cpu_seconds(server.pid) if server.pid else None
             (producer0, subscribers0), here0 = gen.cpu_seconds(), cpu_seconds(os.getpid())
+            machine0 = machine_ticks()
             gen.command(gen.subscribers, "start", args.oracle_interval > 0)
             wall0 = time.perf_counter()
             gen.command(gen.producer, "go")
@@ -634,6 +637,7 @@ async def measure(
                 a - b for a, b in zip(gen.cpu_seconds(), (producer0, subscribers0), strict=True)
             )
             here = cpu_seconds(os.getpid()) - here0
+            busy, ticks = (a - b for a, b in zip(machine_ticks(), machine0, strict=True))
             client = producer + subscribers + here
             wall = time.perf_counter() - wall0
             gen.command(gen.subscribers, "stop")
@@ -685,6 +689,11 @@ async def measure(
         "client_cpu_share": client / wall,
         "client_cpu_per_push_us": 1e6 * client / pushes if pushes else None,
         "client_cpu_per_event_us": 1e6 * client / sent if sent else None,
+        # Every CPU of this machine: the server, the load generator, the kernel's work for
+        # them (loopback TCP, wake-ups) and anything else running. Latency under load grows
+        # steeply as this nears 1 (queueing), so it says how much a run's figures owe to a
+        # busy machine.
+        "machine_busy_share": busy / ticks if ticks else None,
     }
 
 
@@ -795,7 +804,13 @@ def run_once(
         f"/event, {_cores(result['client_cpu_share'])} (producer "
         f"{result['client_cpu_s_producer']:.2f} s, subscribers "
         f"{result['client_cpu_s_subscribers']:.2f} s, coordinator "
-        f"{result['client_cpu_s_coordinator']:.2f} s); idle p50 "
+        f"{result['client_cpu_s_coordinator']:.2f} s); machine "
+        + (
+            f"{result['machine_busy_share']:.0%} busy"
+            if result["machine_busy_share"] is not None
+            else "n/a"
+        )
+        + f"; idle p50 "
         f"{_ms(result['idle_p50_ms'])} p99 {_ms(result['idle_p99_ms'])}"
         + (
             f", {result['server_gc_share']:.1%} in GC"
@@ -1077,6 +1092,17 @@ def run(args: argparse.Namespace) -> int:
                         "cpu_seconds": r[f"{side}_cpu_s"],
                         "processes": r["client_processes"] + 2 if side == "client" else 1,
                     },
+                    lower_is_better=True,
+                )
+            )
+        if r["machine_busy_share"] is not None:
+            rows.append(
+                row(
+                    f"{label}_machine_busy_share",
+                    r["machine_busy_share"],
+                    None,
+                    "share of all CPUs",
+                    {**params, "cpus": os.cpu_count()},
                     lower_is_better=True,
                 )
             )

@@ -13,8 +13,9 @@ It talks to the benchmark over a ``multiprocessing`` pipe, in bulk and never per
 * ``("subscribed", ok, failed, errors, seconds)`` once every subscription was tried,
   ``seconds`` from the first connect to the last first list (or the last failure);
 * ``("lists", {user: items}, pushes, timed)`` every ``list_interval``, to the producer: the
-  lists that changed since the last one (it clicks items of the current lists), with
-  progress counts;
+  lists that changed since the last one (it clicks items of the current lists), as
+  :func:`parse_push` returned them (the producer reads one with :func:`items_of` only when it
+  picks that user: most lists are replaced before that), with progress counts;
 * on ``("start", oracle)`` it starts a measured window (counters and samples from zero, the
   staleness oracle running when asked), on ``("stop",)`` it ends it and answers
   ``("report", {...})``: the window's counts, its samples (cause ids and receipt times as
@@ -596,8 +597,7 @@ class _Loop:
     # --- the pipe --------------------------------------------------------------------------
 
     def send_lists(self) -> None:
-        lists = {user: items_of(items) for user, items in self.changed.items()}
-        self.changed.clear()
+        lists, self.changed = self.changed, {}
         self.lists_conn.send(("lists", lists, self.pushes, len(self.ids)))
 
     def on_command(self) -> None:

@@ -11,8 +11,8 @@ list (``list_fraction`` of them) or on a random catalog item, each with the next
 ``"id"``.
 
 The current lists come from the subscriber processes, each over a pipe of its own, as
-snapshots of the lists that changed (with their progress counts); the producer reads them
-between frames, and keeps reading them until told to exit, so that no subscriber process
+snapshots of the lists that changed (with their progress counts; each list as the raw JSON
+array of its items, read when its user is picked); the producer reads them between frames, and keeps reading them until told to exit, so that no subscriber process
 ever blocks on a full pipe.
 
 Over its control pipe: ``("ready",)`` once started, then on ``("go",)`` the run (connecting
@@ -34,6 +34,8 @@ from typing import Any
 import attrs
 import msgpack
 import numpy as np
+
+from bench._loadgen import items_of
 
 __all__ = ["ProducerPlan", "run_producer"]
 
@@ -84,7 +86,8 @@ class _Producer:
         self.conn = conn
         self.lists_conns = list(lists_conns)
         self.plan = plan
-        self.lists: dict[Any, list[Any]] = {}
+        # Per user its current list: raw (bytes, or a list json.loads found) until first used.
+        self.lists: dict[Any, bytes | list[Any]] = {}
         self.progress = [(0, 0)] * len(lists_conns)
         self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=1 << 20)
         self.unacked = 0
@@ -206,7 +209,12 @@ class _Producer:
             for _ in range(min(due, plan.max_frame_events)):
                 user = users[rng.randrange(len(users))]
                 current = lists.get(user)
-                if current and rng.random() < plan.list_fraction:
+                if current is not None and rng.random() < plan.list_fraction:
+                    if not isinstance(current, list):
+                        current = lists[user] = items_of(current)
+                else:
+                    current = None
+                if current:
                     item = current[rng.randrange(len(current))]
                 else:
                     item = items[rng.randrange(len(items))]

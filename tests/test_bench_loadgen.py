@@ -159,7 +159,8 @@ def test_oracle_episodes_and_skips() -> None:
 
 def command(conn: Any, lists: dict[Any, list[Any]], *message: Any, within: float = WAIT) -> Any:
     """Sends a command and returns the next answer that is not a list snapshot (those go
-    into ``lists``); fails when none comes within ``within`` seconds."""
+    into ``lists``, read as the producer reads them); fails when none comes within
+    ``within`` seconds."""
     if message:
         conn.send(message)
     assert conn.poll(within), "the subscriber process did not answer"
@@ -167,8 +168,13 @@ def command(conn: Any, lists: dict[Any, list[Any]], *message: Any, within: float
         answer = conn.recv()
         if answer[0] != "lists":
             return answer
-        lists.update(answer[1])
+        lists.update(read_lists(answer[1]))
         assert conn.poll(within)
+
+
+def read_lists(snapshot: dict[Any, Any]) -> dict[Any, list[Any]]:
+    """A list snapshot's raw arrays read as the producer reads the one it picks."""
+    return {user: items_of(raw) for user, raw in snapshot.items()}
 
 
 @asynccontextmanager
@@ -219,7 +225,7 @@ async def test_subscriber_process_against_a_real_server(tmp_path: Path) -> None:
                 while ours.poll():
                     kind, snapshot, _, _ = ours.recv()
                     assert kind == "lists"
-                    lists.update(snapshot)
+                    lists.update(read_lists(snapshot))
                 firsts = {}
                 for u in users:
                     top = (await http.get(f"/v1/users/{u}/recommendations?k=3")).json()

@@ -119,6 +119,12 @@ def test_latency_quick(results: Path) -> None:
                 1e6 * run[f"{side}_cpu_s"] / run["pushes"]
             )
             assert rows[f"sync_{sync}_{side}_cpu_share"]["unit"] == "cores"
+        # The whole machine was busy at least with the server's and the load generator's CPU.
+        busy = rows[f"sync_{sync}_machine_busy_share"]["ours"]
+        assert busy == run["machine_busy_share"] and busy <= 1
+        cpus = rows[f"sync_{sync}_machine_busy_share"]["params"]["cpus"]
+        shares = run["server_cpu_share"] + run["client_cpu_share"]
+        assert busy * cpus >= 0.9 * shares  # /proc/stat and /proc/PID/stat tick apart
         # Every websocket was open to the end and closed with a closing handshake.
         assert run["subscribers_open_at_end"] == run["subscribers"]
         assert sum(c["unanswered_closes"] for c in run["closes"]) == 0
