@@ -384,8 +384,9 @@ def child_process(cmd: list[str], **popen: Any) -> Iterator[subprocess.Popen[byt
 
 def machine_ticks() -> tuple[int, int]:
     """(busy, all) clock ticks of every CPU of this machine so far, from the first line of
-    ``/proc/stat``: busy is everything but idle and iowait (guest time is inside user time,
-    so it is not counted twice)."""
+    ``/proc/stat``: busy is everything but idle and iowait, steal included (time the
+    hypervisor gave to others was not this machine's to use); guest time is inside user
+    time, so it is not counted twice."""
     with open("/proc/stat") as f:
         ticks = [int(x) for x in f.readline().split()[1:9]]
     idle = ticks[3] + ticks[4]
