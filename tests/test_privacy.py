@@ -48,9 +48,12 @@ async def test_raw_user_ids_never_reach_the_disk(tmp_path: Path) -> None:
                 first = json.loads(await ws.get_message())
                 assert [it["item"] for it in first["items"]] == [it["item"] for it in body["items"]]
             assert (await http.post("/v1/admin/snapshot")).status_code == 200
+            listing = sorted(p.name for p in data_dir.iterdir())
+            assert "snapshot.rsnap" in listing, listing
     # Shut down (final snapshot written): nothing on disk names the raw id.
     files = [p for p in data_dir.rglob("*") if p.is_file()]
-    assert any(p.suffix == ".rsnap" for p in files)
+    listing = sorted(str(p.relative_to(data_dir)) for p in files)
+    assert any(p.suffix == ".rsnap" for p in files), (listing, data_dir.exists())
     assert [p for p in files if RAW.encode() in p.read_bytes()] == []
     assert any(stored.encode() in p.read_bytes() for p in files if p.name.startswith("wal-"))
 
