@@ -12,8 +12,9 @@ list (``list_fraction`` of them) or on a random catalog item, each with the next
 
 The current lists come from the subscriber processes, each over a pipe of its own, as
 snapshots of the lists that changed (with their progress counts; each list as the raw JSON
-array of its items, read when its user is picked); the producer reads them between frames, and keeps reading them until told to exit, so that no subscriber process
-ever blocks on a full pipe.
+array of its items, read when its user is picked); the producer reads them between frames,
+and keeps reading them until told to exit, so that no subscriber process ever blocks on a
+full pipe.
 
 Over its control pipe: ``("ready",)`` once started, then on ``("go",)`` the run (connecting
 first, through the shared-key handshake when there is a key), answered by ``("done", sent,
