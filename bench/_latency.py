@@ -692,8 +692,9 @@ async def measure(
         # Every CPU of this machine: the server, the load generator, the kernel's work for
         # them (loopback TCP, wake-ups) and anything else running. Latency under load grows
         # steeply as this nears 1 (queueing), so it says how much a run's figures owe to a
-        # busy machine.
-        "machine_busy_share": busy / ticks if ticks else None,
+        # busy machine. Only for a server started here, like the server's CPU: a --target
+        # server may run elsewhere.
+        "machine_busy_share": busy / ticks if ticks and cpu is not None else None,
     }
 
 
