@@ -211,8 +211,7 @@ class _Producer:
                 user = users[rng.randrange(len(users))]
                 current = lists.get(user)
                 if current is not None and rng.random() < plan.list_fraction:
-                    if not isinstance(current, list):
-                        current = lists[user] = items_of(current)
+                    current = lists[user] = items_of(current)  # kept decoded
                 else:
                     current = None
                 if current:
