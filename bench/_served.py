@@ -14,7 +14,11 @@ one thread, for ``k = 10``:
   item vectors and queried with its user vectors, one query per call and ``search_batch``
   (the model's lists start from it for catalogs of ``exact_below`` items or more, and from
   the exact scan below, which a batch's users share);
-* hnswlib on the same vectors with the same M, ef_construction and ef (the peer).
+* hnswlib on the same vectors with the same M, ef_construction and ef (the peer);
+* the push's write: ``engine._core.write_text_frame`` (the publisher's direct write: the
+  socket's queue checked, the frame header and the message written in one call) against
+  wsproto framing the same message plus ``socket.send`` (the layer under Hypercorn's ASGI
+  send, the peer), to a loopback TCP socket that a child process drains; per message.
 
 For each: queries/s (wall) and CPU microseconds per query (``time.process_time``, every
 thread of this process). A recommendation does more than a search (seen items excluded,
@@ -25,6 +29,9 @@ index rows is what the served path adds to the search.
 from __future__ import annotations
 
 import argparse
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +78,44 @@ def timed(fn: Callable[[], Any], n: int) -> dict[str, float]:
         best_wall = min(best_wall, time.perf_counter() - wall0)
         best_cpu = min(best_cpu, time.process_time() - cpu0)
     return {"qps": n / best_wall, "cpu_us": 1e6 * best_cpu / n, "queries": n}
+
+
+# Drains a loopback connection in a child process (so its CPU is not this process's).
+_DRAIN = "import socket,sys\ns=socket.create_connection(('127.0.0.1',int(sys.argv[1])))\nwhile s.recv(1<<20):pass"
+
+
+def push_writes(lists: list[tuple[list[Any], str]]) -> dict[str, dict[str, float]]:
+    """CPU per push message written: ours (``write_text_frame``) and wsproto's framing plus
+    ``socket.send``, to one loopback connection drained by a child process."""
+    from wsproto import ConnectionType
+    from wsproto.connection import Connection
+    from wsproto.events import TextMessage
+
+    from engine._core import write_text_frame
+
+    texts = [
+        f'{{"user":"u{n}","version":{n},"items":{entries}}}' for n, (_, entries) in enumerate(lists)
+    ]
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        child = subprocess.Popen([sys.executable, "-c", _DRAIN, str(port)])
+        sock, _ = listener.accept()
+    with sock:
+        limit = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // 4
+        fd, ws = sock.fileno(), Connection(ConnectionType.SERVER)
+
+        def ours() -> None:
+            for text in texts:
+                while write_text_frame(fd, text, limit) != 1:  # the child is behind: wait
+                    time.sleep(0.0001)
+
+        def peer() -> None:
+            for text in texts:
+                sock.sendall(ws.send(TextMessage(data=text)))
+
+        out = {"push_write": timed(ours, len(texts)), "wsproto_write": timed(peer, len(texts))}
+    child.wait(10)
+    return out
 
 
 def train(args: argparse.Namespace) -> tuple[Any, np.ndarray, list[int], np.ndarray]:
@@ -175,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
             ],
             len(queries),
         )
+    runs.update(push_writes([t for b in batches[:10] for t in model.recommend_batch_json(b, K)]))
     for name, r in runs.items():
         print(f"  {name:22s} {r['qps']:>10,.0f} queries/s  {r['cpu_us']:8.1f} µs CPU", flush=True)
 
@@ -213,6 +259,17 @@ def run(args: argparse.Namespace) -> int:
                 lower_is_better=True,
             )
         )
+    p = {"messages": runs["push_write"]["queries"], "peer_name": "wsproto + socket.send"}
+    rows.append(
+        row(
+            "push_write_cpu_us",
+            runs["push_write"]["cpu_us"],
+            runs["wsproto_write"]["cpu_us"],
+            "µs CPU/message",
+            {**p, "peer_is": "wsproto_write"},
+            lower_is_better=True,
+        )
+    )
     # The served path's own goal: a batched recompute costs at most GOAL_VS_SEARCH times the
     # raw batched search of the same users' vectors.
     goal = GOAL_VS_SEARCH * runs["index_search_batch"]["cpu_us"]

@@ -5,9 +5,10 @@ event, a stream event, the connection's send lock, trio's ``send_all`` in a shie
 scope), about 200 µs of CPU per message on a small machine, and the sending task must be woken
 first. A pushed list is one complete text message, so when the connection is open, no send is
 under way on it (Hypercorn's send lock is free and the subscriber's own task is not sending)
-and the kernel has room for it, the message goes out in one non-blocking ``write(2)`` from
-the task that computed it: no task wake, no await. Otherwise the message
-takes the ordinary ASGI send, from the subscriber's task.
+and the kernel has room for it, the message goes out in one non-blocking ``writev(2)`` from
+the task that computed it: no task wake, no await. ``engine._core.write_text_frame`` does the
+check of the socket's queue, the frame header and the write in one call. Otherwise the
+message takes the ordinary ASGI send, from the subscriber's task.
 
 Trio runs one task at a time, so a check and a write with no ``await`` between them cannot be
 interleaved with another writer. The write is attempted only while the frame and whatever is
@@ -25,18 +26,16 @@ frames (RFC 6455 §5.2); where permessage-deflate was negotiated they are sent u
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import socket
-import struct
-import termios
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
-__all__ = ["DirectWriter", "KeepServerSend", "SERVER_SEND", "text_frame"]
+from engine._core import write_text_frame
+
+__all__ = ["DirectWriter", "KeepServerSend", "SERVER_SEND"]
 
 log = logging.getLogger("recstream.web")
 
@@ -46,17 +45,8 @@ SERVER_SEND = "recstream.server_send"
 # or unacknowledged) fit in this share of the socket's send buffer: the kernel, which counts
 # its own overhead per segment against the buffer, then takes the frame whole.
 BUFFER_SHARE = 4
-
-
-def text_frame(text: str) -> bytes:
-    """``text`` as one final, unmasked websocket text frame (RFC 6455 §5.2)."""
-    payload = text.encode()
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 1 << 16:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
+# What ``engine._core.write_text_frame`` reports.
+DECLINED, WRITTEN, CUT_SHORT = 0, 1, 2
 
 
 class DirectWriter:
@@ -127,29 +117,16 @@ class DirectWriter:
         if fd < 0:  # closed
             self.declined += 1
             return False
-        frame = text_frame(text)
-        try:
-            if _unsent(fd) + len(frame) > self._limit:
-                self.declined += 1
-                return False
-            written = os.write(fd, frame)
-        except OSError:  # broken or full: the subscriber's task finds out by itself
+        outcome = write_text_frame(fd, text, self._limit)
+        if outcome == DECLINED:  # full or broken: the subscriber's task finds out by itself
             self.declined += 1
             return False
-        if written < len(frame):
-            log.warning("a push was cut short by the kernel; closing that subscriber")
-            self._abort(fd)
-            return True  # nothing more can be sent on this connection
+        if outcome == CUT_SHORT:
+            log.warning("a push was cut short by the kernel; closed that subscriber")
+            self.busy = True  # nothing more can be sent on this connection
+            return True
         self.written += 1
         return True
-
-    def _abort(self, fd: int) -> None:
-        self.busy = True
-        try:
-            with socket.socket(fileno=os.dup(fd)) as sock:
-                sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
 
 class KeepServerSend:
@@ -163,10 +140,3 @@ class KeepServerSend:
         if scope["type"] == "websocket":
             scope[SERVER_SEND] = send
         await self.app(scope, receive, send)
-
-
-def _unsent(fd: int) -> int:
-    """Bytes in the socket's send queue, unsent or not yet acknowledged (SIOCOUTQ)."""
-    out = fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0")
-    value: int = struct.unpack("i", out)[0]
-    return value

@@ -13,6 +13,7 @@
 //!   [`snapshot`]: its checksummed, atomically written file; [`codec`]: binary helpers.
 //! - [`dedup`]: the redelivery window of applied event ids.
 //! - [`rng`]: the seeded generator everything random draws from.
+//! - [`wsframe`]: pushed messages written straight to a subscriber's socket.
 //! - [`py`], [`py_index`]: the Python bindings.
 //!
 //! Only `py*` touches pyo3; every other module is plain Rust with its own tests.
@@ -33,3 +34,4 @@ pub mod rng;
 pub mod scan;
 pub mod snapshot;
 pub mod trending;
+pub mod wsframe;

@@ -314,6 +314,19 @@ fn config_to_dict<'py>(py: Python<'py>, c: &model::Config) -> PyResult<Bound<'py
     Ok(d)
 }
 
+/// Writes `text` as one websocket text frame to the non-blocking socket `fd` when it can go
+/// whole at once (see `crate::wsframe`): 1 written, 0 declined (nothing written), 2 cut short
+/// by the kernel (the connection was shut down). The caller keeps `fd` open for the call.
+#[pyfunction]
+fn write_text_frame(fd: i32, text: &str, limit: usize) -> PyResult<u8> {
+    if fd < 0 {
+        return Err(PyValueError::new_err("a socket's descriptor is not negative"));
+    }
+    // SAFETY: the caller holds `fd` open for the call (the contract above).
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    Ok(crate::wsframe::write_text_frame(fd, text.as_bytes(), limit) as u8)
+}
+
 /// The model's default settings, the one source `engine.ModelConfig` takes its defaults from.
 #[pyfunction]
 fn default_config(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
@@ -955,6 +968,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("UnknownItem", py.get_type::<UnknownItem>())?;
     m.add("CorruptSnapshot", py.get_type::<CorruptSnapshot>())?;
     m.add_function(wrap_pyfunction!(default_config, m)?)?;
+    m.add_function(wrap_pyfunction!(write_text_frame, m)?)?;
     m.add_class::<crate::py_index::Index>()?;
     m.add_function(wrap_pyfunction!(crate::py_index::exact_search_batch, m)?)?;
     Ok(())

@@ -16,20 +16,57 @@ from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import TextMessage
 
-from connectors._direct import DirectWriter, text_frame
+from connectors._direct import DECLINED, WRITTEN, DirectWriter
 from connectors.websocket import FIRST_DIRECT_CHARS
+from engine._core import write_text_frame
 
 from ..conftest import running_server, ws_url
 
 
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname())
+        peer, _ = listener.accept()
+    return ours, peer
+
+
+def _receive(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        assert chunk, "connection closed early"
+        out += chunk
+    return out
+
+
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65_535, 65_536, 70_000])
-def test_text_frames_decode_with_a_third_party_websocket_client(size: int) -> None:
+def test_written_frames_decode_with_a_third_party_websocket_client(size: int) -> None:
     text = ("é" * size)[: max(0, size - 1)] + "x" * min(size, 1)  # multi-byte characters
-    client = Connection(ConnectionType.CLIENT)
-    client.receive_data(text_frame(text))
-    [event] = list(client.events())
+    ours, peer = _tcp_pair()
+    with ours, peer:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        ours.setblocking(False)
+        assert write_text_frame(ours.fileno(), text, 1 << 21) == WRITTEN
+        n = len(text.encode())
+        header = 2 if n < 126 else 4 if n < 65_536 else 10
+        client = Connection(ConnectionType.CLIENT)
+        client.receive_data(_receive(peer, header + n))
+        [event] = list(client.events())
     assert isinstance(event, TextMessage)
     assert event.data == text and event.message_finished
+
+
+def test_a_frame_that_does_not_fit_under_the_limit_is_declined_whole() -> None:
+    ours, peer = _tcp_pair()
+    with ours, peer:
+        ours.setblocking(False)
+        fd = ours.fileno()
+        # The second frame alone exceeds the limit; the third fits beside the first.
+        outcomes = [write_text_frame(fd, text, 64) for text in ("a" * 10, "b" * 100, "c" * 10)]
+        assert outcomes == [WRITTEN, DECLINED, WRITTEN]
+        assert _receive(peer, 24) == b"\x81\x0a" + b"a" * 10 + b"\x81\x0a" + b"c" * 10
+        with pytest.raises(ValueError):
+            write_text_frame(-1, "x", 64)
 
 
 def _read_pushes(url: str, stop_at: str, out: trio.MemorySendChannel[dict[str, Any]]) -> None:
@@ -137,7 +174,7 @@ async def test_a_closed_socket_is_never_written_whatever_its_number_became() -> 
     writer = DirectWriter(stream, trio.Lock(), ours)
     writer.busy = False
     assert writer.try_write("first")
-    assert await peer.recv(100) == text_frame("first")
+    assert await peer.recv(100) == b"\x81\x05first"
     number = ours.fileno()
     ours.close()
     # Another connection now holds the closed socket's number.
