@@ -77,6 +77,12 @@ def test_served_quick(results: Path) -> None:
         else:
             assert rows[f"{name}_qps"]["peer"] is None
     assert (doc["peer"] == "hnswlib") == peer
+    # The push's write is measured against wsproto's framing plus send, on the same messages.
+    writes = rows["push_write_cpu_us"]
+    assert runs["push_write"]["queries"] == runs["wsproto_write"]["queries"] > 0
+    assert writes["ours"] == runs["push_write"]["cpu_us"] > 0
+    assert writes["peer"] == runs["wsproto_write"]["cpu_us"] > 0
+    assert_ratio(writes, lower_is_better=True)
 
 
 @needs_release
@@ -112,9 +118,3 @@ def test_latency_target_needs_its_forward_listener(results: Path) -> None:
     proc = run_bench("latency", results, "--target", "http://127.0.0.1:9")
     assert proc.returncode != 0
     assert "--target and --forward go together" in proc.stderr
-    # The push's write is measured against wsproto's framing plus send, on the same messages.
-    writes = rows["push_write_cpu_us"]
-    assert runs["push_write"]["queries"] == runs["wsproto_write"]["queries"] > 0
-    assert writes["ours"] == runs["push_write"]["cpu_us"] > 0
-    assert writes["peer"] == runs["wsproto_write"]["cpu_us"] > 0
-    assert_ratio(writes, lower_is_better=True)
