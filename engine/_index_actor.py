@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import trio
 
+from . import _worker
 from ._messages import Applied
 from ._model import Model
 
@@ -97,9 +98,7 @@ class IndexActor:
                 else:
                     self.busy = True
                     try:
-                        self.stale = await trio.to_thread.run_sync(
-                            self._model.reindex, self._budget
-                        )
+                        self.stale = await _worker.run_sync(self._model.reindex, self._budget)
                     finally:
                         self.busy = False
                 if self.stale == 0 or not waiting:

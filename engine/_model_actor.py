@@ -24,6 +24,7 @@ from pathlib import Path
 
 import trio
 
+from . import _worker
 from ._messages import Appended, Applied
 from ._model import Model
 
@@ -153,7 +154,7 @@ class ModelActor:
                     else:
                         self.busy = True
                         try:
-                            results = await trio.to_thread.run_sync(apply)
+                            results = await _worker.run_sync(apply)
                         finally:
                             self.busy = False
                     self.last_apply_seconds = time.perf_counter() - started

@@ -38,6 +38,7 @@ from typing import Any, Generic, TypeVar
 import attrs
 import trio
 
+from . import _worker
 from ._exceptions import TooManySubscribers
 from ._model import Model
 
@@ -432,7 +433,7 @@ class Publisher:
     async def _compute_listings(self, jobs: list[tuple[Subscription, list[Id]]]) -> list[Listing]:
         if len(jobs) <= INLINE_JOBS and self._idle is not None and self._idle():
             return self._listings(jobs)
-        return await trio.to_thread.run_sync(self._listings, jobs)
+        return await _worker.run_sync(self._listings, jobs)
 
     def _listings(self, jobs: list[tuple[Subscription, list[Id]]]) -> list[Listing]:
         """Computes the lists of ``jobs`` (subscription, items to leave out) in a worker thread:

@@ -289,10 +289,13 @@ async def test_drift_refreshes_are_not_starved_by_a_steady_stream_of_own_events(
             time.sleep(0.002)
             if "v" not in {u for c in calls for u in c} and len(calls) < 500:
                 seq[0] += 1
-                trio.from_thread.run_sync(publisher.notify, [("u", None)], seq[0], 0.0)
+                trio.from_thread.run_sync(
+                    publisher.notify, [("u", None)], seq[0], 0.0, trio_token=token
+                )
             return model.recommend_batch_json(users, **kwargs)
 
     publisher = Publisher(Busy(), refresh_interval=0.04)  # type: ignore[arg-type]
+    token = trio.lowlevel.current_trio_token()  # the lists run in the engine's own threads
     for user in ("u", "v"):
         publisher.subscribe(Subscription(user=user, k=3))
     async with trio.open_nursery() as nursery:
@@ -327,10 +330,13 @@ async def test_own_events_are_not_held_back_by_a_backlog_of_drift_refreshes(
             time.sleep(0.02)
             if not notified_at and len(users) > 1:
                 notified_at.append(len(calls))
-                trio.from_thread.run_sync(publisher.notify, [("u", None)], 2, 0.0)
+                trio.from_thread.run_sync(
+                    publisher.notify, [("u", None)], 2, 0.0, trio_token=token
+                )
             return model.recommend_batch_json(users, **kwargs)
 
     publisher = Publisher(Slow(), refresh_interval=0.04, refresh_budget=1000)  # type: ignore[arg-type]
+    token = trio.lowlevel.current_trio_token()  # the lists run in the engine's own threads
     subscribers = [f"s{n}" for n in range(200)] + ["u"]
     for user in subscribers:
         publisher.subscribe(Subscription(user=user, k=3))
