@@ -330,9 +330,7 @@ async def test_own_events_are_not_held_back_by_a_backlog_of_drift_refreshes(
             time.sleep(0.02)
             if not notified_at and len(users) > 1:
                 notified_at.append(len(calls))
-                trio.from_thread.run_sync(
-                    publisher.notify, [("u", None)], 2, 0.0, trio_token=token
-                )
+                trio.from_thread.run_sync(publisher.notify, [("u", None)], 2, 0.0, trio_token=token)
             return model.recommend_batch_json(users, **kwargs)
 
     publisher = Publisher(Slow(), refresh_interval=0.04, refresh_budget=1000)  # type: ignore[arg-type]
