@@ -91,7 +91,7 @@ def push_writes(lists: list[tuple[list[Any], str]]) -> dict[str, dict[str, float
     from wsproto.connection import Connection
     from wsproto.events import TextMessage
 
-    from engine._core import write_text_frame
+    from engine import write_text_frame
 
     texts = [
         f'{{"user":"u{n}","version":{n},"items":{entries}}}' for n, (_, entries) in enumerate(lists)

@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from engine._core import write_text_frame
+from engine import write_text_frame
 
 __all__ = ["DirectWriter", "KeepServerSend", "SERVER_SEND"]
 

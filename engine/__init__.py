@@ -10,12 +10,14 @@ Layout: implementations live in ``_``-prefixed modules: ``_core`` is the Rust ex
 (online eALS, HNSW, Forward decoding, snapshots), ``_engine`` the composition, ``_log`` the
 log protocol and the local journal (``_journal``, ``_journal_actor``), ``_model_actor``,
 ``_index_actor``, ``_publisher``, ``_snapshots``, ``_erasure`` the actors, ``_messages`` what
-they send each other, ``_recovery`` the start. ``engine.datasets`` holds the synthetic and
+they send each other, ``_worker`` their hop to a worker thread, ``_recovery`` the start. ``engine.datasets`` holds the synthetic and
 recorded event streams used by tests, demos and benchmarks.
 
 ``DEFAULT_EVENT_WEIGHTS`` maps the built-in event types to the weight an event of that type
 gives an interaction (``ModelConfig.event_weights`` starts from it). ``SNAPSHOT`` is the file
 name of the newest snapshot in a data directory (a node joining a shared log fetches a peer's).
+``write_text_frame`` writes a pushed message to a websocket's socket in one call (the
+connectors' direct push).
 """
 
 from ._config import ServerConfig as ServerConfig
@@ -27,6 +29,7 @@ from ._core import Index as Index
 from ._core import InvalidEvent as InvalidEvent
 from ._core import InvalidFrame as InvalidFrame
 from ._core import UnknownItem as UnknownItem
+from ._core import write_text_frame as write_text_frame
 from ._engine import Engine as Engine
 from ._events import json_to_frame as json_to_frame
 from ._exceptions import AuthError as AuthError
@@ -92,4 +95,5 @@ __all__ = [
     "parse_hostport",
     "rec_json",
     "recover",
+    "write_text_frame",
 ]

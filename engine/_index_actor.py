@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import trio
 
-from . import _worker
 from ._messages import Applied
 from ._model import Model
+from ._worker import in_worker
 
 __all__ = ["IndexActor"]
 
@@ -98,7 +98,7 @@ class IndexActor:
                 else:
                     self.busy = True
                     try:
-                        self.stale = await _worker.run_sync(self._model.reindex, self._budget)
+                        self.stale = await in_worker(self._model.reindex, self._budget)
                     finally:
                         self.busy = False
                 if self.stale == 0 or not waiting:

@@ -49,10 +49,10 @@ from typing import TypeVar
 import trio
 import trio.testing
 
-from . import _worker
 from ._exceptions import JournalClosed, JournalFailed
 from ._journal import Journal
 from ._messages import Appended
+from ._worker import in_worker
 
 __all__ = ["Appended", "JournalActor"]
 
@@ -292,7 +292,7 @@ class JournalActor:
                     # Into the page cache: cheaper than a worker thread's round trip.
                     last = self.journal.append(payloads)
                 else:
-                    last = await _worker.run_sync(self._write_in_thread, payloads, sync_here)
+                    last = await in_worker(self._write_in_thread, payloads, sync_here)
         except OSError as exc:
             self._failed(exc)
             return
@@ -345,7 +345,7 @@ class JournalActor:
         """Syncs what is written and acknowledges it; False if the sync failed."""
         try:
             async with self._io:
-                await _worker.run_sync(self.journal.sync)
+                await in_worker(self.journal.sync)
         except OSError as exc:
             self._failed(exc)
             return False

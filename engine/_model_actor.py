@@ -24,9 +24,9 @@ from pathlib import Path
 
 import trio
 
-from . import _worker
 from ._messages import Appended, Applied
 from ._model import Model
+from ._worker import in_worker
 
 __all__ = ["REPLAY_MERGE_BYTES", "Applied", "ModelActor", "apply_records"]
 
@@ -154,7 +154,7 @@ class ModelActor:
                     else:
                         self.busy = True
                         try:
-                            results = await _worker.run_sync(apply)
+                            results = await in_worker(apply)
                         finally:
                             self.busy = False
                     self.last_apply_seconds = time.perf_counter() - started

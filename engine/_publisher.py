@@ -38,9 +38,9 @@ from typing import Any, Generic, TypeVar
 import attrs
 import trio
 
-from . import _worker
 from ._exceptions import TooManySubscribers
 from ._model import Model
+from ._worker import in_worker
 
 __all__ = ["Publisher", "Slot", "Subscription", "Cause", "Push", "rec_json"]
 
@@ -433,7 +433,7 @@ class Publisher:
     async def _compute_listings(self, jobs: list[tuple[Subscription, list[Id]]]) -> list[Listing]:
         if len(jobs) <= INLINE_JOBS and self._idle is not None and self._idle():
             return self._listings(jobs)
-        return await _worker.run_sync(self._listings, jobs)
+        return await in_worker(self._listings, jobs)
 
     def _listings(self, jobs: list[tuple[Subscription, list[Id]]]) -> list[Listing]:
         """Computes the lists of ``jobs`` (subscription, items to leave out) in a worker thread:

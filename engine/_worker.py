@@ -5,7 +5,7 @@ cached thread: it takes a token of a capacity limiter, copies the context, sets 
 state for ``trio.from_thread``, formats a name for the thread and gives it to the OS (two
 ``prctl`` calls per job, one to set it and one to reset it). Under load the actors make a few
 thousand such calls a second (each group applied, each chunk of lists, each sync), and the
-naming alone was about 3 % of the server's CPU samples at 10,000 events/s. :func:`run_sync`
+naming alone was about 3 % of the server's CPU samples at 10,000 events/s. :func:`in_worker`
 keeps only the hand-over: the function runs in one of trio's cached threads, its outcome comes
 back to the waiting task.
 
@@ -26,12 +26,12 @@ import trio
 if TYPE_CHECKING:
     import outcome
 
-__all__ = ["run_sync"]
+__all__ = ["in_worker"]
 
 T = TypeVar("T")
 
 
-async def run_sync(fn: Callable[..., T], *args: object) -> T:
+async def in_worker(fn: Callable[..., T], *args: object) -> T:
     """``fn(*args)`` in a worker thread; its result, or its exception raised here."""
     await trio.lowlevel.checkpoint_if_cancelled()
     task = trio.lowlevel.current_task()

@@ -53,6 +53,7 @@ PUBLIC = {
         "parse_hostport",
         "rec_json",
         "recover",
+        "write_text_frame",
     },
     "engine.datasets": {
         "EVENT_TYPES",

@@ -18,7 +18,7 @@ from wsproto.events import TextMessage
 
 from connectors._direct import DECLINED, WRITTEN, DirectWriter
 from connectors.websocket import FIRST_DIRECT_CHARS
-from engine._core import write_text_frame
+from engine import write_text_frame
 
 from ..conftest import running_server, ws_url
 
