@@ -6,7 +6,7 @@ scope), about 200 µs of CPU per message on a small machine, and the sending tas
 first. A pushed list is one complete text message, so when the connection is open, no send is
 under way on it (Hypercorn's send lock is free and the subscriber's own task is not sending)
 and the kernel has room for it, the message goes out in one non-blocking ``writev(2)`` from
-the task that computed it: no task wake, no await. ``engine._core.write_text_frame`` does the
+the task that computed it: no task wake, no await. ``engine.write_text_frame`` does the
 check of the socket's queue, the frame header and the write in one call. Otherwise the
 message takes the ordinary ASGI send, from the subscriber's task.
 
@@ -45,7 +45,7 @@ SERVER_SEND = "recstream.server_send"
 # or unacknowledged) fit in this share of the socket's send buffer: the kernel, which counts
 # its own overhead per segment against the buffer, then takes the frame whole.
 BUFFER_SHARE = 4
-# What ``engine._core.write_text_frame`` reports.
+# What ``engine.write_text_frame`` reports.
 DECLINED, WRITTEN, CUT_SHORT = 0, 1, 2
 
 
