@@ -15,7 +15,7 @@ one thread, for ``k = 10``:
   (the model's lists start from it for catalogs of ``exact_below`` items or more, and from
   the exact scan below, which a batch's users share);
 * hnswlib on the same vectors with the same M, ef_construction and ef (the peer);
-* the push's write: ``engine._core.write_text_frame`` (the publisher's direct write: the
+* the push's write: ``engine.write_text_frame`` (the publisher's direct write: the
   socket's queue checked, the frame header and the message written in one call) against
   wsproto framing the same message plus ``socket.send`` (the layer under Hypercorn's ASGI
   send, the peer), to a loopback TCP socket that a child process drains; per message.

@@ -10,8 +10,9 @@ Layout: implementations live in ``_``-prefixed modules: ``_core`` is the Rust ex
 (online eALS, HNSW, Forward decoding, snapshots), ``_engine`` the composition, ``_log`` the
 log protocol and the local journal (``_journal``, ``_journal_actor``), ``_model_actor``,
 ``_index_actor``, ``_publisher``, ``_snapshots``, ``_erasure`` the actors, ``_messages`` what
-they send each other, ``_worker`` their hop to a worker thread, ``_recovery`` the start. ``engine.datasets`` holds the synthetic and
-recorded event streams used by tests, demos and benchmarks.
+they send each other, ``_worker`` their hop to a worker thread, ``_recovery`` the start.
+``engine.datasets`` holds the synthetic and recorded event streams used by tests, demos and
+benchmarks.
 
 ``DEFAULT_EVENT_WEIGHTS`` maps the built-in event types to the weight an event of that type
 gives an interaction (``ModelConfig.event_weights`` starts from it). ``SNAPSHOT`` is the file

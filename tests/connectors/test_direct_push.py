@@ -193,3 +193,53 @@ async def test_a_closed_socket_is_never_written_whatever_its_number_became() -> 
         for s in (other, other_peer, peer):
             s.close()
     assert (writer.written, writer.declined) == (1, 1)
+
+
+async def test_every_subscriber_of_a_batch_gets_each_list_whole_and_in_order(
+    tmp_path: Path,
+) -> None:
+    """Events of several subscribed users arrive in one batch, round after round: their lists
+    are computed together and written one after another; each subscriber gets every list
+    whole and in order."""
+    users = [f"u{n}" for n in range(8)]
+    rounds = 12
+    async with running_server(tmp_path, refresh_interval=3600.0) as server:
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
+            warm = [{"user": f"u{n % 20}", "item": f"i{n * 7 % 300}"} for n in range(900)]
+            r = await http.post("/v1/events", json=warm)
+            await server.engine.wait_applied(r.json()["seq"])
+            got: dict[str, list[dict[str, Any]]] = {user: [] for user in users}
+            send, receive = trio.open_memory_channel[dict[str, Any]](1000)
+
+            async def take(ids: set[str]) -> None:
+                """Messages until every subscriber has one and every event in ``ids`` was
+                named as a cause."""
+                with trio.fail_after(10):
+                    while not all(got.values()) or ids - {
+                        (m["cause"] or {}).get("id") for ms in got.values() for m in ms
+                    }:
+                        message = await receive.receive()
+                        got[message["user"]].append(message)
+
+            async with trio.open_nursery() as nursery:
+                for user in users:
+                    url = ws_url(server, f"/v1/ws/recommendations?user={user}&k=5")
+                    stop_at = f"{user}-{rounds - 1}"
+                    nursery.start_soon(trio.to_thread.run_sync, _read_pushes, url, stop_at, send)
+                await take(set())
+                for n in range(rounds):
+                    # Each user's top item, once seen, leaves its list: every event changes it.
+                    batch = [
+                        {"user": u, "item": got[u][-1]["items"][0]["item"], "id": f"{u}-{n}"}
+                        for u in users
+                    ]
+                    await http.post("/v1/events", json=batch)
+                    await take({event["id"] for event in batch})
+    for user in users:
+        versions = [m["version"] for m in got[user]]
+        assert versions == sorted(versions) and len(got[user]) >= rounds + 1
+        assert all(m["user"] == user and len(m["items"]) == 5 for m in got[user])
+    metrics = server.engine.metrics
+    assert metrics.pushes._value.get() == sum(len(ms) - 1 for ms in got.values())
+    # Most lists found their connection idle and were written by the publisher itself.
+    assert metrics.delivered_at_once._value.get() >= len(users) * rounds // 2
