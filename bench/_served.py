@@ -106,8 +106,11 @@ def push_writes(lists: list[tuple[list[Any], str]]) -> dict[str, dict[str, float
 
         def ours() -> None:
             for text in texts:
-                while write_text_frame(fd, text, limit) != 1:  # the child is behind: wait
-                    time.sleep(0.0001)
+                deadline = time.monotonic() + 10
+                while (outcome := write_text_frame(fd, text, limit)) != 1:
+                    if outcome == 2 or time.monotonic() > deadline:
+                        raise RuntimeError("the draining child stopped reading")
+                    time.sleep(0.0001)  # declined: the child is behind
 
         def peer() -> None:
             for text in texts:

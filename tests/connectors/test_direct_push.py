@@ -69,6 +69,13 @@ def test_a_frame_that_does_not_fit_under_the_limit_is_declined_whole() -> None:
             write_text_frame(-1, "x", 64)
 
 
+async def _warm_up(server: Any, http: httpx.AsyncClient) -> None:
+    """900 events over 20 users and 300 items, applied: the users have lists of 5 and more."""
+    warm = [{"user": f"u{n % 20}", "item": f"i{n * 7 % 300}"} for n in range(900)]
+    r = await http.post("/v1/events", json=warm)
+    await server.engine.wait_applied(r.json()["seq"])
+
+
 def _read_pushes(url: str, stop_at: str, out: trio.MemorySendChannel[dict[str, Any]]) -> None:
     """A `websockets` client (permessage-deflate offered, as it does by default) handing
     messages to the test until one names the event ``stop_at`` as its cause."""
@@ -86,9 +93,7 @@ async def test_pushes_arrive_whole_and_in_order_written_at_once_or_not(
 ) -> None:
     async with running_server(tmp_path, refresh_interval=3600.0, direct_push=direct) as server:
         async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
-            warm = [{"user": f"u{n % 20}", "item": f"i{n * 7 % 300}"} for n in range(900)]
-            r = await http.post("/v1/events", json=warm)
-            await server.engine.wait_applied(r.json()["seq"])
+            await _warm_up(server, http)
             got: list[dict[str, Any]] = []
             send, receive = trio.open_memory_channel[dict[str, Any]](100)
             url = ws_url(server, "/v1/ws/recommendations?user=u1&k=5")
@@ -100,7 +105,7 @@ async def test_pushes_arrive_whole_and_in_order_written_at_once_or_not(
                     # The user's top item, once seen, leaves the list: every event changes it.
                     top = got[-1]["items"][0]["item"]
                     event_id = "e-last" if n == 39 else f"e-{n}"
-                    r = await http.post(
+                    await http.post(
                         "/v1/events", json=[{"user": "u1", "item": top, "id": event_id}]
                     )
                     with trio.fail_after(10):
@@ -205,9 +210,7 @@ async def test_every_subscriber_of_a_batch_gets_each_list_whole_and_in_order(
     rounds = 12
     async with running_server(tmp_path, refresh_interval=3600.0) as server:
         async with httpx.AsyncClient(base_url=server.http_url, timeout=10) as http:
-            warm = [{"user": f"u{n % 20}", "item": f"i{n * 7 % 300}"} for n in range(900)]
-            r = await http.post("/v1/events", json=warm)
-            await server.engine.wait_applied(r.json()["seq"])
+            await _warm_up(server, http)
             got: dict[str, list[dict[str, Any]]] = {user: [] for user in users}
             send, receive = trio.open_memory_channel[dict[str, Any]](1000)
 
