@@ -41,14 +41,14 @@ from ._events import journal_record, json_to_frame
 from ._exceptions import InvalidEvents, JournalClosed, JournalFailed
 from ._experiments import Experiments, Variant
 from ._frames import interactions, map_users, pseudonym
-from ._index_actor import IndexActor
+from ._index_actor import MAX_WAIT_ITEMS, IndexActor
 from ._journal import FileOps, RecoveryReport
 from ._log import JournalLog, Log
 from ._messages import Appended, Applied
 from ._metrics import Metrics
 from ._model import Model
 from ._model_actor import ModelActor
-from ._publisher import Publisher, Push, Subscription
+from ._publisher import AfterApply, Publisher, Push, Subscription
 from ._recovery import load_snapshot
 from ._snapshots import SnapshotActor
 
@@ -239,6 +239,7 @@ class Engine:
             applied_seq=loaded.seq,
             applied_position=loaded.position,
             on_applied=self._on_applied,
+            alongside=self._lists_after_apply,
             wait_durable=self.log.wait_durable,
             report_users=False,  # nobody subscribes while catching up
         )
@@ -347,9 +348,21 @@ class Engine:
 
     # --- hooks ------------------------------------------------------------------------------
 
-    def _on_applied(self, results: list[Applied]) -> None:
-        """The model actor applied a group: erasures start now; the publisher hears of the
-        users once the index actor re-linked the items the group moved."""
+    def _lists_after_apply(self, results: list[Applied]) -> AfterApply | None:
+        """In the model actor's worker thread, right after a group applied: the lists of the
+        group's subscribed users (pushed by ``_on_applied``), computed once the items the
+        group moved are re-linked, as the index actor would wait for them (up to as many)."""
+        if self.publisher is None or not self.ready:
+            return None
+        stale = self.model.stats()["index_stale"]
+        if 0 < stale <= MAX_WAIT_ITEMS:
+            self.model.reindex(MAX_WAIT_ITEMS)
+        return self.publisher.lists_after_apply(results)
+
+    def _on_applied(self, results: list[Applied], lists: AfterApply | None) -> None:
+        """The model actor applied a group: erasures start now; the lists computed with the
+        apply are pushed; the publisher hears of the other users once the index actor
+        re-linked the items the group moved."""
         assert self.index_actor is not None and self.model_actor is not None
         assert self.publisher is not None
         self.metrics.model_update.observe(self.model_actor.last_apply_seconds)
@@ -365,6 +378,8 @@ class Engine:
             # reflects these records); the users' own recomputes wait for the index.
             if results:
                 self.publisher.notify((), results[-1].seq, results[-1].accepted_at)
+            if lists is not None:
+                self.publisher.push_after_apply(lists)
             self.index_actor.applied(results)
         else:
             self._on_indexed(results)  # catching up: no subscriber yet, the index rebuilds

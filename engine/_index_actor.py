@@ -30,6 +30,8 @@ __all__ = ["IndexActor"]
 # Up to this many moved items are re-linked on the event loop (a worker thread's round trip costs
 # more); more go to a worker thread, ``budget`` at a time.
 INLINE_ITEMS = 4
+# Moved items re-linked at most before a group's lists are computed (``max_wait_items``).
+MAX_WAIT_ITEMS = 128
 
 
 class IndexActor:
@@ -51,7 +53,7 @@ class IndexActor:
         budget: int = 512,
         idle_wait: float = 0.05,
         on_indexed: Callable[[list[Applied]], None] | None = None,
-        max_wait_items: int = 128,
+        max_wait_items: int = MAX_WAIT_ITEMS,
         max_pending: int = 65_536,
     ) -> None:
         self._model = model

@@ -4,8 +4,10 @@ It is the only writer of the model. Each group of records from the journal actor
 one worker-thread call (``Model.apply_journal``: the extension decodes the records, releases
 the GIL and, with ``batch_apply``, solves the group's users and items once each on every core),
 then the users those records touched are reported to the publisher and the index actor is told
-that vectors moved. While the engine catches up at start-up nobody subscribes yet, so the
-groups are applied without noting their users (``report_users``), as a replay: merged into
+that vectors moved. Work that must follow a group at once (the publisher computing the lists
+of the group's subscribed users) runs in the same worker-thread call (``alongside``): one
+round trip to a worker thread instead of one per stage. While the engine catches up at
+start-up nobody subscribes yet, so the groups are applied without noting their users (``report_users``), as a replay: merged into
 larger groups whose solves are coalesced further (see ``REPLAY_MERGE_BYTES``, ``apply_records``).
 Snapshots are taken between groups, so a snapshot reflects exactly the records up to its
 sequence number.
@@ -21,6 +23,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -88,6 +91,13 @@ def apply_records(
     return out
 
 
+def _apply_then(
+    apply: Callable[[], list[Applied]], alongside: Callable[[list[Applied]], Any] | None
+) -> tuple[list[Applied], Any]:
+    results = apply()
+    return results, (alongside(results) if alongside is not None and results else None)
+
+
 class ModelActor:
     """Applies what the journal actor forwards.
 
@@ -96,8 +106,13 @@ class ModelActor:
         inbox: The journal actor's output channel.
         applied_seq: The journal position the model already reflects (after recovery).
         applied_position: The log's position at ``applied_seq`` (empty for the journal).
-        on_applied: Called in the event loop with each group's results (publisher, metrics,
-            index wake-up). Must not block.
+        on_applied: Called in the event loop with each group's results and what
+            ``alongside`` returned for them (None when it did not run): publisher, metrics,
+            index wake-up. Must not block.
+        alongside: Called with a group's results in the worker thread that applied it, right
+            after, while groups are reported live (``report_users``); what it returns goes to
+            ``on_applied``. It runs outside the event loop: it may only read state the loop
+            changes in single steps.
         wait_durable: Returns once the journal holds every record up to the given seq
             durably (``JournalActor.wait_durable``); None when groups arrive durable.
         report_users: Whether each group's results name the users it touched. The engine
@@ -113,7 +128,8 @@ class ModelActor:
         *,
         applied_seq: int = 0,
         applied_position: bytes = b"",
-        on_applied: Callable[[list[Applied]], None] | None = None,
+        on_applied: Callable[[list[Applied], Any], None] | None = None,
+        alongside: Callable[[list[Applied]], Any] | None = None,
         wait_durable: Callable[[int], Awaitable[None]] | None = None,
         report_users: bool = True,
     ) -> None:
@@ -122,6 +138,7 @@ class ModelActor:
         self.applied_position = applied_position  # the log's position at applied_seq
         self._inbox = inbox
         self._on_applied = on_applied
+        self._alongside = alongside
         self._wait_durable = wait_durable
         self.report_users = report_users
         self._lock = trio.Lock()  # held while a group applies; snapshots take it in between
@@ -148,20 +165,22 @@ class ModelActor:
                         users=self.report_users,
                         replay=not self.report_users,
                     )
+                    extra = None
                     if sum(len(p) for p in group.payloads) <= INLINE_GROUP_BYTES:
                         # A worker thread's round trip costs more than these few events.
                         results = apply()
                     else:
+                        alongside = self._alongside if self.report_users else None
                         self.busy = True
                         try:
-                            results = await in_worker(apply)
+                            results, extra = await in_worker(_apply_then, apply, alongside)
                         finally:
                             self.busy = False
                     self.last_apply_seconds = time.perf_counter() - started
                     self.applied_seq = group.last_seq
                     self.applied_position = group.position
                 if self._on_applied is not None:
-                    self._on_applied(results)
+                    self._on_applied(results, extra)
         self.drained.set()
 
     def _merge_waiting(self, group: Appended) -> Appended:

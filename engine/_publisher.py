@@ -3,7 +3,12 @@
 Two things make a subscribed user's list change: that user's own events (the model actor
 reports them through :meth:`Publisher.notify`; recomputed at once, coalesced with whatever else
 is pending) and drift from other users' events moving item vectors. A list caused by the
-user's own events is pushed when its items or their order changed.
+user's own events is pushed when its items or their order changed. When a group of events
+touches few subscribed users (up to ``AFTER_APPLY_USERS``), their lists are computed in the
+model actor's worker thread right after the apply (:meth:`Publisher.lists_after_apply`) and
+pushed as the group's results are reported, without a worker-thread round trip of their own
+or a wait for a flush task; a larger group's users go to the flush tasks, whose lists are
+computed while the model applies the next group.
 
 Drift: a subscribed list that is ``refresh_interval`` old (own events recompute it sooner) is
 recomputed once the model has applied anything since, oldest first, at most ``refresh_budget``
@@ -32,17 +37,18 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 import attrs
 import trio
 
 from ._exceptions import TooManySubscribers
+from ._messages import Applied
 from ._model import Model
 from ._worker import in_worker
 
-__all__ = ["Publisher", "Slot", "Subscription", "Cause", "Push", "rec_json"]
+__all__ = ["AfterApply", "Publisher", "Slot", "Subscription", "Cause", "Push", "rec_json"]
 
 log = logging.getLogger("recstream.publisher")
 
@@ -59,6 +65,11 @@ INLINE_JOBS = 2
 WORKERS = 2
 OWN_CHUNK_MIN = 16
 OWN_CHUNK_MAX = 128
+
+# Most subscribed users whose lists are computed right after their group applied, in the
+# model actor's worker thread (see ``Publisher.lists_after_apply``); a group touching more goes
+# to the flush tasks, whose lists are computed while the model applies the next group.
+AFTER_APPLY_USERS = 32
 
 Id = str | int
 T = TypeVar("T")
@@ -109,6 +120,20 @@ class Push:
         """The message decoded, as a client receives it."""
         out: dict[str, Any] = json.loads(self.text)
         return out
+
+
+@attrs.frozen
+class AfterApply:
+    """Lists computed right after a group applied (:meth:`Publisher.lists_after_apply`):
+    per user its newest event in the group, the subscriptions and their lists, the group's
+    newest sequence, and the erasure count and time when the computation started."""
+
+    pending: dict[Id, Cause | None]
+    jobs: list[tuple[Subscription, list[Id]]]
+    listings: list[Listing]
+    seq: int
+    erasures: int
+    at: float
 
 
 class Slot(Generic[T]):
@@ -327,6 +352,9 @@ class Publisher:
         self._erasures = 0
         self._erased_at: dict[Id, int] = {}
         self._erase_seq: dict[Id, int] = {}  # per subscribed user, its latest erase record
+        # Per subscribed user, the newest sequence a list computed right after its apply
+        # reflects (see ``push_after_apply``): notify() has nothing to do for records up to it.
+        self._reflected: dict[Id, int] = {}
         self._wake = trio.Event()
         # Whether the newest turn of flush() went to a chunk of drift refreshes: the next
         # goes to own events if any are pending.
@@ -364,6 +392,7 @@ class Publisher:
                 self._erased_at.pop(sub.user, None)
                 self._erase_seq.pop(sub.user, None)
                 self._computed.pop(sub.user, None)
+                self._reflected.pop(sub.user, None)
 
     def notify(self, users: Iterable[tuple[Id, Id | None]], seq: int, accepted_at: float) -> None:
         """Marks users whose own events were applied (called by the model actor; never blocks)."""
@@ -371,6 +400,8 @@ class Publisher:
         woke = False
         for user, event_id in users:
             if user in self._subs:
+                if self._reflected.get(user, 0) >= seq:
+                    continue  # pushed right after the apply (see push_after_apply)
                 self._pending[user] = Cause(seq, event_id, accepted_at)
                 self._stale.pop(user, None)
                 woke = True
@@ -542,6 +573,80 @@ class Publisher:
             return
         seq, erasures = self._seq, self._erasures
         listings = await self._compute_listings(jobs)
+        self._deliver(pending, jobs, listings, seq, erasures, now, drift=drift)
+
+    def lists_after_apply(self, applied: Sequence[Applied]) -> AfterApply | None:
+        """Computes the lists of the subscribed users a group touched, right after the model
+        applied it, in the model actor's worker thread (see ``ModelActor``'s ``alongside``):
+        the own-event pushes need no worker-thread round trip of their own and no wait for a
+        flush task. Hand the result to :meth:`push_after_apply` in the event loop.
+
+        It runs beside the event loop, so it only reads what the loop changes in single
+        steps (the registry's dicts and sets, copied at once). Users with a subscription
+        that leaves recent pushes out (``repush_after``: its bookkeeping belongs to the
+        loop) are left to :meth:`notify`, as are users subscribed while it runs.
+        """
+        if not applied:
+            return None
+        erasures, now = self._erasures, time.monotonic()
+        registry = self._subs
+        causes: dict[Id, Cause] = {}
+        for record in applied:
+            for user, event_id in record.users:
+                if user in registry:
+                    causes[user] = Cause(record.seq, event_id, record.accepted_at)
+        if len(causes) > AFTER_APPLY_USERS:
+            return None  # a busy stream: the flush tasks compute them beside the next apply
+        jobs: list[tuple[Subscription, list[Id]]] = []
+        done: dict[Id, Cause | None] = {}
+        for user, cause in causes.items():
+            subs = tuple(registry.get(user, ()))
+            if subs and all(sub.repush_after is None for sub in subs):
+                done[user] = cause
+                jobs.extend((sub, []) for sub in subs)
+        if not jobs:
+            return None
+        listings = self._listings(jobs)
+        return AfterApply(done, jobs, listings, applied[-1].seq, erasures, now)
+
+    def push_after_apply(self, lists: AfterApply) -> None:
+        """Pushes what :meth:`lists_after_apply` computed (in the event loop, after the
+        group's results were reported). :meth:`notify` skips these users for the records
+        the lists reflect."""
+        computed: dict[Id, set[Subscription]] = {}
+        for sub, _ in lists.jobs:
+            computed.setdefault(sub.user, set()).add(sub)
+        for user, subs in computed.items():
+            # A subscription that came meanwhile has a list from before the group, and an
+            # erasure reported meanwhile queued a new computation: notify() and that
+            # computation take the user as usual.
+            if self._subs.get(user) == subs and not self._erased_since(user, lists.erasures):
+                self._reflected[user] = lists.seq
+                self._pending.pop(user, None)
+                self._stale.pop(user, None)
+        self._deliver(
+            lists.pending,
+            lists.jobs,
+            lists.listings,
+            lists.seq,
+            lists.erasures,
+            lists.at,
+            drift=False,
+        )
+
+    def _deliver(
+        self,
+        pending: dict[Id, Cause | None],
+        jobs: list[tuple[Subscription, list[Id]]],
+        listings: list[Listing],
+        seq: int,
+        erasures: int,
+        now: float,
+        *,
+        drift: bool,
+    ) -> None:
+        """Hands the computed lists that changed to their subscriptions: ``seq`` and
+        ``erasures`` are the model's sequence and the erasure count when they were computed."""
         computed = self._computed
         for user in pending:
             if user in computed:

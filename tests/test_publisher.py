@@ -20,6 +20,7 @@ import engine._publisher as publisher_module
 from connectors import Node
 from engine import Model, ModelConfig
 from engine._journal import FileOps
+from engine._messages import Applied
 from engine._publisher import (
     OWN_CHUNK_MIN,
     WORKERS,
@@ -667,6 +668,66 @@ async def test_an_own_event_is_named_even_when_a_drift_push_carried_it_first() -
     publisher.notify([("a", "e2")], 8, 0.0)  # an event that leaves the list as it is
     await publisher.flush()
     assert len(pushed) == 2
+
+
+def _applied(seq: int, *users: tuple[Any, Any]) -> Applied:
+    return Applied(seq, 100.0 + seq, len(users), 0, (), users)
+
+
+async def test_lists_computed_with_the_apply_are_pushed_once_and_name_the_newest_event() -> None:
+    """The lists of a group's subscribed users are computed right after the apply (in the
+    model actor's worker thread): pushed with the newest event of each user in the group,
+    and notify() for those records (once the index caught up) computes nothing again."""
+    model = _Scripted()
+    pushed: list[Push] = []
+    publisher = Publisher(model, on_push=lambda s, m, _: pushed.append(m))  # type: ignore[arg-type]
+    for user in ("a", "b"):
+        model.lists[user] = [1, 2, 3]
+        sub = Subscription(user=user, k=3)
+        publisher.subscribe(sub)
+        await publisher.current(sub)
+    model.lists["a"] = [3, 2, 1]
+    model.lists["b"] = [4, 2, 1]
+    group = [_applied(5, ("a", "e5")), _applied(6, ("x", "e6")), _applied(7, ("a", "e7"))]
+    lists = await trio.to_thread.run_sync(publisher.lists_after_apply, group)
+    assert lists is not None and set(lists.pending) == {"a"}  # "x" is not subscribed
+    publisher.push_after_apply(lists)
+    assert [(p.items, p.version) for p in pushed] == [([3, 2, 1], 7)]
+    assert pushed[0].cause == Cause(7, "e7", 107.0) and pushed[0].json()["cause"]["id"] == "e7"
+    for record in group:
+        publisher.notify(record.users, record.seq, record.accepted_at)
+    assert not publisher._pending, "the lists reflect these records already"
+    # A later record of the user goes the usual way.
+    publisher.notify([("a", "e8"), ("b", "e8")], 8, 108.0)
+    assert set(publisher._pending) == {"a", "b"}
+    await publisher.flush()
+    assert [p.items for p in pushed[1:]] == [[4, 2, 1]]  # "a" did not change
+
+
+async def test_lists_after_an_apply_leave_to_notify_what_the_loop_must_decide() -> None:
+    """Subscriptions that leave out recent pushes are left to notify(); so is a user who
+    subscribed again while the lists were computed (the new subscription's first list may
+    predate the group); a list computed before an erasure reported meanwhile is dropped."""
+    model = _Scripted()
+    pushed: list[Push] = []
+    publisher = Publisher(model, on_push=lambda s, m, _: pushed.append(m))  # type: ignore[arg-type]
+    for user in ("plain", "feed", "twice", "erased"):
+        model.lists[user] = [1, 2, 3]
+        repush = 60.0 if user == "feed" else None
+        publisher.subscribe(Subscription(user=user, k=3, repush_after=repush))
+    for user in model.lists:
+        model.lists[user] = [9, 8, 7]
+    group = [_applied(3, (user, None)) for user in model.lists]
+    lists = publisher.lists_after_apply(group)
+    assert lists is not None and set(lists.pending) == {"plain", "twice", "erased"}
+    publisher.subscribe(Subscription(user="twice", k=3))
+    publisher.erase("erased")
+    publisher.push_after_apply(lists)
+    assert [json.loads(p.text)["user"] for p in pushed] == ["plain", "twice"]
+    for record in group:
+        publisher.notify(record.users, record.seq, record.accepted_at)
+    assert set(publisher._pending) == {"feed", "twice", "erased"}
+    assert publisher.lists_after_apply([_applied(4, ("nobody", None))]) is None
 
 
 async def test_drift_refresh_takes_the_oldest_lists_older_than_the_interval_within_budget() -> None:

@@ -130,7 +130,7 @@ async def test_the_model_actor_reports_users_once_told_to() -> None:
     reported: list[list[Applied]] = []
     first = trio.Event()
 
-    def on_applied(results: list[Applied]) -> None:
+    def on_applied(results: list[Applied], _: object) -> None:
         reported.append(results)
         first.set()
 
@@ -153,7 +153,7 @@ async def test_groups_queued_behind_an_apply_are_applied_with_the_next_one() -> 
     model = Model(ModelConfig(seed=3))
     send, inbox = trio.open_memory_channel[Appended](4)
     reported: list[list[int]] = []
-    actor = ModelActor(model, inbox, on_applied=lambda rs: reported.append([a.seq for a in rs]))
+    actor = ModelActor(model, inbox, on_applied=lambda rs, _: reported.append([a.seq for a in rs]))
     # Three groups wait before the actor starts, as they do behind a long apply.
     for seq, user in ((1, "a"), (2, "b"), (4, "c")):
         events = [{"user": user, "item": "x"}] * (2 if seq == 2 else 1)
@@ -182,7 +182,7 @@ async def test_a_catching_up_actor_merges_up_to_the_replay_bound(
     actor = ModelActor(
         model,
         inbox,
-        on_applied=lambda rs: applies.append([a.seq for a in rs]),
+        on_applied=lambda rs, _: applies.append([a.seq for a in rs]),
         report_users=report_users,
     )
     for seq in range(1, 7):
