@@ -7,8 +7,9 @@ then the users those records touched are reported to the publisher and the index
 that vectors moved. Work that must follow a group at once (the publisher computing the lists
 of the group's subscribed users) runs in the same worker-thread call (``alongside``): one
 round trip to a worker thread instead of one per stage. While the engine catches up at
-start-up nobody subscribes yet, so the groups are applied without noting their users (``report_users``), as a replay: merged into
-larger groups whose solves are coalesced further (see ``REPLAY_MERGE_BYTES``, ``apply_records``).
+start-up nobody subscribes yet, so the groups are applied without noting their users
+(``report_users``), as a replay: merged into larger groups whose solves are coalesced further
+(see ``REPLAY_MERGE_BYTES``, ``apply_records``).
 Snapshots are taken between groups, so a snapshot reflects exactly the records up to its
 sequence number.
 Groups may arrive before they are durable (the journal's ``apply_before_sync``); a snapshot
