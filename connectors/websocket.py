@@ -148,8 +148,7 @@ async def recommendations_socket(r: Requests, ws: WebSocket) -> None:
         await ws.close(POLICY_VIOLATION, str(e)[:120])
         return
     writer = DirectWriter.find(ws.scope.get(SERVER_SEND)) if r.config.direct_push else None
-    if writer is not None:
-        sub.deliver = writer.try_write
+    sub.writer = writer
     try:
         async with r.engine.subscribe(sub):
             await _push_loop(r.engine, ws, sub, writer)
