@@ -4,35 +4,54 @@
 //! the candidates come from.
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
 
 use crate::rng::Rng;
-use crate::scan::{dot, Worst};
+use crate::scan::dot;
 
 /// Min-max normalisation to [0, 1]. A constant list (a lone candidate among them) carries no
 /// ranking signal and maps to ones: its best is as good as the pool gets, and a blend then
 /// shifts every candidate alike, so rankings are the same as with any other constant.
 pub fn minmax(scores: &[f32]) -> Vec<f32> {
-    let (lo, hi) =
-        scores.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &s| (lo.min(s), hi.max(s)));
-    let range = hi - lo;
-    if !(range > 0.0 && range.is_finite()) {
-        return vec![1.0; scores.len()];
+    let norm = Normalise::over(scores);
+    scores.iter().map(|&s| norm.apply(s)).collect()
+}
+
+/// The map of [`minmax`] over one list, applied a value at a time: a blend normalises both
+/// of its inputs on the fly instead of allocating each normalised list first.
+#[derive(Clone, Copy)]
+struct Normalise {
+    /// (low, range), or None for a constant list (every value maps to one).
+    span: Option<(f32, f32)>,
+}
+
+impl Normalise {
+    fn over(scores: &[f32]) -> Self {
+        let (lo, hi) =
+            scores.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &s| (lo.min(s), hi.max(s)));
+        let range = hi - lo;
+        Self { span: (range > 0.0 && range.is_finite()).then_some((lo, range)) }
     }
-    scores.iter().map(|&s| (s - lo) / range).collect()
+
+    #[inline]
+    fn apply(self, s: f32) -> f32 {
+        match self.span {
+            Some((lo, range)) => (s - lo) / range,
+            None => 1.0,
+        }
+    }
 }
 
 /// `(1 − β)·personal + β·trending`, each min-max normalised over the candidate pool.
 pub fn blend(personal: &[f32], trending: &[f32], beta: f32) -> Vec<f32> {
-    let (p, t) = (minmax(personal), minmax(trending));
-    p.iter().zip(&t).map(|(&p, &t)| (1.0 - beta) * p + beta * t).collect()
+    let (p, t) = (Normalise::over(personal), Normalise::over(trending));
+    personal.iter().zip(trending).map(|(&a, &b)| (1.0 - beta) * p.apply(a) + beta * t.apply(b)).collect()
 }
 
 /// For each candidate of [`blend`], whether the trending term contributes more to its blended
 /// score than the personal term: such an item is in the list mostly for being popular.
 pub fn trending_led(personal: &[f32], trending: &[f32], beta: f32) -> Vec<bool> {
-    let (p, t) = (minmax(personal), minmax(trending));
-    p.iter().zip(&t).map(|(&p, &t)| beta * t > (1.0 - beta) * p).collect()
+    let (p, t) = (Normalise::over(personal), Normalise::over(trending));
+    personal.iter().zip(trending).map(|(&a, &b)| beta * t.apply(b) > (1.0 - beta) * p.apply(a)).collect()
 }
 
 /// Best first; equal scores by ascending id, so results never depend on hash or heap order.
@@ -55,33 +74,71 @@ pub fn top_sorted(hits: &mut Vec<(u32, f32)>, n: usize) {
 }
 
 /// The `m` best of `cands` (by [`sort_desc`] order) among those `keep` accepts, best first:
-/// the same as filtering every candidate, sorting and truncating, in one pass that keeps the
-/// best `m` so far in a heap, so `keep` is asked only about candidates that beat the `m`-th
-/// best so far. A user's neighbourhood candidates are often items it has seen (the items
-/// taken with its own): selecting the best `m` and then filtering would repeat the
-/// selection over the rest for as many rounds as seen items crowd the top.
+/// the same as filtering every candidate, sorting and truncating. `keep` is asked only about
+/// candidates near the top: each round selects the best few of those left (the shortfall plus
+/// a margin), sorts just those and takes the kept ones in order, and a further round runs
+/// only when too many of them were refused. A user's neighbourhood candidates are often items
+/// it has seen (the items taken with its own), which the margin absorbs.
+///
+/// The candidates are packed into `u64` keys ordered like [`sort_desc`] (see [`rank_key`]),
+/// so the selection compares integers: a heap of the best `m` so far, tried before, spent
+/// most of a list's selection in mispredicted sift branches, one sift per candidate that beat
+/// the worst held (for a neighbourhood of about a thousand ids, a few hundred of them).
 pub fn top_kept(
     cands: impl IntoIterator<Item = (u32, f32)>,
     m: usize,
     keep: &dyn Fn(u32) -> bool,
 ) -> Vec<(u32, f32)> {
+    let mut out = Vec::with_capacity(m);
     if m == 0 {
-        return Vec::new();
+        return out;
     }
-    let mut held: BinaryHeap<Worst> = BinaryHeap::with_capacity(m + 1);
-    for (id, s) in cands {
-        let cand = Worst(s, id);
-        if held.len() == m {
-            if cand >= *held.peek().expect("m > 0 entries") || !keep(id) {
-                continue;
-            }
-            // The worst replaced in place: one sift instead of a pop and a push.
-            *held.peek_mut().expect("m > 0 entries") = cand;
-        } else if keep(id) {
-            held.push(cand);
+    let mut keys: Vec<u64> = cands.into_iter().map(|(id, s)| rank_key(id, s)).collect();
+    let mut rest: &mut [u64] = &mut keys;
+    while out.len() < m && !rest.is_empty() {
+        let want = (m - out.len()) + m / 2 + TOP_KEPT_MARGIN;
+        let cut = rest.len().saturating_sub(want);
+        if cut > 0 {
+            // The `want` largest keys to the end, the rest (all smaller) before them.
+            rest.select_nth_unstable(cut);
         }
+        let (below, top) = rest.split_at_mut(cut);
+        top.sort_unstable_by(|a, b| b.cmp(a));
+        for &k in top.iter() {
+            let (id, s) = from_rank_key(k);
+            if keep(id) {
+                out.push((id, s));
+                if out.len() == m {
+                    break;
+                }
+            }
+        }
+        rest = below;
     }
-    held.into_sorted_vec().into_iter().map(|w| (w.1, w.0)).collect()
+    out
+}
+
+/// Candidates a round of [`top_kept`] takes beyond its shortfall and half of `m`, for the
+/// refused ones among them.
+const TOP_KEPT_MARGIN: usize = 8;
+
+/// `(id, s)` as a key whose integer order is [`sort_desc`]'s reversed (larger key: higher
+/// score by `total_cmp`, then lower id): the score's bits mapped to an order-preserving
+/// unsigned integer above the id's complement.
+#[inline]
+fn rank_key(id: u32, s: f32) -> u64 {
+    let b = s.to_bits() as i32;
+    // `total_cmp`'s signed key (negatives' magnitude bits flipped), then biased to unsigned.
+    let ordered = (b ^ (((b >> 31) as u32) >> 1) as i32) as u32 ^ 0x8000_0000;
+    (ordered as u64) << 32 | (u32::MAX - id) as u64
+}
+
+/// The `(id, score)` of a [`rank_key`].
+#[inline]
+fn from_rank_key(k: u64) -> (u32, f32) {
+    let b = ((k >> 32) as u32 ^ 0x8000_0000) as i32;
+    let bits = b ^ (((b >> 31) as u32) >> 1) as i32;
+    (u32::MAX - k as u32, f32::from_bits(bits as u32))
 }
 
 /// Scores of a sparse set of dense ids, summed in place: a stamped array reused from list to
@@ -348,6 +405,64 @@ mod tests {
                     sort_desc(&mut want);
                     want.truncate(m);
                     assert_eq!(top_kept(cands.iter().copied(), m, keep), want, "n {n}, m {m}");
+                }
+            }
+        }
+    }
+
+    /// The keys of `top_kept` order as `sort_desc` does (reversed) and give back the very
+    /// score bits, for every kind of float: signed zeros, infinities, NaNs, subnormals.
+    #[test]
+    fn rank_keys_order_like_sort_desc_and_round_trip() {
+        let mut rng = Rng::new(11);
+        let special = [
+            0.0f32,
+            -0.0,
+            1.0,
+            -1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MIN_POSITIVE / 2.0,
+            -f32::MIN_POSITIVE / 2.0,
+            f32::MAX,
+            f32::MIN,
+        ];
+        let mut hits: Vec<(u32, f32)> = special.iter().enumerate().map(|(n, &s)| (n as u32 % 4, s)).collect();
+        hits.extend((0..300).map(|n| (n % 17, f32::from_bits(rng.next_u64() as u32))));
+        hits.extend([(0, 2.5), (u32::MAX, 2.5), (u32::MAX, -2.5), (0, -2.5)]);
+        for &(id, s) in &hits {
+            let (back_id, back) = from_rank_key(rank_key(id, s));
+            assert_eq!((back_id, back.to_bits()), (id, s.to_bits()));
+        }
+        let mut want = hits.clone();
+        sort_desc(&mut want);
+        let mut keys: Vec<u64> = hits.iter().map(|&(id, s)| rank_key(id, s)).collect();
+        keys.sort_unstable_by(|a, b| b.cmp(a));
+        let got: Vec<(u32, u32)> =
+            keys.into_iter().map(from_rank_key).map(|(i, s)| (i, s.to_bits())).collect();
+        assert_eq!(got, want.iter().map(|&(i, s)| (i, s.to_bits())).collect::<Vec<_>>());
+    }
+
+    /// The fused blend is, bit for bit, the blend of the two min-max normalised lists.
+    #[test]
+    fn blend_equals_blend_of_normalised_lists() {
+        let mut rng = Rng::new(4);
+        for n in [1usize, 2, 7, 80] {
+            for constant in [false, true] {
+                let p: Vec<f32> =
+                    (0..n).map(|_| if constant { 0.3 } else { rng.next_f64() as f32 * 3.0 - 1.0 }).collect();
+                let t: Vec<f32> = (0..n).map(|_| rng.next_f64() as f32).collect();
+                for beta in [0.0f32, 0.25, 0.5, 1.0] {
+                    let (pn, tn) = (minmax(&p), minmax(&t));
+                    let want: Vec<u32> =
+                        pn.iter().zip(&tn).map(|(&a, &b)| ((1.0 - beta) * a + beta * b).to_bits()).collect();
+                    let got: Vec<u32> = blend(&p, &t, beta).iter().map(|s| s.to_bits()).collect();
+                    assert_eq!(got, want, "n {n}, beta {beta}");
+                    let led: Vec<bool> =
+                        pn.iter().zip(&tn).map(|(&a, &b)| beta * b > (1.0 - beta) * a).collect();
+                    assert_eq!(trending_led(&p, &t, beta), led);
                 }
             }
         }
