@@ -18,14 +18,6 @@ ordinary way, where the send timeout catches it); should the kernel take only pa
 TCP memory pressure), the connection cannot be continued and is shut down, which ends that
 subscriber's session the way a broken connection does.
 
-The publisher also writes from a worker thread (``Model.push_lists`` computes, compares,
-serialises and writes a batch of lists without the GIL). It first *claims* the socket on the
-event loop, under the same conditions as a write there: it takes Hypercorn's send lock, so
-Hypercorn's own sends (pings, closes, the subscriber's task) wait for the claim to end, and
-holds the descriptor open (a ``makefile`` reference on the standard-library socket), so a
-close meanwhile only takes effect once the claim ends and the number cannot name another
-connection while the worker writes to it.
-
 Only Hypercorn's HTTP/1.1 websockets over plain TCP on trio are recognised, by type: another
 server, TLS or HTTP/2 simply never takes this path. Frames are unmasked, unfragmented text
 frames (RFC 6455 §5.2); where permessage-deflate was negotiated they are sent uncompressed
@@ -78,10 +70,6 @@ class DirectWriter:
         self._connected = ASGIWebsocketState.CONNECTED
         self._open = ConnectionState.OPEN
         self._limit = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) // BUFFER_SHARE
-        # The standard-library socket under trio's, when there is one: a claim holds it open.
-        raw = getattr(sock, "_sock", None)
-        self._raw: socket.socket | None = raw if isinstance(raw, socket.socket) else None
-        self._hold: Any = None  # the open claim's hold on the descriptor
         # True while the subscriber's task sends (its first list, or one this writer could
         # not take): a later message must not overtake it.
         self.busy = True
@@ -115,41 +103,6 @@ class DirectWriter:
     def try_write(self, text: str) -> bool:
         """Writes ``text`` as one message if that can be done at once and whole; False:
         nothing was written, send it the ordinary way."""
-        fd = self._writable()
-        if fd < 0:
-            self.declined += 1
-            return False
-        return self._count(write_text_frame(fd, text, self._limit))
-
-    def claim(self) -> tuple[int, int] | None:
-        """Reserves the socket for a write from a worker thread, as ``try_write`` would write
-        now: Hypercorn's send lock is taken (its own sends wait) and the descriptor is held
-        open (a close meanwhile takes effect at :meth:`release`, so the number cannot come to
-        name another connection while the worker writes). Returns the descriptor and the
-        limit of ``write_text_frame``; None when a write could not be made now. The task that
-        claims must release, and must not await anything that sends on this websocket."""
-        if self._raw is None or self._hold is not None:
-            return None
-        fd = self._writable()
-        if fd < 0:
-            return None
-        self._lock.acquire_nowait()
-        self._hold = self._raw.makefile("rb", buffering=0)
-        return fd, self._limit
-
-    def release(self, outcome: int | None) -> None:
-        """Ends the claim; ``outcome``: what ``write_text_frame`` said of the message written
-        under it, None when none was written."""
-        hold, self._hold = self._hold, None
-        if hold is None:
-            return
-        hold.close()  # the descriptor closes here if the socket was closed meanwhile
-        self._lock.release()
-        if outcome is not None:
-            self._count(outcome)
-
-    def _writable(self) -> int:
-        """The socket's descriptor when a message can be written to it now, else -1."""
         stream = self._stream
         if (
             self.busy
@@ -158,11 +111,13 @@ class DirectWriter:
             or stream.state is not self._connected
             or stream.connection.state is not self._open
         ):
-            return -1
-        return self._socket.fileno()  # -1 once closed
-
-    def _count(self, outcome: int) -> bool:
-        """Notes what ``write_text_frame`` did; whether the message is taken care of."""
+            self.declined += 1
+            return False
+        fd = self._socket.fileno()
+        if fd < 0:  # closed
+            self.declined += 1
+            return False
+        outcome = write_text_frame(fd, text, self._limit)
         if outcome == DECLINED:  # full or broken: the subscriber's task finds out by itself
             self.declined += 1
             return False

@@ -148,7 +148,8 @@ async def recommendations_socket(r: Requests, ws: WebSocket) -> None:
         await ws.close(POLICY_VIOLATION, str(e)[:120])
         return
     writer = DirectWriter.find(ws.scope.get(SERVER_SEND)) if r.config.direct_push else None
-    sub.writer = writer
+    if writer is not None:
+        sub.deliver = writer.try_write
     try:
         async with r.engine.subscribe(sub):
             await _push_loop(r.engine, ws, sub, writer)

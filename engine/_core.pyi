@@ -147,28 +147,6 @@ class Model:
         diversity: float | None = None,
         exploration: float | None = None,
     ) -> list[tuple[list[Id], str]]: ...
-    def push_lists(
-        self,
-        users: Sequence[Id],
-        last: Sequence[Sequence[Id] | None],
-        rules: Sequence[int],
-        heads: Sequence[str],
-        tails: Sequence[str],
-        fds: Sequence[int],
-        limits: Sequence[int],
-        slack: int,
-        k: int = 10,
-        exclude_seen: bool = True,
-        exclude: Iterable[Id] | None = None,
-        category: str | None = None,
-        exact: bool = False,
-        explain: bool = False,
-        ef: int | None = None,
-        *,
-        exclude_category: Sequence[str] | None = None,
-        diversity: float | None = None,
-        exploration: float | None = None,
-    ) -> list[tuple[list[Id], str, int] | None]: ...
     def trending(self, k: int = 10, category: str | None = None) -> list[tuple[Id, float]]: ...
     def similar(self, item: Id, k: int = 10) -> list[tuple[Id, float]]: ...
     def erase_user(self, user: Id) -> bool: ...
@@ -194,7 +172,6 @@ class Model:
 
 def default_config() -> dict[str, Any]: ...
 def write_text_frame(fd: int, text: str, limit: int) -> int: ...
-def is_news(rule: int, last: Sequence[Id] | None, items: Sequence[Id], slack: int) -> bool: ...
 
 class Index:
     def __init__(

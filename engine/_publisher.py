@@ -38,27 +38,17 @@ import json
 import logging
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
 import attrs
 import trio
 
-from ._core import is_news
 from ._exceptions import TooManySubscribers
 from ._messages import Applied
 from ._model import Model
 from ._worker import in_worker
 
-__all__ = [
-    "AfterApply",
-    "Publisher",
-    "Slot",
-    "Subscription",
-    "Cause",
-    "Push",
-    "Writer",
-    "rec_json",
-]
+__all__ = ["AfterApply", "Publisher", "Slot", "Subscription", "Cause", "Push", "rec_json"]
 
 log = logging.getLogger("recstream.publisher")
 
@@ -76,10 +66,6 @@ WORKERS = 2
 OWN_CHUNK_MIN = 16
 OWN_CHUNK_MAX = 128
 
-# When a recomputed list is pushed (see ``Model.push_lists``): always, when its items or their
-# order changed, when it drifted (other members, or an item moved more than the slack).
-ALWAYS, CHANGED, DRIFTED = 0, 1, 2
-
 # Most subscribed users whose lists are computed right after their group applied, in the
 # model actor's worker thread (see ``Publisher.lists_after_apply``); a group touching more goes
 # to the flush tasks, whose lists are computed while the model applies the next group.
@@ -91,11 +77,6 @@ T = TypeVar("T")
 # message shows (the top-k less recent pushes under ``repush_after``) and those entries
 # encoded as a JSON array.
 Listing = tuple[list[Id], list[Id], str]
-# The per-user arguments of ``Model.push_lists``: users, last pushes, rules, message heads and
-# tails, sockets and their limits.
-PushArgs = tuple[
-    list[Id], list[list[Id] | None], list[int], list[str], list[str], list[int], list[int]
-]
 
 
 @attrs.frozen
@@ -155,17 +136,6 @@ class AfterApply:
     at: float
 
 
-def _rule(sub: Subscription, cause: Cause | None, drift: bool) -> int:
-    """When a recomputed list of ``sub`` is pushed (see ``Model.push_lists``): a drift
-    refresh when it drifted; an own event's list when it changed, and even unchanged after
-    a drift push, since the model may have applied the event before the publisher heard of
-    it: the drift push may have carried the event without naming it, and the push that names
-    it must still go out."""
-    if drift:
-        return DRIFTED
-    return ALWAYS if cause is not None and sub.drift_pushed else CHANGED
-
-
 class Slot(Generic[T]):
     """A mailbox holding at most one message; ``put`` replaces what is unread.
 
@@ -217,12 +187,6 @@ class Slot(Generic[T]):
         return value if not self.closed else None
 
 
-def message_tail(version: int, cause: Cause | None) -> str:
-    """The text of a message after its items."""
-    cause_text = cause.json_text() if cause is not None else "null"
-    return f',"version":{version},"cause":{cause_text}}}'
-
-
 def rec_json(rec: dict[str, Any]) -> dict[str, Any]:
     """One entry of a list as sent to clients: ``"explore": true`` only on exploration slots."""
     out = {"item": rec["item"], "score": rec["score"]}
@@ -232,32 +196,6 @@ def rec_json(rec: dict[str, Any]) -> dict[str, Any]:
     if rec["explore"]:
         out["explore"] = True
     return out
-
-
-class Writer(Protocol):
-    """A subscriber's socket, written to directly when nothing else is writing to it (the
-    websocket connector's ``DirectWriter``): a message then costs no task wake and no await.
-
-    Messages never overtake one another: a message is written only while no other is under
-    way or waiting in the subscription's slot, so the publisher offers one only when the slot
-    is empty.
-    """
-
-    def try_write(self, text: str) -> bool:
-        """Writes ``text`` as one message if it can go out whole at once (True); False:
-        nothing was written."""
-        ...
-
-    def claim(self) -> tuple[int, int] | None:
-        """Reserves the socket for writes from a worker thread until :meth:`release`: its
-        descriptor (held open until then) and the limit for ``write_text_frame``; None when
-        it cannot be reserved now. Called and released by the same trio task."""
-        ...
-
-    def release(self, outcome: int | None) -> None:
-        """Ends a claim; ``outcome`` is what became of the message written under it (see
-        ``write_text_frame``), None when none was."""
-        ...
 
 
 @attrs.define(eq=False)
@@ -291,10 +229,10 @@ class Subscription:
     # stores pseudonyms); None: ``user``.
     shown: Id | None = None
     pushed_at: dict[Id, float] = attrs.field(factory=dict)
-    # Writes a message at once if it can, without waiting: the connector's direct write. A
-    # message it declines, or one that finds an unread message in the slot, goes to the
-    # slot instead, so messages never overtake one another.
-    writer: Writer | None = None
+    # Delivers a message's text at once if it can (True), without waiting: the connector's
+    # direct write. A message it declines, or one that finds an unread message in the slot,
+    # goes to the slot instead, so messages never overtake one another.
+    deliver: Callable[[str], bool] | None = None
     # The user's A/B variant (named in every message) and its extra recommend() arguments.
     variant: str | None = None
     params: dict[str, Any] = attrs.field(factory=dict)
@@ -338,16 +276,13 @@ class Subscription:
 
     def message(self, entries: str, version: int, cause: Cause | None) -> str:
         """The JSON text of a message listing ``entries`` (a JSON array)."""
-        return f'{self.head()},"items":{entries}{message_tail(version, cause)}'
-
-    def head(self) -> str:
-        """The text of every message up to its items."""
         if self._head is None:
             head = '{"user":' + json.dumps(self.shown if self.shown is not None else self.user)
             if self.variant is not None:
                 head += ',"variant":' + json.dumps(self.variant)
             self._head = head
-        return self._head
+        cause_text = cause.json_text() if cause is not None else "null"
+        return f'{self._head},"items":{entries},"version":{version},"cause":{cause_text}}}'
 
     def recently_pushed(self, now: float) -> list[Id]:
         """Items pushed within ``repush_after`` of ``now``; forgets older ones."""
@@ -521,21 +456,15 @@ class Publisher:
             [listing] = await self._compute_listings([(sub, recent)])
             if not self._erased_since(sub.user, erasures):
                 break
-        top, shown, entries = listing
-        text = sub.message(entries, seq, None)
         if seq < sub.version:
-            return Push(text, shown, seq, None)
-        return self._record(sub, top, shown, text, None, seq)
+            _, shown, entries = listing
+            return Push(sub.message(entries, seq, None), shown, seq, None)
+        return self._record(sub, listing, None, seq)
 
     async def _compute_listings(self, jobs: list[tuple[Subscription, list[Id]]]) -> list[Listing]:
-        return await self._run(len(jobs), self._listings, jobs)
-
-    async def _run(self, jobs: int, fn: Callable[[T], list[Any]], arg: T) -> list[Any]:
-        """``fn(arg)``, computing ``jobs`` lists: on the event loop when they are few and no
-        writer works on the model (``idle``), else in a worker thread."""
-        if jobs <= INLINE_JOBS and self._idle is not None and self._idle():
-            return fn(arg)
-        return await in_worker(fn, arg)
+        if len(jobs) <= INLINE_JOBS and self._idle is not None and self._idle():
+            return self._listings(jobs)
+        return await in_worker(self._listings, jobs)
 
     def _listings(self, jobs: list[tuple[Subscription, list[Id]]]) -> list[Listing]:
         """Computes the lists of ``jobs`` (subscription, items to leave out) in a worker thread:
@@ -565,16 +494,9 @@ class Publisher:
         return out  # type: ignore[return-value]  # every index belongs to one group
 
     def _record(
-        self,
-        sub: Subscription,
-        top: list[Id],
-        shown: list[Id],
-        text: str,
-        cause: Cause | None,
-        version: int,
+        self, sub: Subscription, listing: Listing, cause: Cause | None, version: int
     ) -> Push:
-        """Notes ``text`` (showing ``shown`` of the top-k ``top``) as the newest message of
-        ``sub``."""
+        top, shown, entries = listing
         sub.last_items = top
         sub.version = version
         if sub.repush_after is not None:
@@ -582,7 +504,7 @@ class Publisher:
             for item in shown:
                 sub.pushed_at.pop(item, None)  # re-insert: the dict stays oldest first
                 sub.pushed_at[item] = now
-        return Push(text, shown, version, cause)
+        return Push(sub.message(entries, version, cause), shown, version, cause)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -644,122 +566,14 @@ class Publisher:
 
     async def _compute(self, pending: dict[Id, Cause | None], *, drift: bool) -> None:
         now = time.monotonic()
-        subs = [sub for user in pending for sub in self._subs.get(user, ())]
-        if not subs:
+        jobs = [
+            (sub, sub.recently_pushed(now)) for user in pending for sub in self._subs.get(user, ())
+        ]
+        if not jobs:
             return
         seq, erasures = self._seq, self._erasures
-        self._mark_computed(pending, now, seq)
-        lists = [sub for sub in subs if sub.repush_after is None]
-        if lists:
-            await self._push(lists, pending, seq, erasures, drift=drift)
-        # Feeds (``repush_after``) leave recent pushes out, which the loop keeps track of.
-        feeds = [(sub, sub.recently_pushed(now)) for sub in subs if sub.repush_after is not None]
-        if feeds:
-            seq, erasures = self._seq, self._erasures
-            listings = await self._compute_listings(feeds)
-            self._deliver(pending, feeds, listings, seq, erasures, drift=drift)
-
-    async def _push(
-        self,
-        subs: list[Subscription],
-        pending: dict[Id, Cause | None],
-        seq: int,
-        erasures: int,
-        *,
-        drift: bool,
-    ) -> None:
-        """Computes the lists of ``subs`` and pushes those that are news, in one call into the
-        model per query (``Model.push_lists``): the lists are compared with the last pushes,
-        serialised and, where a subscription's socket could be claimed, written, all without
-        the GIL; what could not be written goes the usual way (:meth:`_hand_over`).
-
-        ``seq`` and ``erasures`` are the model's sequence and the erasure count now.
-        """
-        groups: dict[Hashable, list[Subscription]] = {}
-        for sub in subs:
-            if seq >= sub.version:  # else a list from a newer state went out meanwhile
-                groups.setdefault(sub.batch_key(0), []).append(sub)
-        order = [sub for members in groups.values() for sub in members]
-        claims: list[Writer | None] = []
-        tails: dict[Id, str] = {}
-        calls: list[tuple[PushArgs, dict[str, Any]]] = []
-        results: list[Any] = []
-        try:
-            for members in groups.values():
-                rules: list[int] = []
-                heads: list[str] = []
-                fds: list[int] = []
-                limits: list[int] = []
-                for sub in members:
-                    cause = pending[sub.user]
-                    rules.append(_rule(sub, cause, drift))
-                    heads.append(sub.head())
-                    if sub.user not in tails:
-                        tails[sub.user] = message_tail(seq, cause)
-                    writer = sub.writer if sub.slot.empty else None
-                    claim = writer.claim() if writer is not None else None
-                    claims.append(writer if claim is not None else None)
-                    fd, limit = claim if claim is not None else (-1, 0)
-                    fds.append(fd)
-                    limits.append(limit)
-                users = [sub.user for sub in members]
-                last = [sub.last_items for sub in members]
-                params = (users, last, rules, heads, [tails[u] for u in users], fds, limits)
-                calls.append((params, members[0].query()))
-            results = await self._run(len(order), self._push_lists, calls)
-        finally:
-            for n, writer in enumerate(claims):
-                if writer is not None:
-                    result = results[n] if results else None
-                    writer.release(result[2] if result is not None else None)
-        for sub, writer, result in zip(order, claims, results, strict=True):
-            if result is None:
-                continue
-            items, text, outcome = result
-            if sub not in self._subs.get(sub.user, ()) or self._erased_since(sub.user, erasures):
-                continue  # gone, or erased meanwhile: erase() queued a new computation
-            if seq < sub.version:
-                continue  # a list from a newer state was handed over meanwhile
-            push = self._record(sub, items, items, text, pending[sub.user], seq)
-            sub.drift_pushed = drift
-            if outcome:  # written (or cut short, which ends the connection)
-                self._hand_over(sub, push, delivered=True)
-            else:
-                self._hand_over(sub, push, delivered=writer is None and self._try_write(sub, text))
-
-    def _push_lists(self, calls: list[tuple[PushArgs, dict[str, Any]]]) -> list[Any]:
-        """``Model.push_lists`` per query (see :meth:`_push`), the results in one list."""
-        out: list[Any] = []
-        for (users, last, rules, heads, tails, fds, limits), query in calls:
-            out.extend(
-                self._model.push_lists(
-                    users, last, rules, heads, tails, fds, limits, self._rank_slack, **query
-                )
-            )
-        return out
-
-    @staticmethod
-    def _try_write(sub: Subscription, text: str) -> bool:
-        return sub.slot.empty and sub.writer is not None and sub.writer.try_write(text)
-
-    def _hand_over(self, sub: Subscription, push: Push, *, delivered: bool) -> None:
-        """Counts a push the writer took (``delivered``), or puts it in the slot."""
-        if delivered:
-            self.delivered += 1
-        else:
-            self.coalesced += sub.slot.put(push)
-        self.pushes += 1
-        if self._on_push is not None:
-            self._on_push(sub, push, delivered)
-
-    def _mark_computed(self, pending: Iterable[Id], now: float, seq: int) -> None:
-        """Notes that the lists of ``pending`` users were computed at ``now`` from the model
-        at ``seq`` (see :meth:`_due_for_refresh`)."""
-        computed = self._computed
-        for user in pending:
-            if user in computed:
-                del computed[user]  # re-inserted: the dict stays oldest first
-                computed[user] = (now, seq)
+        listings = await self._compute_listings(jobs)
+        self._deliver(pending, jobs, listings, seq, erasures, now, drift=drift)
 
     def lists_after_apply(self, applied: Sequence[Applied]) -> AfterApply | None:
         """Computes the lists of the subscribed users a group touched, right after the model
@@ -810,9 +624,14 @@ class Publisher:
                 self._reflected[user] = lists.seq
                 self._pending.pop(user, None)
                 self._stale.pop(user, None)
-        self._mark_computed(lists.pending, lists.at, lists.seq)
         self._deliver(
-            lists.pending, lists.jobs, lists.listings, lists.seq, lists.erasures, drift=False
+            lists.pending,
+            lists.jobs,
+            lists.listings,
+            lists.seq,
+            lists.erasures,
+            lists.at,
+            drift=False,
         )
 
     def _deliver(
@@ -822,11 +641,17 @@ class Publisher:
         listings: list[Listing],
         seq: int,
         erasures: int,
+        now: float,
         *,
         drift: bool,
     ) -> None:
         """Hands the computed lists that changed to their subscriptions: ``seq`` and
         ``erasures`` are the model's sequence and the erasure count when they were computed."""
+        computed = self._computed
+        for user in pending:
+            if user in computed:
+                del computed[user]  # re-inserted: the dict stays oldest first
+                computed[user] = (now, seq)
         for (sub, _), listing in zip(jobs, listings, strict=True):
             if sub not in self._subs.get(sub.user, ()):
                 continue  # unsubscribed while we computed
@@ -834,14 +659,37 @@ class Publisher:
                 continue  # computed before the erasure: erase() queued a new computation
             if seq < sub.version:
                 continue  # a list from a newer state was handed over meanwhile
+            # An own event's list equal to the one last pushed is not pushed again, unless a
+            # drift refresh pushed that one: the model may have applied the event before the
+            # publisher heard of it, so the drift push may have carried the event without
+            # naming it, and the push that names it must still go out.
             cause = pending[sub.user]
-            top, shown, entries = listing
-            if not is_news(_rule(sub, cause, drift), sub.last_items, top, self._rank_slack):
+            if listing[0] == sub.last_items and (drift or cause is None or not sub.drift_pushed):
                 continue
-            text = sub.message(entries, seq, cause)
-            push = self._record(sub, top, shown, text, cause, seq)
+            if drift and not self._drifted(sub.last_items, listing[0]):
+                continue
+            push = self._record(sub, listing, cause, seq)
             sub.drift_pushed = drift
-            self._hand_over(sub, push, delivered=self._try_write(sub, text))
+            delivered = sub.slot.empty and sub.deliver is not None and sub.deliver(push.text)
+            if delivered:
+                self.delivered += 1
+            else:
+                self.coalesced += sub.slot.put(push)
+            self.pushes += 1
+            if self._on_push is not None:
+                self._on_push(sub, push, delivered)
+
+    def _drifted(self, shown: list[Id] | None, now: list[Id]) -> bool:
+        """Whether a drift recompute ``now`` differs enough from the list last pushed
+        (``shown``) to be pushed: other members, or an item more than the slack away."""
+        if shown is None or len(shown) != len(now):
+            return True
+        was = {item: rank for rank, item in enumerate(shown)}
+        for rank, item in enumerate(now):
+            before = was.get(item)
+            if before is None or abs(before - rank) > self._rank_slack:
+                return True
+        return False
 
     async def _refresh_loop(self) -> None:
         while True:

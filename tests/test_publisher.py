@@ -19,13 +19,9 @@ import trio
 import engine._publisher as publisher_module
 from connectors import Node
 from engine import Model, ModelConfig
-from engine._core import is_news
 from engine._journal import FileOps
 from engine._messages import Applied
 from engine._publisher import (
-    ALWAYS,
-    CHANGED,
-    DRIFTED,
     OWN_CHUNK_MIN,
     WORKERS,
     Cause,
@@ -162,10 +158,6 @@ class _Gated:
         self._wait_if_held()
         return self.model.recommend_batch_json(*args, **kwargs)
 
-    def push_lists(self, *args: Any, **kwargs: Any) -> Any:
-        self._wait_if_held()
-        return self.model.push_lists(*args, **kwargs)
-
 
 def _popular_and_personal() -> Model:
     """User "u" has seen the five most popular items: its own list and the trending list it
@@ -293,7 +285,7 @@ async def test_drift_refreshes_are_not_starved_by_a_steady_stream_of_own_events(
         """Every list of "u" takes a while, and another event of "u" is applied meanwhile:
         there is always an own-event user pending."""
 
-        def push_lists(self, users: list[Id], *args: Any, **kwargs: Any) -> Any:
+        def recommend_batch_json(self, users: list[Id], **kwargs: Any) -> Any:
             calls.append(list(users))
             time.sleep(0.002)
             if "v" not in {u for c in calls for u in c} and len(calls) < 500:
@@ -301,7 +293,7 @@ async def test_drift_refreshes_are_not_starved_by_a_steady_stream_of_own_events(
                 trio.from_thread.run_sync(
                     publisher.notify, [("u", None)], seq[0], 0.0, trio_token=token
                 )
-            return model.push_lists(users, *args, **kwargs)
+            return model.recommend_batch_json(users, **kwargs)
 
     publisher = Publisher(Busy(), refresh_interval=0.04)  # type: ignore[arg-type]
     token = trio.lowlevel.current_trio_token()  # the lists run in the engine's own threads
@@ -334,13 +326,13 @@ async def test_own_events_are_not_held_back_by_a_backlog_of_drift_refreshes(
         on a machine too slow to refresh every list each interval. The first refresh chunk
         brings an event of "u"."""
 
-        def push_lists(self, users: list[Id], *args: Any, **kwargs: Any) -> Any:
+        def recommend_batch_json(self, users: list[Id], **kwargs: Any) -> Any:
             calls.append(list(users))
             time.sleep(0.02)
             if not notified_at and len(users) > 1:
                 notified_at.append(len(calls))
                 trio.from_thread.run_sync(publisher.notify, [("u", None)], 2, 0.0, trio_token=token)
-            return model.push_lists(users, *args, **kwargs)
+            return model.recommend_batch_json(users, **kwargs)
 
     publisher = Publisher(Slow(), refresh_interval=0.04, refresh_budget=1000)  # type: ignore[arg-type]
     token = trio.lowlevel.current_trio_token()  # the lists run in the engine's own threads
@@ -484,54 +476,6 @@ def test_batched_json_lists_are_the_lists_recommend_gives() -> None:
             assert items == [r["item"] for r in want]
 
 
-def test_push_lists_writes_the_lists_that_are_news_whole() -> None:
-    from wsproto import ConnectionType
-    from wsproto.connection import Connection
-    from wsproto.events import TextMessage
-
-    model = _catalog()
-    users: list[str | int] = ["u0", "u1", 7, 'u"x', "u4"]
-    query: dict[str, Any] = {"k": 6, "explain": True}
-    lists = model.recommend_batch_json(users, **query)
-    top = [items for items, _ in lists]
-    moved_one = [top[3][1], top[3][0], *top[3][2:]]  # two items a place apart: within slack
-    last = [top[0], None, top[2][::-1], moved_one, top[4]]
-    rules = [CHANGED, CHANGED, DRIFTED, DRIFTED, ALWAYS]
-    heads = [f'{{"user":{json.dumps(u)}' for u in users]
-    tails = [f',"version":{n},"cause":null}}' for n in range(len(users))]
-    ours, peer = socket.socketpair()
-    with ours, peer:
-        ours.setblocking(False)
-        fd = ours.fileno()
-        fds = [fd, fd, -1, fd, fd]
-        out = model.push_lists(users, last, rules, heads, tails, fds, [1 << 16] * 5, 2, **query)
-        peer.setblocking(False)
-        client = Connection(ConnectionType.CLIENT)
-        client.receive_data(peer.recv(1 << 16))
-        received = [e.data for e in client.events() if isinstance(e, TextMessage)]
-    # Unchanged, and moved within the slack: not news. Nothing yet, other members, always:
-    # news, written where a socket was given.
-    assert out[0] is None and out[3] is None
-    pushed = {n: out[n] for n in (1, 2, 4)}
-    for n, result in pushed.items():
-        assert result is not None
-        items, text, outcome = result
-        assert items == top[n]
-        assert json.loads(text) == {
-            "user": users[n],
-            "items": json.loads(lists[n][1]),
-            "version": n,
-            "cause": None,
-        }
-        assert outcome == (0 if fds[n] < 0 else 1)
-    assert received == [pushed[1][1], pushed[4][1]]  # type: ignore[index]
-    assert is_news(DRIFTED, last[2], top[2], 2) and not is_news(DRIFTED, last[3], top[3], 2)
-    with pytest.raises(ValueError, match="one entry per user"):
-        model.push_lists(users, last[:1], rules, heads, tails, fds, [0] * 5, 2)
-    with pytest.raises(ValueError, match="rule"):
-        model.push_lists(["u0"], [None], [7], ["{"], ["}"], [-1], [0], 2)
-
-
 class _Counting:
     """The real model, counting the calls that compute lists for pushes."""
 
@@ -542,10 +486,6 @@ class _Counting:
     def recommend_batch_json(self, users: list[Any], **query: Any) -> Any:
         self.batches.append(list(users))
         return self.model.recommend_batch_json(users, **query)
-
-    def push_lists(self, users: list[Any], *args: Any, **query: Any) -> Any:
-        self.batches.append(list(users))
-        return self.model.push_lists(users, *args, **query)
 
     def recommend_batch(self, users: list[Any], **query: Any) -> Any:
         self.batches.append(list(users))
@@ -673,27 +613,6 @@ class _Scripted:
             items = list(self.lists[user])
             entries = json.dumps([{"item": i, "score": 1.0} for i in items])
             out.append((items, entries))
-        return out
-
-    def push_lists(
-        self,
-        users: list[Any],
-        last: list[Any],
-        rules: list[int],
-        heads: list[str],
-        tails: list[str],
-        fds: list[int],
-        limits: list[int],
-        slack: int,
-        **query: Any,
-    ) -> Any:
-        """The scripted lists, judged by the extension's own rule; nothing is written."""
-        out: list[Any] = []
-        for (items, entries), rule, before, head, tail in zip(
-            self.recommend_batch_json(users), rules, last, heads, tails, strict=True
-        ):
-            news = is_news(rule, before, items, slack)
-            out.append((items, f'{head},"items":{entries}{tail}', 0) if news else None)
         return out
 
 

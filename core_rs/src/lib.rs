@@ -27,7 +27,6 @@ pub mod ids;
 pub mod mf;
 pub mod model;
 pub mod neighbours;
-pub mod push;
 pub mod py;
 pub mod py_index;
 pub mod rerank;

@@ -1427,15 +1427,6 @@ impl Model {
     /// an index's hits.
     pub fn recommend_many(&self, users: &[ExtId], q: &Query) -> Vec<Vec<Rec>> {
         let mut out = Vec::with_capacity(users.len());
-        self.recommend_each(users, q, |_, recs| out.push(recs));
-        out
-    }
-
-    /// [`Model::recommend_many`], each list handed to `each` with its user's position in
-    /// `users` as soon as it is computed, while the state it was computed from is still read:
-    /// whatever `each` does with the list (a push written to the user's socket) happens before
-    /// any later change to the model, an erasure of the user included.
-    pub fn recommend_each(&self, users: &[ExtId], q: &Query, mut each: impl FnMut(usize, Vec<Rec>)) {
         let mut st = self.state.read();
         // Chunks of equal size (at most `BATCH_SCAN_CHUNK`): no small remainder on its own.
         let size = users.len().div_ceil(users.len().div_ceil(BATCH_SCAN_CHUNK).max(1)).max(1);
@@ -1450,9 +1441,10 @@ impl Model {
                 }
                 let u = st.users.get(user);
                 let hits = found.get_mut(n).and_then(Option::take).filter(|f| Some(f.user) == u);
-                each(c * size + n, self.recommend_found(&st, u, id_salt(user), q, hits));
+                out.push(self.recommend_found(&st, u, id_salt(user), q, hits));
             }
         }
+        out
     }
 
     /// The search of each of `users`' lists (see [`Model::recommend_locked`]) as one exact scan

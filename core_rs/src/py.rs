@@ -3,6 +3,7 @@
 //! Every method that does real work copies its arguments out of Python objects first, then
 //! runs under `py.detach` so other Python threads (the trio event loop) keep running.
 
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use numpy::{PyArray1, PyReadonlyArray1};
@@ -16,8 +17,6 @@ use crate::hnsw::HnswConfig;
 use crate::ids::ExtId;
 use crate::mf::MfConfig;
 use crate::model::{self, ApplyReport, ModelError, Query};
-use crate::push::{self, Rule};
-use crate::wsframe;
 
 create_exception!(
     _core,
@@ -328,29 +327,6 @@ fn write_text_frame(fd: i32, text: &str, limit: usize) -> PyResult<u8> {
     Ok(crate::wsframe::write_text_frame(fd, text.as_bytes(), limit) as u8)
 }
 
-/// Whether a recomputed list of `items` is pushed to a subscription last shown `last` (None:
-/// nothing yet) under `rule` (see `Model.push_lists`), for lists computed elsewhere.
-#[pyfunction]
-fn is_news(
-    rule: u8,
-    last: Option<&Bound<'_, PyAny>>,
-    items: &Bound<'_, PyAny>,
-    slack: usize,
-) -> PyResult<bool> {
-    let last = last.filter(|l| !l.is_none()).map(ids_from_py).transpose()?;
-    let items = ids_from_py(items)?;
-    Ok(push_rule(rule, slack)?.pushes(last.as_deref(), &items.iter().collect::<Vec<_>>()))
-}
-
-fn push_rule(rule: u8, slack: usize) -> PyResult<Rule> {
-    match rule {
-        0 => Ok(Rule::Always),
-        1 => Ok(Rule::Changed),
-        2 => Ok(Rule::Drifted { slack }),
-        _ => Err(PyValueError::new_err(format!("unknown push rule {rule}"))),
-    }
-}
-
 /// The model's default settings, the one source `engine.ModelConfig` takes its defaults from.
 #[pyfunction]
 fn default_config(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
@@ -480,6 +456,69 @@ fn recs_to_py(py: Python<'_>, recs: &[model::Rec], explain: bool, detail: bool) 
 }
 
 /// Appends a list as a JSON array of entries (see `Model.recommend_batch_json`) to `out`.
+fn entries_json(out: &mut String, recs: &[model::Rec], explain: bool) {
+    out.push('[');
+    for (n, r) in recs.iter().enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"item\":");
+        json_id(out, &r.item);
+        out.push_str(",\"score\":");
+        json_f32(out, r.score);
+        if explain {
+            out.push_str(",\"because\":[");
+            for (m, b) in r.because.iter().enumerate() {
+                if m > 0 {
+                    out.push(',');
+                }
+                json_id(out, b);
+            }
+            out.push_str("],\"reason\":");
+            json_str(out, r.reason.as_str());
+        }
+        if r.explore {
+            out.push_str(",\"explore\":true");
+        }
+        out.push('}');
+    }
+    out.push(']');
+}
+
+fn json_id(out: &mut String, id: &ExtId) {
+    match id {
+        ExtId::Int(i) => _ = write!(out, "{i}"),
+        ExtId::Str(s) => json_str(out, s),
+    }
+}
+
+/// The score widened to f64 and written as its shortest round-trip decimal, the number
+/// Python's `json.dumps` gives for the same float; `null` when not finite.
+fn json_f32(out: &mut String, x: f32) {
+    if x.is_finite() {
+        _ = write!(out, "{}", x as f64);
+    } else {
+        out.push_str("null");
+    }
+}
+
+/// A JSON string literal (RFC 8259 §7): quote, backslash and control characters escaped.
+fn json_str(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => _ = write!(out, "\\u{:04x}", c as u32),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
 /// The model: see `engine.Model` for the documented Python face.
 #[pyclass(frozen, module = "engine._core", name = "Model")]
 pub struct PyModel {
@@ -788,7 +827,7 @@ impl PyModel {
             let mut text = String::with_capacity(all.iter().map(|r| 2 + 40 * r.len()).sum());
             let mut ends = Vec::with_capacity(all.len());
             for recs in &all {
-                push::entries_json(&mut text, recs, explain);
+                entries_json(&mut text, recs, explain);
                 ends.push(text.len());
             }
             (all, text, ends)
@@ -800,97 +839,6 @@ impl PyModel {
                 PyList::new(py, recs.iter().map(|r| ext_to_py(py, &r.item)).collect::<PyResult<Vec<_>>>()?)?;
             out.append((items, PyString::new(py, &text[start..end])))?;
             start = end;
-        }
-        Ok(out.unbind())
-    }
-
-    /// The lists of `users` under one query, each judged against the list last pushed to
-    /// its subscription and, when it is news, written as a whole message to the
-    /// subscription's socket: the publisher's recompute and push in one call, the GIL
-    /// released throughout. Per user (the other arguments have one entry each):
-    ///
-    /// * `last`: the items last pushed (None: nothing yet);
-    /// * `rules`: when the list is pushed: 0 always, 1 when its items or their order
-    ///   changed, 2 when it drifted (other members, or an item more than `slack` places
-    ///   away; see `crate::push`);
-    /// * `heads`, `tails`: the message's text before `,"items":` and after the items;
-    /// * `fds`, `limits`: a non-blocking socket the caller holds open and lets this call
-    ///   write to, and the limit of `write_text_frame` (-1: not written here).
-    ///
-    /// Returns per user None (not pushed) or `(items, text, outcome)`: the item ids, the
-    /// message and what became of its write (0 not written, 1 written, 2 cut short: see
-    /// `write_text_frame`). A message is written while the model state its list came from
-    /// is still read, so it goes out before any later change to the model (an erasure of
-    /// the user included).
-    #[pyo3(signature = (users, last, rules, heads, tails, fds, limits, slack, k=10, exclude_seen=true, exclude=None, category=None, exact=false, explain=false, ef=None, *, exclude_category=None, diversity=None, exploration=None))]
-    fn push_lists(
-        &self,
-        py: Python<'_>,
-        users: &Bound<'_, PyAny>,
-        last: Vec<Option<Bound<'_, PyAny>>>,
-        rules: Vec<u8>,
-        heads: Vec<String>,
-        tails: Vec<String>,
-        fds: Vec<i32>,
-        limits: Vec<usize>,
-        slack: usize,
-        k: usize,
-        exclude_seen: bool,
-        exclude: Option<&Bound<'_, PyAny>>,
-        category: Option<String>,
-        exact: bool,
-        explain: bool,
-        ef: Option<usize>,
-        exclude_category: Option<Vec<String>>,
-        diversity: Option<f32>,
-        exploration: Option<f32>,
-    ) -> PyResult<Py<PyList>> {
-        let users = ids_from_py(users)?;
-        let n = users.len();
-        if [last.len(), rules.len(), heads.len(), tails.len(), fds.len(), limits.len()]
-            .iter()
-            .any(|&m| m != n)
-        {
-            return Err(PyValueError::new_err("push_lists needs one entry per user in every list"));
-        }
-        let last: Vec<Option<Vec<ExtId>>> =
-            last.iter().map(|l| l.as_ref().map(ids_from_py).transpose()).collect::<PyResult<_>>()?;
-        let rules: Vec<Rule> = rules.iter().map(|&r| push_rule(r, slack)).collect::<PyResult<_>>()?;
-        let q = query(k, exclude_seen, exclude, category, exact, explain, ef)?;
-        let q = with_options(q, exclude_category, diversity, exploration)?;
-        let pushed = py.detach(|| {
-            let mut pushed: Vec<Option<(Vec<model::Rec>, String, wsframe::Outcome)>> =
-                (0..n).map(|_| None).collect();
-            self.inner.recommend_each(&users, &q, |n, recs| {
-                let items: Vec<&ExtId> = recs.iter().map(|r| &r.item).collect();
-                if !rules[n].pushes(last[n].as_deref(), &items) {
-                    return;
-                }
-                let mut text = String::with_capacity(heads[n].len() + tails[n].len() + 40 * recs.len());
-                push::message(&mut text, &heads[n], &recs, explain, &tails[n]);
-                let outcome = if fds[n] >= 0 {
-                    // SAFETY: the caller holds the socket open for the call (the contract above).
-                    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fds[n]) };
-                    wsframe::write_text_frame(fd, text.as_bytes(), limits[n])
-                } else {
-                    wsframe::Outcome::Declined
-                };
-                pushed[n] = Some((recs, text, outcome));
-            });
-            pushed
-        });
-        let out = PyList::empty(py);
-        for p in pushed {
-            match p {
-                None => out.append(py.None())?,
-                Some((recs, text, outcome)) => {
-                    let items = PyList::new(
-                        py,
-                        recs.iter().map(|r| ext_to_py(py, &r.item)).collect::<PyResult<Vec<_>>>()?,
-                    )?;
-                    out.append((items, PyString::new(py, &text), outcome as u8))?;
-                }
-            }
         }
         Ok(out.unbind())
     }
@@ -1021,7 +969,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CorruptSnapshot", py.get_type::<CorruptSnapshot>())?;
     m.add_function(wrap_pyfunction!(default_config, m)?)?;
     m.add_function(wrap_pyfunction!(write_text_frame, m)?)?;
-    m.add_function(wrap_pyfunction!(is_news, m)?)?;
     m.add_class::<crate::py_index::Index>()?;
     m.add_function(wrap_pyfunction!(crate::py_index::exact_search_batch, m)?)?;
     Ok(())

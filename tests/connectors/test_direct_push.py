@@ -162,51 +162,22 @@ async def test_a_small_first_list_is_written_at_once_a_large_one_sent_by_the_ser
     assert writer.written == (1 if small else 0)
 
 
-def _open_writer(sock: trio.socket.SocketType, lock: trio.Lock) -> DirectWriter:
-    """A writer on ``sock`` whose websocket is open and idle (Hypercorn's state objects
-    stood in for by their values)."""
+async def test_a_closed_socket_is_never_written_whatever_its_number_became() -> None:
     from types import SimpleNamespace
 
     from hypercorn.protocol.ws_stream import ASGIWebsocketState
     from wsproto.connection import ConnectionState
 
+    from connectors._direct import DirectWriter
+
+    ours, peer = trio.socket.socketpair()
     stream = SimpleNamespace(
         closed=False,
         state=ASGIWebsocketState.CONNECTED,
         connection=SimpleNamespace(state=ConnectionState.OPEN),
     )
-    writer = DirectWriter(stream, lock, sock)
+    writer = DirectWriter(stream, trio.Lock(), ours)
     writer.busy = False
-    return writer
-
-
-async def test_a_claimed_socket_outlives_a_close_and_the_server_waits_for_the_claim() -> None:
-    ours, peer = trio.socket.socketpair()
-    lock = trio.Lock()
-    writer = _open_writer(ours, lock)
-    claim = writer.claim()
-    assert claim is not None
-    fd, limit = claim
-    # Claimed: Hypercorn's sends wait for the lock, nothing else writes, no second claim.
-    assert lock.locked() and writer.claim() is None and not writer.try_write("x")
-    ours.close()  # the connection closes while a worker thread writes to it
-    other, other_peer = socket.socketpair()  # a new connection cannot take the number
-    try:
-        assert fd not in (other.fileno(), other_peer.fileno())
-        assert write_text_frame(fd, "late", limit) == WRITTEN
-        assert await peer.recv(100) == b"\x81\x04late"
-        writer.release(WRITTEN)
-        assert not lock.locked() and (writer.written, writer.declined) == (1, 1)
-        assert await peer.recv(100) == b""  # released: the close took effect
-    finally:
-        for s in (other, other_peer, peer):
-            s.close()
-    assert writer.claim() is None  # closed sockets are never claimed
-
-
-async def test_a_closed_socket_is_never_written_whatever_its_number_became() -> None:
-    ours, peer = trio.socket.socketpair()
-    writer = _open_writer(ours, trio.Lock())
     assert writer.try_write("first")
     assert await peer.recv(100) == b"\x81\x05first"
     number = ours.fileno()
