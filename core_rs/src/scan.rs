@@ -206,7 +206,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 /// are deterministic. Reversed so that `BinaryHeap` is a min-heap on the score: its top is
 /// the worst row held, and `into_sorted_vec` lists the best first.
 #[derive(Clone, Copy, PartialEq)]
-pub(crate) struct Worst(pub(crate) f32, pub(crate) u32);
+struct Worst(f32, u32);
 
 impl Eq for Worst {}
 impl PartialOrd for Worst {
