@@ -5,8 +5,11 @@ temporary data directory and a TOML config); the subscribers live in one or two 
 (``--client-processes``, see :mod:`bench._loadgen`: one epoll loop over raw sockets each, a
 minimal websocket client, no JSON decode per push); the producer is a process of its own
 (:mod:`bench._producer`: a blocking Forward socket, no event loop); this process only
-coordinates them. Send and receipt times are ``time.perf_counter`` (CLOCK_MONOTONIC, one
-clock for every process on Linux). The load generator's CPU (all those processes, from
+coordinates them. Send times are ``time.perf_counter`` (CLOCK_MONOTONIC, one clock for
+every process on Linux); a receipt time is when the push arrived in the subscriber's socket
+(the kernel's stamp, on the same clock), and the subscriber processes read their sockets at
+most every ``--client-poll`` milliseconds, so that they do not preempt the server's threads
+at every push (how long pushes waited to be read is reported apart). The load generator's CPU (all those processes, from
 /proc) is reported beside the server's, per push and per event (``client_cpu_*`` rows), so
 that a run shows whether it measured the server or itself.
 
@@ -27,7 +30,7 @@ Method:
    user's current list, which makes it seen and so drops it from the list: a change, hence a
    push; the others target a random catalog item, which may or may not change the list.
 4. A push names the newest event reflected in the list (``cause.id``); its latency is the
-   receipt time minus that event's send time. Events folded into a later push of the same
+   arrival time minus that event's send time. Events folded into a later push of the same
    user have no sample of their own. The subscribers send the lists that changed to the
    producer every 50 ms, so a click on "an item of the current list" may miss a list that
    changed within the last 50 ms. ``pushes`` counts the messages after the first list
@@ -194,6 +197,15 @@ def register(subparsers: Any) -> None:
         type=int,
         default=0,
         help="subscriber processes (default: one per 5,000 subscribers, at most 2)",
+    )
+    p.add_argument(
+        "--client-poll",
+        type=float,
+        default=1.0,
+        metavar="MS",
+        help="the subscriber processes read their sockets at most every MS milliseconds; "
+        "latencies end at a push's arrival in its socket either way (default 1; 0: read "
+        "each push as it arrives)",
     )
     p.add_argument(
         "--idle-events",
@@ -573,6 +585,7 @@ async def measure(
             connect_at_once=CONNECT_AT_ONCE,
             oracle_interval=args.oracle_interval,
             oracle_rate=args.oracle_rate / n_procs,
+            poll_interval=args.client_poll / 1e3,
         )
         for n in range(n_procs)
     ]
@@ -695,7 +708,19 @@ async def measure(
         # busy machine. Only for a server started here, like the server's CPU: a --target
         # server may run elsewhere.
         "machine_busy_share": busy / ticks if ticks and cpu is not None else None,
+        # How long pushes waited in the subscribers' sockets before being read (sampled; not
+        # part of the latencies, which end at arrival): see bench._loadgen.
+        "read_delay_ms": _quantiles_ms(
+            np.concatenate([np.frombuffer(r["read_delays"], dtype=np.float64) for r in reports])
+        ),
     }
+
+
+def _quantiles_ms(seconds: np.ndarray) -> dict[str, float | None]:
+    if not len(seconds):
+        return {"p50": None, "p99": None}
+    p50, p99 = np.quantile(seconds, (0.5, 0.99))
+    return {"p50": 1e3 * float(p50), "p99": 1e3 * float(p99)}
 
 
 def run_once(
@@ -792,6 +817,7 @@ def run_once(
         "oracle": oracle,
         "latencies_s": sorted(samples),
         **{k: out[k] for k in CPU_KEYS},
+        "read_delay_ms": out["read_delay_ms"],
     }
     server_ms = result["server_push_latency_ms"]
     print(
@@ -800,7 +826,9 @@ def run_once(
         f"pushes, {out['sent']:,} events at {result['achieved_rate']:,.0f}/s); server-side p50 "
         f"{_ms(server_ms['p50'])} p99 {_ms(server_ms['p99'])}; server CPU "
         f"{_us(result['server_cpu_per_push_us'])}/push, {_us(result['server_cpu_per_event_us'])}"
-        f"/event, {_cores(result['server_cpu_share'])}; load generator CPU "
+        f"/event, {_cores(result['server_cpu_share'])}; pushes read from their sockets p50 "
+        f"{_ms(result['read_delay_ms']['p50'])} p99 {_ms(result['read_delay_ms']['p99'])} "
+        f"after arrival; load generator CPU "
         f"{_us(result['client_cpu_per_push_us'])}/push, {_us(result['client_cpu_per_event_us'])}"
         f"/event, {_cores(result['client_cpu_share'])} (producer "
         f"{result['client_cpu_s_producer']:.2f} s, subscribers "

@@ -4,8 +4,20 @@ Each subscriber process (``multiprocessing`` with ``spawn``, so nothing of the p
 threads or event loop is inherited) runs one ``selectors`` loop (epoll on Linux) over raw
 non-blocking sockets, each speaking the websocket protocol of :mod:`bench._wsclient`. A push
 costs it a ``recv``, a frame parse and one compiled-regex match (:func:`parse_push`), no JSON
-decode; receipt times are ``time.perf_counter()`` (CLOCK_MONOTONIC, the same clock in every
-process on Linux), so the producer's send times in another process compare with them.
+decode.
+
+Receipt times are when a push reached the subscriber's socket, not when this process got
+round to reading it: the kernel stamps every arriving segment (``SO_TIMESTAMPNS``; a ``recv``
+reports the stamp of the newest segment it read, so pushes read together all get the latest
+one's time), converted to ``time.perf_counter()`` (CLOCK_MONOTONIC, the same clock in every
+process on Linux) so the producer's send times in another process compare with them. A real
+subscriber is another machine; here the load generator shares the server's two CPUs, and a
+push that woke this process at once would wake it thousands of times a second, each wake-up
+preempting a thread of the server. So the process reads its sockets at most once every
+``poll_interval`` (1 ms by default): whatever arrived meanwhile is read in one round, and its
+arrival times are still the kernel's. ``poll_interval = 0`` reads each push as it comes. How
+long pushes waited in their sockets to be read (``read_delay``) is reported, so the two
+measures can be compared.
 
 It talks to the benchmark over a ``multiprocessing`` pipe, in bulk and never per message
 (and to the producer over a second one, which carries only the lists):
@@ -57,6 +69,7 @@ import os
 import re
 import selectors
 import socket
+import struct
 import time
 import urllib.parse
 from array import array
@@ -79,6 +92,12 @@ __all__ = [
 
 RANK_SLACK = 2  # the server's default drift_rank_slack: what the oracle calls stale
 RECV_BYTES = 1 << 16
+# Linux's SO_TIMESTAMPNS (also its control message's type; the socket module lacks it): the
+# kernel's receive time of a segment, as a struct timespec of two 64-bit integers.
+SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("qq")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
+READ_DELAY_EVERY = 16  # one read in this many (the first of each) is sampled for ``read_delay``
 ORACLE_CONNECTIONS = 4  # keep-alive HTTP connections per process for the oracle's GETs
 
 # The message layout of engine._publisher (Subscription.message), as bytes:
@@ -266,6 +285,8 @@ class SubscriberPlan:
         oracle_interval: Seconds between the starts of two oracle sweeps.
         oracle_rate: The oracle's GETs per second, at most.
         close_timeout: Seconds to wait for the server's close frames at the end.
+        poll_interval: Seconds between two reads of the sockets, at least (see the module);
+            0: read each push as it arrives.
     """
 
     host: str
@@ -279,6 +300,7 @@ class SubscriberPlan:
     oracle_interval: float = 5.0
     oracle_rate: float = 100.0
     close_timeout: float = 10.0
+    poll_interval: float = 0.001
 
 
 @attrs.define(eq=False)
@@ -326,6 +348,12 @@ class _Loop:
         self.other_causes = 0  # cause ids that are not the producer's integers
         self.ids = array("q")
         self.times = array("d")
+        # Sampled seconds from a push's arrival in its socket to this process reading it.
+        self.read_delays = array("d")
+        self.reads = 0
+        # CLOCK_REALTIME (the kernel's stamps) minus CLOCK_MONOTONIC (perf_counter), renewed
+        # with every list snapshot so that a clock adjustment is followed.
+        self.clock_offset = time.time() - time.perf_counter()
         self.closed_by_server: collections.Counter[int] = collections.Counter()
         self.oracle: Oracle | None = None
         self.oracle_queue: collections.deque[Any] = collections.deque()
@@ -348,6 +376,7 @@ class _Loop:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             target = f"/v1/ws/recommendations?user={urllib.parse.quote(str(user))}&{self.ws_query}"
             s = _Socket(user, sock, Client(self.host, target))
             s.pending = s.ws.take_outgoing()
@@ -411,13 +440,21 @@ class _Loop:
 
     def on_ws_readable(self, s: _Socket) -> None:
         try:
-            data = s.sock.recv(RECV_BYTES)
+            data, ancillary, _, _ = s.sock.recvmsg(RECV_BYTES, _ANCILLARY)
         except BlockingIOError:
             return
         except OSError as e:
             self.drop(s, f"recv: {e.strerror or e}")
             return
-        received = time.perf_counter()
+        now = time.perf_counter()
+        received = now
+        for level, kind, stamp in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                sec, nsec = _TIMESPEC.unpack(stamp)
+                received = min(now, sec - self.clock_offset + nsec * 1e-9)
+        self.reads += 1
+        if self.reads % READ_DELAY_EVERY == 1:
+            self.read_delays.append(now - received)
         if not data:
             self.drop(s, "the server closed the connection without a close frame")
             return
@@ -598,6 +635,7 @@ class _Loop:
 
     def send_lists(self) -> None:
         lists, self.changed = self.changed, {}
+        self.clock_offset = time.time() - time.perf_counter()
         self.lists_conn.send(("lists", lists, self.pushes, len(self.ids)))
 
     def on_command(self) -> None:
@@ -605,6 +643,7 @@ class _Loop:
         if command[0] == "start":
             self.pushes = self.with_cause = self.other_causes = 0
             self.ids, self.times = array("q"), array("d")
+            self.read_delays, self.reads = array("d"), 0
             self.window_start = time.perf_counter()
             if command[1]:
                 self.oracle_start()
@@ -621,6 +660,7 @@ class _Loop:
                         "other_causes": self.other_causes,
                         "ids": self.ids.tobytes(),
                         "times": self.times.tobytes(),
+                        "read_delays": self.read_delays.tobytes(),
                         "open": len(self.sockets),
                         "seconds": now - self.window_start,
                         "oracle": oracle.summary(oracle.close(now)) if oracle else None,
@@ -644,6 +684,7 @@ class _Loop:
         self.connect_more()
         deadline = time.perf_counter() + self.plan.connect_timeout
         next_lists = time.perf_counter() + self.plan.list_interval
+        next_read = 0.0
         while self.running:
             now = time.perf_counter()
             if not self.announced and now > deadline:
@@ -675,6 +716,10 @@ class _Loop:
             wake = next_lists
             if self.oracle is not None:
                 wake = min(wake, self.oracle_tick(now))
+            if self.plan.poll_interval > 0 and now < next_read:
+                time.sleep(min(next_read, wake) - now)
+                continue
+            next_read = now + self.plan.poll_interval
             for key, events in self.sel.select(max(0.0, wake - time.perf_counter())):
                 obj = key.data
                 if obj is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -234,15 +235,24 @@ async def test_subscriber_process_against_a_real_server(tmp_path: Path) -> None:
                     # within the rank slack, so the order may have moved since).
                     assert not drifted(lists[u], firsts[u])
                 # Each user clicks its top item (so its list changes), with integer ids.
+                clicked = time.perf_counter()
                 for n, u in enumerate(users):
                     event = {"user": u, "item": firsts[u][0], "id": 1000 + n}
                     r = await http.post("/v1/events", content=json.dumps([event]))
                     assert r.status_code == 202
                 await trio.sleep(1.0)
+                stopped = time.perf_counter()
                 kind, report = await trio.to_thread.run_sync(command, ours, lists, "stop")
                 assert kind == "report" and report["open"] == 5
                 timed = set(memoryview(report["ids"]).cast("q").tolist())
                 assert timed == {1000, 1001, 1002, 1003, 1004}
+                # Receipt times are the kernel's arrival stamps on the perf_counter clock:
+                # after the clicks were sent, before the report was asked for, and never
+                # later than the process read them.
+                received = memoryview(report["times"]).cast("d").tolist()
+                assert all(clicked < t < stopped for t in received), (clicked, received, stopped)
+                delays = memoryview(report["read_delays"]).cast("d").tolist()
+                assert delays and all(0 <= d < WAIT for d in delays)
                 assert report["pushes"] >= 5 and report["pushes_with_cause"] >= 5
                 for u in users:  # the lists the pushes carried reached the producer too
                     now = (await http.get(f"/v1/users/{u}/recommendations?k=3")).json()
