@@ -716,7 +716,7 @@ class _Loop:
             wake = next_lists
             if self.oracle is not None:
                 wake = min(wake, self.oracle_tick(now))
-            if self.plan.poll_interval > 0 and now < next_read:
+            if self.plan.poll_interval > 0 and now < next_read and wake > now:
                 time.sleep(min(next_read, wake) - now)
                 continue
             next_read = now + self.plan.poll_interval
