@@ -6,7 +6,7 @@
 use std::cmp::Ordering;
 
 use crate::rng::Rng;
-use crate::scan::dot;
+use crate::scan::{dot, from_rank_key, rank_key};
 
 /// Min-max normalisation to [0, 1]. A constant list (a lone candidate among them) carries no
 /// ranking signal and maps to ones: its best is as good as the pool gets, and a blend then
@@ -80,7 +80,7 @@ pub fn top_sorted(hits: &mut Vec<(u32, f32)>, n: usize) {
 /// only when too many of them were refused. A user's neighbourhood candidates are often items
 /// it has seen (the items taken with its own), which the margin absorbs.
 ///
-/// The candidates are packed into `u64` keys ordered like [`sort_desc`] (see [`rank_key`]),
+/// The candidates are packed into `u64` keys ordered like [`sort_desc`] (see [`crate::scan::rank_key`]),
 /// so the selection compares integers: a heap of the best `m` so far, tried before, spent
 /// most of a list's selection in mispredicted sift branches, one sift per candidate that beat
 /// the worst held (for a neighbourhood of about a thousand ids, a few hundred of them).
@@ -121,25 +121,6 @@ pub fn top_kept(
 /// Candidates a round of [`top_kept`] takes beyond its shortfall and half of `m`, for the
 /// refused ones among them.
 const TOP_KEPT_MARGIN: usize = 8;
-
-/// `(id, s)` as a key whose integer order is [`sort_desc`]'s reversed (larger key: higher
-/// score by `total_cmp`, then lower id): the score's bits mapped to an order-preserving
-/// unsigned integer above the id's complement.
-#[inline]
-fn rank_key(id: u32, s: f32) -> u64 {
-    let b = s.to_bits() as i32;
-    // `total_cmp`'s signed key (negatives' magnitude bits flipped), then biased to unsigned.
-    let ordered = (b ^ (((b >> 31) as u32) >> 1) as i32) as u32 ^ 0x8000_0000;
-    (ordered as u64) << 32 | (u32::MAX - id) as u64
-}
-
-/// The `(id, score)` of a [`rank_key`].
-#[inline]
-fn from_rank_key(k: u64) -> (u32, f32) {
-    let b = ((k >> 32) as u32 ^ 0x8000_0000) as i32;
-    let bits = b ^ (((b >> 31) as u32) >> 1) as i32;
-    (u32::MAX - k as u32, f32::from_bits(bits as u32))
-}
 
 /// Scores of a sparse set of dense ids, summed in place: a stamped array reused from list to
 /// list, so gathering a few thousand terms allocates nothing and [`SparseScores::reset`] is
