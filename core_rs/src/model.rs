@@ -497,8 +497,9 @@ impl Dirty {
 struct Scratch {
     near: rerank::TermSums,
     known: rerank::SparseScores,
-    /// The user's seen items, when there are at most [`MARK_SEEN_MAX`].
-    seen: rerank::SparseScores,
+    /// The user's seen items, when there are at most [`MARK_SEEN_MAX`]; emptied before the
+    /// scratch is given back.
+    seen: rerank::IdBits,
 }
 
 /// Largest catalog (in 64-bit words, one bit per item) whose rows a batched scan marks per
@@ -1576,22 +1577,19 @@ impl Model {
         let n_items = st.items.capacity();
         let mut scratch = Scratch::take();
         let Scratch { near, known, seen } = &mut *scratch;
-        // A short seen list is marked in a stamped set: one lookup per candidate instead of a
+        // A short seen list is marked in a bitmap: one lookup per candidate instead of a
         // binary search (the candidates of a search are tested by the hundred).
-        let marked = match u {
+        let marked: &[u32] = match u {
             Some(u) if q.exclude_seen && st.seen[u as usize].len() <= MARK_SEEN_MAX => {
-                seen.reset(n_items);
-                st.seen[u as usize].iter().for_each(|&i| {
-                    seen.insert(i);
-                });
-                true
+                seen.mark(&st.seen[u as usize]);
+                &st.seen[u as usize]
             }
-            _ => false,
+            _ => &[],
         };
-        let seen = &*seen;
+        let marks = &*seen;
         let keep = |i: u32| {
-            if marked {
-                seen.get(i).is_none() && st.allowed(i, &filters)
+            if !marked.is_empty() {
+                !marks.contains(i) && st.allowed(i, &filters)
             } else {
                 st.admissible(i, u, q, &filters)
             }
@@ -1733,6 +1731,7 @@ impl Model {
                 Some(Rec { item, score, because, explore, reason })
             })
             .collect();
+        scratch.seen.clear(marked);
         scratch.give_back();
         recs
     }
