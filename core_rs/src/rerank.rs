@@ -94,7 +94,37 @@ pub fn top_kept(
         return out;
     }
     let mut keys: Vec<u64> = cands.into_iter().map(|(id, s)| rank_key(id, s)).collect();
-    let mut rest: &mut [u64] = &mut keys;
+    // A long list is first split at a key that about `TOP_KEPT_SAMPLED` times the first
+    // round's candidates exceed, read off a sample of every `TOP_KEPT_STRIDE`-th key: the
+    // rounds then select among the few keys above it (all larger than any below), and reach
+    // the rest only when too many of those were refused. A selection over a thousand keys
+    // cost more than the sample's, the split's pass and the small one together.
+    let first = m + m / 2 + TOP_KEPT_MARGIN;
+    let wanted = TOP_KEPT_SAMPLED * first / TOP_KEPT_STRIDE;
+    let split = if keys.len() >= 2 * TOP_KEPT_STRIDE * wanted {
+        let mut sample: Vec<u64> = keys.iter().step_by(TOP_KEPT_STRIDE).copied().collect();
+        let at = sample.len() - wanted;
+        let bar = *sample.select_nth_unstable(at).1;
+        // Keys not below the bar to the front, in one pass without a branch on the key.
+        let mut front = 0;
+        for i in 0..keys.len() {
+            let k = keys[i];
+            keys.swap(front, i);
+            front += usize::from(k >= bar);
+        }
+        front
+    } else {
+        keys.len()
+    };
+    let (above, below) = keys.split_at_mut(split);
+    kept_rounds(above, m, keep, &mut out);
+    kept_rounds(below, m, keep, &mut out);
+    out
+}
+
+/// The rounds of [`top_kept`] over `keys`, appending to `out` until it holds `m`.
+fn kept_rounds(keys: &mut [u64], m: usize, keep: &dyn Fn(u32) -> bool, out: &mut Vec<(u32, f32)>) {
+    let mut rest = keys;
     while out.len() < m && !rest.is_empty() {
         let want = (m - out.len()) + m / 2 + TOP_KEPT_MARGIN;
         let cut = rest.len().saturating_sub(want);
@@ -115,8 +145,12 @@ pub fn top_kept(
         }
         rest = below;
     }
-    out
 }
+
+/// Every how many keys [`top_kept`] samples one to split a long list.
+const TOP_KEPT_STRIDE: usize = 8;
+/// How many times the candidates of its first round [`top_kept`] expects above the split.
+const TOP_KEPT_SAMPLED: usize = 4;
 
 /// Candidates a round of [`top_kept`] takes beyond its shortfall and half of `m`, for the
 /// refused ones among them.
@@ -426,7 +460,7 @@ mod tests {
     #[test]
     fn top_kept_matches_filter_sort_truncate() {
         let mut rng = Rng::new(3);
-        for n in [0usize, 1, 7, 50, 400] {
+        for n in [0usize, 1, 7, 50, 400, 3000] {
             // Scores from a small set, so ties (broken by id) are common.
             let cands: Vec<(u32, f32)> =
                 (0..n as u32).map(|i| (i * 7 % 1009, (rng.next_u64() % 13) as f32 / 4.0)).collect();
