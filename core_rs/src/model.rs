@@ -1640,13 +1640,14 @@ impl Model {
                     let mut personal: Vec<f32> = hits.iter().map(|h| h.1).collect();
                     let mut ids: Vec<u32> = hits.into_iter().map(|h| h.0).collect();
                     known.reset(n_items);
-                    near.reset(n_items);
+                    // Sized for every id a neighbourhood term can name: its adder does not grow.
+                    near.reset(n_items.max(st.neighbours.id_bound()));
                     ids.iter().for_each(|&i| {
                         known.insert(i);
                     });
                     if gamma > 0.0 {
                         let recent = st.mf.recent_items(u, self.cfg.neighbour_window);
-                        st.neighbours.each_term(&recent, |j, s| near.add(j, s));
+                        near.fill(|sums| st.neighbours.each_term(&recent, |j, s| sums.add(j, s)));
                         let top = rerank::top_kept(near.entries(), m, &keep_main);
                         ids.extend(top.into_iter().map(|h| h.0).filter(|&i| known.insert(i)));
                     }

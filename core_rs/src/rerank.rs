@@ -317,6 +317,14 @@ impl TermSums {
         self.sums[iu] = sum + s;
     }
 
+    /// Runs `fill` with an [`Adder`] over the set's arrays, for ids below the size the set
+    /// was [`TermSums::reset`] for: the sums are those of [`TermSums::add`] of each term.
+    pub fn fill(&mut self, fill: impl FnOnce(&mut Adder<'_>)) {
+        let mut adder = Adder { sums: &mut self.sums, ids: &mut self.ids, len: self.len };
+        fill(&mut adder);
+        self.len = adder.len;
+    }
+
     /// The sum of `i`, 0 when nothing was added to it.
     #[inline]
     pub fn get(&self, i: u32) -> f32 {
@@ -326,6 +334,29 @@ impl TermSums {
     /// The ids present with their sums, in first-insertion order.
     pub fn entries(&self) -> impl Iterator<Item = (u32, f32)> + '_ {
         self.ids[..self.len].iter().map(|&i| (i, self.sums[i as usize]))
+    }
+}
+
+/// [`TermSums::add`] for the span of a [`TermSums::fill`]: the length and the arrays are held
+/// by a value of the caller's, which the compiler keeps in registers over a loop of
+/// additions. Added through the set itself, they lived in its heap allocation, and the
+/// length's store and reload lay on the path from one term to the next.
+pub struct Adder<'a> {
+    sums: &'a mut [f32],
+    ids: &'a mut [u32],
+    len: usize,
+}
+
+impl Adder<'_> {
+    /// Adds `s` (positive) to the sum of `i`, which must be below the size the set was reset
+    /// for.
+    #[inline]
+    pub fn add(&mut self, i: u32, s: f32) {
+        debug_assert!(s > 0.0, "a term of {s}");
+        let sum = self.sums[i as usize];
+        self.ids[self.len] = i;
+        self.len += usize::from(sum == 0.0);
+        self.sums[i as usize] = sum + s;
     }
 }
 
@@ -599,6 +630,28 @@ mod tests {
         terms.reset(0);
         assert_eq!(terms.entries().count(), 0);
         assert!(terms.sums.iter().all(|&s| s == 0.0), "reset clears every sum it held");
+    }
+
+    /// Terms added through `fill`'s adder give the entries and sums of adding them one by
+    /// one, in several fills between resets.
+    #[test]
+    fn term_sums_fill_equals_add() {
+        let (mut filled, mut added) = (TermSums::default(), TermSums::default());
+        let mut rng = Rng::new(8);
+        for round in 0..4 {
+            let n = 60 + 30 * round;
+            filled.reset(n);
+            added.reset(n);
+            for _ in 0..3 {
+                let terms: Vec<(u32, f32)> = (0..300)
+                    .map(|_| ((rng.next_u64() % n as u64) as u32, (rng.next_u64() % 1000 + 1) as f32 / 991.0))
+                    .collect();
+                filled.fill(|sums| terms.iter().for_each(|&(i, s)| sums.add(i, s)));
+                terms.iter().for_each(|&(i, s)| added.add(i, s));
+                let key = |t: &TermSums| t.entries().map(|(i, s)| (i, s.to_bits())).collect::<Vec<_>>();
+                assert_eq!(key(&filled), key(&added));
+            }
+        }
     }
 
     #[test]
