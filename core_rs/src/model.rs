@@ -497,12 +497,14 @@ impl Dirty {
 struct Scratch {
     near: rerank::TermSums,
     known: rerank::SparseScores,
-    /// The user's seen items, when there are at most [`MARK_SEEN_MAX`].
-    seen: rerank::SparseScores,
+    /// The user's seen items, when there are at most [`MARK_SEEN_MAX`]; emptied before the
+    /// scratch is given back.
+    seen: rerank::IdBits,
 }
 
-/// Largest catalog (in 64-bit words, one bit per item) whose seen items a batched scan marks
-/// per user as a bitmap (see [`Model::scan_batch`]): 8 KiB per user, 2^16 items.
+/// Largest catalog (in 64-bit words, one bit per item) whose rows a batched scan marks per
+/// user as a bitmap of those it may keep (see [`Model::scan_batch`]): 8 KiB per user, 2^16
+/// items.
 const SEEN_BITMAP_WORDS: usize = 1024;
 /// Longest seen list marked per list (see [`Scratch::seen`]); longer ones are binary-searched.
 const MARK_SEEN_MAX: usize = 512;
@@ -1471,30 +1473,43 @@ impl Model {
         let searched: Vec<(u32, usize)> = wanted.iter().flatten().copied().collect();
         let queries: Vec<&[f32]> = searched.iter().map(|&(u, _)| st.mf.user_vector(u)).collect();
         let ks: Vec<usize> = searched.iter().map(|s| s.1).collect();
-        // Each user's seen items as a bitmap, one bit per row of the matrix the scan reads (a
-        // seen item without a row is never asked about): the scan asks about every row that
-        // could still enter a list, and a user's best-scored rows are often items it has
-        // taken, so a binary search of the seen list per question cost more than the marking.
-        let words = (st.mf.item_matrix().len() / self.cfg.mf.dim.max(1)).div_ceil(64);
-        let seen_bits: Option<Vec<u64>> =
-            (q.exclude_seen && (1..=SEEN_BITMAP_WORDS).contains(&words)).then(|| {
-                let mut bits = vec![0u64; words * searched.len()];
+        // The rows each user may keep as a bitmap, one bit per row of the matrix the scan reads
+        // (a block of the scan is one word): the items the filters allow, tested once for the
+        // batch, less the user's seen items (a seen item without a row is never asked about).
+        // The scan asks about every row that could still enter a list, and a user's
+        // best-scored rows are often items it has taken, so a binary search of the seen list
+        // per question cost more than the marking, and a filter call per question more than
+        // one AND per block.
+        let matrix = st.mf.item_matrix();
+        let rows = matrix.len() / self.cfg.mf.dim.max(1);
+        let words = rows.div_ceil(64);
+        let mut hits = if (1..=SEEN_BITMAP_WORDS).contains(&words) {
+            let mut allowed = vec![0u64; words];
+            for (w, word) in allowed.iter_mut().enumerate() {
+                for r in 0..64.min(rows - w * 64) {
+                    *word |= (st.allowed((w * 64 + r) as u32, &filters) as u64) << r;
+                }
+            }
+            let mut bits = allowed.repeat(searched.len());
+            if q.exclude_seen {
                 for (row, &(u, _)) in bits.chunks_exact_mut(words).zip(&searched) {
                     for &i in &st.seen[u as usize] {
                         if let Some(word) = row.get_mut(i as usize / 64) {
-                            *word |= 1 << (i % 64);
+                            *word &= !(1 << (i % 64));
                         }
                     }
                 }
-                bits
-            });
-        let seen = |n: usize, i: u32| match &seen_bits {
-            Some(bits) => bits[n * words + i as usize / 64] >> (i % 64) & 1 == 1,
-            None => q.exclude_seen && st.has_seen(searched[n].0, i),
-        };
-        let keep = |n: usize, i: u32| st.allowed(i, &filters) && !seen(n, i);
-        let mut hits =
-            scan::exact_top_k_batch(st.mf.item_matrix(), self.cfg.mf.dim, &queries, &ks, &keep).into_iter();
+            }
+            scan::exact_top_k_batch_masked(matrix, self.cfg.mf.dim, &queries, &ks, |n, b, open| {
+                open & bits[n * words + b]
+            })
+        } else {
+            let keep = |n: usize, i: u32| {
+                st.allowed(i, &filters) && !(q.exclude_seen && st.has_seen(searched[n].0, i))
+            };
+            scan::exact_top_k_batch(matrix, self.cfg.mf.dim, &queries, &ks, &keep)
+        }
+        .into_iter();
         wanted
             .into_iter()
             .map(|w| {
@@ -1562,22 +1577,19 @@ impl Model {
         let n_items = st.items.capacity();
         let mut scratch = Scratch::take();
         let Scratch { near, known, seen } = &mut *scratch;
-        // A short seen list is marked in a stamped set: one lookup per candidate instead of a
+        // A short seen list is marked in a bitmap: one lookup per candidate instead of a
         // binary search (the candidates of a search are tested by the hundred).
-        let marked = match u {
+        let marked: &[u32] = match u {
             Some(u) if q.exclude_seen && st.seen[u as usize].len() <= MARK_SEEN_MAX => {
-                seen.reset(n_items);
-                st.seen[u as usize].iter().for_each(|&i| {
-                    seen.insert(i);
-                });
-                true
+                seen.mark(&st.seen[u as usize]);
+                &st.seen[u as usize]
             }
-            _ => false,
+            _ => &[],
         };
-        let seen = &*seen;
+        let marks = &*seen;
         let keep = |i: u32| {
-            if marked {
-                seen.get(i).is_none() && st.allowed(i, &filters)
+            if !marked.is_empty() {
+                !marks.contains(i) && st.allowed(i, &filters)
             } else {
                 st.admissible(i, u, q, &filters)
             }
@@ -1628,13 +1640,14 @@ impl Model {
                     let mut personal: Vec<f32> = hits.iter().map(|h| h.1).collect();
                     let mut ids: Vec<u32> = hits.into_iter().map(|h| h.0).collect();
                     known.reset(n_items);
-                    near.reset(n_items);
+                    // Sized for every id a neighbourhood term can name: its adder does not grow.
+                    near.reset(n_items.max(st.neighbours.id_bound()));
                     ids.iter().for_each(|&i| {
                         known.insert(i);
                     });
                     if gamma > 0.0 {
                         let recent = st.mf.recent_items(u, self.cfg.neighbour_window);
-                        st.neighbours.each_term(&recent, |j, s| near.add(j, s));
+                        near.fill(|sums| st.neighbours.each_term(&recent, |j, s| sums.add(j, s)));
                         let top = rerank::top_kept(near.entries(), m, &keep_main);
                         ids.extend(top.into_iter().map(|h| h.0).filter(|&i| known.insert(i)));
                     }
@@ -1719,6 +1732,7 @@ impl Model {
                 Some(Rec { item, score, because, explore, reason })
             })
             .collect();
+        scratch.seen.clear(marked);
         scratch.give_back();
         recs
     }

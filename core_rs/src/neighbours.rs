@@ -520,6 +520,12 @@ impl Neighbours {
         recent[from..].iter().map(|&h| self.similarity(h, j)).sum()
     }
 
+    /// An id above every id [`Neighbours::each_term`] can call `add` with (those with users
+    /// counted).
+    pub fn id_bound(&self) -> usize {
+        self.users.len()
+    }
+
     /// Longest neighbour list (for tests of the bound).
     pub fn longest_list(&self) -> usize {
         self.lists.iter().map(Vec::len).max().unwrap_or(0)

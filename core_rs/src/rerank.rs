@@ -6,7 +6,7 @@
 use std::cmp::Ordering;
 
 use crate::rng::Rng;
-use crate::scan::dot;
+use crate::scan::{dot, from_rank_key, rank_key};
 
 /// Min-max normalisation to [0, 1]. A constant list (a lone candidate among them) carries no
 /// ranking signal and maps to ones: its best is as good as the pool gets, and a blend then
@@ -80,7 +80,7 @@ pub fn top_sorted(hits: &mut Vec<(u32, f32)>, n: usize) {
 /// only when too many of them were refused. A user's neighbourhood candidates are often items
 /// it has seen (the items taken with its own), which the margin absorbs.
 ///
-/// The candidates are packed into `u64` keys ordered like [`sort_desc`] (see [`rank_key`]),
+/// The candidates are packed into `u64` keys ordered like [`sort_desc`] (see [`crate::scan::rank_key`]),
 /// so the selection compares integers: a heap of the best `m` so far, tried before, spent
 /// most of a list's selection in mispredicted sift branches, one sift per candidate that beat
 /// the worst held (for a neighbourhood of about a thousand ids, a few hundred of them).
@@ -94,7 +94,37 @@ pub fn top_kept(
         return out;
     }
     let mut keys: Vec<u64> = cands.into_iter().map(|(id, s)| rank_key(id, s)).collect();
-    let mut rest: &mut [u64] = &mut keys;
+    // A long list is first split at a key that about `TOP_KEPT_SAMPLED` times the first
+    // round's candidates exceed, read off a sample of every `TOP_KEPT_STRIDE`-th key: the
+    // rounds then select among the few keys above it (all larger than any below), and reach
+    // the rest only when too many of those were refused. A selection over a thousand keys
+    // cost more than the sample's, the split's pass and the small one together.
+    let first = m + m / 2 + TOP_KEPT_MARGIN;
+    let wanted = TOP_KEPT_SAMPLED * first / TOP_KEPT_STRIDE;
+    let split = if keys.len() >= 2 * TOP_KEPT_STRIDE * wanted {
+        let mut sample: Vec<u64> = keys.iter().step_by(TOP_KEPT_STRIDE).copied().collect();
+        let at = sample.len() - wanted;
+        let bar = *sample.select_nth_unstable(at).1;
+        // Keys not below the bar to the front, in one pass without a branch on the key.
+        let mut front = 0;
+        for i in 0..keys.len() {
+            let k = keys[i];
+            keys.swap(front, i);
+            front += usize::from(k >= bar);
+        }
+        front
+    } else {
+        keys.len()
+    };
+    let (above, below) = keys.split_at_mut(split);
+    kept_rounds(above, m, keep, &mut out);
+    kept_rounds(below, m, keep, &mut out);
+    out
+}
+
+/// The rounds of [`top_kept`] over `keys`, appending to `out` until it holds `m`.
+fn kept_rounds(keys: &mut [u64], m: usize, keep: &dyn Fn(u32) -> bool, out: &mut Vec<(u32, f32)>) {
+    let mut rest = keys;
     while out.len() < m && !rest.is_empty() {
         let want = (m - out.len()) + m / 2 + TOP_KEPT_MARGIN;
         let cut = rest.len().saturating_sub(want);
@@ -115,31 +145,16 @@ pub fn top_kept(
         }
         rest = below;
     }
-    out
 }
+
+/// Every how many keys [`top_kept`] samples one to split a long list.
+const TOP_KEPT_STRIDE: usize = 8;
+/// How many times the candidates of its first round [`top_kept`] expects above the split.
+const TOP_KEPT_SAMPLED: usize = 4;
 
 /// Candidates a round of [`top_kept`] takes beyond its shortfall and half of `m`, for the
 /// refused ones among them.
 const TOP_KEPT_MARGIN: usize = 8;
-
-/// `(id, s)` as a key whose integer order is [`sort_desc`]'s reversed (larger key: higher
-/// score by `total_cmp`, then lower id): the score's bits mapped to an order-preserving
-/// unsigned integer above the id's complement.
-#[inline]
-fn rank_key(id: u32, s: f32) -> u64 {
-    let b = s.to_bits() as i32;
-    // `total_cmp`'s signed key (negatives' magnitude bits flipped), then biased to unsigned.
-    let ordered = (b ^ (((b >> 31) as u32) >> 1) as i32) as u32 ^ 0x8000_0000;
-    (ordered as u64) << 32 | (u32::MAX - id) as u64
-}
-
-/// The `(id, score)` of a [`rank_key`].
-#[inline]
-fn from_rank_key(k: u64) -> (u32, f32) {
-    let b = ((k >> 32) as u32 ^ 0x8000_0000) as i32;
-    let bits = b ^ (((b >> 31) as u32) >> 1) as i32;
-    (u32::MAX - k as u32, f32::from_bits(bits as u32))
-}
 
 /// Scores of a sparse set of dense ids, summed in place: a stamped array reused from list to
 /// list, so gathering a few thousand terms allocates nothing and [`SparseScores::reset`] is
@@ -218,6 +233,42 @@ impl SparseScores {
     }
 }
 
+/// A set of dense ids, one bit each, reused from list to list: marking and testing an id is
+/// a shift and a mask, and emptying it clears only the words of the ids marked. For a user's
+/// seen items (a few hundred, tested against every candidate of a list) it costs less than a
+/// [`SparseScores`], whose insertions also append to its arrays.
+#[derive(Debug, Default)]
+pub struct IdBits {
+    words: Vec<u64>,
+}
+
+impl IdBits {
+    /// Adds `ids` to the set.
+    pub fn mark(&mut self, ids: &[u32]) {
+        for &i in ids {
+            let w = i as usize / 64;
+            if w >= self.words.len() {
+                self.words.resize(w + 1, 0);
+            }
+            self.words[w] |= 1 << (i % 64);
+        }
+    }
+
+    #[inline]
+    pub fn contains(&self, i: u32) -> bool {
+        self.words.get(i as usize / 64).is_some_and(|w| w >> (i % 64) & 1 == 1)
+    }
+
+    /// Empties the set, `ids` being every id [`IdBits::mark`]ed since it was last empty.
+    pub fn clear(&mut self, ids: &[u32]) {
+        for &i in ids {
+            if let Some(w) = self.words.get_mut(i as usize / 64) {
+                *w = 0;
+            }
+        }
+    }
+}
+
 /// Sums of positive terms per dense id, added without a branch on whether the id is new: one
 /// `f32` per id (zero: absent) and the ids in first-insertion order. A list's neighbourhood
 /// terms are a few thousand additions over a catalog of a few thousand items, about half of
@@ -266,6 +317,14 @@ impl TermSums {
         self.sums[iu] = sum + s;
     }
 
+    /// Runs `fill` with an [`Adder`] over the set's arrays, for ids below the size the set
+    /// was [`TermSums::reset`] for: the sums are those of [`TermSums::add`] of each term.
+    pub fn fill(&mut self, fill: impl FnOnce(&mut Adder<'_>)) {
+        let mut adder = Adder { sums: &mut self.sums, ids: &mut self.ids, len: self.len };
+        fill(&mut adder);
+        self.len = adder.len;
+    }
+
     /// The sum of `i`, 0 when nothing was added to it.
     #[inline]
     pub fn get(&self, i: u32) -> f32 {
@@ -275,6 +334,29 @@ impl TermSums {
     /// The ids present with their sums, in first-insertion order.
     pub fn entries(&self) -> impl Iterator<Item = (u32, f32)> + '_ {
         self.ids[..self.len].iter().map(|&i| (i, self.sums[i as usize]))
+    }
+}
+
+/// [`TermSums::add`] for the span of a [`TermSums::fill`]: the length and the arrays are held
+/// by a value of the caller's, which the compiler keeps in registers over a loop of
+/// additions. Added through the set itself, they lived in its heap allocation, and the
+/// length's store and reload lay on the path from one term to the next.
+pub struct Adder<'a> {
+    sums: &'a mut [f32],
+    ids: &'a mut [u32],
+    len: usize,
+}
+
+impl Adder<'_> {
+    /// Adds `s` (positive) to the sum of `i`, which must be below the size the set was reset
+    /// for.
+    #[inline]
+    pub fn add(&mut self, i: u32, s: f32) {
+        debug_assert!(s > 0.0, "a term of {s}");
+        let sum = self.sums[i as usize];
+        self.ids[self.len] = i;
+        self.len += usize::from(sum == 0.0);
+        self.sums[i as usize] = sum + s;
     }
 }
 
@@ -352,6 +434,22 @@ pub fn explore_positions(k: usize, n: usize) -> Vec<usize> {
 mod tests {
     use super::*;
 
+    /// Marked ids test as present, others not (also past the last word ever marked), and
+    /// clearing with the ids marked empties the set for the next use.
+    #[test]
+    fn id_bits_mark_test_and_clear() {
+        let mut bits = IdBits::default();
+        let ids = [3u32, 64, 65, 700, 0];
+        bits.mark(&ids);
+        for i in 0..1000 {
+            assert_eq!(bits.contains(i), ids.contains(&i), "{i}");
+        }
+        bits.clear(&ids);
+        assert!((0..1000).all(|i| !bits.contains(i)));
+        bits.mark(&[5]);
+        assert!(bits.contains(5) && !bits.contains(3));
+    }
+
     #[test]
     fn minmax_and_blend() {
         assert_eq!(minmax(&[1.0, 3.0, 2.0]), vec![0.0, 1.0, 0.5]);
@@ -393,7 +491,7 @@ mod tests {
     #[test]
     fn top_kept_matches_filter_sort_truncate() {
         let mut rng = Rng::new(3);
-        for n in [0usize, 1, 7, 50, 400] {
+        for n in [0usize, 1, 7, 50, 400, 3000] {
             // Scores from a small set, so ties (broken by id) are common.
             let cands: Vec<(u32, f32)> =
                 (0..n as u32).map(|i| (i * 7 % 1009, (rng.next_u64() % 13) as f32 / 4.0)).collect();
@@ -532,6 +630,28 @@ mod tests {
         terms.reset(0);
         assert_eq!(terms.entries().count(), 0);
         assert!(terms.sums.iter().all(|&s| s == 0.0), "reset clears every sum it held");
+    }
+
+    /// Terms added through `fill`'s adder give the entries and sums of adding them one by
+    /// one, in several fills between resets.
+    #[test]
+    fn term_sums_fill_equals_add() {
+        let (mut filled, mut added) = (TermSums::default(), TermSums::default());
+        let mut rng = Rng::new(8);
+        for round in 0..4 {
+            let n = 60 + 30 * round;
+            filled.reset(n);
+            added.reset(n);
+            for _ in 0..3 {
+                let terms: Vec<(u32, f32)> = (0..300)
+                    .map(|_| ((rng.next_u64() % n as u64) as u32, (rng.next_u64() % 1000 + 1) as f32 / 991.0))
+                    .collect();
+                filled.fill(|sums| terms.iter().for_each(|&(i, s)| sums.add(i, s)));
+                terms.iter().for_each(|&(i, s)| added.add(i, s));
+                let key = |t: &TermSums| t.entries().map(|(i, s)| (i, s.to_bits())).collect::<Vec<_>>();
+                assert_eq!(key(&filled), key(&added));
+            }
+        }
     }
 
     #[test]

@@ -3,7 +3,6 @@
 //! CPU has it, portable otherwise.
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
 #[cfg(target_arch = "x86_64")]
 use std::sync::atomic::{AtomicU8, Ordering as AtomicOrdering};
 
@@ -202,22 +201,67 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// A scored row ordered by score, ties broken by the smaller id ranking higher, so results
-/// are deterministic. Reversed so that `BinaryHeap` is a min-heap on the score: its top is
-/// the worst row held, and `into_sorted_vec` lists the best first.
-#[derive(Clone, Copy, PartialEq)]
-struct Worst(f32, u32);
-
-impl Eq for Worst {}
-impl PartialOrd for Worst {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
+/// `(id, s)` as a key whose integer order is best-first order reversed (larger key: higher
+/// score by `total_cmp`, then lower id, as [`crate::rerank::sort_desc`] ranks them): the
+/// score's bits mapped to an order-preserving unsigned integer above the id's complement.
+/// Selections over such keys compare integers instead of (score, id) pairs.
+#[inline]
+pub(crate) fn rank_key(id: u32, s: f32) -> u64 {
+    let b = s.to_bits() as i32;
+    // `total_cmp`'s signed key (negatives' magnitude bits flipped), then biased to unsigned.
+    let ordered = (b ^ (((b >> 31) as u32) >> 1) as i32) as u32 ^ 0x8000_0000;
+    (ordered as u64) << 32 | (u32::MAX - id) as u64
 }
-impl Ord for Worst {
-    fn cmp(&self, o: &Self) -> Ordering {
-        // Greatest = worst: lowest score, then largest id.
-        o.0.total_cmp(&self.0).then(self.1.cmp(&o.1))
+
+/// The `(id, score)` of a [`rank_key`].
+#[inline]
+pub(crate) fn from_rank_key(k: u64) -> (u32, f32) {
+    let b = ((k >> 32) as u32 ^ 0x8000_0000) as i32;
+    let bits = b ^ (((b >> 31) as u32) >> 1) as i32;
+    (u32::MAX - k as u32, f32::from_bits(bits as u32))
+}
+
+/// The best `k` rows of one query of [`exact_top_k_batch`] so far, as [`rank_key`]s in no
+/// order: rows are appended, and when the buffer is full a selection keeps its `k` best and
+/// raises `bound` to the worst of them. A heap of the best `k` held its exact k-th best at
+/// every step, but spent the scan's time in sift branches that mispredict (a row that beats
+/// the k-th best lands anywhere in the heap); appending costs no branch on the score, and the
+/// bound, a little looser between selections, only lets a few more rows be appended.
+struct Best {
+    k: usize,
+    keys: Vec<u64>,
+    /// No row scoring below it can be among the `k` best: `k` rows at least as good are held
+    /// (NEG_INFINITY until then).
+    bound: f32,
+}
+
+impl Best {
+    fn new(k: usize) -> Self {
+        Self { k, keys: Vec::with_capacity(Self::capacity(k)), bound: f32::NEG_INFINITY }
+    }
+
+    /// Rows held before a selection: about `k` rows appended per selection, so each costs O(1).
+    fn capacity(k: usize) -> usize {
+        2 * k + BATCH_BLOCK
+    }
+
+    #[inline]
+    fn push(&mut self, key: u64) {
+        self.keys.push(key);
+        if self.keys.len() >= Self::capacity(self.k) {
+            self.keep_best();
+            self.bound = from_rank_key(self.keys[0]).1;
+        }
+    }
+
+    /// Cuts the buffer to its `k` best, the worst of them at the front.
+    fn keep_best(&mut self) {
+        let cut = self.keys.len().saturating_sub(self.k);
+        if cut > 0 {
+            self.keys.select_nth_unstable(cut);
+            self.keys.copy_within(cut.., 0);
+            self.keys.truncate(self.k);
+        }
     }
 }
 
@@ -237,7 +281,7 @@ pub fn exact_top_k(
 
 /// Rows per block of [`exact_top_k_batch`]: a block (64 rows of a 32-d matrix is 8 KB) stays
 /// in L1 while every query of the batch is scored against it, and a block's threshold test
-/// fits one 64-bit mask.
+/// fits one 64-bit mask (a block is one word of a bitmap over the rows).
 const BATCH_BLOCK: usize = 64;
 
 /// [`exact_top_k`] for many queries at once, each with its own `k` and filter
@@ -248,9 +292,9 @@ const BATCH_BLOCK: usize = 64;
 /// each row's inner product on its horizontal sum. Here the matrix is read in blocks of
 /// [`BATCH_BLOCK`] rows, each scored against every query of the batch while it is in L1, and
 /// the kernel scores eight rows at a time, summing their eight partial vectors with one
-/// transpose-and-add instead of eight horizontal sums. A row is compared with a query's k-th
-/// best only when its score is not below it (most rows are not, and the test is a SIMD
-/// compare). The kernel rounds differently from [`dot`], so the `k` rows kept are re-scored
+/// transpose-and-add instead of eight horizontal sums. A row is filtered and held (see
+/// [`Best`]) only when its score is not below the query's bound (most rows are below, and the
+/// test is a SIMD compare). The kernel rounds differently from [`dot`], so the `k` rows kept are re-scored
 /// with [`dot`]: only a row within rounding of the k-th best can be kept or left out
 /// otherwise than a selection by [`dot`] alone would.
 pub fn exact_top_k_batch(
@@ -260,56 +304,75 @@ pub fn exact_top_k_batch(
     ks: &[usize],
     keep: &dyn Fn(usize, u32) -> bool,
 ) -> Vec<Vec<(u32, f32)>> {
+    exact_top_k_batch_masked(matrix, dim, queries, ks, |n, block, open| {
+        let mut kept = open;
+        let mut rest = open;
+        while rest != 0 {
+            let r = rest.trailing_zeros();
+            rest &= rest - 1;
+            if !keep(n, (block * BATCH_BLOCK) as u32 + r) {
+                kept &= !(1 << r);
+            }
+        }
+        kept
+    })
+}
+
+/// [`exact_top_k_batch`] with the filter asked a block at a time: `kept(query, b, open)` is
+/// the subset of `open` (bit `r`: row `64·b + r`) the query may keep. A caller holding its
+/// filters as bitmaps, one bit per row, answers with one AND per block instead of a call
+/// per row.
+pub fn exact_top_k_batch_masked(
+    matrix: &[f32],
+    dim: usize,
+    queries: &[&[f32]],
+    ks: &[usize],
+    kept: impl Fn(usize, usize, u64) -> u64,
+) -> Vec<Vec<(u32, f32)>> {
     assert_eq!(queries.len(), ks.len(), "one k per query");
     assert!(queries.iter().all(|q| q.len() == dim), "query length differs from the matrix width");
     if dim == 0 {
         return vec![Vec::new(); queries.len()];
     }
     let rows = matrix.len() / dim;
-    let mut heaps: Vec<BinaryHeap<Worst>> = ks.iter().map(|&k| BinaryHeap::with_capacity(k + 1)).collect();
+    let mut best: Vec<Best> = ks.iter().map(|&k| Best::new(k)).collect();
     let mut scores = [0.0f32; BATCH_BLOCK];
     let score = block_scorer(dim);
     let mut start = 0;
     while start < rows {
         let n = BATCH_BLOCK.min(rows - start);
         let block = &matrix[start * dim..(start + n) * dim];
-        for (qn, (q, heap)) in queries.iter().zip(&mut heaps).enumerate() {
-            let k = ks[qn];
-            if k == 0 {
+        for (qn, (q, b)) in queries.iter().zip(&mut best).enumerate() {
+            if b.k == 0 {
                 continue;
             }
-            // Rows scoring below the current k-th best cannot enter: only the others (ties
-            // and NaN included) are compared in full. The bound only rises within the block.
-            let bound =
-                if heap.len() == k { heap.peek().expect("heap is full").0 } else { f32::NEG_INFINITY };
+            // Rows scoring below the bound cannot enter: only the others (ties and NaN
+            // included) are kept. The bound only rises within the block.
             // SAFETY: `score` suits this CPU and `dim`; `block` holds `n` rows of `dim` floats
             // and `q` holds `dim` floats (asserted above).
-            let mut open = unsafe { score(block, q, bound, &mut scores) };
+            let open = unsafe { score(block, q, b.bound, &mut scores) };
+            let mut open = if open == 0 { 0 } else { kept(qn, start / BATCH_BLOCK, open) };
             while open != 0 {
                 let r = open.trailing_zeros() as usize;
                 open &= open - 1;
-                let id = (start + r) as u32;
-                let cand = Worst(scores[r], id);
-                if heap.len() == k {
-                    if cand >= *heap.peek().expect("heap is full") || !keep(qn, id) {
-                        continue;
-                    }
-                    // The worst replaced in place: one sift instead of a pop and a push.
-                    *heap.peek_mut().expect("heap is full") = cand;
-                } else if keep(qn, id) {
-                    heap.push(cand);
+                if not_below(scores[r], b.bound) {
+                    b.push(rank_key((start + r) as u32, scores[r]));
                 }
             }
         }
         start += n;
     }
-    heaps
-        .into_iter()
+    best.into_iter()
         .zip(queries)
-        .map(|(heap, q)| {
-            let mut out: Vec<(u32, f32)> = heap
+        .map(|(mut b, q)| {
+            b.keep_best();
+            let mut out: Vec<(u32, f32)> = b
+                .keys
                 .into_iter()
-                .map(|w| (w.1, dot(&matrix[w.1 as usize * dim..(w.1 as usize + 1) * dim], q)))
+                .map(|key| {
+                    let id = from_rank_key(key).0 as usize;
+                    (id as u32, dot(&matrix[id * dim..(id + 1) * dim], q))
+                })
                 .collect();
             out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             out
@@ -518,6 +581,17 @@ mod tests {
             let refs: Vec<&[f32]> = qs.iter().map(Vec::as_slice).collect();
             let got = exact_top_k_batch(&m, dim, &refs, &ks, &keep);
             assert_eq!(got.len(), n_queries);
+            // The same filter as one bitmap per query, asked a block at a time.
+            let words = rows.div_ceil(64);
+            let bits: Vec<u64> = (0..n_queries * words)
+                .map(|w| {
+                    (0..64)
+                        .fold(0u64, |b, r| b | (keep(w / words, ((w % words) * 64 + r) as u32) as u64) << r)
+                })
+                .collect();
+            let masked =
+                exact_top_k_batch_masked(&m, dim, &refs, &ks, |n, b, open| open & bits[n * words + b]);
+            assert_eq!(masked, got, "rows={rows} dim={dim}");
             for n in 0..n_queries {
                 let mut want: Vec<(u32, f32)> = (0..rows)
                     .filter(|&i| keep(n, i as u32))
