@@ -303,18 +303,13 @@ impl TermSums {
         self.ids.resize(n + 1, 0);
     }
 
-    /// Adds `s` (positive) to the sum of `i`.
+    /// Adds `s` (positive) to the sum of `i`, growing the set for an `i` beyond its size.
     #[inline]
     pub fn add(&mut self, i: u32, s: f32) {
-        debug_assert!(s > 0.0, "a term of {s}");
-        let iu = i as usize;
-        if iu >= self.sums.len() {
-            self.grow(iu + 1);
+        if i as usize >= self.sums.len() {
+            self.grow(i as usize + 1);
         }
-        let sum = self.sums[iu];
-        self.ids[self.len] = i;
-        self.len += usize::from(sum == 0.0);
-        self.sums[iu] = sum + s;
+        self.fill(|sums| sums.add(i, s));
     }
 
     /// Runs `fill` with an [`Adder`] over the set's arrays, for ids below the size the set
