@@ -666,6 +666,9 @@ async def measure(
     finally:
         gen.join()
     pushes = sum(r["pushes"] for r in reports)
+    read_delays_ms = sorted(
+        1e3 * float(d) for r in reports for d in np.frombuffer(r["read_delays"], dtype=np.float64)
+    )
     return {
         "samples": latencies(reports, np.frombuffer(sent_at, dtype=np.float64)),
         "pushes": pushes,
@@ -710,17 +713,8 @@ async def measure(
         "machine_busy_share": busy / ticks if ticks and cpu is not None else None,
         # How long pushes waited in the subscribers' sockets before being read (sampled; not
         # part of the latencies, which end at arrival): see bench._loadgen.
-        "read_delay_ms": _quantiles_ms(
-            np.concatenate([np.frombuffer(r["read_delays"], dtype=np.float64) for r in reports])
-        ),
+        "read_delay_ms": {f"p{q * 100:g}": _quantile(read_delays_ms, q) for q in (0.5, 0.99)},
     }
-
-
-def _quantiles_ms(seconds: np.ndarray) -> dict[str, float | None]:
-    if not len(seconds):
-        return {"p50": None, "p99": None}
-    p50, p99 = np.quantile(seconds, (0.5, 0.99))
-    return {"p50": 1e3 * float(p50), "p99": 1e3 * float(p99)}
 
 
 def run_once(
