@@ -382,15 +382,36 @@ def child_process(cmd: list[str], **popen: Any) -> Iterator[subprocess.Popen[byt
                 proc.wait()
 
 
-def machine_ticks() -> tuple[int, int]:
-    """(busy, all) clock ticks of every CPU of this machine so far, from the first line of
-    ``/proc/stat``: busy is everything but idle and iowait, steal included (time the
+def machine_ticks() -> tuple[int, int, int]:
+    """(busy, steal, all) clock ticks of every CPU of this machine so far, from the first line
+    of ``/proc/stat``: busy is everything but idle and iowait, steal included (time the
     hypervisor gave to others was not this machine's to use); guest time is inside user
     time, so it is not counted twice."""
     with open("/proc/stat") as f:
         ticks = [int(x) for x in f.readline().split()[1:9]]
     idle = ticks[3] + ticks[4]
-    return sum(ticks) - idle, sum(ticks)
+    return sum(ticks) - idle, ticks[7], sum(ticks)
+
+
+def cpu_wait_seconds(pid: int) -> dict[int, float]:
+    """Per thread of process ``pid``, the seconds it has spent so far runnable but waiting for
+    a CPU: the second field of ``/proc/PID/task/TID/schedstat`` (nanoseconds on the run queue).
+    Empty where the kernel keeps no scheduler statistics. Subtract two readings with
+    :func:`waited`."""
+    out: dict[int, float] = {}
+    tasks = Path(f"/proc/{pid}/task")
+    for task in tasks.iterdir() if tasks.is_dir() else ():
+        try:
+            out[int(task.name)] = int((task / "schedstat").read_text().split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            continue  # the thread ended meanwhile, or no schedstat
+    return out
+
+
+def waited(before: dict[int, float], after: dict[int, float]) -> float:
+    """Seconds of run-queue wait between two :func:`cpu_wait_seconds` readings, summed over
+    the threads alive at the second (a thread that ended in between is not counted)."""
+    return sum(w - before.get(tid, 0.0) for tid, w in after.items())
 
 
 def cpu_seconds(pid: int) -> float:

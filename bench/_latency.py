@@ -11,7 +11,11 @@ every process on Linux); a receipt time is when the push arrived in the subscrib
 most every ``--client-poll`` milliseconds, so that they do not preempt the server's threads
 at every push (how long pushes waited to be read is reported apart). The load generator's CPU (all those processes, from
 /proc) is reported beside the server's, per push and per event (``client_cpu_*`` rows), so
-that a run shows whether it measured the server or itself.
+that a run shows whether it measured the server or itself. So are how busy the machine was
+(``machine_busy_share``, the hypervisor's steal apart in ``machine_steal_share``) and how long
+the server's threads were ready to run but waited for a CPU (``server_cpu_wait_share``, in
+cores, from their run-queue time in ``/proc/PID/task/*/schedstat``), so that a run shows
+whether the server was short of CPUs.
 
 Method:
 
@@ -93,6 +97,7 @@ import trio
 from bench._common import (
     ServerProcess,
     cpu_seconds,
+    cpu_wait_seconds,
     histogram_quantiles,
     machine_ticks,
     print_rows,
@@ -100,6 +105,7 @@ from bench._common import (
     require_release,
     results_dir,
     row,
+    waited,
     write_results,
 )
 from bench._loadgen import SubscriberPlan, items_of, parse_push, raise_fd_limit, run_subscribers
@@ -128,6 +134,8 @@ CPU_KEYS = (
     "client_cpu_per_push_us",
     "client_cpu_per_event_us",
     "machine_busy_share",
+    "machine_steal_share",
+    "server_cpu_wait_share",
 )
 
 
@@ -636,6 +644,7 @@ async def measure(
             gc0 = (await trio.to_thread.run_sync(server.stats)).get("gc_seconds")
             # A server started elsewhere (--target) has no process here to read its CPU from.
             cpu0 = cpu_seconds(server.pid) if server.pid else None
+            waits0 = cpu_wait_seconds(server.pid) if server.pid else {}
             (producer0, subscribers0), here0 = gen.cpu_seconds(), cpu_seconds(os.getpid())
             machine0 = machine_ticks()
             gen.command(gen.subscribers, "start", args.oracle_interval > 0)
@@ -646,11 +655,12 @@ async def measure(
             )
             await trio.sleep(1.0)  # the last pushes
             cpu = cpu_seconds(server.pid) - cpu0 if cpu0 is not None else None
+            waits = cpu_wait_seconds(server.pid) if server.pid else {}
             producer, subscribers = (
                 a - b for a, b in zip(gen.cpu_seconds(), (producer0, subscribers0), strict=True)
             )
             here = cpu_seconds(os.getpid()) - here0
-            busy, ticks = (a - b for a, b in zip(machine_ticks(), machine0, strict=True))
+            busy, steal, ticks = (a - b for a, b in zip(machine_ticks(), machine0, strict=True))
             client = producer + subscribers + here
             wall = time.perf_counter() - wall0
             gen.command(gen.subscribers, "stop")
@@ -711,6 +721,14 @@ async def measure(
         # busy machine. Only for a server started here, like the server's CPU: a --target
         # server may run elsewhere.
         "machine_busy_share": busy / ticks if ticks and cpu is not None else None,
+        # The part of that the hypervisor gave to other machines (inside busy).
+        "machine_steal_share": steal / ticks if ticks and cpu is not None else None,
+        # Seconds per second that the server's threads were ready to run but waited for a
+        # CPU (their run-queue time, /proc/PID/task/*/schedstat): in cores, like the CPU
+        # share. Near or above the idle share of the machine, the server is short of CPUs
+        # rather than of work to do: its threads hand work to one another, and each hand-over
+        # waits its turn.
+        "server_cpu_wait_share": waited(waits0, waits) / wall if waits else None,
         # How long pushes waited in the subscribers' sockets before being read (sampled; not
         # part of the latencies, which end at arrival): see bench._loadgen.
         "read_delay_ms": {f"p{q * 100:g}": _quantile(read_delays_ms, q) for q in (0.5, 0.99)},
@@ -829,7 +847,8 @@ def run_once(
         f"{result['client_cpu_s_subscribers']:.2f} s, coordinator "
         f"{result['client_cpu_s_coordinator']:.2f} s); machine "
         + (
-            f"{result['machine_busy_share']:.0%} busy"
+            f"{result['machine_busy_share']:.0%} busy ({result['machine_steal_share']:.0%} "
+            f"steal), server threads waiting for a CPU {_cores(result['server_cpu_wait_share'])}"
             if result["machine_busy_share"] is not None
             else "n/a"
         )
@@ -1118,17 +1137,22 @@ def run(args: argparse.Namespace) -> int:
                     lower_is_better=True,
                 )
             )
-        if r["machine_busy_share"] is not None:
-            rows.append(
-                row(
-                    f"{label}_machine_busy_share",
-                    r["machine_busy_share"],
-                    None,
-                    "share of all CPUs",
-                    {**params, "cpus": os.cpu_count()},
-                    lower_is_better=True,
+        for key, unit in (
+            ("machine_busy_share", "share of all CPUs"),
+            ("machine_steal_share", "share of all CPUs"),
+            ("server_cpu_wait_share", "cores"),
+        ):
+            if r.get(key) is not None:
+                rows.append(
+                    row(
+                        f"{label}_{key}",
+                        r[key],
+                        None,
+                        unit,
+                        {**params, "cpus": os.cpu_count()},
+                        lower_is_better=True,
+                    )
                 )
-            )
         o = r["oracle"]
         if o is not None:
             oracle_params = {

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,9 @@ def load(results: Path, name: str) -> dict[str, Any]:
     for r in doc["rows"]:
         assert set(r) == {"name", "ours", "peer", "ratio", "unit", "params"}
         assert isinstance(r["ours"], int | float) and math.isfinite(r["ours"]), r
-        # A share (of stale lists, say) may be measured as none at all.
-        assert r["ours"] >= 0 if r["unit"] == "share" else r["ours"] > 0, r
+        # A share (of stale lists, of steal) or a wait may be measured as none at all.
+        none_ok = r["unit"].startswith("share") or r["name"].endswith("_wait_share")
+        assert r["ours"] >= 0 if none_ok else r["ours"] > 0, r
     return doc
 
 
@@ -127,6 +129,12 @@ def test_latency_quick(results: Path) -> None:
         # /proc/stat samples a state per tick, the processes' times are exact: in a window of
         # a few hundred ticks the two differ by several per cent.
         assert busy * cpus >= 0.75 * shares
+        # Steal is part of busy; the server's threads waited for CPUs for some time, not more
+        # than every thread waiting all along (the server runs well under 64 threads).
+        steal = rows[f"sync_{sync}_machine_steal_share"]["ours"]
+        assert 0 <= steal <= busy and steal == run["machine_steal_share"]
+        wait = rows[f"sync_{sync}_server_cpu_wait_share"]
+        assert wait["unit"] == "cores" and 0 <= wait["ours"] == run["server_cpu_wait_share"] < 64
         # Every websocket was open to the end and closed with a closing handshake.
         assert run["subscribers_open_at_end"] == run["subscribers"]
         assert sum(c["unanswered_closes"] for c in run["closes"]) == 0
@@ -193,3 +201,35 @@ def test_mf_quick(results: Path) -> None:
         else:
             assert rows[name]["peer"] is None
     assert (doc["peer"] is not None) == river
+
+
+def test_cpu_wait_is_run_queue_time() -> None:
+    """Two busy processes on one CPU: each waits while the other runs, and the reading says
+    so; the reading of a process that sleeps hardly moves."""
+    from bench._common import cpu_wait_seconds, waited
+
+    spin = [
+        sys.executable,
+        "-c",
+        "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 3: pass",
+    ]
+    cpu = min(os.sched_getaffinity(0))
+    procs = [
+        subprocess.Popen(spin, preexec_fn=lambda: os.sched_setaffinity(0, {cpu})) for _ in range(2)
+    ]
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
+    try:
+        time.sleep(0.5)  # all three started
+        spinning, asleep = cpu_wait_seconds(procs[0].pid), cpu_wait_seconds(sleeper.pid)
+        time.sleep(1.0)
+        spun = waited(spinning, cpu_wait_seconds(procs[0].pid))
+        slept = waited(asleep, cpu_wait_seconds(sleeper.pid))
+    finally:
+        for p in (*procs, sleeper):
+            p.kill()
+            p.wait()
+    assert list(spinning) == [procs[0].pid]  # its one thread, named by its id
+    # Sharing one CPU, each spinner waited about half of that second.
+    assert 0.2 < spun <= 1.0
+    assert slept < 0.1
+    assert cpu_wait_seconds(procs[0].pid) == {}  # ended: nothing to read, and no error

@@ -110,7 +110,9 @@ def test_latency_drives_a_running_server(results: Path) -> None:
     assert not any(name.startswith("sync_") for name in rows)
     # Its CPU, and how busy its machine was, cannot be read from here.
     assert run["server_cpu_s"] is None and run["machine_busy_share"] is None
-    assert "target_machine_busy_share" not in rows
+    assert run["server_cpu_wait_share"] is None and run["machine_steal_share"] is None
+    assert not any(name.startswith("target_machine") for name in rows)
+    assert "target_server_cpu_wait_share" not in rows
 
 
 @needs_release
