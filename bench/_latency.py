@@ -725,9 +725,9 @@ async def measure(
         "machine_steal_share": steal / ticks if ticks and cpu is not None else None,
         # Seconds per second that the server's threads were ready to run but waited for a
         # CPU (their run-queue time, /proc/PID/task/*/schedstat): in cores, like the CPU
-        # share. Near or above the idle share of the machine, the server is short of CPUs
-        # rather than of work to do: its threads hand work to one another, and each hand-over
-        # waits its turn.
+        # share. When it nears the server's CPU share, the server is short of CPUs rather
+        # than of work to do: its threads hand work to one another, and each hand-over waits
+        # its turn.
         "server_cpu_wait_share": waited(waits0, waits) / wall if waits else None,
         # How long pushes waited in the subscribers' sockets before being read (sampled; not
         # part of the latencies, which end at arrival): see bench._loadgen.
