@@ -85,6 +85,8 @@ import multiprocessing
 import os
 import random
 import re
+import shlex
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -1191,6 +1193,12 @@ def run(args: argparse.Namespace) -> int:
         args.name,
         rows,
         {
+            # The README table's command column (`python -m bench report`).
+            "command": (
+                "python -m bench " + shlex.join(sys.argv[1:])
+                if sys.argv[1:2] == ["latency"]
+                else None
+            ),
             "params": {
                 k: getattr(args, k)
                 for k in (

@@ -102,6 +102,7 @@ def test_latency_quick(results: Path) -> None:
     proc = run_bench("latency", results)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = load(results, "latency")
+    assert doc["command"] == "python -m bench latency --quick"  # the README table names it
     rows = rows_by_name(doc)
     for sync in ("batch", "off"):
         run = doc["runs"][f"sync_{sync}"]
