@@ -1144,7 +1144,7 @@ def run(args: argparse.Namespace) -> int:
             ("machine_steal_share", "share of all CPUs"),
             ("server_cpu_wait_share", "cores"),
         ):
-            if r.get(key) is not None:
+            if r[key] is not None:
                 rows.append(
                     row(
                         f"{label}_{key}",
