@@ -18,7 +18,9 @@ one thread, for ``k = 10``:
 * the push's write: ``engine.write_text_frame`` (the publisher's direct write: the
   socket's queue checked, the frame header and the message written in one call) against
   wsproto framing the same message plus ``socket.send`` (the layer under Hypercorn's ASGI
-  send, the peer), to a loopback TCP socket that a child process drains; per message.
+  send, the peer), to a loopback TCP socket that a child process drains; per message;
+* the publisher's hand-over of a computed list around that write (the checks, the message
+  text, the bookkeeping and the metrics hook), per message, no peer.
 
 For each: queries/s (wall) and CPU microseconds per query (``time.process_time``, every
 thread of this process). A recommendation does more than a search (seen items excluded,
@@ -118,6 +120,39 @@ def push_writes(lists: list[tuple[list[Any], str]]) -> dict[str, dict[str, float
 
         out = {"push_write": timed(ours, len(texts)), "wsproto_write": timed(peer, len(texts))}
     child.wait(10)
+    return out
+
+
+def push_handovers(lists: list[tuple[list[Any], str]]) -> dict[str, float]:
+    """CPU per list handed over by the publisher (``Publisher._deliver``: the checks, the
+    message, the bookkeeping, the metrics hook the server installs), one subscriber per list,
+    every list new to its subscriber, a ``deliver`` that takes each at once (its write is the
+    ``push_write`` row): the Python around each write."""
+    from engine._metrics import Metrics
+    from engine._publisher import Cause, Publisher, Subscription
+
+    metrics = Metrics()
+    publisher = Publisher(None, on_pushes=lambda handed: metrics.pushed(handed, time.time()))  # type: ignore[arg-type]
+    subs = [Subscription(user=f"u{n}", k=K) for n in range(len(lists))]
+    for sub in subs:
+        sub.deliver = lambda _text: True
+        publisher.subscribe(sub)
+    rounds = {"seq": 0}
+
+    def hand_over() -> None:
+        rounds["seq"] += 1
+        seq = rounds["seq"]
+        # The round's number among the top items: every list is new to its subscriber.
+        listings = [([*items, seq], items, entries) for items, entries in lists]
+        pending = {sub.user: Cause(seq, f"e{seq}", time.time()) for sub in subs}
+        publisher._deliver(  # noqa: SLF001 - the hand-over itself is what is measured
+            pending, [(sub, []) for sub in subs], listings, seq, 0, time.monotonic(), drift=False
+        )
+
+    before = publisher.pushes
+    out = timed(hand_over, len(subs))
+    if publisher.pushes - before != REPEATS * len(subs):
+        raise RuntimeError("not every list was handed over")
     return out
 
 
@@ -223,7 +258,9 @@ def run(args: argparse.Namespace) -> int:
             ],
             len(queries),
         )
-    runs.update(push_writes([t for b in batches[:10] for t in model.recommend_batch_json(b, K)]))
+    computed = [t for b in batches[:10] for t in model.recommend_batch_json(b, K)]
+    runs.update(push_writes(computed))
+    runs["push_handover"] = push_handovers(computed)
     for name, r in runs.items():
         print(f"  {name:22s} {r['qps']:>10,.0f} queries/s  {r['cpu_us']:8.1f} µs CPU", flush=True)
 
@@ -270,6 +307,16 @@ def run(args: argparse.Namespace) -> int:
             runs["wsproto_write"]["cpu_us"],
             "µs CPU/message",
             {**p, "peer_is": "wsproto_write"},
+            lower_is_better=True,
+        )
+    )
+    rows.append(
+        row(
+            "push_handover_cpu_us",
+            runs["push_handover"]["cpu_us"],
+            None,
+            "µs CPU/message",
+            {"messages": runs["push_handover"]["queries"], "peer_name": None},
             lower_is_better=True,
         )
     )

@@ -251,7 +251,7 @@ class Engine:
             refresh_interval=cfg.refresh_interval,
             refresh_budget=cfg.refresh_budget,
             drift_rank_slack=cfg.drift_rank_slack,
-            on_push=self._on_push,
+            on_pushes=self._on_pushes,
             applied_seq=loaded.seq,
             idle=self._model_idle,
         )
@@ -397,19 +397,17 @@ class Engine:
         model, index = self.model_actor, self.index_actor
         return model is not None and index is not None and not (model.busy or index.busy)
 
-    def _on_push(self, sub: Subscription, push: Push, delivered: bool) -> None:
+    def _on_pushes(self, handed: list[tuple[Subscription, Push, bool]]) -> None:
         assert self.publisher is not None
-        self.metrics.pushes.inc()
-        if delivered:
-            self.metrics.delivered_at_once.inc()
+        now = time.time()
+        self.metrics.pushed(handed, now)
         coalesced = self.publisher.coalesced - self._coalesced_reported
         if coalesced:
             self.metrics.coalesced.inc(coalesced)
             self._coalesced_reported = self.publisher.coalesced
-        now = time.time()
-        self.experiments.impression(sub.user, push.items, now)
-        if push.cause is not None:
-            self.metrics.push_latency.observe(max(0.0, now - push.cause.accepted_at))
+        if self.experiments.variants:
+            for sub, push, _ in handed:
+                self.experiments.impression(sub.user, push.items, now)
 
     # --- ingestion --------------------------------------------------------------------------
 

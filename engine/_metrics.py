@@ -32,15 +32,64 @@ process without their counters mixing.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import bisect
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
-__all__ = ["Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ._publisher import Push
+
+__all__ = ["BatchHistogram", "Metrics"]
 
 # Latency buckets from 50 µs to 10 s: pushes are meant to take about a millisecond.
 _LATENCY = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
     0.5, 1.0, 2.5, 10.0,
 )  # fmt: skip
+
+
+class BatchHistogram(Collector):
+    """A histogram observed a batch of values at a time, from one thread (the event loop).
+
+    ``prometheus_client``'s :class:`Histogram` takes a lock and walks its buckets in Python for
+    every value, about 3 µs; one per push was a third of the cost of handing a list over at
+    10,000 events/s. Here a batch costs one C bisection per value. Exposed like a
+    ``Histogram`` (``_bucket``, ``_count``, ``_sum``).
+    """
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Iterable[float], registry: CollectorRegistry
+    ) -> None:
+        self._name = name
+        self._doc = documentation
+        self._bounds = sorted(buckets)
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one: above every bound
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        counts, bounds = self._counts, self._bounds
+        total = 0.0
+        for value in values:
+            counts[bisect.bisect_left(bounds, value)] += 1  # buckets hold value <= bound
+            total += value
+        self._sum += total
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        cumulative, running = [], 0
+        for bound, count in zip([*self._bounds, float("inf")], self._counts, strict=True):
+            running += count
+            cumulative.append((_le(bound), running))
+        yield HistogramMetricFamily(self._name, self._doc, buckets=cumulative, sum_value=self._sum)
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as Prometheus writes it (``+Inf``, ``0.05``, ``1.0``)."""
+    return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
 class Metrics:
@@ -69,7 +118,7 @@ class Metrics:
         self.index_stale = Gauge(
             "recstream_index_stale_items", "Moved items not yet re-linked in the index", registry=r
         )
-        self.push_latency = Histogram(
+        self.push_latency = BatchHistogram(
             "recstream_push_latency_seconds",
             "From accepting an event to handing the changed list to its subscribers",
             buckets=_LATENCY,
@@ -122,6 +171,19 @@ class Metrics:
             "1 while the journal or snapshots cannot be written",
             ["what"],
             registry=r,
+        )
+
+    def pushed(self, handed: Sequence[tuple[object, Push, bool]], now: float) -> None:
+        """Counts lists handed to subscribers together (the publisher's ``on_pushes``) at
+        ``now`` (``time.time()``), with their latencies from the events that caused them."""
+        self.pushes.inc(len(handed))
+        delivered = sum(1 for _, _, at_once in handed if at_once)
+        if delivered:
+            self.delivered_at_once.inc(delivered)
+        self.push_latency.observe_many(
+            max(0.0, now - push.cause.accepted_at)
+            for _, push, _ in handed
+            if push.cause is not None
         )
 
     def rejected_total(self) -> int:

@@ -38,6 +38,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from json.encoder import encode_basestring_ascii as _json_string  # json.dumps(str), in C
 from typing import Any, Generic, TypeVar
 
 import attrs
@@ -98,6 +99,8 @@ class Cause:
             event_id = "null"
         elif type(event_id) is int:  # noqa: E721 (not bool, whose JSON is true/false)
             event_id = str(event_id)
+        elif type(event_id) is str:  # noqa: E721
+            event_id = _json_string(event_id)
         else:
             event_id = json.dumps(event_id)
         return f'{{"seq":{self.seq},"id":{event_id},"accepted_at":{self.accepted_at!r}}}'
@@ -308,8 +311,8 @@ class Publisher:
         refresh_budget: Lists recomputed for drift per quarter ``refresh_interval`` at most.
         drift_rank_slack: A drift recompute is pushed when the list's membership changed or
             an item moved more than this many places.
-        on_push: Called with (subscription, message, whether ``deliver`` took it at once) for
-            every list handed over (metrics hook).
+        on_pushes: Called with the lists handed over together, as (subscription, message,
+            whether ``deliver`` took it at once) in the order they went (metrics hook).
         applied_seq: The journal sequence the model reflects at start (after recovery).
         idle: Whether no writer works on the model in a worker thread now: then a list or
             two are computed on the event loop (no lock wait can block it), else in a worker
@@ -324,7 +327,7 @@ class Publisher:
         refresh_interval: float = 0.15,
         refresh_budget: int = 250,
         drift_rank_slack: int = 2,
-        on_push: Callable[[Subscription, Push, bool], None] | None = None,
+        on_pushes: Callable[[list[tuple[Subscription, Push, bool]]], None] | None = None,
         applied_seq: int = 0,
         idle: Callable[[], bool] | None = None,
     ) -> None:
@@ -337,7 +340,7 @@ class Publisher:
         # Per subscribed user, oldest first: when its list was last computed and the model's
         # sequence then (a list computed since the last apply cannot have drifted).
         self._computed: dict[Id, tuple[float, int]] = {}
-        self._on_push = on_push
+        self._on_pushes = on_pushes
         self._subs: dict[Id, set[Subscription]] = {}
         self._count = 0
         # Users waiting for a recompute, with the newest cause; bounded by the subscribed
@@ -648,6 +651,7 @@ class Publisher:
         """Hands the computed lists that changed to their subscriptions: ``seq`` and
         ``erasures`` are the model's sequence and the erasure count when they were computed."""
         computed = self._computed
+        handed: list[tuple[Subscription, Push, bool]] = []
         for user in pending:
             if user in computed:
                 del computed[user]  # re-inserted: the dict stays oldest first
@@ -675,9 +679,10 @@ class Publisher:
                 self.delivered += 1
             else:
                 self.coalesced += sub.slot.put(push)
-            self.pushes += 1
-            if self._on_push is not None:
-                self._on_push(sub, push, delivered)
+            handed.append((sub, push, delivered))
+        self.pushes += len(handed)
+        if handed and self._on_pushes is not None:
+            self._on_pushes(handed)
 
     def _drifted(self, shown: list[Id] | None, now: list[Id]) -> bool:
         """Whether a drift recompute ``now`` differs enough from the list last pushed

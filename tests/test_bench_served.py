@@ -83,6 +83,11 @@ def test_served_quick(results: Path) -> None:
     assert writes["ours"] == runs["push_write"]["cpu_us"] > 0
     assert writes["peer"] == runs["wsproto_write"]["cpu_us"] > 0
     assert_ratio(writes, lower_is_better=True)
+    # The hand-over around the write: every message went through the publisher, no peer.
+    handover = rows["push_handover_cpu_us"]
+    assert handover["ours"] == runs["push_handover"]["cpu_us"] > 0
+    assert runs["push_handover"]["queries"] == runs["push_write"]["queries"]
+    assert handover["peer"] is None
 
 
 @needs_release

@@ -123,3 +123,26 @@ async def test_stats_rejected_follows_the_rejects_counter(tmp_path: Path) -> Non
             assert stats["rejected"] == total
             text = (await http.get("/metrics")).text
             assert 'recstream_rejects_total{reason="invalid_event"} 1.0' in text
+
+
+def test_batch_histogram_reads_like_prometheus_histogram() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from engine._metrics import _LATENCY, BatchHistogram
+
+    values = [0.0, 0.00005, 0.00007, 0.001, 0.0049, 0.005, 0.3, 9.9, 10.0, 11.0, 400.0]
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    batch = BatchHistogram("lat_seconds", "doc", _LATENCY, ours)
+    plain = Histogram("lat_seconds", "doc", buckets=_LATENCY, registry=theirs)
+    batch.observe_many(values[:4])
+    batch.observe_many(values[4:])
+    for value in values:
+        plain.observe(value)
+
+    def lines(registry: CollectorRegistry) -> list[str]:
+        text = generate_latest(registry).decode()
+        return [line for line in text.splitlines() if "_created" not in line]
+
+    assert lines(ours) == lines(theirs)
+    assert ours.get_sample_value("lat_seconds_bucket", {"le": "0.005"}) == 6  # 0.005 itself in
+    assert ours.get_sample_value("lat_seconds_count") == len(values)

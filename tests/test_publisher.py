@@ -173,7 +173,7 @@ async def test_a_list_computed_before_an_erasure_is_never_pushed_after_it() -> N
     model = _popular_and_personal()
     gated = _Gated(model)
     pushed: list[Push] = []
-    publisher = Publisher(gated, on_push=lambda sub, msg, _: pushed.append(msg))  # type: ignore[arg-type]
+    publisher = Publisher(gated, on_pushes=lambda handed: pushed.extend(m for _, m, _ in handed))  # type: ignore[arg-type]
     sub = Subscription(user="u", k=3)
     publisher.subscribe(sub)
     before = [r[0] for r in model.recommend("u", k=3)]
@@ -205,13 +205,13 @@ async def test_a_second_chunk_is_pushed_while_the_first_is_still_computed() -> N
     pushed: list[Id] = []
     some, every = trio.Event(), trio.Event()
 
-    def on_push(sub: Subscription, _: Push, __: bool) -> None:
-        pushed.append(sub.user)
+    def on_pushes(handed: list[tuple[Subscription, Push, bool]]) -> None:
+        pushed.extend(sub.user for sub, _, _ in handed)
         some.set()
         if len(pushed) == len(users):
             every.set()
 
-    publisher = Publisher(gated, on_push=on_push)  # type: ignore[arg-type]
+    publisher = Publisher(gated, on_pushes=on_pushes)  # type: ignore[arg-type]
     for user in users:
         publisher.subscribe(Subscription(user=user, k=3))
     assert WORKERS > 1
@@ -242,11 +242,12 @@ async def test_every_flush_task_keeps_working_after_a_flush_that_never_waited() 
     pushed: list[Id] = []
     arrived = {user: trio.Event() for user in users}
 
-    def on_push(sub: Subscription, _: Push, __: bool) -> None:
-        pushed.append(sub.user)
-        arrived[sub.user].set()
+    def on_pushes(handed: list[tuple[Subscription, Push, bool]]) -> None:
+        for sub, _, _ in handed:
+            pushed.append(sub.user)
+            arrived[sub.user].set()
 
-    publisher = Publisher(gated, on_push=on_push, idle=lambda: idle)  # type: ignore[arg-type]
+    publisher = Publisher(gated, on_pushes=on_pushes, idle=lambda: idle)  # type: ignore[arg-type]
     for user in users:
         publisher.subscribe(Subscription(user=user, k=3))
     assert WORKERS > 1
@@ -496,7 +497,9 @@ async def test_one_model_call_per_group_of_equal_query_options() -> None:
     model = _catalog()
     counting = _Counting(model)
     pushed: list[tuple[Subscription, Push]] = []
-    publisher = Publisher(counting, on_push=lambda s, m, _: pushed.append((s, m)))  # type: ignore[arg-type]
+    publisher = Publisher(
+        counting, on_pushes=lambda handed: pushed.extend((s, m) for s, m, _ in handed)
+    )  # type: ignore[arg-type]
     subs = [Subscription(user=f"u{n}", k=3) for n in range(4)]  # one group
     subs += [Subscription(user=f"u{n}", k=5) for n in range(4, 6)]  # another k
     subs.append(Subscription(user="u6", k=3, exploration=0.5))
@@ -623,7 +626,9 @@ async def test_drift_is_pushed_for_new_members_or_moves_beyond_the_slack_own_eve
     base = list(range(10))
     model.lists["a"] = base
     pushed: list[Push] = []
-    publisher = Publisher(model, drift_rank_slack=2, on_push=lambda s, m, _: pushed.append(m))  # type: ignore[arg-type]
+    publisher = Publisher(
+        model, drift_rank_slack=2, on_pushes=lambda handed: pushed.extend(m for _, m, _ in handed)
+    )  # type: ignore[arg-type]
     sub = Subscription(user="a", k=10)
     publisher.subscribe(sub)
     await publisher.current(sub)
@@ -654,7 +659,7 @@ async def test_an_own_event_is_named_even_when_a_drift_push_carried_it_first() -
     model = _Scripted()
     model.lists["a"] = [1, 2, 3]
     pushed: list[Push] = []
-    publisher = Publisher(model, on_push=lambda s, m, _: pushed.append(m))  # type: ignore[arg-type]
+    publisher = Publisher(model, on_pushes=lambda handed: pushed.extend(m for _, m, _ in handed))  # type: ignore[arg-type]
     sub = Subscription(user="a", k=3)
     publisher.subscribe(sub)
     await publisher.current(sub)
@@ -680,7 +685,7 @@ async def test_lists_computed_with_the_apply_are_pushed_once_and_name_the_newest
     and notify() for those records (once the index caught up) computes nothing again."""
     model = _Scripted()
     pushed: list[Push] = []
-    publisher = Publisher(model, on_push=lambda s, m, _: pushed.append(m))  # type: ignore[arg-type]
+    publisher = Publisher(model, on_pushes=lambda handed: pushed.extend(m for _, m, _ in handed))  # type: ignore[arg-type]
     for user in ("a", "b"):
         model.lists[user] = [1, 2, 3]
         sub = Subscription(user=user, k=3)
@@ -710,7 +715,7 @@ async def test_lists_after_an_apply_leave_to_notify_what_the_loop_must_decide() 
     predate the group); a list computed before an erasure reported meanwhile is dropped."""
     model = _Scripted()
     pushed: list[Push] = []
-    publisher = Publisher(model, on_push=lambda s, m, _: pushed.append(m))  # type: ignore[arg-type]
+    publisher = Publisher(model, on_pushes=lambda handed: pushed.extend(m for _, m, _ in handed))  # type: ignore[arg-type]
     for user in ("plain", "feed", "twice", "erased"):
         model.lists[user] = [1, 2, 3]
         repush = 60.0 if user == "feed" else None
