@@ -73,7 +73,17 @@ class IndexActor:
 
     def applied(self, results: list[Applied]) -> None:
         """Queues the model actor's results for ``on_indexed`` once their moves are in the
-        graph, and wakes the actor. Never blocks."""
+        graph, and wakes the actor. Never blocks.
+
+        When no moved item waits for a re-link (a catalog the exact scan serves, whose
+        graph is not kept up to date, or a group that moved nothing) and no earlier record
+        waits, the results are handed on at once: waiting for this actor's turn on the event
+        loop would only delay the lists they change."""
+        if not self._pending and self._model.stats()["index_stale"] == 0:
+            if results and self._on_indexed is not None:
+                self._on_indexed(results)
+            self._wake.set()  # the actor still refreshes what it refreshes between groups
+            return
         self._pending.extend(results)
         if len(self._pending) > self._max_pending:
             self._hand_on()  # bounded: the graph is behind, the lists go out anyway

@@ -76,3 +76,23 @@ async def test_records_go_on_first_when_more_items_wait_than_max_wait_items() ->
             while model.stats()["index_stale"]:  # noqa: ASYNC110 - the re-links follow
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
+
+
+def test_groups_go_on_at_once_when_nothing_waits_for_a_relink() -> None:
+    # A catalog the exact scan serves: its graph is not kept, nothing ever waits for a re-link,
+    # and the records reach the publisher at once, without a turn of the actor's task.
+    model = Model(ModelConfig(dim=8, seed=1, auto_reindex=False))
+    handed: list[int] = []
+    actor = IndexActor(model, on_indexed=lambda rs: handed.extend(r.seq for r in rs))
+    actor.applied(_apply(model, 1, 60))
+    assert model.stats()["index_stale"] == 0
+    assert handed == [1]
+    actor.applied(_apply(model, 2, 5))
+    assert handed == [1, 2]
+    # A catalog the graph serves: the same records wait for their re-links.
+    graph = Model(ModelConfig(dim=8, seed=1, auto_reindex=False, exact_below=0))
+    waited: list[int] = []
+    actor = IndexActor(graph, on_indexed=lambda rs: waited.extend(r.seq for r in rs))
+    actor.applied(_apply(graph, 1, 60))
+    assert graph.stats()["index_stale"] > 0
+    assert waited == []
