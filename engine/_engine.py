@@ -349,9 +349,10 @@ class Engine:
     # --- hooks ------------------------------------------------------------------------------
 
     def _lists_after_apply(self, results: list[Applied]) -> AfterApply | None:
-        """In the model actor's worker thread, right after a group applied: the lists of the
-        group's subscribed users (pushed by ``_on_applied``), computed once the items the
-        group moved are re-linked, as the index actor would wait for them (up to as many)."""
+        """Right after a group applied, where the model actor applied it (see ``ModelActor``):
+        the lists of the group's subscribed users (pushed by ``_on_applied``), computed once
+        the items the group moved are re-linked, as the index actor would wait for them (up to
+        as many)."""
         if self.publisher is None or not self.ready:
             return None
         stale = self.model.stats()["index_stale"]

@@ -6,7 +6,8 @@ the GIL and, with ``batch_apply``, solves the group's users and items once each 
 then the users those records touched are reported to the publisher and the index actor is told
 that vectors moved. Work that must follow a group at once (the publisher computing the lists
 of the group's subscribed users) runs in the same worker-thread call (``alongside``): one
-round trip to a worker thread instead of one per stage. While the engine catches up at
+round trip to a worker thread instead of one per stage. A group of a few events is applied,
+and followed, on the event loop itself (``INLINE_GROUP_BYTES``). While the engine catches up at
 start-up nobody subscribes yet, so the groups are applied without noting their users
 (``report_users``), as a replay: merged into larger groups whose solves are coalesced further
 (see ``REPLAY_MERGE_BYTES``, ``apply_records``).
@@ -37,7 +38,8 @@ __all__ = ["REPLAY_MERGE_BYTES", "Applied", "ModelActor", "apply_records"]
 log = logging.getLogger("recstream.model")
 
 # Groups up to this many bytes of records (a few events) are applied on the event loop (tens
-# of microseconds), larger ones in a worker thread.
+# of microseconds), with what follows them (``alongside``: the lists of their subscribed
+# users), larger ones in a worker thread.
 INLINE_GROUP_BYTES = 512
 # Groups queued behind the one being applied are applied with the next, up to this many bytes.
 MERGE_BYTES = 8 * 1024 * 1024
@@ -110,10 +112,11 @@ class ModelActor:
         on_applied: Called in the event loop with each group's results and what
             ``alongside`` returned for them (None when it did not run): publisher, metrics,
             index wake-up. Must not block.
-        alongside: Called with a group's results in the worker thread that applied it, right
-            after, while groups are reported live (``report_users``); what it returns goes to
-            ``on_applied``. It runs outside the event loop: it may only read state the loop
-            changes in single steps.
+        alongside: Called with a group's results where it was applied (the worker thread,
+            or the event loop for a group of a few events), right after, while groups are
+            reported live (``report_users``); what it returns goes to ``on_applied``. It may
+            run outside the event loop: it may only read state the loop changes in single
+            steps.
         wait_durable: Returns once the journal holds every record up to the given seq
             durably (``JournalActor.wait_durable``); None when groups arrive durable.
         report_users: Whether each group's results name the users it touched. The engine
@@ -166,12 +169,12 @@ class ModelActor:
                         users=self.report_users,
                         replay=not self.report_users,
                     )
-                    extra = None
+                    alongside = self._alongside if self.report_users else None
                     if sum(len(p) for p in group.payloads) <= INLINE_GROUP_BYTES:
-                        # A worker thread's round trip costs more than these few events.
-                        results = apply()
+                        # A worker thread's round trip costs more than these few events and
+                        # the lists of their few users.
+                        results, extra = _apply_then(apply, alongside)
                     else:
-                        alongside = self._alongside if self.report_users else None
                         self.busy = True
                         try:
                             results, extra = await in_worker(_apply_then, apply, alongside)

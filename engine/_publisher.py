@@ -4,9 +4,9 @@ Two things make a subscribed user's list change: that user's own events (the mod
 reports them through :meth:`Publisher.notify`; recomputed at once, coalesced with whatever else
 is pending) and drift from other users' events moving item vectors. A list caused by the
 user's own events is pushed when its items or their order changed. When a group of events
-touches few subscribed users (up to ``AFTER_APPLY_USERS``), their lists are computed in the
-model actor's worker thread right after the apply (:meth:`Publisher.lists_after_apply`) and
-pushed as the group's results are reported, without a worker-thread round trip of their own
+touches few subscribed users (up to ``AFTER_APPLY_USERS``), their lists are computed where
+the model actor applied it (its worker thread; the event loop for a group of a few events)
+right after the apply (:meth:`Publisher.lists_after_apply`) and pushed as the group's results are reported, without a worker-thread round trip of their own
 or a wait for a flush task; a larger group's users go to the flush tasks, whose lists are
 computed while the model applies the next group.
 
@@ -580,11 +580,11 @@ class Publisher:
 
     def lists_after_apply(self, applied: Sequence[Applied]) -> AfterApply | None:
         """Computes the lists of the subscribed users a group touched, right after the model
-        applied it, in the model actor's worker thread (see ``ModelActor``'s ``alongside``):
-        the own-event pushes need no worker-thread round trip of their own and no wait for a
-        flush task. Hand the result to :meth:`push_after_apply` in the event loop.
+        applied it, where it applied it (see ``ModelActor``'s ``alongside``): the own-event
+        pushes need no worker-thread round trip of their own and no wait for a flush task.
+        Hand the result to :meth:`push_after_apply` in the event loop.
 
-        It runs beside the event loop, so it only reads what the loop changes in single
+        It may run beside the event loop, so it only reads what the loop changes in single
         steps (the registry's dicts and sets, copied at once). Users with a subscription
         that leaves recent pushes out (``repush_after``: its bookkeeping belongs to the
         loop) are left to :meth:`notify`, as are users subscribed while it runs.
