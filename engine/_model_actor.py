@@ -7,8 +7,8 @@ then the users those records touched are reported to the publisher and the index
 that vectors moved. Work that must follow a group at once (the publisher computing the lists
 of the group's subscribed users) runs in the same worker-thread call (``alongside``): one
 round trip to a worker thread instead of one per stage. A group of a few events is applied,
-and followed, on the event loop itself (``INLINE_GROUP_BYTES``). While the engine catches up at
-start-up nobody subscribes yet, so the groups are applied without noting their users
+and followed, on the event loop itself (``INLINE_GROUP_BYTES``). While the engine catches
+up at start-up nobody subscribes yet, so the groups are applied without noting their users
 (``report_users``), as a replay: merged into larger groups whose solves are coalesced further
 (see ``REPLAY_MERGE_BYTES``, ``apply_records``).
 Snapshots are taken between groups, so a snapshot reflects exactly the records up to its

@@ -6,9 +6,10 @@ is pending) and drift from other users' events moving item vectors. A list cause
 user's own events is pushed when its items or their order changed. When a group of events
 touches few subscribed users (up to ``AFTER_APPLY_USERS``), their lists are computed where
 the model actor applied it (its worker thread; the event loop for a group of a few events)
-right after the apply (:meth:`Publisher.lists_after_apply`) and pushed as the group's results are reported, without a worker-thread round trip of their own
-or a wait for a flush task; a larger group's users go to the flush tasks, whose lists are
-computed while the model applies the next group.
+right after the apply (:meth:`Publisher.lists_after_apply`) and pushed as the group's
+results are reported, without a worker-thread round trip of their own or a wait for a flush
+task; a larger group's users go to the flush tasks, whose lists are computed while the model
+applies the next group.
 
 Drift: a subscribed list that is ``refresh_interval`` old (own events recompute it sooner) is
 recomputed once the model has applied anything since, oldest first, at most ``refresh_budget``

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from engine import Model, ModelConfig
 from engine import _model_actor as model_actor
@@ -256,3 +257,42 @@ def test_a_replay_records_in_stages_to_the_same_snapshot(tmp_path: Path) -> None
         model.save(tmp_path / f"{users}.rsnap", 1)
         snapshots.append((tmp_path / f"{users}.rsnap").read_bytes())
     assert snapshots[0] == snapshots[1]
+
+
+@pytest.mark.parametrize("report_users", [True, False])
+async def test_alongside_follows_a_small_group_on_the_event_loop(report_users: bool) -> None:
+    """What must follow a group (the lists of its users) runs where the group was applied: on
+    the event loop for a few events, in the worker thread for more; never while catching up."""
+    import threading
+
+    small = _payload([{"user": "a", "item": "x"}])
+    large = _payload([{"user": f"u{n}", "item": f"i{n}"} for n in range(40)])
+    assert len(small) <= model_actor.INLINE_GROUP_BYTES < len(large)
+    loop_thread = threading.get_ident()
+    ran: list[tuple[int, bool]] = []
+    reported: list[tuple[int, object]] = []
+
+    def alongside(results: list[Applied]) -> str:
+        ran.append((results[0].seq, threading.get_ident() == loop_thread))
+        return f"lists of {results[0].seq}"
+
+    send, inbox = trio.open_memory_channel[Appended](4)
+    actor = ModelActor(
+        Model(ModelConfig(seed=3)),
+        inbox,
+        on_applied=lambda rs, extra: reported.append((rs[0].seq, extra)),
+        alongside=alongside,
+        report_users=report_users,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        await send.send(Appended(1, (small,)))
+        await trio.testing.wait_all_tasks_blocked()
+        await send.send(Appended(2, (large,)))
+        await send.aclose()
+    if report_users:
+        assert ran == [(1, True), (2, False)]
+        assert reported == [(1, "lists of 1"), (2, "lists of 2")]
+    else:
+        assert ran == []
+        assert reported == [(1, None), (2, None)]
