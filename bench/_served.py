@@ -147,12 +147,16 @@ def push_handovers(lists: list[tuple[list[Any], str]]) -> dict[str, float]:
     # Each round's input, made before the timing: the round's number among the top items makes
     # every list new to its subscriber.
     rounds = iter(
-        (
-            seq,
-            dict[Any, Cause | None]((sub.user, Cause(seq, f"e{seq}", time.time())) for sub in subs),
-            [([*items, seq], items, entries) for items, entries in lists],
-        )
-        for seq in range(1, HANDOVER_REPEATS + 1)
+        [
+            (
+                seq,
+                dict[Any, Cause | None](
+                    (sub.user, Cause(seq, f"e{seq}", time.time())) for sub in subs
+                ),
+                [([*items, seq], items, entries) for items, entries in lists],
+            )
+            for seq in range(1, HANDOVER_REPEATS + 1)
+        ]
     )
     jobs: list[tuple[Subscription, list[Any]]] = [(sub, []) for sub in subs]
 
